@@ -1,0 +1,32 @@
+"""curvlinops: curvature of a model's loss as linear operators on any array-API backend.
+
+The subpackages follow the layers of DESIGN.md, each importing only from the ones
+listed before it:
+
+1. ``curvlinops._backend``: namespaces, dtypes, devices, random numbers;
+2. ``curvlinops.linalg``: the LinearOperator, its algebra and structured operators;
+3. ``curvlinops.solvers``: matrix-free algorithms (CG, MINRES, Lanczos, estimators);
+4. ``curvlinops.models`` and ``curvlinops.nn``: the model protocol and native layers;
+5. ``curvlinops.losses``: exponential-family losses in output space;
+6. ``curvlinops.curvature``: curvature operators over data;
+7. ``curvlinops.verify``: checks users run on their own models and operators.
+
+Every public name of the layers is re-exported here.
+"""
+
+from . import linalg, solvers
+from ._backend import RandomGenerator, array_namespace, to_numpy
+from ._backend.linalg import FactorizationError
+from .linalg import *  # noqa: F403
+from .solvers import *  # noqa: F403
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "FactorizationError",
+    "RandomGenerator",
+    "array_namespace",
+    "to_numpy",
+    *linalg.__all__,
+    *solvers.__all__,
+]

@@ -1,0 +1,29 @@
+"""Operator layer: the LinearOperator protocol, its algebra, structured operators, interop.
+
+See DESIGN.md, layer 2. May import only ``curvlinops._backend``.
+"""
+
+from .base import (
+    AdjointLinearOperator,
+    DampedLinearOperator,
+    LinearOperator,
+    ProductLinearOperator,
+    ScaledLinearOperator,
+    SumLinearOperator,
+)
+from .interop import CallableLinearOperator, ScipyLinearOperator, aslinearoperator
+from .structured import *  # noqa: F403
+from .structured import __all__ as _structured_all
+
+__all__ = [
+    "AdjointLinearOperator",
+    "CallableLinearOperator",
+    "DampedLinearOperator",
+    "LinearOperator",
+    "ProductLinearOperator",
+    "ScaledLinearOperator",
+    "ScipyLinearOperator",
+    "SumLinearOperator",
+    "aslinearoperator",
+    *_structured_all,
+]
