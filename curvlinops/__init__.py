@@ -14,10 +14,13 @@ listed before it:
 Every public name of the layers is re-exported here.
 """
 
-from . import linalg, solvers
+from . import curvature, linalg, losses, models, nn, solvers, verify
 from ._backend import RandomGenerator, array_namespace, to_numpy
 from ._backend.linalg import FactorizationError
+from .curvature import *  # noqa: F403
 from .linalg import *  # noqa: F403
+from .losses import *  # noqa: F403
+from .models import *  # noqa: F403
 from .solvers import *  # noqa: F403
 
 __version__ = "0.1.0.dev0"
@@ -29,4 +32,9 @@ __all__ = [
     "to_numpy",
     *linalg.__all__,
     *solvers.__all__,
+    *models.__all__,
+    *losses.__all__,
+    *curvature.__all__,
+    "nn",
+    "verify",
 ]

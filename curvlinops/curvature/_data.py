@@ -1,0 +1,92 @@
+"""Data handling shared by all curvature operators.
+
+Checks the parameters, the data iterable and each batch against the operator's
+backend; counts data points; runs the determinism check; wraps iteration in an
+optional progress bar; caches per-batch linearizations on request.
+
+May import: ``curvlinops._backend``, ``curvlinops.models``.
+"""
+
+from __future__ import annotations
+
+from .._backend import (
+    array_namespace,
+    assert_same_namespace,
+    device as array_device,
+    dtype_name,
+    to_numpy,
+)
+
+__all__ = ["NonDeterministicDataError", "check_data_iterable", "iterate_batches", "count_data"]
+
+
+class NonDeterministicDataError(RuntimeError):
+    """Two passes over the data disagree (shuffling loader, dropout, random augmentation)."""
+
+
+def check_params_backend(params):
+    """Return ``(xp, dtype, device)`` shared by all parameters, or raise a clear error."""
+    if not isinstance(params, (list, tuple)) or len(params) == 0:
+        raise TypeError(f"params must be a non-empty list of arrays, got {type(params).__name__}.")
+    xp = array_namespace(*params)
+    dtypes = {dtype_name(p.dtype) for p in params}
+    if len(dtypes) != 1:
+        raise TypeError(f"All parameters must share one dtype; found {sorted(dtypes)}.")
+    dtype = params[0].dtype
+    if not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"Parameters must be real floating, got {dtype_name(dtype)}.")
+    return xp, dtype, array_device(params[0])
+
+
+def check_data_iterable(data):
+    """Refuse one-shot iterators: every product iterates over the data again."""
+    if iter(data) is data:
+        raise TypeError(
+            "data must be re-iterable (a list of (X, y) batches or a data loader), but a "
+            "one-shot iterator/generator was given: it would be empty on the second product. "
+            "Pass list(data) instead."
+        )
+
+
+def check_batch(batch, xp, what_index):
+    """Validate one ``(X, y)`` batch and return it."""
+    try:
+        X, y = batch
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"Each batch must be a pair (X, y); batch {what_index} is a {type(batch).__name__}."
+        ) from err
+    assert_same_namespace(xp, X, what=f"input X of batch {what_index}")
+    assert_same_namespace(xp, y, what=f"target y of batch {what_index}")
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"Batch {what_index}: X has {X.shape[0]} data points but y has {y.shape[0]}."
+        )
+    return X, y
+
+
+def iterate_batches(data, xp, *, progressbar=False, desc="batches"):
+    """Yield ``(index, X, y)`` over the data, optionally with a tqdm progress bar."""
+    iterable = data
+    if progressbar:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as err:
+            raise ImportError(
+                "progressbar=True needs tqdm: pip install tqdm (or curvlinops[demo])."
+            ) from err
+        iterable = tqdm(data, desc=desc, leave=False)
+    for index, batch in enumerate(iterable):
+        X, y = check_batch(batch, xp, index)
+        yield index, X, y
+
+
+def count_data(data, xp):
+    """Number of data points in the data set (one pass over it)."""
+    return sum(int(X.shape[0]) for _, X, _ in iterate_batches(data, xp))
+
+
+def arrays_equal(a, b) -> bool:
+    """Exact equality of two arrays (host comparison; only used at construction)."""
+    a, b = to_numpy(a), to_numpy(b)
+    return a.shape == b.shape and bool((a == b).all())

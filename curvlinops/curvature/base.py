@@ -1,0 +1,194 @@
+"""The base class of curvature operators over a data set.
+
+:class:`CurvatureLinearOperator` owns everything that curvature matrices share:
+parameters and their backend, the re-iterable data of ``(X, y)`` batches of any
+sizes, the number of data points, the loss's reduction over the whole data set,
+the determinism check, the optional progress bar and per-batch cache. A concrete
+operator implements only the product of one batch, :meth:`_batch_matmat`, on
+tangents shaped like the parameters with a trailing axis ``K``; the base class
+sums over batches and applies the loss's normalization.
+
+May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
+``curvlinops.losses``.
+"""
+
+from __future__ import annotations
+
+from ..linalg import LinearOperator
+from ..models import Tier, flatten_params, num_params, param_shapes, unflatten_params
+from ._data import (
+    NonDeterministicDataError,
+    arrays_equal,
+    check_data_iterable,
+    check_params_backend,
+    count_data,
+    iterate_batches,
+)
+
+__all__ = ["CurvatureLinearOperator", "NonDeterministicDataError"]
+
+
+class CurvatureLinearOperator(LinearOperator):
+    """A curvature matrix of ``loss(model(params, X), y)`` over a data set.
+
+    Parameters
+    ----------
+    model : curvlinops.models.Model
+        Any model that speaks the protocol (tier 1 at least).
+    loss : curvlinops.losses.Loss
+        The loss; its ``reduction`` ("mean" or "sum") is applied over the whole data
+        set, not per batch.
+    params : list of arrays
+        The point at which the curvature is taken. Operators act on flat vectors
+        ``(P,)`` / ``(P, K)``: the parameters in list order, each flattened in C order.
+    data : iterable of (X, y)
+        Re-iterable batches of any sizes on the parameters' backend and device
+        (a list, or a data loader that iterates in the same order every time).
+    num_data : int, optional
+        Number of data points; counted with one pass over the data when omitted.
+    progressbar : bool
+        Show a tqdm progress bar over batches in each product (needs tqdm).
+    check_deterministic : bool
+        At construction, run over the data twice and raise
+        :class:`NonDeterministicDataError` if batches, losses or gradients differ.
+    cache : bool
+        Keep each batch's forward pass (its linearization) between products. Memory:
+        the model's activations for the whole data set (for an MLP, about
+        ``N * sum(layer widths)`` numbers for the inputs of every layer plus the
+        pre-activations), so use it when the data set's activations fit in memory;
+        it makes each product skip the forward pass.
+    """
+
+    #: tiers of the model protocol the operator needs
+    required_tier = Tier.FIRST_ORDER
+    #: whether the operator is symmetric (the curvature matrices are)
+    symmetric = True
+
+    def __init__(
+        self,
+        model,
+        loss,
+        params,
+        data,
+        *,
+        num_data=None,
+        progressbar=False,
+        check_deterministic=True,
+        cache=False,
+    ):
+        xp, dtype, dev = check_params_backend(params)
+        model.check_params(params)
+        model.require(self.required_tier, type(self).__name__)
+        check_data_iterable(data)
+        self.model, self.loss, self.params, self.data = model, loss, list(params), data
+        self.shapes = param_shapes(params)
+        self.progressbar, self.cache = bool(progressbar), bool(cache)
+        P = num_params(self.shapes)
+        super().__init__(
+            self._operator_shape(P), dtype=dtype, xp=xp, device=dev, symmetric=self.symmetric
+        )
+        self.num_data = count_data(data, xp) if num_data is None else int(num_data)
+        if self.num_data <= 0:
+            raise ValueError(f"num_data must be positive, got {self.num_data}.")
+        self._cached = {}
+        if check_deterministic:
+            self._check_deterministic()
+
+    # -- subclass hooks -------------------------------------------------------------
+
+    def _operator_shape(self, P):
+        return (P, P)
+
+    def _batch_matmat(self, lin, y, tangents):
+        """Product of one batch's (unnormalized) curvature with tangents (+ trailing K).
+
+        Returns a list shaped like the parameters with the trailing ``K`` axis.
+        """
+        raise NotImplementedError
+
+    # -- products -------------------------------------------------------------------
+
+    def _matmat(self, V):
+        tangents = unflatten_params(V, self.shapes)
+        total = None
+        for index, X, y in self._batches():
+            lin = self._linearization(index, X)
+            part = flatten_params(self._batch_matmat(lin, y, tangents), self.shapes)
+            total = part if total is None else total + part
+        return self._normalization() * total
+
+    def _batches(self):
+        return iterate_batches(
+            self.data, self.xp, progressbar=self.progressbar, desc=type(self).__name__
+        )
+
+    def _linearization(self, index, X):
+        if self.cache:
+            if index not in self._cached:
+                self._cached[index] = self.model.linearize(self.params, X)
+            return self._cached[index]
+        return self.model.linearize(self.params, X)
+
+    def _normalization(self):
+        return self.loss.normalization(self.num_data, self._output_shape())
+
+    def _output_shape(self):
+        if not hasattr(self, "_outputs_shape"):
+            for _, X, _ in iterate_batches(self.data, self.xp):
+                self._outputs_shape = tuple(self.model(self.params, X).shape)
+                break
+        return self._outputs_shape
+
+    # -- the loss and its gradient over the same data ---------------------------------
+
+    def gradient_and_loss(self):
+        """Gradient (list shaped like the parameters) and value of the loss over the data.
+
+        Uses the loss's reduction over the whole data set, so the result equals the
+        loss of the concatenated data.
+        """
+        grads, value = self._gradient_and_loss_unnormalized()
+        c = self._normalization()
+        return [c * g for g in grads], c * value
+
+    def _gradient_and_loss_unnormalized(self):
+        grads, value = None, None
+        for index, X, y in self._batches():
+            lin = self._linearization(index, X)
+            self.loss.check(lin.outputs, y)
+            batch_value = self.loss.sum_value(lin.outputs, y)
+            batch_grads = lin.vjp(self.loss.gradient(lin.outputs, y))
+            value = batch_value if value is None else value + batch_value
+            if grads is None:
+                grads = batch_grads
+            else:
+                grads = [g + b for g, b in zip(grads, batch_grads, strict=True)]
+        return grads, value
+
+    def _check_deterministic(self):
+        first = self._data_fingerprint()
+        second = self._data_fingerprint()
+        if len(first) != len(second):
+            raise NonDeterministicDataError(
+                f"The data gave {len(first)} batches on one pass and {len(second)} on the next."
+            )
+        for index, (a, b) in enumerate(zip(first, second, strict=True)):
+            for what, u, v in zip(("inputs X", "targets y", "loss", "gradient"), a, b, strict=True):
+                if not arrays_equal(u, v):
+                    raise NonDeterministicDataError(
+                        f"Two passes over the data differ in the {what} of batch {index}. "
+                        "Curvature operators iterate over the data in every product, so the "
+                        "data must come in the same order every time (no shuffling) and the "
+                        "model must be deterministic (no dropout). Fix the data loader or "
+                        "pass check_deterministic=False if the difference is intended."
+                    )
+
+    def _data_fingerprint(self):
+        prints = []
+        for _, X, y in iterate_batches(self.data, self.xp):
+            lin = self.model.linearize(self.params, X)
+            self.loss.check(lin.outputs, y)
+            value = self.loss.sum_value(lin.outputs, y)
+            grad = flatten_params(lin.vjp(self.loss.gradient(lin.outputs, y)))
+            prints.append((X, y, value, grad))
+        return prints

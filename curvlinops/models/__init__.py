@@ -1,0 +1,21 @@
+"""Model layer: the model protocol and the flat-parameter helpers.
+
+See DESIGN.md, layer 4, "The model protocol". May import ``curvlinops._backend``,
+``curvlinops.linalg`` and ``curvlinops.solvers``.
+"""
+
+from .params import check_params, flatten_params, num_params, param_shapes, unflatten_params
+from .protocol import LayerTap, Linearization, MissingTierError, Model, Tier
+
+__all__ = [
+    "LayerTap",
+    "Linearization",
+    "MissingTierError",
+    "Model",
+    "Tier",
+    "check_params",
+    "flatten_params",
+    "num_params",
+    "param_shapes",
+    "unflatten_params",
+]

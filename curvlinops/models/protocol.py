@@ -1,0 +1,236 @@
+"""The model protocol: the few products the curvature layer asks of "autodiff".
+
+A model is a function ``f(params, x) -> outputs`` with outputs ``(N, C)`` (or
+``(N, S, C)`` for models with a shared axis such as sequences) and ``params`` a list of
+arrays. A model offers up to three tiers (DESIGN.md):
+
+- Tier 1 (:attr:`Tier.FIRST_ORDER`): :meth:`Model.linearize` runs the forward pass
+  once and returns a :class:`Linearization` with ``jvp`` and ``vjp``. Both take a
+  trailing batch axis ``K`` of vectors and process it in one fused pass.
+- Tier 2 (:attr:`Tier.SECOND_ORDER`): :meth:`Linearization.second_order_vjp`, the
+  directional derivative of ``theta -> J(theta)^T u`` along a tangent ``v``, plus
+  ``J^T w``: ``sum_n,c u_nc Hess_theta(f_nc) v + J^T w``.
+- Tier 3 (:attr:`Tier.LAYER_TAPS`): :meth:`Linearization.layer_taps`, for each
+  supported layer its inputs and the gradients of its outputs that a batch of output
+  cotangents produces (K-FAC, exact diagonals, per-layer blocks).
+
+Implementations subclass :class:`Model` and :class:`Linearization` and implement the
+underscore methods on batched (trailing-``K``) arrays; the public methods add and
+remove the ``K`` axis, so every implementation has one code path.
+
+May import: ``curvlinops._backend``, ``.params``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .params import check_params, param_shapes
+
+__all__ = ["Tier", "Model", "Linearization", "LayerTap", "MissingTierError"]
+
+
+class Tier(enum.IntEnum):
+    """The three tiers of derivative information a model can offer."""
+
+    FIRST_ORDER = 1
+    SECOND_ORDER = 2
+    LAYER_TAPS = 3
+
+
+class MissingTierError(NotImplementedError):
+    """A model lacks the tier of derivatives an operator needs."""
+
+
+@dataclass(frozen=True)
+class LayerTap:
+    """What one layer exposes for Kronecker-factored and per-layer curvature.
+
+    Attributes
+    ----------
+    name : str
+        Layer name (e.g. ``"2"`` or ``"2.Linear"``), for messages and partitions.
+    weight_index : int
+        Position of the layer's weight ``(D_out, D_in)`` in the parameter list.
+    bias_index : int or None
+        Position of its bias ``(D_out,)``, or None.
+    inputs : array
+        Layer inputs ``(N, D_in)``, or ``(N, S, D_in)`` with a shared axis ``S``.
+    output_grads : array or None
+        Gradients of ``sum_{n,c} u_{n,c,m} f_{n,c}`` with respect to the layer's
+        outputs, for each of the ``M`` cotangents: ``(N, D_out, M)`` or
+        ``(N, S, D_out, M)``. None when the tap was taken without cotangents.
+    """
+
+    name: str
+    weight_index: int
+    bias_index: int | None
+    inputs: object
+    output_grads: object = None
+
+
+class Linearization:
+    """A model linearized at ``(params, x)``: its outputs and derivative products.
+
+    Obtained from :meth:`Model.linearize`; keeps what the forward pass computed so
+    that every product reuses it.
+
+    Attributes
+    ----------
+    outputs : array
+        The model's outputs ``(N, C)`` (or ``(N, S, C)``).
+    """
+
+    def __init__(self, model: Model, params, x, outputs):
+        self.model = model
+        self.params = params
+        self.x = x
+        self.outputs = outputs
+        self.shapes = param_shapes(params)
+
+    # -- public methods: add/remove the trailing K axis, then call the batched code --
+
+    def jvp(self, tangents):
+        """``J v``: tangents shaped like the parameters (plus trailing ``K``) to outputs.
+
+        Returns ``outputs.shape`` or ``outputs.shape + (K,)``.
+        """
+        tangents, squeeze = self._batch_tangents(tangents)
+        out = self._jvp(tangents)
+        return out[..., 0] if squeeze else out
+
+    def vjp(self, cotangents):
+        """``J^T u``: cotangents ``outputs.shape (+ (K,))`` to a list like the parameters."""
+        cotangents, squeeze = self._batch_cotangents(cotangents)
+        grads = self._vjp(cotangents)
+        return [g[..., 0] for g in grads] if squeeze else grads
+
+    def second_order_vjp(self, cotangent, tangents, cotangent_tangent=None):
+        """``sum_nc u_nc Hess(f_nc) v + J^T w``: the derivative of ``J^T u`` along ``v``.
+
+        Parameters
+        ----------
+        cotangent : array
+            ``u`` of the outputs' shape (no ``K`` axis), e.g. the loss gradient.
+        tangents : list of arrays
+            ``v`` shaped like the parameters (plus trailing ``K``).
+        cotangent_tangent : None, array or callable
+            ``w`` of shape ``outputs.shape + (K,)``, or a function that receives
+            ``J v`` (``outputs.shape + (K,)``) and returns ``w``: this lets a Hessian
+            product ``J^T H_L J v + sum u Hess(f) v`` run in one forward-tangent and
+            one backward pass.
+        """
+        self.model.require(Tier.SECOND_ORDER, "second_order_vjp (Hessian products)")
+        tangents, squeeze = self._batch_tangents(tangents)
+        if cotangent_tangent is not None and not callable(cotangent_tangent):
+            w = cotangent_tangent
+            if squeeze:
+                w = w[..., None]
+            cotangent_tangent = w
+        out = self._second_order_vjp(cotangent, tangents, cotangent_tangent)
+        return [g[..., 0] for g in out] if squeeze else out
+
+    def layer_taps(self, cotangents=None):
+        """Per-layer inputs and output gradients for cotangents ``outputs.shape + (M,)``."""
+        self.model.require(Tier.LAYER_TAPS, "layer_taps (Kronecker-factored curvature)")
+        if cotangents is not None and cotangents.ndim == len(self.outputs.shape):
+            cotangents = cotangents[..., None]
+        return self._layer_taps(cotangents)
+
+    # -- what implementations provide (all arrays carry the trailing K axis) ---------
+
+    def _jvp(self, tangents):
+        raise NotImplementedError
+
+    def _vjp(self, cotangents):
+        raise NotImplementedError
+
+    def _second_order_vjp(self, cotangent, tangents, cotangent_tangent):
+        raise NotImplementedError
+
+    def _layer_taps(self, cotangents):
+        raise NotImplementedError
+
+    # -- shape handling ---------------------------------------------------------------
+
+    def _batch_tangents(self, tangents):
+        if len(tangents) != len(self.shapes):
+            raise ValueError(
+                f"{self.model.name} has {len(self.shapes)} parameter arrays, got "
+                f"{len(tangents)} tangents."
+            )
+        plain = [tuple(t.shape) for t in tangents] == self.shapes
+        if plain:
+            return [t[..., None] for t in tangents], True
+        ks = {t.shape[-1] for t in tangents}
+        if len(ks) != 1 or [tuple(t.shape[:-1]) for t in tangents] != self.shapes:
+            raise ValueError(
+                f"Tangents must have the parameter shapes {self.shapes}, optionally with one "
+                f"common trailing axis K; got {[tuple(t.shape) for t in tangents]}."
+            )
+        return list(tangents), False
+
+    def _batch_cotangents(self, cotangents):
+        out_shape = tuple(self.outputs.shape)
+        if tuple(cotangents.shape) == out_shape:
+            return cotangents[..., None], True
+        if tuple(cotangents.shape[:-1]) != out_shape:
+            raise ValueError(
+                f"Cotangents must have the output shape {out_shape} (optionally with a "
+                f"trailing axis K), got {tuple(cotangents.shape)}."
+            )
+        return cotangents, False
+
+
+class Model:
+    """Base class of models that speak the protocol.
+
+    Subclasses set :attr:`tiers` and implement :meth:`__call__`, :meth:`linearize`
+    and :meth:`param_shapes_for` (or override :meth:`check_params`).
+
+    Attributes
+    ----------
+    tiers : frozenset of Tier
+        The tiers this model offers.
+    name : str
+        Name used in error messages.
+    """
+
+    tiers: frozenset = frozenset({Tier.FIRST_ORDER})
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def __call__(self, params, x):
+        """The outputs ``f(params, x)``."""
+        raise NotImplementedError
+
+    def linearize(self, params, x) -> Linearization:
+        """Run the forward pass once; return outputs and derivative products."""
+        raise NotImplementedError
+
+    def check_params(self, params) -> None:
+        """Raise a clear error if ``params`` do not fit the model."""
+        expected = self.expected_param_shapes()
+        if expected is not None:
+            check_params(params, expected, self.name)
+
+    def expected_param_shapes(self):
+        """Shapes the parameters must have, or None if the model does not know them."""
+        return None
+
+    def has_tier(self, tier: Tier) -> bool:
+        """Whether the model offers ``tier``."""
+        return Tier(tier) in self.tiers
+
+    def require(self, tier: Tier, purpose: str) -> None:
+        """Raise :class:`MissingTierError` naming the tier, the model and the purpose."""
+        if not self.has_tier(tier):
+            tier = Tier(tier)
+            raise MissingTierError(
+                f"{purpose} needs tier {int(tier)} ({tier.name.lower().replace('_', ' ')}) "
+                f"derivatives, which the model {self.name} does not offer (it offers tiers "
+                f"{sorted(int(t) for t in self.tiers)})."
+            )
