@@ -5,8 +5,16 @@ See DESIGN.md, layer 6. May import every layer above: ``curvlinops._backend``,
 ``curvlinops.losses``.
 """
 
-from . import exact
+from . import approximations, diagonal, exact
+from .approximations import *  # noqa: F403
 from .base import CurvatureLinearOperator, NonDeterministicDataError
+from .diagonal import *  # noqa: F403
 from .exact import *  # noqa: F403
 
-__all__ = ["CurvatureLinearOperator", "NonDeterministicDataError", *exact.__all__]
+__all__ = [
+    "CurvatureLinearOperator",
+    "NonDeterministicDataError",
+    *exact.__all__,
+    *diagonal.__all__,
+    *approximations.__all__,
+]

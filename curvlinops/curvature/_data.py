@@ -17,7 +17,14 @@ from .._backend import (
     to_numpy,
 )
 
-__all__ = ["NonDeterministicDataError", "check_data_iterable", "iterate_batches", "count_data"]
+__all__ = [
+    "NonDeterministicDataError",
+    "batch_seed",
+    "check_data_iterable",
+    "check_deterministic",
+    "count_data",
+    "iterate_batches",
+]
 
 
 class NonDeterministicDataError(RuntimeError):
@@ -90,3 +97,42 @@ def arrays_equal(a, b) -> bool:
     """Exact equality of two arrays (host comparison; only used at construction)."""
     a, b = to_numpy(a), to_numpy(b)
     return a.shape == b.shape and bool((a == b).all())
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """Seed of the Monte-Carlo draws of batch ``index``: fixed per operator and batch."""
+    return (int(seed) * 1_000_003 + int(index)) % (2**31 - 1)
+
+
+def check_deterministic(model, loss, params, data, xp):
+    """Run over the data twice; raise NonDeterministicDataError if the passes differ."""
+    first = _data_fingerprint(model, loss, params, data, xp)
+    second = _data_fingerprint(model, loss, params, data, xp)
+    if len(first) != len(second):
+        raise NonDeterministicDataError(
+            f"The data gave {len(first)} batches on one pass and {len(second)} on the next."
+        )
+    names = ("inputs X", "targets y", "loss", "gradient")
+    for index, (a, b) in enumerate(zip(first, second, strict=True)):
+        for what, u, v in zip(names, a, b, strict=True):
+            if not arrays_equal(u, v):
+                raise NonDeterministicDataError(
+                    f"Two passes over the data differ in the {what} of batch {index}. "
+                    "Curvature operators iterate over the data in every product, so the "
+                    "data must come in the same order every time (no shuffling) and the "
+                    "model must be deterministic (no dropout). Fix the data loader or "
+                    "pass check_deterministic=False if the difference is intended."
+                )
+
+
+def _data_fingerprint(model, loss, params, data, xp):
+    from ..models import flatten_params
+
+    prints = []
+    for _, X, y in iterate_batches(data, xp):
+        lin = model.linearize(params, X)
+        loss.check(lin.outputs, y)
+        value = loss.sum_value(lin.outputs, y)
+        grad = flatten_params(lin.vjp(loss.gradient(lin.outputs, y)))
+        prints.append((X, y, value, grad))
+    return prints

@@ -18,8 +18,8 @@ from ..linalg import LinearOperator
 from ..models import Tier, flatten_params, num_params, param_shapes, unflatten_params
 from ._data import (
     NonDeterministicDataError,
-    arrays_equal,
     check_data_iterable,
+    check_deterministic,
     check_params_backend,
     count_data,
     iterate_batches,
@@ -166,29 +166,4 @@ class CurvatureLinearOperator(LinearOperator):
         return grads, value
 
     def _check_deterministic(self):
-        first = self._data_fingerprint()
-        second = self._data_fingerprint()
-        if len(first) != len(second):
-            raise NonDeterministicDataError(
-                f"The data gave {len(first)} batches on one pass and {len(second)} on the next."
-            )
-        for index, (a, b) in enumerate(zip(first, second, strict=True)):
-            for what, u, v in zip(("inputs X", "targets y", "loss", "gradient"), a, b, strict=True):
-                if not arrays_equal(u, v):
-                    raise NonDeterministicDataError(
-                        f"Two passes over the data differ in the {what} of batch {index}. "
-                        "Curvature operators iterate over the data in every product, so the "
-                        "data must come in the same order every time (no shuffling) and the "
-                        "model must be deterministic (no dropout). Fix the data loader or "
-                        "pass check_deterministic=False if the difference is intended."
-                    )
-
-    def _data_fingerprint(self):
-        prints = []
-        for _, X, y in iterate_batches(self.data, self.xp):
-            lin = self.model.linearize(self.params, X)
-            self.loss.check(lin.outputs, y)
-            value = self.loss.sum_value(lin.outputs, y)
-            grad = flatten_params(lin.vjp(self.loss.gradient(lin.outputs, y)))
-            prints.append((X, y, value, grad))
-        return prints
+        check_deterministic(self.model, self.loss, self.params, self.data, self.xp)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 from ..models import Tier, flatten_params, unflatten_params
+from ._data import batch_seed
 from .base import CurvatureLinearOperator
 
 __all__ = [
@@ -214,7 +215,7 @@ class FisherLinearOperator(CurvatureLinearOperator):
             return lin.vjp(self.loss.fisher_matmat(f, Jv))
         # Seeds depend on the batch index only, so products are reproducible.
         index = self._current_index
-        G = self.loss.sampled_gradients(f, self.mc_samples, seed=_batch_seed(self.seed, index))
+        G = self.loss.sampled_gradients(f, self.mc_samples, seed=batch_seed(self.seed, index))
         xp, n = self.xp, f.shape[0]
         FJv = _per_datum_outer_product(_flat_outputs(G, n, xp), _flat_outputs(Jv, n, xp), xp)
         return lin.vjp(xp.reshape(FJv, Jv.shape))
@@ -223,10 +224,6 @@ class FisherLinearOperator(CurvatureLinearOperator):
         for index, X, y in super()._batches():
             self._current_index = index
             yield index, X, y
-
-
-def _batch_seed(seed, index):
-    return (seed * 1_000_003 + index) % (2**31 - 1)
 
 
 class EFLinearOperator(CurvatureLinearOperator):

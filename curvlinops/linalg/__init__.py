@@ -12,6 +12,7 @@ from .base import (
     SumLinearOperator,
 )
 from .interop import CallableLinearOperator, ScipyLinearOperator, aslinearoperator
+from .lowrank import DiagonalPlusLowRankLinearOperator
 from .structured import *  # noqa: F403
 from .structured import __all__ as _structured_all
 
@@ -19,6 +20,7 @@ __all__ = [
     "AdjointLinearOperator",
     "CallableLinearOperator",
     "DampedLinearOperator",
+    "DiagonalPlusLowRankLinearOperator",
     "LinearOperator",
     "ProductLinearOperator",
     "ScaledLinearOperator",

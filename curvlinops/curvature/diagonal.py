@@ -1,0 +1,224 @@
+"""Diagonal curvature approximations from the layer taps (tier 3).
+
+The exact GGN diagonal propagates the loss-Hessian factor ``S`` (``H_L = S S^T``)
+through the model's layer taps: for a Linear layer with inputs ``a_n`` and output
+gradients ``g_n,r`` (one per column of ``S``), the weight entries of the diagonal are
+``c * sum_{n,r} g_n,r^2 a_n^2`` (one matrix product per layer). The Monte-Carlo
+variant uses sampled gradients instead of ``S`` (its expectation is the Fisher
+diagonal), the empirical-Fisher diagonal the per-datum gradients at the true labels.
+
+With shared axes (inputs ``(N, S, D)``) the per-datum gradient sums over ``S`` before
+it is squared, so those layers form per-datum gradients explicitly.
+
+May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
+``curvlinops.losses``, ``._data``.
+"""
+
+from __future__ import annotations
+
+from .._backend import device as array_device
+from ..linalg import DiagonalLinearOperator
+from ..models import Tier, flatten_params, param_shapes
+from ._data import (
+    batch_seed,
+    check_data_iterable,
+    check_deterministic as run_determinism_check,
+    check_params_backend,
+    count_data,
+    iterate_batches,
+)
+
+__all__ = ["GGNDiagonalLinearOperator", "EFDiagonalLinearOperator"]
+
+
+class _TapDiagonalLinearOperator(DiagonalLinearOperator):
+    """A diagonal curvature computed in one pass over the data from layer taps."""
+
+    def __init__(
+        self,
+        model,
+        loss,
+        params,
+        data,
+        *,
+        num_data=None,
+        progressbar=False,
+        check_deterministic=True,
+    ):
+        xp, _, _ = check_params_backend(params)
+        model.check_params(params)
+        model.require(Tier.LAYER_TAPS, type(self).__name__)
+        check_data_iterable(data)
+        if check_deterministic:
+            run_determinism_check(model, loss, params, data, xp)
+        self.num_data = count_data(data, xp) if num_data is None else int(num_data)
+        if self.num_data <= 0:
+            raise ValueError(f"num_data must be positive, got {self.num_data}.")
+        self.model, self.loss = model, loss
+        diagonal = self._accumulate(model, loss, params, data, xp, progressbar)
+        super().__init__(diagonal)
+
+    def _cotangents(self, outputs, y, index, xp):
+        """``(N, *out, M)`` cotangents whose outer products define the curvature."""
+        raise NotImplementedError
+
+    def _accumulate(self, model, loss, params, data, xp, progressbar):
+        shapes = param_shapes(params)
+        sums = [None] * len(params)
+        outputs_shape = None
+        batches = iterate_batches(data, xp, progressbar=progressbar, desc=type(self).__name__)
+        for index, X, y in batches:
+            lin = model.linearize(params, X)
+            loss.check(lin.outputs, y)
+            outputs_shape = outputs_shape or tuple(lin.outputs.shape)
+            for tap in lin.layer_taps(self._cotangents(lin.outputs, y, index, xp)):
+                d_weight, d_bias = _squared_gradient_sums(tap.inputs, tap.output_grads, xp)
+                _add(sums, tap.weight_index, d_weight)
+                if tap.bias_index is not None:
+                    _add(sums, tap.bias_index, d_bias)
+        missing = [i for i, s in enumerate(sums) if s is None]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} needs layer taps for every parameter, but parameters "
+                f"{missing} (shapes {[shapes[i] for i in missing]}) belong to no tapped layer."
+            )
+        c = loss.normalization(self.num_data, outputs_shape)
+        return c * flatten_params(
+            [xp.reshape(s, shape) for s, shape in zip(sums, shapes, strict=True)]
+        )
+
+
+def _per_datum_factor(S, xp):
+    """Block-diagonal per-datum factor from per-position factors ``(N, *shared, C, R)``.
+
+    With shared axes the loss returns one factor per position (its Hessian is block
+    diagonal over them); the exact per-datum factor needs the blocks side by side:
+    ``(N, *shared, C, P * R)`` with ``P`` positions, zero outside each position's block.
+    """
+    if S.ndim <= 3:
+        return S
+    N, C, R = S.shape[0], S.shape[-2], S.shape[-1]
+    positions = S.shape[1:-2]
+    P = 1
+    for p in positions:
+        P *= p
+    S3 = xp.reshape(S, (N, P, C, R))
+    eye = xp.eye(P, dtype=S.dtype, device=array_device(S))
+    blocks = S3[:, :, :, None, :] * eye[None, :, None, :, None]
+    return xp.reshape(blocks, (N, *positions, C, P * R))
+
+
+def _add(sums, index, value):
+    sums[index] = value if sums[index] is None else sums[index] + value
+
+
+def _squared_gradient_sums(a, g, xp):
+    """``sum_{n,m} (grad of datum n, column m)^2`` for a Linear layer's weight and bias.
+
+    ``a`` is ``(N, [S...,] D_in)``, ``g`` is ``(N, [S...,] D_out, M)``.
+    """
+    if a.ndim == 2:
+        g2 = xp.sum(g * g, axis=-1)  # (N, D_out)
+        return xp.matrix_transpose(g2) @ (a * a), xp.sum(g2, axis=0)
+    # Shared axes: the per-datum gradient sums over them before it is squared.
+    N, d_in, d_out, M = a.shape[0], a.shape[-1], g.shape[-2], g.shape[-1]
+    a3 = xp.reshape(a, (N, -1, d_in))
+    g4 = xp.reshape(g, (N, -1, d_out, M))
+    per_datum = xp.permute_dims(g4, (0, 3, 2, 1)) @ a3[:, None, :, :]  # (N, M, D_out, D_in)
+    d_weight = xp.sum(per_datum * per_datum, axis=(0, 1))
+    g_bias = xp.sum(g4, axis=1)  # (N, D_out, M)
+    return d_weight, xp.sum(g_bias * g_bias, axis=(0, 2))
+
+
+_DIAGONAL_PARAMETERS = """
+    Parameters
+    ----------
+    model : curvlinops.models.Model
+        A model offering tier-3 layer taps (e.g. ``curvlinops.nn.Sequential``).
+    loss : curvlinops.losses.Loss
+        The loss; its reduction applies over the whole data set.
+    params : list of arrays
+        Parameters; the diagonal is over the flat vector of all of them.
+    data : iterable of (X, y)
+        Re-iterable batches on the parameters' backend and device.
+    num_data : int, optional
+        Number of data points (skips the counting pass).
+    progressbar : bool
+        tqdm progress bar over the batches.
+    check_deterministic : bool
+        Run over the data twice first and raise if the passes differ.
+"""
+
+
+class GGNDiagonalLinearOperator(_TapDiagonalLinearOperator):
+    __doc__ = (
+        """Diagonal of the GGN, exact or Monte-Carlo, as a DiagonalLinearOperator.
+
+    Exact (``mc_samples=None``): propagates the loss-Hessian factor ``S`` with
+    ``H_L = S S^T`` through the layer taps, costing one backward pass of ``C``
+    (number of outputs) vectors per batch. Monte-Carlo: propagates ``mc_samples``
+    sampled gradients of the predictive distribution instead; its expectation is the
+    Fisher diagonal (equal to the GGN diagonal for the natural-parameter losses).
+"""
+        + _DIAGONAL_PARAMETERS
+        + """    mc_samples : int, optional
+        Sampled labels per datum; None for the exact diagonal.
+    seed : int
+        Seed of the Monte-Carlo draws.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import array_api_compat.numpy as xp
+    >>> from curvlinops import GGNDiagonalLinearOperator, GGNLinearOperator, MSELoss, nn
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    >>> params = model.init(0, xp=xp, dtype=xp.float64)
+    >>> data = [(np.ones((5, 3)), np.zeros((5, 2)))]
+    >>> D = GGNDiagonalLinearOperator(model, MSELoss(), params, data)
+    >>> G = GGNLinearOperator(model, MSELoss(), params, data)
+    >>> bool(np.allclose(D.diagonal(), np.diag(G.to_dense())))
+    True
+    """
+    )
+
+    def __init__(self, model, loss, params, data, *, mc_samples=None, seed=0, **kwargs):
+        if mc_samples is not None and (int(mc_samples) != mc_samples or mc_samples < 1):
+            raise ValueError(f"mc_samples must be a positive integer or None, got {mc_samples}.")
+        self.mc_samples = None if mc_samples is None else int(mc_samples)
+        self.seed = int(seed)
+        super().__init__(model, loss, params, data, **kwargs)
+
+    def _cotangents(self, outputs, y, index, xp):
+        if self.mc_samples is None:
+            return _per_datum_factor(self.loss.hessian_sqrt(outputs, y), xp)
+        return self.loss.sampled_gradients(
+            outputs, self.mc_samples, seed=batch_seed(self.seed, index)
+        )
+
+
+class EFDiagonalLinearOperator(_TapDiagonalLinearOperator):
+    __doc__ = (
+        """Diagonal of the empirical Fisher (squared per-datum gradients, summed).
+
+    Uses the gradients at the true labels; see :class:`curvlinops.EFLinearOperator`
+    for why this is not the Fisher.
+"""
+        + _DIAGONAL_PARAMETERS
+        + """
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import array_api_compat.numpy as xp
+    >>> from curvlinops import EFDiagonalLinearOperator, EFLinearOperator, MSELoss, nn
+    >>> model = nn.Sequential(nn.Linear(3, 2))
+    >>> params = model.init(0, xp=xp, dtype=xp.float64)
+    >>> data = [(np.ones((4, 3)), np.ones((4, 2)))]
+    >>> D = EFDiagonalLinearOperator(model, MSELoss(), params, data)
+    >>> E = EFLinearOperator(model, MSELoss(), params, data)
+    >>> bool(np.allclose(D.diagonal(), np.diag(E.to_dense())))
+    True
+    """
+    )
+
+    def _cotangents(self, outputs, y, index, xp):
+        return self.loss.gradient(outputs, y)[..., None]

@@ -1,0 +1,185 @@
+"""Diagonal, block-diagonal, low-rank and diagonal-plus-low-rank approximations.
+
+References: dense matrices of the exact operators (tested against finite differences
+and closed forms in test_exact.py) and numpy.linalg on them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import build_mlp
+from test_exact import problem
+
+import curvlinops as cl
+
+
+@pytest.mark.parametrize("name", ["mse", "ce", "bce", "poisson"])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_exact_ggn_and_ef_diagonals_equal_dense_diagonals(name, activation):
+    model, spec, params, data, X, y, theta, loss = problem(name, activation=activation, seed=21)
+    G = cl.GGNLinearOperator(model, loss, params, data).to_dense()
+    E = cl.EFLinearOperator(model, loss, params, data).to_dense()
+    D = cl.GGNDiagonalLinearOperator(model, loss, params, data)
+    assert isinstance(D, cl.DiagonalLinearOperator)
+    np.testing.assert_allclose(D.diagonal(), np.diag(G), rtol=1e-11, atol=1e-14)
+    DE = cl.EFDiagonalLinearOperator(model, loss, params, data)
+    np.testing.assert_allclose(DE.diagonal(), np.diag(E), rtol=1e-11, atol=1e-14)
+
+
+def test_ggn_diagonal_with_shared_axes():
+    import array_api_compat.numpy as xp
+
+    rng = np.random.default_rng(0)
+    model, _ = build_mlp([3, 4, 2], "tanh")
+    params = model.init(1, xp=xp, dtype=xp.float64)
+    X = rng.normal(size=(5, 6, 3))  # 5 data points, a shared axis of length 6
+    y = rng.normal(size=(5, 6, 2))
+    data = [(X[:2], y[:2]), (X[2:], y[2:])]
+    G = cl.GGNLinearOperator(model, cl.MSELoss(), params, data).to_dense()
+    D = cl.GGNDiagonalLinearOperator(model, cl.MSELoss(), params, data)
+    np.testing.assert_allclose(D.diagonal(), np.diag(G), rtol=1e-11, atol=1e-14)
+    E = cl.EFLinearOperator(model, cl.MSELoss(), params, data).to_dense()
+    DE = cl.EFDiagonalLinearOperator(model, cl.MSELoss(), params, data)
+    np.testing.assert_allclose(DE.diagonal(), np.diag(E), rtol=1e-11, atol=1e-14)
+
+
+def test_mc_ggn_diagonal_converges_in_expectation():
+    model, spec, params, data, X, y, theta, loss = problem("ce", widths=(3, 4), N=6, seed=22)
+    exact = cl.GGNDiagonalLinearOperator(model, loss, params, data).diagonal()
+    draws = np.stack(
+        [
+            cl.GGNDiagonalLinearOperator(
+                model, loss, params, data, mc_samples=1, seed=s, check_deterministic=False
+            ).diagonal()
+            for s in range(400)
+        ]
+    )
+    mean, se = draws.mean(0), draws.std(0, ddof=1) / np.sqrt(len(draws))
+    assert np.all(np.abs(mean - exact) <= 5 * se + 1e-14)
+    assert np.abs(mean - exact).max() < 0.15 * exact.max()
+
+
+def test_diagonal_errors():
+    model, spec, params, data, X, y, theta, loss = problem("gaussian", seed=23)
+    with pytest.raises(NotImplementedError, match="Fisher"):
+        cl.GGNDiagonalLinearOperator(model, loss, params, data)
+    with pytest.raises(ValueError, match="mc_samples"):
+        cl.GGNDiagonalLinearOperator(model, loss, params, data, mc_samples=0)
+
+
+def test_diagonals_on_every_backend(backend):
+    model, spec, params, data, X, y, theta, loss = problem("ce", seed=24)
+    G = cl.GGNLinearOperator(model, loss, params, data).to_dense()
+    p_b = [backend.asarray(np.asarray(p)) for p in params]
+    data_b = [(backend.asarray(a), backend.asarray(b)) for a, b in data]
+    D = cl.GGNDiagonalLinearOperator(model, loss, p_b, data_b)
+    np.testing.assert_allclose(backend.to_numpy(D.diagonal()), np.diag(G), rtol=1e-10)
+
+
+@pytest.mark.parametrize("Op", [cl.GGNLinearOperator, cl.HessianLinearOperator])
+def test_block_diagonal_equals_dense_blocks_and_inverts_blockwise(Op):
+    model, spec, params, data, X, y, theta, loss = problem("mse", widths=(3, 4, 2), seed=25)
+    A = Op(model, loss, params, data)
+    dense = A.to_dense()
+    B = cl.block_diagonal(A)
+    sizes = [3 * 4 + 4, 4 * 2 + 2]
+    ref = np.zeros_like(dense)
+    start = 0
+    for size in sizes:
+        sl = slice(start, start + size)
+        ref[sl, sl] = dense[sl, sl]
+        start += size
+    np.testing.assert_allclose(B.to_dense(), ref, rtol=1e-12, atol=1e-14)
+    v = np.random.default_rng(0).normal(size=theta.size)
+    np.testing.assert_allclose(B @ v, ref @ v, rtol=1e-12, atol=1e-14)
+    damping = 0.5
+    inv_ref = np.linalg.inv(ref + damping * np.eye(theta.size))
+    np.testing.assert_allclose(B.inverse(damping).to_dense(), inv_ref, rtol=1e-10, atol=1e-12)
+    # a custom partition: every parameter array its own block
+    B2 = cl.block_diagonal(A, partition=[[0], [1], [2], [3]])
+    assert [b.shape[0] for b in B2.blocks] == [12, 4, 8, 2]
+
+
+def test_block_diagonal_refuses_large_blocks_and_bad_partitions():
+    model, spec, params, data, X, y, theta, loss = problem("mse", seed=26)
+    G = cl.GGNLinearOperator(model, loss, params, data)
+    with pytest.raises(ValueError, match="max_block_size"):
+        cl.block_diagonal(G, max_block_size=10)
+    with pytest.raises(ValueError, match="contiguous"):
+        cl.block_diagonal(G, partition=[[0, 2], [1, 3]])
+    with pytest.raises(ValueError, match="contiguous"):
+        cl.block_diagonal(G, partition=[[0, 1]])
+
+
+def test_low_rank_lanczos_and_nystrom_against_eigh():
+    model, spec, params, data, X, y, theta, loss = problem("ce", widths=(3, 5, 3), N=9, seed=27)
+    G = cl.GGNLinearOperator(model, loss, params, data)
+    dense = G.to_dense()
+    w, Q = np.linalg.eigh(dense)
+    k = 4
+    L = cl.low_rank(G, k, method="lanczos")
+    assert isinstance(L, cl.EighLinearOperator)
+    np.testing.assert_allclose(np.sort(L.eigenvalues), w[-k:], rtol=1e-8)
+    best = Q[:, -k:] @ np.diag(w[-k:]) @ Q[:, -k:].T
+    np.testing.assert_allclose(L.to_dense(), best, rtol=1e-6, atol=1e-8 * w[-1])
+    # Nystrom: the error is bounded by the tail of the spectrum (PSD, rank-k sketch with
+    # oversampling); here the GGN's rank (<= N * (C - 1) = 18) is far below the sketch size.
+    N_op = cl.low_rank(G, k, method="nystrom", seed=0, oversampling=20)
+    err = np.linalg.norm(dense - N_op.to_dense(), 2)
+    assert err <= 1.01 * w[-k - 1] + 1e-8 * w[-1]
+    with pytest.raises(ValueError, match="method"):
+        cl.low_rank(G, 2, method="svd")
+
+
+def test_diagonal_plus_low_rank_with_exact_woodbury_inverse():
+    model, spec, params, data, X, y, theta, loss = problem("mse", widths=(3, 4, 2), seed=28)
+    G = cl.GGNLinearOperator(model, loss, params, data)
+    dense = G.to_dense()
+    D = cl.GGNDiagonalLinearOperator(model, loss, params, data)
+    A = cl.diagonal_plus_low_rank(G, 3, diagonal=D, method="nystrom", seed=1)
+    assert isinstance(A, cl.DiagonalPlusLowRankLinearOperator)
+    np.testing.assert_allclose(np.diag(A.to_dense()), np.diag(dense), rtol=1e-10, atol=1e-13)
+    damping = 0.1
+    ref = A.to_dense() + damping * np.eye(theta.size)
+    np.testing.assert_allclose(
+        A.inverse(damping).to_dense(), np.linalg.inv(ref), rtol=1e-8, atol=1e-10
+    )
+    np.testing.assert_allclose(
+        float(A.damped(damping).logdet()), np.linalg.slogdet(ref)[1], rtol=1e-10
+    )
+    np.testing.assert_allclose(float(A.trace()), np.trace(A.to_dense()), rtol=1e-12)
+
+
+def test_diagonal_plus_low_rank_operator_on_backends(backend, dtype_name):
+    from conftest import tolerances
+
+    rtol, atol = tolerances(dtype_name)
+    rng = np.random.default_rng(5)
+    n, k = 7, 3
+    d = rng.uniform(0.5, 2.0, size=n)
+    s = rng.uniform(0.5, 3.0, size=k)
+    U = rng.normal(size=(n, k))
+    ref = np.diag(d) + U @ np.diag(s) @ U.T
+    A = cl.DiagonalPlusLowRankLinearOperator(
+        backend.asarray(d, dtype_name),
+        backend.asarray(s, dtype_name),
+        backend.asarray(U, dtype_name),
+    )
+    X = rng.normal(size=(n, 2))
+    np.testing.assert_allclose(
+        backend.to_numpy(A @ backend.asarray(X, dtype_name)),
+        ref @ X,
+        rtol=rtol * 10,
+        atol=atol * 10,
+    )
+    inv = backend.to_numpy(A.inverse(0.3).to_dense())
+    np.testing.assert_allclose(
+        inv, np.linalg.inv(ref + 0.3 * np.eye(n)), rtol=rtol * 100, atol=atol * 100
+    )
+    np.testing.assert_allclose(float(A.logdet()), np.linalg.slogdet(ref)[1], rtol=rtol * 100)
+    np.testing.assert_allclose(backend.to_numpy(A.diagonal()), np.diag(ref), rtol=rtol * 10)
+    with pytest.raises(ValueError, match="low_rank_vectors"):
+        cl.DiagonalPlusLowRankLinearOperator(
+            backend.asarray(d), backend.asarray(s), backend.asarray(U[:-1])
+        )
