@@ -183,3 +183,30 @@ def test_diagonal_plus_low_rank_operator_on_backends(backend, dtype_name):
         cl.DiagonalPlusLowRankLinearOperator(
             backend.asarray(d), backend.asarray(s), backend.asarray(U[:-1])
         )
+
+
+@pytest.mark.parametrize("name", ["mse", "ce", "bce", "poisson", "gaussian"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid", "softplus", "elu"])
+def test_exact_hessian_diagonal_equals_dense_hessian_diagonal(name, activation):
+    model, spec, params, data, X, y, theta, loss = problem(
+        name, widths=(3, 4, 4, 3), activation=activation, seed=29
+    )
+    H = cl.HessianLinearOperator(model, loss, params, data).to_dense()
+    D = cl.HessianDiagonalLinearOperator(model, loss, params, data)
+    np.testing.assert_allclose(D.diagonal(), np.diag(H), rtol=1e-10, atol=1e-13)
+    # the residual terms matter: the GGN diagonal differs
+    if activation in ("tanh", "sigmoid") and name != "gaussian":
+        G = cl.GGNDiagonalLinearOperator(model, loss, params, data).diagonal()
+        assert np.abs(G - np.diag(H)).max() > 1e-4
+
+
+def test_hessian_diagonal_on_backends_and_errors(backend):
+    model, spec, params, data, X, y, theta, loss = problem("ce", seed=30)
+    H = cl.HessianLinearOperator(model, loss, params, data).to_dense()
+    p_b = [backend.asarray(np.asarray(p)) for p in params]
+    data_b = [(backend.asarray(a), backend.asarray(b)) for a, b in data]
+    D = cl.HessianDiagonalLinearOperator(model, loss, p_b, data_b)
+    np.testing.assert_allclose(backend.to_numpy(D.diagonal()), np.diag(H), rtol=1e-10, atol=1e-13)
+    shared = [(np.ones((2, 3, 3)), np.zeros((2, 3, 3)))]
+    with pytest.raises(ValueError, match="outputs \\(N, C\\)"):
+        cl.HessianDiagonalLinearOperator(model, cl.MSELoss(), params, shared)
