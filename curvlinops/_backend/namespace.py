@@ -63,7 +63,9 @@ def array_namespace(*arrays):
     >>> namespace_name(xp)
     'numpy'
     """
-    arrays = [a for a in arrays if a is not None and not isinstance(a, (int, float, complex, bool))]
+    # type(...) rather than isinstance: numpy.float64 subclasses float but is a NumPy
+    # scalar (what NumPy reductions return) and must count as a NumPy array.
+    arrays = [a for a in arrays if a is not None and type(a) not in (int, float, complex, bool)]
     if not arrays:
         raise TypeError("array_namespace needs at least one array, got none.")
     try:
@@ -191,9 +193,30 @@ def is_real_floating(dtype, xp) -> bool:
 
 
 def dtype_name(dtype) -> str:
-    """Short name of a dtype of any library (``'float32'``), for messages."""
-    name = getattr(dtype, "name", None) or str(dtype)
-    return name.replace("torch.", "")
+    """Short name of a dtype of any library (``'float32'``), for messages and casts.
+
+    Accepts NumPy/CuPy/JAX dtypes and scalar types (``numpy.float64``), PyTorch and
+    array-api-strict dtypes, and names.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> dtype_name(np.float64), dtype_name(np.dtype("float32"))
+    ('float64', 'float32')
+    """
+    if isinstance(dtype, str):
+        return dtype
+    if dtype is not None:
+        try:
+            # NumPy dtypes and scalar types (also JAX's and CuPy's, which are NumPy's).
+            return np.dtype(dtype).name
+        except TypeError:
+            pass
+    name = getattr(dtype, "name", None)
+    if isinstance(name, str):
+        return name
+    # 'torch.float32', 'array_api_strict.float32'
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 def can_cast_losslessly(from_dtype, to_dtype, xp) -> bool:
@@ -201,11 +224,24 @@ def can_cast_losslessly(from_dtype, to_dtype, xp) -> bool:
 
     Integers and booleans count as castable to any floating dtype (they are data,
     not results); a float64 array is not castable to float32.
+
+    Examples
+    --------
+    >>> import array_api_compat.numpy as xp
+    >>> can_cast_losslessly(xp.float32, xp.float64, xp)
+    True
+    >>> can_cast_losslessly(xp.float64, xp.float32, xp)
+    False
     """
     if from_dtype == to_dtype:
         return True
     if xp.isdtype(from_dtype, ("integral", "bool")):
         return True
+    if xp.isdtype(from_dtype, "real floating") and xp.isdtype(to_dtype, "real floating"):
+        # Compare precisions: torch's can_cast(float64, float32) is True (same kind).
+        return xp.finfo(from_dtype).bits <= xp.finfo(to_dtype).bits
+    if xp.isdtype(from_dtype, "complex floating") and not xp.isdtype(to_dtype, "complex floating"):
+        return False
     return xp.can_cast(from_dtype, to_dtype)
 
 

@@ -67,7 +67,7 @@ class RandomGenerator:
         if is_torch_namespace(xp):
             import torch
 
-            return torch.randn(shape, generator=self._native, dtype=dtype, device=self._torch_device())
+            return torch.randn(shape, generator=self._native, dtype=dtype, device=self.device)
         if is_jax_namespace(xp):
             import jax
 
@@ -84,7 +84,7 @@ class RandomGenerator:
         if is_torch_namespace(xp):
             import torch
 
-            u = torch.rand(shape, generator=self._native, dtype=dtype, device=self._torch_device())
+            u = torch.rand(shape, generator=self._native, dtype=dtype, device=self.device)
             return low + (high - low) * u
         if is_jax_namespace(xp):
             import jax
@@ -109,9 +109,6 @@ class RandomGenerator:
         if is_numpy_namespace(xp):
             return draw
         return xp.asarray(draw, dtype=dtype, device=self.device)
-
-    def _torch_device(self):
-        return self.device
 
     def _next_key(self):
         import jax

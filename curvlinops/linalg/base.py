@@ -73,10 +73,14 @@ class LinearOperator:
     >>> (A @ np.ones(2)).tolist()
     [3.0, 3.0]
     >>> ((2 * A - A.T) @ np.array([1.0, 0.0])).tolist()
-    [4.0, -1.0]
+    [2.0, -1.0]
     >>> A.damped(1.0).to_dense().tolist()
     [[3.0, 1.0], [0.0, 4.0]]
     """
+
+    # Make NumPy's ``x @ A`` defer to ``A.__rmatmul__`` instead of wrapping the
+    # operator in an object array.
+    __array_ufunc__ = None
 
     def __init__(self, shape, *, dtype, xp, device=None, symmetric=False):
         shape = tuple(shape)
@@ -400,7 +404,7 @@ class ScaledLinearOperator(LinearOperator):
     --------
     >>> import numpy as np
     >>> from curvlinops import aslinearoperator
-    >>> (3 * aslinearoperator(np.eye(2))).trace()
+    >>> float((3 * aslinearoperator(np.eye(2))).trace())
     6.0
     """
 
@@ -422,7 +426,11 @@ class ScaledLinearOperator(LinearOperator):
         return self.scalar * self.operator._rmatmat(X)
 
     def adjoint(self):
-        return self if self.is_symmetric else ScaledLinearOperator(self.operator.adjoint(), self.scalar)
+        return (
+            self
+            if self.is_symmetric
+            else ScaledLinearOperator(self.operator.adjoint(), self.scalar)
+        )
 
     def __mul__(self, scalar):
         if isinstance(scalar, numbers.Real) and not isinstance(scalar, bool):
@@ -540,7 +548,7 @@ class ProductLinearOperator(LinearOperator):
         ops = []
         for op in operators:
             ops.extend(op.operators if isinstance(op, ProductLinearOperator) else [op])
-        for left, right in zip(ops[:-1], ops[1:]):
+        for left, right in zip(ops[:-1], ops[1:], strict=True):
             if left.shape[1] != right.shape[0]:
                 raise ValueError(
                     f"Cannot multiply operators of shapes {left.shape} and {right.shape}: "
@@ -651,7 +659,11 @@ class DampedLinearOperator(LinearOperator):
         return self.operator._rmatmat(X) + self.damping * X
 
     def adjoint(self):
-        return self if self.is_symmetric else DampedLinearOperator(self.operator.adjoint(), self.damping)
+        return (
+            self
+            if self.is_symmetric
+            else DampedLinearOperator(self.operator.adjoint(), self.damping)
+        )
 
     def damped(self, damping):
         return DampedLinearOperator(self.operator, self.damping + float(damping))

@@ -1,17 +1,165 @@
 """Structured linear operators: dense, identity, diagonal, block-diagonal, Kronecker, eigh.
 
 Each overrides what it can do exactly and cheaply (``inverse``, ``trace``,
-``logdet``, ``diagonal``, ``frobenius_norm``).
+``logdet``, ``diagonal``, ``frobenius_norm``) and leaves the rest to the base class,
+which raises :class:`NotImplementedError` instead of densifying. Every operator keeps
+the namespace, dtype and device of the arrays it is built from; operators built from
+several parts (blocks, Kronecker factors) check that the parts agree.
+
+Products of Kronecker operators use reshapes and one matrix product per factor, so
+they never allocate anything of the size of the full matrix.
 
 May import: ``curvlinops._backend``, ``.base``.
 """
 
 from __future__ import annotations
 
-from .._backend import array_namespace, device as array_device
-from .base import LinearOperator
+import math
 
-__all__ = ["DenseLinearOperator"]
+from .._backend import (
+    FactorizationError,
+    array_namespace,
+    checked_eigh,
+    device as array_device,
+    diag_matrix,
+    dtype_eps,
+    dtype_name,
+    kron,
+    namespace_name,
+)
+from .base import DampedLinearOperator, LinearOperator, ScaledLinearOperator
+
+__all__ = [
+    "DenseLinearOperator",
+    "IdentityLinearOperator",
+    "DiagonalLinearOperator",
+    "BlockDiagonalLinearOperator",
+    "KroneckerLinearOperator",
+    "KroneckerEighLinearOperator",
+    "EighLinearOperator",
+]
+
+_DAMPING_HINT = "Add damping, e.g. A.inverse(damping=1e-3) or A.damped(1e-3).logdet()."
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _as_operator(part, what: str) -> LinearOperator:
+    """A LinearOperator as is, a 2-D array wrapped in a :class:`DenseLinearOperator`."""
+    if isinstance(part, LinearOperator):
+        return part
+    ndim = getattr(part, "ndim", None)
+    if ndim is None:
+        raise TypeError(
+            f"The {what} must be a LinearOperator or a 2-D array, got a {type(part).__name__}."
+        )
+    if ndim != 2:
+        raise ValueError(
+            f"The {what} must be a 2-D array of shape (m, n), got shape {tuple(part.shape)}."
+        )
+    return DenseLinearOperator(part)
+
+
+def _check_parts_agree(parts, what: str):
+    """Check that operators share namespace and dtype; return ``(xp, dtype, device)``."""
+    first = parts[0]
+    for i, part in enumerate(parts[1:], start=1):
+        if namespace_name(part.xp) != namespace_name(first.xp):
+            raise TypeError(
+                f"{what} 0 works on {namespace_name(first.xp)} arrays but {what} {i} on "
+                f"{namespace_name(part.xp)} arrays; build all of them in one library."
+            )
+        if part.dtype != first.dtype:
+            raise TypeError(
+                f"{what} 0 has dtype {dtype_name(first.dtype)} but {what} {i} has dtype "
+                f"{dtype_name(part.dtype)}; convert all of them to one dtype."
+            )
+    return first.xp, first.dtype, first.device
+
+
+def _check_arrays_agree(arrays, names):
+    """Namespace and dtype of arrays that define one operator; TypeError naming both."""
+    xp = array_namespace(*arrays)
+    first = arrays[0]
+    for name, a in zip(names[1:], arrays[1:], strict=True):
+        if a.dtype != first.dtype:
+            raise TypeError(
+                f"The {names[0]} have dtype {dtype_name(first.dtype)} but the {name} have "
+                f"dtype {dtype_name(a.dtype)}; convert both to one dtype."
+            )
+    return xp
+
+
+def _require_square(op: LinearOperator, query: str):
+    if op.shape[0] != op.shape[1]:
+        raise ValueError(
+            f"{query} needs a square operator; {type(op).__name__} has shape {op.shape}."
+        )
+
+
+def _count(mask, dtype, xp) -> int:
+    return int(xp.sum(xp.astype(mask, dtype)))
+
+
+def _logdet_from_spectrum(values, xp, what: str):
+    """``log|prod(values)|`` for a real spectrum (or diagonal) with a positive product.
+
+    Raises :class:`FactorizationError` for a zero entry (singular matrix) and
+    :class:`ValueError` for a negative product (logdet is defined here for matrices
+    of positive determinant only).
+    """
+    if _count(values == 0, values.dtype, xp) > 0:
+        raise FactorizationError(
+            f"The {what} is singular: its log-determinant is -inf. {_DAMPING_HINT}"
+        )
+    if _count(values < 0, values.dtype, xp) % 2 == 1:
+        raise ValueError(
+            f"The {what} has a negative determinant (it is not positive definite); logdet "
+            "is defined here for matrices of positive determinant only."
+        )
+    return xp.sum(xp.log(xp.abs(values)))
+
+
+def _check_invertible_spectrum(values, xp, what: str):
+    """Raise :class:`FactorizationError` for a zero or non-finite eigenvalue/diagonal entry."""
+    if _count(values == 0, values.dtype, xp) > 0:
+        raise FactorizationError(f"The {what} is singular and has no inverse. {_DAMPING_HINT}")
+    if not bool(xp.all(xp.isfinite(values))):
+        raise FactorizationError(f"The {what} contains NaN or Inf; it cannot be inverted.")
+
+
+def _kron_apply(applies, in_dims, out_dims, X, xp):
+    """Apply ``F_1 x F_2 x ... x F_F`` to ``X`` of shape ``(prod(in_dims), k)``.
+
+    ``applies[i]`` maps an ``(in_dims[i], r)`` array to ``(out_dims[i], r)``. The
+    Kronecker axes are cycled: each step multiplies along the leading axis, then moves
+    the new axis to the back with one 2-D transpose, so that the next factor's axis
+    leads. After all factors the column axis ``k`` leads; one last transpose returns
+    ``(prod(out_dims), k)``. Nothing larger than the operands is ever allocated.
+    """
+    k = X.shape[1]
+    T = X
+    for apply, n_i in zip(applies, in_dims, strict=True):
+        T = xp.matrix_transpose(apply(xp.reshape(T, (n_i, -1))))
+    m = math.prod(out_dims)
+    return xp.matrix_transpose(xp.reshape(T, (k, m)))
+
+
+def _outer_flat(vectors, xp):
+    """Flattened (C order) outer product of 1-D arrays: the diagonal of their Kronecker."""
+    out = vectors[0]
+    for v in vectors[1:]:
+        out = xp.reshape(out[:, None] * v[None, :], (-1,))
+    return out
+
+
+def _wrap_part_error(err, what: str, index: int):
+    """Re-raise a factorization error of one part, naming the part."""
+    raise FactorizationError(f"{what} {index}: {err}") from err
+
+
+# -- dense -----------------------------------------------------------------------------
 
 
 class DenseLinearOperator(LinearOperator):
@@ -24,6 +172,11 @@ class DenseLinearOperator(LinearOperator):
     symmetric : bool
         Declare ``A`` symmetric (not checked).
 
+    Notes
+    -----
+    ``inverse`` and ``logdet`` use the namespace's dense ``linalg.inv`` and
+    ``linalg.slogdet`` (cubic cost): the user handed over the dense matrix.
+
     Examples
     --------
     >>> import numpy as np
@@ -32,15 +185,15 @@ class DenseLinearOperator(LinearOperator):
     [1.0, 2.0]
     >>> float(A.trace())
     5.0
+    >>> A.inverse().to_dense().round(6).tolist()
+    [[-2.0, 1.0], [1.5, -0.5]]
     """
 
     def __init__(self, A, *, symmetric=False):
         xp = array_namespace(A)
         if A.ndim != 2:
             raise ValueError(f"A dense operator needs a 2-D array, got shape {tuple(A.shape)}.")
-        super().__init__(
-            A.shape, dtype=A.dtype, xp=xp, device=array_device(A), symmetric=symmetric
-        )
+        super().__init__(A.shape, dtype=A.dtype, xp=xp, device=array_device(A), symmetric=symmetric)
         self.A = A
 
     def _matmat(self, X):
@@ -49,8 +202,44 @@ class DenseLinearOperator(LinearOperator):
     def _rmatmat(self, X):
         return self.xp.matrix_transpose(self.A) @ X
 
+    def adjoint(self):
+        if self.is_symmetric:
+            return self
+        return DenseLinearOperator(self.xp.matrix_transpose(self.A))
+
     def to_dense(self):
         return self.A
+
+    def _shifted(self, damping):
+        _require_square(self, "This query")
+        if damping == 0.0:
+            return self.A
+        xp = self.xp
+        eye = xp.eye(self.shape[0], dtype=self.dtype, device=self.device)
+        return self.A + damping * eye
+
+    def inverse(self, damping=0.0):
+        """``(A + damping I)^{-1}`` as a dense operator, via ``linalg.inv``.
+
+        Raises
+        ------
+        FactorizationError
+            If the matrix is singular (or the result is not finite).
+        """
+        xp = self.xp
+        shifted = self._shifted(damping)
+        message = (
+            f"The {self.shape[0]}x{self.shape[1]} dense matrix"
+            + (f" plus {damping} I" if damping else "")
+            + f" is singular and has no inverse. {_DAMPING_HINT}"
+        )
+        try:
+            inv = xp.linalg.inv(shifted)
+        except Exception as err:  # each library raises its own error type
+            raise FactorizationError(message) from err
+        if not bool(xp.all(xp.isfinite(inv))):
+            raise FactorizationError(message)
+        return DenseLinearOperator(inv, symmetric=self.is_symmetric)
 
     def trace(self):
         return self.xp.linalg.trace(self.A)
@@ -58,5 +247,671 @@ class DenseLinearOperator(LinearOperator):
     def diagonal(self):
         return self.xp.linalg.diagonal(self.A)
 
+    def _logdet(self, damping):
+        xp = self.xp
+        sign, logabsdet = xp.linalg.slogdet(self._shifted(damping))
+        sign = float(sign)
+        if sign == 0.0:
+            raise FactorizationError(
+                f"The dense matrix is singular: its log-determinant is -inf. {_DAMPING_HINT}"
+            )
+        if sign < 0.0:
+            raise ValueError(
+                "The dense matrix has a negative determinant (it is not positive definite); "
+                "logdet is defined here for matrices of positive determinant only."
+            )
+        return logabsdet
+
     def frobenius_norm(self):
         return self.xp.linalg.matrix_norm(self.A, ord="fro")
+
+
+# -- identity and diagonal ---------------------------------------------------------------
+
+
+class IdentityLinearOperator(LinearOperator):
+    """The ``n x n`` identity.
+
+    Parameters
+    ----------
+    n : int
+        Dimension.
+    xp
+        Array namespace.
+    dtype
+        Real floating dtype of ``xp``.
+    device
+        Device (``None``: the namespace's default).
+
+    Examples
+    --------
+    >>> import array_api_compat.numpy as xp
+    >>> eye = IdentityLinearOperator(3, xp=xp, dtype=xp.float64)
+    >>> (eye @ xp.asarray([1.0, 2.0, 3.0])).tolist()
+    [1.0, 2.0, 3.0]
+    >>> float(eye.inverse(damping=1.0).trace())
+    1.5
+    """
+
+    def __init__(self, n, *, xp, dtype, device=None):
+        super().__init__((n, n), dtype=dtype, xp=xp, device=device, symmetric=True)
+
+    def _matmat(self, X):
+        return self.xp.asarray(X, copy=True)
+
+    def _scalar(self, value):
+        return self.xp.asarray(value, dtype=self.dtype, device=self.device)
+
+    def to_dense(self):
+        return self.xp.eye(self.shape[0], dtype=self.dtype, device=self.device)
+
+    def inverse(self, damping=0.0):
+        value = 1.0 + damping
+        if value == 0.0:
+            raise FactorizationError(
+                "The identity plus damping -1 is the zero matrix and has no inverse."
+            )
+        return ScaledLinearOperator(self, 1.0 / value)
+
+    def trace(self):
+        return self._scalar(float(self.shape[0]))
+
+    def diagonal(self):
+        return self.xp.ones(self.shape[0], dtype=self.dtype, device=self.device)
+
+    def _logdet(self, damping):
+        value = 1.0 + damping
+        if value == 0.0:
+            raise FactorizationError("The identity plus damping -1 is singular.")
+        if value < 0.0 and self.shape[0] % 2 == 1:
+            raise ValueError(
+                "The damped identity has a negative determinant; logdet is defined here "
+                "for matrices of positive determinant only."
+            )
+        return self._scalar(self.shape[0] * math.log(abs(value)))
+
+    def frobenius_norm(self):
+        return self._scalar(math.sqrt(self.shape[0]))
+
+
+class DiagonalLinearOperator(LinearOperator):
+    """``diag(d)`` for a 1-D array ``d`` of any namespace.
+
+    Parameters
+    ----------
+    diagonal
+        Real floating array of shape ``(n,)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> D = DiagonalLinearOperator(np.array([1.0, 2.0, 4.0]))
+    >>> (D @ np.ones(3)).tolist()
+    [1.0, 2.0, 4.0]
+    >>> D.inverse(damping=1.0).diagonal().tolist()
+    [0.5, 0.3333333333333333, 0.2]
+    >>> round(float(D.logdet()), 12) == round(float(np.log(8.0)), 12)
+    True
+    """
+
+    def __init__(self, diagonal):
+        xp = array_namespace(diagonal)
+        if diagonal.ndim != 1:
+            raise ValueError(
+                f"A diagonal operator needs a 1-D array of shape (n,), got shape "
+                f"{tuple(diagonal.shape)}."
+            )
+        n = diagonal.shape[0]
+        super().__init__(
+            (n, n), dtype=diagonal.dtype, xp=xp, device=array_device(diagonal), symmetric=True
+        )
+        self._diag = diagonal
+
+    def _matmat(self, X):
+        return self._diag[:, None] * X
+
+    def to_dense(self):
+        return diag_matrix(self._diag, self.xp)
+
+    def inverse(self, damping=0.0):
+        shifted = self._diag + damping if damping else self._diag
+        _check_invertible_spectrum(shifted, self.xp, "diagonal matrix" + _plus(damping))
+        return DiagonalLinearOperator(1.0 / shifted)
+
+    def trace(self):
+        return self.xp.sum(self._diag)
+
+    def diagonal(self):
+        return self._diag
+
+    def _logdet(self, damping):
+        shifted = self._diag + damping if damping else self._diag
+        return _logdet_from_spectrum(shifted, self.xp, "diagonal matrix" + _plus(damping))
+
+    def frobenius_norm(self):
+        return self.xp.linalg.vector_norm(self._diag)
+
+
+def _plus(damping) -> str:
+    return f" plus {damping} I" if damping else ""
+
+
+# -- block diagonal ----------------------------------------------------------------------
+
+
+class BlockDiagonalLinearOperator(LinearOperator):
+    """``blockdiag(B_1, ..., B_L)`` of operators or dense 2-D arrays.
+
+    Blocks may be rectangular; a product applies each block to its slice of the
+    input's rows and concatenates the results.
+
+    Parameters
+    ----------
+    blocks : sequence
+        LinearOperators or 2-D arrays (wrapped in :class:`DenseLinearOperator`), all
+        of one namespace and dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> B = BlockDiagonalLinearOperator([np.array([[2.0]]), DiagonalLinearOperator(np.ones(2))])
+    >>> (B @ np.array([1.0, 2.0, 3.0])).tolist()
+    [2.0, 2.0, 3.0]
+    >>> B.inverse().diagonal().tolist()
+    [0.5, 1.0, 1.0]
+    """
+
+    def __init__(self, blocks):
+        blocks = [_as_operator(b, f"block {i}") for i, b in enumerate(blocks)]
+        if not blocks:
+            raise ValueError("A block-diagonal operator needs at least one block, got none.")
+        xp, dtype, dev = _check_parts_agree(blocks, "Block")
+        rows = [b.shape[0] for b in blocks]
+        cols = [b.shape[1] for b in blocks]
+        super().__init__(
+            (sum(rows), sum(cols)),
+            dtype=dtype,
+            xp=xp,
+            device=dev,
+            symmetric=all(b.is_symmetric for b in blocks),
+        )
+        self.blocks = tuple(blocks)
+        self._row_offsets = _offsets(rows)
+        self._col_offsets = _offsets(cols)
+
+    def _matmat(self, X):
+        parts = [
+            b._matmat(X[start:stop, ...])
+            for b, (start, stop) in zip(self.blocks, self._col_offsets, strict=True)
+        ]
+        return self.xp.concat(parts, axis=0)
+
+    def _rmatmat(self, X):
+        parts = [
+            b._rmatmat(X[start:stop, ...])
+            for b, (start, stop) in zip(self.blocks, self._row_offsets, strict=True)
+        ]
+        return self.xp.concat(parts, axis=0)
+
+    def adjoint(self):
+        if self.is_symmetric:
+            return self
+        return BlockDiagonalLinearOperator([b.adjoint() for b in self.blocks])
+
+    def _require_square_blocks(self, query):
+        _require_square(self, query)
+        for i, b in enumerate(self.blocks):
+            if b.shape[0] != b.shape[1]:
+                raise NotImplementedError(
+                    f"{query} of a block-diagonal operator needs square blocks; block {i} "
+                    f"has shape {b.shape}."
+                )
+
+    def inverse(self, damping=0.0):
+        self._require_square_blocks("inverse")
+        inverses = []
+        for i, b in enumerate(self.blocks):
+            try:
+                inverses.append(b.inverse(damping=damping))
+            except FactorizationError as err:
+                _wrap_part_error(err, "Block", i)
+        return BlockDiagonalLinearOperator(inverses)
+
+    def trace(self):
+        self._require_square_blocks("trace")
+        return sum(b.trace() for b in self.blocks)
+
+    def diagonal(self):
+        self._require_square_blocks("diagonal")
+        return self.xp.concat([b.diagonal() for b in self.blocks], axis=0)
+
+    def _logdet(self, damping):
+        self._require_square_blocks("logdet")
+        total = 0.0
+        for i, b in enumerate(self.blocks):
+            try:
+                total = total + b._logdet(damping)
+            except FactorizationError as err:
+                _wrap_part_error(err, "Block", i)
+        return total
+
+    def frobenius_norm(self):
+        return self.xp.sqrt(sum(b.frobenius_norm() ** 2 for b in self.blocks))
+
+    def to_dense(self):
+        xp = self.xp
+        n = self.shape[1]
+        rows = []
+        for b, (start, stop) in zip(self.blocks, self._col_offsets, strict=True):
+            m_b = b.shape[0]
+            left = xp.zeros((m_b, start), dtype=self.dtype, device=self.device)
+            right = xp.zeros((m_b, n - stop), dtype=self.dtype, device=self.device)
+            rows.append(xp.concat([left, b.to_dense(), right], axis=1))
+        return xp.concat(rows, axis=0)
+
+
+def _offsets(sizes):
+    out, start = [], 0
+    for s in sizes:
+        out.append((start, start + s))
+        start += s
+    return tuple(out)
+
+
+# -- Kronecker ---------------------------------------------------------------------------
+
+
+class KroneckerLinearOperator(LinearOperator):
+    """``A_1 x A_2 x ... x A_F`` (Kronecker product), never materialized.
+
+    A product reshapes the input to ``(n_1, ..., n_F, k)`` and multiplies along one
+    axis per factor (one batched matmat per factor), so it costs
+    ``sum_i m_i * n * k`` operations instead of ``m * n * k`` and allocates nothing of
+    the size of the full matrix.
+
+    Parameters
+    ----------
+    *factors
+        One or more (usually two) LinearOperators or 2-D arrays (wrapped in
+        :class:`DenseLinearOperator`), square or rectangular, all of one namespace
+        and dtype.
+
+    Notes
+    -----
+    ``inverse(damping)`` with ``damping != 0`` is exact,
+    ``(A_1 x ... x A_F + d I)^{-1} = Q diag(1 / (lam + d)) Q^T`` with
+    ``Q = Q_1 x ... x Q_F`` and ``lam`` the outer product of the factors'
+    eigenvalues. It needs symmetric factors; their eigendecompositions (of the small
+    factor matrices, built with ``to_dense`` when a factor is not dense already) are
+    computed once and cached. The damped log-determinant uses the same spectrum.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> A, B = np.array([[2.0, 1.0], [1.0, 2.0]]), np.diag([1.0, 3.0])
+    >>> K = KroneckerLinearOperator(A, B)
+    >>> x = np.arange(4.0)
+    >>> bool(np.allclose(K @ x, np.kron(A, B) @ x))
+    True
+    >>> bool(np.allclose(K.inverse(damping=0.5).to_dense(),
+    ...                  np.linalg.inv(np.kron(A, B) + 0.5 * np.eye(4))))
+    True
+    """
+
+    def __init__(self, *factors):
+        if not factors:
+            raise ValueError("A Kronecker product needs at least one factor, got none.")
+        factors = [_as_operator(f, f"Kronecker factor {i}") for i, f in enumerate(factors)]
+        xp, dtype, dev = _check_parts_agree(factors, "Kronecker factor")
+        super().__init__(
+            (math.prod(f.shape[0] for f in factors), math.prod(f.shape[1] for f in factors)),
+            dtype=dtype,
+            xp=xp,
+            device=dev,
+            symmetric=all(f.is_symmetric for f in factors),
+        )
+        self.factors = tuple(factors)
+        self._eigh_cache = None
+
+    def _matmat(self, X):
+        fs = self.factors
+        return _kron_apply(
+            [f._matmat for f in fs], [f.shape[1] for f in fs], [f.shape[0] for f in fs], X, self.xp
+        )
+
+    def _rmatmat(self, X):
+        fs = self.factors
+        return _kron_apply(
+            [f._rmatmat for f in fs], [f.shape[0] for f in fs], [f.shape[1] for f in fs], X, self.xp
+        )
+
+    def adjoint(self):
+        if self.is_symmetric:
+            return self
+        return KroneckerLinearOperator(*(f.adjoint() for f in self.factors))
+
+    def _require_square_factors(self, query):
+        for i, f in enumerate(self.factors):
+            if f.shape[0] != f.shape[1]:
+                if self.shape[0] != self.shape[1]:
+                    _require_square(self, query)
+                raise NotImplementedError(
+                    f"{query} of a Kronecker product needs square factors; factor {i} has "
+                    f"shape {f.shape}."
+                )
+
+    def factor_eigh(self):
+        """Eigendecompositions ``[(lam_i, Q_i), ...]`` of the (symmetric) factors, cached.
+
+        Raises
+        ------
+        NotImplementedError
+            If a factor is not symmetric (then there is no real eigendecomposition).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> K = KroneckerLinearOperator(np.diag([2.0, 1.0]), np.eye(1))
+        >>> [lam.tolist() for lam, _ in K.factor_eigh()]
+        [[1.0, 2.0], [1.0]]
+        """
+        if self._eigh_cache is None:
+            self._require_square_factors("An eigendecomposition")
+            self._eigh_cache = [_symmetric_eigh(f, i) for i, f in enumerate(self.factors)]
+        return self._eigh_cache
+
+    def _eigenvalues(self):
+        return _outer_flat([lam for lam, _ in self.factor_eigh()], self.xp)
+
+    def inverse(self, damping=0.0):
+        self._require_square_factors("inverse")
+        if damping == 0.0:
+            inverses = []
+            for i, f in enumerate(self.factors):
+                try:
+                    inverses.append(f.inverse())
+                except FactorizationError as err:
+                    raise FactorizationError(
+                        f"Kronecker factor {i} is singular, so the Kronecker product has no "
+                        f"inverse ({err}). Add damping, e.g. inverse(damping=1e-3): it is "
+                        "applied exactly through the factors' eigendecompositions."
+                    ) from err
+            return KroneckerLinearOperator(*inverses)
+        shifted = self._eigenvalues() + damping
+        _check_invertible_spectrum(shifted, self.xp, f"Kronecker product plus {damping} I")
+        return KroneckerEighLinearOperator(1.0 / shifted, [Q for _, Q in self.factor_eigh()])
+
+    def trace(self):
+        self._require_square_factors("trace")
+        out = self.factors[0].trace()
+        for f in self.factors[1:]:
+            out = out * f.trace()
+        return out
+
+    def diagonal(self):
+        self._require_square_factors("diagonal")
+        return _outer_flat([f.diagonal() for f in self.factors], self.xp)
+
+    def _logdet(self, damping):
+        self._require_square_factors("logdet")
+        if damping != 0.0:
+            return _logdet_from_spectrum(
+                self._eigenvalues() + damping, self.xp, f"Kronecker product plus {damping} I"
+            )
+        n = self.shape[0]
+        total = 0.0
+        for i, f in enumerate(self.factors):
+            try:
+                total = total + (n // f.shape[0]) * f.logdet()
+            except FactorizationError as err:
+                _wrap_part_error(err, "Kronecker factor", i)
+        return total
+
+    def frobenius_norm(self):
+        out = self.factors[0].frobenius_norm()
+        for f in self.factors[1:]:
+            out = out * f.frobenius_norm()
+        return out
+
+    def to_dense(self):
+        xp = self.xp
+        out = self.factors[0].to_dense()
+        for f in self.factors[1:]:
+            out = kron(out, f.to_dense(), xp)
+        return out
+
+
+def _symmetric_eigh(factor: LinearOperator, index: int):
+    """``(eigenvalues, eigenvectors)`` of a symmetric Kronecker factor."""
+    xp = factor.xp
+    if isinstance(factor, EighLinearOperator) and factor.rank == factor.shape[0]:
+        return factor.eigenvalues, factor.eigenvectors
+    if isinstance(factor, (DiagonalLinearOperator, IdentityLinearOperator)):
+        eye = xp.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+        return factor.diagonal(), eye
+    dense = factor.to_dense()
+    if not factor.is_symmetric and not _is_numerically_symmetric(dense, xp):
+        raise NotImplementedError(
+            f"Kronecker factor {index} is not symmetric, so the damped inverse and "
+            "log-determinant of the Kronecker product have no cheap exact form. Use "
+            "curvlinops.CGInverseLinearOperator (or a symmetric factor)."
+        )
+    return checked_eigh(dense, xp, name=f"Kronecker factor {index}")
+
+
+def _is_numerically_symmetric(A, xp) -> bool:
+    scale = float(xp.max(xp.abs(A))) if A.shape[0] else 0.0
+    asym = float(xp.max(xp.abs(A - xp.matrix_transpose(A)))) if A.shape[0] else 0.0
+    return asym <= 100 * dtype_eps(A.dtype) * scale
+
+
+class KroneckerEighLinearOperator(LinearOperator):
+    """``Q diag(lam) Q^T`` with ``Q = Q_1 x ... x Q_F`` Kronecker-factored, never formed.
+
+    The eigenbasis of a Kronecker product (and the operator EKFAC uses: the K-FAC
+    eigenbasis with corrected eigenvalues). ``lam`` need not be an outer product.
+
+    Parameters
+    ----------
+    eigenvalues
+        Array of shape ``(n,)``, ``n = prod(n_i)``, ordered like the rows of
+        ``Q_1 x ... x Q_F`` (C order over the factors' indices).
+    eigenvectors : sequence of arrays
+        Square orthogonal matrices ``Q_i`` of shape ``(n_i, n_i)`` (not checked).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> Q1 = np.array([[0.6, -0.8], [0.8, 0.6]])
+    >>> Q2 = np.eye(2)
+    >>> lam = np.array([1.0, 2.0, 3.0, 4.0])
+    >>> E = KroneckerEighLinearOperator(lam, [Q1, Q2])
+    >>> Q = np.kron(Q1, Q2)
+    >>> bool(np.allclose(E.to_dense(), Q @ np.diag(lam) @ Q.T))
+    True
+    >>> bool(np.allclose(E.diagonal(), np.diag(Q @ np.diag(lam) @ Q.T)))
+    True
+    """
+
+    def __init__(self, eigenvalues, eigenvectors):
+        eigenvectors = list(eigenvectors)
+        if not eigenvectors:
+            raise ValueError("KroneckerEighLinearOperator needs at least one eigenvector factor.")
+        names = ["eigenvalues"] + [f"eigenvectors {i}" for i in range(len(eigenvectors))]
+        xp = _check_arrays_agree([eigenvalues, *eigenvectors], names)
+        for i, Q in enumerate(eigenvectors):
+            if Q.ndim != 2 or Q.shape[0] != Q.shape[1]:
+                raise ValueError(
+                    f"Eigenvector factor {i} must be a square (n_i, n_i) array, got shape "
+                    f"{tuple(Q.shape)}."
+                )
+        n = math.prod(Q.shape[0] for Q in eigenvectors)
+        if eigenvalues.ndim != 1 or eigenvalues.shape[0] != n:
+            raise ValueError(
+                f"Expected eigenvalues of shape ({n},) for eigenvector factors of shapes "
+                f"{[tuple(Q.shape) for Q in eigenvectors]}, got shape "
+                f"{tuple(eigenvalues.shape)}."
+            )
+        super().__init__(
+            (n, n),
+            dtype=eigenvalues.dtype,
+            xp=xp,
+            device=array_device(eigenvalues),
+            symmetric=True,
+        )
+        self.eigenvalues = eigenvalues
+        self.eigenvectors = tuple(eigenvectors)
+        self._dims = [Q.shape[0] for Q in eigenvectors]
+
+    def _apply_Q(self, X, transpose):
+        xp = self.xp
+        if transpose:
+            applies = [_matmul_by(xp.matrix_transpose(Q)) for Q in self.eigenvectors]
+        else:
+            applies = [_matmul_by(Q) for Q in self.eigenvectors]
+        return _kron_apply(applies, self._dims, self._dims, X, xp)
+
+    def _matmat(self, X):
+        coeffs = self._apply_Q(X, transpose=True)
+        return self._apply_Q(self.eigenvalues[:, None] * coeffs, transpose=False)
+
+    def inverse(self, damping=0.0):
+        shifted = self.eigenvalues + damping if damping else self.eigenvalues
+        _check_invertible_spectrum(shifted, self.xp, "eigendecomposed operator" + _plus(damping))
+        return KroneckerEighLinearOperator(1.0 / shifted, self.eigenvectors)
+
+    def trace(self):
+        return self.xp.sum(self.eigenvalues)
+
+    def diagonal(self):
+        # diag(Q diag(lam) Q^T) = (Q * Q) lam, and Q * Q = (Q_1 * Q_1) x ... x (Q_F * Q_F).
+        squares = [_matmul_by(Q * Q) for Q in self.eigenvectors]
+        return _kron_apply(squares, self._dims, self._dims, self.eigenvalues[:, None], self.xp)[
+            :, 0
+        ]
+
+    def _logdet(self, damping):
+        shifted = self.eigenvalues + damping if damping else self.eigenvalues
+        return _logdet_from_spectrum(shifted, self.xp, "eigendecomposed operator" + _plus(damping))
+
+    def frobenius_norm(self):
+        return self.xp.linalg.vector_norm(self.eigenvalues)
+
+    def to_dense(self):
+        xp = self.xp
+        Q = self.eigenvectors[0]
+        for Qi in self.eigenvectors[1:]:
+            Q = kron(Q, Qi, xp)
+        return (Q * self.eigenvalues[None, :]) @ xp.matrix_transpose(Q)
+
+
+def _matmul_by(M):
+    return lambda X: M @ X
+
+
+# -- eigendecomposed / low rank -----------------------------------------------------------
+
+
+class EighLinearOperator(LinearOperator):
+    """``Q diag(lam) Q^T`` for ``Q`` of shape ``(n, k)`` with orthonormal columns.
+
+    With ``k < n`` this is a low-rank operator (e.g. from Lanczos or a randomized
+    Nystrom approximation); its damped inverse
+    ``Q diag(1 / (lam + d)) Q^T + (1 / d) (I - Q Q^T)`` is applied matrix-free.
+
+    Parameters
+    ----------
+    eigenvalues
+        Array of shape ``(k,)``.
+    eigenvectors
+        Array of shape ``(n, k)``, ``k <= n``, orthonormal columns (not checked; the
+        exact ``inverse``, ``logdet`` and ``frobenius_norm`` rely on it).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> Q = np.array([[1.0], [0.0]])
+    >>> E = EighLinearOperator(np.array([3.0]), Q)
+    >>> E.to_dense().tolist()
+    [[3.0, 0.0], [0.0, 0.0]]
+    >>> E.inverse(damping=1.0).to_dense().tolist()
+    [[0.25, 0.0], [0.0, 1.0]]
+    """
+
+    def __init__(self, eigenvalues, eigenvectors):
+        xp = _check_arrays_agree([eigenvalues, eigenvectors], ["eigenvalues", "eigenvectors"])
+        if eigenvectors.ndim != 2 or eigenvectors.shape[1] > eigenvectors.shape[0]:
+            raise ValueError(
+                "Expected eigenvectors of shape (n, k) with k <= n, got shape "
+                f"{tuple(eigenvectors.shape)}."
+            )
+        k = eigenvectors.shape[1]
+        if eigenvalues.ndim != 1 or eigenvalues.shape[0] != k:
+            raise ValueError(
+                f"Expected eigenvalues of shape ({k},) to match eigenvectors of shape "
+                f"{tuple(eigenvectors.shape)}, got shape {tuple(eigenvalues.shape)}."
+            )
+        n = eigenvectors.shape[0]
+        super().__init__(
+            (n, n),
+            dtype=eigenvalues.dtype,
+            xp=xp,
+            device=array_device(eigenvectors),
+            symmetric=True,
+        )
+        self.eigenvalues = eigenvalues
+        self.eigenvectors = eigenvectors
+
+    @property
+    def rank(self) -> int:
+        """Number ``k`` of eigenpairs (the rank when all eigenvalues are nonzero)."""
+        return self.eigenvectors.shape[1]
+
+    def _matmat(self, X):
+        Q = self.eigenvectors
+        return Q @ (self.eigenvalues[:, None] * (self.xp.matrix_transpose(Q) @ X))
+
+    def inverse(self, damping=0.0):
+        lam = self.eigenvalues
+        shifted = lam + damping if damping else lam
+        what = "eigendecomposed operator" + _plus(damping)
+        if self.rank == self.shape[0]:
+            _check_invertible_spectrum(shifted, self.xp, what)
+            return EighLinearOperator(1.0 / shifted, self.eigenvectors)
+        if damping == 0.0:
+            raise FactorizationError(
+                f"The operator has rank at most {self.rank} < {self.shape[0]} and no inverse. "
+                f"{_DAMPING_HINT}"
+            )
+        _check_invertible_spectrum(shifted, self.xp, what)
+        # Q diag(1/(lam+d)) Q^T + (1/d)(I - Q Q^T) = Q diag(1/(lam+d) - 1/d) Q^T + (1/d) I
+        low_rank = EighLinearOperator(1.0 / shifted - 1.0 / damping, self.eigenvectors)
+        return DampedLinearOperator(low_rank, 1.0 / damping)
+
+    def trace(self):
+        return self.xp.sum(self.eigenvalues)
+
+    def diagonal(self):
+        Q = self.eigenvectors
+        return self.xp.sum(Q * Q * self.eigenvalues[None, :], axis=1)
+
+    def _logdet(self, damping):
+        xp = self.xp
+        shifted = self.eigenvalues + damping if damping else self.eigenvalues
+        missing = self.shape[0] - self.rank
+        if missing:
+            if damping == 0.0:
+                raise FactorizationError(
+                    f"The operator has rank at most {self.rank} < {self.shape[0]}: its "
+                    f"log-determinant is -inf. {_DAMPING_HINT}"
+                )
+            rest = xp.full((missing,), damping, dtype=self.dtype, device=self.device)
+            shifted = xp.concat([shifted, rest], axis=0)
+        return _logdet_from_spectrum(shifted, xp, "eigendecomposed operator" + _plus(damping))
+
+    def frobenius_norm(self):
+        return self.xp.linalg.vector_norm(self.eigenvalues)
+
+    def to_dense(self):
+        Q = self.eigenvectors
+        return (Q * self.eigenvalues[None, :]) @ self.xp.matrix_transpose(Q)

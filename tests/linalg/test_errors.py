@@ -1,0 +1,204 @@
+"""Bad input: every mistake raises a clear exception naming what was expected and found.
+
+Wrong shapes raise ValueError, wrong libraries and dtypes TypeError, failed
+factorizations FactorizationError with a hint to add damping; no NaN comes back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from curvlinops import (
+    BlockDiagonalLinearOperator,
+    DenseLinearOperator,
+    DiagonalLinearOperator,
+    EighLinearOperator,
+    FactorizationError,
+    IdentityLinearOperator,
+    KroneckerEighLinearOperator,
+    KroneckerLinearOperator,
+)
+
+
+def _other_library_array(backend, a):
+    """The same data in another array library than ``backend``'s."""
+    if backend.name != "numpy":
+        return np.asarray(a)
+    import torch
+
+    return torch.as_tensor(np.asarray(a))
+
+
+def test_wrong_shape(backend):
+    op = DenseLinearOperator(backend.asarray(np.ones((3, 4))))
+    with pytest.raises(ValueError, match=r"\(4,\).*got shape \(3,\)"):
+        op @ backend.asarray(np.ones(3))
+    with pytest.raises(ValueError, match=r"\(4, k\).*got shape \(3, 2\)"):
+        op @ backend.asarray(np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"\(3,\).*got shape \(4,\)"):
+        op.rmatvec(backend.asarray(np.ones(4)))
+    with pytest.raises(ValueError, match="3 dimensions"):
+        op @ backend.asarray(np.ones((4, 2, 1)))
+
+
+def test_wrong_namespace(backend):
+    op = KroneckerLinearOperator(backend.asarray(np.eye(2)), backend.asarray(np.eye(2)))
+    x = _other_library_array(backend, np.ones(4))
+    other = "torch" if backend.name == "numpy" else "numpy"
+    with pytest.raises(TypeError) as info:
+        op.matvec(x)
+    assert backend.name in str(info.value) and other in str(info.value)
+
+
+def test_higher_precision_input_rejected(backend):
+    op = DiagonalLinearOperator(backend.asarray(np.ones(3), "float32"))
+    with pytest.raises(TypeError, match="float32.*float64"):
+        op @ backend.asarray(np.ones(3), "float64")
+    # lower precision is promoted losslessly
+    result = DiagonalLinearOperator(backend.asarray(np.ones(3))) @ backend.asarray(
+        np.ones(3), "float32"
+    )
+    assert result.dtype == backend.dtype("float64")
+
+
+def test_mixed_dtypes_of_parts(backend):
+    a32 = backend.asarray(np.eye(2), "float32")
+    a64 = backend.asarray(np.eye(2), "float64")
+    for build in (
+        lambda: KroneckerLinearOperator(a32, a64),
+        lambda: BlockDiagonalLinearOperator([a32, DiagonalLinearOperator(a64[0, ...])]),
+        lambda: EighLinearOperator(backend.asarray(np.ones(2), "float32"), a64),
+        lambda: KroneckerEighLinearOperator(backend.asarray(np.ones(4), "float64"), [a32, a32]),
+    ):
+        with pytest.raises(TypeError) as info:
+            build()
+        assert "float32" in str(info.value) and "float64" in str(info.value)
+
+
+def test_mixed_namespaces_of_parts(backend):
+    mine = backend.asarray(np.eye(2))
+    other = _other_library_array(backend, np.eye(2))
+    other_name = "torch" if backend.name == "numpy" else "numpy"
+    for build in (
+        lambda: KroneckerLinearOperator(mine, other),
+        lambda: BlockDiagonalLinearOperator([mine, other]),
+        lambda: EighLinearOperator(backend.asarray(np.ones(2)), other),
+    ):
+        with pytest.raises(TypeError) as info:
+            build()
+        assert other_name in str(info.value)
+
+
+def test_shape_errors(backend):
+    eye = backend.asarray(np.eye(3))
+    with pytest.raises(ValueError, match=r"\(n,\).*\(3, 3\)"):
+        DiagonalLinearOperator(eye)
+    with pytest.raises(ValueError, match=r"k <= n.*\(2, 3\)"):
+        EighLinearOperator(backend.asarray(np.ones(3)), backend.asarray(np.ones((2, 3))))
+    with pytest.raises(ValueError, match=r"\(3,\).*\(2,\)"):
+        EighLinearOperator(backend.asarray(np.ones(2)), eye)
+    with pytest.raises(ValueError, match=r"\(6,\).*\(5,\)"):
+        KroneckerEighLinearOperator(backend.asarray(np.ones(5)), [backend.asarray(np.eye(2)), eye])
+    with pytest.raises(ValueError, match="square"):
+        KroneckerEighLinearOperator(backend.asarray(np.ones(6)), [backend.asarray(np.ones((2, 3)))])
+    with pytest.raises(ValueError, match=r"2-D.*\(3,\)"):
+        KroneckerLinearOperator(eye, backend.asarray(np.ones(3)))
+    with pytest.raises(ValueError, match=r"2-D.*\(3,\)"):
+        BlockDiagonalLinearOperator([backend.asarray(np.ones(3))])
+    with pytest.raises(ValueError, match="at least one"):
+        KroneckerLinearOperator()
+    with pytest.raises(ValueError, match="at least one"):
+        BlockDiagonalLinearOperator([])
+    with pytest.raises(ValueError, match="square"):
+        DenseLinearOperator(backend.asarray(np.ones((2, 3)))).inverse()
+    with pytest.raises(TypeError, match="LinearOperator or a 2-D array"):
+        KroneckerLinearOperator([[1.0]], eye)
+
+
+def test_singular_kronecker_factor(backend):
+    singular = backend.asarray(np.array([[1.0, 2.0], [2.0, 4.0]]))
+    K = KroneckerLinearOperator(backend.asarray(np.eye(3)), singular)
+    with pytest.raises(FactorizationError, match="factor 1.*damping"):
+        K.inverse()
+    # with damping the exact inverse exists and matches NumPy
+    ref = np.kron(np.eye(3), [[1.0, 2.0], [2.0, 4.0]]) + 0.1 * np.eye(6)
+    np.testing.assert_allclose(
+        backend.to_numpy(K.inverse(damping=0.1).to_dense()), np.linalg.inv(ref), rtol=1e-10
+    )
+    with pytest.raises(FactorizationError, match="factor 1.*damping"):
+        K.logdet()
+
+
+def test_singular_diagonal(backend):
+    D = DiagonalLinearOperator(backend.asarray(np.array([1.0, 0.0, 2.0])))
+    with pytest.raises(FactorizationError, match="damping"):
+        D.inverse()
+    with pytest.raises(FactorizationError, match="damping"):
+        D.logdet()
+    np.testing.assert_allclose(
+        backend.to_numpy(D.inverse(damping=1.0).diagonal()), [0.5, 1.0, 1 / 3], rtol=1e-12
+    )
+
+
+def test_singular_dense(backend):
+    # JAX returns inf/NaN instead of raising; the operator must raise anyway.
+    A = DenseLinearOperator(backend.asarray(np.array([[1.0, 2.0], [0.0, 0.0]])))
+    with pytest.raises(FactorizationError, match="damping"):
+        A.inverse()
+    with pytest.raises(FactorizationError, match="damping"):
+        A.logdet()
+
+
+def test_negative_determinant_logdet(backend):
+    A = DenseLinearOperator(backend.asarray(np.array([[0.0, 1.0], [1.0, 0.0]])))
+    with pytest.raises(ValueError, match="positive determinant"):
+        A.logdet()
+    D = DiagonalLinearOperator(backend.asarray(np.array([-1.0, 2.0])))
+    with pytest.raises(ValueError, match="positive determinant"):
+        D.logdet()
+
+
+def test_low_rank_needs_damping(backend):
+    Q = backend.asarray(np.eye(3)[:, :2])
+    E = EighLinearOperator(backend.asarray(np.array([1.0, 2.0])), Q)
+    with pytest.raises(FactorizationError, match="damping"):
+        E.inverse()
+    with pytest.raises(FactorizationError, match="damping"):
+        E.logdet()
+    with pytest.raises(FactorizationError, match="damping"):
+        E.inverse(damping=-1.0)  # -1 + 1 = 0
+
+
+def test_nonsymmetric_factor_damped_inverse(backend):
+    K = KroneckerLinearOperator(
+        backend.asarray(np.array([[2.0, 1.0], [0.0, 2.0]])), backend.asarray(np.eye(2))
+    )
+    with pytest.raises(NotImplementedError, match="factor 0 is not symmetric"):
+        K.inverse(damping=0.1)
+
+
+def test_identity_damping_minus_one(backend):
+    eye = IdentityLinearOperator(3, xp=backend.xp, dtype=backend.dtype("float64"))
+    with pytest.raises(FactorizationError):
+        eye.inverse(damping=-1.0)
+
+
+def test_scalar_addition(backend):
+    op = DenseLinearOperator(backend.asarray(np.eye(2)))
+    with pytest.raises(TypeError, match="damped"):
+        op + 1.0
+    with pytest.raises(TypeError):
+        1.0 + op
+
+
+def test_mismatched_algebra(backend):
+    A = DenseLinearOperator(backend.asarray(np.eye(2)))
+    B = DenseLinearOperator(backend.asarray(np.eye(3)))
+    with pytest.raises(ValueError, match="shapes"):
+        A + B
+    with pytest.raises(ValueError, match="inner dimensions"):
+        A @ B
+    C = DenseLinearOperator(backend.asarray(np.eye(2), "float32"))
+    with pytest.raises(TypeError, match="float64.*float32"):
+        A + C
