@@ -1,0 +1,343 @@
+"""Shared pieces of the Krylov solvers: the result type, input checks, host bookkeeping.
+
+:class:`SolveInfo` is what :func:`curvlinops.cg` and :func:`curvlinops.minres` return next
+to the solution. The rest is private: validation of operators, right-hand sides and
+options (clear ``ValueError``/``TypeError`` before any iteration), column-wise products
+that work for ``(n,)`` and ``(n, k)`` arrays alike, and :class:`BatchProgress`, the
+host-side record of which columns of a batched solve are still running. The solvers
+fetch a few per-column scalars to the host once per iteration (one small transfer) and
+make all control-flow decisions there, so the device arrays never need item access.
+
+May import: ``curvlinops._backend``, ``curvlinops.linalg``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+from .._backend import (
+    all_finite,
+    array_namespace,
+    assert_same_namespace,
+    device as array_device,
+    dtype_name,
+    namespace_name,
+    to_numpy,
+)
+from ..linalg import LinearOperator, aslinearoperator
+
+__all__ = ["SolveInfo", "ConvergenceError"]
+
+RUNNING, CONVERGED, MAXITER, NEGATIVE_CURVATURE, NONFINITE, BREAKDOWN = range(6)
+REASONS = ("running", "converged", "maxiter", "negative_curvature", "nonfinite", "breakdown")
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """What happened in an iterative solve (returned next to the solution).
+
+    For a single right-hand side ``b`` of shape ``(n,)`` every field is a plain Python
+    value; for ``k`` right-hand sides ``b`` of shape ``(n, k)`` every field holds one
+    entry per column.
+
+    Attributes
+    ----------
+    iterations : int or numpy.ndarray
+        Accepted iterations (updates of the iterate) of each system; an iteration
+        rejected because of negative curvature or a non-finite value is not counted.
+    residual_norms : list of float, or list of k lists of float
+        History of the residual norm ``||b - (A + damping I) x_j||``, from the initial
+        one to the final one (``iterations + 1`` entries per system). These are the norms
+        of the recursively updated residual the solver tests convergence with (equal to
+        the true residual up to rounding).
+    converged : bool or numpy.ndarray of bool
+        Whether ``||r|| <= max(rtol * ||b||, atol)`` was reached.
+    reason : str or list of str
+        Why each system stopped: ``"converged"``, ``"maxiter"``, ``"negative_curvature"``
+        (CG met a direction ``p`` with ``p^T A p <= 0``), ``"nonfinite"`` (the operator or
+        preconditioner produced NaN or Inf; the last finite iterate is returned) or
+        ``"breakdown"`` (the preconditioner is not positive definite, or MINRES found an
+        invariant subspace without converging, e.g. a singular inconsistent system).
+    negative_curvature_direction : array, list, or None
+        CG only: the direction ``p`` with ``p^T (A + damping I) p <= 0`` that stopped the
+        system (an array of shape ``(n,)``), or ``None``. For ``k`` systems a list of
+        ``k`` such entries.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlinops import cg
+    >>> x, info = cg(np.diag([1.0, 2.0]), np.array([1.0, 1.0]))
+    >>> info.converged, info.reason, info.iterations
+    (True, 'converged', 2)
+    """
+
+    iterations: Any
+    residual_norms: list
+    converged: Any
+    reason: Any
+    negative_curvature_direction: Any = None
+
+
+class ConvergenceError(RuntimeError):
+    """An iterative inverse built with ``strict=True`` did not converge.
+
+    The message names the columns that failed and why; the record of the solve is
+    in the operator's ``last_info``.
+    """
+
+
+# -- input checks -------------------------------------------------------------------
+
+
+def as_square_operator(A, who: str) -> LinearOperator:
+    """``A`` (operator or 2-D array) as a square :class:`LinearOperator`, or ValueError."""
+    if not isinstance(A, LinearOperator):
+        if not (hasattr(A, "ndim") and hasattr(A, "shape")):
+            raise TypeError(
+                f"{who} needs a curvlinops LinearOperator or a 2-D array as its operator, "
+                f"got a {type(A).__name__}."
+            )
+        if A.ndim != 2:
+            raise ValueError(
+                f"{who} needs a square operator of shape (n, n); got an array of shape "
+                f"{tuple(A.shape)}."
+            )
+        A = aslinearoperator(A)
+    if A.shape[0] != A.shape[1]:
+        raise ValueError(
+            f"{who} needs a square operator of shape (n, n); got shape {A.shape}. "
+            "Solve least-squares problems through the normal equations (A^T A) instead."
+        )
+    return A
+
+
+def as_preconditioner(M, A: LinearOperator, who: str):
+    """``M`` (operator, 2-D array or None) as an operator matching ``A``, or an error."""
+    if M is None:
+        return None
+    if not isinstance(M, LinearOperator):
+        if not (hasattr(M, "ndim") and hasattr(M, "shape")):
+            raise TypeError(
+                f"{who} needs a LinearOperator or a 2-D array as preconditioner M, got a "
+                f"{type(M).__name__}."
+            )
+        M = aslinearoperator(M)
+    if M.shape != A.shape:
+        raise ValueError(
+            f"{who}: the preconditioner M must have the operator's shape {A.shape}; "
+            f"got shape {M.shape}."
+        )
+    if namespace_name(M.xp) != namespace_name(A.xp):
+        raise TypeError(
+            f"{who}: the preconditioner works on {namespace_name(M.xp)} arrays but the "
+            f"operator on {namespace_name(A.xp)} arrays; build both in one library."
+        )
+    if M.dtype != A.dtype:
+        raise TypeError(
+            f"{who}: the preconditioner has dtype {dtype_name(M.dtype)} but the operator "
+            f"{dtype_name(A.dtype)}; build both in one dtype."
+        )
+    return M
+
+
+def check_real(value, name: str, who: str, *, minimum=None) -> float:
+    """A finite real number (optionally ``>= minimum``), or ValueError/TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{who}: {name} must be a real number, got {value!r}.")
+    value = float(value)
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" and >= {minimum}"
+        raise ValueError(f"{who}: {name} must be finite{bound}, got {value}.")
+    return value
+
+
+def check_count(value, name: str, who: str, *, minimum: int) -> int:
+    """An integer ``>= minimum``, or ValueError/TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{who}: {name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{who}: {name} must be >= {minimum}, got {value}.")
+    return int(value)
+
+
+def check_rhs(A: LinearOperator, b, who: str, what: str = "right-hand side b"):
+    """Validate ``b`` (namespace, shape ``(n,)``/``(n, k)``, dtype, device, finiteness)."""
+    assert_same_namespace(A.xp, b, what=what)
+    n = A.shape[0]
+    if b.ndim not in (1, 2) or b.shape[0] != n:
+        raise ValueError(
+            f"{who}: the {what} must have shape ({n},) or ({n}, k) for an operator of shape "
+            f"{A.shape}; got shape {tuple(b.shape)}."
+        )
+    b = A._check_input(b, n, ndim=b.ndim, what=what)
+    if not all_finite(b, A.xp):
+        raise ValueError(f"{who}: the {what} contains NaN or Inf; pass finite values.")
+    return b
+
+
+@dataclass
+class LinearSystem:
+    """A validated problem ``(A + damping I) x = b`` with its solver options."""
+
+    A: LinearOperator
+    M: LinearOperator | None
+    B: Any
+    X0: Any
+    damping: float
+    rtol: float
+    atol: float
+    maxiter: int
+
+    @property
+    def xp(self):
+        return self.A.xp
+
+    @property
+    def batched(self) -> bool:
+        """Whether ``b`` has shape ``(n, k)`` (else ``(n,)``)."""
+        return self.B.ndim == 2
+
+    def apply_A(self, X):
+        """``(A + damping I) X`` for ``X`` of the shape of ``b``."""
+        out = matmat(self.A, X)
+        return out + self.damping * X if self.damping != 0.0 else out
+
+    def apply_M(self, X):
+        """``M X`` (identity when there is no preconditioner)."""
+        return X if self.M is None else matmat(self.M, X)
+
+
+def prepare_system(who, A, b, x0, *, M, damping, rtol, atol, maxiter, maxiter_per_dim):
+    """Check every input of a solver call; raise before any iteration runs."""
+    A = as_square_operator(A, who)
+    b = check_rhs(A, b, who)
+    if x0 is not None:
+        assert_same_namespace(A.xp, x0, what="initial guess x0")
+        if tuple(x0.shape) != tuple(b.shape):
+            raise ValueError(
+                f"{who}: the initial guess x0 must have the shape of b, {tuple(b.shape)}; "
+                f"got shape {tuple(x0.shape)}."
+            )
+        x0 = check_rhs(A, x0, who, what="initial guess x0")
+    M = as_preconditioner(M, A, who)
+    if maxiter is None:
+        maxiter = maxiter_per_dim * A.shape[0]
+    return LinearSystem(
+        A=A,
+        M=M,
+        B=b,
+        X0=x0,
+        damping=check_real(damping, "damping", who),
+        rtol=check_real(rtol, "rtol", who, minimum=0.0),
+        atol=check_real(atol, "atol", who, minimum=0.0),
+        maxiter=check_count(maxiter, "maxiter", who, minimum=0),
+    )
+
+
+# -- column-wise array helpers -------------------------------------------------------
+
+
+def matmat(op: LinearOperator, X):
+    """Product of an operator with a validated ``(n,)`` or ``(n, k)`` array."""
+    if X.ndim == 1:
+        return op._matmat(X[:, None])[:, 0]
+    return op._matmat(X)
+
+
+def coldot(a, b, xp):
+    """Column-wise dot products: ``(k,)`` for ``(n, k)`` inputs, 0-d for ``(n,)``."""
+    # vecdot reads each pair of columns once, without the temporary of sum(a * b).
+    return xp.vecdot(a, b, axis=-a.ndim)
+
+
+def to_host(xp, scalars, hxp=None):
+    """Stack per-column scalars, copy them to the host in one transfer: ``(m, k)``.
+
+    ``hxp`` is the host namespace if known (saves a namespace lookup per iteration).
+    """
+    host = to_numpy(xp.stack(scalars))
+    hxp = array_namespace(host) if hxp is None else hxp
+    return hxp.reshape(host, (len(scalars), -1))
+
+
+# -- host bookkeeping ----------------------------------------------------------------
+
+
+class BatchProgress:
+    """Host-side state of ``k`` systems advancing together.
+
+    Parameters
+    ----------
+    system : LinearSystem
+    bnorm, r0norm
+        Host arrays ``(k,)``: norms of the right-hand sides and initial residuals.
+
+    The tolerance of each column is ``max(rtol * ||b||, atol)``. Columns whose initial
+    residual is already small enough stop as converged, columns whose initial residual
+    is not finite stop as ``"nonfinite"`` before any iteration.
+    """
+
+    def __init__(self, system: LinearSystem, bnorm, r0norm):
+        hxp = array_namespace(r0norm)
+        self.hxp = hxp
+        self.system = system
+        k = r0norm.shape[0]
+        self.tol = hxp.maximum(system.rtol * bnorm, system.atol)
+        self.active = hxp.ones(k, dtype=hxp.bool)
+        self.reason = hxp.zeros(k, dtype=hxp.int64)
+        self.iterations = hxp.zeros(k, dtype=hxp.int64)
+        self.history = [r0norm]
+        self.stop(~hxp.isfinite(r0norm), NONFINITE)
+        self.stop(r0norm <= self.tol, CONVERGED)
+
+    @property
+    def any_active(self) -> bool:
+        return bool(self.hxp.any(self.active))
+
+    def stop(self, mask, reason: int) -> bool:
+        """Stop the still-active columns in ``mask`` for ``reason``; whether any did."""
+        hxp = self.hxp
+        mask = mask & self.active
+        if not bool(hxp.any(mask)):
+            return False
+        self.reason = hxp.where(mask, reason, self.reason)
+        self.active = self.active & ~mask
+        return True
+
+    def accept(self, updated, rnorm) -> None:
+        """Count an iteration for the ``updated`` columns and log their residual norms."""
+        self.iterations = self.iterations + self.hxp.astype(updated, self.hxp.int64)
+        self.history.append(rnorm)
+
+    def device_mask(self, mask):
+        """A host bool mask ``(k,)`` as a device array that broadcasts against ``b``."""
+        system = self.system
+        xp = system.xp
+        dev = xp.asarray(mask.tolist(), dtype=xp.bool, device=array_device(system.B))
+        return dev if system.batched else xp.reshape(dev, ())
+
+    def info(self, negative_directions=None, negative_found=None) -> SolveInfo:
+        """The :class:`SolveInfo` of the solve; still-running columns count as maxiter."""
+        hxp = self.hxp
+        self.reason = hxp.where(self.active, MAXITER, self.reason)
+        history = hxp.stack(self.history)
+        k = self.reason.shape[0]
+        iterations = self.iterations
+        # One pass over the columns to format the result, outside the iteration loop.
+        norms = [history[: int(iterations[j]) + 1, j].tolist() for j in range(k)]
+        reasons = [REASONS[int(code)] for code in self.reason.tolist()]
+        converged = self.reason == CONVERGED
+        directions = None
+        if negative_directions is not None:
+            if self.system.batched:
+                found = negative_found.tolist()
+                directions = [negative_directions[:, j] if found[j] else None for j in range(k)]
+            elif bool(negative_found[0]):
+                directions = negative_directions
+        if self.system.batched:
+            return SolveInfo(iterations, norms, converged, reasons, directions)
+        return SolveInfo(int(iterations[0]), norms[0], bool(converged[0]), reasons[0], directions)
