@@ -1,0 +1,162 @@
+"""Tests of curvlinops.solvers.spectral_density: stochastic Lanczos quadrature.
+
+The reference is the histogram of the eigenvalues from numpy.linalg.eigvalsh: the
+density's mass per bin must match the fraction of eigenvalues per bin (total
+variation distance), and the density must integrate to one over its grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from curvlinops import (
+    CallableLinearOperator,
+    aslinearoperator,
+    log_spectral_density,
+    spectral_density,
+)
+
+
+def _symmetric(eigenvalues, seed=0):
+    n = len(eigenvalues)
+    Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+    A = (Q * np.asarray(eigenvalues)) @ Q.T
+    return 0.5 * (A + A.T)
+
+
+def _clustered_spectrum(centers, counts, spread, seed=1):
+    rng = np.random.default_rng(seed)
+    return np.concatenate(
+        [c + spread * rng.uniform(-1.0, 1.0, k) for c, k in zip(centers, counts, strict=True)]
+    )
+
+
+def _binned_mass(grid, density, edges):
+    """Trapezoid mass of the density in each bin [edges[i], edges[i+1])."""
+    masses = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        inside = (grid >= lo) & (grid < hi)
+        masses.append(np.trapezoid(density * inside, grid))
+    return np.array(masses)
+
+
+def _total_variation(p, q):
+    return 0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum()
+
+
+def test_spectral_density_matches_eigenvalue_histogram(backend):
+    # three well-separated clusters holding 50%, 30% and 20% of n = 60 eigenvalues
+    counts = [30, 18, 12]
+    spectrum = _clustered_spectrum([-2.0, 3.0, 10.0], counts, spread=0.1)
+    A = _symmetric(spectrum, seed=2)
+    op = aslinearoperator(backend.asarray(A), symmetric=True)
+    grid, density = spectral_density(op, num_probes=20, lanczos_steps=25, seed=0)
+    grid, density = backend.to_numpy(grid), backend.to_numpy(density)
+    assert grid.shape == density.shape == (1024,)
+    assert np.all(density >= 0)
+    assert abs(np.trapezoid(density, grid) - 1.0) <= 1e-10
+    # estimated boundaries (with the default 5% margin) contain the spectrum
+    assert grid[0] <= spectrum.min() and grid[-1] >= spectrum.max()
+    edges = [-np.inf, 0.5, 6.5, np.inf]
+    slq = _binned_mass(grid, density, edges)
+    exact = np.histogram(spectrum, bins=edges)[0] / len(spectrum)
+    # per-probe cluster-mass std <= sqrt(2 * 30) / 60 ~ 0.13, so ~0.03 for 20 probes
+    assert _total_variation(slq, exact) <= 0.1
+
+
+def test_estimated_boundaries_contain_spectrum_without_margin(backend):
+    spectrum = np.linspace(-3.0, 5.0, 60)
+    A = _symmetric(spectrum, seed=3)
+    op = aslinearoperator(backend.asarray(A), symmetric=True)
+    grid, _ = spectral_density(op, num_probes=20, lanczos_steps=25, margin=0.0, seed=0)
+    grid = backend.to_numpy(grid)
+    assert grid[0] <= spectrum.min() + 1e-10 and grid[-1] >= spectrum.max() - 1e-10
+    # ... and are not much wider than it
+    assert grid[0] >= spectrum.min() - 0.5 and grid[-1] <= spectrum.max() + 0.5
+
+
+def test_given_grid_and_boundaries(backend):
+    spectrum = _clustered_spectrum([1.0, 4.0], [30, 30], spread=0.05)
+    A = _symmetric(spectrum, seed=4)
+    op = aslinearoperator(backend.asarray(A), symmetric=True)
+    grid_in = np.linspace(0.0, 5.0, 1024)
+    grid, density = spectral_density(
+        op, num_probes=20, lanczos_steps=25, grid=backend.asarray(grid_in), seed=1
+    )
+    np.testing.assert_allclose(backend.to_numpy(grid), grid_in)
+    assert abs(np.trapezoid(backend.to_numpy(density), grid_in) - 1.0) <= 1e-10
+    grid, density = spectral_density(
+        op, num_probes=20, lanczos_steps=25, boundaries=(0.0, 5.0), margin=0.1
+    )
+    grid = backend.to_numpy(grid)
+    assert grid.shape == (1024,)
+    np.testing.assert_allclose([grid[0], grid[-1]], [-0.5, 5.5], atol=1e-12)
+
+
+def test_one_matmat_per_lanczos_step(backend):
+    n = 60
+    A_b = backend.asarray(_symmetric(np.linspace(0.0, 1.0, n), seed=5))
+    calls = []
+
+    def matmat(X):
+        calls.append(X.shape[1])
+        return A_b @ X
+
+    op = CallableLinearOperator(
+        (n, n),
+        matmat=matmat,
+        dtype=A_b.dtype,
+        xp=backend.xp,
+        device=backend.device,
+        symmetric=True,
+    )
+    spectral_density(op, num_probes=20, lanczos_steps=25, seed=0)
+    assert calls == [20] * 25
+
+
+def test_log_spectral_density_matches_histogram(backend):
+    # PSD, clusters at 1e-4, 1e-1 and 1e2 (50%, 30%, 20%) with 5% relative spread
+    counts = [30, 18, 12]
+    rng = np.random.default_rng(6)
+    spectrum = np.concatenate(
+        [
+            c * (1.0 + 0.05 * rng.uniform(-1.0, 1.0, k))
+            for c, k in zip([1e-4, 1e-1, 1e2], counts, strict=True)
+        ]
+    )
+    A = _symmetric(spectrum, seed=7)
+    op = aslinearoperator(backend.asarray(A), symmetric=True)
+    eps = 1e-6
+    t, density = log_spectral_density(op, num_probes=20, lanczos_steps=25, epsilon=eps, seed=0)
+    t, density = backend.to_numpy(t), backend.to_numpy(density)
+    assert abs(np.trapezoid(density, t) - 1.0) <= 1e-10
+    log_spectrum = np.log(spectrum + eps)
+    assert t[0] <= log_spectrum.min() and t[-1] >= log_spectrum.max()
+    edges = [-np.inf, np.log(3e-3), np.log(3.0), np.inf]
+    slq = _binned_mass(t, density, edges)
+    exact = np.histogram(log_spectrum, bins=edges)[0] / len(spectrum)
+    assert _total_variation(slq, exact) <= 0.1
+    # spectral_density(log=True) is the same computation
+    t2, density2 = spectral_density(
+        op, num_probes=20, lanczos_steps=25, epsilon=eps, seed=0, log=True
+    )
+    np.testing.assert_allclose(backend.to_numpy(density2), density, rtol=1e-12, atol=1e-14)
+
+
+def test_spectral_density_errors(numpy_backend):
+    op = aslinearoperator(np.eye(5), symmetric=True)
+    with pytest.raises(ValueError, match="square"):
+        spectral_density(aslinearoperator(np.ones((3, 4))))
+    with pytest.raises(ValueError, match="kappa"):
+        spectral_density(op, kappa=1.0)
+    with pytest.raises(ValueError, match="boundaries"):
+        spectral_density(op, boundaries=(2.0, 1.0))
+    with pytest.raises(ValueError, match="distribution"):
+        spectral_density(op, distribution="uniform")
+    with pytest.raises(ValueError, match="num_probes"):
+        spectral_density(op, num_probes=0)
+    with pytest.raises(ValueError, match="epsilon"):
+        log_spectral_density(op, epsilon=0.0)
+    with pytest.raises(ValueError, match="grid"):
+        spectral_density(op, grid=np.zeros((2, 2)))
