@@ -32,6 +32,7 @@ from .namespace import (
     to_numpy,
 )
 from .random import RandomGenerator, as_generator, normal, rademacher, uniform
+from .special import erf
 
 __all__ = [
     "FactorizationError",
@@ -48,6 +49,7 @@ __all__ = [
     "diag_matrix",
     "dtype_eps",
     "dtype_name",
+    "erf",
     "index_update",
     "is_array_api_strict_namespace",
     "is_cupy_namespace",

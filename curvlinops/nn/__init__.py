@@ -1,0 +1,45 @@
+"""curvlinops.nn: array-API layers with hand-derived derivatives (all three tiers).
+
+Every layer and container here is a curvlinops :class:`~curvlinops.models.Model`: it
+draws initial parameters (:meth:`Module.init`), evaluates ``model(params, x)`` and
+linearizes itself (:meth:`Module.linearize`) for Jacobian products, Hessian
+(second-order) products and layer taps, on NumPy, CuPy, PyTorch, JAX or
+array-api-strict arrays, with no autodiff framework.
+
+May import: curvlinops._backend, curvlinops.linalg, curvlinops.models.
+
+Examples
+--------
+>>> import array_api_compat.numpy as xp
+>>> from curvlinops import nn
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3))
+>>> params = model.init(0, xp=xp, dtype=xp.float64)
+>>> lin = model.linearize(params, xp.ones((2, 4)))
+>>> [g.shape for g in lin.vjp(xp.ones((2, 3)))]
+[(8, 4), (8,), (3, 8), (3,)]
+"""
+
+from .activations import ELU, GELU, Elementwise, LeakyReLU, ReLU, Sigmoid, Softplus, Tanh
+from .linear import Linear
+from .linearization import NativeLinearization
+from .module import Layer, Module
+from .sequential import Sequential
+from .shape import Flatten, Identity
+
+__all__ = [
+    "ELU",
+    "GELU",
+    "Elementwise",
+    "Flatten",
+    "Identity",
+    "Layer",
+    "LeakyReLU",
+    "Linear",
+    "Module",
+    "NativeLinearization",
+    "ReLU",
+    "Sequential",
+    "Sigmoid",
+    "Softplus",
+    "Tanh",
+]

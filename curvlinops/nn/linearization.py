@@ -1,0 +1,184 @@
+"""The linearization of a native model: derivative products along its chain of layers.
+
+:class:`NativeLinearization` keeps what the forward pass computed (every layer's input,
+and lazily the activations' derivatives) and walks the chain of layers:
+
+- ``jvp``: one forward-tangent pass (``~2`` matrix products per Linear layer);
+- ``vjp``: one backward pass (``~2`` per Linear layer);
+- ``second_order_vjp``: Pearlmutter's R-operator on the backward pass, one
+  forward-tangent pass and one backward pass propagating ``g`` and ``R g``;
+- ``layer_taps``: one backward pass recording each Linear layer's output gradients.
+
+All ``K`` vectors of a batch go through each product together (see
+:mod:`curvlinops.nn.module` for the internal layout); the protocol's trailing-``K``
+layout is converted to and from at the model's boundary only.
+
+May import: ``curvlinops._backend``, ``curvlinops.models``, ``.module``, ``.linear``.
+"""
+
+from __future__ import annotations
+
+from .._backend import assert_same_namespace, device
+from ..models import LayerTap, Linearization
+from .linear import Linear
+
+__all__ = ["NativeLinearization"]
+
+
+class NativeLinearization(Linearization):
+    """A native model linearized at ``(params, x)``; see :meth:`Module.linearize`.
+
+    Examples
+    --------
+    >>> import array_api_compat.numpy as xp
+    >>> from curvlinops.nn import Linear, Sequential, Tanh
+    >>> model = Sequential(Linear(3, 4), Tanh(), Linear(4, 2))
+    >>> params = model.init(0, xp=xp, dtype=xp.float64)
+    >>> lin = model.linearize(params, xp.ones((5, 3)))
+    >>> lin.jvp([xp.ones(p.shape + (7,)) for p in params]).shape
+    (5, 2, 7)
+    >>> [g.shape for g in lin.second_order_vjp(xp.ones((5, 2)), params)]
+    [(4, 3), (4,), (2, 4), (2,)]
+    """
+
+    def __init__(self, model, params, x, outputs, xp, states):
+        super().__init__(model, params, x, outputs)
+        self.xp = xp
+        self._states = states
+        self._layers = []
+        start = 0
+        for (name, layer), state in zip(model.chain(), states, strict=True):
+            n = len(layer.param_shapes())
+            self._layers.append((name, layer, slice(start, start + n), state))
+            start += n
+        # Layers before the first one with parameters see no tangents and need no
+        # cotangents: products start (forward) and stop (backward) there.
+        with_params = [i for i, (_, layer, _, _) in enumerate(self._layers) if layer.param_shapes()]
+        self._first = with_params[0] if with_params else len(self._layers)
+
+    # -- the protocol's products (trailing-K arrays in and out) --------------------------
+
+    def _jvp(self, tangents):
+        self._check_namespace(tangents, "tangents")
+        _, out = self._forward_tangents(tangents, keep=False)
+        return self._to_protocol(out, tangents)
+
+    def _vjp(self, cotangents):
+        self._check_namespace([cotangents], "cotangents")
+        grads = [None] * len(self.shapes)
+        g = self._to_internal(cotangents)
+        for i in range(len(self._layers) - 1, self._first - 1, -1):
+            _, layer, where, state = self._layers[i]
+            layer_grads, g = layer.backward(
+                self.params[where], state, g, self.xp, need_input=i > self._first
+            )
+            grads[where] = layer_grads
+        return grads
+
+    def _second_order_vjp(self, cotangent, tangents, cotangent_tangent):
+        xp = self.xp
+        self._check_namespace([cotangent, *tangents], "second_order_vjp arguments")
+        if tuple(cotangent.shape) != tuple(self.outputs.shape):
+            raise ValueError(
+                f"The cotangent u must have the output shape {tuple(self.outputs.shape)}, got "
+                f"{tuple(cotangent.shape)}."
+            )
+        inputs_tangents, out_tangent = self._forward_tangents(tangents, keep=True)
+        w = cotangent_tangent
+        if callable(w):
+            w = w(self._to_protocol(out_tangent, tangents))
+        rg = None
+        if w is not None:
+            self._check_namespace([w], "cotangent_tangent")
+            expected = tuple(self.outputs.shape) + (self._num_vectors(tangents),)
+            if tuple(w.shape) != expected:
+                raise ValueError(
+                    f"cotangent_tangent must have shape {expected} (outputs + K), got "
+                    f"{tuple(w.shape)}."
+                )
+            rg = self._to_internal(w)
+        grads = [None] * len(self.shapes)
+        g = xp.expand_dims(cotangent, axis=-2)
+        for i in range(len(self._layers) - 1, self._first - 1, -1):
+            _, layer, where, state = self._layers[i]
+            layer_grads, g, rg = layer.r_backward(
+                self.params[where],
+                tangents[where],
+                state,
+                inputs_tangents[i],
+                g,
+                rg,
+                xp,
+                need_input=i > self._first,
+            )
+            grads[where] = layer_grads
+        return grads
+
+    def _layer_taps(self, cotangents):
+        linear = [
+            (i, name, where)
+            for i, (name, layer, where, _) in enumerate(self._layers)
+            if isinstance(layer, Linear)
+        ]
+        output_grads = {}
+        if cotangents is not None:
+            self._check_namespace([cotangents], "cotangents")
+            if tuple(cotangents.shape[:-1]) != tuple(self.outputs.shape):
+                raise ValueError(
+                    f"Cotangents must have shape {tuple(self.outputs.shape)} + (M,), got "
+                    f"{tuple(cotangents.shape)}."
+                )
+            g = self._to_internal(cotangents)
+            for i in range(len(self._layers) - 1, self._first - 1, -1):
+                _, layer, where, state = self._layers[i]
+                if isinstance(layer, Linear):
+                    output_grads[i] = _swap_last_axes(g, self.xp)
+                if i > self._first:
+                    _, g = layer.backward(self.params[where], state, g, self.xp, need_params=False)
+        return [
+            LayerTap(
+                name=name,
+                weight_index=where.start,
+                bias_index=where.start + 1 if where.stop - where.start > 1 else None,
+                inputs=self._layers[i][3]["input"],
+                output_grads=output_grads.get(i),
+            )
+            for i, name, where in linear
+        ]
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _forward_tangents(self, tangents, *, keep):
+        """Push tangents through the chain; return (input tangents per layer, output tangent)."""
+        inputs_tangents = [None] * len(self._layers)
+        t = None
+        for i in range(self._first, len(self._layers)):
+            _, layer, where, state = self._layers[i]
+            if keep:
+                inputs_tangents[i] = t
+            t = layer.tangent(self.params[where], tangents[where], state, t, self.xp)
+        return inputs_tangents, t
+
+    def _to_protocol(self, t, tangents):
+        """Output tangent in the internal layout (or None) -> ``outputs.shape + (K,)``."""
+        if t is None:  # a model without parameters: J is empty
+            shape = tuple(self.outputs.shape) + (self._num_vectors(tangents),)
+            return self.xp.zeros(shape, dtype=self.outputs.dtype, device=device(self.outputs))
+        return _swap_last_axes(t, self.xp)
+
+    def _to_internal(self, v):
+        """``outputs.shape + (K,)`` -> ``(..., K, C)``."""
+        return _swap_last_axes(v, self.xp)
+
+    @staticmethod
+    def _num_vectors(tangents):
+        return tangents[0].shape[-1] if tangents else 1
+
+    def _check_namespace(self, arrays, what):
+        for a in arrays:
+            assert_same_namespace(self.xp, a, what)
+
+
+def _swap_last_axes(a, xp):
+    axes = tuple(range(a.ndim - 2)) + (a.ndim - 1, a.ndim - 2)
+    return xp.permute_dims(a, axes)

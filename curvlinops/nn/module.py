@@ -1,0 +1,275 @@
+"""Base classes of the native layers: :class:`Module` (a curvlinops model) and :class:`Layer`.
+
+A :class:`Module` is a curvlinops :class:`~curvlinops.models.Model` offering all three
+tiers. Every module is a chain of primitive :class:`Layer` objects (a single layer is a
+chain of one; :class:`~curvlinops.nn.Sequential` concatenates its children's chains),
+and the forward pass, its linearization and every derivative product walk that chain.
+
+Layers compute on arrays in the *internal layout*: a batch of ``K`` vectors (tangents or
+cotangents of a layer's input or output ``(N, ..., D)``) is stored as ``(N, ..., K, D)``,
+with ``K`` just before the feature axis. Reshaped to ``(N * ... * K, D)`` it meets the
+weight matrix in one matrix product, and the weight terms (``a @ dW^T`` for K tangents,
+``g^T a`` for K cotangents) are single products without copies of activation-sized
+arrays. :mod:`curvlinops.nn.linearization` converts to and from the protocol's
+trailing-``K`` layout at the model's boundary only.
+
+May import: ``curvlinops._backend``, ``curvlinops.models``.
+"""
+
+from __future__ import annotations
+
+from .._backend import (
+    all_finite,
+    array_namespace,
+    as_generator,
+    can_cast_losslessly,
+    default_float_dtype,
+    dtype_name,
+    namespace_name,
+)
+from ..models import Model, Tier
+
+__all__ = ["Module", "Layer"]
+
+
+class Module(Model):
+    """A native model: a chain of :class:`Layer` objects with hand-derived derivatives.
+
+    Subclasses provide :meth:`chain`. Parameters are a list of arrays, the
+    concatenation of the layers' parameter lists in chain order.
+
+    Examples
+    --------
+    >>> import array_api_compat.numpy as xp
+    >>> from curvlinops.nn import Linear, Sequential, Tanh
+    >>> model = Sequential(Linear(3, 4), Tanh(), Linear(4, 2))
+    >>> params = model.init(0, xp=xp, dtype=xp.float64)
+    >>> model.expected_param_shapes()
+    [(4, 3), (4,), (2, 4), (2,)]
+    >>> model(params, xp.ones((5, 3))).shape
+    (5, 2)
+    """
+
+    tiers = frozenset({Tier.FIRST_ORDER, Tier.SECOND_ORDER, Tier.LAYER_TAPS})
+
+    def chain(self) -> list[tuple[str, Layer]]:
+        """The primitive layers in forward order, each with its name (``"2"``, ``"1.0"``)."""
+        raise NotImplementedError
+
+    def expected_param_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the parameter arrays, in order.
+
+        Examples
+        --------
+        >>> from curvlinops.nn import Linear
+        >>> Linear(3, 2).expected_param_shapes()
+        [(2, 3), (2,)]
+        """
+        return [shape for _, layer in self.chain() for shape in layer.param_shapes()]
+
+    def init(self, seed, *, xp=None, dtype=None, device=None) -> list:
+        """Draw initial parameters as PyTorch does by default.
+
+        Each ``Linear`` gets weight and bias from ``U(-1/sqrt(in), 1/sqrt(in))``.
+
+        Parameters
+        ----------
+        seed : int or RandomGenerator
+            Explicit seed (no global random state).
+        xp : namespace, optional
+            Array namespace of the parameters (default: NumPy).
+        dtype : dtype, optional
+            Real floating dtype (default: the namespace's default floating dtype).
+        device : optional
+            Device of the parameters.
+
+        Returns
+        -------
+        list of arrays
+            Shapes :meth:`expected_param_shapes`.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import Linear
+        >>> w, b = Linear(4, 2).init(0, xp=xp, dtype=xp.float32)
+        >>> w.shape, b.shape, str(w.dtype), bool(xp.all(xp.abs(w) <= 0.5))
+        ((2, 4), (2,), 'float32', True)
+        """
+        if xp is None:
+            import array_api_compat.numpy as xp
+        if dtype is None:
+            dtype = default_float_dtype(xp, device)
+        if not xp.isdtype(dtype, "real floating"):
+            raise TypeError(f"init needs a real floating dtype, got {dtype_name(dtype)}.")
+        generator = as_generator(seed, xp, device)
+        return [p for _, layer in self.chain() for p in layer.init_params(generator, dtype)]
+
+    def __call__(self, params, x):
+        """The outputs ``f(params, x)``.
+
+        Parameters
+        ----------
+        params : list of arrays
+            Shapes :meth:`expected_param_shapes`.
+        x : array
+            Inputs ``(N, ..., D_in)``.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import ReLU
+        >>> ReLU()([], xp.asarray([[-1.0, 2.0]])).tolist()
+        [[0.0, 2.0]]
+        """
+        xp, params, x = self.prepare(params, x)
+        a = x
+        for layer, layer_params in self._split(params):
+            a = layer.forward(layer_params, a, xp)
+        return a
+
+    def linearize(self, params, x):
+        """Run the forward pass once, keep its activations, return a linearization.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import Linear
+        >>> model = Linear(3, 2)
+        >>> lin = model.linearize(model.init(0, xp=xp), xp.ones((4, 3)))
+        >>> lin.outputs.shape, [g.shape for g in lin.vjp(xp.ones((4, 2, 5)))]
+        ((4, 2), [(2, 3, 5), (2, 5)])
+        """
+        from .linearization import NativeLinearization
+
+        xp, params, x = self.prepare(params, x)
+        states = []
+        a = x
+        for layer, layer_params in self._split(params):
+            states.append({"input": a})
+            a = layer.forward(layer_params, a, xp)
+        return NativeLinearization(self, params, x, a, xp, states)
+
+    # -- validation --------------------------------------------------------------------
+
+    def prepare(self, params, x):
+        """Validate ``params`` and ``x``; return ``(xp, params, x)`` with ``x`` cast.
+
+        Raises
+        ------
+        TypeError
+            Mixed array libraries, non-floating parameters, parameters of different
+            dtypes, or an ``x`` whose dtype does not convert losslessly.
+        ValueError
+            Wrong number or shapes of parameters, ``x`` with fewer than two axes, or
+            non-finite values.
+        """
+        self.check_params(params)
+        xp = array_namespace(x, *params)
+        if x.ndim < 2:
+            raise ValueError(
+                f"{self.name} expects inputs with a batch axis, shape (N, ..., D), got shape "
+                f"{tuple(x.shape)}. Add a batch axis (e.g. x[None, :])."
+            )
+        dtypes = {dtype_name(p.dtype) for p in params}
+        if len(dtypes) > 1:
+            raise TypeError(
+                f"{self.name} expects parameters of one dtype, got {sorted(dtypes)}. Cast them "
+                "to one floating dtype."
+            )
+        if params:
+            dtype = params[0].dtype
+            if not xp.isdtype(dtype, "real floating"):
+                raise TypeError(
+                    f"{self.name} expects real floating parameters, got {dtype_name(dtype)}."
+                )
+            if x.dtype != dtype:
+                if not can_cast_losslessly(x.dtype, dtype, xp):
+                    raise TypeError(
+                        f"{self.name} has {dtype_name(dtype)} parameters but the inputs are "
+                        f"{dtype_name(x.dtype)}; convert the inputs (or the parameters) to one "
+                        "dtype first."
+                    )
+                x = xp.astype(x, dtype)
+        elif not xp.isdtype(x.dtype, "real floating"):
+            raise TypeError(f"{self.name} expects real floating inputs, got {x.dtype}.")
+        if not all_finite(x, xp):
+            raise ValueError(f"The inputs of {self.name} contain NaN or Inf; clean the data.")
+        for i, p in enumerate(params):
+            if not all_finite(p, xp):
+                raise ValueError(
+                    f"Parameter {i} of {self.name} contains NaN or Inf "
+                    f"({namespace_name(xp)} array of shape {tuple(p.shape)})."
+                )
+        return xp, list(params), x
+
+    def _split(self, params):
+        """Pairs ``(layer, its parameters)`` along the chain."""
+        start = 0
+        for _, layer in self.chain():
+            n = len(layer.param_shapes())
+            yield layer, params[start : start + n]
+            start += n
+
+
+class Layer(Module):
+    """A primitive layer: forward pass and hand-derived derivative rules.
+
+    Subclasses implement :meth:`forward`, :meth:`tangent`, :meth:`backward` and
+    :meth:`r_backward` on arrays in the internal layout (see the module docstring):
+    tangents and cotangents of an input ``(N, ..., D)`` are ``(N, ..., K, D)``. A
+    ``None`` tangent or cotangent stands for zero (e.g. the input tangent of the first
+    layer: the data do not depend on the parameters) so that no work is spent on it.
+    ``state`` is the layer's dictionary in a linearization: ``state["input"]`` is the
+    input of the forward pass, and layers may cache derived arrays there.
+
+    Examples
+    --------
+    >>> from curvlinops.nn import Tanh
+    >>> [name for name, _ in Tanh().chain()]
+    ['Tanh']
+    """
+
+    def chain(self):
+        return [(self.name, self)]
+
+    def param_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of this layer's own parameters."""
+        return []
+
+    def init_params(self, generator, dtype) -> list:
+        """Initial parameters drawn from ``generator`` (a RandomGenerator)."""
+        return []
+
+    def forward(self, params, a, xp):
+        """Output of the layer for input ``a``."""
+        raise NotImplementedError
+
+    def tangent(self, params, dparams, state, ta, xp):
+        """Output tangent ``(N, ..., K, D_out)`` from parameter and input tangents.
+
+        ``dparams`` are in the protocol layout (parameter shape + ``(K,)``); ``ta`` is the
+        input tangent in the internal layout, or None (zero).
+        """
+        raise NotImplementedError
+
+    def backward(self, params, state, g, xp, *, need_input=True, need_params=True):
+        """Pull the output cotangents ``g`` ``(N, ..., K, D_out)`` back.
+
+        Returns ``(parameter gradients in the protocol layout, input cotangents)``;
+        either part may be skipped (``[]``/None) when not needed.
+        """
+        raise NotImplementedError
+
+    def r_backward(self, params, dparams, state, ta, g, rg, xp, *, need_input=True):
+        """The R-operator (Pearlmutter) of :meth:`backward` along the tangents.
+
+        ``g`` is the plain backward signal ``(N, ..., 1, D_out)`` (one cotangent, no
+        ``K``), ``rg`` its directional derivative ``(N, ..., K, D_out)`` or None (zero),
+        ``ta`` the input tangent or None. Returns ``(R of the parameter gradients in
+        the protocol layout, g of the input, R g of the input)``.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{self.name}()"

@@ -1,0 +1,87 @@
+"""Parameter-free layers that only move data: :class:`Identity` and :class:`Flatten`.
+
+May import: ``curvlinops._backend``, ``.module``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .module import Layer
+
+__all__ = ["Identity", "Flatten"]
+
+
+class Identity(Layer):
+    """Returns its input unchanged.
+
+    Examples
+    --------
+    >>> import array_api_compat.numpy as xp
+    >>> Identity()([], xp.asarray([[1.0, 2.0]])).tolist()
+    [[1.0, 2.0]]
+    """
+
+    def forward(self, params, a, xp):
+        return a
+
+    def tangent(self, params, dparams, state, ta, xp):
+        return ta
+
+    def backward(self, params, state, g, xp, *, need_input=True, need_params=True):
+        return [], g
+
+    def r_backward(self, params, dparams, state, ta, g, rg, xp, *, need_input=True):
+        return [], g, rg
+
+
+class Flatten(Layer):
+    """Flattens all axes after the batch axis: ``(N, d1, ..., dr) -> (N, d1 * ... * dr)``.
+
+    As ``torch.nn.Flatten(start_dim=1)``.
+
+    Examples
+    --------
+    >>> import array_api_compat.numpy as xp
+    >>> Flatten()([], xp.ones((4, 2, 3))).shape
+    (4, 6)
+    """
+
+    def forward(self, params, a, xp):
+        if a.ndim < 2:
+            raise ValueError(f"Flatten expects inputs (N, ...), got shape {tuple(a.shape)}.")
+        return xp.reshape(a, (a.shape[0], math.prod(a.shape[1:])))
+
+    # In the internal layout a batch of K vectors of an input (N, d1, ..., dr) is
+    # (N, d1, ..., d_{r-1}, K, dr) and of the output (N, K, d1 * ... * dr).
+
+    def tangent(self, params, dparams, state, ta, xp):
+        if ta is None:
+            return None
+        a = state["input"]
+        if a.ndim == 2:
+            return ta
+        k_axis = a.ndim - 1
+        order = (0, k_axis) + tuple(i for i in range(1, ta.ndim) if i != k_axis)
+        moved = xp.permute_dims(ta, order)
+        return xp.reshape(moved, (a.shape[0], ta.shape[k_axis], math.prod(a.shape[1:])))
+
+    def backward(self, params, state, g, xp, *, need_input=True, need_params=True):
+        return [], (self._unflatten(state["input"], g, xp) if need_input else None)
+
+    def r_backward(self, params, dparams, state, ta, g, rg, xp, *, need_input=True):
+        if not need_input:
+            return [], None, None
+        a = state["input"]
+        rg_in = None if rg is None else self._unflatten(a, rg, xp)
+        return [], self._unflatten(a, g, xp), rg_in
+
+    @staticmethod
+    def _unflatten(a, g, xp):
+        """``(N, K, d1 * ... * dr)`` back to ``(N, d1, ..., d_{r-1}, K, dr)``."""
+        if a.ndim == 2:
+            return g
+        r = a.ndim - 1
+        unflat = xp.reshape(g, (a.shape[0], g.shape[1]) + tuple(a.shape[1:]))
+        order = (0,) + tuple(range(2, r + 1)) + (1, r + 1)
+        return xp.permute_dims(unflat, order)
