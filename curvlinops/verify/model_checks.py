@@ -1,0 +1,415 @@
+"""Checks of a model's derivative products against finite differences and each other.
+
+For anything that speaks the model protocol (:class:`curvlinops.Model`): the
+Jacobian-vector product against central finite differences, the vector-Jacobian
+product by the dot-product test, the second-order product against finite
+differences of the vector-Jacobian product, the layer taps against the weight
+gradients they imply, and :func:`verify_model` to run all that a model offers.
+
+Finite differences use the step ``h = eps^(1/3) * max(1, |theta|) / |v|`` of the
+parameters' dtype (it balances truncation and rounding errors of central
+differences), so the expected relative error is about ``eps^(2/3)``.
+
+May import: ``curvlinops._backend``, ``curvlinops.models``, ``.report``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .._backend import RandomGenerator, array_namespace, device, dtype_eps
+from ..models import LayerTap, Linearization, Model, Tier
+from ._common import dot_product_error, norm, relative_error
+from .report import VerificationReport
+
+__all__ = [
+    "check_jvp",
+    "check_vjp",
+    "check_second_order",
+    "check_layer_taps",
+    "verify_model",
+]
+
+
+def check_jvp(model, params, x, *, seed=0, rtol=None, step=None, num_probes=2):
+    """Compare ``J v`` with central differences ``(f(theta + h v) - f(theta - h v)) / 2h``.
+
+    Parameters
+    ----------
+    model : Model
+        Anything implementing the model protocol (tier 1).
+    params : list of arrays
+        Parameters at which to check.
+    x
+        Model input.
+    seed : int
+        Seed of the random tangents.
+    rtol : float, optional
+        Allowed relative error; default ``10 * sqrt(eps)`` of the dtype.
+    step : float, optional
+        Length ``|h v|`` of the finite-difference perturbation; default
+        ``eps^(1/3) * max(1, |theta|)``.
+    num_probes : int
+        Number of random tangents, passed to ``jvp`` as one batch.
+
+    Returns
+    -------
+    VerificationReport
+        Named ``"jvp"``; the error is the largest relative difference over probes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlinops.verify.model_checks import _ExampleModel
+    >>> print(check_jvp(_ExampleModel(), [np.ones((2, 3))], np.ones((4, 3))))
+    [PASS] jvp: error ... <= tolerance ... (central finite differences along 2 random ...)
+    """
+    xp, dtype = _namespace_and_dtype(params)
+    rtol = _fd_rtol(dtype) if rtol is None else rtol
+    generator = RandomGenerator(seed, xp, device(params[0]))
+    tangents = _random_like(generator, params, num_probes)
+    linearization = model.linearize(params, x)
+    JV = linearization.jvp(tangents)
+    expected_shape = (*linearization.outputs.shape, num_probes)
+    if tuple(JV.shape) != expected_shape:
+        return _shape_failure("jvp", rtol, expected_shape, JV.shape)
+    errors, steps = [], []
+    for k in range(num_probes):  # one pair of forward passes per probe is inherent to FD
+        v = [t[..., k] for t in tangents]
+        h, length = _step(xp, params, v, dtype, step)
+        plus, minus = model(_shift(params, v, h), x), model(_shift(params, v, -h), x)
+        errors.append(relative_error(xp, (plus - minus) / (2 * h), JV[..., k]))
+        steps.append(length)
+    details = (
+        f"central finite differences along {num_probes} random tangents, step length "
+        f"{max(steps):.2e}"
+    )
+    return VerificationReport.from_error("jvp", max(errors), rtol, details)
+
+
+def check_vjp(model, params, x, *, seed=0, rtol=None, num_probes=2):
+    """Dot-product test ``<u, J v> = <J^T u, v>`` for random ``u`` and ``v``.
+
+    The error of probe ``k`` is ``|<u, J v> - <J^T u, v>|`` relative to
+    ``|u| |J v| + |J^T u| |v|`` (a bound of both sides), so it is meaningful even
+    when the inner products are small.
+
+    Parameters
+    ----------
+    model, params, x, seed
+        As in :func:`check_jvp`.
+    rtol : float, optional
+        Allowed relative error; default ``sqrt(eps)`` of the dtype.
+    num_probes : int
+        Number of pairs ``(u, v)``, each side evaluated as one batch.
+
+    Returns
+    -------
+    VerificationReport
+        Named ``"vjp"``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlinops.verify.model_checks import _ExampleModel
+    >>> check_vjp(_ExampleModel(), [np.ones((2, 3))], np.ones((4, 3))).passed
+    True
+    """
+    xp, dtype = _namespace_and_dtype(params)
+    rtol = math.sqrt(dtype_eps(dtype)) if rtol is None else rtol
+    generator = RandomGenerator(seed, xp, device(params[0]))
+    linearization = model.linearize(params, x)
+    outputs = linearization.outputs
+    tangents = _random_like(generator, params, num_probes)
+    U = generator.normal((*outputs.shape, num_probes), outputs.dtype)
+    JV = linearization.jvp(tangents)
+    JTU = linearization.vjp(U)
+    expected = [(*p.shape, num_probes) for p in params]
+    found = [tuple(g.shape) for g in JTU]
+    if found != expected:
+        return _shape_failure("vjp", rtol, expected, found)
+    U2, JV2 = _columns(xp, U, num_probes), _columns(xp, JV, num_probes)
+    JTU2 = _stack_columns(xp, JTU, num_probes)
+    V2 = _stack_columns(xp, tangents, num_probes)
+    error = dot_product_error(xp, U2, JV2, JTU2, V2)
+    details = f"dot-product test <u, J v> = <J^T u, v>, {num_probes} random pairs"
+    return VerificationReport.from_error("vjp", error, rtol, details)
+
+
+def check_second_order(model, params, x, *, seed=0, rtol=None, step=None, num_probes=2):
+    """Compare ``second_order_vjp(u, v)`` with central differences of ``theta -> J^T u``.
+
+    Three parts, the largest error is reported: (1) ``sum_n,c u_nc Hess(f_nc) v``
+    against ``(J(theta + h v)^T u - J(theta - h v)^T u) / 2h``; (2) with an array
+    ``w``, the extra term ``J^T w``; (3) with a callable receiving ``J v``, the
+    extra term ``J^T w(J v)`` (the path Hessian products use).
+
+    Parameters
+    ----------
+    model, params, x, seed, step, num_probes
+        As in :func:`check_jvp`; the model must offer tier 2.
+    rtol : float, optional
+        Allowed relative error; default ``10 * sqrt(eps)`` of the dtype.
+
+    Returns
+    -------
+    VerificationReport
+        Named ``"second_order_vjp"``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlinops.verify.model_checks import _ExampleModel
+    >>> check_second_order(_ExampleModel(), [np.ones((2, 3))], np.ones((4, 3))).passed
+    True
+    """
+    model.require(Tier.SECOND_ORDER, "check_second_order")
+    xp, dtype = _namespace_and_dtype(params)
+    rtol = _fd_rtol(dtype) if rtol is None else rtol
+    generator = RandomGenerator(seed, xp, device(params[0]))
+    linearization = model.linearize(params, x)
+    outputs = linearization.outputs
+    u = generator.normal(tuple(outputs.shape), outputs.dtype)
+    tangents = _random_like(generator, params, num_probes)
+    result = linearization.second_order_vjp(u, tangents)
+    expected = [(*p.shape, num_probes) for p in params]
+    if [tuple(r.shape) for r in result] != expected:
+        return _shape_failure("second_order_vjp", rtol, expected, [r.shape for r in result])
+
+    errors, steps = [], []
+    for k in range(num_probes):
+        v = [t[..., k] for t in tangents]
+        h, length = _step(xp, params, v, dtype, step)
+        plus = model.linearize(_shift(params, v, h), x).vjp(u)
+        minus = model.linearize(_shift(params, v, -h), x).vjp(u)
+        fd = [(a - b) / (2 * h) for a, b in zip(plus, minus, strict=True)]
+        errors.append(relative_error(xp, _flat(xp, fd), _flat(xp, [r[..., k] for r in result])))
+        steps.append(length)
+
+    w = generator.normal((*outputs.shape, num_probes), outputs.dtype)
+    with_w = linearization.second_order_vjp(u, tangents, w)
+    expected_w = _add(result, linearization.vjp(w))
+    error_w = relative_error(xp, _flat(xp, with_w), _flat(xp, expected_w))
+
+    received = []
+
+    def cotangent_tangent(jv):
+        received.append(jv)
+        return w * jv
+
+    with_fn = linearization.second_order_vjp(u, tangents, cotangent_tangent)
+    JV = linearization.jvp(tangents)
+    expected_fn = _add(result, linearization.vjp(w * JV))
+    error_fn = relative_error(xp, _flat(xp, with_fn), _flat(xp, expected_fn))
+    if len(received) != 1:
+        error_fn = math.inf
+
+    details = (
+        f"central finite differences of J^T u, {num_probes} probes, step length "
+        f"{max(steps):.2e}: "
+        f"error {max(errors):.2e}; + J^T w term: {error_w:.2e}; callable w(J v) term: "
+        f"{error_fn:.2e}"
+    )
+    error = max(max(errors), error_w, error_fn)
+    return VerificationReport.from_error("second_order_vjp", error, rtol, details)
+
+
+def check_layer_taps(model, params, x, *, seed=0, rtol=None, num_probes=2):
+    """Check that the layer taps reproduce the weight and bias gradients of ``vjp``.
+
+    For each tap, ``sum_n,s g_{n,s} a_{n,s}^T`` (output gradients times inputs) must
+    equal the vjp's gradient of the layer's weight and ``sum_n,s g_{n,s}`` that of its
+    bias, for random cotangents.
+
+    Parameters
+    ----------
+    model, params, x, seed, num_probes
+        As in :func:`check_vjp`; the model must offer tier 3.
+    rtol : float, optional
+        Allowed relative error; default ``sqrt(eps)`` of the dtype.
+
+    Returns
+    -------
+    VerificationReport
+        Named ``"layer_taps"``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlinops.verify.model_checks import _ExampleModel
+    >>> check_layer_taps(_ExampleModel(), [np.ones((2, 3))], np.ones((4, 3))).passed
+    True
+    """
+    model.require(Tier.LAYER_TAPS, "check_layer_taps")
+    xp, dtype = _namespace_and_dtype(params)
+    rtol = math.sqrt(dtype_eps(dtype)) if rtol is None else rtol
+    generator = RandomGenerator(seed, xp, device(params[0]))
+    linearization = model.linearize(params, x)
+    outputs = linearization.outputs
+    U = generator.normal((*outputs.shape, num_probes), outputs.dtype)
+    grads = linearization.vjp(U)
+    taps = [t for t in linearization.layer_taps(U) if t.output_grads is not None]
+    errors = {}
+    for tap in taps:
+        inputs = xp.reshape(tap.inputs, (-1, tap.inputs.shape[-1]))
+        d_out = tap.output_grads.shape[-2]
+        out_grads = xp.reshape(tap.output_grads, (-1, d_out, num_probes))
+        by_probe = xp.reshape(xp.permute_dims(out_grads, (2, 1, 0)), (num_probes * d_out, -1))
+        weight_grad = xp.reshape(by_probe @ inputs, (num_probes, d_out, -1))
+        weight_grad = xp.permute_dims(weight_grad, (1, 2, 0))
+        expected = xp.reshape(grads[tap.weight_index], tuple(weight_grad.shape))
+        errors[tap.name] = relative_error(xp, weight_grad, expected)
+        if tap.bias_index is not None:
+            bias_grad = xp.sum(out_grads, axis=0)
+            expected = xp.reshape(grads[tap.bias_index], tuple(bias_grad.shape))
+            errors[tap.name] = max(errors[tap.name], relative_error(xp, bias_grad, expected))
+    if not errors:
+        return VerificationReport("layer_taps", False, math.inf, rtol, "the model gave no taps")
+    worst = max(errors, key=errors.get)
+    details = (
+        f"weight/bias gradients from {len(taps)} taps vs vjp, {num_probes} random cotangents; "
+        f"worst layer {worst!r}"
+    )
+    return VerificationReport.from_error("layer_taps", errors[worst], rtol, details)
+
+
+def verify_model(model, params, x, tiers=None, *, seed=0):
+    """Run the checks of every tier the model offers (or of ``tiers``).
+
+    Tier 1: :func:`check_jvp` and :func:`check_vjp`; tier 2:
+    :func:`check_second_order`; tier 3: :func:`check_layer_taps`.
+
+    Parameters
+    ----------
+    model, params, x, seed
+        As in :func:`check_jvp`.
+    tiers : iterable of Tier or int, optional
+        Tiers to check; default all that ``model.tiers`` offers. Asking for a tier
+        the model lacks raises :class:`curvlinops.MissingTierError`.
+
+    Returns
+    -------
+    list of VerificationReport
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlinops.verify.model_checks import _ExampleModel
+    >>> reports = verify_model(_ExampleModel(), [np.ones((2, 3))], np.ones((4, 3)))
+    >>> [(r.name, r.passed) for r in reports]
+    [('jvp', True), ('vjp', True), ('second_order_vjp', True), ('layer_taps', True)]
+    """
+    tiers = set(model.tiers) if tiers is None else {Tier(t) for t in tiers}
+    for tier in sorted(tiers):
+        model.require(tier, "verify_model")
+    reports = []
+    if Tier.FIRST_ORDER in tiers:
+        reports.append(check_jvp(model, params, x, seed=seed))
+        reports.append(check_vjp(model, params, x, seed=seed))
+    if Tier.SECOND_ORDER in tiers:
+        reports.append(check_second_order(model, params, x, seed=seed))
+    if Tier.LAYER_TAPS in tiers:
+        reports.append(check_layer_taps(model, params, x, seed=seed))
+    return reports
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def _namespace_and_dtype(params):
+    if not isinstance(params, (list, tuple)) or not params:
+        raise TypeError("params must be a non-empty list of arrays.")
+    xp = array_namespace(*params)
+    dtype = params[0].dtype
+    if not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"Parameters must be real floating to verify derivatives, got {dtype}.")
+    return xp, dtype
+
+
+def _fd_rtol(dtype):
+    return 10 * math.sqrt(dtype_eps(dtype))
+
+
+def _random_like(generator, params, num_probes):
+    return [generator.normal((*p.shape, num_probes), p.dtype) for p in params]
+
+
+def _step(xp, params, v, dtype, step):
+    """FD step ``h`` and the length ``|h v|``: ``eps^(1/3) max(1, |theta|)`` or ``step``."""
+    v_norm = norm(xp, v)
+    length = step if step is not None else dtype_eps(dtype) ** (1 / 3) * max(1.0, norm(xp, params))
+    return (length / v_norm if v_norm > 0 else 1.0), length
+
+
+def _shift(params, v, h):
+    return [p + h * t for p, t in zip(params, v, strict=True)]
+
+
+def _add(a, b):
+    return [s + t for s, t in zip(a, b, strict=True)]
+
+
+def _flat(xp, arrays):
+    return xp.concat([xp.reshape(a, (-1,)) for a in arrays])
+
+
+def _columns(xp, X, num_probes):
+    return xp.reshape(X, (-1, num_probes))
+
+
+def _stack_columns(xp, arrays, num_probes):
+    return xp.concat([_columns(xp, a, num_probes) for a in arrays], axis=0)
+
+
+def _shape_failure(name, tolerance, expected, found):
+    return VerificationReport(
+        name,
+        False,
+        math.inf,
+        tolerance,
+        f"wrong shapes: expected {expected}, got {found}",
+    )
+
+
+class _ExampleLinearization(Linearization):
+    def _pre_activation_grads(self, cotangents):
+        return (1 - self.outputs**2)[..., None] * cotangents
+
+    def _weight_grads(self, xp, grads):
+        return xp.permute_dims(xp.tensordot(grads, self.x, axes=([0], [0])), (0, 2, 1))
+
+    def _jvp(self, tangents):
+        xp = array_namespace(self.x)
+        return self._pre_activation_grads(xp.tensordot(self.x, tangents[0], axes=([1], [1])))
+
+    def _vjp(self, cotangents):
+        xp = array_namespace(self.x)
+        return [self._weight_grads(xp, self._pre_activation_grads(cotangents))]
+
+    def _second_order_vjp(self, cotangent, tangents, cotangent_tangent):
+        xp = array_namespace(self.x)
+        a = self.outputs[..., None]
+        ds = xp.tensordot(self.x, tangents[0], axes=([1], [1]))
+        grads = -2 * a * (1 - a**2) * ds * cotangent[..., None]
+        if cotangent_tangent is not None:
+            w = cotangent_tangent
+            w = w(self._jvp(tangents)) if callable(w) else w
+            grads = grads + self._pre_activation_grads(w)
+        return [self._weight_grads(xp, grads)]
+
+    def _layer_taps(self, cotangents):
+        grads = None if cotangents is None else self._pre_activation_grads(cotangents)
+        return [LayerTap("0", 0, None, self.x, grads)]
+
+
+class _ExampleModel(Model):
+    """``f(W, x) = tanh(x W^T)`` offering all three tiers; used by the doctests."""
+
+    tiers = frozenset(Tier)
+
+    def __call__(self, params, x):
+        xp = array_namespace(x)
+        return xp.tanh(x @ xp.matrix_transpose(params[0]))
+
+    def linearize(self, params, x):
+        return _ExampleLinearization(self, params, x, self(params, x))
