@@ -1,0 +1,162 @@
+"""Exact curvature products over loss+gradient, and against curvlinops-for-pytorch.
+
+MLP 784-256-256-10 (ReLU), N = 1024, cross-entropy, float32, NumPy, one batch. The
+denominator is loss+gradient of the same model in curvlinops.nn. Rows:
+
+- GGN and Hessian matvec, forward recomputed and with ``cache=True``;
+- matmat with K = 16 (shared forward; with the cache, per-vector cost against the
+  cached matvec);
+- the peer: curvlinops-for-pytorch's GGN and Hessian matvecs on the same weights and
+  vectors (its own loss+gradient as denominator, plus ours over theirs), run in a
+  virtual environment of its own (set ``CURVLINOPS_BENCH_PEERS=1`` or pass
+  ``--peers`` to the runner);
+- the exact GGN diagonal (C = 10 classes) over loss+gradient;
+- memory: the peak of a GGN matvec over 60 000 random samples in batches of 1000,
+  against one batch (it must stay at batch scale).
+
+Ratios only; measured in one run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from _mlp import mlp_problem, peer_inputs
+from _timing import format_bytes, peak_numpy_bytes, time_call
+
+import curvlinops as cl
+
+
+def run(quick: bool = False) -> list[dict]:
+    model, params, X, y = mlp_problem(quick=quick)
+    data = [(X, y)]
+    loss = cl.CrossEntropyLoss()
+    repeats = 3 if quick else 11
+    kw = dict(check_deterministic=False)
+    G = cl.GGNLinearOperator(model, loss, params, data, **kw)
+    H = cl.HessianLinearOperator(model, loss, params, data, **kw)
+    Gc = cl.GGNLinearOperator(model, loss, params, data, cache=True, **kw)
+    Hc = cl.HessianLinearOperator(model, loss, params, data, cache=True, **kw)
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal(G.shape[0]).astype(X.dtype)
+    V = rng.standard_normal((G.shape[0], 16)).astype(X.dtype)
+
+    def t(fn):
+        return time_call(fn, repeats=repeats, warmup=1).median
+
+    t_grad = t(G.gradient_and_loss)
+    rows = []
+
+    def row(what, seconds, target=None, per=t_grad, note=""):
+        ratio = seconds / per
+        rows.append(
+            {
+                "quantity": what,
+                "ratio": ratio,
+                "target": "-" if target is None else f"<= {target}",
+                "meets": "-" if target is None else ratio <= target,
+                "note": note,
+            }
+        )
+        return ratio
+
+    t_ggn, t_ggn_c = t(lambda: G @ v), t(lambda: Gc @ v)
+    t_hess, t_hess_c = t(lambda: H @ v), t(lambda: Hc @ v)
+    row("GGN matvec / loss+grad", t_ggn, 1.7)
+    row("GGN matvec cached / loss+grad", t_ggn_c, 1.4)
+    row("Hessian matvec / loss+grad", t_hess, 2.5)
+    row("Hessian matvec cached / loss+grad", t_hess_c, 1.7)
+    t_mm, t_mm_c = t(lambda: G @ V), t(lambda: Gc @ V)
+    row("GGN matmat K=16 / GGN matvec", t_mm, 12.5, per=t_ggn, note="shared forward")
+    row("GGN matmat K=16 cached, per vector / cached matvec", t_mm_c / 16, 1.05, per=t_ggn_c)
+    t_diag = time_call(
+        lambda: cl.GGNDiagonalLinearOperator(model, loss, params, data, **kw),
+        repeats=max(3, repeats // 3),
+        warmup=1,
+    ).median
+    row("exact GGN diagonal (C=10) / loss+grad", t_diag, 3.0)
+    rows.extend(_peer_rows(params, X, y, v, V, repeats, t_grad, t_ggn, t_hess, G, H))
+    rows.extend(_memory_rows(model, loss, params, quick))
+    return rows
+
+
+def _peer_rows(params, X, y, v, V, repeats, t_grad, t_ggn, t_hess, G, H):
+    if os.environ.get("CURVLINOPS_BENCH_PEERS") != "1":
+        return [{"quantity": "curvlinops-for-pytorch", "note": "skipped (use --peers)"}]
+    from _peers import PeerUnavailable, run_peer
+
+    try:
+        res = run_peer(
+            "curvlinops-for-pytorch",
+            peer_inputs(params, X, y, v, V, repeats=repeats, threads=os.cpu_count() or 1),
+        )
+    except PeerUnavailable as err:
+        return [{"quantity": "curvlinops-for-pytorch", "note": f"unavailable: {err}"}]
+    ours_ggn, ours_hess = G @ v, H @ v
+
+    def rel(a, b):
+        return float(np.abs(a - b).max() / np.abs(b).max())
+
+    peer_grad = float(res["t_grad"])
+    return [
+        {
+            "quantity": "peer GGN matvec / its loss+grad",
+            "ratio": float(res["t_ggn_matvec"]) / peer_grad,
+        },
+        {
+            "quantity": "peer Hessian matvec / its loss+grad",
+            "ratio": float(res["t_hess_matvec"]) / peer_grad,
+        },
+        {"quantity": "ours / peer: loss+grad", "ratio": t_grad / peer_grad},
+        {
+            "quantity": "ours / peer: GGN matvec",
+            "ratio": t_ggn / float(res["t_ggn_matvec"]),
+            "note": f"max rel. difference {rel(ours_ggn, res['ggn_v']):.1e}",
+        },
+        {
+            "quantity": "ours / peer: Hessian matvec",
+            "ratio": t_hess / float(res["t_hess_matvec"]),
+            "note": f"max rel. difference {rel(ours_hess, res['hess_v']):.1e}",
+        },
+    ]
+
+
+def _memory_rows(model, loss, params, quick):
+    num_data, batch = (6000, 100) if quick else (60000, 1000)
+    rng = np.random.default_rng(2)
+    d_in = params[0].shape[1]
+    C = params[-1].shape[0]
+
+    class RandomBatches:
+        """Batches drawn from a fixed seed per batch: the same on every pass, and never
+        all in memory at once."""
+
+        def __init__(self, num_batches):
+            self.num_batches = num_batches
+
+        def __iter__(self):
+            for i in range(self.num_batches):
+                r = np.random.default_rng(1000 + i)
+                yield (
+                    r.standard_normal((batch, d_in)).astype("float32"),
+                    r.integers(0, C, size=batch),
+                )
+
+    v = rng.standard_normal(sum(p.size for p in params)).astype("float32")
+    kw = dict(check_deterministic=False)
+    G_all = cl.GGNLinearOperator(
+        model, loss, params, RandomBatches(num_data // batch), num_data=num_data, **kw
+    )
+    G_one = cl.GGNLinearOperator(model, loss, params, RandomBatches(1), num_data=batch, **kw)
+    peak_all = peak_numpy_bytes(lambda: G_all @ v)
+    peak_one = peak_numpy_bytes(lambda: G_one @ v)
+    return [
+        {
+            "quantity": f"GGN matvec peak memory, {num_data} samples / one batch of {batch}",
+            "ratio": peak_all / peak_one,
+            "target": "<= 1.5",
+            "meets": peak_all / peak_one <= 1.5,
+            "note": f"{format_bytes(peak_all)} vs {format_bytes(peak_one)}",
+        }
+    ]
