@@ -136,3 +136,10 @@ def _data_fingerprint(model, loss, params, data, xp):
         grad = flatten_params(lin.vjp(loss.gradient(lin.outputs, y)))
         prints.append((X, y, value, grad))
     return prints
+
+
+def resolve_loss(loss):
+    """A curvlinops loss from a curvlinops loss or a PyTorch loss object (translated)."""
+    from ..frontends import as_loss
+
+    return as_loss(loss)

@@ -23,6 +23,7 @@ from ._data import (
     check_params_backend,
     count_data,
     iterate_batches,
+    resolve_loss,
 )
 
 __all__ = ["CurvatureLinearOperator", "NonDeterministicDataError"]
@@ -77,6 +78,7 @@ class CurvatureLinearOperator(LinearOperator):
         cache=False,
     ):
         xp, dtype, dev = check_params_backend(params)
+        loss = resolve_loss(loss)
         model.check_params(params)
         model.require(self.required_tier, type(self).__name__)
         check_data_iterable(data)

@@ -26,6 +26,7 @@ from ._data import (
     check_params_backend,
     count_data,
     iterate_batches,
+    resolve_loss,
 )
 
 __all__ = [
@@ -50,6 +51,7 @@ class _TapDiagonalLinearOperator(DiagonalLinearOperator):
         check_deterministic=True,
     ):
         xp, _, _ = check_params_backend(params)
+        loss = resolve_loss(loss)
         model.check_params(params)
         model.require(Tier.LAYER_TAPS, type(self).__name__)
         check_data_iterable(data)
@@ -271,6 +273,7 @@ class HessianDiagonalLinearOperator(DiagonalLinearOperator):
         from ._chain import backpropagated_hessians
 
         xp, _, _ = check_params_backend(params)
+        loss = resolve_loss(loss)
         model.check_params(params)
         check_data_iterable(data)
         if check_deterministic:

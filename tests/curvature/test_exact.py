@@ -431,3 +431,19 @@ def test_num_data_and_progressbar():
     # a wrong num_data rescales the mean: the user's number is trusted and used
     C = cl.GGNLinearOperator(model, loss, params, data, num_data=2 * X.shape[0])
     np.testing.assert_allclose(C @ v, 0.5 * (B @ v), rtol=1e-14)
+
+
+def test_pytorch_loss_objects_are_translated_with_their_reduction():
+    torch = pytest.importorskip("torch")
+    model, spec, params, data, X, y, theta, loss = problem("ce", seed=17, reduction="sum")
+    ours = cl.GGNLinearOperator(model, loss, params, data).to_dense()
+    theirs = cl.GGNLinearOperator(
+        model, torch.nn.CrossEntropyLoss(reduction="sum"), params, data
+    ).to_dense()
+    np.testing.assert_allclose(theirs, ours, rtol=1e-14)
+    D = cl.GGNDiagonalLinearOperator(
+        model, torch.nn.CrossEntropyLoss(reduction="sum"), params, data
+    )
+    np.testing.assert_allclose(D.diagonal(), np.diag(ours), rtol=1e-11)
+    with pytest.raises(TypeError):
+        cl.GGNLinearOperator(model, "cross-entropy", params, data)

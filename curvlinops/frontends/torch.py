@@ -1,0 +1,451 @@
+"""PyTorch frontend: an ``nn.Module`` as a curvlinops model, PyTorch losses as curvlinops losses.
+
+:class:`TorchModel` offers all three tiers of the model protocol:
+
+- tier 1 from ``torch.func``: :meth:`TorchModel.linearize` runs the forward pass once
+  inside ``torch.func.vjp`` (the vector-Jacobian products reuse it); Jacobian-vector
+  products use ``torch.func.jvp`` (or, on request, ``torch.func.linearize``); the
+  ``K`` columns of a matmat go through ``torch.func.vmap`` in one fused pass;
+- tier 2 as forward-over-reverse: the ``torch.func.jvp`` of the ``torch.func.vjp``;
+- tier 3 from forward hooks on every ``torch.nn.Linear``: its inputs, and the gradients
+  of its outputs for ``M`` cotangents in one batched backward pass.
+
+:func:`translate_loss` turns ``torch.nn.MSELoss``, ``CrossEntropyLoss``,
+``BCEWithLogitsLoss`` and ``PoissonNLLLoss`` into the curvlinops loss of the same value.
+
+Importing this module imports PyTorch. May import: torch, ``curvlinops._backend``,
+``curvlinops.models``, ``curvlinops.losses``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+try:
+    import torch
+except ModuleNotFoundError as error:  # pragma: no cover - depends on the environment
+    raise ModuleNotFoundError(
+        "curvlinops.frontends.torch needs PyTorch: pip install torch (or curvlinops[torch]).",
+        name="torch",
+    ) from error
+
+from torch.func import functional_call, jvp, linearize, vjp, vmap
+
+from .. import losses
+from ..models import LayerTap, Linearization, Model, Tier
+
+__all__ = ["TorchModel", "translate_loss"]
+
+_DROPOUT_TYPES = (
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+)
+
+
+class TorchModel(Model):
+    """A ``torch.nn.Module`` as a curvlinops model (tiers 1, 2 and 3).
+
+    The model's parameters are the module's parameters that require gradients, in
+    ``module.named_parameters()`` order (:attr:`param_names`); curvature operators act
+    on flat vectors of them. Parameters with ``requires_grad=False`` are **excluded**:
+    they stay constants of the model, read from the module at every call (freeze a
+    layer to take the curvature of the others only). The operators take the parameter
+    values as a list of tensors (:attr:`params`), so the curvature can be evaluated at
+    any point without touching the module.
+
+    Requirements on the module, checked with clear errors:
+
+    - Deterministic: dropout layers must be in evaluation mode (call ``module.eval()``);
+      this is checked at construction and before every forward pass. Randomness the
+      frontend cannot see (``torch.randn`` in a custom ``forward``, functional dropout)
+      is caught by the curvature operators' determinism check
+      (:class:`~curvlinops.curvature.NonDeterministicDataError`).
+    - No batch normalization: its batch statistics couple the data points, so the loss
+      is not a sum over data and batches of different sizes would give different
+      curvatures. Replace it (e.g. by ``LayerNorm`` or ``GroupNorm``) or fold it.
+    - Inputs, parameters and the module's remaining tensors (frozen parameters,
+      buffers) on one device: a mismatch raises a ValueError naming both devices.
+
+    Tier 3 (layer taps) covers every ``torch.nn.Linear`` whose weight is among the
+    parameters; each must be called once per forward pass (a shared layer is refused).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The network; its forward takes one input tensor ``x`` of shape ``(N, ...)``
+        and returns outputs ``(N, C)`` (or ``(N, S, C)``).
+    chunk_size : int, optional
+        Passed to ``torch.func.vmap``: process the ``K`` columns of a matmat in chunks
+        of this many vectors to bound memory (default: all at once).
+    jvp_method : {"jvp", "linearize"}
+        How Jacobian-vector products are computed. ``"jvp"`` (default):
+        ``torch.func.jvp``, which runs the forward pass again with the tangents (about
+        one forward pass more per product). ``"linearize"``: ``torch.func.linearize``
+        traces the tangent map once per linearization (at its first product) and then
+        applies only the tangent operations. Tracing costs about ten to twenty
+        forward passes, so it pays off only when one linearization serves many
+        products (a curvature operator with ``cache=True`` in a CG solve), and it
+        needs a forward pass free of data-dependent Python control flow.
+
+    Attributes
+    ----------
+    module : torch.nn.Module
+    param_names : list of str
+        Names of the parameters, in the order of the parameter list.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlinops import GGNLinearOperator, MSELoss
+    >>> from curvlinops.frontends.torch import TorchModel
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> model = TorchModel(net.double())
+    >>> model.param_names
+    ['0.weight', '0.bias', '2.weight', '2.bias']
+    >>> X, y = torch.ones(5, 3, dtype=torch.float64), torch.zeros(5, 2, dtype=torch.float64)
+    >>> G = GGNLinearOperator(model, MSELoss(), model.params, [(X, y)])
+    >>> G.shape
+    (26, 26)
+    >>> type(G @ torch.ones(26, dtype=torch.float64)).__name__
+    'Tensor'
+    """
+
+    tiers = frozenset({Tier.FIRST_ORDER, Tier.SECOND_ORDER, Tier.LAYER_TAPS})
+
+    def __init__(self, module, *, chunk_size=None, jvp_method="jvp"):
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"TorchModel expects a torch.nn.Module, got {type(module).__name__}.")
+        if jvp_method not in ("jvp", "linearize"):
+            raise ValueError(f"jvp_method must be 'jvp' or 'linearize', got {jvp_method!r}.")
+        self.jvp_method = jvp_method
+        _refuse_batch_norm(module)
+        self.module = module
+        self.chunk_size = chunk_size
+        self._dropouts = [
+            (n, m) for n, m in module.named_modules() if isinstance(m, _DROPOUT_TYPES)
+        ]
+        self._check_deterministic_mode()
+        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                "The module has no parameters that require gradients; there is no curvature "
+                "to take. Set requires_grad=True on the parameters of interest."
+            )
+        self.param_names = [n for n, _ in trainable]
+        self._shapes = [tuple(p.shape) for _, p in trainable]
+        self._taps = _linear_layers(module, self.param_names)
+
+    @property
+    def name(self) -> str:
+        return f"TorchModel({type(self.module).__name__})"
+
+    @property
+    def params(self) -> list:
+        """The module's trainable parameters, detached (they share memory with the module)."""
+        return [p.detach() for n, p in self.module.named_parameters() if n in self.param_names]
+
+    def expected_param_shapes(self):
+        return list(self._shapes)
+
+    def __call__(self, params, x):
+        self._check_inputs(params, x)
+        with torch.no_grad():
+            return self._forward(params, x)
+
+    def linearize(self, params, x) -> Linearization:
+        self._check_inputs(params, x)
+        # Detached: products must not extend a graph the caller's tensors may carry.
+        return _TorchLinearization(self, [p.detach() for p in params], x.detach())
+
+    # -- internals --------------------------------------------------------------------
+
+    def _forward(self, params, x):
+        return functional_call(self.module, dict(zip(self.param_names, params, strict=True)), (x,))
+
+    def _vmap(self, fn):
+        """``fn`` mapped over the trailing axis of its inputs and outputs."""
+        # out_dims=0 then movedim: vmap with out_dims=-1 fails for outputs that do not
+        # depend on the mapped inputs (e.g. the last bias in a second-order product).
+        mapped = vmap(fn, in_dims=-1, out_dims=0, chunk_size=self.chunk_size)
+
+        def fn_over_last_axis(*args):
+            out = mapped(*args)
+            if isinstance(out, torch.Tensor):
+                return torch.movedim(out, 0, -1)
+            return [torch.movedim(o, 0, -1) for o in out]
+
+        return fn_over_last_axis
+
+    def _check_deterministic_mode(self):
+        active = [n for n, m in self._dropouts if m.training and m.p > 0]
+        if active:
+            raise ValueError(
+                f"The module has dropout layers in training mode ({active}): its outputs are "
+                "random, so curvature products would be too. Call module.eval() first."
+            )
+
+    def _check_inputs(self, params, x):
+        self._check_deterministic_mode()
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self.name} expects a torch.Tensor input, got {type(x).__name__}.")
+        if not all(isinstance(p, torch.Tensor) for p in params):
+            raise TypeError(
+                f"{self.name} expects its parameters as torch tensors, got "
+                f"{sorted({type(p).__name__ for p in params})}."
+            )
+        if params and params[0].device != x.device:
+            raise ValueError(
+                f"The data X is on device {x.device} but the parameters are on device "
+                f"{params[0].device}. Move the data (or the model) with .to(device)."
+            )
+        fixed = next(_fixed_tensors(self.module, self.param_names), None)
+        if fixed is not None and fixed[1].device != x.device:
+            raise ValueError(
+                f"The data X is on device {x.device} but the module's tensor {fixed[0]!r} "
+                f"(a buffer or frozen parameter) is on device {fixed[1].device}. Move the "
+                "module with module.to(device)."
+            )
+
+
+class _TorchLinearization(Linearization):
+    """Outputs of one forward pass and its ``torch.func`` products."""
+
+    def __init__(self, model: TorchModel, params, x):
+        self._function = lambda *ps: model._forward(list(ps), x)
+        outputs, self._pullback = vjp(self._function, *params)
+        self._push = None  # the traced tangent map of jvp_method="linearize"
+        super().__init__(model, params, x, outputs)
+
+    def _jvp(self, tangents):
+        if self.model.jvp_method == "linearize":
+            single = self._traced_tangent_map()
+        else:
+            primals = tuple(self.params)
+
+            def single(*v):
+                return jvp(self._function, primals, v)[1]
+
+        return self._map_columns(single, tangents)
+
+    def _traced_tangent_map(self):
+        if self._push is None:
+            with warnings.catch_warnings():
+                # torch.fx's constant folding warns about its own internals.
+                warnings.simplefilter("ignore", UserWarning)
+                self._push = linearize(self._function, *self.params)[1]
+        return self._push
+
+    def _vjp(self, cotangents):
+        return list(self._map_columns(self._pullback, [cotangents]))
+
+    def _second_order_vjp(self, cotangent, tangents, cotangent_tangent):
+        if callable(cotangent_tangent):
+            cotangent_tangent = cotangent_tangent(self._jvp(tangents))
+        function, primals = self._function, tuple(self.params)
+
+        def transposed_jacobian_product(u, *ps):
+            return vjp(function, *ps)[1](u)
+
+        if cotangent_tangent is None:
+
+            def single(*v):
+                return jvp(lambda *ps: transposed_jacobian_product(cotangent, *ps), primals, v)[1]
+
+            return list(self._map_columns(single, tangents))
+
+        def single_with_w(w, *v):
+            return jvp(transposed_jacobian_product, (cotangent, *primals), (w, *v))[1]
+
+        return list(self._map_columns(single_with_w, [cotangent_tangent, *tangents]))
+
+    def _map_columns(self, single, arrays):
+        """``single`` applied to each column ``k`` of the trailing axis of ``arrays``."""
+        if arrays[0].shape[-1] == 1:  # one vector: skip vmap's overhead
+            out = single(*(a[..., 0] for a in arrays))
+            if isinstance(out, torch.Tensor):
+                return out[..., None]
+            return [o[..., None] for o in out]
+        return self.model._vmap(single)(*arrays)
+
+    def _layer_taps(self, cotangents):
+        model = self.model
+        records = {}  # tap index -> (input, probe)
+        handles = []
+
+        def make_hook(index, layer_name):
+            def hook(_module, args, output):
+                if index in records:
+                    raise ValueError(
+                        f"The Linear layer {layer_name!r} ran more than once in one forward "
+                        "pass; layer taps need each Linear layer to be used once."
+                    )
+                probe = None
+                if cotangents is not None:
+                    # A zero added to the layer's output: the gradient with respect to it
+                    # is the gradient with respect to the output.
+                    probe = torch.zeros_like(output, requires_grad=True)
+                    output = output + probe
+                records[index] = (args[0].detach(), probe)
+                return output
+
+            return hook
+
+        try:
+            for index, (layer_name, layer, _, _) in enumerate(model._taps):
+                handles.append(layer.register_forward_hook(make_hook(index, layer_name)))
+            with torch.enable_grad() if cotangents is not None else torch.no_grad():
+                outputs = model._forward(self.params, self.x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        used = sorted(records)
+        grads = [None] * len(used)
+        if cotangents is not None and used:
+            grads = torch.autograd.grad(
+                outputs,
+                [records[i][1] for i in used],
+                grad_outputs=torch.movedim(cotangents, -1, 0),
+                is_grads_batched=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            grads = [torch.movedim(g, 0, -1) for g in grads]
+        return [
+            LayerTap(
+                name=model._taps[i][0],
+                weight_index=model._taps[i][2],
+                bias_index=model._taps[i][3],
+                inputs=records[i][0],
+                output_grads=g,
+            )
+            for i, g in zip(used, grads, strict=True)
+        ]
+
+
+def _refuse_batch_norm(module):
+    found = [
+        n for n, m in module.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+    if found:
+        raise ValueError(
+            f"The module contains batch normalization ({found}). Its batch statistics couple "
+            "the data points, so the loss is not a sum over data and its curvature depends "
+            "on how the data is split into batches; curvlinops does not support it. Replace "
+            "it by LayerNorm or GroupNorm, or fold it into the preceding layer."
+        )
+
+
+def _fixed_tensors(module, param_names):
+    """``(name, tensor)`` of the module's buffers and frozen parameters."""
+    names = set(param_names)
+    for n, p in module.named_parameters():
+        if n not in names:
+            yield n, p
+    yield from module.named_buffers()
+
+
+def _linear_layers(module, param_names):
+    """``(name, layer, weight_index, bias_index)`` of each Linear with a trainable weight."""
+    index = {n: i for i, n in enumerate(param_names)}
+    taps = []
+    for name, layer in module.named_modules():
+        if not isinstance(layer, torch.nn.Linear):
+            continue
+        prefix = f"{name}." if name else ""
+        if prefix + "weight" not in index:
+            continue
+        taps.append((name, layer, index[prefix + "weight"], index.get(prefix + "bias")))
+    return taps
+
+
+# -- losses ---------------------------------------------------------------------------
+
+
+def translate_loss(torch_loss) -> losses.Loss:
+    """The curvlinops loss with the value of a PyTorch loss module.
+
+    Supported, with ``reduction`` ``"mean"`` or ``"sum"``:
+
+    - ``torch.nn.MSELoss`` -> :class:`curvlinops.MSELoss`;
+    - ``torch.nn.CrossEntropyLoss`` -> :class:`curvlinops.CrossEntropyLoss` (without
+      ``weight``, ``label_smoothing`` or a non-default ``ignore_index``). Note that
+      curvlinops takes the classes on the **last** axis of the outputs; PyTorch's loss
+      takes them on axis 1. The two agree for outputs ``(N, C)``.
+    - ``torch.nn.BCEWithLogitsLoss`` -> :class:`curvlinops.BCEWithLogitsLoss` (without
+      ``weight`` or ``pos_weight``);
+    - ``torch.nn.PoissonNLLLoss`` with ``log_input=True, full=False`` ->
+      :class:`curvlinops.PoissonNLLLoss`.
+
+    Parameters
+    ----------
+    torch_loss : torch.nn.Module
+        The PyTorch loss.
+
+    Returns
+    -------
+    curvlinops.losses.Loss
+
+    Raises
+    ------
+    ValueError
+        For an option the curvlinops loss does not have (weights, label smoothing,
+        ``pos_weight``, ``ignore_index``, ``reduction="none"``), naming it.
+    TypeError
+        For any other loss.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlinops.frontends.torch import translate_loss
+    >>> translate_loss(torch.nn.MSELoss(reduction="sum"))
+    MSELoss(reduction='sum')
+    >>> translate_loss(torch.nn.CrossEntropyLoss(label_smoothing=0.1))
+    Traceback (most recent call last):
+    ...
+    ValueError: CrossEntropyLoss with label_smoothing=0.1 has no curvlinops equivalent; ...
+    """
+    nn = torch.nn
+    name = type(torch_loss).__name__
+    reduction = getattr(torch_loss, "reduction", None)
+    if isinstance(torch_loss, nn.MSELoss):
+        target = losses.MSELoss
+    elif isinstance(torch_loss, nn.CrossEntropyLoss):
+        _refuse(name, "weight", torch_loss.weight is not None, torch_loss.weight)
+        _refuse(
+            name, "label_smoothing", torch_loss.label_smoothing != 0.0, torch_loss.label_smoothing
+        )
+        _refuse(name, "ignore_index", torch_loss.ignore_index != -100, torch_loss.ignore_index)
+        target = losses.CrossEntropyLoss
+    elif isinstance(torch_loss, nn.BCEWithLogitsLoss):
+        _refuse(name, "weight", torch_loss.weight is not None, torch_loss.weight)
+        _refuse(name, "pos_weight", torch_loss.pos_weight is not None, torch_loss.pos_weight)
+        target = losses.BCEWithLogitsLoss
+    elif isinstance(torch_loss, nn.PoissonNLLLoss):
+        _refuse(name, "log_input", not torch_loss.log_input, torch_loss.log_input)
+        _refuse(name, "full", torch_loss.full, torch_loss.full)
+        target = losses.PoissonNLLLoss
+    else:
+        raise TypeError(
+            f"No curvlinops translation for {type(torch_loss).__module__}.{name}; supported: "
+            "torch.nn.MSELoss, CrossEntropyLoss, BCEWithLogitsLoss, PoissonNLLLoss. "
+            "(For a Gaussian with predicted variance use curvlinops.GaussianNLLLoss, which "
+            "takes [means | log-variances] as outputs.)"
+        )
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"{name} has reduction={reduction!r}; curvature needs a scalar loss, so use "
+            "reduction='mean' or 'sum'."
+        )
+    return target(reduction=reduction)
+
+
+def _refuse(loss_name, option, used, value):
+    if used:
+        raise ValueError(
+            f"{loss_name} with {option}={value} has no curvlinops equivalent; construct it "
+            f"without {option} (curvlinops losses are unweighted negative log-likelihoods)."
+        )

@@ -1,0 +1,189 @@
+"""JaxModel: pytree parameters, compilation per shape, impure functions, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from frontends_mlp import flat, jax_mlp, mlp_problem
+
+from curvlinops import (
+    CrossEntropyLoss,
+    GGNLinearOperator,
+    HessianLinearOperator,
+    MissingTierError,
+    MSELoss,
+    NonDeterministicDataError,
+    Tier,
+    to_numpy,
+)
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+
+from curvlinops.frontends.jax import JaxModel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return mlp_problem()
+
+
+def _dict_mlp(p, x):
+    h = jnp.tanh(x @ p["hidden"]["w"].T + p["hidden"]["b"])
+    return h @ p["out"]["w"].T
+
+
+def _dict_params(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "out": {"w": jnp.asarray(rng.standard_normal((3, 4)))},
+        "hidden": {
+            "w": jnp.asarray(rng.standard_normal((4, 5))),
+            "b": jnp.asarray(rng.standard_normal(4)),
+        },
+    }
+
+
+def test_pytree_parameters_are_flattened_in_tree_leaves_order(problem):
+    tree = _dict_params()
+    model = JaxModel(_dict_mlp, tree)
+    leaves = jax.tree_util.tree_leaves(tree)
+    assert [tuple(p.shape) for p in model.params] == [(4,), (4, 5), (3, 4)]  # sorted keys
+    assert all(a is b for a, b in zip(model.params, leaves, strict=True))
+    assert model.flatten(tree) == model.params
+    rebuilt = model.unflatten(model.params)
+    assert jax.tree_util.tree_structure(rebuilt) == jax.tree_util.tree_structure(tree)
+    with pytest.raises(ValueError, match="pytree of structure"):
+        model.flatten([1.0, 2.0])
+    assert model.expected_param_shapes() == [(4,), (4, 5), (3, 4)]
+
+    # The Hessian over the flat list is the jax.hessian of the loss of the pytree.
+    X = jnp.asarray(problem.X)
+    y = jnp.asarray(problem.y_regression)
+    H = HessianLinearOperator(model, MSELoss(reduction="sum"), model.params, [(X, y)])
+
+    def loss(theta):
+        parts, start = [], 0
+        for p in leaves:
+            parts.append(theta[start : start + p.size].reshape(p.shape))
+            start += p.size
+        tree_theta = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), parts)
+        return jnp.sum((_dict_mlp(tree_theta, X) - y) ** 2)
+
+    reference = jax.hessian(loss)(jnp.asarray(flat(leaves)))
+    np.testing.assert_allclose(
+        to_numpy(H.to_dense()), np.asarray(reference), rtol=1e-10, atol=1e-10
+    )
+
+
+def test_plain_list_without_example_params(problem):
+    model = JaxModel(jax_mlp)
+    assert model.expected_param_shapes() is None
+    with pytest.raises(ValueError, match="created without params"):
+        _ = model.params
+    params = [jnp.asarray(p) for p in problem.params]
+    out = model(params, jnp.asarray(problem.X))
+    np.testing.assert_allclose(to_numpy(out), problem.native(problem.params, problem.X), 1e-12)
+
+
+def test_one_compilation_per_batch_shape(problem):
+    traces = []
+
+    def counted(p, x):
+        traces.append(x.shape)  # runs only while JAX traces the function
+        return jax_mlp(p, x)
+
+    model = JaxModel(counted, [jnp.asarray(p) for p in problem.params])
+    X = jnp.asarray(problem.X)
+    for _ in range(3):
+        for n in (4, 6):
+            lin = model.linearize(model.params, X[:n])
+            lin.vjp(jnp.ones((n, 3)))
+            lin.jvp(model.params)
+    assert traces == [(4, 5), (6, 5)]  # one trace of the linearization per shape
+    # A new model of the same function and structure reuses the compiled functions.
+    again = JaxModel(counted, [jnp.asarray(p) for p in problem.params])
+    again.linearize(again.params, X[:4])
+    assert len(traces) == 2
+
+
+def _global_scale_fn():
+    state = {"scale": 1.0}
+
+    def scaled(p, x):
+        return state["scale"] * (x @ p[0].T)  # reads a value from outside: not pure
+
+    return scaled, state
+
+
+def test_impure_function_under_jit_keeps_the_traced_value():
+    scaled, state = _global_scale_fn()
+    model = JaxModel(scaled, [jnp.ones((2, 3))])
+    x4, x5 = jnp.ones((4, 3)), jnp.ones((5, 3))
+    assert float(model(model.params, x4)[0, 0]) == 3.0
+    state["scale"] = 2.0
+    # Documented: the value read at tracing time is frozen for this shape ...
+    assert float(model(model.params, x4)[0, 0]) == 3.0
+    assert float(model.linearize(model.params, x4).outputs[0, 0]) == 6.0  # new function traced
+    # ... and a new shape traces again, reading the new value.
+    assert float(model(model.params, x5)[0, 0]) == 6.0
+
+
+def test_impure_function_without_jit_reads_the_value_at_every_call():
+    scaled, state = _global_scale_fn()
+    model = JaxModel(scaled, [jnp.ones((2, 3))], jit=False)
+    x = jnp.ones((4, 3))
+    assert float(model(model.params, x)[0, 0]) == 3.0
+    state["scale"] = 2.0
+    assert float(model(model.params, x)[0, 0]) == 6.0
+    lin = model.linearize(model.params, x)
+    np.testing.assert_allclose(to_numpy(lin.jvp([jnp.ones((2, 3))])), 6.0 * np.ones((4, 2)))
+
+
+class _NoisyData:
+    """A data set that adds fresh noise on every pass (random augmentation)."""
+
+    def __init__(self, X, y):
+        self.X, self.y, self.passes = X, y, 0
+
+    def __iter__(self):
+        self.passes += 1
+        noise = jax.random.normal(jax.random.key(self.passes), self.X.shape)
+        yield self.X + 0.01 * noise, self.y
+
+
+def test_randomness_through_the_data_is_caught_by_the_determinism_check(problem):
+    model = JaxModel(jax_mlp, [jnp.asarray(p) for p in problem.params])
+    data = _NoisyData(jnp.asarray(problem.X), jnp.asarray(problem.y_class))
+    with pytest.raises(NonDeterministicDataError, match="inputs X"):
+        GGNLinearOperator(model, CrossEntropyLoss(), model.params, data)
+
+
+def test_no_layer_taps(problem):
+    model = JaxModel(jax_mlp, [jnp.asarray(p) for p in problem.params])
+    assert not model.has_tier(Tier.LAYER_TAPS)
+    lin = model.linearize(model.params, jnp.asarray(problem.X))
+    with pytest.raises(MissingTierError, match="tier 3"):
+        lin.layer_taps(jnp.ones((problem.X.shape[0], 3, 1)))
+
+
+def test_non_jax_arrays_are_refused(problem):
+    model = JaxModel(jax_mlp, [jnp.asarray(p) for p in problem.params])
+    with pytest.raises(TypeError, match="jax.numpy.asarray"):
+        model.linearize(model.params, problem.X)
+    with pytest.raises(TypeError, match="f\\(params, x\\)"):
+        JaxModel("not a function")
+
+
+def test_float32_parameters_give_float32_products(problem):
+    params = [jnp.asarray(p, dtype=jnp.float32) for p in problem.params]
+    model = JaxModel(jax_mlp, params)
+    X = jnp.asarray(problem.X, dtype=jnp.float32)
+    G = GGNLinearOperator(model, CrossEntropyLoss(), params, [(X, jnp.asarray(problem.y_class))])
+    result = G @ jnp.ones(G.shape[1], dtype=jnp.float32)
+    assert result.dtype == jnp.float32
+    data64 = [(problem.X, problem.y_class)]
+    expected = GGNLinearOperator(problem.native, CrossEntropyLoss(), problem.params, data64)
+    np.testing.assert_allclose(
+        to_numpy(result), expected @ np.ones(G.shape[1]), rtol=2e-4, atol=2e-5
+    )
