@@ -78,8 +78,18 @@ def _exact_trace(A, xp, chunk=256):
     return total
 
 
-def run_demo(*, num_data=1000, width=32, batch_size=250, steps=5, damping=1e-3,
-             backend="numpy", seed=0, progress=True, out=print):
+def run_demo(
+    *,
+    num_data=1000,
+    width=32,
+    batch_size=250,
+    steps=5,
+    damping=1e-3,
+    backend="numpy",
+    seed=0,
+    progress=True,
+    out=print,
+):
     """Run the demo and print its report; returns the report rows as a dict."""
     import curvlinops as cl
 
@@ -92,8 +102,10 @@ def run_demo(*, num_data=1000, width=32, batch_size=250, steps=5, damping=1e-3,
     params = model.init(seed, xp=xp, dtype=dtype, device=device)
     loss = cl.CrossEntropyLoss()
     shapes = cl.param_shapes(params)
-    out(f"curvlinops demo: MLP {num_features}-{width}-10 (tanh), {num_data} digits, "
-        f"{sum(int(np.prod(s)) for s in shapes)} parameters, backend {backend}")
+    out(
+        f"curvlinops demo: MLP {num_features}-{width}-10 (tanh), {num_data} digits, "
+        f"{sum(int(np.prod(s)) for s in shapes)} parameters, backend {backend}"
+    )
 
     bar = None
     if progress:
@@ -192,8 +204,11 @@ def _print_table(rows, out):
 
 def main(argv=None):
     """Command line: ``python -m curvlinops demo [options]``."""
-    parser = argparse.ArgumentParser(prog="python -m curvlinops", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m curvlinops",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="curvature of a small MLP on the digits data set")
     demo.add_argument("--num-data", type=int, default=1000, help="data points (max 1797)")
@@ -207,7 +222,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.num_data < 2 or args.width < 1 or args.batch_size < 1:
         parser.error("--num-data must be >= 2, --width and --batch-size >= 1")
-    run_demo(num_data=args.num_data, width=args.width, batch_size=args.batch_size,
-             steps=args.steps, damping=args.damping, backend=args.backend, seed=args.seed,
-             progress=not args.no_progress)
+    run_demo(
+        num_data=args.num_data,
+        width=args.width,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        damping=args.damping,
+        backend=args.backend,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     return 0

@@ -13,8 +13,7 @@ def test_demo_runs_and_trains():
     from curvlinops.demo import run_demo
 
     lines = []
-    rows = run_demo(num_data=200, width=8, batch_size=64, steps=3, progress=False,
-                    out=lines.append)
+    rows = run_demo(num_data=200, width=8, batch_size=64, steps=3, progress=False, out=lines.append)
     # Cross-entropy of an untrained 10-class model is about log(10); LM steps reduce it.
     assert rows["loss after training"] < 0.8 * np.log(10)
     assert rows["F = G check: max |FV - GV| / max |GV|"] < 1e-10
@@ -24,6 +23,10 @@ def test_demo_runs_and_trains():
 
 
 def test_demo_command_line_help():
-    out = subprocess.run([sys.executable, "-m", "curvlinops", "demo", "--help"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "curvlinops", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "--backend" in out.stdout and "--num-data" in out.stdout

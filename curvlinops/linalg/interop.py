@@ -138,5 +138,3 @@ def _is_scipy_operator(A) -> bool:
     except ImportError:  # pragma: no cover - scipy is a dependency
         return False
     return isinstance(A, scipy.sparse.linalg.LinearOperator)
-
-
