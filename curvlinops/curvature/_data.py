@@ -21,9 +21,10 @@ __all__ = [
     "NonDeterministicDataError",
     "batch_seed",
     "check_data_iterable",
-    "check_deterministic",
+    "assert_deterministic",
     "count_data",
     "iterate_batches",
+    "prepare_inputs",
 ]
 
 
@@ -104,7 +105,7 @@ def batch_seed(seed: int, index: int) -> int:
     return (int(seed) * 1_000_003 + int(index)) % (2**31 - 1)
 
 
-def check_deterministic(model, loss, params, data, xp):
+def assert_deterministic(model, loss, params, data, xp):
     """Run over the data twice; raise NonDeterministicDataError if the passes differ."""
     first = _data_fingerprint(model, loss, params, data, xp)
     second = _data_fingerprint(model, loss, params, data, xp)
@@ -143,3 +144,24 @@ def resolve_loss(loss):
     from ..frontends import as_loss
 
     return as_loss(loss)
+
+
+def prepare_inputs(model, loss, params, data, *, tier, who, num_data, check_deterministic):
+    """Validate what every curvature operator takes; return ``(loss, xp, dtype, device,
+    num_data)``.
+
+    Checks the parameters' backend and shapes, translates a PyTorch loss, requires the
+    model tier, refuses one-shot iterators, counts the data when ``num_data`` is None
+    and runs the determinism check on request.
+    """
+    xp, dtype, dev = check_params_backend(params)
+    loss = resolve_loss(loss)
+    model.check_params(params)
+    model.require(tier, who)
+    check_data_iterable(data)
+    num_data = count_data(data, xp) if num_data is None else int(num_data)
+    if num_data <= 0:
+        raise ValueError(f"num_data must be positive, got {num_data}.")
+    if check_deterministic:
+        assert_deterministic(model, loss, params, data, xp)
+    return loss, xp, dtype, dev, num_data

@@ -446,6 +446,8 @@ class _KroneckerCurvature(CurvatureLinearOperator):
     """
 
     required_tier = Tier.LAYER_TAPS
+    #: the ``fisher_type`` values a subclass accepts
+    fisher_types: tuple = ()
 
     def __init__(
         self,
@@ -454,12 +456,19 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         params,
         data,
         *,
+        fisher_type="type-2",
+        mc_samples=1,
         kfac_approx="expand",
         separate_weight_and_bias=True,
+        seed=0,
         num_data=None,
         progressbar=False,
         check_deterministic=True,
     ):
+        check_fisher_type(fisher_type, self.fisher_types)
+        self.fisher_type = fisher_type
+        self.mc_samples = check_mc_samples(mc_samples)
+        self.seed = int(seed)
         if kfac_approx not in APPROXIMATIONS:
             raise ValueError(f"kfac_approx must be one of {APPROXIMATIONS}, got {kfac_approx!r}.")
         self.kfac_approx = kfac_approx

@@ -18,12 +18,8 @@ from ..linalg import LinearOperator
 from ..models import Tier, flatten_params, num_params, param_shapes, unflatten_params
 from ._data import (
     NonDeterministicDataError,
-    check_data_iterable,
-    check_deterministic,
-    check_params_backend,
-    count_data,
     iterate_batches,
-    resolve_loss,
+    prepare_inputs,
 )
 
 __all__ = ["CurvatureLinearOperator", "NonDeterministicDataError"]
@@ -77,11 +73,16 @@ class CurvatureLinearOperator(LinearOperator):
         check_deterministic=True,
         cache=False,
     ):
-        xp, dtype, dev = check_params_backend(params)
-        loss = resolve_loss(loss)
-        model.check_params(params)
-        model.require(self.required_tier, type(self).__name__)
-        check_data_iterable(data)
+        loss, xp, dtype, dev, self.num_data = prepare_inputs(
+            model,
+            loss,
+            params,
+            data,
+            tier=self.required_tier,
+            who=type(self).__name__,
+            num_data=num_data,
+            check_deterministic=check_deterministic,
+        )
         self.model, self.loss, self.params, self.data = model, loss, list(params), data
         self.shapes = param_shapes(params)
         self.progressbar, self.cache = bool(progressbar), bool(cache)
@@ -89,12 +90,7 @@ class CurvatureLinearOperator(LinearOperator):
         super().__init__(
             self._operator_shape(P), dtype=dtype, xp=xp, device=dev, symmetric=self.symmetric
         )
-        self.num_data = count_data(data, xp) if num_data is None else int(num_data)
-        if self.num_data <= 0:
-            raise ValueError(f"num_data must be positive, got {self.num_data}.")
         self._cached = {}
-        if check_deterministic:
-            self._check_deterministic()
 
     # -- subclass hooks -------------------------------------------------------------
 
@@ -166,6 +162,3 @@ class CurvatureLinearOperator(LinearOperator):
             else:
                 grads = [g + b for g, b in zip(grads, batch_grads, strict=True)]
         return grads, value
-
-    def _check_deterministic(self):
-        check_deterministic(self.model, self.loss, self.params, self.data, self.xp)

@@ -21,12 +21,8 @@ from ..linalg import DiagonalLinearOperator
 from ..models import Tier, flatten_params, param_shapes
 from ._data import (
     batch_seed,
-    check_data_iterable,
-    check_deterministic as run_determinism_check,
-    check_params_backend,
-    count_data,
     iterate_batches,
-    resolve_loss,
+    prepare_inputs,
 )
 
 __all__ = [
@@ -50,16 +46,16 @@ class _TapDiagonalLinearOperator(DiagonalLinearOperator):
         progressbar=False,
         check_deterministic=True,
     ):
-        xp, _, _ = check_params_backend(params)
-        loss = resolve_loss(loss)
-        model.check_params(params)
-        model.require(Tier.LAYER_TAPS, type(self).__name__)
-        check_data_iterable(data)
-        if check_deterministic:
-            run_determinism_check(model, loss, params, data, xp)
-        self.num_data = count_data(data, xp) if num_data is None else int(num_data)
-        if self.num_data <= 0:
-            raise ValueError(f"num_data must be positive, got {self.num_data}.")
+        loss, xp, _, _, self.num_data = prepare_inputs(
+            model,
+            loss,
+            params,
+            data,
+            tier=Tier.LAYER_TAPS,
+            who=type(self).__name__,
+            num_data=num_data,
+            check_deterministic=check_deterministic,
+        )
         self.model, self.loss = model, loss
         diagonal = self._accumulate(model, loss, params, data, xp, progressbar)
         super().__init__(diagonal)
@@ -272,15 +268,16 @@ class HessianDiagonalLinearOperator(DiagonalLinearOperator):
     ):
         from ._chain import backpropagated_hessians
 
-        xp, _, _ = check_params_backend(params)
-        loss = resolve_loss(loss)
-        model.check_params(params)
-        check_data_iterable(data)
-        if check_deterministic:
-            run_determinism_check(model, loss, params, data, xp)
-        self.num_data = count_data(data, xp) if num_data is None else int(num_data)
-        if self.num_data <= 0:
-            raise ValueError(f"num_data must be positive, got {self.num_data}.")
+        loss, xp, _, _, self.num_data = prepare_inputs(
+            model,
+            loss,
+            params,
+            data,
+            tier=Tier.FIRST_ORDER,
+            who=type(self).__name__,
+            num_data=num_data,
+            check_deterministic=check_deterministic,
+        )
         shapes = param_shapes(params)
         sums = [None] * len(params)
         outputs_shape = None

@@ -21,8 +21,6 @@ from ._kronecker import (
     _Factor,
     _KronBlock,
     _KroneckerCurvature,
-    check_fisher_type,
-    check_mc_samples,
     spd_inverse,
 )
 
@@ -125,37 +123,7 @@ class KFACLinearOperator(_KroneckerCurvature):
     True
     """
 
-    def __init__(
-        self,
-        model,
-        loss,
-        params,
-        data,
-        *,
-        fisher_type="type-2",
-        mc_samples=1,
-        kfac_approx="expand",
-        separate_weight_and_bias=True,
-        seed=0,
-        num_data=None,
-        progressbar=False,
-        check_deterministic=True,
-    ):
-        check_fisher_type(fisher_type, FISHER_TYPES)
-        self.fisher_type = fisher_type
-        self.mc_samples = check_mc_samples(mc_samples)
-        self.seed = int(seed)
-        super().__init__(
-            model,
-            loss,
-            params,
-            data,
-            kfac_approx=kfac_approx,
-            separate_weight_and_bias=separate_weight_and_bias,
-            num_data=num_data,
-            progressbar=progressbar,
-            check_deterministic=check_deterministic,
-        )
+    fisher_types = FISHER_TYPES
 
     def _build(self):
         self._set_factors(self._kfac_factors())

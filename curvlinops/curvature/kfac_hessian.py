@@ -101,6 +101,8 @@ class KFACHessianLinearOperator(KFACLinearOperator):
     True
     """
 
+    fisher_types = ("hessian",)
+
     def __init__(
         self,
         model,
@@ -114,15 +116,13 @@ class KFACHessianLinearOperator(KFACLinearOperator):
         check_deterministic=True,
     ):
         self._chain = _supported_chain(model)
-        self.fisher_type = "hessian"
-        self.mc_samples = 1
-        self.seed = 0
         _KroneckerCurvature.__init__(
             self,
             model,
             loss,
             params,
             data,
+            fisher_type="hessian",
             kfac_approx="expand",
             separate_weight_and_bias=separate_weight_and_bias,
             num_data=num_data,
