@@ -115,4 +115,62 @@ def run(quick: bool) -> list[dict]:
                 "met": "" if target is None else ratio <= target,
             }
         )
+    rows.extend(_peer_rows(model, loss, params, data, repeats, baseline))
     return rows
+
+
+def _peer_rows(model, loss, params, data, repeats, baseline):
+    """curvlinops-for-pytorch's K-FAC and EKFAC on the same weights (``--peers``)."""
+    import os
+
+    if os.environ.get("CURVLINOPS_BENCH_PEERS") != "1":
+        return [{"quantity": "curvlinops-for-pytorch K-FAC/EKFAC", "met": "skipped (--peers)"}]
+    from _mlp import peer_inputs
+    from _peers import PeerUnavailable, run_peer
+
+    X, y = data[0]
+    rng = np.random.default_rng(3)
+    P = sum(p.size for p in params)
+    v = rng.standard_normal(P).astype(np.float32)
+    V = rng.standard_normal((P, 2)).astype(np.float32)
+    try:
+        res = run_peer(
+            "curvlinops-for-pytorch",
+            peer_inputs(params, X, y, v, V, repeats=repeats, threads=os.cpu_count() or 1, kfac=1),
+        )
+    except PeerUnavailable as err:
+        return [{"quantity": "curvlinops-for-pytorch K-FAC/EKFAC", "met": f"unavailable: {err}"}]
+    kw = dict(check_deterministic=False)
+    K = KFACLinearOperator(model, loss, params, data, fisher_type="type-2", **kw)
+    E = EKFACLinearOperator(model, loss, params, data, **kw)
+
+    def rel(a, b):
+        return float(np.abs(a - b).max() / np.abs(b).max())
+
+    t_k = time_call(
+        lambda: KFACLinearOperator(model, loss, params, data, fisher_type="type-2", **kw),
+        repeats=max(1, repeats // 2),
+    ).median
+    t_e = time_call(
+        lambda: EKFACLinearOperator(model, loss, params, data, **kw), repeats=max(1, repeats // 2)
+    ).median
+    t_kv = time_call(lambda: K @ v, repeats=repeats, min_time=0.2).median
+    peer_grad = float(res["t_grad"])
+    return [
+        {
+            "quantity": "ours / peer: K-FAC type-2 construction",
+            "ratio": t_k / float(res["t_kfac_build"]),
+            "met": f"values: max rel. diff {rel(K @ v, res['kfac_v']):.1e}",
+        },
+        {"quantity": "ours / peer: K-FAC matvec", "ratio": t_kv / float(res["t_kfac_matvec"])},
+        {
+            "quantity": "ours / peer: EKFAC construction",
+            "ratio": t_e / float(res["t_ekfac_build"]),
+            "met": f"values: max rel. diff {rel(E @ v, res['ekfac_v']):.1e}",
+        },
+        {
+            "quantity": "peer K-FAC type-2 construction / its loss+grad",
+            "ratio": float(res["t_kfac_build"]) / peer_grad,
+        },
+        {"quantity": "ours / peer: loss+grad", "ratio": baseline / peer_grad},
+    ]
