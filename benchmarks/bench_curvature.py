@@ -12,7 +12,8 @@ denominator is loss+gradient of the same model in curvlinops.nn. Rows:
   ``--peers`` to the runner);
 - the exact GGN diagonal (C = 10 classes) over loss+gradient;
 - memory: the peak of a GGN matvec over 60 000 random samples in batches of 1000,
-  against one batch (it must stay at batch scale).
+  against two batches (it must stay at batch scale: one batch's activations plus the
+  product and its running sum, whatever the number of batches).
 
 Ratios only; measured in one run.
 """
@@ -149,14 +150,18 @@ def _memory_rows(model, loss, params, quick):
         model, loss, params, RandomBatches(num_data // batch), num_data=num_data, **kw
     )
     G_one = cl.GGNLinearOperator(model, loss, params, RandomBatches(1), num_data=batch, **kw)
+    # Two batches: the same working set as many (one batch's activations, the product and
+    # the running sum over batches), so the ratio shows growth with the data set alone.
+    G_two = cl.GGNLinearOperator(model, loss, params, RandomBatches(2), num_data=2 * batch, **kw)
     peak_all = peak_numpy_bytes(lambda: G_all @ v)
     peak_one = peak_numpy_bytes(lambda: G_one @ v)
+    peak_two = peak_numpy_bytes(lambda: G_two @ v)
     return [
         {
-            "quantity": f"GGN matvec peak memory, {num_data} samples / one batch of {batch}",
-            "ratio": peak_all / peak_one,
-            "target": "<= 1.5",
-            "meets": peak_all / peak_one <= 1.5,
-            "note": f"{format_bytes(peak_all)} vs {format_bytes(peak_one)}",
+            "quantity": f"GGN matvec peak memory, {num_data} samples / 2 batches of {batch}",
+            "ratio": peak_all / peak_two,
+            "target": "<= 1.1",
+            "meets": peak_all / peak_two <= 1.1,
+            "note": f"{format_bytes(peak_all)}; one batch alone {format_bytes(peak_one)}",
         }
     ]

@@ -97,9 +97,11 @@ class CurvatureLinearOperator(LinearOperator):
     def _operator_shape(self, P):
         return (P, P)
 
-    def _batch_matmat(self, lin, y, tangents):
-        """Product of one batch's (unnormalized) curvature with tangents (+ trailing K).
+    def _batch_matmat(self, lin, y, tangents, scale):
+        """Product of one batch's curvature with tangents (+ trailing K), times ``scale``.
 
+        ``scale`` is the loss's normalization over the data set; operators apply it in
+        output space (``N x C x K`` numbers) rather than to the ``P x K`` result.
         Returns a list shaped like the parameters with the trailing ``K`` axis.
         """
         raise NotImplementedError
@@ -108,12 +110,13 @@ class CurvatureLinearOperator(LinearOperator):
 
     def _matmat(self, V):
         tangents = unflatten_params(V, self.shapes)
+        scale = self._normalization()
         total = None
         for index, X, y in self._batches():
             lin = self._linearization(index, X)
-            part = flatten_params(self._batch_matmat(lin, y, tangents), self.shapes)
+            part = flatten_params(self._batch_matmat(lin, y, tangents, scale), self.shapes)
             total = part if total is None else total + part
-        return self._normalization() * total
+        return total
 
     def _batches(self):
         return iterate_batches(

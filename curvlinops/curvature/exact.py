@@ -96,9 +96,9 @@ class GGNLinearOperator(CurvatureLinearOperator):
     """
     )
 
-    def _batch_matmat(self, lin, y, tangents):
+    def _batch_matmat(self, lin, y, tangents, scale):
         Jv = lin.jvp(tangents)
-        return lin.vjp(self.loss.hessian_matmat(lin.outputs, y, Jv))
+        return lin.vjp(scale * self.loss.hessian_matmat(lin.outputs, y, Jv))
 
 
 class HessianLinearOperator(CurvatureLinearOperator):
@@ -127,12 +127,12 @@ class HessianLinearOperator(CurvatureLinearOperator):
 
     required_tier = Tier.SECOND_ORDER
 
-    def _batch_matmat(self, lin, y, tangents):
+    def _batch_matmat(self, lin, y, tangents, scale):
         f = lin.outputs
         return lin.second_order_vjp(
-            self.loss.gradient(f, y),
+            scale * self.loss.gradient(f, y),
             tangents,
-            lambda Jv: self.loss.hessian_matmat(f, y, Jv),
+            lambda Jv: scale * self.loss.hessian_matmat(f, y, Jv),
         )
 
 
@@ -163,8 +163,8 @@ class GGNResidualLinearOperator(CurvatureLinearOperator):
 
     required_tier = Tier.SECOND_ORDER
 
-    def _batch_matmat(self, lin, y, tangents):
-        return lin.second_order_vjp(self.loss.gradient(lin.outputs, y), tangents, None)
+    def _batch_matmat(self, lin, y, tangents, scale):
+        return lin.second_order_vjp(scale * self.loss.gradient(lin.outputs, y), tangents, None)
 
 
 class FisherLinearOperator(CurvatureLinearOperator):
@@ -208,17 +208,17 @@ class FisherLinearOperator(CurvatureLinearOperator):
         self.seed = int(seed)
         super().__init__(model, loss, params, data, **kwargs)
 
-    def _batch_matmat(self, lin, y, tangents):
+    def _batch_matmat(self, lin, y, tangents, scale):
         f = lin.outputs
         Jv = lin.jvp(tangents)
         if self.mc_samples is None:
-            return lin.vjp(self.loss.fisher_matmat(f, Jv))
+            return lin.vjp(scale * self.loss.fisher_matmat(f, Jv))
         # Seeds depend on the batch index only, so products are reproducible.
         index = self._current_index
         G = self.loss.sampled_gradients(f, self.mc_samples, seed=batch_seed(self.seed, index))
         xp, n = self.xp, f.shape[0]
         FJv = _per_datum_outer_product(_flat_outputs(G, n, xp), _flat_outputs(Jv, n, xp), xp)
-        return lin.vjp(xp.reshape(FJv, Jv.shape))
+        return lin.vjp(scale * xp.reshape(FJv, Jv.shape))
 
     def _batches(self):
         for index, X, y in super()._batches():
@@ -250,13 +250,13 @@ class EFLinearOperator(CurvatureLinearOperator):
     """
     )
 
-    def _batch_matmat(self, lin, y, tangents):
+    def _batch_matmat(self, lin, y, tangents, scale):
         f = lin.outputs
         xp, n = self.xp, f.shape[0]
         Jv = lin.jvp(tangents)
         g = _flat_outputs(self.loss.gradient(f, y)[..., None], n, xp)
         EJv = _per_datum_outer_product(g, _flat_outputs(Jv, n, xp), xp)
-        return lin.vjp(xp.reshape(EJv, Jv.shape))
+        return lin.vjp(scale * xp.reshape(EJv, Jv.shape))
 
 
 class _JacobianProducts(CurvatureLinearOperator):

@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import math
 
-from .._backend import array_namespace
+from .._backend import (
+    array_namespace,
+    device,
+    is_cupy_namespace,
+    is_numpy_namespace,
+    is_torch_namespace,
+)
 
 __all__ = ["flatten_params", "unflatten_params", "num_params", "param_shapes", "check_params"]
 
@@ -70,7 +76,32 @@ def flatten_params(arrays, shapes=None):
     if shapes is None or all(a.ndim == len(s) for a, s in zip(arrays, shapes, strict=True)):
         return xp.concat([xp.reshape(a, (-1,)) for a in arrays])
     K = arrays[0].shape[-1]
+    if _slices_are_views(xp):
+        return _fill_rows(arrays, K, xp)
     return xp.concat([xp.reshape(a, (-1, K)) for a in arrays], axis=0)
+
+
+def _slices_are_views(xp) -> bool:
+    """Whether row slices of a contiguous array are writable views in ``xp``."""
+    return is_numpy_namespace(xp) or is_torch_namespace(xp) or is_cupy_namespace(xp)
+
+
+def _fill_rows(arrays, K, xp):
+    """Stack ``(*shape, K)`` arrays as rows of one ``(P, K)`` array with a single copy.
+
+    Concatenating reshaped arrays copies twice when an array is a permuted view (as
+    weight gradients of batched products are): once to reshape, once to concatenate.
+    Writing each array into its reshaped slice of a preallocated result copies once.
+    """
+    total = sum(math.prod(a.shape[:-1]) for a in arrays)
+    out = xp.empty((total, K), dtype=arrays[0].dtype, device=device(arrays[0]))
+    start = 0
+    for a in arrays:
+        size = math.prod(a.shape[:-1])
+        out_rows = xp.reshape(out[start : start + size, :], tuple(a.shape))
+        out_rows[...] = a
+        start += size
+    return out
 
 
 def unflatten_params(vector, shapes):
