@@ -51,3 +51,10 @@ def peer_inputs(params, X, y, v, V, *, repeats, threads, dtype="float32", **extr
         inputs[f"b{i}"] = np.asarray(params[2 * i + 1])
     inputs.update(extra)
     return inputs
+
+
+def threads() -> int:
+    """Threads the peer may use: the same limit as this process (``OMP_NUM_THREADS``)."""
+    import os
+
+    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)

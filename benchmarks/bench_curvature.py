@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from _mlp import mlp_problem, peer_inputs
+from _mlp import mlp_problem, peer_inputs, threads as _threads
 from _timing import format_bytes, peak_numpy_bytes, time_call
 
 import curvlinops as cl
@@ -90,7 +90,7 @@ def _peer_rows(params, X, y, v, V, repeats, t_grad, t_ggn, t_hess, G, H):
     try:
         res = run_peer(
             "curvlinops-for-pytorch",
-            peer_inputs(params, X, y, v, V, repeats=repeats, threads=os.cpu_count() or 1),
+            peer_inputs(params, X, y, v, V, repeats=repeats, threads=_threads()),
         )
     except PeerUnavailable as err:
         return [{"quantity": "curvlinops-for-pytorch", "note": f"unavailable: {err}"}]

@@ -125,7 +125,7 @@ def _peer_rows(model, loss, params, data, repeats, baseline):
 
     if os.environ.get("CURVLINOPS_BENCH_PEERS") != "1":
         return [{"quantity": "curvlinops-for-pytorch K-FAC/EKFAC", "met": "skipped (--peers)"}]
-    from _mlp import peer_inputs
+    from _mlp import peer_inputs, threads as _threads
     from _peers import PeerUnavailable, run_peer
 
     X, y = data[0]
@@ -136,7 +136,7 @@ def _peer_rows(model, loss, params, data, repeats, baseline):
     try:
         res = run_peer(
             "curvlinops-for-pytorch",
-            peer_inputs(params, X, y, v, V, repeats=repeats, threads=os.cpu_count() or 1, kfac=1),
+            peer_inputs(params, X, y, v, V, repeats=repeats, threads=_threads(), kfac=1),
         )
     except PeerUnavailable as err:
         return [{"quantity": "curvlinops-for-pytorch K-FAC/EKFAC", "met": f"unavailable: {err}"}]
