@@ -97,8 +97,8 @@ class CurvatureLinearOperator(LinearOperator):
     def _operator_shape(self, P):
         return (P, P)
 
-    def _batch_matmat(self, lin, y, tangents, scale):
-        """Product of one batch's curvature with tangents (+ trailing K), times ``scale``.
+    def _batch_matmat(self, lin, y, tangents, scale, index):
+        """Product of batch ``index``'s curvature with tangents (+ trailing K), times ``scale``.
 
         ``scale`` is the loss's normalization over the data set; operators apply it in
         output space (``N x C x K`` numbers) rather than to the ``P x K`` result.
@@ -114,7 +114,7 @@ class CurvatureLinearOperator(LinearOperator):
         total = None
         for index, X, y in self._batches():
             lin = self._linearization(index, X)
-            part = flatten_params(self._batch_matmat(lin, y, tangents, scale), self.shapes)
+            part = flatten_params(self._batch_matmat(lin, y, tangents, scale, index), self.shapes)
             total = part if total is None else total + part
         return total
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from .._backend import device as array_device
 from ..linalg import DiagonalLinearOperator
 from ..models import Tier, flatten_params, param_shapes
+from ._chain import backpropagated_hessians
 from ._data import (
     batch_seed,
     iterate_batches,
@@ -32,8 +33,16 @@ __all__ = [
 ]
 
 
-class _TapDiagonalLinearOperator(DiagonalLinearOperator):
-    """A diagonal curvature computed in one pass over the data from layer taps."""
+class _DataDiagonalLinearOperator(DiagonalLinearOperator):
+    """A diagonal curvature accumulated in one pass over the data.
+
+    Subclasses yield, per batch, ``(parameter index, contribution)`` pairs of
+    unnormalized diagonal sums (:meth:`_batch_contributions`); this class runs the
+    loop, checks that every parameter was covered and applies the loss's reduction.
+    """
+
+    #: tier of the model protocol the subclass needs
+    required_tier = Tier.LAYER_TAPS
 
     def __init__(
         self,
@@ -51,7 +60,7 @@ class _TapDiagonalLinearOperator(DiagonalLinearOperator):
             loss,
             params,
             data,
-            tier=Tier.LAYER_TAPS,
+            tier=self.required_tier,
             who=type(self).__name__,
             num_data=num_data,
             check_deterministic=check_deterministic,
@@ -60,8 +69,8 @@ class _TapDiagonalLinearOperator(DiagonalLinearOperator):
         diagonal = self._accumulate(model, loss, params, data, xp, progressbar)
         super().__init__(diagonal)
 
-    def _cotangents(self, outputs, y, index, xp):
-        """``(N, *out, M)`` cotangents whose outer products define the curvature."""
+    def _batch_contributions(self, lin, y, index, xp):
+        """Yield ``(parameter index, array shaped like that parameter)`` for one batch."""
         raise NotImplementedError
 
     def _accumulate(self, model, loss, params, data, xp, progressbar):
@@ -73,21 +82,33 @@ class _TapDiagonalLinearOperator(DiagonalLinearOperator):
             lin = model.linearize(params, X)
             loss.check(lin.outputs, y)
             outputs_shape = outputs_shape or tuple(lin.outputs.shape)
-            for tap in lin.layer_taps(self._cotangents(lin.outputs, y, index, xp)):
-                d_weight, d_bias = _squared_gradient_sums(tap.inputs, tap.output_grads, xp)
-                _add(sums, tap.weight_index, d_weight)
-                if tap.bias_index is not None:
-                    _add(sums, tap.bias_index, d_bias)
+            for where, value in self._batch_contributions(lin, y, index, xp):
+                sums[where] = value if sums[where] is None else sums[where] + value
         missing = [i for i, s in enumerate(sums) if s is None]
         if missing:
             raise ValueError(
-                f"{type(self).__name__} needs layer taps for every parameter, but parameters "
-                f"{missing} (shapes {[shapes[i] for i in missing]}) belong to no tapped layer."
+                f"{type(self).__name__} needs every parameter in a supported (Linear) layer, "
+                f"but parameters {missing} (shapes {[shapes[i] for i in missing]}) are not."
             )
         c = loss.normalization(self.num_data, outputs_shape)
         return c * flatten_params(
             [xp.reshape(s, shape) for s, shape in zip(sums, shapes, strict=True)]
         )
+
+
+class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
+    """A diagonal curvature from the layer taps of cotangents ``G`` (curvature ``G G^T``)."""
+
+    def _cotangents(self, outputs, y, index, xp):
+        """``(N, *out, M)`` cotangents whose outer products define the curvature."""
+        raise NotImplementedError
+
+    def _batch_contributions(self, lin, y, index, xp):
+        for tap in lin.layer_taps(self._cotangents(lin.outputs, y, index, xp)):
+            d_weight, d_bias = _squared_gradient_sums(tap.inputs, tap.output_grads, xp)
+            yield tap.weight_index, d_weight
+            if tap.bias_index is not None:
+                yield tap.bias_index, d_bias
 
 
 def _per_datum_factor(S, xp):
@@ -108,10 +129,6 @@ def _per_datum_factor(S, xp):
     eye = xp.eye(P, dtype=S.dtype, device=array_device(S))
     blocks = S3[:, :, :, None, :] * eye[None, :, None, :, None]
     return xp.reshape(blocks, (N, *positions, C, P * R))
-
-
-def _add(sums, index, value):
-    sums[index] = value if sums[index] is None else sums[index] + value
 
 
 def _squared_gradient_sums(a, g, xp):
@@ -226,7 +243,7 @@ class EFDiagonalLinearOperator(_TapDiagonalLinearOperator):
         return self.loss.gradient(outputs, y)[..., None]
 
 
-class HessianDiagonalLinearOperator(DiagonalLinearOperator):
+class HessianDiagonalLinearOperator(_DataDiagonalLinearOperator):
     __doc__ = (
         """Exact diagonal of the Hessian for ``curvlinops.nn`` models, residual included.
 
@@ -255,53 +272,19 @@ class HessianDiagonalLinearOperator(DiagonalLinearOperator):
     """
     )
 
-    def __init__(
-        self,
-        model,
-        loss,
-        params,
-        data,
-        *,
-        num_data=None,
-        progressbar=False,
-        check_deterministic=True,
-    ):
-        from ._chain import backpropagated_hessians
+    required_tier = Tier.FIRST_ORDER
 
-        loss, xp, _, _, self.num_data = prepare_inputs(
-            model,
-            loss,
-            params,
-            data,
-            tier=Tier.FIRST_ORDER,
-            who=type(self).__name__,
-            num_data=num_data,
-            check_deterministic=check_deterministic,
-        )
-        shapes = param_shapes(params)
-        sums = [None] * len(params)
-        outputs_shape = None
-        batches = iterate_batches(data, xp, progressbar=progressbar, desc=type(self).__name__)
-        for _, X, y in batches:
-            lin = model.linearize(params, X)
-            f = lin.outputs
-            loss.check(f, y)
-            if f.ndim != 2:
-                raise ValueError(
-                    f"HessianDiagonalLinearOperator supports outputs (N, C); got {tuple(f.shape)}."
-                )
-            outputs_shape = outputs_shape or tuple(f.shape)
-            C = f.shape[1]
-            eye = xp.eye(C, dtype=f.dtype, device=array_device(f))
-            H_out = loss.hessian_matmat(f, y, xp.broadcast_to(eye, (f.shape[0], C, C)))
-            for _, w, b, a, H in backpropagated_hessians(lin, H_out, loss.gradient(f, y)):
-                h = xp.linalg.diagonal(H)  # (N, D_out)
-                _add(sums, w, xp.matrix_transpose(h) @ (a * a))
-                if b is not None:
-                    _add(sums, b, xp.sum(h, axis=0))
-        missing = [i for i, s in enumerate(sums) if s is None]
-        if missing:
-            raise ValueError(f"Parameters {missing} belong to no Linear layer of the model.")
-        c = loss.normalization(self.num_data, outputs_shape)
-        arrays = [xp.reshape(s, shape) for s, shape in zip(sums, shapes, strict=True)]
-        super().__init__(c * flatten_params(arrays))
+    def _batch_contributions(self, lin, y, index, xp):
+        f = lin.outputs
+        if f.ndim != 2:
+            raise ValueError(
+                f"HessianDiagonalLinearOperator supports outputs (N, C); got {tuple(f.shape)}."
+            )
+        C = f.shape[1]
+        eye = xp.eye(C, dtype=f.dtype, device=array_device(f))
+        H_out = self.loss.hessian_matmat(f, y, xp.broadcast_to(eye, (f.shape[0], C, C)))
+        for _, w, b, a, H in backpropagated_hessians(lin, H_out, self.loss.gradient(f, y)):
+            h = xp.linalg.diagonal(H)  # (N, D_out)
+            yield w, xp.matrix_transpose(h) @ (a * a)
+            if b is not None:
+                yield b, xp.sum(h, axis=0)

@@ -96,7 +96,7 @@ class GGNLinearOperator(CurvatureLinearOperator):
     """
     )
 
-    def _batch_matmat(self, lin, y, tangents, scale):
+    def _batch_matmat(self, lin, y, tangents, scale, index):
         Jv = lin.jvp(tangents)
         return lin.vjp(scale * self.loss.hessian_matmat(lin.outputs, y, Jv))
 
@@ -127,7 +127,7 @@ class HessianLinearOperator(CurvatureLinearOperator):
 
     required_tier = Tier.SECOND_ORDER
 
-    def _batch_matmat(self, lin, y, tangents, scale):
+    def _batch_matmat(self, lin, y, tangents, scale, index):
         f = lin.outputs
         return lin.second_order_vjp(
             scale * self.loss.gradient(f, y),
@@ -163,7 +163,7 @@ class GGNResidualLinearOperator(CurvatureLinearOperator):
 
     required_tier = Tier.SECOND_ORDER
 
-    def _batch_matmat(self, lin, y, tangents, scale):
+    def _batch_matmat(self, lin, y, tangents, scale, index):
         return lin.second_order_vjp(scale * self.loss.gradient(lin.outputs, y), tangents, None)
 
 
@@ -208,22 +208,16 @@ class FisherLinearOperator(CurvatureLinearOperator):
         self.seed = int(seed)
         super().__init__(model, loss, params, data, **kwargs)
 
-    def _batch_matmat(self, lin, y, tangents, scale):
+    def _batch_matmat(self, lin, y, tangents, scale, index):
         f = lin.outputs
         Jv = lin.jvp(tangents)
         if self.mc_samples is None:
             return lin.vjp(scale * self.loss.fisher_matmat(f, Jv))
         # Seeds depend on the batch index only, so products are reproducible.
-        index = self._current_index
         G = self.loss.sampled_gradients(f, self.mc_samples, seed=batch_seed(self.seed, index))
         xp, n = self.xp, f.shape[0]
         FJv = _per_datum_outer_product(_flat_outputs(G, n, xp), _flat_outputs(Jv, n, xp), xp)
         return lin.vjp(scale * xp.reshape(FJv, Jv.shape))
-
-    def _batches(self):
-        for index, X, y in super()._batches():
-            self._current_index = index
-            yield index, X, y
 
 
 class EFLinearOperator(CurvatureLinearOperator):
@@ -250,7 +244,7 @@ class EFLinearOperator(CurvatureLinearOperator):
     """
     )
 
-    def _batch_matmat(self, lin, y, tangents, scale):
+    def _batch_matmat(self, lin, y, tangents, scale, index):
         f = lin.outputs
         xp, n = self.xp, f.shape[0]
         Jv = lin.jvp(tangents)

@@ -77,10 +77,7 @@ def test_ggn_fisher_ef_jacobian_against_dense_references(name, reduction):
     np.testing.assert_allclose(E, ref["E"], rtol=1e-6, atol=1e-8 * np.abs(ref["E"]).max())
     np.testing.assert_allclose(F, ref["F"], rtol=1e-6, atol=1e-8 * np.abs(ref["F"]).max())
     np.testing.assert_allclose(J.to_dense(), ref["J"], rtol=1e-6, atol=1e-8)
-    if name == "gaussian":
-        np.testing.assert_allclose(G, ref["G"], rtol=1e-6, atol=1e-8 * scale)
-    else:
-        np.testing.assert_allclose(G, ref["G"], rtol=1e-6, atol=1e-8 * scale)
+    np.testing.assert_allclose(G, ref["G"], rtol=1e-6, atol=1e-8 * scale)
     # The transposed Jacobian is the adjoint, and J^T H_L J rebuilt from it is the GGN.
     JT = cl.TransposedJacobianLinearOperator(model, loss, params, data)
     np.testing.assert_allclose(JT.to_dense(), ref["J"].T, rtol=1e-6, atol=1e-8)
