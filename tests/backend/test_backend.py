@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
-from conftest import tolerances
 
+from conftest import tolerances
 from curvlinops._backend import (
     FactorizationError,
     RandomGenerator,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse.linalg
-from conftest import tolerances
 
+from conftest import tolerances
 from curvlinops import (
     CallableLinearOperator,
     DenseLinearOperator,

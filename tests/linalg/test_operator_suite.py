@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import scipy.linalg
-from conftest import tolerances
 
+from conftest import tolerances
 from curvlinops import (
     AdjointLinearOperator,
     BlockDiagonalLinearOperator,
