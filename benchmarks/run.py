@@ -12,6 +12,15 @@ A benchmark is a module ``benchmarks/bench_<name>.py`` with a function
 strings). The runner prints one table per benchmark and writes every row, tagged with
 the benchmark's name, plus a description of the machine and the library versions, to a
 JSON file (default ``benchmarks/results/<timestamp>.json``).
+
+The allocator is held steady: unless ``--default-malloc`` is given, the runner restarts
+itself with glibc's ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` fixed
+(arrays up to 32 MiB come from the heap, and freed memory stays there). With glibc's
+adaptive defaults, whether a call hands its transient memory back to the kernel at the
+end (and page-faults it in again on the next call) depends on the largest array freed
+earlier in the process, so one product's ratio could move by 30 % with the order in which
+the benchmarks ran; on virtual machines a page fault costs microseconds. The variables
+reach the peers' processes too, so both sides are measured the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_RESULTS = HERE / "results"
 VERSIONED = ("curvlinops", "numpy", "scipy", "array-api-compat", "torch", "jax", "cupy")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 
 
 def discover(directory: Path = HERE) -> dict[str, Path]:
@@ -65,6 +75,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "threads": {name: os.environ[name] for name in THREAD_VARIABLES if name in os.environ},
+        "malloc": {name: os.environ[name] for name in STEADY_MALLOC if name in os.environ},
         "versions": versions,
     }
 
@@ -93,6 +104,19 @@ def _format_cell(value) -> str:
     return str(value)
 
 
+def _restart_with_steady_malloc(argv: list[str] | None) -> bool:
+    """Re-execute this script with :data:`STEADY_MALLOC` set, once (glibc reads the
+    variables at start-up only)."""
+    if platform.system() != "Linux" or all(
+        os.environ.get(k) == v for k, v in STEADY_MALLOC.items()
+    ):
+        return False
+    os.environ.update(STEADY_MALLOC)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *arguments])
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     available = discover()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -107,7 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also run peer libraries (each in a virtual environment of its own, created "
         "once under benchmarks/.peers/); same as CURVLINOPS_BENCH_PEERS=1",
     )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's adaptive allocator thresholds (see the module docstring)",
+    )
     args = parser.parse_args(argv)
+    if not args.default_malloc and _restart_with_steady_malloc(argv):
+        return 0  # not reached: the process was replaced
     if args.peers:
         os.environ["CURVLINOPS_BENCH_PEERS"] = "1"
 

@@ -37,6 +37,13 @@ class Elementwise(Layer):
     [1.0]
     """
 
+    #: True where ``phi''`` vanishes almost everywhere (``second_derivative`` is None).
+    piecewise_linear = False
+
+    @property
+    def r_backward_uses_input_tangent(self):
+        return not self.piecewise_linear
+
     def function(self, s, xp):
         """``phi(s)``."""
         raise NotImplementedError
@@ -63,23 +70,26 @@ class Elementwise(Layer):
             state["d2"] = None if d2 is None else xp.expand_dims(d2, axis=-2)
         return state["d2"]
 
+    def _times_d1(self, state, x, xp):
+        """``phi'(s) * x`` for ``x`` in the internal layout."""
+        return self._d1(state, xp) * x
+
     def tangent(self, params, dparams, state, ta, xp):
-        return None if ta is None else self._d1(state, xp) * ta
+        return None if ta is None else self._times_d1(state, ta, xp)
 
     def backward(self, params, state, g, xp, *, need_input=True, need_params=True):
-        return [], (self._d1(state, xp) * g if need_input else None)
+        return [], (self._times_d1(state, g, xp) if need_input else None)
 
     def r_backward(self, params, dparams, state, ta, g, rg, xp, *, need_input=True):
         if not need_input:
             return [], None, None
-        d1 = self._d1(state, xp)
-        rg_in = None if rg is None else d1 * rg
+        rg_in = None if rg is None else self._times_d1(state, rg, xp)
         d2 = self._d2(state, xp)
         if d2 is not None and ta is not None:
             # R(phi'(s) g) = phi''(s) (R s) g + phi'(s) R g: the activation's curvature.
             curvature = d2 * ta * g
             rg_in = curvature if rg_in is None else rg_in + curvature
-        return [], d1 * g, rg_in
+        return [], self._times_d1(state, g, xp), rg_in
 
 
 class ReLU(Elementwise):
@@ -92,8 +102,17 @@ class ReLU(Elementwise):
     [[0.0, 0.0, 2.0]]
     """
 
+    piecewise_linear = True
+
     def function(self, s, xp):
         return xp.maximum(s, 0.0)
+
+    def _times_d1(self, state, x, xp):
+        # Keep a boolean mask instead of phi' as floats: a quarter of the memory held by
+        # the linearization (the float copy made here lives only for this product).
+        if "positive" not in state:
+            state["positive"] = xp.expand_dims(state["input"] > 0, axis=-2)
+        return xp.astype(state["positive"], x.dtype) * x
 
     def first_derivative(self, s, xp):
         return xp.astype(s > 0, s.dtype)
@@ -117,6 +136,8 @@ class LeakyReLU(Elementwise):
 
     def __repr__(self) -> str:
         return f"LeakyReLU(negative_slope={self.negative_slope})"
+
+    piecewise_linear = True
 
     def function(self, s, xp):
         return xp.where(s > 0, s, self.negative_slope * s)

@@ -105,7 +105,7 @@ class NativeLinearization(Linearization):
                 self.params[where],
                 tangents[where],
                 state,
-                inputs_tangents[i],
+                inputs_tangents.pop(),  # index i; dropped once used, to free it early
                 g,
                 rg,
                 xp,
@@ -154,7 +154,7 @@ class NativeLinearization(Linearization):
         t = None
         for i in range(self._first, len(self._layers)):
             _, layer, where, state = self._layers[i]
-            if keep:
+            if keep and layer.r_backward_uses_input_tangent:
                 inputs_tangents[i] = t
             t = layer.tangent(self.params[where], tangents[where], state, t, self.xp)
         return inputs_tangents, t

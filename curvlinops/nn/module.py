@@ -223,12 +223,18 @@ class Layer(Module):
     ``state`` is the layer's dictionary in a linearization: ``state["input"]`` is the
     input of the forward pass, and layers may cache derived arrays there.
 
+    ``r_backward_uses_input_tangent`` says whether :meth:`r_backward` reads ``ta``;
+    where it does not (layers that only move data, piecewise-linear activations),
+    a second-order product passes None and frees the tangent early.
+
     Examples
     --------
     >>> from curvlinops.nn import Tanh
     >>> [name for name, _ in Tanh().chain()]
     ['Tanh']
     """
+
+    r_backward_uses_input_tangent = True
 
     def chain(self):
         return [(self.name, self)]

@@ -22,6 +22,8 @@ class Identity(Layer):
     [[1.0, 2.0]]
     """
 
+    r_backward_uses_input_tangent = False
+
     def forward(self, params, a, xp):
         return a
 
@@ -46,6 +48,8 @@ class Flatten(Layer):
     >>> Flatten()([], xp.ones((4, 2, 3))).shape
     (4, 6)
     """
+
+    r_backward_uses_input_tangent = False
 
     def forward(self, params, a, xp):
         if a.ndim < 2:
