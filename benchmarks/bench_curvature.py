@@ -13,7 +13,8 @@ denominator is loss+gradient of the same model in curvlinops.nn. Rows:
 - the exact GGN diagonal (C = 10 classes) over loss+gradient;
 - memory: the peak of a GGN matvec over 60 000 random samples in batches of 1000,
   against two batches (it must stay at batch scale: one batch's activations plus the
-  product and its running sum, whatever the number of batches).
+  product and its running sum, whatever the number of batches); and the peaks of one
+  GGN and one Hessian matvec over the benchmark's batch against loss+gradient's.
 
 Ratios only; measured in one run.
 """
@@ -79,6 +80,16 @@ def run(quick: bool = False) -> list[dict]:
     row("exact GGN diagonal (C=10) / loss+grad", t_diag, 3.0)
     rows.extend(_peer_rows(params, X, y, v, V, repeats, t_grad, t_ggn, t_hess, G, H))
     rows.extend(_memory_rows(model, loss, params, quick))
+    peak_grad = peak_numpy_bytes(G.gradient_and_loss)
+    for name, op in (("GGN", G), ("Hessian", H)):
+        peak = peak_numpy_bytes(lambda op=op: op @ v)
+        rows.append(
+            {
+                "quantity": f"{name} matvec peak memory / loss+grad peak (one batch)",
+                "ratio": peak / peak_grad,
+                "note": f"{format_bytes(peak)}; loss+grad {format_bytes(peak_grad)}",
+            }
+        )
     return rows
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from ..models import Tier, flatten_params, unflatten_params
+from ..models import Tier, TraceableLinearMap, flatten_params, unflatten_params
 from ._data import batch_seed
 from .base import CurvatureLinearOperator
 
@@ -132,7 +132,9 @@ class HessianLinearOperator(CurvatureLinearOperator):
         return lin.second_order_vjp(
             scale * self.loss.gradient(f, y),
             tangents,
-            lambda Jv: scale * self.loss.hessian_matmat(f, y, Jv),
+            TraceableLinearMap(
+                lambda Jv: scale * self.loss.hessian_matmat(f, y, Jv), symmetric=True
+            ),
         )
 
 

@@ -2,11 +2,16 @@
 
 :class:`TorchModel` offers all three tiers of the model protocol:
 
-- tier 1 from ``torch.func``: :meth:`TorchModel.linearize` runs the forward pass once
-  inside ``torch.func.vjp`` (the vector-Jacobian products reuse it); Jacobian-vector
-  products use ``torch.func.jvp`` (or, on request, ``torch.func.linearize``); the
-  ``K`` columns of a matmat go through ``torch.func.vmap`` in one fused pass;
-- tier 2 as forward-over-reverse: the ``torch.func.jvp`` of the ``torch.func.vjp``;
+- tier 1: :meth:`TorchModel.linearize` records the forward pass once with autograd;
+  vector-Jacobian products are backward passes over that graph (the ``K`` columns of a
+  matmat in one batched pass, ``is_grads_batched``); Jacobian-vector products use
+  ``torch.func.jvp`` (or, on request, ``torch.func.linearize``) with ``torch.func.vmap``
+  over the columns;
+- tier 2: where the product is a symmetric matrix (no ``w``, or ``w`` given as a
+  symmetric :class:`~curvlinops.models.TraceableLinearMap`, as the Hessian operator
+  does) by double backward over the recorded graph, which is faster than forward
+  mode in PyTorch on the CPU; otherwise forward-over-reverse, the ``torch.func.jvp``
+  of the ``torch.func.vjp``;
 - tier 3 from forward hooks on every ``torch.nn.Linear``: its inputs, and the gradients
   of its outputs for ``M`` cotangents in one batched backward pass.
 
@@ -32,7 +37,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on the enviro
 from torch.func import functional_call, jvp, linearize, vjp, vmap
 
 from .. import losses
-from ..models import LayerTap, Linearization, Model, Tier
+from ..models import LayerTap, Linearization, Model, Tier, TraceableLinearMap
 
 __all__ = ["TorchModel", "translate_loss"]
 
@@ -216,9 +221,14 @@ class _TorchLinearization(Linearization):
 
     def __init__(self, model: TorchModel, params, x):
         self._function = lambda *ps: model._forward(list(ps), x)
-        outputs, self._pullback = vjp(self._function, *params)
+        # The forward pass is recorded once by autograd: vector-Jacobian products and
+        # the double-backward second-order products all start from this graph (kept
+        # with retain_graph, so a cached linearization serves every product).
+        self._leaves = [p.detach().requires_grad_(True) for p in params]
+        with torch.enable_grad():
+            self._graph_outputs = self._function(*self._leaves)
         self._push = None  # the traced tangent map of jvp_method="linearize"
-        super().__init__(model, params, x, outputs)
+        super().__init__(model, params, x, self._graph_outputs.detach())
 
     def _jvp(self, tangents):
         if self.model.jvp_method == "linearize":
@@ -240,27 +250,93 @@ class _TorchLinearization(Linearization):
         return self._push
 
     def _vjp(self, cotangents):
-        return list(self._map_columns(self._pullback, [cotangents]))
+        return self._grad_columns([self._graph_outputs], [cotangents], cotangents.shape[-1])
 
     def _second_order_vjp(self, cotangent, tangents, cotangent_tangent):
-        if callable(cotangent_tangent):
-            cotangent_tangent = cotangent_tangent(self._jvp(tangents))
         function, primals = self._function, tuple(self.params)
 
         def transposed_jacobian_product(u, *ps):
             return vjp(function, *ps)[1](u)
 
-        if cotangent_tangent is None:
+        # With a traceable w = A(J v), one pass replaces a J v pass followed by the
+        # second-order one: the cotangent is made to depend on the outputs through a
+        # term that is zero in value but whose derivative is A J.
+        def dependent_cotangent(outputs):
+            return cotangent + cotangent_tangent((outputs - outputs.detach())[..., None])[..., 0]
 
-            def single(*v):
-                return jvp(lambda *ps: transposed_jacobian_product(cotangent, *ps), primals, v)[1]
+        if cotangent_tangent is None:  # sum_c u_c Hess(f_c) is symmetric
+            return self._reverse_over_reverse(lambda outputs: cotangent, tangents)
+        if isinstance(cotangent_tangent, TraceableLinearMap) and cotangent_tangent.symmetric:
+            return self._reverse_over_reverse(dependent_cotangent, tangents)
+        if isinstance(cotangent_tangent, TraceableLinearMap):
 
-            return list(self._map_columns(single, tangents))
+            def with_dependent_cotangent(*ps):
+                outputs, pullback = vjp(function, *ps)
+                return pullback(dependent_cotangent(outputs))
+
+            def single_fused(*v):
+                return jvp(with_dependent_cotangent, primals, v)[1]
+
+            return list(self._map_columns(single_fused, tangents))
+        if callable(cotangent_tangent):  # a black box: J v first, then w from it
+            cotangent_tangent = cotangent_tangent(self._jvp(tangents))
 
         def single_with_w(w, *v):
             return jvp(transposed_jacobian_product, (cotangent, *primals), (w, *v))[1]
 
         return list(self._map_columns(single_with_w, [cotangent_tangent, *tangents]))
+
+    def _reverse_over_reverse(self, dependent_cotangent, tangents):
+        """``d/dtheta <J^T u(theta), v>`` for all K columns by double backward.
+
+        This is the transpose of the forward-over-reverse product, hence equal to it
+        when the whole matrix is symmetric (``A`` symmetric); PyTorch's reverse mode is
+        faster on the CPU than its forward mode through ``torch.func``.
+        """
+        with torch.enable_grad():
+            first = torch.autograd.grad(
+                self._graph_outputs,
+                self._leaves,
+                grad_outputs=dependent_cotangent(self._graph_outputs),
+                create_graph=True,
+                retain_graph=True,
+                allow_unused=True,
+            )
+        # Entries of J^T u that do not depend on the parameters contribute nothing.
+        used = [i for i, g in enumerate(first) if g is not None and g.requires_grad]
+        K = tangents[0].shape[-1]
+        return self._grad_columns([first[i] for i in used], [tangents[i] for i in used], K)
+
+    def _grad_columns(self, roots, cotangents, K):
+        """``sum_i (d roots_i / d params)^T cotangents_i`` for each trailing column.
+
+        All ``K`` columns go through one batched backward pass (in chunks of the
+        model's ``chunk_size`` if it has one). The recorded forward graph is retained.
+        """
+        if not roots or not roots[0].requires_grad:  # nothing depends on the parameters
+            return [_columns_or_zeros(None, p, K, False) for p in self.params]
+        chunk = K if self.model.chunk_size is None else self.model.chunk_size
+        pieces = []
+        for lo in range(0, K, chunk):
+            columns = [c[..., lo : lo + chunk] for c in cotangents]
+            batched = columns[0].shape[-1] > 1
+            grads = torch.autograd.grad(
+                roots,
+                self._leaves,
+                grad_outputs=[torch.movedim(c, -1, 0) if batched else c[..., 0] for c in columns],
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=batched,
+            )
+            pieces.append(
+                [
+                    _columns_or_zeros(g, p, columns[0].shape[-1], batched)
+                    for g, p in zip(grads, self.params, strict=True)
+                ]
+            )
+        if len(pieces) == 1:
+            return pieces[0]
+        return [torch.cat(parts, dim=-1) for parts in zip(*pieces, strict=True)]
 
     def _map_columns(self, single, arrays):
         """``single`` applied to each column ``k`` of the trailing axis of ``arrays``."""
@@ -449,3 +525,11 @@ def _refuse(loss_name, option, used, value):
             f"{loss_name} with {option}={value} has no curvlinops equivalent; construct it "
             f"without {option} (curvlinops losses are unweighted negative log-likelihoods)."
         )
+
+
+def _columns_or_zeros(grad, param, K, batched):
+    """A gradient as ``param.shape + (K,)``: zeros where autograd returned None (the
+    parameter does not influence the product)."""
+    if grad is None:
+        return torch.zeros(param.shape + (K,), dtype=param.dtype, device=param.device)
+    return torch.movedim(grad, 0, -1) if batched else grad[..., None]

@@ -5,7 +5,14 @@ See DESIGN.md, layer 4, "The model protocol". May import ``curvlinops._backend``
 """
 
 from .params import check_params, flatten_params, num_params, param_shapes, unflatten_params
-from .protocol import LayerTap, Linearization, MissingTierError, Model, Tier
+from .protocol import (
+    LayerTap,
+    Linearization,
+    MissingTierError,
+    Model,
+    Tier,
+    TraceableLinearMap,
+)
 
 __all__ = [
     "LayerTap",
@@ -13,6 +20,7 @@ __all__ = [
     "MissingTierError",
     "Model",
     "Tier",
+    "TraceableLinearMap",
     "check_params",
     "flatten_params",
     "num_params",

@@ -83,10 +83,14 @@ class SolveInfo:
 
 
 class ConvergenceError(RuntimeError):
-    """An iterative inverse built with ``strict=True`` did not converge.
+    """An iterative method did not reach its tolerance within its iteration budget.
 
-    The message names the columns that failed and why; the record of the solve is
-    in the operator's ``last_info``.
+    Raised by the iterative inverses built with ``strict=True`` (the message names the
+    columns that failed and why; the record of the solve is in the operator's
+    ``last_info``), and by :func:`~curvlinops.eigsh` and
+    :func:`~curvlinops.power_iteration`, which have no partial result to return. The
+    solvers :func:`~curvlinops.cg` and :func:`~curvlinops.minres` never raise it: they
+    report non-convergence in their :class:`SolveInfo`.
     """
 
 

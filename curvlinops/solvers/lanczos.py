@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from .._backend import array_namespace, as_generator, device as _device_of, dtype_eps
 from ..linalg import LinearOperator, aslinearoperator
+from ._common import ConvergenceError
 
 __all__ = ["LanczosResult", "eigsh", "lanczos", "power_iteration"]
 
@@ -381,8 +382,9 @@ def eigsh(A, k: int = 6, *, which: str = "LA", maxiter=None, tol=None, ncv=None,
     ValueError
         Non-square ``A``, ``k`` not in ``[1, n)``, ``ncv`` not in ``(k, n]``, unknown
         ``which``.
-    RuntimeError
-        If the pairs have not converged after ``maxiter`` products.
+    ConvergenceError
+        If the pairs have not converged after ``maxiter`` products (a subclass of
+        RuntimeError; the message says how many pairs reached ``tol``).
 
     Examples
     --------
@@ -429,7 +431,7 @@ def eigsh(A, k: int = 6, *, which: str = "LA", maxiter=None, tol=None, ncv=None,
         if converged or num_products >= maxiter:
             if not converged:
                 num_conv = int(xp.sum(xp.astype(residuals <= bound, xp.int32)))
-                raise RuntimeError(
+                raise ConvergenceError(
                     f"eigsh did not converge within maxiter = {maxiter} products with A: "
                     f"{num_conv} of {k} pairs reached tol = {tol:g}. Increase maxiter or "
                     "ncv, or loosen tol."
@@ -481,8 +483,9 @@ def power_iteration(A, *, maxiter: int = 1000, tol=None, seed=0, v0=None):
 
     Raises
     ------
-    RuntimeError
-        If the residual tolerance is not reached within ``maxiter`` products.
+    ConvergenceError
+        If the residual tolerance is not reached within ``maxiter`` products (a
+        subclass of RuntimeError).
 
     Examples
     --------
@@ -510,7 +513,7 @@ def power_iteration(A, *, maxiter: int = 1000, tol=None, seed=0, v0=None):
         if float(norm) == 0.0:  # v spans part of the null space: eigenvalue 0
             return lam, v
         v = w / norm
-    raise RuntimeError(
+    raise ConvergenceError(
         f"power_iteration did not converge within maxiter = {maxiter} products: residual "
         f"{residual:.3g} > tol * |lam|. The two largest-magnitude eigenvalues may be "
         "(nearly) equal in size; use eigsh(A, k=2, which='LM') instead."

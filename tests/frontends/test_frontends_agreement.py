@@ -22,6 +22,7 @@ from curvlinops import (
     HessianLinearOperator,
     JacobianLinearOperator,
     MSELoss,
+    TraceableLinearMap,
     to_numpy,
 )
 
@@ -261,18 +262,25 @@ def test_protocol_products_match_native(problem, linearizations, frontend):
 
 
 @pytest.mark.parametrize("frontend", ["torch", "jax"])
-@pytest.mark.parametrize("w_kind", ["none", "array", "callable"])
+@pytest.mark.parametrize("w_kind", ["none", "array", "callable", "traceable"])
 def test_second_order_vjp_matches_native(problem, linearizations, frontend, w_kind):
+    """``callable`` is a black box (it goes through NumPy); ``traceable`` is a
+    TraceableLinearMap written with the frontend's own operations, which the PyTorch
+    frontend evaluates inside its forward-over-reverse pass."""
     native, lin = linearizations["native"], linearizations[frontend]
     V, W = _vectors(problem, 3, seed=2)
     u = np.random.default_rng(3).standard_normal((BATCH_SIZES[1], 3))
     conv = lambda a: _to(frontend, a)  # noqa: E731
     M = np.random.default_rng(4).standard_normal((3, 3))
-    native_w = {"none": None, "array": W, "callable": lambda Jv: np.einsum("ij,njk->nik", M, Jv)}
+    native_map = lambda Jv: np.einsum("ij,njk->nik", M, Jv)  # noqa: E731
+    native_w = {"none": None, "array": W, "callable": native_map, "traceable": native_map}
+    M_frontend = conv(M)
+    einsum = {"torch": torch.einsum, "jax": jnp.einsum}[frontend]
     frontend_w = {
         "none": None,
         "array": conv(W),
         "callable": lambda Jv: conv(np.einsum("ij,njk->nik", M, to_numpy(Jv))),
+        "traceable": TraceableLinearMap(lambda Jv: einsum("ij,njk->nik", M_frontend, Jv)),
     }
     got = lin.second_order_vjp(conv(u), [conv(v) for v in V], frontend_w[w_kind])
     want = native.second_order_vjp(u, V, native_w[w_kind])
