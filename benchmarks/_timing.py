@@ -1,9 +1,11 @@
 """Timing and memory helpers shared by the benchmarks.
 
 ``time_call`` runs a function a few times after a warm-up and reports the median and
-minimum wall time; ``peak_numpy_bytes`` reports the peak of the memory traced by
-:mod:`tracemalloc` during one call, which covers NumPy's array buffers (NumPy reports
-its allocations to tracemalloc) but not the memory of PyTorch, JAX or CuPy.
+minimum wall time; ``time_ratio`` measures the ratio of two functions' times in
+interleaved rounds (how the benchmarks check their targets); ``peak_numpy_bytes``
+reports the peak of the memory traced by :mod:`tracemalloc` during one call, which
+covers NumPy's array buffers (NumPy reports its allocations to tracemalloc) but not the
+memory of PyTorch, JAX or CuPy.
 
 Benchmarks report ratios of times measured in one run, never absolute seconds to be
 compared across machines. May import: the standard library only.
@@ -74,6 +76,47 @@ def time_call(
         if gc_was_enabled:
             gc.enable()
     return Timing(median=statistics.median(times), min=min(times), repeats=len(times))
+
+
+def time_ratio(
+    fn: Callable[[], object],
+    baseline: Callable[[], object],
+    *,
+    rounds: int = 7,
+    block: int = 3,
+    warmup: int = 1,
+) -> float:
+    """Time of ``fn()`` over time of ``baseline()``, robust to a drifting machine.
+
+    Each of ``rounds`` rounds times ``block`` calls of ``baseline`` and then ``block``
+    calls of ``fn``, back to back, and takes the ratio of the two medians; the result is
+    the median of the rounds' ratios. A machine whose speed drifts during a run (other
+    tenants of a virtual machine, frequency scaling) slows both sides of a round alike,
+    where one baseline measured at the start and numerators measured later would not.
+    Blocks rather than single alternating calls keep each side's working set warm in
+    the CPU caches, as in back-to-back use.
+    """
+    for _ in range(warmup):
+        block_until_ready(baseline())
+        block_until_ready(fn())
+    ratios = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            medians = []
+            for f in (baseline, fn):
+                times = []
+                for _ in range(block):
+                    start = time.perf_counter()
+                    block_until_ready(f())
+                    times.append(time.perf_counter() - start)
+                medians.append(statistics.median(times))
+            ratios.append(medians[1] / medians[0])
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return statistics.median(ratios)
 
 
 def peak_numpy_bytes(fn: Callable[[], object]) -> int:
