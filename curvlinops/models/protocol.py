@@ -84,9 +84,10 @@ class TraceableLinearMap:
     to promise that the function is linear and uses only array-API operations on its
     argument (no conversion to NumPy, no Python branching on values), so that an
     autodiff frontend may evaluate it inside its own transforms. The PyTorch frontend
-    then computes a Hessian product in one forward-over-reverse pass instead of a
-    Jacobian product followed by one. Any other callable is treated as a black box.
-    The curvature operators wrap the loss Hessian this way.
+    then computes a Hessian product in one pass (double backward when ``symmetric``,
+    forward-over-reverse otherwise) instead of a Jacobian-vector product followed by
+    a second-order one. Any other callable is treated as a black box. The Hessian
+    operator wraps the loss Hessian this way.
 
     Parameters
     ----------
