@@ -129,13 +129,15 @@ class HessianLinearOperator(CurvatureLinearOperator):
 
     def _batch_matmat(self, lin, y, tangents, scale, index):
         f = lin.outputs
-        return lin.second_order_vjp(
-            scale * self.loss.gradient(f, y),
-            tangents,
-            TraceableLinearMap(
-                lambda Jv: scale * self.loss.hessian_matmat(f, y, Jv), symmetric=True
-            ),
+        # A bound method (the same function for every batch and product) with the
+        # batch's arrays as operands: autodiff frontends may trace and compile it.
+        loss_hessian = TraceableLinearMap(
+            self._scaled_loss_hessian, operands=(scale, f, y), symmetric=True
         )
+        return lin.second_order_vjp(scale * self.loss.gradient(f, y), tangents, loss_hessian)
+
+    def _scaled_loss_hessian(self, scale, outputs, targets, V):
+        return scale * self.loss.hessian_matmat(outputs, targets, V)
 
 
 class GGNResidualLinearOperator(CurvatureLinearOperator):

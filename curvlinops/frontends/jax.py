@@ -7,7 +7,10 @@
   and the Jacobian-vector products its linear transpose (``jax.linear_transpose``), so
   neither recomputes the forward pass. The ``K`` columns of a matmat go through
   ``jax.vmap`` in one fused, compiled call.
-- tier 2: forward-over-reverse, the ``jax.jvp`` of the ``jax.vjp``, compiled.
+- tier 2: forward-over-reverse, the ``jax.jvp`` of the ``jax.vjp``, compiled. When
+  ``w`` comes as a :class:`~curvlinops.models.TraceableLinearMap` (as the Hessian
+  operator passes the loss Hessian), ``w = A(J v)`` is computed inside the same
+  compiled pass, with no separate Jacobian-vector product.
 
 Tier 3 (layer taps) is not offered: a JAX function has no layers to hook into. Operators
 that need it raise :class:`~curvlinops.models.MissingTierError`.
@@ -28,7 +31,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on the enviro
         name="jax",
     ) from error
 
-from ..models import Linearization, Model, Tier, param_shapes
+from ..models import Linearization, Model, Tier, TraceableLinearMap, param_shapes
 
 __all__ = ["JaxModel"]
 
@@ -170,6 +173,18 @@ class _JaxLinearization(Linearization):
         return self.model._compiled.pull(self._pullback, cotangents)
 
     def _second_order_vjp(self, cotangent, tangents, cotangent_tangent):
+        model = self.model
+        if isinstance(cotangent_tangent, TraceableLinearMap):
+            # One compiled forward-over-reverse pass, w = A(J v) computed inside it.
+            return model._compiled.second_order_traceable(
+                model._apply,
+                cotangent_tangent.function,
+                self.params,
+                self.x,
+                cotangent,
+                list(tangents),
+                cotangent_tangent.operands,
+            )
         if callable(cotangent_tangent):
             cotangent_tangent = cotangent_tangent(self._jvp(tangents))
         model = self.model
@@ -230,6 +245,25 @@ def _second_order(apply, params, x, u, tangents, w):
     return jax.vmap(single_with_w, in_axes=-1, out_axes=-1)(tangents, w)
 
 
+def _second_order_traceable(apply, map_function, params, x, u, tangents, operands):
+    """``sum u Hess(f) v + J^T A J v`` per column for ``A = map_function(*operands, .)``.
+
+    The cotangent is made to depend on the outputs through a term that is zero in value
+    but whose tangent is ``J v``, so that the jvp of the vjp carries ``A J v`` along:
+    no separate Jacobian-vector product is needed.
+    """
+
+    def transposed_jacobian_product(p):
+        outputs, pullback = jax.vjp(lambda q: apply(q, x), p)
+        carrier = (outputs - jax.lax.stop_gradient(outputs))[..., None]
+        return pullback(u + map_function(*operands, carrier)[..., 0])[0]
+
+    def single(v):
+        return jax.jvp(transposed_jacobian_product, (params,), (v,))[1]
+
+    return jax.vmap(single, in_axes=-1, out_axes=-1)(tangents)
+
+
 @dataclass(frozen=True)
 class _Functions:
     forward: object
@@ -237,13 +271,15 @@ class _Functions:
     pull: object
     push: object
     second_order: object
+    second_order_traceable: object
 
 
-_EAGER = _Functions(_forward, _linearize, _pull, _push, _second_order)
+_EAGER = _Functions(_forward, _linearize, _pull, _push, _second_order, _second_order_traceable)
 _COMPILED = _Functions(
     forward=jax.jit(_forward, static_argnums=0),
     linearize=jax.jit(_linearize, static_argnums=0),
     pull=jax.jit(_pull),
     push=jax.jit(_push),
     second_order=jax.jit(_second_order, static_argnums=0),
+    second_order_traceable=jax.jit(_second_order_traceable, static_argnums=(0, 1)),
 )

@@ -92,7 +92,14 @@ class TraceableLinearMap:
     Parameters
     ----------
     function : callable
-        Maps an array ``outputs.shape + (K,)`` to one of the same shape, linearly.
+        ``function(*operands, v)`` maps an array ``v`` of shape ``outputs.shape + (K,)``
+        to one of the same shape, linearly in ``v``.
+    operands : tuple
+        Arrays (and scalars) the map depends on, e.g. the outputs and targets of a
+        loss Hessian. The JAX frontend compiles the map with ``jax.jit``, ``function``
+        being a static argument: pass the same function object every time (a bound
+        method or a module-level function, not a new lambda per call, which would be
+        compiled anew at every product) and its data through ``operands``.
     symmetric : bool
         Whether the map is symmetric (self-adjoint), as a loss Hessian is. Then the
         whole second-order product is a symmetric matrix applied to ``v``, and a
@@ -102,22 +109,28 @@ class TraceableLinearMap:
     Examples
     --------
     >>> import numpy as np
-    >>> double = TraceableLinearMap(lambda v: 2.0 * v, symmetric=True)
-    >>> double(np.ones((1, 2, 1))).tolist()
-    [[[2.0], [2.0]]]
+    >>> def scale_rows(d, v):
+    ...     return d[:, :, None] * v
+    >>> A = TraceableLinearMap(scale_rows, operands=(np.array([[1.0, 3.0]]),), symmetric=True)
+    >>> A(np.ones((1, 2, 1))).tolist()
+    [[[1.0], [3.0]]]
     """
 
-    def __init__(self, function, *, symmetric: bool = False):
+    def __init__(self, function, *, operands=(), symmetric: bool = False):
         if not callable(function):
             raise TypeError(f"TraceableLinearMap needs a callable, got {type(function).__name__}.")
         self.function = function
+        self.operands = tuple(operands)
         self.symmetric = bool(symmetric)
 
     def __call__(self, v):
-        return self.function(v)
+        return self.function(*self.operands, v)
 
     def __repr__(self) -> str:
-        return f"TraceableLinearMap({self.function!r}, symmetric={self.symmetric})"
+        return (
+            f"TraceableLinearMap({self.function!r}, operands=<{len(self.operands)}>, "
+            f"symmetric={self.symmetric})"
+        )
 
 
 class Linearization:

@@ -261,26 +261,37 @@ def test_protocol_products_match_native(problem, linearizations, frontend):
         assert_close(to_numpy(got), want)
 
 
+def _left_multiply(M, Jv):
+    """``M`` applied to each datum's output vectors: ``(C, C) @ (N, C, K)``."""
+    return M @ Jv
+
+
 @pytest.mark.parametrize("frontend", ["torch", "jax"])
-@pytest.mark.parametrize("w_kind", ["none", "array", "callable", "traceable"])
+@pytest.mark.parametrize("w_kind", ["none", "array", "callable", "traceable", "symmetric"])
 def test_second_order_vjp_matches_native(problem, linearizations, frontend, w_kind):
-    """``callable`` is a black box (it goes through NumPy); ``traceable`` is a
-    TraceableLinearMap written with the frontend's own operations, which the PyTorch
-    frontend evaluates inside its forward-over-reverse pass."""
+    """``callable`` is a black box (it goes through NumPy); ``traceable`` and
+    ``symmetric`` are TraceableLinearMaps of the frontend's own arrays, which the
+    frontends evaluate inside their compiled or transformed passes (PyTorch by double
+    backward for the symmetric one)."""
     native, lin = linearizations["native"], linearizations[frontend]
     V, W = _vectors(problem, 3, seed=2)
     u = np.random.default_rng(3).standard_normal((BATCH_SIZES[1], 3))
     conv = lambda a: _to(frontend, a)  # noqa: E731
     M = np.random.default_rng(4).standard_normal((3, 3))
-    native_map = lambda Jv: np.einsum("ij,njk->nik", M, Jv)  # noqa: E731
-    native_w = {"none": None, "array": W, "callable": native_map, "traceable": native_map}
-    M_frontend = conv(M)
-    einsum = {"torch": torch.einsum, "jax": jnp.einsum}[frontend]
+    M_sym = M + M.T
+    native_w = {
+        "none": None,
+        "array": W,
+        "callable": lambda Jv: M @ Jv,
+        "traceable": lambda Jv: M @ Jv,
+        "symmetric": lambda Jv: M_sym @ Jv,
+    }
     frontend_w = {
         "none": None,
         "array": conv(W),
-        "callable": lambda Jv: conv(np.einsum("ij,njk->nik", M, to_numpy(Jv))),
-        "traceable": TraceableLinearMap(lambda Jv: einsum("ij,njk->nik", M_frontend, Jv)),
+        "callable": lambda Jv: conv(M @ to_numpy(Jv)),
+        "traceable": TraceableLinearMap(_left_multiply, operands=(conv(M),)),
+        "symmetric": TraceableLinearMap(_left_multiply, operands=(conv(M_sym),), symmetric=True),
     }
     got = lin.second_order_vjp(conv(u), [conv(v) for v in V], frontend_w[w_kind])
     want = native.second_order_vjp(u, V, native_w[w_kind])
