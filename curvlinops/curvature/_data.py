@@ -9,6 +9,8 @@ May import: ``curvlinops._backend``, ``curvlinops.models``.
 
 from __future__ import annotations
 
+import numbers
+
 from .._backend import (
     array_namespace,
     assert_same_namespace,
@@ -21,6 +23,7 @@ __all__ = [
     "NonDeterministicDataError",
     "batch_seed",
     "check_data_iterable",
+    "check_mc_samples",
     "assert_deterministic",
     "count_data",
     "iterate_batches",
@@ -98,6 +101,21 @@ def arrays_equal(a, b) -> bool:
     """Exact equality of two arrays (host comparison; only used at construction)."""
     a, b = to_numpy(a), to_numpy(b)
     return a.shape == b.shape and bool((a == b).all())
+
+
+def check_mc_samples(mc_samples, *, allow_none=False):
+    """``mc_samples`` as an int >= 1 (or None, where None means exact), else ValueError."""
+    if mc_samples is None and allow_none:
+        return None
+    if (
+        isinstance(mc_samples, bool)
+        or not isinstance(mc_samples, numbers.Real)
+        or int(mc_samples) != mc_samples
+        or mc_samples < 1
+    ):
+        accepted = "a positive integer or None" if allow_none else "a positive integer"
+        raise ValueError(f"mc_samples must be {accepted}, got {mc_samples!r}.")
+    return int(mc_samples)
 
 
 def batch_seed(seed: int, index: int) -> int:

@@ -53,7 +53,7 @@ from .._backend import (
 )
 from ..linalg import LinearOperator
 from ..models import Tier, num_params
-from ._data import batch_seed
+from ._data import batch_seed, check_mc_samples
 from .base import CurvatureLinearOperator
 
 __all__ = ["KroneckerFactoredLinearOperator"]
@@ -673,9 +673,3 @@ def symmetrized(M, xp):
 def check_fisher_type(fisher_type, allowed):
     if fisher_type not in allowed:
         raise ValueError(f"fisher_type must be one of {allowed}, got {fisher_type!r}.")
-
-
-def check_mc_samples(mc_samples) -> int:
-    if isinstance(mc_samples, bool) or int(mc_samples) != mc_samples or mc_samples < 1:
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
-    return int(mc_samples)

@@ -22,6 +22,7 @@ from ..models import Tier, flatten_params, param_shapes
 from ._chain import backpropagated_hessians
 from ._data import (
     batch_seed,
+    check_mc_samples,
     iterate_batches,
     prepare_inputs,
 )
@@ -201,9 +202,7 @@ class GGNDiagonalLinearOperator(_TapDiagonalLinearOperator):
     )
 
     def __init__(self, model, loss, params, data, *, mc_samples=None, seed=0, **kwargs):
-        if mc_samples is not None and (int(mc_samples) != mc_samples or mc_samples < 1):
-            raise ValueError(f"mc_samples must be a positive integer or None, got {mc_samples}.")
-        self.mc_samples = None if mc_samples is None else int(mc_samples)
+        self.mc_samples = check_mc_samples(mc_samples, allow_none=True)
         self.seed = int(seed)
         super().__init__(model, loss, params, data, **kwargs)
 

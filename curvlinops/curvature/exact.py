@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 
 from ..models import Tier, TraceableLinearMap, flatten_params, unflatten_params
-from ._data import batch_seed
+from ._data import batch_seed, check_mc_samples
 from .base import CurvatureLinearOperator
 
 __all__ = [
@@ -206,9 +206,7 @@ class FisherLinearOperator(CurvatureLinearOperator):
     )
 
     def __init__(self, model, loss, params, data, *, mc_samples=None, seed=0, **kwargs):
-        if mc_samples is not None and (int(mc_samples) != mc_samples or mc_samples < 1):
-            raise ValueError(f"mc_samples must be a positive integer or None, got {mc_samples}.")
-        self.mc_samples = None if mc_samples is None else int(mc_samples)
+        self.mc_samples = check_mc_samples(mc_samples, allow_none=True)
         self.seed = int(seed)
         super().__init__(model, loss, params, data, **kwargs)
 

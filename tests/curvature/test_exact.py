@@ -411,8 +411,9 @@ def test_bad_input_errors():
         cl.GGNLinearOperator(model, loss, params, bad)
     with pytest.raises(ValueError, match="num_data"):
         cl.GGNLinearOperator(model, loss, params, data, num_data=0)
-    with pytest.raises(ValueError, match="mc_samples"):
-        cl.FisherLinearOperator(model, loss, params, data, mc_samples=0)
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="mc_samples must be a positive integer or None"):
+            cl.FisherLinearOperator(model, loss, params, data, mc_samples=bad)
     with pytest.raises(ValueError):
         cl.GGNLinearOperator(model, loss, params, [(X[:3], y[:4])])
 
