@@ -4,15 +4,19 @@
 (damped Gauss-Newton, solved by CG on the GGN), then prints what a user of the
 library looks at: loss and gradient norm, the top Hessian and GGN eigenvalues, exact
 and estimated traces, the F = G check, a natural-gradient CG solve, and the time of
-each curvature product relative to one loss+gradient.
+each curvature product relative to one loss+gradient. When matplotlib is installed it
+also draws the training curve and the Hessian's spectral density (stochastic Lanczos
+quadrature) into a PNG file and prints its path.
 
 An application on top of every layer of curvlinops. Needs the ``demo`` extra
-(scikit-learn for the bundled digits data set, tqdm for the progress bar).
+(scikit-learn for the bundled digits data set, tqdm for the progress bar, matplotlib
+for the figure).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -89,8 +93,13 @@ def run_demo(
     seed=0,
     progress=True,
     out=print,
+    figure=None,
 ):
-    """Run the demo and print its report; returns the report rows as a dict."""
+    """Run the demo and print its report; returns the report rows as a dict.
+
+    ``figure`` is the path of a PNG to draw the training curve and the Hessian's
+    spectral density into (needs matplotlib; None draws nothing).
+    """
     import curvlinops as cl
 
     xp, device = _namespace(backend)
@@ -126,6 +135,7 @@ def run_demo(
     lm_damping = 1.0
     G = cl.GGNLinearOperator(model, loss, params, data)
     grads, value = G.gradient_and_loss()
+    history = [float(value)]
     for step in range(steps):
         g = cl.flatten_params(grads)
         for _ in range(10):
@@ -138,6 +148,7 @@ def run_demo(
                 lm_damping *= 2 / 3
                 break
             lm_damping *= 3
+        history.append(float(value))
         tick(f"step {step}: loss {float(value):.4f}, CG iterations {info.iterations}")
     rows = {}
     G = cl.GGNLinearOperator(model, loss, params, data, cache=True)
@@ -176,11 +187,60 @@ def run_demo(
     rows["GGN matvec (cached forward) / gradient"] = _timed(lambda: G @ v) / t_grad
     rows["Hessian matvec / gradient"] = _timed(lambda: H_plain @ v) / t_grad
     rows["Hessian matvec (cached forward) / gradient"] = _timed(lambda: H @ v) / t_grad
+    tick("spectral density")
+    if figure is not None:
+        grid, density = cl.spectral_density(H, num_probes=8, lanczos_steps=40, seed=seed)
+        curves = {
+            "loss history": np.asarray(history),
+            "density grid": cl.to_numpy(grid),
+            "density": cl.to_numpy(density),
+        }
     tick("done")
     if bar is not None:
         bar.close()
     _print_table(rows, out)
+    if figure is not None:
+        path = _write_figure(figure, curves, rows["top Hessian eigenvalues"])
+        out(f"figure: {path}" if path else _NO_MATPLOTLIB)
     return rows
+
+
+_NO_MATPLOTLIB = "figure: not written, matplotlib is not installed (pip install 'curvlinops[demo]')"
+
+
+def _write_figure(path, curves, top_eigenvalues):
+    """Training curve and Hessian spectral density as a PNG; its absolute path, or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    history = curves["loss history"]
+    left.plot(range(len(history)), history, marker="o")
+    left.set(
+        xlabel="Hessian-free step",
+        ylabel="cross-entropy (training)",
+        title="Training",
+        yscale="log",
+    )
+    grid, density = curves["density grid"], curves["density"]
+    right.semilogy(grid, np.maximum(density, 1e-12), label="SLQ density")
+    for value in top_eigenvalues:
+        right.axvline(value, color="C3", linestyle=":", linewidth=1)
+    right.set(
+        xlabel="eigenvalue",
+        ylabel="density",
+        title="Hessian spectrum (dotted: top eigenvalues)",
+        ylim=(max(float(density.max()) * 1e-8, 1e-12), float(density.max()) * 2),
+    )
+    right.legend()
+    path = os.path.abspath(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _accuracy(model, params, data, xp):
@@ -206,11 +266,16 @@ def main(argv=None):
     """Command line: ``python -m curvlinops demo [options]``."""
     parser = argparse.ArgumentParser(
         prog="python -m curvlinops",
-        description=__doc__,
+        description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="curvature of a small MLP on the digits data set")
+    demo = sub.add_parser(
+        "demo",
+        help="curvature of a small MLP on the digits data set",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     demo.add_argument("--num-data", type=int, default=1000, help="data points (max 1797)")
     demo.add_argument("--width", type=int, default=32, help="hidden width of the MLP")
     demo.add_argument("--batch-size", type=int, default=250, help="batch size")
@@ -219,6 +284,12 @@ def main(argv=None):
     demo.add_argument("--backend", choices=["numpy", "torch", "cupy"], default="numpy")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.add_argument(
+        "--figure",
+        default="curvlinops-demo.png",
+        help="PNG file for the training curve and spectral density (default: %(default)s)",
+    )
+    demo.add_argument("--no-figure", action="store_true", help="draw no figure")
     args = parser.parse_args(argv)
     if args.num_data < 2 or args.width < 1 or args.batch_size < 1:
         parser.error("--num-data must be >= 2, --width and --batch-size >= 1")
@@ -231,5 +302,17 @@ def main(argv=None):
         backend=args.backend,
         seed=args.seed,
         progress=not args.no_progress,
+        figure=None if args.no_figure else args.figure,
     )
     return 0
+
+
+_DESCRIPTION = """\
+Train a small MLP on scikit-learn's digits with Hessian-free steps (damped
+Gauss-Newton, CG on the GGN), then report its curvature: the top Hessian and GGN
+eigenvalues, exact and estimated traces, the F = G check, a natural-gradient solve
+and the cost of each curvature product relative to one loss+gradient. With
+matplotlib installed, the training curve and the Hessian's spectral density are
+drawn into a PNG file whose path is printed.
+
+Needs the demo extra: pip install "curvlinops[demo]"."""

@@ -29,4 +29,55 @@ def test_demo_command_line_help():
         text=True,
         check=True,
     )
-    assert "--backend" in out.stdout and "--num-data" in out.stdout
+    assert "--backend" in out.stdout and "--num-data" in out.stdout and "--figure" in out.stdout
+    # plain text, no reStructuredText markup from docstrings
+    for markup in ("``", ":mod:", ":func:", ":class:"):
+        assert markup not in out.stdout
+
+
+def test_demo_writes_its_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    from curvlinops.demo import run_demo
+
+    lines = []
+    path = tmp_path / "demo.png"
+    run_demo(
+        num_data=100,
+        width=4,
+        batch_size=50,
+        steps=1,
+        progress=False,
+        out=lines.append,
+        figure=str(path),
+    )
+    assert f"figure: {path}" in lines
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # a PNG file, not an empty one
+    assert path.stat().st_size > 10_000
+
+
+def test_demo_without_matplotlib_says_so(tmp_path, monkeypatch):
+    import builtins
+
+    from curvlinops.demo import run_demo
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    lines = []
+    path = tmp_path / "demo.png"
+    run_demo(
+        num_data=100,
+        width=4,
+        batch_size=50,
+        steps=1,
+        progress=False,
+        out=lines.append,
+        figure=str(path),
+    )
+    assert not path.exists()
+    assert any("matplotlib is not installed" in line for line in lines)

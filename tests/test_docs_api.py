@@ -37,10 +37,25 @@ def test_every_public_name_is_on_an_api_page():
     )
 
 
+# Frontend modules that import an optional library at module level: their documented
+# names can only be resolved where that library is installed.
+_OPTIONAL_MODULES = {"curvlinops.frontends.torch": "torch", "curvlinops.frontends.jax": "jax"}
+
+
+def _needs_missing_library(name: str) -> bool:
+    return any(
+        (name == module or name.startswith(module + "."))
+        and importlib.util.find_spec(library) is None
+        for module, library in _OPTIONAL_MODULES.items()
+    )
+
+
 def test_every_documented_name_exists():
     documented = api_coverage.documented_names(DOCS / "api")
     assert documented, "the checker found no documented names at all"
-    stale = sorted(name for name in documented if api_coverage.resolve(name) is None)
+    checkable = [name for name in documented if not _needs_missing_library(name)]
+    assert len(checkable) > len(documented) // 2, "most documented names need no extra library"
+    stale = sorted(name for name in checkable if api_coverage.resolve(name) is None)
     assert not stale, f"docs/api/ lists names that do not exist: {stale}"
 
 

@@ -41,6 +41,12 @@ def test_missing_imports_are_detected():
     ]
 
 
+def test_every_python_block_asserts_what_it_shows():
+    # A block that only prints would pass whatever it printed (``False`` included).
+    for number, block in enumerate(python_blocks(README.read_text(encoding="utf-8")), start=1):
+        assert re.search(r"^\s*assert ", block, re.MULTILINE), f"README block {number}"
+
+
 def test_readme_python_blocks_run(capsys):
     blocks = python_blocks(README.read_text(encoding="utf-8"))
     namespace: dict = {"__name__": "__readme__"}
