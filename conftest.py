@@ -10,6 +10,7 @@ import importlib.util
 collect_ignore = []
 for module, library in [
     ("curvlinops/frontends/torch.py", "torch"),
+    ("curvlinops/frontends/_torch_params.py", "torch"),
     ("curvlinops/frontends/jax.py", "jax"),
 ]:
     if importlib.util.find_spec(library) is None:

@@ -59,7 +59,7 @@ def register_model_adapter(name: str, adapter: Callable, *, accepts: str) -> Non
     >>> register_model_adapter("widths", adapt_widths, accepts="a Widths")
     >>> model, params = as_model(Widths(2, 1), [np.ones((1, 2)), np.zeros(1)])
     >>> model
-    Sequential(Linear(2, 1))
+    Sequential(Linear(2, 1, bias=True))
     """
     if not callable(adapter):
         raise TypeError(f"adapter must be callable, got {type(adapter).__name__}.")
