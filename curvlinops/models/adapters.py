@@ -70,8 +70,8 @@ def register_model_adapter(name: str, adapter: Callable, *, accepts: str) -> Non
 def as_model(model, params=None) -> tuple[Model, list]:
     """A protocol model and its parameter list, from any model an adapter knows.
 
-    A :class:`~curvlinops.models.Model` and its ``params`` come back unchanged (as a
-    list). Any other object is offered to the registered adapters
+    A :class:`~curvlinops.models.Model` and its ``params`` come back unchanged. Any
+    other object is offered to the registered adapters
     (:func:`register_model_adapter`); with ``curvlinops`` imported, a
     ``torch.nn.Module`` with a list of its parameters becomes a
     :class:`~curvlinops.frontends.torch.TorchModel` over exactly those parameters
@@ -91,7 +91,8 @@ def as_model(model, params=None) -> tuple[Model, list]:
     -------
     model : curvlinops.models.Model
     params : list of arrays
-        The parameter values on the model's backend, in the order of ``params``.
+        The parameter values on the model's backend, in the order of ``params`` (for
+        a protocol model, ``params`` itself).
 
     Raises
     ------
@@ -115,7 +116,7 @@ def as_model(model, params=None) -> tuple[Model, list]:
     TypeError: Expected a curvlinops model (a curvlinops.models.Model: a curvlinops.nn ...
     """
     if isinstance(model, Model):
-        return model, (None if params is None else list(params))
+        return model, params  # checked by the operators (check_params_backend)
     for adapter, _ in list(_ADAPTERS.values()):
         adapted = adapter(model, params)
         if adapted is not None:
