@@ -32,6 +32,11 @@ def module_and_params(module, params):
             f"list(module.parameters())), got a {type(params).__name__}."
         )
     params = list(params)  # also takes module.parameters(), a generator
+    if not params:
+        raise TypeError(
+            "params must be a non-empty list of the module's parameters (e.g. "
+            "list(module.parameters())); got an empty one."
+        )
     named = list(module.named_parameters())
     by_identity = {id(p): n for n, p in named}
     names = []

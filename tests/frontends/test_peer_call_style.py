@@ -459,6 +459,8 @@ def test_errors_name_what_was_expected(problem):
         GGN(net, loss, problem.params, data)
     with pytest.raises(TypeError, match="params must be a non-empty list"):
         GGN(net, loss, None, data)
+    with pytest.raises(TypeError, match="non-empty list of the module's parameters"):
+        GGN(net, loss, [], data)
     with pytest.raises(TypeError, match=r"curvlinops model.*torch\.nn\.Module.*builtins\.str"):
         GGN("net", loss, list(net.parameters()), data)
     with pytest.raises(TypeError, match=r"curvlinops loss.*PyTorch loss"):
