@@ -18,6 +18,7 @@ OPTIONAL_LIBRARIES = ("torch", "jax", "sklearn", "matplotlib", "cupy")
 collect_ignore = []
 for module, library in [
     ("curvlinops/frontends/torch.py", "torch"),
+    ("curvlinops/frontends/_torch_params.py", "torch"),
     ("curvlinops/frontends/jax.py", "jax"),
 ]:
     if importlib.util.find_spec(library) is None:

@@ -11,10 +11,15 @@ listed before it:
 6. ``curvlinops.curvature``: curvature operators over data;
 7. ``curvlinops.verify``: checks users run on their own models and operators.
 
+``curvlinops.frontends`` (PyTorch, JAX and hand-written models) is imported too, so
+that the curvature operators take PyTorch modules and losses directly; it imports
+neither PyTorch nor JAX.
+
 Every public name of the layers is re-exported here.
 """
 
-from . import curvature, linalg, losses, models, nn, solvers, verify
+# frontends registers the PyTorch adapters of as_model / as_loss (it imports no torch)
+from . import curvature, frontends, linalg, losses, models, nn, solvers, verify
 from ._backend import RandomGenerator, array_namespace, to_numpy
 from ._backend.linalg import FactorizationError
 from .curvature import *  # noqa: F403
@@ -35,6 +40,7 @@ __all__ = [
     *models.__all__,
     *losses.__all__,
     *curvature.__all__,
+    "frontends",
     "nn",
     "verify",
 ]

@@ -4,7 +4,7 @@ Checks the parameters, the data iterable and each batch against the operator's
 backend; counts data points; runs the determinism check; wraps iteration in an
 optional progress bar; caches per-batch linearizations on request.
 
-May import: ``curvlinops._backend``, ``curvlinops.models``.
+May import: ``curvlinops._backend``, ``curvlinops.models``, ``curvlinops.losses``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from .._backend import (
     dtype_name,
     to_numpy,
 )
+from ..losses import as_loss
+from ..models import as_model
 
 __all__ = [
     "NonDeterministicDataError",
@@ -28,6 +30,7 @@ __all__ = [
     "count_data",
     "iterate_batches",
     "prepare_inputs",
+    "resolve_model",
 ]
 
 
@@ -158,10 +161,20 @@ def _data_fingerprint(model, loss, params, data, xp):
 
 
 def resolve_loss(loss):
-    """A curvlinops loss from a curvlinops loss or a PyTorch loss object (translated)."""
-    from ..frontends import as_loss
-
+    """A curvlinops loss from a curvlinops loss or one a registered adapter translates."""
     return as_loss(loss)
+
+
+def resolve_model(model, params):
+    """``(model, params)`` as a protocol model and a list: a protocol model unchanged,
+    anything else through the registered adapters (a PyTorch module with a list of its
+    parameters becomes a TorchModel over those parameters and their values)."""
+    if params is None:
+        raise TypeError(
+            "params must be a non-empty list of arrays (for a PyTorch module: a list of its "
+            "parameters), got None."
+        )
+    return as_model(model, params)
 
 
 def prepare_inputs(model, loss, params, data, *, tier, who, num_data, check_deterministic):

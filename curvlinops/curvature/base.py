@@ -20,6 +20,7 @@ from ._data import (
     NonDeterministicDataError,
     iterate_batches,
     prepare_inputs,
+    resolve_model,
 )
 
 __all__ = ["CurvatureLinearOperator", "NonDeterministicDataError"]
@@ -30,8 +31,11 @@ class CurvatureLinearOperator(LinearOperator):
 
     Parameters
     ----------
-    model : curvlinops.models.Model
-        Any model that speaks the protocol (tier 1 at least).
+    model : curvlinops.models.Model or torch.nn.Module
+        Any model that speaks the protocol (tier 1 at least), or a model a registered
+        adapter takes (:func:`curvlinops.models.as_model`): a ``torch.nn.Module``
+        becomes a :class:`~curvlinops.frontends.torch.TorchModel` over the parameters
+        in ``params`` (the built model is :attr:`model`).
     loss : curvlinops.losses.Loss
         The loss; its ``reduction`` ("mean" or "sum") is applied over the whole data
         set, not per batch.
@@ -73,6 +77,7 @@ class CurvatureLinearOperator(LinearOperator):
         check_deterministic=True,
         cache=False,
     ):
+        model, params = resolve_model(model, params)  # a torch.nn.Module -> TorchModel
         loss, xp, dtype, dev, self.num_data = prepare_inputs(
             model,
             loss,

@@ -25,6 +25,7 @@ from ._data import (
     check_mc_samples,
     iterate_batches,
     prepare_inputs,
+    resolve_model,
 )
 
 __all__ = [
@@ -56,6 +57,7 @@ class _DataDiagonalLinearOperator(DiagonalLinearOperator):
         progressbar=False,
         check_deterministic=True,
     ):
+        model, params = resolve_model(model, params)  # a torch.nn.Module -> TorchModel
         loss, xp, _, _, self.num_data = prepare_inputs(
             model,
             loss,

@@ -42,12 +42,16 @@ __all__ = [
 _COMMON_PARAMETERS = """
     Parameters
     ----------
-    model : curvlinops.models.Model
-        Any model speaking the protocol (e.g. a ``curvlinops.nn.Sequential``).
-    loss : curvlinops.losses.Loss
-        Loss with reduction "mean" or "sum", applied over the whole data set.
+    model : curvlinops.models.Model or torch.nn.Module
+        Any model speaking the protocol (e.g. a ``curvlinops.nn.Sequential``), or a
+        ``torch.nn.Module``, wrapped as a ``TorchModel`` over the parameters in
+        ``params`` (see :func:`curvlinops.models.as_model`; the result is ``.model``).
+    loss : curvlinops.losses.Loss or torch.nn.Module
+        Loss with reduction "mean" or "sum", applied over the whole data set; PyTorch
+        losses are translated (:func:`curvlinops.losses.as_loss`).
     params : list of arrays
-        Parameters; the operator acts on flat vectors ``(P,)`` and ``(P, K)``.
+        Parameters; the operator acts on flat vectors ``(P,)`` and ``(P, K)``. With a
+        ``torch.nn.Module``: a list of its parameters (any subset, in any order).
     data : iterable of (X, y)
         Re-iterable batches of any sizes on the parameters' backend and device.
     num_data : int, optional

@@ -17,10 +17,19 @@ turns other sources of derivatives into one:
 ``import curvlinops.frontends`` imports neither PyTorch nor JAX: each library is
 imported when its submodule is (``import curvlinops.frontends.torch``).
 
+Importing this package registers its adapters with
+:func:`curvlinops.models.register_model_adapter` and
+:func:`curvlinops.losses.register_loss_adapter`, so that every curvature operator
+takes a ``torch.nn.Module`` with a list of its parameters (wrapped as a
+:class:`~curvlinops.frontends.torch.TorchModel` over exactly those parameters) and a
+PyTorch loss (translated), the call style of curvlinops-for-pytorch. ``import
+curvlinops`` imports this package. The adapters import nothing until they see a
+PyTorch object: one can only exist if PyTorch is already loaded.
+
 This package sits on top of the model layer: it may import ``curvlinops._backend``,
 ``curvlinops.models`` and ``curvlinops.losses``; ``curvlinops.verify`` only lazily
 (``CallableModel(..., verify=True)``). Nothing in the library imports it at module
-import; the curvature operators call :func:`as_loss` lazily.
+import except the top-level ``curvlinops/__init__.py``, which sits above all layers.
 
 Examples
 --------
@@ -35,58 +44,46 @@ from __future__ import annotations
 
 import sys
 
-from ..losses import Loss
+from ..losses import as_loss, register_loss_adapter
+from ..models import register_model_adapter
 from .callables import CallableModel
 
 __all__ = ["CallableModel", "as_loss"]
 
 
-def as_loss(loss) -> Loss:
-    """A curvlinops loss from a curvlinops loss (unchanged) or a PyTorch loss object.
+def _torch_module(obj):
+    """``torch`` if ``obj`` is a ``torch.nn.Module``, else None (never imports torch)."""
+    torch = sys.modules.get("torch")  # a PyTorch object implies PyTorch is loaded
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        return torch
+    return None
 
-    PyTorch losses (``torch.nn.MSELoss``, ``CrossEntropyLoss``, ``BCEWithLogitsLoss``,
-    ``PoissonNLLLoss``) are translated with
-    :func:`curvlinops.frontends.torch.translate_loss`. This function never imports
-    PyTorch itself: a PyTorch loss can only exist if PyTorch is already loaded.
 
-    Parameters
-    ----------
-    loss : curvlinops.losses.Loss or torch.nn.Module
-        The loss (any ``torch.nn.Module`` is handed to ``translate_loss``, which
-        refuses the ones it cannot translate).
+def _adapt_torch_model(model, params):
+    if _torch_module(model) is None:
+        return None
+    from ._torch_params import module_and_params
 
-    Returns
-    -------
-    curvlinops.losses.Loss
+    return module_and_params(model, params)
 
-    Raises
-    ------
-    TypeError
-        If ``loss`` is neither a curvlinops loss nor a PyTorch loss.
-    ValueError
-        If the PyTorch loss uses an option curvlinops does not support (see
-        :func:`~curvlinops.frontends.torch.translate_loss`).
 
-    Examples
-    --------
-    >>> import torch
-    >>> from curvlinops.frontends import as_loss
-    >>> as_loss(torch.nn.CrossEntropyLoss(reduction="sum"))
-    CrossEntropyLoss(reduction='sum')
-    >>> as_loss("mse")
-    Traceback (most recent call last):
-    ...
-    TypeError: Expected a curvlinops loss (e.g. curvlinops.MSELoss()) or a PyTorch loss ...
-    """
-    if isinstance(loss, Loss):
-        return loss
-    torch = sys.modules.get("torch")  # a PyTorch loss implies PyTorch is loaded
-    if torch is not None and isinstance(loss, torch.nn.Module):
-        from .torch import translate_loss
+def _adapt_torch_loss(loss):
+    if _torch_module(loss) is None:
+        return None
+    from .torch import translate_loss
 
-        return translate_loss(loss)
-    raise TypeError(
-        "Expected a curvlinops loss (e.g. curvlinops.MSELoss()) or a PyTorch loss "
-        f"(torch.nn.MSELoss, CrossEntropyLoss, BCEWithLogitsLoss, ...), got "
-        f"{type(loss).__module__}.{type(loss).__name__}."
-    )
+    return translate_loss(loss)
+
+
+register_model_adapter(
+    "torch",
+    _adapt_torch_model,
+    accepts="a torch.nn.Module with a list of its parameters (wrapped as "
+    "curvlinops.frontends.torch.TorchModel)",
+)
+register_loss_adapter(
+    "torch",
+    _adapt_torch_loss,
+    accepts="a PyTorch loss (torch.nn.MSELoss, CrossEntropyLoss, BCEWithLogitsLoss, "
+    "PoissonNLLLoss)",
+)

@@ -95,6 +95,13 @@ class TorchModel(Model):
         forward passes, so it pays off only when one linearization serves many
         products (a curvature operator with ``cache=True`` in a CG solve), and it
         needs a forward pass free of data-dependent Python control flow.
+    param_names : list of str, optional
+        Names (from ``module.named_parameters()``) of the parameters to take the
+        curvature with respect to, in the order of the parameter list; every other
+        parameter stays a constant of the model, whatever its ``requires_grad``.
+        Default: the parameters that require gradients, in ``named_parameters()``
+        order. (A curvature operator given a module and a list of its parameters
+        builds the model with the names of those parameters.)
 
     Attributes
     ----------
@@ -121,7 +128,7 @@ class TorchModel(Model):
 
     tiers = frozenset({Tier.FIRST_ORDER, Tier.SECOND_ORDER, Tier.LAYER_TAPS})
 
-    def __init__(self, module, *, chunk_size=None, jvp_method="jvp"):
+    def __init__(self, module, *, chunk_size=None, jvp_method="jvp", param_names=None):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"TorchModel expects a torch.nn.Module, got {type(module).__name__}.")
         if jvp_method not in ("jvp", "linearize"):
@@ -134,7 +141,10 @@ class TorchModel(Model):
             (n, m) for n, m in module.named_modules() if isinstance(m, _DROPOUT_TYPES)
         ]
         self._check_deterministic_mode()
-        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if param_names is None:
+            trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        else:
+            trainable = _named_selection(module, param_names)
         if not trainable:
             raise ValueError(
                 "The module has no parameters that require gradients; there is no curvature "
@@ -148,10 +158,14 @@ class TorchModel(Model):
     def name(self) -> str:
         return f"TorchModel({type(self.module).__name__})"
 
+    def __repr__(self) -> str:
+        return f"TorchModel({type(self.module).__name__}, param_names={self.param_names})"
+
     @property
     def params(self) -> list:
         """The module's trainable parameters, detached (they share memory with the module)."""
-        return [p.detach() for n, p in self.module.named_parameters() if n in self.param_names]
+        named = dict(self.module.named_parameters())
+        return [named[n].detach() for n in self.param_names]
 
     def expected_param_shapes(self):
         return list(self._shapes)
@@ -413,6 +427,24 @@ def _refuse_batch_norm(module):
             "on how the data is split into batches; curvlinops does not support it. Replace "
             "it by LayerNorm or GroupNorm, or fold it into the preceding layer."
         )
+
+
+def _named_selection(module, param_names):
+    """``(name, parameter)`` for the given names, in their order; a clear error otherwise."""
+    if isinstance(param_names, str):
+        raise TypeError(f"param_names must be a list of names, got the string {param_names!r}.")
+    named = dict(module.named_parameters())
+    names = list(param_names)
+    unknown = [n for n in names if n not in named]
+    if unknown:
+        raise ValueError(
+            f"param_names {unknown} are not parameters of the module; its parameters are "
+            f"{list(named)}."
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"param_names lists {repeated} more than once.")
+    return [(n, named[n]) for n in names]
 
 
 def _fixed_tensors(module, param_names):

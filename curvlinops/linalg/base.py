@@ -328,6 +328,15 @@ class LinearOperator:
     def to_scipy(self):
         """A :class:`scipy.sparse.linalg.LinearOperator` over NumPy arrays.
 
+        A NumPy operator's products run on the arrays SciPy passes. An operator on any
+        other backend (PyTorch, JAX, array-api-strict, CuPy) works through **host
+        copies**: each product converts SciPy's NumPy input to the operator's backend
+        and device, applies the operator, and copies the result back to a NumPy array.
+        That costs a transfer per product (host to device and back on a GPU): it is
+        meant for SciPy interop (``eigsh``, ``cg``, ``svds``), not for hot loops, for
+        which curvlinops' own solvers work on the operator's arrays directly. For a
+        CuPy operator, :meth:`to_cupyx` gives a SciPy-style operator without copies.
+
         Examples
         --------
         >>> import numpy as np
@@ -335,12 +344,15 @@ class LinearOperator:
         >>> A = aslinearoperator(np.diag([1.0, 2.0])).to_scipy()
         >>> (A @ np.ones(2)).tolist()
         [1.0, 2.0]
+        >>> import array_api_strict as xps
+        >>> B = aslinearoperator(xps.asarray([[1.0, 0.0], [0.0, 2.0]])).to_scipy()
+        >>> (B @ np.ones(2)).tolist()  # NumPy in and out
+        [1.0, 2.0]
         """
         if not is_numpy_namespace(self.xp):
-            raise TypeError(
-                f"to_scipy() needs a NumPy operator; this one works on "
-                f"{namespace_name(self.xp)} arrays (use to_cupyx() for CuPy)."
-            )
+            from .interop import host_copy_scipy_operator
+
+            return host_copy_scipy_operator(self)
         import numpy as np
         import scipy.sparse.linalg
 

@@ -9,6 +9,7 @@ itself, samples of ``r`` and the sampled gradients of Monte-Carlo Fisher. See
 May import: curvlinops._backend, curvlinops.linalg, curvlinops.models.
 """
 
+from .adapters import as_loss, register_loss_adapter
 from .base import Loss
 from .classification import BCEWithLogitsLoss, CrossEntropyLoss
 from .poisson import PoissonNLLLoss
@@ -21,4 +22,6 @@ __all__ = [
     "Loss",
     "MSELoss",
     "PoissonNLLLoss",
+    "as_loss",
+    "register_loss_adapter",
 ]

@@ -71,13 +71,18 @@ def test_to_scipy_eigsh(kronecker_numpy):
     np.testing.assert_allclose(np.sort(top), np.linalg.eigvalsh(ref)[-3:], rtol=1e-9)
 
 
-def test_to_scipy_rejects_other_namespaces(backend):
-    op = DenseLinearOperator(backend.asarray(np.eye(3)))
-    if backend.name == "numpy":
-        assert op.to_scipy().shape == (3, 3)
-    else:
-        with pytest.raises(TypeError, match="NumPy"):
-            op.to_scipy()
+def test_to_scipy_on_every_backend(backend):
+    # Operators on any backend convert to SciPy through host copies (see the tests at
+    # the end of this file); the reference is the NumPy matrix the operator holds.
+    rng = np.random.default_rng(9)
+    A = rng.normal(size=(4, 3))
+    S = DenseLinearOperator(backend.asarray(A)).to_scipy()
+    assert isinstance(S, scipy.sparse.linalg.LinearOperator)
+    assert S.shape == (4, 3) and S.dtype == np.float64
+    x, y, X = rng.normal(size=3), rng.normal(size=4), rng.normal(size=(3, 2))
+    for result, want in [(S @ x, A @ x), (S.rmatvec(y), A.T @ y), (S @ X, A @ X)]:
+        assert type(result) is np.ndarray and result.flags.writeable
+        np.testing.assert_allclose(result, want, rtol=1e-12)
 
 
 def test_to_cupyx(backend):
@@ -163,3 +168,149 @@ def test_aslinearoperator_errors():
     with pytest.raises(TypeError, match="cannot convert"):
         aslinearoperator("not an operator")
     assert isinstance(aslinearoperator(lambda X: X, shape=(2, 2), xp=xp), LinearOperator)
+
+
+# -- to_scipy() of operators on other backends: host copies -------------------------------
+#
+# Curvature operators of PyTorch- and JAX-backed models; the references are dense matrices
+# built without curvlinops (torch.func.hessian, jax.hessian, the Jacobian by autodiff).
+
+
+def _mlp_data(seed=0, n=7, d_in=3, d_out=2):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d_in)), rng.normal(size=(n, d_out))
+
+
+def _torch_problem():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+    X, y = (torch.from_numpy(a) for a in _mlp_data())
+    return torch, net, X, y
+
+
+def _torch_hessian_reference(torch, net, X, y):
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+    def loss(t):
+        params, start = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            size = int(np.prod(shape))
+            params[name] = t[start : start + size].reshape(shape)
+            start += size
+        return torch.nn.functional.mse_loss(torch.func.functional_call(net, params, (X,)), y)
+
+    return torch.func.hessian(loss)(theta).numpy()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_to_scipy_torch_hessian_products_eigsh_and_cg():
+    from curvlinops import HessianLinearOperator, MSELoss
+    from curvlinops.frontends.torch import TorchModel
+
+    torch, net, X, y = _torch_problem()
+    model = TorchModel(net)
+    H = HessianLinearOperator(model, MSELoss(), model.params, [(X[:4], y[:4]), (X[4:], y[4:])])
+    reference = _torch_hessian_reference(torch, net, X, y)
+    dense = H.to_dense().numpy()
+    np.testing.assert_allclose(dense, reference, rtol=1e-10, atol=1e-12)
+    S = H.to_scipy()
+    assert S.shape == H.shape and S.dtype == np.float64
+    rng = np.random.default_rng(1)
+    v, V = rng.normal(size=H.shape[1]), rng.normal(size=(H.shape[1], 3))
+    np.testing.assert_allclose(S.matvec(v), reference @ v, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(S.matmat(V), reference @ V, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(S.rmatvec(v), reference.T @ v, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(S.matvec(v[:, None]).ravel(), reference @ v, atol=1e-12)
+    top = scipy.sparse.linalg.eigsh(S, k=2, which="LA", return_eigenvectors=False)
+    np.testing.assert_allclose(np.sort(top), np.linalg.eigvalsh(reference)[-2:], rtol=1e-8)
+    damped = H.damped(10.0).to_scipy()  # positive definite: the Hessian is small here
+    b = rng.normal(size=H.shape[0])
+    x, info = scipy.sparse.linalg.cg(damped, b, rtol=1e-12, atol=0.0, maxiter=500)
+    assert info == 0
+    np.testing.assert_allclose(x, np.linalg.solve(reference + 10 * np.eye(len(b)), b), rtol=1e-8)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_to_scipy_torch_jacobian_adjoint_and_float32():
+    from curvlinops import JacobianLinearOperator, MSELoss
+    from curvlinops.frontends.torch import TorchModel
+
+    torch, net, X, y = _torch_problem()
+    model = TorchModel(net)
+    J = JacobianLinearOperator(model, MSELoss(), model.params, [(X, y)])
+    # Independent reference: the Jacobian of the flattened outputs by torch.func.
+    names = [n for n, _ in net.named_parameters()]
+
+    def outputs(*ps):
+        return torch.func.functional_call(net, dict(zip(names, ps, strict=True)), (X,)).reshape(-1)
+
+    blocks = torch.func.jacrev(outputs, argnums=tuple(range(len(names))))(*model.params)
+    reference = torch.cat([b.reshape(b.shape[0], -1) for b in blocks], dim=1).numpy()
+    S = J.to_scipy()
+    rng = np.random.default_rng(2)
+    u, U = rng.normal(size=J.shape[0]), rng.normal(size=(J.shape[0], 2))
+    np.testing.assert_allclose(S.rmatvec(u), reference.T @ u, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(S.rmatmat(U), reference.T @ U, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(S.H @ U, reference.T @ U, rtol=1e-10, atol=1e-12)
+    svals = scipy.sparse.linalg.svds(S, k=2, return_singular_vectors=False)
+    np.testing.assert_allclose(
+        np.sort(svals), np.linalg.svd(reference, compute_uv=False)[:2][::-1], rtol=1e-8
+    )
+    # float32 operators give float32 SciPy operators; float32 inputs come back float32.
+    A32 = DenseLinearOperator(torch.from_numpy(reference.astype(np.float32)))
+    S32 = A32.to_scipy()
+    v = rng.normal(size=J.shape[1]).astype(np.float32)
+    assert S32.dtype == np.float32 and (S32 @ v).dtype == np.float32
+    np.testing.assert_allclose(S32 @ v, reference @ v, rtol=1e-4, atol=1e-5)
+
+
+def test_to_scipy_jax_hessian_products_eigsh_and_cg():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from curvlinops import HessianLinearOperator, MSELoss
+    from curvlinops.frontends.jax import JaxModel
+
+    if not jax.config.jax_enable_x64:
+        pytest.skip("needs jax_enable_x64 (set by tests/conftest.py)")
+
+    def f(p, x):
+        return jnp.tanh(x @ p[0].T + p[1]) @ p[2].T
+
+    rng = np.random.default_rng(3)
+    p0 = [jnp.asarray(rng.normal(size=s)) for s in [(4, 3), (4,), (2, 4)]]
+    Xn, yn = _mlp_data(seed=4)
+    X, y = jnp.asarray(Xn), jnp.asarray(yn)
+    model = JaxModel(f, p0)
+    H = HessianLinearOperator(model, MSELoss(), model.params, [(X[:3], y[:3]), (X[3:], y[3:])])
+    shapes = [p.shape for p in model.params]
+
+    def loss(theta):
+        ps, start = [], 0
+        for shape in shapes:
+            size = int(np.prod(shape))
+            ps.append(theta[start : start + size].reshape(shape))
+            start += size
+        return jnp.mean((f(ps, X) - y) ** 2)
+
+    theta = jnp.concatenate([p.reshape(-1) for p in model.params])
+    reference = np.asarray(jax.hessian(loss)(theta))
+    S = H.to_scipy()
+    v, V = rng.normal(size=H.shape[1]), rng.normal(size=(H.shape[1], 2))
+    np.testing.assert_allclose(S.matvec(v), reference @ v, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(S.matmat(V), reference @ V, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(S.rmatvec(v), reference.T @ v, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(H.to_dense()), reference, rtol=1e-10, atol=1e-12)
+    result = S @ v
+    assert type(result) is np.ndarray and result.flags.writeable  # not a JAX buffer view
+    top = scipy.sparse.linalg.eigsh(S, k=2, which="LA", return_eigenvectors=False)
+    np.testing.assert_allclose(np.sort(top), np.linalg.eigvalsh(reference)[-2:], rtol=1e-8)
+    b = rng.normal(size=H.shape[0])
+    x, info = scipy.sparse.linalg.cg(H.damped(10.0).to_scipy(), b, rtol=1e-12, atol=0.0)
+    assert info == 0
+    np.testing.assert_allclose(x, np.linalg.solve(reference + 10 * np.eye(len(b)), b), rtol=1e-8)
