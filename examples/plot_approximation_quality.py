@@ -115,8 +115,8 @@ assert np.isclose(error["low rank (k = 20, Lanczos)"], eckart_young, rtol=1e-8)
 # %%
 # **Low rank is exact at the rank of** :math:`G`. The softmax is unchanged when the
 # same number is added to every logit, so the GGN has a null direction for the last
-# bias (all ones) and one for each hidden unit (the same change in every row of the
-# last weight): :math:`P - 13` nonzero eigenvalues. A rank-:math:`(P - 13)`
+# bias (all ones) and 12 for the last weight (the same vector of 12 numbers added to
+# each of its rows): :math:`P - 13` nonzero eigenvalues. A rank-:math:`(P - 13)`
 # approximation reproduces :math:`G`.
 
 rank = int(np.sum(exact_eigenvalues > 1e-10 * exact_eigenvalues[0]))
