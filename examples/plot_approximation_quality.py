@@ -9,9 +9,9 @@ approximations use instead are cheap to store and to invert:
 * the **diagonal** of :math:`G` (:class:`~curvlinops.GGNDiagonalLinearOperator`),
 * its **diagonal blocks**, one per layer (:func:`~curvlinops.block_diagonal`),
 * **K-FAC**, one Kronecker product :math:`B \\otimes A` per weight
-  (:class:`~curvlinops.KFACLinearOperator`),
+  (:class:`~curvlinops.curvature.kfac.KFACLinearOperator`),
 * **EKFAC**, K-FAC's eigenbasis with refitted eigenvalues
-  (:class:`~curvlinops.EKFACLinearOperator`),
+  (:class:`~curvlinops.curvature.ekfac.EKFACLinearOperator`),
 * a **low-rank** approximation from the top of the spectrum found by Lanczos
   (:func:`~curvlinops.low_rank`).
 

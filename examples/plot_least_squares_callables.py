@@ -16,7 +16,7 @@ This example fits a damped oscillation
 to noisy measurements. It
 
 1. writes the Jacobian products by hand, plants a bug in the ``vjp``, and lets the
-   verification toolkit (:mod:`curvlinops.verify`) find it: the dot-product test fails,
+   verification toolkit (``curvlinops.verify``) find it: the dot-product test fails,
    the finite-difference check of the ``jvp`` passes, and ``CallableModel(...,
    verify=True)`` refuses the model;
 2. fits the four parameters by Gauss-Newton with Levenberg-Marquardt damping: each
@@ -24,7 +24,7 @@ to noisy measurements. It
    :class:`~curvlinops.GGNLinearOperator`, which only ever calls the ``jvp`` and
    ``vjp``;
 3. checks the fit against the true parameters (within the standard errors that the
-   GGN itself provides) and against :func:`scipy.optimize.least_squares`.
+   GGN itself provides) and against ``scipy.optimize.least_squares``.
 """
 
 import matplotlib.pyplot as plt
