@@ -295,6 +295,30 @@ def _set_member_listing(app, config):
     config.autosummary_context = context
 
 
+def public_bases(bases) -> list:
+    """``bases`` with each private class (a name part starting with ``_``) replaced by
+    its nearest public ancestors, so a class page never names a private class."""
+    result = []
+    for base in bases:
+        if _is_private_class(base):
+            candidates = public_bases(base.__bases__)
+        else:
+            candidates = [base]
+        for candidate in candidates:
+            if candidate not in result:
+                result.append(candidate)
+    return result
+
+
+def _is_private_class(cls) -> bool:
+    parts = f"{getattr(cls, '__module__', '')}.{cls.__qualname__}".split(".")
+    return _is_ours(cls) and any(part.startswith("_") for part in parts)
+
+
+def _process_bases(_app, _name, _obj, _options, bases):
+    bases[:] = public_bases(bases)
+
+
 def _check_api_coverage(app):
     from sphinx.util import logging
 
@@ -328,4 +352,5 @@ def _check_api_coverage(app):
 def setup(app):
     app.connect("config-inited", _set_member_listing)
     app.connect("builder-inited", _check_api_coverage)
+    app.connect("autodoc-process-bases", _process_bases)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
