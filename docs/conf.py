@@ -114,6 +114,26 @@ sphinx_gallery_conf = {
     "reset_modules": ("matplotlib",),
 }
 
+
+def _remove_stale_gallery_pages(app, config):
+    """Delete generated pages of examples that no longer exist (renamed or removed).
+
+    sphinx-gallery regenerates only what changed and never deletes, so a stale
+    ``auto_examples/<name>.rst`` would be a page in no toctree (an error under -W).
+    """
+    examples = (DOCS / config.sphinx_gallery_conf["examples_dirs"]).resolve()
+    gallery = DOCS / config.sphinx_gallery_conf["gallery_dirs"]
+    for page in gallery.glob("*.rst"):
+        if page.stem not in ("index", "sg_execution_times"):
+            if not (examples / f"{page.stem}.py").exists():
+                for stale in gallery.glob(f"{page.stem}.*"):
+                    stale.unlink()
+
+
+def setup(app):
+    app.connect("config-inited", _remove_stale_gallery_pages, priority=100)
+
+
 # -- HTML ----------------------------------------------------------------------------
 
 default_role = "py:obj"
