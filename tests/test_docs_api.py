@@ -132,6 +132,22 @@ def test_class_members_leave_out_fields_the_docstring_describes():
     )
 
 
+def test_class_pages_name_no_private_base():
+    from curvlinops import CurvatureLinearOperator, EFDiagonalLinearOperator, LinearOperator
+    from curvlinops.curvature.kfac import KFACLinearOperator
+    from curvlinops.linalg import DiagonalLinearOperator
+
+    # KFACLinearOperator derives from the private _KroneckerCurvature.
+    assert api_coverage.public_bases(list(KFACLinearOperator.__bases__)) == [
+        CurvatureLinearOperator
+    ]
+    # Two private levels (_TapDiagonal..., _DataDiagonal...) above a public class.
+    assert api_coverage.public_bases(list(EFDiagonalLinearOperator.__bases__)) == [
+        DiagonalLinearOperator
+    ]
+    assert api_coverage.public_bases([LinearOperator]) == [LinearOperator]
+
+
 def test_member_listing_has_the_frontends_members():
     pytest.importorskip("torch")
     pytest.importorskip("jax")
