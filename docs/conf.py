@@ -1,6 +1,7 @@
 """Sphinx configuration of the curvlinops documentation.
 
-Build from the repository root (no network needed: intersphinx is off)::
+Build from the repository root (the build needs no network: intersphinx is off; the
+browser loads MathJax for the formulas from its CDN)::
 
     pip install -e ".[docs]"
     sphinx-build -W --keep-going -b html docs docs/_build/html
@@ -63,7 +64,7 @@ extensions = [
 ]
 
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py"]
+exclude_patterns = ["_build"]
 root_doc = "index"
 
 # -- API reference -------------------------------------------------------------------
