@@ -60,8 +60,11 @@ def check_jvp(model, params, x, *, seed=0, rtol=None, step=None, num_probes=2):
     Examples
     --------
     >>> import numpy as np
-    >>> from curvlinops.verify.model_checks import _ExampleModel
-    >>> print(check_jvp(_ExampleModel(), [np.ones((2, 3))], np.ones((4, 3))))
+    >>> from curvlinops import nn
+    >>> from curvlinops.verify import check_jvp
+    >>> model = nn.Sequential(nn.Linear(3, 2), nn.Tanh())
+    >>> params = model.init(0)  # NumPy float64 arrays
+    >>> print(check_jvp(model, params, np.ones((4, 3))))
     [PASS] jvp: error ... <= tolerance ... (central finite differences along 2 random ...)
     """
     xp, dtype = _namespace_and_dtype(params)
@@ -110,10 +113,27 @@ def check_vjp(model, params, x, *, seed=0, rtol=None, num_probes=2):
 
     Examples
     --------
+    Hand-written products of ``f(W, x) = x W^T``, tangents and cotangents with a
+    trailing axis of ``K`` vectors, and the same model with a wrong factor in ``vjp``:
+
     >>> import numpy as np
-    >>> from curvlinops.verify.model_checks import _ExampleModel
-    >>> check_vjp(_ExampleModel(), [np.ones((2, 3))], np.ones((4, 3))).passed
+    >>> from curvlinops.frontends import CallableModel
+    >>> from curvlinops.verify import check_vjp
+    >>> def forward(params, x):
+    ...     return x @ params[0].T
+    >>> def jvp(params, x, V):  # V[0]: (2, 3, K) -> (N, 2, K)
+    ...     return np.einsum("ni,oik->nok", x, V[0])
+    >>> def vjp(params, x, U):  # U: (N, 2, K) -> [(2, 3, K)]
+    ...     return [np.einsum("ni,nok->oik", x, U)]
+    >>> def wrong_vjp(params, x, U):
+    ...     return [2 * vjp(params, x, U)[0]]
+    >>> W, x = np.ones((2, 3)), np.ones((4, 3))
+    >>> model = CallableModel(forward, jvp, vjp, param_shapes=[(2, 3)])
+    >>> check_vjp(model, [W], x).passed
     True
+    >>> wrong = CallableModel(forward, jvp, wrong_vjp, param_shapes=[(2, 3)])
+    >>> check_vjp(wrong, [W], x).passed
+    False
     """
     xp, dtype = _namespace_and_dtype(params)
     rtol = math.sqrt(dtype_eps(dtype)) if rtol is None else rtol
@@ -159,8 +179,10 @@ def check_second_order(model, params, x, *, seed=0, rtol=None, step=None, num_pr
     Examples
     --------
     >>> import numpy as np
-    >>> from curvlinops.verify.model_checks import _ExampleModel
-    >>> check_second_order(_ExampleModel(), [np.ones((2, 3))], np.ones((4, 3))).passed
+    >>> from curvlinops import nn
+    >>> from curvlinops.verify import check_second_order
+    >>> model = nn.Sequential(nn.Linear(3, 2), nn.Tanh())
+    >>> check_second_order(model, model.init(0), np.ones((4, 3))).passed
     True
     """
     model.require(Tier.SECOND_ORDER, "check_second_order")
@@ -236,8 +258,10 @@ def check_layer_taps(model, params, x, *, seed=0, rtol=None, num_probes=2):
     Examples
     --------
     >>> import numpy as np
-    >>> from curvlinops.verify.model_checks import _ExampleModel
-    >>> check_layer_taps(_ExampleModel(), [np.ones((2, 3))], np.ones((4, 3))).passed
+    >>> from curvlinops import nn
+    >>> from curvlinops.verify import check_layer_taps
+    >>> model = nn.Sequential(nn.Linear(3, 2), nn.Tanh())
+    >>> check_layer_taps(model, model.init(0), np.ones((4, 3))).passed
     True
     """
     model.require(Tier.LAYER_TAPS, "check_layer_taps")
@@ -294,8 +318,10 @@ def verify_model(model, params, x, tiers=None, *, seed=0):
     Examples
     --------
     >>> import numpy as np
-    >>> from curvlinops.verify.model_checks import _ExampleModel
-    >>> reports = verify_model(_ExampleModel(), [np.ones((2, 3))], np.ones((4, 3)))
+    >>> from curvlinops import nn
+    >>> from curvlinops.verify import verify_model
+    >>> model = nn.Sequential(nn.Linear(3, 2), nn.Tanh())
+    >>> reports = verify_model(model, model.init(0), np.ones((4, 3)))
     >>> [(r.name, r.passed) for r in reports]
     [('jvp', True), ('vjp', True), ('second_order_vjp', True), ('layer_taps', True)]
     """

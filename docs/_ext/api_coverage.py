@@ -6,14 +6,24 @@ an ``autosummary`` list or an ``auto*`` directive under ``docs/api/`` names it, 
 under the module that exports it or under any module that re-exports the same object
 (the API pages document everything as ``curvlinops.X``).
 
-The build reports each missing name as a warning (an error under ``sphinx-build -W``).
-``tests/test_docs_api.py`` runs the same check without building the docs.
+The public members of a documented class are the names without a leading underscore
+that the class or one of its curvlinops base classes defines (not those of ``object``,
+``int``, ``Exception``, ``tuple``, ...): its methods, properties and class attributes,
+inherited ones included. :func:`class_members` lists them; the class page template
+(``docs/_templates/autosummary/class.rst``) shows exactly these, each with its
+docstring, and every method and property must have one (its own or the one it
+overrides).
+
+The build reports each missing name and each method or property without a docstring
+as a warning (an error under ``sphinx-build -W``). ``tests/test_docs_api.py`` runs the
+same checks without building the docs.
 
 May import: the standard library, curvlinops, sphinx (only in :func:`setup`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import pkgutil
@@ -155,6 +165,160 @@ def missing_names(api_dir: Path, package: str = PACKAGE, errors: list | None = N
     return sorted(set(missing))
 
 
+MEMBER_KINDS = ("methods", "properties", "attributes")
+
+# Methods and properties known to lack a docstring, as ``defining class.member``. The
+# check skips them, and tests/test_docs_api.py fails once one has a docstring, so that
+# the entry is removed.
+KNOWN_UNDOCUMENTED = {
+    "curvlinops.models.protocol.Model.name",
+}
+
+_SECTION_RULE = re.compile(r"^\s*-{3,}\s*$")
+_ATTRIBUTE_ENTRY = re.compile(r"^(\w+)\s*(?::.*)?$")
+
+
+def class_members(cls) -> dict[str, list[str]]:
+    """The public members of ``cls`` that its API page shows, by kind.
+
+    Returns ``{"methods": [...], "properties": [...], "attributes": [...]}``, each
+    sorted. A member is public when its name has no leading underscore and the class
+    that defines it (``cls`` or the first base in the MRO that has it) belongs to
+    curvlinops, so members of ``object``, ``int``, ``Exception`` or ``tuple`` are left
+    out. Properties and attributes that the class docstring already describes in its
+    ``Attributes`` section (dataclass and named-tuple fields) are left out too: numpydoc
+    shows them there.
+    """
+    described = _attributes_section(inspect.getdoc(cls) or "")
+    members: dict[str, list[str]] = {kind: [] for kind in MEMBER_KINDS}
+    for name in sorted(dir(cls)):
+        if name.startswith("_"):
+            continue
+        owner = _defining_class(cls, name)
+        if owner is None or not _is_ours(owner):
+            continue
+        kind = _member_kind(vars(owner)[name])
+        if kind != "methods" and name in described:
+            continue
+        members[kind].append(name)
+    return members
+
+
+def _defining_class(cls, name):
+    return next((klass for klass in cls.__mro__ if name in vars(klass)), None)
+
+
+def _is_ours(klass) -> bool:
+    module = getattr(klass, "__module__", "") or ""
+    return module == PACKAGE or module.startswith(PACKAGE + ".")
+
+
+def _member_kind(raw) -> str:
+    if isinstance(raw, (staticmethod, classmethod)) or inspect.isroutine(raw):
+        return "methods"
+    if isinstance(raw, (property, functools.cached_property)) or inspect.isdatadescriptor(raw):
+        return "properties"
+    return "attributes"
+
+
+def _attributes_section(doc: str) -> set[str]:
+    """Names listed in the numpydoc ``Attributes`` section of ``doc``."""
+    lines = doc.splitlines()
+    names: set[str] = set()
+    for i in range(len(lines) - 1):
+        if lines[i].strip() == "Attributes" and _SECTION_RULE.match(lines[i + 1]):
+            indent = len(lines[i]) - len(lines[i].lstrip())
+            for line in lines[i + 2 :]:
+                if _SECTION_RULE.match(line):
+                    break  # the rule under the next section's title
+                if line.strip() and len(line) - len(line.lstrip()) == indent:
+                    match = _ATTRIBUTE_ENTRY.match(line.strip())
+                    if match:
+                        names.add(match.group(1))
+    return names
+
+
+def documented_classes(api_dir: Path) -> dict[str, type]:
+    """The classes the pages under ``api_dir`` document, by the name they use."""
+    classes = {}
+    for name in sorted(documented_names(api_dir)):
+        obj = resolve(name)
+        if inspect.isclass(obj):
+            classes[name] = obj
+    return classes
+
+
+def member_listing(api_dir: Path) -> dict[str, dict[str, list[str]]]:
+    """:func:`class_members` of every documented class, keyed by its documented name.
+
+    The class page template reads this (as ``class_members`` in the autosummary
+    context) to choose what to show.
+    """
+    return {name: class_members(cls) for name, cls in documented_classes(api_dir).items()}
+
+
+def undocumented_members(api_dir: Path) -> list[str]:
+    """Public methods and properties of documented classes that have no docstring.
+
+    A member that overrides a documented one inherits its docstring (as autodoc
+    shows it), so each is named by the most basic class that defines it
+    (``module.Class.member``): a docstring there documents every override.
+    :data:`KNOWN_UNDOCUMENTED` is skipped.
+    """
+    missing = set()
+    for cls in documented_classes(api_dir).values():
+        members = class_members(cls)
+        for name in members["methods"] + members["properties"]:
+            if _member_doc(cls, name):
+                continue
+            base = [klass for klass in cls.__mro__ if name in vars(klass)][-1]
+            qualified = f"{base.__module__}.{base.__qualname__}.{name}"
+            if qualified not in KNOWN_UNDOCUMENTED:
+                missing.add(qualified)
+    return sorted(missing)
+
+
+def _member_doc(cls, name) -> str:
+    """The docstring autodoc shows for ``cls.name``: its own or an overridden one's."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            raw = vars(klass)[name]
+            doc = inspect.getdoc(getattr(raw, "__func__", raw))
+            if doc:
+                return doc
+    return ""
+
+
+def _set_member_listing(app, config):
+    context = dict(config.autosummary_context or {})
+    context["class_members"] = member_listing(Path(app.srcdir) / "api")
+    config.autosummary_context = context
+
+
+def public_bases(bases) -> list:
+    """``bases`` with each private class (a name part starting with ``_``) replaced by
+    its nearest public ancestors, so a class page never names a private class."""
+    result = []
+    for base in bases:
+        if _is_private_class(base):
+            candidates = public_bases(base.__bases__)
+        else:
+            candidates = [base]
+        for candidate in candidates:
+            if candidate not in result:
+                result.append(candidate)
+    return result
+
+
+def _is_private_class(cls) -> bool:
+    parts = f"{getattr(cls, '__module__', '')}.{cls.__qualname__}".split(".")
+    return _is_ours(cls) and any(part.startswith("_") for part in parts)
+
+
+def _process_bases(_app, _name, _obj, _options, bases):
+    bases[:] = public_bases(bases)
+
+
 def _check_api_coverage(app):
     from sphinx.util import logging
 
@@ -176,8 +340,17 @@ def _check_api_coverage(app):
             name,
             location="api/index",
         )
+    for name in undocumented_members(api_dir):
+        logger.warning(
+            "public member %s of a documented class has no docstring: add one (the "
+            "class pages under docs/api/generated/ show every public member)",
+            name,
+            location="api/index",
+        )
 
 
 def setup(app):
+    app.connect("config-inited", _set_member_listing)
     app.connect("builder-inited", _check_api_coverage)
+    app.connect("autodoc-process-bases", _process_bases)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
