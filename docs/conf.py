@@ -28,6 +28,7 @@ _REQUIRED = [
     ("numpydoc", "the docstring format"),
     ("furo", "the HTML theme"),
     ("sphinx_gallery", "the gallery of examples"),
+    ("sphinx-mathjax-offline", "the formulas, rendered without a network connection"),
     ("matplotlib", "the figures of the gallery"),
     ("sklearn", "the data sets of the gallery"),
     ("torch", "the API pages of curvlinops.frontends.torch and the gallery"),
@@ -57,6 +58,8 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
+    # MathJax shipped with the docs, so formulas render without a network connection.
+    "sphinx-mathjax-offline",
     "numpydoc",
     "sphinx_gallery.gen_gallery",
     "api_coverage",
