@@ -265,6 +265,7 @@ class Model:
 
     @property
     def name(self) -> str:
+        """Name of the model in error messages (default: its class name)."""
         return type(self).__name__
 
     def __call__(self, params, x):

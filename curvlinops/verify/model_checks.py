@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from .._backend import RandomGenerator, array_namespace, device, dtype_eps
-from ..models import LayerTap, Linearization, Model, Tier
+from ..models import Tier
 from ._common import dot_product_error, norm, relative_error
 from .report import VerificationReport
 
@@ -395,47 +395,3 @@ def _shape_failure(name, tolerance, expected, found):
         tolerance,
         f"wrong shapes: expected {expected}, got {found}",
     )
-
-
-class _ExampleLinearization(Linearization):
-    def _pre_activation_grads(self, cotangents):
-        return (1 - self.outputs**2)[..., None] * cotangents
-
-    def _weight_grads(self, xp, grads):
-        return xp.permute_dims(xp.tensordot(grads, self.x, axes=([0], [0])), (0, 2, 1))
-
-    def _jvp(self, tangents):
-        xp = array_namespace(self.x)
-        return self._pre_activation_grads(xp.tensordot(self.x, tangents[0], axes=([1], [1])))
-
-    def _vjp(self, cotangents):
-        xp = array_namespace(self.x)
-        return [self._weight_grads(xp, self._pre_activation_grads(cotangents))]
-
-    def _second_order_vjp(self, cotangent, tangents, cotangent_tangent):
-        xp = array_namespace(self.x)
-        a = self.outputs[..., None]
-        ds = xp.tensordot(self.x, tangents[0], axes=([1], [1]))
-        grads = -2 * a * (1 - a**2) * ds * cotangent[..., None]
-        if cotangent_tangent is not None:
-            w = cotangent_tangent
-            w = w(self._jvp(tangents)) if callable(w) else w
-            grads = grads + self._pre_activation_grads(w)
-        return [self._weight_grads(xp, grads)]
-
-    def _layer_taps(self, cotangents):
-        grads = None if cotangents is None else self._pre_activation_grads(cotangents)
-        return [LayerTap("0", 0, None, self.x, grads)]
-
-
-class _ExampleModel(Model):
-    """``f(W, x) = tanh(x W^T)`` offering all three tiers; used by the doctests."""
-
-    tiers = frozenset(Tier)
-
-    def __call__(self, params, x):
-        xp = array_namespace(x)
-        return xp.tanh(x @ xp.matrix_transpose(params[0]))
-
-    def linearize(self, params, x):
-        return _ExampleLinearization(self, params, x, self(params, x))
