@@ -18,7 +18,7 @@ wraps it with :class:`~curvlinops.frontends.torch.TorchModel`, and computes
   (:func:`curvlinops.spectral_density`).
 
 At the end, on a few images, every one of these numbers is checked against the dense
-Hessian built directly with :mod:`torch.func`.
+Hessian built directly with ``torch.func``.
 """
 
 # %%
@@ -171,7 +171,7 @@ assert abs(right_edge - top_eigenvalues[-1].item()) < 0.05 * top_eigenvalues[-1]
 # Checking against the dense Hessian
 # ----------------------------------
 # To make sure these numbers are right, we repeat them on 50 training images, where the
-# dense :math:`P \times P` Hessian is cheap to build with :mod:`torch.func` directly
+# dense :math:`P \times P` Hessian is cheap to build with ``torch.func`` directly
 # from the module, without curvlinops: the mean loss as a function of one flat
 # parameter vector, differentiated twice.
 
