@@ -13,7 +13,7 @@ parameters in a pytree, to scikit-learn's digits, with the curvature from
 :class:`~curvlinops.frontends.jax.JaxModel` and :class:`curvlinops.GGNLinearOperator`:
 
 - a linear softmax classifier (multinomial logistic regression), for which the GGN is
-  the exact Hessian: Newton-CG converges quadratically, and we check the solution
+  the exact Hessian: Newton-CG converges superlinearly, and we check the solution
   against scikit-learn's ``LogisticRegression``;
 - a small MLP, for which it is the Gauss-Newton method.
 
@@ -146,7 +146,7 @@ assert jnp.allclose(Gv_linear, H_dense @ v_linear, rtol=1e-10, atol=1e-14)
 #    for all of CG's products) and takes the gradient and loss from it,
 # 2. solves :math:`(G + \alpha I) \delta = -\nabla J` by CG to the relative tolerance
 #    :math:`\min(0.5, \sqrt{\|\nabla J\|})`, loose far from the solution and tight near
-#    it (which keeps Newton's fast local convergence),
+#    it (which keeps Newton's fast local convergence: superlinear, with this tolerance),
 # 3. backtracks along ``delta`` until the objective decreases enough (Armijo's rule).
 
 
@@ -176,12 +176,11 @@ def newton_cg(model, leaves, alpha, iterations):
             break
         delta, info = cl.cg(G, -g, damping=alpha, rtol=min(0.5, gradient_norm**0.5), maxiter=200)
         history["cg iterations"].append(info.iterations)
+        directions = cl.unflatten_params(delta, shapes)
         slope, step = float(g @ delta), 1.0
+        assert slope < 0, "CG on G + alpha I always returns a descent direction"
         while True:
-            trial = [
-                p + step * d
-                for p, d in zip(leaves, cl.unflatten_params(delta, shapes), strict=True)
-            ]
+            trial = [p + step * d for p, d in zip(leaves, directions, strict=True)]
             if objective(model, trial, alpha) <= value + 1e-4 * step * slope:
                 break
             step /= 2
