@@ -1,4 +1,4 @@
-"""Diagonal curvature approximations from the layer taps (tier 3).
+"""Diagonal curvature approximations from the layer taps (tier 3) and the layer protocol.
 
 The exact GGN diagonal propagates the loss-Hessian factor ``S`` (``H_L = S S^T``)
 through the model's layer taps: for a Linear layer with inputs ``a_n`` and output
@@ -10,8 +10,11 @@ diagonal), the empirical-Fisher diagonal the per-datum gradients at the true lab
 With shared axes (inputs ``(N, S, D)``) the per-datum gradient sums over ``S`` before
 it is squared, so those layers form per-datum gradients explicitly.
 
+The exact Hessian diagonal walks the model's layers backwards through the layer
+protocol (:func:`._chain.backpropagate`), per datum.
+
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
-``curvlinops.losses``, ``._data``.
+``curvlinops.losses``, ``._data``, ``._chain``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 from .._backend import device as array_device
 from ..linalg import DiagonalLinearOperator
 from ..models import Tier, flatten_params, param_shapes
-from ._chain import backpropagated_hessians
+from ._chain import backpropagate
 from ._data import (
     batch_seed,
     check_mc_samples,
@@ -244,17 +247,29 @@ class EFDiagonalLinearOperator(_TapDiagonalLinearOperator):
 
 class HessianDiagonalLinearOperator(_DataDiagonalLinearOperator):
     __doc__ = (
-        """Exact diagonal of the Hessian for ``curvlinops.nn`` models, residual included.
+        """Exact diagonal of the Hessian, residual included, from the layer protocol.
 
-    Backpropagates each datum's Hessian with respect to every Linear layer's outputs
-    (including the curvature of the activations, see
-    :mod:`curvlinops.curvature._chain`); the weight entries of the diagonal are then
-    ``c * sum_n diag(H_s,n) a_n^2``. Exact, not an estimate; it costs ``N * D^2``
-    memory per layer for batches of ``N`` data points with layers of width ``D``, and
-    supports inputs ``(N, D)`` (no shared axes).
+    Backpropagates each datum's Hessian with respect to every tapped layer's outputs
+    through the layers' own rules (including the curvature of the activations, see
+    :mod:`curvlinops.curvature._chain` and :mod:`curvlinops.models.layers`); the weight
+    entries of the diagonal are then ``c * sum_n diag(H_s,n) a_n^2``. Exact, not an
+    estimate; it costs ``N * D^2`` memory per layer for batches of ``N`` data points
+    with layers of width ``D``, and supports inputs ``(N, D)`` (no shared axes).
+
+    Works for every model that offers the layer protocol
+    (:attr:`~curvlinops.models.Tier.LAYER_PROTOCOL`): ``curvlinops.nn`` models and
+    PyTorch models (:class:`~curvlinops.frontends.torch.TorchModel`) made of layers the
+    protocol knows (Linear, elementwise activations, Identity, Flatten).
 """
         + _DIAGONAL_PARAMETERS
         + """
+    Raises
+    ------
+    MissingTierError
+        If the model does not offer the layer protocol (a JAX function, hand-written
+        callables); a layer without the rule raises
+        :class:`~curvlinops.models.MissingLayerRuleError` naming it.
+
     Examples
     --------
     >>> import numpy as np
@@ -271,7 +286,7 @@ class HessianDiagonalLinearOperator(_DataDiagonalLinearOperator):
     """
     )
 
-    required_tier = Tier.FIRST_ORDER
+    required_tier = Tier.LAYER_PROTOCOL
 
     def _batch_contributions(self, lin, y, index, xp):
         f = lin.outputs
@@ -282,8 +297,25 @@ class HessianDiagonalLinearOperator(_DataDiagonalLinearOperator):
         C = f.shape[1]
         eye = xp.eye(C, dtype=f.dtype, device=array_device(f))
         H_out = self.loss.hessian_matmat(f, y, xp.broadcast_to(eye, (f.shape[0], C, C)))
-        for _, w, b, a, H in backpropagated_hessians(lin, H_out, self.loss.gradient(f, y)):
+        walk = backpropagate(
+            lin.layers(),
+            gradient=self.loss.gradient(f, y),
+            curvature=H_out,
+            who="HessianDiagonalLinearOperator",
+            instead="HessianLinearOperator(...).to_dense() or a stochastic diagonal estimate "
+            "(curvlinops.hutchinson_diagonal) for this model",
+        )
+        for _, layer, H, _ in walk:
+            tap = layer.tap()
+            if tap is None:
+                continue
+            a = tap.inputs
+            if a.ndim != 2:
+                raise ValueError(
+                    "HessianDiagonalLinearOperator supports layer inputs (N, D) only; layer "
+                    f"{tap.name!r} sees inputs of shape {tuple(a.shape)}."
+                )
             h = xp.linalg.diagonal(H)  # (N, D_out)
-            yield w, xp.matrix_transpose(h) @ (a * a)
-            if b is not None:
-                yield b, xp.sum(h, axis=0)
+            yield tap.weight_index, xp.matrix_transpose(h) @ (a * a)
+            if tap.bias_index is not None:
+                yield tap.bias_index, xp.sum(h, axis=0)

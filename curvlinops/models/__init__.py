@@ -1,9 +1,10 @@
-"""Model layer: the model protocol and the flat-parameter helpers.
+"""Model layer: the model protocol, the layer protocol and the flat-parameter helpers.
 
 See DESIGN.md, layer 4, "The model protocol". May import ``curvlinops._backend``,
 ``curvlinops.linalg`` and ``curvlinops.solvers``.
 """
 
+from .layers import LinearizedLayer, MissingLayerRuleError
 from .params import check_params, flatten_params, num_params, param_shapes, unflatten_params
 from .protocol import (
     LayerTap,
@@ -17,6 +18,8 @@ from .protocol import (
 __all__ = [
     "LayerTap",
     "Linearization",
+    "LinearizedLayer",
+    "MissingLayerRuleError",
     "MissingTierError",
     "Model",
     "Tier",

@@ -13,12 +13,19 @@ arrays. A model offers up to three tiers (DESIGN.md):
 - Tier 3 (:attr:`Tier.LAYER_TAPS`): :meth:`Linearization.layer_taps`, for each
   supported layer its inputs and the gradients of its outputs that a batch of output
   cotangents produces (K-FAC, exact diagonals, per-layer blocks).
+- The layer protocol (:attr:`Tier.LAYER_PROTOCOL`, a capability of its own):
+  :meth:`Linearization.layers`, the model's layers in forward order, each a
+  :class:`~curvlinops.models.LinearizedLayer` that says how gradients and curvature
+  factors move backwards through it (Hessian diagonal, Kronecker-factored Hessian;
+  see :mod:`curvlinops.models.layers`). Models that are a chain of known layers
+  (``curvlinops.nn``, the PyTorch frontend) offer it; a JAX function or hand-written
+  callables do not.
 
 Implementations subclass :class:`Model` and :class:`Linearization` and implement the
 underscore methods on batched (trailing-``K``) arrays; the public methods add and
 remove the ``K`` axis, so every implementation has one code path.
 
-May import: ``curvlinops._backend``, ``.params``.
+May import: ``curvlinops._backend``, ``.params``. (:mod:`.layers` imports this module.)
 """
 
 from __future__ import annotations
@@ -39,11 +46,32 @@ __all__ = [
 
 
 class Tier(enum.IntEnum):
-    """The three tiers of derivative information a model can offer."""
+    """The tiers of derivative information a model can offer.
+
+    ``FIRST_ORDER`` (Jacobian products), ``SECOND_ORDER`` (second-order products),
+    ``LAYER_TAPS`` (per-layer inputs and output gradients) and ``LAYER_PROTOCOL`` (the
+    layers themselves with their backward rules, :meth:`Linearization.layers`). The
+    last is not implied by the others: a model with hand-written layer taps need not
+    know its layers' rules.
+
+    Examples
+    --------
+    >>> [int(t) for t in Tier]
+    [1, 2, 3, 4]
+    >>> Tier.LAYER_PROTOCOL.name
+    'LAYER_PROTOCOL'
+    """
 
     FIRST_ORDER = 1
     SECOND_ORDER = 2
     LAYER_TAPS = 3
+    LAYER_PROTOCOL = 4
+
+
+_TIER_HINTS = {
+    4: " The layer protocol (Linearization.layers()) is offered by models that are a chain "
+    "of known layers: curvlinops.nn models and curvlinops.frontends.torch.TorchModel.",
+}
 
 
 class MissingTierError(NotImplementedError):
@@ -68,6 +96,20 @@ class LayerTap:
         Gradients of ``sum_{n,c} u_{n,c,m} f_{n,c}`` with respect to the layer's
         outputs, for each of the ``M`` cotangents: ``(N, D_out, M)`` or
         ``(N, S, D_out, M)``. None when the tap was taken without cotangents.
+    matrix_shape : tuple of int or None
+        ``(D_out, D_in)``: the weight, reshaped in C order, as the matrix that
+        multiplies the inputs' last axis (for a ``Linear`` layer its own shape; for a
+        convolution ``(C_out, C_in * kh * kw)``). The bias, if any, has ``D_out``
+        entries and joins the matrix as a last column ``[W | b]``. None when the model
+        does not say (taps written by hand): then the weight itself is
+        ``(D_out, D_in)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> tap = LayerTap("0", 0, 1, np.ones((5, 3)), matrix_shape=(2, 3))
+    >>> tap.matrix_shape, tap.output_grads is None
+    ((2, 3), True)
     """
 
     name: str
@@ -75,6 +117,7 @@ class LayerTap:
     bias_index: int | None
     inputs: object
     output_grads: object = None
+    matrix_shape: tuple | None = None
 
 
 class TraceableLinearMap:
@@ -202,6 +245,22 @@ class Linearization:
             cotangents = cotangents[..., None]
         return self._layer_taps(cotangents)
 
+    def layers(self):
+        """The model's layers in forward order, each a :class:`~curvlinops.models.LinearizedLayer`.
+
+        The layer protocol (:attr:`Tier.LAYER_PROTOCOL`): what the Hessian diagonal and
+        the Kronecker-factored Hessian walk backwards. See :mod:`curvlinops.models.layers`.
+
+        Raises
+        ------
+        MissingTierError
+            If the model does not offer the layer protocol.
+        """
+        self.model.require(
+            Tier.LAYER_PROTOCOL, "layers() (the layer protocol: backpropagated curvature)"
+        )
+        return self._layers()
+
     # -- what implementations provide (all arrays carry the trailing K axis) ---------
 
     def _jvp(self, tangents):
@@ -214,6 +273,9 @@ class Linearization:
         raise NotImplementedError
 
     def _layer_taps(self, cotangents):
+        raise NotImplementedError
+
+    def _layers(self):
         raise NotImplementedError
 
     # -- shape handling ---------------------------------------------------------------
@@ -296,5 +358,5 @@ class Model:
             raise MissingTierError(
                 f"{purpose} needs tier {int(tier)} ({tier.name.lower().replace('_', ' ')}) "
                 f"derivatives, which the model {self.name} does not offer (it offers tiers "
-                f"{sorted(int(t) for t in self.tiers)})."
+                f"{sorted(int(t) for t in self.tiers)}).{_TIER_HINTS.get(tier, '')}"
             )

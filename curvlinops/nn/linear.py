@@ -3,6 +3,8 @@
 For ``s = a W^T + b`` with inputs ``a`` of shape ``(N, ..., D_in)`` every rule is one
 matrix product of the flattened batch (all leading axes and the ``K`` vectors at once)
 with ``W`` or with a reshaped tangent; see :mod:`curvlinops.nn.module` for the layout.
+Its layer protocol: the tap (inputs ``(N, S..., D_in)``, ``matrix_shape = (D_out, D_in)``)
+and ``H_a = W^T H_s W``, per datum and averaged.
 
 May import: ``curvlinops._backend``, ``.module``.
 """
@@ -145,6 +147,31 @@ class Linear(Layer):
         if rg is not None:
             rg_in = rg_in + xp.reshape(_rows(rg, d_out, xp) @ W, lead + (K, d_in))
         return rgrads, g_in, rg_in
+
+
+    # -- the layer protocol ------------------------------------------------------------
+
+    def tap(self, state, output_grads=None, xp=None):
+        grads = None
+        if output_grads is not None:
+            n = output_grads.ndim
+            axes = tuple(range(n - 2)) + (n - 1, n - 2)
+            grads = xp.permute_dims(output_grads, axes)
+        return state["input"], grads, (self.out_features, self.in_features)
+
+    def backward_curvature(self, params, state, H, g, xp):
+        a = state["input"]
+        if a.ndim != 2:
+            raise NotImplementedError(
+                "the per-datum curvature rule for inputs with shared axes",
+                f" (it supports inputs (N, D); this layer sees inputs of shape {tuple(a.shape)})",
+            )
+        W = params[0]
+        return xp.matrix_transpose(W) @ H @ W
+
+    def backward_mean_curvature(self, params, H, statistics, xp):
+        W = params[0]
+        return xp.matrix_transpose(W) @ H @ W
 
 
 def _rows(a, width, xp):
