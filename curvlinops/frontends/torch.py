@@ -13,13 +13,23 @@
   mode in PyTorch on the CPU; otherwise forward-over-reverse, the ``torch.func.jvp``
   of the ``torch.func.vjp``;
 - tier 3 from forward hooks on every ``torch.nn.Linear``: its inputs, and the gradients
-  of its outputs for ``M`` cotangents in one batched backward pass.
+  of its outputs for ``M`` cotangents in one batched backward pass;
+- the layer protocol (:mod:`curvlinops.models.layers`) for modules that form a chain
+  (each leaf module takes the previous one's output, as in ``torch.nn.Sequential``):
+  every leaf module is mapped to the ``curvlinops.nn`` layer that computes the same
+  function (:data:`_NATIVE_EQUIVALENTS`: ``Linear``, the elementwise activations
+  ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``Softplus``, ``GELU``, ``ELU``, and
+  ``Identity``, ``Flatten``, dropout in evaluation mode) and bound to its inputs of one
+  forward pass, so that the Hessian diagonal and the Kronecker-factored Hessian use
+  the native layers' rules on torch tensors. Other modules are layers without rules:
+  an operator that needs to walk through one says so, naming it.
 
 :func:`translate_loss` turns ``torch.nn.MSELoss``, ``CrossEntropyLoss``,
 ``BCEWithLogitsLoss`` and ``PoissonNLLLoss`` into the curvlinops loss of the same value.
 
 Importing this module imports PyTorch. May import: torch, ``curvlinops._backend``,
-``curvlinops.models``, ``curvlinops.losses``.
+``curvlinops.models``, ``curvlinops.losses``, ``curvlinops.nn`` (the native layers'
+rules of the layer protocol; ``curvlinops.nn`` never imports a frontend).
 """
 
 from __future__ import annotations
@@ -36,8 +46,9 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on the enviro
 
 from torch.func import functional_call, jvp, linearize, vjp, vmap
 
-from .. import losses
-from ..models import LayerTap, Linearization, Model, Tier, TraceableLinearMap
+from .. import losses, nn as native
+from .._backend import array_namespace
+from ..models import LayerTap, Linearization, LinearizedLayer, Model, Tier, TraceableLinearMap
 
 __all__ = ["TorchModel", "translate_loss"]
 
@@ -77,6 +88,14 @@ class TorchModel(Model):
 
     Tier 3 (layer taps) covers every ``torch.nn.Linear`` whose weight is among the
     parameters; each must be called once per forward pass (a shared layer is refused).
+    The layer protocol (:meth:`Linearization.layers
+    <curvlinops.models.Linearization.layers>`; the Hessian diagonal and the
+    Kronecker-factored Hessian) needs the leaf modules to form a chain, each called
+    once: the input of each is the output of the one before, and the last one's output
+    is the model's. It knows ``Linear``, ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``,
+    ``Softplus``, ``GELU``, ``ELU``, ``Identity``, ``Flatten`` and dropout (in
+    evaluation mode); an operator that walks through another module raises
+    :class:`~curvlinops.models.MissingLayerRuleError` naming it.
 
     Parameters
     ----------
@@ -119,7 +138,7 @@ class TorchModel(Model):
     'Tensor'
     """
 
-    tiers = frozenset({Tier.FIRST_ORDER, Tier.SECOND_ORDER, Tier.LAYER_TAPS})
+    tiers = frozenset(Tier)
 
     def __init__(self, module, *, chunk_size=None, jvp_method="jvp"):
         if not isinstance(module, torch.nn.Module):
@@ -228,6 +247,7 @@ class _TorchLinearization(Linearization):
         with torch.enable_grad():
             self._graph_outputs = self._function(*self._leaves)
         self._push = None  # the traced tangent map of jvp_method="linearize"
+        self._protocol_layers = None
         super().__init__(model, params, x, self._graph_outputs.detach())
 
     def _jvp(self, tangents):
@@ -397,9 +417,100 @@ class _TorchLinearization(Linearization):
                 bias_index=model._taps[i][3],
                 inputs=records[i][0],
                 output_grads=g,
+                matrix_shape=(model._taps[i][1].out_features, model._taps[i][1].in_features),
             )
             for i, g in zip(used, grads, strict=True)
         ]
+
+    def _layers(self):
+        if self._protocol_layers is None:
+            self._protocol_layers = self._record_chain()
+        return list(self._protocol_layers)
+
+    def _record_chain(self):
+        """One forward pass with hooks on the leaf modules: the layer protocol's chain."""
+        model = self.model
+        index = {n: i for i, n in enumerate(model.param_names)}
+        records, handles = [], []
+        seen = {}
+
+        def pre_hook(name, module):
+            def hook(_module, args):
+                if name in seen:
+                    raise ValueError(
+                        f"The module {name!r} ran more than once in one forward pass; the "
+                        "layer protocol needs each module to be called once (use "
+                        "HessianLinearOperator or KFACLinearOperator for this model)."
+                    )
+                seen[name] = len(records)
+                given = args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
+                value = given
+                if given is not None and getattr(module, "inplace", False):
+                    value = given.clone()  # the module overwrites its input
+                records.append([name, module, given, value, None])
+
+            return hook
+
+        def post_hook(name):
+            def hook(_module, _args, output):
+                records[seen[name]][4] = output
+
+            return hook
+
+        try:
+            for name, module in model.module.named_modules():
+                if next(module.children(), None) is not None:
+                    continue
+                handles.append(module.register_forward_pre_hook(pre_hook(name, module)))
+                handles.append(module.register_forward_hook(post_hook(name)))
+            with torch.no_grad():
+                outputs = model._forward(self.params, self.x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        layers = [self._protocol_layer(record, index) for record in records]
+        first = next((i for i, la in enumerate(layers) if la.param_indices), len(layers))
+        for i in range(max(first, 1), len(records)):
+            if records[i][2] is None or records[i][2] is not records[i - 1][4]:
+                raise ValueError(
+                    f"The layer protocol walks a chain of modules, but the input of module "
+                    f"{records[i][0]!r} is not the output of the module before it "
+                    f"({records[i - 1][0]!r}): the forward pass combines tensors outside "
+                    "modules (a residual connection, a functional call). Use "
+                    "HessianLinearOperator or KFACLinearOperator for this model."
+                )
+        if records and first < len(records) and outputs is not records[-1][4]:
+            raise ValueError(
+                "The layer protocol walks a chain of modules, but the model's output is not "
+                f"the output of its last module ({records[-1][0]!r}). Use "
+                "HessianLinearOperator or KFACLinearOperator for this model."
+            )
+        return layers
+
+    def _protocol_layer(self, record, index):
+        """The layer protocol for one leaf module: its native equivalent, bound to its input."""
+        name, module, _, value, _ = record
+        prefix = f"{name}." if name else ""
+        own = [(n, p) for n, p in module.named_parameters(recurse=False)]
+        aligned = [index.get(prefix + n) for n, _ in own]
+        make = _NATIVE_EQUIVALENTS.get(type(module))
+        if make is None and isinstance(module, torch.nn.Linear):
+            make = _NATIVE_EQUIVALENTS[torch.nn.Linear]
+        layer = None if make is None or value is None else make(module)
+        if layer is None:
+            return LinearizedLayer(
+                name,
+                tuple(i for i in aligned if i is not None),
+                description=f"torch.nn.{type(module).__name__} (a module the PyTorch "
+                "frontend has no layer-protocol rules for)",
+            )
+        values = [
+            p.detach() if i is None else self.params[i]
+            for (_, p), i in zip(own, aligned, strict=True)
+        ]
+        return layer.linearized(
+            values, {"input": value}, array_namespace(value), name=name, param_indices=aligned
+        )
 
 
 def _refuse_batch_norm(module):
@@ -436,6 +547,32 @@ def _linear_layers(module, param_names):
             continue
         taps.append((name, layer, index[prefix + "weight"], index.get(prefix + "bias")))
     return taps
+
+
+def _flatten(module):
+    if (module.start_dim, module.end_dim) != (1, -1):
+        return None  # only the default flattens every axis after the batch axis
+    return native.Flatten()
+
+
+#: torch module type -> builder of the ``curvlinops.nn`` layer computing the same function
+#: (or None where the module's settings have no native equivalent). One entry per layer
+#: type: this is the PyTorch frontend's part of adding a layer type to the protocol.
+_NATIVE_EQUIVALENTS = {
+    torch.nn.Linear: lambda m: native.Linear(
+        m.in_features, m.out_features, bias=m.bias is not None
+    ),
+    torch.nn.ReLU: lambda m: native.ReLU(),
+    torch.nn.LeakyReLU: lambda m: native.LeakyReLU(m.negative_slope),
+    torch.nn.Tanh: lambda m: native.Tanh(),
+    torch.nn.Sigmoid: lambda m: native.Sigmoid(),
+    torch.nn.Softplus: lambda m: native.Softplus(m.beta, m.threshold),
+    torch.nn.GELU: lambda m: native.GELU(m.approximate),
+    torch.nn.ELU: lambda m: native.ELU(m.alpha),
+    torch.nn.Identity: lambda m: native.Identity(),
+    torch.nn.Flatten: _flatten,
+    **{t: (lambda m: native.Identity()) for t in _DROPOUT_TYPES},  # evaluation mode only
+}
 
 
 # -- losses ---------------------------------------------------------------------------

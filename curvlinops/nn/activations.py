@@ -93,7 +93,6 @@ class Elementwise(Layer):
             rg_in = curvature if rg_in is None else rg_in + curvature
         return [], self._times_d1(state, g, xp), rg_in
 
-
     # -- the layer protocol ------------------------------------------------------------
 
     def backward_curvature(self, params, state, H, g, xp):

@@ -148,7 +148,6 @@ class Linear(Layer):
             rg_in = rg_in + xp.reshape(_rows(rg, d_out, xp) @ W, lead + (K, d_in))
         return rgrads, g_in, rg_in
 
-
     # -- the layer protocol ------------------------------------------------------------
 
     def tap(self, state, output_grads=None, xp=None):

@@ -66,9 +66,7 @@ class LinearizedNativeLayer(LinearizedLayer):
 
     def __init__(self, name, layer, params, state, xp, param_indices):
         aligned = tuple(param_indices)
-        super().__init__(
-            name, tuple(i for i in aligned if i is not None), description=repr(layer)
-        )
+        super().__init__(name, tuple(i for i in aligned if i is not None), description=repr(layer))
         self.layer, self.params, self.state, self.xp = layer, params, state, xp
         self._aligned = aligned
 
@@ -99,9 +97,7 @@ class LinearizedNativeLayer(LinearizedLayer):
 
     def curvature_statistics(self, g, statistics=None):
         try:
-            return self.layer.curvature_statistics(
-                self.params, self.state, g, statistics, self.xp
-            )
+            return self.layer.curvature_statistics(self.params, self.state, g, statistics, self.xp)
         except NotImplementedError as error:
             raise self.missing(*error.args) from None
 
