@@ -318,9 +318,9 @@ class Layer(Module):
         >>> import array_api_compat.numpy as xp
         >>> from curvlinops.nn import Tanh
         >>> s = xp.asarray([[0.0, 1.0]])
-        >>> Tanh().backward_curvature([], {"input": s}, xp.ones((1, 2, 2)), xp.zeros((1, 2)), xp)[0]
-        array([[1.        , 0.41997434],
-               [0.41997434, 0.17637662]])
+        >>> H = Tanh().backward_curvature([], {"input": s}, xp.ones((1, 2, 2)), 0 * s, xp)
+        >>> [[round(float(h), 4) for h in row] for row in H[0]]
+        [[1.0, 0.42], [0.42, 0.1764]]
         """
         raise NotImplementedError("the per-datum curvature rule")
 
