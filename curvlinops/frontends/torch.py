@@ -17,7 +17,7 @@
 - the layer protocol (:mod:`curvlinops.models.layers`) for modules that form a chain
   (each leaf module takes the previous one's output, as in ``torch.nn.Sequential``):
   every leaf module is mapped to the ``curvlinops.nn`` layer that computes the same
-  function (:data:`_NATIVE_EQUIVALENTS`: ``Linear``, the elementwise activations
+  function (``_NATIVE_EQUIVALENTS``: ``Linear``, the elementwise activations
   ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``Softplus``, ``GELU``, ``ELU``, and
   ``Identity``, ``Flatten``, dropout in evaluation mode) and bound to its inputs of one
   forward pass, so that the Hessian diagonal and the Kronecker-factored Hessian use
