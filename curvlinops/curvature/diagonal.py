@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from .._backend import device as array_device
 from ..linalg import DiagonalLinearOperator
-from ..models import Tier, flatten_params, param_shapes
+from ..models import Capability, Tier, flatten_params, param_shapes
 from ._chain import backpropagate
 from ._data import (
     batch_seed,
@@ -257,7 +257,7 @@ class HessianDiagonalLinearOperator(_DataDiagonalLinearOperator):
     with layers of width ``D``, and supports inputs ``(N, D)`` (no shared axes).
 
     Works for every model that offers the layer protocol
-    (:attr:`~curvlinops.models.Tier.LAYER_PROTOCOL`): ``curvlinops.nn`` models and
+    (:attr:`~curvlinops.models.Capability.LAYER_PROTOCOL`): ``curvlinops.nn`` models and
     PyTorch models (:class:`~curvlinops.frontends.torch.TorchModel`) made of layers the
     protocol knows (Linear, elementwise activations, Identity, Flatten).
 """
@@ -286,7 +286,7 @@ class HessianDiagonalLinearOperator(_DataDiagonalLinearOperator):
     """
     )
 
-    required_tier = Tier.LAYER_PROTOCOL
+    required_tier = Capability.LAYER_PROTOCOL
 
     def _batch_contributions(self, lin, y, index, xp):
         f = lin.outputs

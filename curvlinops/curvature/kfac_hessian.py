@@ -22,7 +22,7 @@ from __future__ import annotations
 import warnings
 
 from .._backend import device as array_device
-from ..models import Tier
+from ..models import Capability
 from ._chain import backpropagate
 from ._kronecker import _InputStatistics, _KroneckerCurvature, symmetrized
 from .kfac import KFACLinearOperator
@@ -65,7 +65,7 @@ class KFACHessianLinearOperator(KFACLinearOperator):
     ----------
     model : curvlinops.models.Model
         A model that offers the layer protocol
-        (:attr:`~curvlinops.models.Tier.LAYER_PROTOCOL`): a ``curvlinops.nn`` model or
+        (:attr:`~curvlinops.models.Capability.LAYER_PROTOCOL`): a ``curvlinops.nn`` model or
         a :class:`~curvlinops.frontends.torch.TorchModel`, whose layers from the first
         one with parameters on have the batch-averaged curvature rule (Linear layers,
         elementwise activations, Identity; parameter-free layers such as Flatten may
@@ -109,7 +109,7 @@ class KFACHessianLinearOperator(KFACLinearOperator):
     """
 
     fisher_types = ("hessian",)
-    required_tier = Tier.LAYER_PROTOCOL
+    required_tier = Capability.LAYER_PROTOCOL
 
     def __init__(
         self,

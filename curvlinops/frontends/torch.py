@@ -48,7 +48,15 @@ from torch.func import functional_call, jvp, linearize, vjp, vmap
 
 from .. import losses, nn as native
 from .._backend import array_namespace
-from ..models import LayerTap, Linearization, LinearizedLayer, Model, Tier, TraceableLinearMap
+from ..models import (
+    Capability,
+    LayerTap,
+    Linearization,
+    LinearizedLayer,
+    Model,
+    Tier,
+    TraceableLinearMap,
+)
 
 __all__ = ["TorchModel", "translate_loss"]
 
@@ -138,7 +146,7 @@ class TorchModel(Model):
     'Tensor'
     """
 
-    tiers = frozenset(Tier)
+    tiers = frozenset(Tier) | {Capability.LAYER_PROTOCOL}
 
     def __init__(self, module, *, chunk_size=None, jvp_method="jvp"):
         if not isinstance(module, torch.nn.Module):

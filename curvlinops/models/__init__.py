@@ -7,6 +7,7 @@ See DESIGN.md, layer 4, "The model protocol". May import ``curvlinops._backend``
 from .layers import LinearizedLayer, MissingLayerRuleError
 from .params import check_params, flatten_params, num_params, param_shapes, unflatten_params
 from .protocol import (
+    Capability,
     LayerTap,
     Linearization,
     MissingTierError,
@@ -16,6 +17,7 @@ from .protocol import (
 )
 
 __all__ = [
+    "Capability",
     "LayerTap",
     "Linearization",
     "LinearizedLayer",

@@ -1,10 +1,11 @@
 """The layer protocol: what curvature code needs of each layer of a model.
 
-A linearization that offers the layer protocol (:attr:`~curvlinops.models.Tier.LAYER_PROTOCOL`)
-returns its layers in forward order from :meth:`Linearization.layers()
-<curvlinops.models.Linearization.layers>`, each a :class:`LinearizedLayer`: one layer
-bound to the forward pass it was linearized at. Curvature code walks these objects and
-never asks what class a layer is. A layer says, once:
+A linearization that offers the layer protocol
+(:attr:`~curvlinops.models.Capability.LAYER_PROTOCOL`) returns its layers in forward
+order from :meth:`Linearization.layers() <curvlinops.models.Linearization.layers>`,
+each a :class:`LinearizedLayer`: one layer bound to the forward pass it was linearized
+at. Curvature code walks these objects and never asks what class a layer is. A layer
+says, once:
 
 - **its tap** (:meth:`LinearizedLayer.tap`): for a layer whose weight multiplies its
   inputs, a :class:`~curvlinops.models.LayerTap` with the inputs in the shared

@@ -13,7 +13,7 @@ arrays. A model offers up to three tiers (DESIGN.md):
 - Tier 3 (:attr:`Tier.LAYER_TAPS`): :meth:`Linearization.layer_taps`, for each
   supported layer its inputs and the gradients of its outputs that a batch of output
   cotangents produces (K-FAC, exact diagonals, per-layer blocks).
-- The layer protocol (:attr:`Tier.LAYER_PROTOCOL`, a capability of its own):
+- The layer protocol (:attr:`Capability.LAYER_PROTOCOL`, a capability of its own):
   :meth:`Linearization.layers`, the model's layers in forward order, each a
   :class:`~curvlinops.models.LinearizedLayer` that says how gradients and curvature
   factors move backwards through it (Hessian diagonal, Kronecker-factored Hessian;
@@ -37,6 +37,7 @@ from .params import check_params, param_shapes
 
 __all__ = [
     "Tier",
+    "Capability",
     "Model",
     "Linearization",
     "LayerTap",
@@ -46,26 +47,48 @@ __all__ = [
 
 
 class Tier(enum.IntEnum):
-    """The tiers of derivative information a model can offer.
-
-    ``FIRST_ORDER`` (Jacobian products), ``SECOND_ORDER`` (second-order products),
-    ``LAYER_TAPS`` (per-layer inputs and output gradients) and ``LAYER_PROTOCOL`` (the
-    layers themselves with their backward rules, :meth:`Linearization.layers`). The
-    last is not implied by the others: a model with hand-written layer taps need not
-    know its layers' rules.
-
-    Examples
-    --------
-    >>> [int(t) for t in Tier]
-    [1, 2, 3, 4]
-    >>> Tier.LAYER_PROTOCOL.name
-    'LAYER_PROTOCOL'
-    """
+    """The three tiers of derivative information a model can offer."""
 
     FIRST_ORDER = 1
     SECOND_ORDER = 2
     LAYER_TAPS = 3
+
+
+class Capability(enum.IntEnum):
+    """What a model can offer beyond the three tiers; listed in ``Model.tiers`` too.
+
+    ``LAYER_PROTOCOL`` (4): the model's layers with their backward rules,
+    :meth:`Linearization.layers` (the Hessian diagonal and the Kronecker-factored
+    Hessian need it). It is not a member of :class:`Tier`, so ``frozenset(Tier)`` keeps
+    meaning "tiers 1 to 3", and it is not implied by them: a model with hand-written
+    layer taps need not know its layers' rules.
+
+    Examples
+    --------
+    >>> int(Capability.LAYER_PROTOCOL), Capability.LAYER_PROTOCOL in frozenset(Tier)
+    (4, False)
+    """
+
     LAYER_PROTOCOL = 4
+
+
+def as_requirement(value):
+    """A :class:`Tier` or :class:`Capability` from itself or its number.
+
+    Examples
+    --------
+    >>> as_requirement(2), as_requirement(4)
+    (<Tier.SECOND_ORDER: 2>, <Capability.LAYER_PROTOCOL: 4>)
+    """
+    if isinstance(value, (Tier, Capability)):
+        return value
+    return Capability(value) if int(value) in Capability._value2member_map_ else Tier(value)
+
+
+def _describe(requirement) -> str:
+    if isinstance(requirement, Capability):
+        return "the layer protocol"
+    return f"tier {int(requirement)} ({requirement.name.lower().replace('_', ' ')}) derivatives"
 
 
 _TIER_HINTS = {
@@ -248,7 +271,7 @@ class Linearization:
     def layers(self):
         """The model's layers in forward order, each a :class:`~curvlinops.models.LinearizedLayer`.
 
-        The layer protocol (:attr:`Tier.LAYER_PROTOCOL`): what the Hessian diagonal and
+        The layer protocol (:attr:`Capability.LAYER_PROTOCOL`): what the Hessian diagonal and
         the Kronecker-factored Hessian walk backwards. See :mod:`curvlinops.models.layers`.
 
         Raises
@@ -256,9 +279,7 @@ class Linearization:
         MissingTierError
             If the model does not offer the layer protocol.
         """
-        self.model.require(
-            Tier.LAYER_PROTOCOL, "layers() (the layer protocol: backpropagated curvature)"
-        )
+        self.model.require(Capability.LAYER_PROTOCOL, "layers() (backpropagated curvature)")
         return self._layers()
 
     # -- what implementations provide (all arrays carry the trailing K axis) ---------
@@ -317,8 +338,9 @@ class Model:
 
     Attributes
     ----------
-    tiers : frozenset of Tier
-        The tiers this model offers.
+    tiers : frozenset of Tier and Capability
+        The tiers (and capabilities, e.g. :attr:`Capability.LAYER_PROTOCOL`) this model
+        offers.
     name : str
         Name used in error messages.
     """
@@ -347,16 +369,16 @@ class Model:
         """Shapes the parameters must have, or None if the model does not know them."""
         return None
 
-    def has_tier(self, tier: Tier) -> bool:
-        """Whether the model offers ``tier``."""
-        return Tier(tier) in self.tiers
+    def has_tier(self, tier) -> bool:
+        """Whether the model offers ``tier`` (a :class:`Tier` or :class:`Capability`)."""
+        return as_requirement(tier) in self.tiers
 
-    def require(self, tier: Tier, purpose: str) -> None:
+    def require(self, tier, purpose: str) -> None:
         """Raise :class:`MissingTierError` naming the tier, the model and the purpose."""
         if not self.has_tier(tier):
-            tier = Tier(tier)
+            tier = as_requirement(tier)
             raise MissingTierError(
-                f"{purpose} needs tier {int(tier)} ({tier.name.lower().replace('_', ' ')}) "
-                f"derivatives, which the model {self.name} does not offer (it offers tiers "
-                f"{sorted(int(t) for t in self.tiers)}).{_TIER_HINTS.get(tier, '')}"
+                f"{purpose} needs {_describe(tier)}, which the model {self.name} does not "
+                f"offer (it offers tiers {sorted(int(t) for t in self.tiers)})."
+                f"{_TIER_HINTS.get(int(tier), '')}"
             )

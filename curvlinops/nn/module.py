@@ -34,7 +34,7 @@ from .._backend import (
     dtype_name,
     namespace_name,
 )
-from ..models import Model, Tier
+from ..models import Capability, Model, Tier
 from .linearization import LinearizedNativeLayer, NativeLinearization
 
 __all__ = ["Module", "Layer"]
@@ -58,7 +58,7 @@ class Module(Model):
     (5, 2)
     """
 
-    tiers = frozenset(Tier)
+    tiers = frozenset(Tier) | {Capability.LAYER_PROTOCOL}
 
     def chain(self) -> list[tuple[str, Layer]]:
         """The primitive layers in forward order, each with its name (``"2"``, ``"1.0"``)."""

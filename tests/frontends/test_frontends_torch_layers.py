@@ -206,6 +206,17 @@ def test_frozen_layer_is_walked_through_but_not_tapped():
     np.testing.assert_allclose(D.diagonal().numpy(), full[skip:], rtol=1e-12, atol=1e-14)
 
 
+def test_torch_model_passes_the_layer_protocol_check():
+    from curvlinops.verify import check_layer_protocol, verify_model
+
+    net, _, _ = _nets("gelu")
+    model = TorchModel(net)
+    X = torch.from_numpy(_data("ce", seed=5)[0])
+    report = check_layer_protocol(model, model.params, X)
+    assert report.passed, report
+    assert [r.name for r in verify_model(model, model.params, X)][-1] == "layer_protocol"
+
+
 def test_taps_carry_the_matrix_shape():
     net, _, _ = _nets("tanh", flatten=False)
     model = TorchModel(net)
@@ -264,7 +275,7 @@ def test_jax_and_callable_models_do_not_offer_the_layer_protocol():
         vjp=lambda p, x, u: linear.linearize(p, x).vjp(u),
     )
     data = [(np.ones((2, 3)), np.ones((2, 2)))]
-    with pytest.raises(MissingTierError, match=r"tier 4 \(layer protocol\)"):
+    with pytest.raises(MissingTierError, match="needs the layer protocol"):
         cl.HessianDiagonalLinearOperator(model, cl.MSELoss(), linear.init(0, xp=npx), data)
     pytest.importorskip("jax")
     import jax.numpy as jnp

@@ -233,3 +233,21 @@ def test_a_layer_type_without_the_rules_is_named_with_what_to_use_instead():
         cl.HessianDiagonalLinearOperator(model, cl.MSELoss(), params, data)
     with pytest.raises(MissingLayerRuleError, match=r"layer '2' is Opaque\(\).*KFACLinearOperator"):
         KFACHessianLinearOperator(model, cl.MSELoss(), params, data)
+
+
+class WrongScale(Scale):
+    """A planted bug: the curvature rule forgets one factor ``c``."""
+
+    def backward_curvature(self, params, state, H, g, xp):
+        return self.c * H
+
+
+def test_check_layer_protocol_passes_for_native_layers_and_catches_a_wrong_rule():
+    from curvlinops.verify import check_layer_protocol
+
+    model, params, data = _problem(Scale(-1.7), N=4)
+    report = check_layer_protocol(model, params, data[0][0])
+    assert report.passed, report
+    model, params, data = _problem(WrongScale(-1.7), N=4)
+    report = check_layer_protocol(model, params, data[0][0])
+    assert not report.passed and "worst layer '0'" in str(report), report
