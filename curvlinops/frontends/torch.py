@@ -12,8 +12,9 @@
   does) by double backward over the recorded graph, which is faster than forward
   mode in PyTorch on the CPU; otherwise forward-over-reverse, the ``torch.func.jvp``
   of the ``torch.func.vjp``;
-- tier 3 from forward hooks on every ``torch.nn.Linear``: its inputs, and the gradients
-  of its outputs for ``M`` cotangents in one batched backward pass;
+- tier 3 from forward hooks on every tapped module (``torch.nn.Linear``: those whose
+  native equivalent below has a tap): its inputs, and the gradients of its outputs for
+  ``M`` cotangents in one batched backward pass, laid out by the native layer's tap;
 - the layer protocol (:mod:`curvlinops.models.layers`) for modules that form a chain
   (each leaf module takes the previous one's output, as in ``torch.nn.Sequential``):
   every leaf module is mapped to the ``curvlinops.nn`` layer that computes the same
@@ -169,7 +170,7 @@ class TorchModel(Model):
             )
         self.param_names = [n for n, _ in trainable]
         self._shapes = [tuple(p.shape) for _, p in trainable]
-        self._taps = _linear_layers(module, self.param_names)
+        self._taps = _tapped_layers(module, self.param_names)
 
     @property
     def name(self) -> str:
@@ -384,8 +385,8 @@ class _TorchLinearization(Linearization):
             def hook(_module, args, output):
                 if index in records:
                     raise ValueError(
-                        f"The Linear layer {layer_name!r} ran more than once in one forward "
-                        "pass; layer taps need each Linear layer to be used once."
+                        f"The layer {layer_name!r} ran more than once in one forward pass; "
+                        "layer taps need each tapped (e.g. Linear) layer to be used once."
                     )
                 probe = None
                 if cotangents is not None:
@@ -399,7 +400,7 @@ class _TorchLinearization(Linearization):
             return hook
 
         try:
-            for index, (layer_name, layer, _, _) in enumerate(model._taps):
+            for index, (layer_name, layer, _, _, _) in enumerate(model._taps):
                 handles.append(layer.register_forward_hook(make_hook(index, layer_name)))
             with torch.enable_grad() if cotangents is not None else torch.no_grad():
                 outputs = model._forward(self.params, self.x)
@@ -417,18 +418,17 @@ class _TorchLinearization(Linearization):
                 allow_unused=True,
                 materialize_grads=True,
             )
-            grads = [torch.movedim(g, 0, -1) for g in grads]
-        return [
-            LayerTap(
-                name=model._taps[i][0],
-                weight_index=model._taps[i][2],
-                bias_index=model._taps[i][3],
-                inputs=records[i][0],
-                output_grads=g,
-                matrix_shape=(model._taps[i][1].out_features, model._taps[i][1].in_features),
-            )
-            for i, g in zip(used, grads, strict=True)
-        ]
+            # (M, N, ..., D_out) to the native layers' internal layout (N, ..., M, D_out)
+            grads = [torch.movedim(g, 0, -2) for g in grads]
+        taps = []
+        for i, g in zip(used, grads, strict=True):
+            name, _, weight_index, bias_index, equivalent = model._taps[i]
+            a = records[i][0]
+            # the native layer's tap: its inputs and output gradients in the shared
+            # (N, S..., D) layout and the weight's matrix shape
+            inputs, output_grads, shape = equivalent.tap({"input": a}, g, array_namespace(a))
+            taps.append(LayerTap(name, weight_index, bias_index, inputs, output_grads, shape))
+        return taps
 
     def _layers(self):
         if self._protocol_layers is None:
@@ -501,10 +501,7 @@ class _TorchLinearization(Linearization):
         prefix = f"{name}." if name else ""
         own = [(n, p) for n, p in module.named_parameters(recurse=False)]
         aligned = [index.get(prefix + n) for n, _ in own]
-        make = _NATIVE_EQUIVALENTS.get(type(module))
-        if make is None and isinstance(module, torch.nn.Linear):
-            make = _NATIVE_EQUIVALENTS[torch.nn.Linear]
-        layer = None if make is None or value is None else make(module)
+        layer = None if value is None else _native_layer(module)
         if layer is None:
             return LinearizedLayer(
                 name,
@@ -543,17 +540,31 @@ def _fixed_tensors(module, param_names):
     yield from module.named_buffers()
 
 
-def _linear_layers(module, param_names):
-    """``(name, layer, weight_index, bias_index)`` of each Linear with a trainable weight."""
+def _native_layer(module):
+    """The ``curvlinops.nn`` layer computing what ``module`` computes, or None."""
+    make = _NATIVE_EQUIVALENTS.get(type(module))
+    if make is None and isinstance(module, torch.nn.Linear):  # subclasses of Linear
+        make = _NATIVE_EQUIVALENTS[torch.nn.Linear]
+    return None if make is None else make(module)
+
+
+def _tapped_layers(module, param_names):
+    """``(name, module, weight_index, bias_index, native layer)`` of each tapped module.
+
+    A module is tapped when its native equivalent has a tap (a weight that multiplies
+    its inputs, e.g. ``Linear``) and its weight is among the trainable parameters.
+    """
     index = {n: i for i, n in enumerate(param_names)}
     taps = []
     for name, layer in module.named_modules():
-        if not isinstance(layer, torch.nn.Linear):
+        equivalent = _native_layer(layer)
+        if equivalent is None or not equivalent.has_tap:
             continue
         prefix = f"{name}." if name else ""
         if prefix + "weight" not in index:
             continue
-        taps.append((name, layer, index[prefix + "weight"], index.get(prefix + "bias")))
+        weight, bias = index[prefix + "weight"], index.get(prefix + "bias")
+        taps.append((name, layer, weight, bias, equivalent))
     return taps
 
 

@@ -46,6 +46,8 @@ class Linear(Layer):
     (4, 3, 1)
     """
 
+    has_tap = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         for what, value in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

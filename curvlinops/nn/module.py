@@ -233,6 +233,15 @@ class Layer(Module):
     where it does not (layers that only move data, piecewise-linear activations),
     a second-order product passes None and frees the tangent early.
 
+    The layer protocol (:mod:`curvlinops.models.layers`): :meth:`tap` (with
+    ``has_tap = True``) for a layer whose weight multiplies its inputs, and the
+    curvature rules :meth:`backward_curvature`, :meth:`curvature_statistics` and
+    :meth:`backward_mean_curvature`, in the protocol layout (no ``K`` axis). A layer
+    that leaves a rule out makes the operators that need it raise
+    :class:`~curvlinops.models.MissingLayerRuleError` naming the layer. A new layer
+    type is one such subclass in its own file, plus one entry in each frontend's
+    mapping of framework layers to native ones.
+
     Examples
     --------
     >>> from curvlinops.nn import Tanh
@@ -241,6 +250,8 @@ class Layer(Module):
     """
 
     r_backward_uses_input_tangent = True
+    #: whether :meth:`tap` gives a tap (a weight that multiplies the inputs)
+    has_tap = False
 
     def chain(self):
         return [(self.name, self)]
