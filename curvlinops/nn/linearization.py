@@ -72,15 +72,7 @@ class LinearizedNativeLayer(LinearizedLayer):
 
     def tap(self, output_grads=None):
         """The layer's tap; ``output_grads`` (optional) in the layer's internal layout."""
-        weight = self._aligned[0] if self._aligned else None
-        if weight is None:
-            return None
-        found = self.layer.tap(self.state, output_grads, self.xp)
-        if found is None:
-            return None
-        inputs, grads, matrix_shape = found
-        bias = self._aligned[1] if len(self._aligned) > 1 else None
-        return LayerTap(self.name, weight, bias, inputs, grads, tuple(matrix_shape))
+        return _tap(self.name, self.layer, self.state, self.xp, self._aligned, output_grads)
 
     def backward_gradient(self, g):
         xp = self.xp
@@ -106,6 +98,16 @@ class LinearizedNativeLayer(LinearizedLayer):
             return self.layer.backward_mean_curvature(self.params, H, statistics, self.xp)
         except NotImplementedError as error:
             raise self.missing(*error.args) from None
+
+
+def _tap(name, layer, state, xp, aligned, output_grads):
+    """The :class:`LayerTap` of a layer (None if it has none or its weight is a constant)."""
+    weight = aligned[0] if aligned else None
+    if weight is None or not layer.has_tap:
+        return None
+    inputs, grads, matrix_shape = layer.tap(state, output_grads, xp)
+    bias = aligned[1] if len(aligned) > 1 else None
+    return LayerTap(name, weight, bias, inputs, grads, tuple(matrix_shape))
 
 
 class NativeLinearization(Linearization):
@@ -199,8 +201,7 @@ class NativeLinearization(Linearization):
         return grads
 
     def _layer_taps(self, cotangents):
-        layers = self._layers()
-        tapped = [i for i, layer in enumerate(layers) if layer.tap() is not None]
+        tapped = [i for i, (_, layer, _, _) in enumerate(self._chain) if layer.has_tap]
         output_grads = {}
         if cotangents is not None:
             self._check_namespace([cotangents], "cotangents")
@@ -217,7 +218,12 @@ class NativeLinearization(Linearization):
                     output_grads[i] = g
                 if i > self._first:
                     _, g = layer.backward(self.params[where], state, g, self.xp, need_params=False)
-        return [layers[i].tap(output_grads.get(i)) for i in tapped]
+        taps = []
+        for i in tapped:
+            name, layer, where, state = self._chain[i]
+            indices = range(where.start, where.stop)
+            taps.append(_tap(name, layer, state, self.xp, indices, output_grads.get(i)))
+        return taps
 
     def _layers(self):
         if self._bound is None:
