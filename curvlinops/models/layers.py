@@ -151,7 +151,7 @@ not implement the backward gradient rule of the layer protocol.
 
     def missing(self, rule: str, detail: str = "") -> MissingLayerRuleError:
         """The error for a rule this layer does not implement (to be raised)."""
-        detail = f" {detail}" if detail else ""
+        detail = f" {detail.strip()}" if detail else ""
         return MissingLayerRuleError(
             f"layer {self.name!r} is {self.description}, which does not implement {rule} "
             f"of the layer protocol{detail}."
