@@ -4,7 +4,8 @@ For ``s = a W^T + b`` with inputs ``a`` of shape ``(N, ..., D_in)`` every rule i
 matrix product of the flattened batch (all leading axes and the ``K`` vectors at once)
 with ``W`` or with a reshaped tangent; see :mod:`curvlinops.nn.module` for the layout.
 Its layer protocol: the tap (inputs ``(N, S..., D_in)``, ``matrix_shape = (D_out, D_in)``)
-and ``H_a = W^T H_s W``, per datum and averaged.
+and ``H_a = W^T H_s W``, averaged and per datum (with shared axes for every pair of
+positions).
 
 May import: ``curvlinops._backend``, ``.module``.
 """
@@ -161,14 +162,16 @@ class Linear(Layer):
         return state["input"], grads, (self.out_features, self.in_features)
 
     def backward_curvature(self, params, state, H, g, xp):
-        a = state["input"]
-        if a.ndim != 2:
-            raise NotImplementedError(
-                "the per-datum curvature rule for inputs with shared axes",
-                f" (it supports inputs (N, D); this layer sees inputs of shape {tuple(a.shape)})",
-            )
-        W = params[0]
-        return xp.matrix_transpose(W) @ H @ W
+        a, W = state["input"], params[0]
+        if a.ndim == 2:
+            return xp.matrix_transpose(W) @ H @ W
+        # Shared axes S: H is over a datum's S * D_out outputs, (N, S D_out, S D_out);
+        # H_a[(s, i), (t, j)] = sum_ab W_ai H[(s, a), (t, b)] W_bj for every pair (s, t).
+        N, S = a.shape[0], math.prod(a.shape[1:-1])
+        d_in, d_out = self.in_features, self.out_features
+        blocks = xp.permute_dims(xp.reshape(H, (N, S, d_out, S, d_out)), (0, 1, 3, 2, 4))
+        blocks = xp.matrix_transpose(W) @ blocks @ W  # (N, S, S, D_in, D_in)
+        return xp.reshape(xp.permute_dims(blocks, (0, 1, 3, 2, 4)), (N, S * d_in, S * d_in))
 
     def backward_mean_curvature(self, params, H, statistics, xp):
         W = params[0]

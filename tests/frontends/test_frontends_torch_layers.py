@@ -189,6 +189,19 @@ def test_kfac_hessian_over_batches_equals_native_and_the_numpy_averaging_scheme(
     np.testing.assert_allclose(K.input_factors["0"].numpy(), A0, rtol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_hessian_diagonal_with_a_shared_axis_equals_torch_func(reduction):
+    net, _, _ = _nets("softplus", widths=(3, 4, 4, 3), flatten=False)
+    rng = np.random.default_rng(6)
+    X, y = rng.normal(size=(5, 2, 3)), rng.normal(size=(5, 2, 3))
+    model = TorchModel(net)
+    data = _to_torch([(X[:3], y[:3]), (X[3:], y[3:])])
+    loss = cl.MSELoss(reduction=reduction)
+    D = cl.HessianDiagonalLinearOperator(model, loss, model.params, data).diagonal()
+    reference = np.diag(_torch_hessian(net, "mse", X, y, reduction=reduction))
+    np.testing.assert_allclose(D.numpy(), reference, rtol=1e-10, atol=1e-12)
+
+
 def test_frozen_layer_is_walked_through_but_not_tapped():
     net, native, params = _nets("tanh", flatten=False)
     net[0].weight.requires_grad_(False)
