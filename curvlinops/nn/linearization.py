@@ -82,22 +82,44 @@ class LinearizedNativeLayer(LinearizedLayer):
         return g_in[..., 0, :]
 
     def backward_curvature(self, H, g):
-        try:
-            return self.layer.backward_curvature(self.params, self.state, H, g, self.xp)
-        except NotImplementedError as error:
-            raise self.missing(*error.args) from None
+        return self._rule(
+            "the per-datum curvature rule",
+            self.layer.backward_curvature,
+            self.params,
+            self.state,
+            H,
+            g,
+            self.xp,
+        )
 
     def curvature_statistics(self, g, statistics=None):
-        try:
-            return self.layer.curvature_statistics(self.params, self.state, g, statistics, self.xp)
-        except NotImplementedError as error:
-            raise self.missing(*error.args) from None
+        return self._rule(
+            "the batch-averaged curvature rule",
+            self.layer.curvature_statistics,
+            self.params,
+            self.state,
+            g,
+            statistics,
+            self.xp,
+        )
 
     def backward_mean_curvature(self, H, statistics):
+        return self._rule(
+            "the batch-averaged curvature rule",
+            self.layer.backward_mean_curvature,
+            self.params,
+            H,
+            statistics,
+            self.xp,
+        )
+
+    def _rule(self, rule, method, *args):
+        """Call a rule of the layer; its NotImplementedError becomes MissingLayerRuleError."""
         try:
-            return self.layer.backward_mean_curvature(self.params, H, statistics, self.xp)
+            return method(*args)
         except NotImplementedError as error:
-            raise self.missing(*error.args) from None
+            # the layer's reason, ("rule", " (detail)"), or the rule's name alone
+            raise self.missing(*(error.args[:2] or (rule,))) from None
 
 
 def _tap(name, layer, state, xp, aligned, output_grads):
