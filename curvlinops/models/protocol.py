@@ -278,6 +278,15 @@ class Linearization:
         ------
         MissingTierError
             If the model does not offer the layer protocol.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops import nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> lin = model.linearize(model.init(0, xp=xp), xp.ones((5, 3)))
+        >>> [(layer.name, layer.tap() is not None) for layer in lin.layers()]
+        [('0', True), ('1', False), ('2', True)]
         """
         self.model.require(Capability.LAYER_PROTOCOL, "layers() (backpropagated curvature)")
         return self._layers()
