@@ -1,89 +1,92 @@
-"""Per-datum Hessians of a native model's pre-activations, backpropagated layer by layer.
+"""The one backward walk over the layer protocol: backpropagated curvature.
 
-For a chain of ``curvlinops.nn`` layers (Linear and elementwise activations) the
-Hessian of a datum's loss with respect to each Linear layer's output ``s`` follows
-from the output Hessian by the exact recursion
+The Hessian of a loss with respect to each layer's outputs follows from the loss
+Hessian with respect to the model's outputs by the exact recursion that each layer
+states in the layer protocol (:mod:`curvlinops.models.layers`): through an affine layer
+``s = W a + b``, ``H_a = W^T H_s W`` and ``g_a = W^T g_s``; through an activation
+``a = phi(s)``, ``H_s = diag(phi'(s)) H_a diag(phi'(s)) + diag(phi''(s) * g_a)`` and
+``g_s = phi'(s) g_a``, the second term being the activation's curvature (a residual
+term of DESIGN.md). Because a layer's outputs are linear in its own weights, the exact
+Hessian block of the weights of a datum is ``H_s (x) a a^T`` (for inputs ``(N, D)``).
 
-- through a Linear layer ``s = W a + b``: ``H_a = W^T H_s W``, ``g_a = W^T g_s``;
-- through an activation ``a = phi(s)``:
-  ``H_s = diag(phi'(s)) H_a diag(phi'(s)) + diag(phi''(s) * g_a)``, ``g_s = phi'(s) g_a``,
+:func:`backpropagate` is that recursion, written once for all its users:
 
-where the second term is the activation's curvature (the residual term of
-DESIGN.md). Because ``s`` is linear in the layer's own weights, the exact Hessian
-block of the weights is ``sum_n H_s,n (x) a_n a_n^T``: its diagonal is exact from
-these matrices, and the Kronecker-factored Hessian averages them.
+- per datum (:class:`~curvlinops.curvature.diagonal.HessianDiagonalLinearOperator`):
+  ``gradient`` ``(N, ...)`` and ``curvature`` ``(N, F, F)`` move backwards together;
+- batch statistics (first pass of the Kronecker-factored Hessian): only the
+  ``gradient`` moves, and each layer adds what its averaged rule needs to
+  ``statistics``;
+- batch-averaged (second pass of the Kronecker-factored Hessian): only a
+  ``curvature`` ``(D, D)`` moves, through each layer's averaged rule with the
+  accumulated ``statistics``.
 
-Costs ``N * D^2`` memory per layer (one matrix per datum); inputs with shared axes are
-not supported.
+It never asks what class a layer is.
 
-May import: ``curvlinops._backend``, ``curvlinops.nn``.
+May import: ``curvlinops.models``.
 """
 
 from __future__ import annotations
 
-from .._backend import device
+from ..models import MissingLayerRuleError
 
-__all__ = ["backpropagated_hessians"]
+__all__ = ["backpropagate", "first_with_parameters"]
 
 
-def backpropagated_hessians(lin, output_hessians, output_gradients):
-    """Yield ``(name, weight_index, bias_index, inputs, H_s)`` for each Linear layer.
+def first_with_parameters(layers) -> int:
+    """Index of the first layer with parameters (``len(layers)`` if none has any).
+
+    Layers before it see inputs that do not depend on the parameters: the walk stops
+    there, and they need no rules.
+    """
+    return next((i for i, layer in enumerate(layers) if layer.param_indices), len(layers))
+
+
+def backpropagate(layers, *, gradient=None, curvature=None, statistics=None, who, instead):
+    """Walk ``layers`` backwards; yield ``(index, layer, curvature, gradient)`` at each one.
+
+    The yielded curvature and gradient are those with respect to the layer's outputs
+    (None where not propagated); after the consumer has seen them they are pulled back
+    to the layer's inputs, down to the first layer with parameters.
 
     Parameters
     ----------
-    lin : curvlinops.nn linearization
-        From ``model.linearize(params, X)`` of a ``curvlinops.nn`` model.
-    output_hessians : array
-        ``(N, C, C)``: each datum's loss Hessian with respect to the outputs.
-    output_gradients : array
-        ``(N, C)``: each datum's loss gradient with respect to the outputs.
+    layers : sequence of LinearizedLayer
+        From ``lin.layers()``, in forward order.
+    gradient : array, optional
+        Gradient with respect to the model's outputs, one per datum.
+    curvature : array, optional
+        Per datum ``(N, C, C)`` when ``gradient`` is given, else batch-averaged
+        ``(C, C)`` (then ``statistics`` must hold what the layers accumulated).
+    statistics : dict, optional
+        Layer index -> the layer's accumulated statistics. With a gradient and no
+        curvature, each layer adds one batch to it (:meth:`curvature_statistics`).
+    who, instead : str
+        The operator (for messages) and what to use instead when a layer lacks a rule.
 
-    Yields
+    Raises
     ------
-    tuple
-        From the last Linear layer to the first: its name, the positions of its weight
-        and bias in the parameter list (bias None if absent), its inputs ``(N, D_in)``
-        and the per-datum Hessians ``(N, D_out, D_out)`` of the loss with respect to
-        its outputs.
+    MissingLayerRuleError
+        If a layer does not implement a rule the walk needs; the message names the
+        layer, the operator and the alternative.
     """
-    from ..nn.activations import Elementwise
-    from ..nn.linear import Linear
-    from ..nn.linearization import NativeLinearization
-    from ..nn.shape import Flatten, Identity
-
-    if not isinstance(lin, NativeLinearization):
-        raise TypeError(
-            "Backpropagated pre-activation Hessians need a curvlinops.nn model (a chain of "
-            f"Linear layers and activations); got a linearization of {lin.model.name}."
-        )
-    xp = lin.xp
-    H, g = output_hessians, output_gradients
-    for i in range(len(lin._layers) - 1, lin._first - 1, -1):
-        name, layer, where, state = lin._layers[i]
-        if isinstance(layer, Linear):
-            a = state["input"]
-            if a.ndim != 2:
-                raise ValueError(
-                    "Backpropagated pre-activation Hessians support inputs (N, D) only; "
-                    f"layer {name} sees inputs of shape {tuple(a.shape)}."
-                )
-            bias = where.start + 1 if where.stop - where.start > 1 else None
-            yield name, where.start, bias, a, H
-            if i > lin._first:
-                W = lin.params[where.start]
-                H = xp.matrix_transpose(W) @ H @ W
-                g = g @ W
-        elif isinstance(layer, Elementwise):
-            s = state["input"]
-            d1 = layer.first_derivative(s, xp)
-            H = d1[:, :, None] * H * d1[:, None, :]
-            d2 = layer.second_derivative(s, xp)
-            if d2 is not None:
-                eye = xp.eye(H.shape[-1], dtype=H.dtype, device=device(H))
-                H = H + eye[None, :, :] * (d2 * g)[:, None, :]
-            g = d1 * g
-        elif not isinstance(layer, (Identity, Flatten)):
-            raise TypeError(
-                f"Layer {name} ({type(layer).__name__}) is neither Linear, an activation, "
-                "Identity nor Flatten; its Hessian backpropagation is not implemented."
-            )
+    first = first_with_parameters(layers)
+    mean = curvature is not None and gradient is None
+    for i in range(len(layers) - 1, first - 1, -1):
+        layer = layers[i]
+        yield i, layer, curvature, gradient
+        if i == first:
+            return
+        try:
+            if mean:
+                curvature = layer.backward_mean_curvature(curvature, statistics.get(i))
+                continue
+            if curvature is not None:
+                curvature = layer.backward_curvature(curvature, gradient)
+            elif statistics is not None:
+                statistics[i] = layer.curvature_statistics(gradient, statistics.get(i))
+            gradient = layer.backward_gradient(gradient)
+        except MissingLayerRuleError as error:
+            raise MissingLayerRuleError(
+                f"{who} propagates the curvature backwards through every layer after the "
+                f"first one with parameters, but {error} Use {instead}."
+            ) from None

@@ -1,4 +1,4 @@
-"""Diagonal curvature approximations from the layer taps (tier 3).
+"""Diagonal curvature approximations from the layer taps (tier 3) and the layer protocol.
 
 The exact GGN diagonal propagates the loss-Hessian factor ``S`` (``H_L = S S^T``)
 through the model's layer taps: for a Linear layer with inputs ``a_n`` and output
@@ -10,16 +10,21 @@ diagonal), the empirical-Fisher diagonal the per-datum gradients at the true lab
 With shared axes (inputs ``(N, S, D)``) the per-datum gradient sums over ``S`` before
 it is squared, so those layers form per-datum gradients explicitly.
 
+The exact Hessian diagonal walks the model's layers backwards through the layer
+protocol (:func:`._chain.backpropagate`), per datum.
+
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
-``curvlinops.losses``, ``._data``.
+``curvlinops.losses``, ``._data``, ``._chain``.
 """
 
 from __future__ import annotations
 
+import math
+
 from .._backend import device as array_device
 from ..linalg import DiagonalLinearOperator
-from ..models import Tier, flatten_params, param_shapes
-from ._chain import backpropagated_hessians
+from ..models import Capability, Tier, flatten_params, param_shapes
+from ._chain import backpropagate
 from ._data import (
     batch_seed,
     check_mc_samples,
@@ -246,17 +251,31 @@ class EFDiagonalLinearOperator(_TapDiagonalLinearOperator):
 
 class HessianDiagonalLinearOperator(_DataDiagonalLinearOperator):
     __doc__ = (
-        """Exact diagonal of the Hessian for ``curvlinops.nn`` models, residual included.
+        """Exact diagonal of the Hessian, residual included, from the layer protocol.
 
-    Backpropagates each datum's Hessian with respect to every Linear layer's outputs
-    (including the curvature of the activations, see
-    :mod:`curvlinops.curvature._chain`); the weight entries of the diagonal are then
-    ``c * sum_n diag(H_s,n) a_n^2``. Exact, not an estimate; it costs ``N * D^2``
-    memory per layer for batches of ``N`` data points with layers of width ``D``, and
-    supports inputs ``(N, D)`` (no shared axes).
+    Backpropagates each datum's Hessian with respect to every tapped layer's outputs
+    through the layers' own rules (including the curvature of the activations, see
+    :mod:`curvlinops.curvature._chain` and :mod:`curvlinops.models.layers`); the weight
+    entries of the diagonal are then ``c * sum_n diag(H_s,n) a_n^2``. Exact, not an
+    estimate; it costs ``N * D^2`` memory per layer for batches of ``N`` data points
+    with layers of width ``D``. With shared axes (inputs and outputs ``(N, S..., D)``,
+    e.g. sequences) each datum's Hessian is over all its ``S * D`` entries, so the cost
+    is ``N * (S D)^2``.
+
+    Works for every model that offers the layer protocol
+    (:attr:`~curvlinops.models.Capability.LAYER_PROTOCOL`): ``curvlinops.nn`` models and
+    PyTorch models (:class:`~curvlinops.frontends.torch.TorchModel`) made of layers the
+    protocol knows (Linear, elementwise activations, Identity, Flatten).
 """
         + _DIAGONAL_PARAMETERS
         + """
+    Raises
+    ------
+    MissingTierError
+        If the model does not offer the layer protocol (a JAX function, hand-written
+        callables); a layer without the rule raises
+        :class:`~curvlinops.models.MissingLayerRuleError` naming it.
+
     Examples
     --------
     >>> import numpy as np
@@ -273,19 +292,51 @@ class HessianDiagonalLinearOperator(_DataDiagonalLinearOperator):
     """
     )
 
-    required_tier = Tier.FIRST_ORDER
+    required_tier = Capability.LAYER_PROTOCOL
 
     def _batch_contributions(self, lin, y, index, xp):
         f = lin.outputs
-        if f.ndim != 2:
-            raise ValueError(
-                f"HessianDiagonalLinearOperator supports outputs (N, C); got {tuple(f.shape)}."
-            )
-        C = f.shape[1]
-        eye = xp.eye(C, dtype=f.dtype, device=array_device(f))
-        H_out = self.loss.hessian_matmat(f, y, xp.broadcast_to(eye, (f.shape[0], C, C)))
-        for _, w, b, a, H in backpropagated_hessians(lin, H_out, self.loss.gradient(f, y)):
-            h = xp.linalg.diagonal(H)  # (N, D_out)
-            yield w, xp.matrix_transpose(h) @ (a * a)
-            if b is not None:
-                yield b, xp.sum(h, axis=0)
+        N, F = f.shape[0], math.prod(f.shape[1:])
+        # each datum's loss Hessian over its F output entries (block diagonal over the
+        # positions of shared axes), from the loss Hessian applied to the identity
+        eye = xp.eye(F, dtype=f.dtype, device=array_device(f))
+        columns = xp.broadcast_to(xp.reshape(eye, (1, *f.shape[1:], F)), (*f.shape, F))
+        H_out = xp.reshape(self.loss.hessian_matmat(f, y, columns), (N, F, F))
+        walk = backpropagate(
+            lin.layers(),
+            gradient=self.loss.gradient(f, y),
+            curvature=H_out,
+            who="HessianDiagonalLinearOperator",
+            instead="HessianLinearOperator(...).to_dense() or a stochastic diagonal estimate "
+            "(curvlinops.hutchinson_diagonal) for this model",
+        )
+        for _, layer, H, _ in walk:
+            tap = layer.tap()
+            if tap is not None:
+                yield from _hessian_diagonal_of_tap(tap, H, xp)
+
+
+def _hessian_diagonal_of_tap(tap, H, xp):
+    """``(index, diagonal)`` of a tapped layer's weight and bias from the outputs' Hessians.
+
+    ``H`` is per datum over the layer's outputs, ``(N, S D_out, S D_out)``; the weight
+    entry ``(i, j)`` is ``sum_n sum_{s,t} H_n[(s, i), (t, i)] a_n,s,j a_n,t,j``.
+    """
+    a = tap.inputs
+    N, d_in = a.shape[0], a.shape[-1]
+    if a.ndim == 2:
+        h = xp.linalg.diagonal(H)  # (N, D_out)
+        yield tap.weight_index, xp.matrix_transpose(h) @ (a * a)
+        if tap.bias_index is not None:
+            yield tap.bias_index, xp.sum(h, axis=0)
+        return
+    S = math.prod(a.shape[1:-1])
+    d_out = H.shape[-1] // S
+    a3 = xp.reshape(a, (N, S, d_in))
+    blocks = xp.permute_dims(xp.reshape(H, (N, S, d_out, S, d_out)), (0, 1, 3, 2, 4))
+    h = xp.linalg.diagonal(blocks)  # (N, S, S, D_out): [n, s, t, i]
+    # sum_s h[n, s, t, i] a[n, s, j] for every (n, t), then times a[n, t, j], summed
+    mixed = xp.permute_dims(h, (0, 2, 3, 1)) @ a3[:, None, :, :]  # (N, S, D_out, D_in)
+    yield tap.weight_index, xp.sum(mixed * a3[:, :, None, :], axis=(0, 1))
+    if tap.bias_index is not None:
+        yield tap.bias_index, xp.sum(h, axis=(0, 1, 2))

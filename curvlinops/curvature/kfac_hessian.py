@@ -10,19 +10,21 @@ of each Linear layer, the Hessian of the loss with respect to the layer's output
 ``b = phi(h)``, started from the loss Hessian with respect to the model outputs.
 
 It keeps the activations' curvature, so the factors (and the operator) can be
-indefinite. The recursion walks the layers of a ``curvlinops.nn`` model.
+indefinite. The recursion is the one backward walk over the layer protocol
+(:func:`._chain.backpropagate`), so it serves every model that offers the protocol.
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
-``curvlinops.nn``, ``curvlinops.losses``, ``._data``, ``._kronecker``, ``.kfac``, ``.base``.
+``curvlinops.losses``, ``._data``, ``._chain``, ``._kronecker``, ``.kfac``, ``.base``.
 """
 
 from __future__ import annotations
 
 import warnings
 
-from .._backend import device as array_device, diag_matrix
-from ..nn import Elementwise, Identity, Linear, Module
-from ._kronecker import LayerInfo, _InputStatistics, _KroneckerCurvature, symmetrized
+from .._backend import device as array_device
+from ..models import Capability
+from ._chain import backpropagate
+from ._kronecker import _InputStatistics, _KroneckerCurvature, symmetrized
 from .kfac import KFACLinearOperator
 
 __all__ = ["KFACHessianLinearOperator"]
@@ -61,10 +63,14 @@ class KFACHessianLinearOperator(KFACLinearOperator):
 
     Parameters
     ----------
-    model : curvlinops.nn.Module
-        A ``curvlinops.nn`` model whose layers from the first Linear layer on are
-        Linear layers, elementwise activations and Identity (parameter-free layers
-        such as Flatten may come before the first Linear layer).
+    model : curvlinops.models.Model
+        A model that offers the layer protocol
+        (:attr:`~curvlinops.models.Capability.LAYER_PROTOCOL`): a ``curvlinops.nn`` model or
+        a :class:`~curvlinops.frontends.torch.TorchModel`, whose layers from the first
+        one with parameters on have the batch-averaged curvature rule (Linear layers,
+        elementwise activations, Identity; parameter-free layers such as Flatten may
+        come before the first Linear layer). Every parameter must belong to a tapped
+        (Linear) layer.
     loss : curvlinops.losses.Loss
         Its reduction applies over the whole data set.
     params : list of arrays
@@ -82,9 +88,10 @@ class KFACHessianLinearOperator(KFACLinearOperator):
 
     Raises
     ------
-    TypeError
-        If the model is not a ``curvlinops.nn`` model, or contains a layer the recursion
-        does not support.
+    MissingTierError
+        If the model does not offer the layer protocol (a JAX function, hand-written
+        callables); :class:`~curvlinops.models.MissingLayerRuleError` (also a
+        ``TypeError``) if a layer lacks the batch-averaged curvature rule.
 
     Examples
     --------
@@ -102,6 +109,7 @@ class KFACHessianLinearOperator(KFACLinearOperator):
     """
 
     fisher_types = ("hessian",)
+    required_tier = Capability.LAYER_PROTOCOL
 
     def __init__(
         self,
@@ -115,7 +123,6 @@ class KFACHessianLinearOperator(KFACLinearOperator):
         progressbar=False,
         check_deterministic=True,
     ):
-        self._chain = _supported_chain(model)
         _KroneckerCurvature.__init__(
             self,
             model,
@@ -132,78 +139,79 @@ class KFACHessianLinearOperator(KFACLinearOperator):
 
     # -- factors ---------------------------------------------------------------------------
 
+    _WHO = "KFACHessianLinearOperator"
+    _INSTEAD = "KFACLinearOperator (GGN / Fisher) or HessianLinearOperator for this model"
+
     def _build(self):
-        self.layers, starts = self._chain_layout()
-        self._set_factors(self._hessian_factors(starts))
+        self._set_factors(self._hessian_factors())
 
-    def _chain_layout(self):
-        """LayerInfo of every Linear layer, and each chain layer's first parameter index."""
-        layers, starts, start = [], [], 0
-        for name, layer in self._chain:
-            starts.append(start)
-            if isinstance(layer, Linear):
-                bias = start + 1 if layer.bias else None
-                layers.append(LayerInfo(name, start, bias, layer.in_features, layer.out_features))
-            start += len(layer.param_shapes())
-        return layers, starts
+    def _layout(self, layers):
+        """Lay out ``self.layers`` (a LayerInfo per tapped layer) from the first batch."""
+        taps = [tap for tap in (layer.tap() for layer in layers) if tap is not None]
+        if not taps:
+            raise ValueError(
+                "KFACHessianLinearOperator needs a model with at least one Linear layer."
+            )
+        self.layers = self._layout_from_taps(taps)
 
-    def _hessian_factors(self, starts):
+    def _hessian_factors(self):
+        """``(B, A)`` per tapped layer in order: one pass over the data, then one walk."""
         xp = self.xp
-        chain = self._chain
-        first = next(i for i, (_, layer) in enumerate(chain) if isinstance(layer, Linear))
-        inputs = {
-            i: _InputStatistics() for i, (_, la) in enumerate(chain) if isinstance(la, Linear)
-        }
-        curvature = {}  # activation index -> [sum phi' phi'^T, count, sum phi'' * dl/db]
-        output_hessian = None
-        for _, X, y in self._batches():
-            activations, outputs = self._forward(X, starts)
+        statistics, inputs = {}, {}
+        output_hessian, layers = None, None
+        for index, X, y in self._batches():
+            lin = self.model.linearize(self.params, X)
+            outputs = lin.outputs
             self._set_output_shape(outputs)
             self.loss.check(outputs, y)
+            layers = lin.layers()
+            if self.layers is None:
+                self._layout(layers)
+            expected = [(la.name, la.weight_index, la.bias_index) for la in self.layers]
             hessian = _summed_loss_hessian(self.loss, outputs, y, xp)
             output_hessian = hessian if output_hessian is None else output_hessian + hessian
-            grad = self.loss.gradient(outputs, y)
-            for i in range(len(chain) - 1, first - 1, -1):
-                layer, h = chain[i][1], activations[i]
-                if isinstance(layer, Linear):
-                    inputs[i].add(xp.reshape(h, (-1, layer.in_features)), xp)
-                    if i > first:
-                        W = self.params[starts[i]]
-                        rows = xp.reshape(grad, (-1, layer.out_features)) @ W
-                        grad = xp.reshape(rows, tuple(h.shape))
-                elif isinstance(layer, Elementwise):
-                    grad = _accumulate_activation(curvature, i, layer, h, grad, xp)
-        c = self._normalization()
-        H = c * output_hessian
-        factors = {}
-        for i in range(len(chain) - 1, first - 1, -1):
-            layer = chain[i][1]
-            if isinstance(layer, Linear):
-                H = symmetrized(H, xp)
-                A = symmetrized(inputs[i].factor(self._joint(self._info(i, starts)), xp), xp)
-                factors[i] = (H, A)
-                W = self.params[starts[i]]
-                H = xp.matrix_transpose(W) @ H @ W
-            elif isinstance(layer, Elementwise) and i in curvature:
-                outer, count, second = curvature[i]
-                H = H * (outer / count)
-                if second is not None:
-                    H = H + diag_matrix(c * second, xp)
-        return [factors[i] for i in sorted(factors)]
-
-    def _info(self, chain_index, starts):
-        start = starts[chain_index]
-        return next(la for la in self.layers if la.weight_index == start)
-
-    def _forward(self, X, starts):
-        """Inputs of every chain layer and the outputs, via the layers' own forward pass."""
-        xp, params, a = self.model.prepare(self.params, X)
-        activations = []
-        for (_, layer), start in zip(self._chain, starts, strict=True):
-            activations.append(a)
-            n = len(layer.param_shapes())
-            a = layer.forward(params[start : start + n], a, xp)
-        return activations, a
+            # the gradient of the whole (normalized) loss, so that the activations'
+            # curvature sum phi'' * g comes out normalized too
+            gradient = self._normalization() * self.loss.gradient(outputs, y)
+            walk = backpropagate(
+                layers,
+                gradient=gradient,
+                statistics=statistics,
+                who=self._WHO,
+                instead=self._INSTEAD,
+            )
+            found = []
+            for i, layer, _, _ in walk:
+                tap = layer.tap()
+                if tap is None:
+                    continue
+                found.append((tap.name, tap.weight_index, tap.bias_index))
+                inputs.setdefault(i, _InputStatistics()).add(
+                    xp.reshape(tap.inputs, (-1, tap.inputs.shape[-1])), xp
+                )
+            if found[::-1] != expected:
+                raise ValueError(
+                    f"Batch {index} exposed the layer taps {found[::-1]}, the first batch "
+                    f"{expected}; every batch must run through the same layers."
+                )
+        if layers is None:
+            raise ValueError("The data contain no batches; K-FAC needs at least one.")
+        walk = backpropagate(
+            layers,
+            curvature=self._normalization() * output_hessian,
+            statistics=statistics,
+            who=self._WHO,
+            instead=self._INSTEAD,
+        )
+        factors = []
+        infos = iter(reversed(self.layers))
+        for i, layer, H, _ in walk:
+            if layer.tap() is None:
+                continue
+            info = next(infos)
+            A = symmetrized(inputs[i].factor(self._joint(info), xp), xp)
+            factors.append((symmetrized(H, xp), A))
+        return factors[::-1]
 
     # -- inverse ------------------------------------------------------------------------
 
@@ -246,28 +254,6 @@ class KFACHessianLinearOperator(KFACLinearOperator):
         return inverse
 
 
-def _supported_chain(model):
-    """The model's chain of layers, or a TypeError if the recursion cannot walk it."""
-    if not isinstance(model, Module):
-        raise TypeError(
-            "KFACHessianLinearOperator needs a curvlinops.nn model (e.g. nn.Sequential of "
-            "Linear layers and elementwise activations): the pre-activation Hessian "
-            f"recursion walks its layers. Got a {type(model).__name__}. For other models "
-            "use KFACLinearOperator (GGN / Fisher) or HessianLinearOperator."
-        )
-    chain = model.chain()
-    linear = [i for i, (_, layer) in enumerate(chain) if isinstance(layer, Linear)]
-    if not linear:
-        raise ValueError("KFACHessianLinearOperator needs a model with at least one Linear layer.")
-    for name, layer in chain[linear[0] :]:
-        if not isinstance(layer, (Linear, Elementwise, Identity)):
-            raise TypeError(
-                f"KFACHessianLinearOperator supports Linear layers, elementwise activations "
-                f"and Identity after the first Linear layer; layer {name!r} is {layer!r}."
-            )
-    return chain
-
-
 def _summed_loss_hessian(loss, outputs, y, xp):
     """``sum_t H_l,t``: the loss Hessians w.r.t. the outputs summed over all items, ``(C, C)``.
 
@@ -278,22 +264,3 @@ def _summed_loss_hessian(loss, outputs, y, xp):
     eye = xp.eye(C, dtype=outputs.dtype, device=array_device(outputs))
     columns = loss.hessian_matmat(outputs, y, xp.broadcast_to(eye, tuple(outputs.shape) + (C,)))
     return xp.sum(xp.reshape(columns, (-1, C, C)), axis=0)
-
-
-def _accumulate_activation(curvature, index, layer, h, grad, xp):
-    """Add one batch's ``phi' phi'^T`` and ``phi'' * dl/db``; return ``dl/dh``."""
-    D = h.shape[-1]
-    d1 = layer.first_derivative(h, xp)
-    d2 = layer.second_derivative(h, xp)
-    rows = xp.reshape(d1, (-1, D))
-    outer = xp.matrix_transpose(rows) @ rows
-    second = None if d2 is None else xp.sum(xp.reshape(d2 * grad, (-1, D)), axis=0)
-    if index in curvature:
-        old_outer, old_count, old_second = curvature[index]
-        outer = old_outer + outer
-        second = second if old_second is None else old_second + second
-        count = old_count + rows.shape[0]
-    else:
-        count = rows.shape[0]
-    curvature[index] = [outer, count, second]
-    return d1 * grad

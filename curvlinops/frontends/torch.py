@@ -12,14 +12,25 @@
   does) by double backward over the recorded graph, which is faster than forward
   mode in PyTorch on the CPU; otherwise forward-over-reverse, the ``torch.func.jvp``
   of the ``torch.func.vjp``;
-- tier 3 from forward hooks on every ``torch.nn.Linear``: its inputs, and the gradients
-  of its outputs for ``M`` cotangents in one batched backward pass.
+- tier 3 from forward hooks on every tapped module (``torch.nn.Linear``: those whose
+  native equivalent below has a tap): its inputs, and the gradients of its outputs for
+  ``M`` cotangents in one batched backward pass, laid out by the native layer's tap;
+- the layer protocol (:mod:`curvlinops.models.layers`) for modules that form a chain
+  (each leaf module takes the previous one's output, as in ``torch.nn.Sequential``):
+  every leaf module is mapped to the ``curvlinops.nn`` layer that computes the same
+  function (``_NATIVE_EQUIVALENTS``: ``Linear``, the elementwise activations
+  ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``Softplus``, ``GELU``, ``ELU``, and
+  ``Identity``, ``Flatten``, dropout in evaluation mode) and bound to its inputs of one
+  forward pass, so that the Hessian diagonal and the Kronecker-factored Hessian use
+  the native layers' rules on torch tensors. Other modules are layers without rules:
+  an operator that needs to walk through one says so, naming it.
 
 :func:`translate_loss` turns ``torch.nn.MSELoss``, ``CrossEntropyLoss``,
 ``BCEWithLogitsLoss`` and ``PoissonNLLLoss`` into the curvlinops loss of the same value.
 
 Importing this module imports PyTorch. May import: torch, ``curvlinops._backend``,
-``curvlinops.models``, ``curvlinops.losses``.
+``curvlinops.models``, ``curvlinops.losses``, ``curvlinops.nn`` (the native layers'
+rules of the layer protocol; ``curvlinops.nn`` never imports a frontend).
 """
 
 from __future__ import annotations
@@ -36,8 +47,17 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on the enviro
 
 from torch.func import functional_call, jvp, linearize, vjp, vmap
 
-from .. import losses
-from ..models import LayerTap, Linearization, Model, Tier, TraceableLinearMap
+from .. import losses, nn as native
+from .._backend import array_namespace
+from ..models import (
+    Capability,
+    LayerTap,
+    Linearization,
+    LinearizedLayer,
+    Model,
+    Tier,
+    TraceableLinearMap,
+)
 
 __all__ = ["TorchModel", "translate_loss"]
 
@@ -77,6 +97,14 @@ class TorchModel(Model):
 
     Tier 3 (layer taps) covers every ``torch.nn.Linear`` whose weight is among the
     parameters; each must be called once per forward pass (a shared layer is refused).
+    The layer protocol (:meth:`Linearization.layers
+    <curvlinops.models.Linearization.layers>`; the Hessian diagonal and the
+    Kronecker-factored Hessian) needs the leaf modules to form a chain, each called
+    once: the input of each is the output of the one before, and the last one's output
+    is the model's. It knows ``Linear``, ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``,
+    ``Softplus``, ``GELU``, ``ELU``, ``Identity``, ``Flatten`` and dropout (in
+    evaluation mode); an operator that walks through another module raises
+    :class:`~curvlinops.models.MissingLayerRuleError` naming it.
 
     Parameters
     ----------
@@ -126,7 +154,7 @@ class TorchModel(Model):
     'Tensor'
     """
 
-    tiers = frozenset({Tier.FIRST_ORDER, Tier.SECOND_ORDER, Tier.LAYER_TAPS})
+    tiers = frozenset(Tier) | {Capability.LAYER_PROTOCOL}
 
     def __init__(self, module, *, chunk_size=None, jvp_method="jvp", param_names=None):
         if not isinstance(module, torch.nn.Module):
@@ -152,7 +180,7 @@ class TorchModel(Model):
             )
         self.param_names = [n for n, _ in trainable]
         self._shapes = [tuple(p.shape) for _, p in trainable]
-        self._taps = _linear_layers(module, self.param_names)
+        self._taps = _tapped_layers(module, self.param_names)
 
     @property
     def name(self) -> str:
@@ -242,6 +270,7 @@ class _TorchLinearization(Linearization):
         with torch.enable_grad():
             self._graph_outputs = self._function(*self._leaves)
         self._push = None  # the traced tangent map of jvp_method="linearize"
+        self._protocol_layers = None
         super().__init__(model, params, x, self._graph_outputs.detach())
 
     def _jvp(self, tangents):
@@ -370,8 +399,8 @@ class _TorchLinearization(Linearization):
             def hook(_module, args, output):
                 if index in records:
                     raise ValueError(
-                        f"The Linear layer {layer_name!r} ran more than once in one forward "
-                        "pass; layer taps need each Linear layer to be used once."
+                        f"The layer {layer_name!r} ran more than once in one forward pass; "
+                        "layer taps need each tapped (e.g. Linear) layer to be used once."
                     )
                 probe = None
                 if cotangents is not None:
@@ -385,7 +414,7 @@ class _TorchLinearization(Linearization):
             return hook
 
         try:
-            for index, (layer_name, layer, _, _) in enumerate(model._taps):
+            for index, (layer_name, layer, _, _, _) in enumerate(model._taps):
                 handles.append(layer.register_forward_hook(make_hook(index, layer_name)))
             with torch.enable_grad() if cotangents is not None else torch.no_grad():
                 outputs = model._forward(self.params, self.x)
@@ -403,17 +432,104 @@ class _TorchLinearization(Linearization):
                 allow_unused=True,
                 materialize_grads=True,
             )
-            grads = [torch.movedim(g, 0, -1) for g in grads]
-        return [
-            LayerTap(
-                name=model._taps[i][0],
-                weight_index=model._taps[i][2],
-                bias_index=model._taps[i][3],
-                inputs=records[i][0],
-                output_grads=g,
+            # (M, N, ..., D_out) to the native layers' internal layout (N, ..., M, D_out)
+            grads = [torch.movedim(g, 0, -2) for g in grads]
+        taps = []
+        for i, g in zip(used, grads, strict=True):
+            name, _, weight_index, bias_index, equivalent = model._taps[i]
+            a = records[i][0]
+            # the native layer's tap: its inputs and output gradients in the shared
+            # (N, S..., D) layout and the weight's matrix shape
+            inputs, output_grads, shape = equivalent.tap({"input": a}, g, array_namespace(a))
+            taps.append(LayerTap(name, weight_index, bias_index, inputs, output_grads, shape))
+        return taps
+
+    def _layers(self):
+        if self._protocol_layers is None:
+            self._protocol_layers = self._record_chain()
+        return list(self._protocol_layers)
+
+    def _record_chain(self):
+        """One forward pass with hooks on the leaf modules: the layer protocol's chain."""
+        model = self.model
+        index = {n: i for i, n in enumerate(model.param_names)}
+        records, handles = [], []
+        seen = {}
+
+        def pre_hook(name, module):
+            def hook(_module, args):
+                if name in seen:
+                    raise ValueError(
+                        f"The module {name!r} ran more than once in one forward pass; the "
+                        "layer protocol needs each module to be called once (use "
+                        "HessianLinearOperator or KFACLinearOperator for this model)."
+                    )
+                seen[name] = len(records)
+                given = args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
+                value = given
+                if given is not None and getattr(module, "inplace", False):
+                    value = given.clone()  # the module overwrites its input
+                records.append([name, module, given, value, None])
+
+            return hook
+
+        def post_hook(name):
+            def hook(_module, _args, output):
+                records[seen[name]][4] = output
+
+            return hook
+
+        try:
+            for name, module in model.module.named_modules():
+                if next(module.children(), None) is not None:
+                    continue
+                handles.append(module.register_forward_pre_hook(pre_hook(name, module)))
+                handles.append(module.register_forward_hook(post_hook(name)))
+            with torch.no_grad():
+                outputs = model._forward(self.params, self.x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        layers = [self._protocol_layer(record, index) for record in records]
+        first = next((i for i, la in enumerate(layers) if la.param_indices), len(layers))
+        for i in range(max(first, 1), len(records)):
+            if records[i][2] is None or records[i][2] is not records[i - 1][4]:
+                raise ValueError(
+                    f"The layer protocol walks a chain of modules, but the input of module "
+                    f"{records[i][0]!r} is not the output of the module before it "
+                    f"({records[i - 1][0]!r}): the forward pass combines tensors outside "
+                    "modules (a residual connection, a functional call). Use "
+                    "HessianLinearOperator or KFACLinearOperator for this model."
+                )
+        if records and first < len(records) and outputs is not records[-1][4]:
+            raise ValueError(
+                "The layer protocol walks a chain of modules, but the model's output is not "
+                f"the output of its last module ({records[-1][0]!r}). Use "
+                "HessianLinearOperator or KFACLinearOperator for this model."
             )
-            for i, g in zip(used, grads, strict=True)
+        return layers
+
+    def _protocol_layer(self, record, index):
+        """The layer protocol for one leaf module: its native equivalent, bound to its input."""
+        name, module, _, value, _ = record
+        prefix = f"{name}." if name else ""
+        own = [(n, p) for n, p in module.named_parameters(recurse=False)]
+        aligned = [index.get(prefix + n) for n, _ in own]
+        layer = None if value is None else _native_layer(module)
+        if layer is None:
+            return LinearizedLayer(
+                name,
+                tuple(i for i in aligned if i is not None),
+                description=f"torch.nn.{type(module).__name__} (a module the PyTorch "
+                "frontend has no layer-protocol rules for)",
+            )
+        values = [
+            p.detach() if i is None else self.params[i]
+            for (_, p), i in zip(own, aligned, strict=True)
         ]
+        return layer.linearized(
+            values, {"input": value}, array_namespace(value), name=name, param_indices=aligned
+        )
 
 
 def _refuse_batch_norm(module):
@@ -456,18 +572,58 @@ def _fixed_tensors(module, param_names):
     yield from module.named_buffers()
 
 
-def _linear_layers(module, param_names):
-    """``(name, layer, weight_index, bias_index)`` of each Linear with a trainable weight."""
+def _native_layer(module):
+    """The ``curvlinops.nn`` layer computing what ``module`` computes, or None."""
+    make = _NATIVE_EQUIVALENTS.get(type(module))
+    if make is None and isinstance(module, torch.nn.Linear):  # subclasses of Linear
+        make = _NATIVE_EQUIVALENTS[torch.nn.Linear]
+    return None if make is None else make(module)
+
+
+def _tapped_layers(module, param_names):
+    """``(name, module, weight_index, bias_index, native layer)`` of each tapped module.
+
+    A module is tapped when its native equivalent has a tap (a weight that multiplies
+    its inputs, e.g. ``Linear``) and its weight is among the trainable parameters.
+    """
     index = {n: i for i, n in enumerate(param_names)}
     taps = []
     for name, layer in module.named_modules():
-        if not isinstance(layer, torch.nn.Linear):
+        equivalent = _native_layer(layer)
+        if equivalent is None or not equivalent.has_tap:
             continue
         prefix = f"{name}." if name else ""
         if prefix + "weight" not in index:
             continue
-        taps.append((name, layer, index[prefix + "weight"], index.get(prefix + "bias")))
+        weight, bias = index[prefix + "weight"], index.get(prefix + "bias")
+        taps.append((name, layer, weight, bias, equivalent))
     return taps
+
+
+def _flatten(module):
+    if (module.start_dim, module.end_dim) != (1, -1):
+        return None  # only the default flattens every axis after the batch axis
+    return native.Flatten()
+
+
+#: torch module type -> builder of the ``curvlinops.nn`` layer computing the same function
+#: (or None where the module's settings have no native equivalent). One entry per layer
+#: type: this is the PyTorch frontend's part of adding a layer type to the protocol.
+_NATIVE_EQUIVALENTS = {
+    torch.nn.Linear: lambda m: native.Linear(
+        m.in_features, m.out_features, bias=m.bias is not None
+    ),
+    torch.nn.ReLU: lambda m: native.ReLU(),
+    torch.nn.LeakyReLU: lambda m: native.LeakyReLU(m.negative_slope),
+    torch.nn.Tanh: lambda m: native.Tanh(),
+    torch.nn.Sigmoid: lambda m: native.Sigmoid(),
+    torch.nn.Softplus: lambda m: native.Softplus(m.beta, m.threshold),
+    torch.nn.GELU: lambda m: native.GELU(m.approximate),
+    torch.nn.ELU: lambda m: native.ELU(m.alpha),
+    torch.nn.Identity: lambda m: native.Identity(),
+    torch.nn.Flatten: _flatten,
+    **{t: (lambda m: native.Identity()) for t in _DROPOUT_TYPES},  # evaluation mode only
+}
 
 
 # -- losses ---------------------------------------------------------------------------

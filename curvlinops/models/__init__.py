@@ -1,12 +1,14 @@
-"""Model layer: the model protocol and the flat-parameter helpers.
+"""Model layer: the model protocol, the layer protocol and the flat-parameter helpers.
 
 See DESIGN.md, layer 4, "The model protocol". May import ``curvlinops._backend``,
 ``curvlinops.linalg`` and ``curvlinops.solvers``.
 """
 
 from .adapters import as_model, register_model_adapter
+from .layers import LinearizedLayer, MissingLayerRuleError
 from .params import check_params, flatten_params, num_params, param_shapes, unflatten_params
 from .protocol import (
+    Capability,
     LayerTap,
     Linearization,
     MissingTierError,
@@ -16,8 +18,11 @@ from .protocol import (
 )
 
 __all__ = [
+    "Capability",
     "LayerTap",
     "Linearization",
+    "LinearizedLayer",
+    "MissingLayerRuleError",
     "MissingTierError",
     "Model",
     "Tier",

@@ -13,12 +13,19 @@ arrays. A model offers up to three tiers (DESIGN.md):
 - Tier 3 (:attr:`Tier.LAYER_TAPS`): :meth:`Linearization.layer_taps`, for each
   supported layer its inputs and the gradients of its outputs that a batch of output
   cotangents produces (K-FAC, exact diagonals, per-layer blocks).
+- The layer protocol (:attr:`Capability.LAYER_PROTOCOL`, a capability of its own):
+  :meth:`Linearization.layers`, the model's layers in forward order, each a
+  :class:`~curvlinops.models.LinearizedLayer` that says how gradients and curvature
+  factors move backwards through it (Hessian diagonal, Kronecker-factored Hessian;
+  see :mod:`curvlinops.models.layers`). Models that are a chain of known layers
+  (``curvlinops.nn``, the PyTorch frontend) offer it; a JAX function or hand-written
+  callables do not.
 
 Implementations subclass :class:`Model` and :class:`Linearization` and implement the
 underscore methods on batched (trailing-``K``) arrays; the public methods add and
 remove the ``K`` axis, so every implementation has one code path.
 
-May import: ``curvlinops._backend``, ``.params``.
+May import: ``curvlinops._backend``, ``.params``. (:mod:`.layers` imports this module.)
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from .params import check_params, param_shapes
 
 __all__ = [
     "Tier",
+    "Capability",
     "Model",
     "Linearization",
     "LayerTap",
@@ -44,6 +52,49 @@ class Tier(enum.IntEnum):
     FIRST_ORDER = 1
     SECOND_ORDER = 2
     LAYER_TAPS = 3
+
+
+class Capability(enum.IntEnum):
+    """What a model can offer beyond the three tiers; listed in ``Model.tiers`` too.
+
+    ``LAYER_PROTOCOL`` (4): the model's layers with their backward rules,
+    :meth:`Linearization.layers` (the Hessian diagonal and the Kronecker-factored
+    Hessian need it). It is not a member of :class:`Tier`, so ``frozenset(Tier)`` keeps
+    meaning "tiers 1 to 3", and it is not implied by them: a model with hand-written
+    layer taps need not know its layers' rules.
+
+    Examples
+    --------
+    >>> int(Capability.LAYER_PROTOCOL), Capability.LAYER_PROTOCOL in frozenset(Tier)
+    (4, False)
+    """
+
+    LAYER_PROTOCOL = 4
+
+
+def as_requirement(value):
+    """A :class:`Tier` or :class:`Capability` from itself or its number.
+
+    Examples
+    --------
+    >>> as_requirement(2), as_requirement(4)
+    (<Tier.SECOND_ORDER: 2>, <Capability.LAYER_PROTOCOL: 4>)
+    """
+    if isinstance(value, (Tier, Capability)):
+        return value
+    return Capability(value) if int(value) in Capability._value2member_map_ else Tier(value)
+
+
+def _describe(requirement) -> str:
+    if isinstance(requirement, Capability):
+        return "the layer protocol"
+    return f"tier {int(requirement)} ({requirement.name.lower().replace('_', ' ')}) derivatives"
+
+
+_TIER_HINTS = {
+    4: " The layer protocol (Linearization.layers()) is offered by models that are a chain "
+    "of known layers: curvlinops.nn models and curvlinops.frontends.torch.TorchModel.",
+}
 
 
 class MissingTierError(NotImplementedError):
@@ -68,6 +119,20 @@ class LayerTap:
         Gradients of ``sum_{n,c} u_{n,c,m} f_{n,c}`` with respect to the layer's
         outputs, for each of the ``M`` cotangents: ``(N, D_out, M)`` or
         ``(N, S, D_out, M)``. None when the tap was taken without cotangents.
+    matrix_shape : tuple of int or None
+        ``(D_out, D_in)``: the weight, reshaped in C order, as the matrix that
+        multiplies the inputs' last axis (for a ``Linear`` layer its own shape; for a
+        convolution ``(C_out, C_in * kh * kw)``). The bias, if any, has ``D_out``
+        entries and joins the matrix as a last column ``[W | b]``. None when the model
+        does not say (taps written by hand): then the weight itself is
+        ``(D_out, D_in)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> tap = LayerTap("0", 0, 1, np.ones((5, 3)), matrix_shape=(2, 3))
+    >>> tap.matrix_shape, tap.output_grads is None
+    ((2, 3), True)
     """
 
     name: str
@@ -75,6 +140,7 @@ class LayerTap:
     bias_index: int | None
     inputs: object
     output_grads: object = None
+    matrix_shape: tuple | None = None
 
 
 class TraceableLinearMap:
@@ -202,6 +268,29 @@ class Linearization:
             cotangents = cotangents[..., None]
         return self._layer_taps(cotangents)
 
+    def layers(self):
+        """The model's layers in forward order, each a :class:`~curvlinops.models.LinearizedLayer`.
+
+        The layer protocol (:attr:`Capability.LAYER_PROTOCOL`): what the Hessian diagonal and
+        the Kronecker-factored Hessian walk backwards. See :mod:`curvlinops.models.layers`.
+
+        Raises
+        ------
+        MissingTierError
+            If the model does not offer the layer protocol.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops import nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> lin = model.linearize(model.init(0, xp=xp), xp.ones((5, 3)))
+        >>> [(layer.name, layer.tap() is not None) for layer in lin.layers()]
+        [('0', True), ('1', False), ('2', True)]
+        """
+        self.model.require(Capability.LAYER_PROTOCOL, "layers() (backpropagated curvature)")
+        return self._layers()
+
     # -- what implementations provide (all arrays carry the trailing K axis) ---------
 
     def _jvp(self, tangents):
@@ -214,6 +303,9 @@ class Linearization:
         raise NotImplementedError
 
     def _layer_taps(self, cotangents):
+        raise NotImplementedError
+
+    def _layers(self):
         raise NotImplementedError
 
     # -- shape handling ---------------------------------------------------------------
@@ -255,8 +347,9 @@ class Model:
 
     Attributes
     ----------
-    tiers : frozenset of Tier
-        The tiers this model offers.
+    tiers : frozenset of Tier and Capability
+        The tiers (and capabilities, e.g. :attr:`Capability.LAYER_PROTOCOL`) this model
+        offers.
     name : str
         Name used in error messages.
     """
@@ -286,16 +379,16 @@ class Model:
         """Shapes the parameters must have, or None if the model does not know them."""
         return None
 
-    def has_tier(self, tier: Tier) -> bool:
-        """Whether the model offers ``tier``."""
-        return Tier(tier) in self.tiers
+    def has_tier(self, tier) -> bool:
+        """Whether the model offers ``tier`` (a :class:`Tier` or :class:`Capability`)."""
+        return as_requirement(tier) in self.tiers
 
-    def require(self, tier: Tier, purpose: str) -> None:
+    def require(self, tier, purpose: str) -> None:
         """Raise :class:`MissingTierError` naming the tier, the model and the purpose."""
         if not self.has_tier(tier):
-            tier = Tier(tier)
+            tier = as_requirement(tier)
             raise MissingTierError(
-                f"{purpose} needs tier {int(tier)} ({tier.name.lower().replace('_', ' ')}) "
-                f"derivatives, which the model {self.name} does not offer (it offers tiers "
-                f"{sorted(int(t) for t in self.tiers)})."
+                f"{purpose} needs {_describe(tier)}, which the model {self.name} does not "
+                f"offer (it offers tiers {sorted(int(t) for t in self.tiers)})."
+                f"{_TIER_HINTS.get(int(tier), '')}"
             )

@@ -1,9 +1,10 @@
-"""curvlinops.nn: array-API layers with hand-derived derivatives (all three tiers).
+"""curvlinops.nn: array-API layers with hand-derived derivatives (every tier).
 
 Every layer and container here is a curvlinops :class:`~curvlinops.models.Model`: it
 draws initial parameters (:meth:`Module.init`), evaluates ``model(params, x)`` and
 linearizes itself (:meth:`Module.linearize`) for Jacobian products, Hessian
-(second-order) products and layer taps, on NumPy, CuPy, PyTorch, JAX or
+(second-order) products, layer taps and the layer protocol (each layer's backward rules
+for curvature, :mod:`curvlinops.models.layers`), on NumPy, CuPy, PyTorch, JAX or
 array-api-strict arrays, with no autodiff framework.
 
 May import: curvlinops._backend, curvlinops.linalg, curvlinops.models.
@@ -21,7 +22,7 @@ Examples
 
 from .activations import ELU, GELU, Elementwise, LeakyReLU, ReLU, Sigmoid, Softplus, Tanh
 from .linear import Linear
-from .linearization import NativeLinearization
+from .linearization import LinearizedNativeLayer, NativeLinearization
 from .module import Layer, Module
 from .sequential import Sequential
 from .shape import Flatten, Identity
@@ -35,6 +36,7 @@ __all__ = [
     "Layer",
     "LeakyReLU",
     "Linear",
+    "LinearizedNativeLayer",
     "Module",
     "NativeLinearization",
     "ReLU",

@@ -5,6 +5,8 @@ zero almost everywhere: ReLU, LeakyReLU). A linearization caches ``phi'(s)`` and
 ``phi''(s)`` of the forward pre-activations ``s`` the first time a product needs them.
 Formulas are written to avoid overflow (no ``exp`` of large positive arguments).
 Derivatives at kinks follow PyTorch (``ReLU'(0) = 0``, ``ELU'(0) = alpha``).
+Their layer protocol: ``H_s = diag(phi') H_a diag(phi') + diag(phi'' * g_a)`` per datum,
+and ``H_s = H_a * mean(phi' phi'^T) + diag(sum phi'' * g_a)`` averaged over the data.
 
 May import: ``curvlinops._backend``, ``.module``.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from .._backend import erf
+from .._backend import device, diag_matrix, erf
 from .module import Layer
 
 __all__ = ["Elementwise", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softplus", "GELU", "ELU"]
@@ -90,6 +92,44 @@ class Elementwise(Layer):
             curvature = d2 * ta * g
             rg_in = curvature if rg_in is None else rg_in + curvature
         return [], self._times_d1(state, g, xp), rg_in
+
+    # -- the layer protocol ------------------------------------------------------------
+
+    def backward_curvature(self, params, state, H, g, xp):
+        s = state["input"]
+        N = s.shape[0]
+        d1 = xp.reshape(self.first_derivative(s, xp), (N, -1))
+        H = d1[:, :, None] * H * d1[:, None, :]
+        d2 = self.second_derivative(s, xp)
+        if d2 is not None:
+            # the activation's curvature: diag(phi'' * g) for each datum
+            eye = xp.eye(H.shape[-1], dtype=H.dtype, device=device(H))
+            H = H + eye[None, :, :] * xp.reshape(d2 * g, (N, 1, -1))
+        return H
+
+    def curvature_statistics(self, params, state, g, statistics, xp):
+        s = state["input"]
+        D = s.shape[-1]
+        rows = xp.reshape(self.first_derivative(s, xp), (-1, D))
+        outer = xp.matrix_transpose(rows) @ rows
+        count = rows.shape[0]
+        d2 = self.second_derivative(s, xp)
+        second = None if d2 is None else xp.sum(xp.reshape(d2 * g, (-1, D)), axis=0)
+        if statistics is not None:
+            old_outer, old_count, old_second = statistics
+            outer, count = old_outer + outer, old_count + count
+            second = old_second if second is None else second + old_second
+        return outer, count, second
+
+    def backward_mean_curvature(self, params, H, statistics, xp):
+        if statistics is None:
+            raise NotImplementedError(
+                "the batch-averaged curvature rule without statistics",
+                " (pass what curvature_statistics accumulated over the data)",
+            )
+        outer, count, second = statistics
+        H = H * (outer / count)
+        return H if second is None else H + diag_matrix(second, xp)
 
 
 class ReLU(Elementwise):

@@ -3,6 +3,9 @@
 For ``s = a W^T + b`` with inputs ``a`` of shape ``(N, ..., D_in)`` every rule is one
 matrix product of the flattened batch (all leading axes and the ``K`` vectors at once)
 with ``W`` or with a reshaped tangent; see :mod:`curvlinops.nn.module` for the layout.
+Its layer protocol: the tap (inputs ``(N, S..., D_in)``, ``matrix_shape = (D_out, D_in)``)
+and ``H_a = W^T H_s W``, averaged and per datum (with shared axes for every pair of
+positions).
 
 May import: ``curvlinops._backend``, ``.module``.
 """
@@ -43,6 +46,8 @@ class Linear(Layer):
     >>> layer([w, b], xp.ones((4, 3, 2))).shape
     (4, 3, 1)
     """
+
+    has_tap = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         for what, value in (("in_features", in_features), ("out_features", out_features)):
@@ -145,6 +150,32 @@ class Linear(Layer):
         if rg is not None:
             rg_in = rg_in + xp.reshape(_rows(rg, d_out, xp) @ W, lead + (K, d_in))
         return rgrads, g_in, rg_in
+
+    # -- the layer protocol ------------------------------------------------------------
+
+    def tap(self, state, output_grads=None, xp=None):
+        grads = None
+        if output_grads is not None:
+            n = output_grads.ndim
+            axes = tuple(range(n - 2)) + (n - 1, n - 2)
+            grads = xp.permute_dims(output_grads, axes)
+        return state["input"], grads, (self.out_features, self.in_features)
+
+    def backward_curvature(self, params, state, H, g, xp):
+        a, W = state["input"], params[0]
+        if a.ndim == 2:
+            return xp.matrix_transpose(W) @ H @ W
+        # Shared axes S: H is over a datum's S * D_out outputs, (N, S D_out, S D_out);
+        # H_a[(s, i), (t, j)] = sum_ab W_ai H[(s, a), (t, b)] W_bj for every pair (s, t).
+        N, S = a.shape[0], math.prod(a.shape[1:-1])
+        d_in, d_out = self.in_features, self.out_features
+        blocks = xp.permute_dims(xp.reshape(H, (N, S, d_out, S, d_out)), (0, 1, 3, 2, 4))
+        blocks = xp.matrix_transpose(W) @ blocks @ W  # (N, S, S, D_in, D_in)
+        return xp.reshape(xp.permute_dims(blocks, (0, 1, 3, 2, 4)), (N, S * d_in, S * d_in))
+
+    def backward_mean_curvature(self, params, H, statistics, xp):
+        W = params[0]
+        return xp.matrix_transpose(W) @ H @ W
 
 
 def _rows(a, width, xp):

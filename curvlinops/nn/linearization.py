@@ -7,22 +7,129 @@ and lazily the activations' derivatives) and walks the chain of layers:
 - ``vjp``: one backward pass (``~2`` per Linear layer);
 - ``second_order_vjp``: Pearlmutter's R-operator on the backward pass, one
   forward-tangent pass and one backward pass propagating ``g`` and ``R g``;
-- ``layer_taps``: one backward pass recording each Linear layer's output gradients.
+- ``layer_taps``: one backward pass recording the output gradients of each layer that
+  has a tap (:meth:`~curvlinops.nn.Layer.tap`);
+- ``layers``: the layer protocol, each layer bound to the forward pass as a
+  :class:`LinearizedNativeLayer`.
 
 All ``K`` vectors of a batch go through each product together (see
 :mod:`curvlinops.nn.module` for the internal layout); the protocol's trailing-``K``
-layout is converted to and from at the model's boundary only.
+layout is converted to and from at the model's boundary only. Nothing here asks what
+class a layer is: layers are used through the methods of :class:`~curvlinops.nn.Layer`.
 
-May import: ``curvlinops._backend``, ``curvlinops.models``, ``.module``, ``.linear``.
+May import: ``curvlinops._backend``, ``curvlinops.models`` (not the layer modules:
+``.module`` imports this one).
 """
 
 from __future__ import annotations
 
 from .._backend import assert_same_namespace, device
-from ..models import LayerTap, Linearization
-from .linear import Linear
+from ..models import LayerTap, Linearization, LinearizedLayer
 
-__all__ = ["NativeLinearization"]
+__all__ = ["NativeLinearization", "LinearizedNativeLayer"]
+
+
+class LinearizedNativeLayer(LinearizedLayer):
+    """A :class:`curvlinops.nn.Layer` bound to a forward pass (the layer protocol).
+
+    Obtained from :meth:`Layer.linearized <curvlinops.nn.Layer.linearized>` or
+    :meth:`NativeLinearization.layers`; the PyTorch frontend binds the native layer
+    equivalent to each torch module the same way, so both share one set of rules.
+
+    Parameters
+    ----------
+    name : str
+        The layer's name in the model.
+    layer : curvlinops.nn.Layer
+        The layer.
+    params : list of arrays
+        The layer's parameters.
+    state : dict
+        ``{"input": the layer's input}`` and what the layer caches.
+    xp : namespace
+        The arrays' namespace.
+    param_indices : sequence of int or None
+        For each of the layer's parameters its position in the model's parameter list,
+        or None for a constant of the model.
+
+    Examples
+    --------
+    >>> import array_api_compat.numpy as xp
+    >>> from curvlinops.nn import Linear, Sequential, Tanh
+    >>> model = Sequential(Linear(3, 4), Tanh(), Linear(4, 2))
+    >>> lin = model.linearize(model.init(0, xp=xp, dtype=xp.float64), xp.ones((5, 3)))
+    >>> [(layer.name, layer.param_indices) for layer in lin.layers()]
+    [('0', (0, 1)), ('1', ()), ('2', (2, 3))]
+    >>> lin.layers()[2].backward_gradient(xp.ones((5, 2))).shape
+    (5, 4)
+    """
+
+    def __init__(self, name, layer, params, state, xp, param_indices):
+        aligned = tuple(param_indices)
+        super().__init__(name, tuple(i for i in aligned if i is not None), description=repr(layer))
+        self.layer, self.params, self.state, self.xp = layer, params, state, xp
+        self._aligned = aligned
+
+    def tap(self, output_grads=None):
+        """The layer's tap; ``output_grads`` (optional) in the layer's internal layout."""
+        return _tap(self.name, self.layer, self.state, self.xp, self._aligned, output_grads)
+
+    def backward_gradient(self, g):
+        xp = self.xp
+        _, g_in = self.layer.backward(
+            self.params, self.state, xp.expand_dims(g, axis=-2), xp, need_params=False
+        )
+        return g_in[..., 0, :]
+
+    def backward_curvature(self, H, g):
+        return self._rule(
+            "the per-datum curvature rule",
+            self.layer.backward_curvature,
+            self.params,
+            self.state,
+            H,
+            g,
+            self.xp,
+        )
+
+    def curvature_statistics(self, g, statistics=None):
+        return self._rule(
+            "the batch-averaged curvature rule",
+            self.layer.curvature_statistics,
+            self.params,
+            self.state,
+            g,
+            statistics,
+            self.xp,
+        )
+
+    def backward_mean_curvature(self, H, statistics):
+        return self._rule(
+            "the batch-averaged curvature rule",
+            self.layer.backward_mean_curvature,
+            self.params,
+            H,
+            statistics,
+            self.xp,
+        )
+
+    def _rule(self, rule, method, *args):
+        """Call a rule of the layer; its NotImplementedError becomes MissingLayerRuleError."""
+        try:
+            return method(*args)
+        except NotImplementedError as error:
+            # the layer's reason, ("rule", " (detail)"), or the rule's name alone
+            raise self.missing(*(error.args[:2] or (rule,))) from None
+
+
+def _tap(name, layer, state, xp, aligned, output_grads):
+    """The :class:`LayerTap` of a layer (None if it has none or its weight is a constant)."""
+    weight = aligned[0] if aligned else None
+    if weight is None or not layer.has_tap:
+        return None
+    inputs, grads, matrix_shape = layer.tap(state, output_grads, xp)
+    bias = aligned[1] if len(aligned) > 1 else None
+    return LayerTap(name, weight, bias, inputs, grads, tuple(matrix_shape))
 
 
 class NativeLinearization(Linearization):
@@ -45,16 +152,17 @@ class NativeLinearization(Linearization):
         super().__init__(model, params, x, outputs)
         self.xp = xp
         self._states = states
-        self._layers = []
+        self._chain = []
         start = 0
         for (name, layer), state in zip(model.chain(), states, strict=True):
             n = len(layer.param_shapes())
-            self._layers.append((name, layer, slice(start, start + n), state))
+            self._chain.append((name, layer, slice(start, start + n), state))
             start += n
         # Layers before the first one with parameters see no tangents and need no
         # cotangents: products start (forward) and stop (backward) there.
-        with_params = [i for i, (_, layer, _, _) in enumerate(self._layers) if layer.param_shapes()]
-        self._first = with_params[0] if with_params else len(self._layers)
+        with_params = [i for i, (_, layer, _, _) in enumerate(self._chain) if layer.param_shapes()]
+        self._first = with_params[0] if with_params else len(self._chain)
+        self._bound = None
 
     # -- the protocol's products (trailing-K arrays in and out) --------------------------
 
@@ -67,8 +175,8 @@ class NativeLinearization(Linearization):
         self._check_namespace([cotangents], "cotangents")
         grads = [None] * len(self.shapes)
         g = self._to_internal(cotangents)
-        for i in range(len(self._layers) - 1, self._first - 1, -1):
-            _, layer, where, state = self._layers[i]
+        for i in range(len(self._chain) - 1, self._first - 1, -1):
+            _, layer, where, state = self._chain[i]
             layer_grads, g = layer.backward(
                 self.params[where], state, g, self.xp, need_input=i > self._first
             )
@@ -99,8 +207,8 @@ class NativeLinearization(Linearization):
             rg = self._to_internal(w)
         grads = [None] * len(self.shapes)
         g = xp.expand_dims(cotangent, axis=-2)
-        for i in range(len(self._layers) - 1, self._first - 1, -1):
-            _, layer, where, state = self._layers[i]
+        for i in range(len(self._chain) - 1, self._first - 1, -1):
+            _, layer, where, state = self._chain[i]
             layer_grads, g, rg = layer.r_backward(
                 self.params[where],
                 tangents[where],
@@ -115,11 +223,7 @@ class NativeLinearization(Linearization):
         return grads
 
     def _layer_taps(self, cotangents):
-        linear = [
-            (i, name, where)
-            for i, (name, layer, where, _) in enumerate(self._layers)
-            if isinstance(layer, Linear)
-        ]
+        tapped = [i for i, (_, layer, _, _) in enumerate(self._chain) if layer.has_tap]
         output_grads = {}
         if cotangents is not None:
             self._check_namespace([cotangents], "cotangents")
@@ -129,31 +233,42 @@ class NativeLinearization(Linearization):
                     f"{tuple(cotangents.shape)}."
                 )
             g = self._to_internal(cotangents)
-            for i in range(len(self._layers) - 1, self._first - 1, -1):
-                _, layer, where, state = self._layers[i]
-                if isinstance(layer, Linear):
-                    output_grads[i] = _swap_last_axes(g, self.xp)
+            recorded = set(tapped)
+            for i in range(len(self._chain) - 1, self._first - 1, -1):
+                _, layer, where, state = self._chain[i]
+                if i in recorded:
+                    output_grads[i] = g
                 if i > self._first:
                     _, g = layer.backward(self.params[where], state, g, self.xp, need_params=False)
-        return [
-            LayerTap(
-                name=name,
-                weight_index=where.start,
-                bias_index=where.start + 1 if where.stop - where.start > 1 else None,
-                inputs=self._layers[i][3]["input"],
-                output_grads=output_grads.get(i),
-            )
-            for i, name, where in linear
-        ]
+        taps = []
+        for i in tapped:
+            name, layer, where, state = self._chain[i]
+            indices = range(where.start, where.stop)
+            taps.append(_tap(name, layer, state, self.xp, indices, output_grads.get(i)))
+        return taps
+
+    def _layers(self):
+        if self._bound is None:
+            self._bound = [
+                layer.linearized(
+                    self.params[where],
+                    state,
+                    self.xp,
+                    name=name,
+                    param_indices=range(where.start, where.stop),
+                )
+                for name, layer, where, state in self._chain
+            ]
+        return list(self._bound)
 
     # -- helpers -------------------------------------------------------------------------
 
     def _forward_tangents(self, tangents, *, keep):
         """Push tangents through the chain; return (input tangents per layer, output tangent)."""
-        inputs_tangents = [None] * len(self._layers)
+        inputs_tangents = [None] * len(self._chain)
         t = None
-        for i in range(self._first, len(self._layers)):
-            _, layer, where, state = self._layers[i]
+        for i in range(self._first, len(self._chain)):
+            _, layer, where, state = self._chain[i]
             if keep and layer.r_backward_uses_input_tangent:
                 inputs_tangents[i] = t
             t = layer.tangent(self.params[where], tangents[where], state, t, self.xp)

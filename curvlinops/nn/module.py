@@ -13,7 +13,14 @@ weight matrix in one matrix product, and the weight terms (``a @ dW^T`` for K ta
 arrays. :mod:`curvlinops.nn.linearization` converts to and from the protocol's
 trailing-``K`` layout at the model's boundary only.
 
-May import: ``curvlinops._backend``, ``curvlinops.models``.
+Every :class:`Layer` also implements the layer protocol (:mod:`curvlinops.models.layers`)
+in the protocol layout: :meth:`Layer.tap`, :meth:`Layer.backward_curvature`,
+:meth:`Layer.curvature_statistics` and :meth:`Layer.backward_mean_curvature`;
+:meth:`Layer.linearized` binds a layer to a forward pass as a
+:class:`~curvlinops.models.LinearizedLayer` (native models and the PyTorch frontend
+share these rules).
+
+May import: ``curvlinops._backend``, ``curvlinops.models``, ``.linearization``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from .._backend import (
     dtype_name,
     namespace_name,
 )
-from ..models import Model, Tier
+from ..models import Capability, Model, Tier
+from .linearization import LinearizedNativeLayer, NativeLinearization
 
 __all__ = ["Module", "Layer"]
 
@@ -50,7 +58,7 @@ class Module(Model):
     (5, 2)
     """
 
-    tiers = frozenset({Tier.FIRST_ORDER, Tier.SECOND_ORDER, Tier.LAYER_TAPS})
+    tiers = frozenset(Tier) | {Capability.LAYER_PROTOCOL}
 
     def chain(self) -> list[tuple[str, Layer]]:
         """The primitive layers in forward order, each with its name (``"2"``, ``"1.0"``)."""
@@ -140,8 +148,6 @@ class Module(Model):
         >>> lin.outputs.shape, [g.shape for g in lin.vjp(xp.ones((4, 2, 5)))]
         ((4, 2), [(2, 3, 5), (2, 5)])
         """
-        from .linearization import NativeLinearization
-
         xp, params, x = self.prepare(params, x)
         states = []
         a = x
@@ -227,6 +233,15 @@ class Layer(Module):
     where it does not (layers that only move data, piecewise-linear activations),
     a second-order product passes None and frees the tangent early.
 
+    The layer protocol (:mod:`curvlinops.models.layers`): :meth:`tap` (with
+    ``has_tap = True``) for a layer whose weight multiplies its inputs, and the
+    curvature rules :meth:`backward_curvature`, :meth:`curvature_statistics` and
+    :meth:`backward_mean_curvature`, in the protocol layout (no ``K`` axis). A layer
+    that leaves a rule out makes the operators that need it raise
+    :class:`~curvlinops.models.MissingLayerRuleError` naming the layer. A new layer
+    type is one such subclass in its own file, plus one entry in each frontend's
+    mapping of framework layers to native ones.
+
     Examples
     --------
     >>> from curvlinops.nn import Tanh
@@ -235,6 +250,8 @@ class Layer(Module):
     """
 
     r_backward_uses_input_tangent = True
+    #: whether :meth:`tap` gives a tap (a weight that multiplies the inputs)
+    has_tap = False
 
     def chain(self):
         return [(self.name, self)]
@@ -276,6 +293,108 @@ class Layer(Module):
         the protocol layout, g of the input, R g of the input)``.
         """
         raise NotImplementedError
+
+    # -- the layer protocol (curvlinops.models.layers), in the protocol layout ---------
+
+    def tap(self, state, output_grads=None, xp=None):
+        """``(inputs, output gradients, matrix shape)`` if the layer's weight multiplies its inputs.
+
+        None (the default) for layers without such a weight. ``output_grads`` are the
+        gradients of the layer's outputs in the internal layout ``(N, ..., M, D_out)``
+        (or None); the result has inputs ``(N, S..., D_in)``, output gradients
+        ``(N, S..., D_out, M)`` (or None) and ``(D_out, D_in)``.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import Linear, Tanh
+        >>> Tanh().tap({"input": xp.ones((2, 3))}) is None
+        True
+        >>> inputs, grads, shape = Linear(3, 4).tap({"input": xp.ones((2, 3))})
+        >>> inputs.shape, grads, shape
+        ((2, 3), None, (4, 3))
+        """
+        return None
+
+    def backward_curvature(self, params, state, H, g, xp):
+        """Per-datum Hessian of the inputs ``(N, F_in, F_in)`` from that of the outputs.
+
+        ``H`` is ``(N, F_out, F_out)`` over each datum's output entries in C order.
+
+        ``g`` is the gradient with respect to the outputs (their shape). Raises
+        NotImplementedError (with the reason) where the layer has no such rule.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import Tanh
+        >>> s = xp.asarray([[0.0, 1.0]])
+        >>> H = Tanh().backward_curvature([], {"input": s}, xp.ones((1, 2, 2)), 0 * s, xp)
+        >>> [[round(float(h), 4) for h in row] for row in H[0]]
+        [[1.0, 0.42], [0.42, 0.1764]]
+        """
+        raise NotImplementedError("the per-datum curvature rule")
+
+    def curvature_statistics(self, params, state, g, statistics, xp):
+        """Add one batch to the sums :meth:`backward_mean_curvature` needs (default: none).
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import Identity
+        >>> g = xp.ones((2, 3))
+        >>> Identity().curvature_statistics([], {"input": g}, g, None, xp) is None
+        True
+        """
+        return None
+
+    def backward_mean_curvature(self, params, H, statistics, xp):
+        """Averaged factor of the inputs ``(D_in, D_in)`` from the outputs' ``(D_out, D_out)``.
+
+        Raises NotImplementedError (with the reason) where the layer has no such rule.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import Linear
+        >>> W = xp.asarray([[1.0, 2.0]])
+        >>> Linear(2, 1, bias=False).backward_mean_curvature([W], xp.ones((1, 1)), None, xp)
+        array([[1., 2.],
+               [2., 4.]])
+        """
+        raise NotImplementedError("the batch-averaged curvature rule")
+
+    def linearized(self, params, state, xp, *, name=None, param_indices=None):
+        """This layer bound to a forward pass: a :class:`~curvlinops.models.LinearizedLayer`.
+
+        Parameters
+        ----------
+        params : list of arrays
+            The layer's own parameters (constants of the model included).
+        state : dict
+            ``{"input": the layer's input}``, plus what the layer caches.
+        xp : namespace
+            The arrays' namespace.
+        name : str, optional
+            The layer's name in the model (default its class name).
+        param_indices : sequence of int or None, optional
+            For each of the layer's parameters its position in the model's parameter
+            list, or None for a constant (default ``0, 1, ...``).
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import Linear
+        >>> layer = Linear(3, 2)
+        >>> bound = layer.linearized(layer.init(0, xp=xp), {"input": xp.ones((4, 3))}, xp)
+        >>> bound.param_indices, bound.tap().matrix_shape
+        ((0, 1), (2, 3))
+        """
+        if param_indices is None:
+            param_indices = tuple(range(len(self.param_shapes())))
+        return LinearizedNativeLayer(
+            self.name if name is None else name, self, list(params), state, xp, param_indices
+        )
 
     def __repr__(self) -> str:
         return f"{self.name}()"

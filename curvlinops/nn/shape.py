@@ -1,5 +1,9 @@
 """Parameter-free layers that only move data: :class:`Identity` and :class:`Flatten`.
 
+Their layer protocol passes curvature factors through unchanged (a per-datum factor is
+over a datum's entries flattened in C order, which flattening does not change); the
+batch-averaged factor of :class:`Flatten` is defined for inputs ``(N, D)`` only.
+
 May import: ``curvlinops._backend``, ``.module``.
 """
 
@@ -35,6 +39,12 @@ class Identity(Layer):
 
     def r_backward(self, params, dparams, state, ta, g, rg, xp, *, need_input=True):
         return [], g, rg
+
+    def backward_curvature(self, params, state, H, g, xp):
+        return H
+
+    def backward_mean_curvature(self, params, H, statistics, xp):
+        return H
 
 
 class Flatten(Layer):
@@ -79,6 +89,22 @@ class Flatten(Layer):
         a = state["input"]
         rg_in = None if rg is None else self._unflatten(a, rg, xp)
         return [], self._unflatten(a, g, xp), rg_in
+
+    def backward_curvature(self, params, state, H, g, xp):
+        return H
+
+    def curvature_statistics(self, params, state, g, statistics, xp):
+        a = state["input"]
+        if a.ndim != 2:
+            raise NotImplementedError(
+                "the batch-averaged curvature rule for inputs with shared axes (N, S..., D)",
+                f" (it sees inputs of shape {tuple(a.shape)}: the items before and after "
+                "flattening differ)",
+            )
+        return None
+
+    def backward_mean_curvature(self, params, H, statistics, xp):
+        return H
 
     @staticmethod
     def _unflatten(a, g, xp):

@@ -7,7 +7,14 @@ Every check returns a :class:`VerificationReport` (``print`` it, or call
 May import: every other layer of curvlinops.
 """
 
-from .model_checks import check_jvp, check_layer_taps, check_second_order, check_vjp, verify_model
+from .model_checks import (
+    check_jvp,
+    check_layer_protocol,
+    check_layer_taps,
+    check_second_order,
+    check_vjp,
+    verify_model,
+)
 from .operator_checks import check_adjoint, check_psd, check_symmetric
 from .report import VerificationError, VerificationReport
 
@@ -16,6 +23,7 @@ __all__ = [
     "VerificationReport",
     "check_adjoint",
     "check_jvp",
+    "check_layer_protocol",
     "check_layer_taps",
     "check_psd",
     "check_second_order",

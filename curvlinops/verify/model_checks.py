@@ -4,7 +4,8 @@ For anything that speaks the model protocol (:class:`curvlinops.Model`): the
 Jacobian-vector product against central finite differences, the vector-Jacobian
 product by the dot-product test, the second-order product against finite
 differences of the vector-Jacobian product, the layer taps against the weight
-gradients they imply, and :func:`verify_model` to run all that a model offers.
+gradients they imply, the layer protocol's backward rules against the vector-Jacobian
+and second-order products, and :func:`verify_model` to run all that a model offers.
 
 Finite differences use the step ``h = eps^(1/3) * max(1, |theta|) / |v|`` of the
 parameters' dtype (it balances truncation and rounding errors of central
@@ -18,7 +19,8 @@ from __future__ import annotations
 import math
 
 from .._backend import RandomGenerator, array_namespace, device, dtype_eps
-from ..models import Tier
+from ..models import Capability, Tier
+from ..models.protocol import as_requirement
 from ._common import dot_product_error, norm, relative_error
 from .report import VerificationReport
 
@@ -27,6 +29,7 @@ __all__ = [
     "check_vjp",
     "check_second_order",
     "check_layer_taps",
+    "check_layer_protocol",
     "verify_model",
 ]
 
@@ -297,11 +300,128 @@ def check_layer_taps(model, params, x, *, seed=0, rtol=None, num_probes=2):
     return VerificationReport.from_error("layer_taps", errors[worst], rtol, details)
 
 
+def check_layer_protocol(model, params, x, *, seed=0, rtol=None, num_probes=2):
+    """Check the layer protocol's backward rules against ``vjp`` and ``second_order_vjp``.
+
+    A random output gradient ``g`` walks backwards through ``lin.layers()`` with each
+    layer's ``backward_gradient``; at every layer with a tap the gradient of its
+    outputs times its inputs, ``sum_n,s g_{n,s} a_{n,s}^T`` (reshaped to the weight),
+    must equal the weight gradient of ``vjp(g)`` (and ``sum g`` the bias gradient). If
+    the model offers tier 2 and its outputs are ``(N, C)``, the per-datum curvature walk
+    (``backward_curvature``) from random symmetric output Hessians ``A_n`` must give,
+    for random tangents ``V`` of each tapped weight with inputs ``(N, D)``,
+    ``sum_n (V a_n)^T H_s,n (V a_n) = v . second_order_vjp(g, v, A J v)``, the exact
+    weight block of the Hessian of ``sum_n g_n . f_n + (J v)^T A (J v) / 2``.
+
+    Parameters
+    ----------
+    model, params, x, seed, num_probes
+        As in :func:`check_vjp`; the model must offer the layer protocol
+        (``Capability.LAYER_PROTOCOL``).
+    rtol : float, optional
+        Allowed relative error; default ``sqrt(eps)`` of the dtype.
+
+    Returns
+    -------
+    VerificationReport
+        Named ``"layer_protocol"``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import array_api_compat.numpy as xp
+    >>> from curvlinops import nn
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    >>> params = model.init(0, xp=xp, dtype=xp.float64)
+    >>> check_layer_protocol(model, params, np.ones((5, 3))).passed
+    True
+    """
+    model.require(Capability.LAYER_PROTOCOL, "check_layer_protocol")
+    xp, dtype = _namespace_and_dtype(params)
+    rtol = math.sqrt(dtype_eps(dtype)) if rtol is None else rtol
+    generator = RandomGenerator(seed, xp, device(params[0]))
+    linearization = model.linearize(params, x)
+    outputs = linearization.outputs
+    g = generator.normal(tuple(outputs.shape), outputs.dtype)
+    grads = linearization.vjp(g)
+    layers = linearization.layers()
+    first = next((i for i, la in enumerate(layers) if la.param_indices), len(layers))
+    curvature = None
+    second_order = model.has_tier(Tier.SECOND_ORDER) and outputs.ndim == 2
+    if second_order:
+        C = outputs.shape[1]
+        M = generator.normal((outputs.shape[0], C, C), outputs.dtype)
+        A = M + xp.matrix_transpose(M)
+        curvature = A
+    errors, checked_curvature = {}, 0
+    gradient = g
+    for i in range(len(layers) - 1, first - 1, -1):
+        layer = layers[i]
+        tap = layer.tap()
+        if tap is not None:
+            a = xp.reshape(tap.inputs, (-1, tap.inputs.shape[-1]))
+            rows = xp.reshape(gradient, (-1, gradient.shape[-1]))
+            weight_grad = xp.reshape(xp.matrix_transpose(rows) @ a, (-1,))
+            error = relative_error(xp, weight_grad, xp.reshape(grads[tap.weight_index], (-1,)))
+            if tap.bias_index is not None:
+                bias = xp.reshape(grads[tap.bias_index], (-1,))
+                error = max(error, relative_error(xp, xp.sum(rows, axis=0), bias))
+            if curvature is not None and tap.inputs.ndim == 2:
+                error = max(
+                    error,
+                    _curvature_error(
+                        xp, generator, linearization, tap, g, A, curvature, num_probes
+                    ),
+                )
+                checked_curvature += 1
+            errors[tap.name] = error
+        if i == first:
+            break
+        if curvature is not None:
+            try:
+                curvature = layer.backward_curvature(curvature, gradient)
+            except NotImplementedError:
+                curvature = None  # a layer without the per-datum rule: check gradients only
+        gradient = layer.backward_gradient(gradient)
+    if not errors:
+        return VerificationReport(
+            "layer_protocol", False, math.inf, rtol, "the model's layers have no taps"
+        )
+    worst = max(errors, key=errors.get)
+    details = (
+        f"backward gradients at {len(errors)} tapped layers vs vjp, per-datum curvature at "
+        f"{checked_curvature} vs second_order_vjp; worst layer {worst!r}"
+    )
+    return VerificationReport.from_error("layer_protocol", errors[worst], rtol, details)
+
+
+def _curvature_error(xp, generator, linearization, tap, g, A, H, num_probes):
+    """Relative error of ``sum_n (V a_n)^T H_n (V a_n)`` against the second-order product."""
+    d_out, d_in = tap.matrix_shape or tuple(linearization.params[tap.weight_index].shape)
+    weight = linearization.params[tap.weight_index]
+    V = generator.normal((d_out, d_in, num_probes), weight.dtype)
+    tangents = [
+        xp.zeros((*p.shape, num_probes), dtype=p.dtype, device=device(p))
+        for p in linearization.params
+    ]
+    tangents[tap.weight_index] = xp.reshape(V, (*weight.shape, num_probes))
+    result = linearization.second_order_vjp(g, tangents, lambda jv: A @ jv)
+    expected = xp.sum(
+        xp.reshape(result[tap.weight_index], (d_out * d_in, num_probes))
+        * xp.reshape(V, (d_out * d_in, num_probes)),
+        axis=0,
+    )
+    Va = xp.permute_dims(xp.tensordot(tap.inputs, V, axes=([1], [1])), (0, 2, 1))  # (N, K, out)
+    got = xp.sum(Va * xp.matrix_transpose(H @ xp.matrix_transpose(Va)), axis=(0, 2))
+    return relative_error(xp, got, expected)
+
+
 def verify_model(model, params, x, tiers=None, *, seed=0):
     """Run the checks of every tier the model offers (or of ``tiers``).
 
     Tier 1: :func:`check_jvp` and :func:`check_vjp`; tier 2:
-    :func:`check_second_order`; tier 3: :func:`check_layer_taps`.
+    :func:`check_second_order`; tier 3: :func:`check_layer_taps`; the layer protocol
+    (``Capability.LAYER_PROTOCOL``): :func:`check_layer_protocol`.
 
     Parameters
     ----------
@@ -325,7 +445,7 @@ def verify_model(model, params, x, tiers=None, *, seed=0):
     >>> [(r.name, r.passed) for r in reports]
     [('jvp', True), ('vjp', True), ('second_order_vjp', True), ('layer_taps', True)]
     """
-    tiers = set(model.tiers) if tiers is None else {Tier(t) for t in tiers}
+    tiers = set(model.tiers) if tiers is None else {as_requirement(t) for t in tiers}
     for tier in sorted(tiers):
         model.require(tier, "verify_model")
     reports = []
@@ -336,6 +456,8 @@ def verify_model(model, params, x, tiers=None, *, seed=0):
         reports.append(check_second_order(model, params, x, seed=seed))
     if Tier.LAYER_TAPS in tiers:
         reports.append(check_layer_taps(model, params, x, seed=seed))
+    if Capability.LAYER_PROTOCOL in tiers:
+        reports.append(check_layer_protocol(model, params, x, seed=seed))
     return reports
 
 

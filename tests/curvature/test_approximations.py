@@ -207,6 +207,16 @@ def test_hessian_diagonal_on_backends_and_errors(backend):
     data_b = [(backend.asarray(a), backend.asarray(b)) for a, b in data]
     D = cl.HessianDiagonalLinearOperator(model, loss, p_b, data_b)
     np.testing.assert_allclose(backend.to_numpy(D.diagonal()), np.diag(H), rtol=1e-10, atol=1e-13)
-    shared = [(np.ones((2, 3, 3)), np.zeros((2, 3, 3)))]
-    with pytest.raises(ValueError, match="outputs \\(N, C\\)"):
-        cl.HessianDiagonalLinearOperator(model, cl.MSELoss(), params, shared)
+
+
+@pytest.mark.parametrize("name", ["mse", "ce"])
+def test_hessian_diagonal_with_shared_axes_equals_dense_hessian_diagonal(name):
+    """Inputs and outputs (N, S, D): each datum's Hessian spans all its positions."""
+    model, spec, params, data, X, y, theta, loss = problem(name, widths=(3, 4, 4, 3), seed=31)
+    rng = np.random.default_rng(31)
+    X = rng.normal(size=(5, 2, 3))
+    y = rng.integers(0, 3, size=(5, 2)) if name == "ce" else rng.normal(size=(5, 2, 3))
+    shared = [(X[:2], y[:2]), (X[2:], y[2:])]
+    H = cl.HessianLinearOperator(model, loss, params, shared).to_dense()
+    D = cl.HessianDiagonalLinearOperator(model, loss, params, shared)
+    np.testing.assert_allclose(D.diagonal(), np.diag(H), rtol=1e-10, atol=1e-13)

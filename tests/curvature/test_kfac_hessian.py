@@ -23,7 +23,7 @@ from test_kfac import (
 
 import curvlinops as cl
 import curvlinops.nn as cnn
-from curvlinops import FactorizationError
+from curvlinops import FactorizationError, MissingTierError
 from curvlinops.curvature.kfac import KFACLinearOperator
 from curvlinops.curvature.kfac_hessian import KFACHessianLinearOperator
 
@@ -172,7 +172,7 @@ def test_unsupported_models_raise_clear_errors():
         jvp=lambda p, x, t: linear.linearize(p, x).jvp(t),
         vjp=lambda p, x, u: linear.linearize(p, x).vjp(u),
     )
-    with pytest.raises(TypeError, match="curvlinops.nn model"):
+    with pytest.raises(MissingTierError, match="needs the layer protocol.*curvlinops.nn"):
         KFACHessianLinearOperator(
             callable_model,
             cl.MSELoss(),
