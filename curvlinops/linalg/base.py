@@ -24,6 +24,7 @@ from .._backend import (
     is_cupy_namespace,
     is_numpy_namespace,
     namespace_name,
+    to_numpy,
 )
 
 __all__ = [
@@ -350,9 +351,7 @@ class LinearOperator:
         [1.0, 2.0]
         """
         if not is_numpy_namespace(self.xp):
-            from .interop import host_copy_scipy_operator
-
-            return host_copy_scipy_operator(self)
+            return _host_copy_scipy_operator(self)
         import numpy as np
         import scipy.sparse.linalg
 
@@ -704,3 +703,40 @@ class DampedLinearOperator(LinearOperator):
         return self.operator.to_dense() + self.damping * xp.eye(
             self.shape[0], dtype=self.dtype, device=self.device
         )
+
+
+def _host_copy_scipy_operator(op: LinearOperator):
+    """A SciPy operator over NumPy arrays for an operator on any other backend.
+
+    Each product copies SciPy's input to the operator's backend and device and the
+    result back to the host (:meth:`LinearOperator.to_scipy` documents the cost).
+    """
+    import numpy as np
+    import scipy.sparse.linalg
+
+    xp, dev = op.xp, op.device
+
+    def to_operator(x):
+        # C-contiguous and writable: PyTorch warns about read-only NumPy buffers.
+        x = np.require(x, requirements=("C", "W"))
+        return xp.asarray(x) if dev is None else xp.asarray(x, device=dev)
+
+    def to_host(y):
+        # Writable: NumPy views of JAX arrays are read-only.
+        return np.require(to_numpy(y), requirements=("W",))
+
+    def product(method, flat):
+        def apply(x):
+            x = np.ravel(x) if flat else x
+            return to_host(method(to_operator(x)))
+
+        return apply
+
+    return scipy.sparse.linalg.LinearOperator(
+        op.shape,
+        matvec=product(op.matvec, True),
+        rmatvec=product(op.rmatvec, True),
+        matmat=product(op.matmat, False),
+        rmatmat=product(op.rmatmat, False),
+        dtype=np.dtype(dtype_name(op.dtype)),
+    )

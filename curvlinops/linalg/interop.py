@@ -1,53 +1,15 @@
-"""Conversion of foreign objects into curvlinops operators: :func:`aslinearoperator`,
-and of operators on any backend into SciPy operators over host copies.
+"""Conversion of foreign objects into curvlinops operators: :func:`aslinearoperator`.
 
 May import: ``curvlinops._backend``, ``.base``, ``.structured``; numpy and scipy lazily.
 """
 
 from __future__ import annotations
 
-from .._backend import default_float_dtype, dtype_name, to_numpy
+from .._backend import default_float_dtype
 from .base import LinearOperator
 from .structured import DenseLinearOperator
 
 __all__ = ["aslinearoperator", "CallableLinearOperator", "ScipyLinearOperator"]
-
-
-def host_copy_scipy_operator(op: LinearOperator):
-    """A SciPy operator over NumPy arrays for an operator on any other backend.
-
-    Each product copies SciPy's input to the operator's backend and device and the
-    result back to the host (:meth:`LinearOperator.to_scipy` documents the cost).
-    """
-    import numpy as np
-    import scipy.sparse.linalg
-
-    xp, dev = op.xp, op.device
-
-    def to_operator(x):
-        # C-contiguous and writable: PyTorch warns about read-only NumPy buffers.
-        x = np.require(x, requirements=("C", "W"))
-        return xp.asarray(x) if dev is None else xp.asarray(x, device=dev)
-
-    def to_host(y):
-        # Writable: NumPy views of JAX arrays are read-only.
-        return np.require(to_numpy(y), requirements=("W",))
-
-    def product(method, flat):
-        def apply(x):
-            x = np.ravel(x) if flat else x
-            return to_host(method(to_operator(x)))
-
-        return apply
-
-    return scipy.sparse.linalg.LinearOperator(
-        op.shape,
-        matvec=product(op.matvec, True),
-        rmatvec=product(op.rmatvec, True),
-        matmat=product(op.matmat, False),
-        rmatmat=product(op.rmatmat, False),
-        dtype=np.dtype(dtype_name(op.dtype)),
-    )
 
 
 class CallableLinearOperator(LinearOperator):

@@ -216,15 +216,9 @@ def test_kronecker_factors_are_found(problem):
     assert {tuple(f.shape) for f in factors} >= {(8, 8), (5, 5), (3, 3), (1, 1)}
 
 
-def test_kfac_hessian_refuses_a_torch_module_as_it_refuses_a_torch_model(problem):
-    net = torch_mlp(problem.params)
-    data = _class_data(problem)
-    loss = torch.nn.CrossEntropyLoss()
-    with pytest.raises(TypeError, match="curvlinops.nn model"):
-        cl.KFACHessianLinearOperator(net, loss, list(net.parameters()), data)
-    model = TorchModel(net)
-    with pytest.raises(TypeError, match="curvlinops.nn model"):
-        cl.KFACHessianLinearOperator(model, as_loss(loss), model.params, data)
+def test_kfac_hessian_of_a_torch_module_matches_the_hand_wrapped_model(problem):
+    peer, hand = _peer_and_hand(problem, cl.KFACHessianLinearOperator, {})
+    _assert_identical(peer.to_dense(), hand.to_dense())
 
 
 def test_block_diagonal_of_a_peer_style_operator(problem):
