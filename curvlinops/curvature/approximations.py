@@ -120,7 +120,8 @@ def block_diagonal(A, partition=None, *, max_block_size=4096) -> BlockDiagonalLi
         E = xp.eye(A.shape[0], n, k=-start, dtype=A.dtype, device=A.device)
         block = (A @ E)[start:stop, :]
         block = 0.5 * (block + xp.matrix_transpose(block)) if A.is_symmetric else block
-        blocks.append(DenseLinearOperator(block, symmetric=A.is_symmetric))
+        # A diagonal block of a PSD operator is PSD.
+        blocks.append(DenseLinearOperator(block, symmetric=A.is_symmetric, psd=A.is_psd))
     return BlockDiagonalLinearOperator(blocks)
 
 

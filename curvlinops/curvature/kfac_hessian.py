@@ -102,6 +102,7 @@ class KFACHessianLinearOperator(KFACLinearOperator):
     """
 
     fisher_types = ("hessian",)
+    psd = False  # symmetric, possibly indefinite
 
     def __init__(
         self,
