@@ -9,12 +9,13 @@ listed before it:
 4. ``curvlinops.models`` and ``curvlinops.nn``: the model protocol and native layers;
 5. ``curvlinops.losses``: exponential-family losses in output space;
 6. ``curvlinops.curvature``: curvature operators over data;
-7. ``curvlinops.verify``: checks users run on their own models and operators.
+7. ``curvlinops.verify``: checks users run on their own models and operators;
+   ``curvlinops.testing``: the shared operator test case, for users' own operators.
 
 Every public name of the layers is re-exported here.
 """
 
-from . import curvature, linalg, losses, models, nn, solvers, verify
+from . import curvature, linalg, losses, models, nn, solvers, testing, verify
 from ._backend import RandomGenerator, array_namespace, to_numpy
 from ._backend.linalg import FactorizationError
 from .curvature import *  # noqa: F403
@@ -36,5 +37,6 @@ __all__ = [
     *losses.__all__,
     *curvature.__all__,
     "nn",
+    "testing",
     "verify",
 ]
