@@ -200,7 +200,7 @@ def diagonal_plus_low_rank(A, rank, *, diagonal=None, method="nystrom", seed=0, 
     --------
     >>> import numpy as np
     >>> from curvlinops import aslinearoperator, diagonal_plus_low_rank
-    >>> A = aslinearoperator(np.diag([5.0, 4.0, 1.0, 0.5]), symmetric=True)
+    >>> A = aslinearoperator(np.diag([5.0, 4.0, 1.0, 0.5]), psd=True)
     >>> B = diagonal_plus_low_rank(A, 2)
     >>> bool(np.allclose(B.to_dense(), np.diag([5.0, 4.0, 1.0, 0.5])))
     True

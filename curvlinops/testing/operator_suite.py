@@ -501,14 +501,17 @@ class OperatorTestCase:
         raise NotImplementedError(f"{type(self).__name__} must implement make_case().")
 
     def test_products_and_adjoint(self):
+        """:func:`check_products` on the case."""
         case = self.make_case()
         check_products(case.op, case.reference)
 
     def test_tags(self):
+        """:func:`check_tags` on the case."""
         case = self.make_case()
         check_tags(case.op, case.reference)
 
     def test_queries(self):
+        """:func:`check_queries` on the case, with its ``supports``, ``raises``, ``damping``."""
         case = self.make_case()
         check_queries(
             case.op,
