@@ -43,7 +43,14 @@ import numbers
 import sys
 import warnings
 
-from .._backend import all_finite, as_generator, dtype_eps
+from .._backend import (
+    all_finite,
+    array_namespace,
+    as_generator,
+    dtype_eps,
+    dtype_name,
+    namespace_name,
+)
 from ..linalg import DenseLinearOperator, LinearOperator, aslinearoperator
 
 __all__ = ["AssumptionWarning"]
@@ -147,8 +154,6 @@ def as_preconditioner(M, A: LinearOperator, who: str):
 
 
 def _check_same_backend(B, A, who, what):
-    from .._backend import dtype_name, namespace_name
-
     if namespace_name(B.xp) != namespace_name(A.xp):
         raise TypeError(
             f"{who}: {what} works on {namespace_name(B.xp)} arrays but the operator on "
@@ -175,8 +180,6 @@ def _is_scipy_like(A) -> bool:
 
 def _dense_is_symmetric(A) -> bool:
     """Exact-up-to-rounding symmetry of a square array (one pass over it)."""
-    from .._backend import array_namespace
-
     xp = array_namespace(A)
     if A.shape[0] == 0 or not xp.isdtype(A.dtype, "real floating"):
         return False
@@ -286,14 +289,14 @@ def require_structure(A: LinearOperator, who: str, assumes: str, *, damping: flo
     if not A.is_symmetric:
         _probe_symmetry(A, who)
         needs = "symmetric positive semi-definite" if assumes == PSD else "symmetric"
-        _warn(
+        warn_assumption(
             f"{who} assumes a {needs} operator, but the {type(A).__name__} is not declared "
             f"symmetric; a random symmetry probe passed (one extra product), so it runs. "
             + _DECLARE.format(tag="psd" if assumes == PSD else "symmetric")
         )
         return
     if assumes == PSD and not A.is_psd and not damping > 0:
-        _warn(
+        warn_assumption(
             f"{who} assumes a positive semi-definite operator, but the {type(A).__name__} is "
             "only declared symmetric. " + _PSD_REMEDY.get(who, "") + _DECLARE.format(tag="psd")
         )
@@ -334,9 +337,6 @@ def _probe_symmetry(A: LinearOperator, who: str) -> None:
 def warn_assumption(message: str) -> None:
     """Emit an :class:`AssumptionWarning` attributed to the first caller outside curvlinops."""
     warnings.warn(message, AssumptionWarning, stacklevel=_external_stacklevel())
-
-
-_warn = warn_assumption
 
 
 def _external_stacklevel() -> int:
