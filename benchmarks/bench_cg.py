@@ -64,10 +64,10 @@ def run(quick: bool = False) -> list[dict]:
     rng = np.random.default_rng(0)
     n_dense, n_factor = (500, 60) if quick else (4000, 500)
     repeats = 2 if quick else 5
-    dense = cl.aslinearoperator(_spd(rng, n_dense, 1e3), symmetric=True)
+    dense = cl.aslinearoperator(_spd(rng, n_dense, 1e3), psd=True)
     rows = [_case(f"dense SPD n={n_dense}", dense, rng.standard_normal(n_dense), 1e-8, repeats)]
     A1, A2 = _spd(rng, n_factor, 30.0), _spd(rng, n_factor, 30.0)
-    kron = cl.KroneckerLinearOperator(A1, A2)
+    kron = cl.KroneckerLinearOperator(A1, A2, psd=True)
     b = rng.standard_normal(n_factor * n_factor)
     rows.append(_case(f"Kronecker n={n_factor**2}", kron, b, 1e-8, repeats))
     return rows

@@ -120,7 +120,8 @@ def block_diagonal(A, partition=None, *, max_block_size=4096) -> BlockDiagonalLi
         E = xp.eye(A.shape[0], n, k=-start, dtype=A.dtype, device=A.device)
         block = (A @ E)[start:stop, :]
         block = 0.5 * (block + xp.matrix_transpose(block)) if A.is_symmetric else block
-        blocks.append(DenseLinearOperator(block, symmetric=A.is_symmetric))
+        # A diagonal block of a PSD operator is PSD.
+        blocks.append(DenseLinearOperator(block, symmetric=A.is_symmetric, psd=A.is_psd))
     return BlockDiagonalLinearOperator(blocks)
 
 
@@ -199,7 +200,7 @@ def diagonal_plus_low_rank(A, rank, *, diagonal=None, method="nystrom", seed=0, 
     --------
     >>> import numpy as np
     >>> from curvlinops import aslinearoperator, diagonal_plus_low_rank
-    >>> A = aslinearoperator(np.diag([5.0, 4.0, 1.0, 0.5]), symmetric=True)
+    >>> A = aslinearoperator(np.diag([5.0, 4.0, 1.0, 0.5]), psd=True)
     >>> B = diagonal_plus_low_rank(A, 2)
     >>> bool(np.allclose(B.to_dense(), np.diag([5.0, 4.0, 1.0, 0.5])))
     True

@@ -64,6 +64,9 @@ class CurvatureLinearOperator(LinearOperator):
     required_tier = Tier.FIRST_ORDER
     #: whether the operator is symmetric (the curvature matrices are)
     symmetric = True
+    #: whether the operator is positive semi-definite by construction (GGN, Fisher, EF,
+    #: K-FAC, ...; not the Hessian): the ``is_psd`` tag the solvers consult
+    psd = False
 
     def __init__(
         self,
@@ -93,11 +96,20 @@ class CurvatureLinearOperator(LinearOperator):
         self.progressbar, self.cache = bool(progressbar), bool(cache)
         P = num_params(self.shapes)
         super().__init__(
-            self._operator_shape(P), dtype=dtype, xp=xp, device=dev, symmetric=self.symmetric
+            self._operator_shape(P),
+            dtype=dtype,
+            xp=xp,
+            device=dev,
+            symmetric=self.symmetric,
+            psd=self._declares_psd(loss),
         )
         self._cached = {}
 
     # -- subclass hooks -------------------------------------------------------------
+
+    def _declares_psd(self, loss) -> bool:
+        """The ``psd`` tag for this loss: the class-level fact, unless it depends on it."""
+        return bool(self.psd)
 
     def _operator_shape(self, P):
         return (P, P)

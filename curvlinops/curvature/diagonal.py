@@ -50,6 +50,9 @@ class _DataDiagonalLinearOperator(DiagonalLinearOperator):
 
     #: tier of the model protocol the subclass needs
     required_tier = Tier.LAYER_TAPS
+    #: positive semi-definite by construction (the ``is_psd`` tag; else derived from the
+    #: signs of the entries when a solver asks)
+    psd = False
 
     def __init__(
         self,
@@ -75,7 +78,7 @@ class _DataDiagonalLinearOperator(DiagonalLinearOperator):
         )
         self.model, self.loss = model, loss
         diagonal = self._accumulate(model, loss, params, data, xp, progressbar)
-        super().__init__(diagonal)
+        super().__init__(diagonal, psd=self.psd or None)
 
     def _batch_contributions(self, lin, y, index, xp):
         """Yield ``(parameter index, array shaped like that parameter)`` for one batch."""
@@ -178,6 +181,8 @@ _DIAGONAL_PARAMETERS = """
 
 
 class GGNDiagonalLinearOperator(_TapDiagonalLinearOperator):
+    psd = True  # sums of squares
+
     __doc__ = (
         """Diagonal of the GGN, exact or Monte-Carlo, as a DiagonalLinearOperator.
 
@@ -222,6 +227,8 @@ class GGNDiagonalLinearOperator(_TapDiagonalLinearOperator):
 
 
 class EFDiagonalLinearOperator(_TapDiagonalLinearOperator):
+    psd = True  # sums of squares
+
     __doc__ = (
         """Diagonal of the empirical Fisher (squared per-datum gradients, summed).
 

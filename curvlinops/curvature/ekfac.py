@@ -103,6 +103,7 @@ class EKFACLinearOperator(_KroneckerCurvature):
     """
 
     fisher_types = FISHER_TYPES
+    psd = True  # non-negative eigenvalues (sums of squares) in an orthogonal basis
 
     def _build(self):
         factors = self._kfac_factors()

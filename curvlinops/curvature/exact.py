@@ -100,6 +100,13 @@ class GGNLinearOperator(CurvatureLinearOperator):
     """
     )
 
+    psd = True
+
+    def _declares_psd(self, loss) -> bool:
+        # J^T H_L J is PSD when the loss Hessian H_L is; the library knows that for
+        # losses in natural parameters (not for GaussianNLLLoss, whose H_L is indefinite).
+        return bool(getattr(loss, "is_natural", False))
+
     def _batch_matmat(self, lin, y, tangents, scale, index):
         Jv = lin.jvp(tangents)
         return lin.vjp(scale * self.loss.hessian_matmat(lin.outputs, y, Jv))
@@ -209,6 +216,8 @@ class FisherLinearOperator(CurvatureLinearOperator):
     """
     )
 
+    psd = True  # an expectation (or average) of outer products
+
     def __init__(self, model, loss, params, data, *, mc_samples=None, seed=0, **kwargs):
         self.mc_samples = check_mc_samples(mc_samples, allow_none=True)
         self.seed = int(seed)
@@ -249,6 +258,8 @@ class EFLinearOperator(CurvatureLinearOperator):
     (3, 3)
     """
     )
+
+    psd = True  # a sum of outer products
 
     def _batch_matmat(self, lin, y, tangents, scale, index):
         f = lin.outputs

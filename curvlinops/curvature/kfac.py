@@ -124,6 +124,7 @@ class KFACLinearOperator(_KroneckerCurvature):
     """
 
     fisher_types = FISHER_TYPES
+    psd = True  # B and A are sums of outer products for every fisher_type
 
     def _build(self):
         self._set_factors(self._kfac_factors())

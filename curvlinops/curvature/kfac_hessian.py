@@ -110,6 +110,7 @@ class KFACHessianLinearOperator(KFACLinearOperator):
 
     fisher_types = ("hessian",)
     required_tier = Capability.LAYER_PROTOCOL
+    psd = False  # symmetric, possibly indefinite
 
     def __init__(
         self,

@@ -5,6 +5,7 @@ See DESIGN.md, layer 2. May import only ``curvlinops._backend``.
 
 from .base import (
     AdjointLinearOperator,
+    CheckedInput,
     DampedLinearOperator,
     LinearOperator,
     ProductLinearOperator,
@@ -19,6 +20,7 @@ from .structured import __all__ as _structured_all
 __all__ = [
     "AdjointLinearOperator",
     "CallableLinearOperator",
+    "CheckedInput",
     "DampedLinearOperator",
     "DiagonalPlusLowRankLinearOperator",
     "LinearOperator",

@@ -8,6 +8,13 @@ override the queries they can answer exactly and cheaply (``inverse``, ``trace``
 ``logdet``, ``diagonal``, ``frobenius_norm``); the defaults here raise
 :class:`NotImplementedError` naming the iterative alternative instead of densifying.
 
+Every operator carries two structure tags that the matrix-free algorithms consult:
+``is_symmetric`` (declared, or derived by the algebra) and ``is_psd`` (positive
+semi-definite: declared, or derived from the structure, e.g. ``c * A`` with ``c >= 0``
+and ``A`` PSD). ``False`` means "not known", never "known not to hold".
+:meth:`LinearOperator.check_input` is the one validation of arrays handed to an
+operator, shared by the products here and by the solvers (:class:`CheckedInput`).
+
 May import: ``curvlinops._backend``, numpy/scipy/cupyx only inside the interop
 methods ``to_scipy``/``to_cupyx``.
 """
@@ -15,6 +22,7 @@ methods ``to_scipy``/``to_cupyx``.
 from __future__ import annotations
 
 import numbers
+from typing import Any, NamedTuple
 
 from .._backend import (
     assert_same_namespace,
@@ -28,6 +36,7 @@ from .._backend import (
 )
 
 __all__ = [
+    "CheckedInput",
     "LinearOperator",
     "ScaledLinearOperator",
     "SumLinearOperator",
@@ -35,6 +44,47 @@ __all__ = [
     "AdjointLinearOperator",
     "DampedLinearOperator",
 ]
+
+
+class CheckedInput(NamedTuple):
+    """What :meth:`LinearOperator.check_input` found out about an array.
+
+    Attributes
+    ----------
+    array
+        The validated array, of the shape it came in (``(n,)`` or ``(n, k)``), in the
+        operator's dtype (promoted losslessly if it had a lower precision).
+    xp
+        The array namespace (the operator's).
+    is_vector : bool
+        Whether the input was a single vector ``(n,)`` (else a matrix ``(n, k)``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlinops import aslinearoperator
+    >>> checked = aslinearoperator(np.eye(3)).check_input(np.ones(3, dtype=np.float32))
+    >>> checked.is_vector, checked.num_columns, checked.matrix.shape, str(checked.array.dtype)
+    (True, 1, (3, 1), 'float64')
+    """
+
+    array: Any
+    xp: Any
+    is_vector: bool
+
+    @property
+    def num_columns(self) -> int:
+        """``k``: the number of vectors (1 for a single vector)."""
+        return 1 if self.is_vector else int(self.array.shape[1])
+
+    @property
+    def matrix(self):
+        """The array as an ``(n, k)`` matrix (a vector as one column)."""
+        return self.array[:, None] if self.is_vector else self.array
+
+    def restore(self, Y):
+        """Give an ``(m, k)`` result the input's form: ``(m,)`` for a vector input."""
+        return Y[:, 0] if self.is_vector else Y
 
 
 class LinearOperator:
@@ -55,9 +105,15 @@ class LinearOperator:
         Array namespace (as returned by :func:`curvlinops.array_namespace`).
     device
         Device of the arrays the operator works on (``None`` to skip checks).
-    symmetric : bool
+    symmetric : bool, optional
         Whether the operator equals its adjoint; then ``adjoint()`` is ``self``
-        and ``_rmatmat`` defaults to ``_matmat``.
+        and ``_rmatmat`` defaults to ``_matmat``. Default: ``False``, or ``True``
+        when ``psd=True``.
+    psd : bool, optional
+        Declare the operator symmetric positive semi-definite (not checked; it
+        implies ``symmetric``, and ``psd=True`` with ``symmetric=False`` is a
+        contradiction that raises :class:`ValueError`). Without a declaration,
+        :attr:`is_psd` is derived from the structure (:meth:`_infer_psd`).
 
     Notes
     -----
@@ -65,6 +121,12 @@ class LinearOperator:
     the input's namespace and device. An input of lower precision than the
     operator (or an integer array) is promoted to the operator's dtype; an input of
     higher precision raises :class:`TypeError` rather than being downcast.
+
+    The structure tags :attr:`is_symmetric` and :attr:`is_psd` tell the solvers what
+    they may assume (see :doc:`the solvers' rules </api/solvers>`): ``True`` means
+    declared or derived, ``False`` only "not known". Subclasses whose structure
+    implies positive semi-definiteness from their data (a diagonal with non-negative
+    entries, say) override :meth:`_infer_psd`; it runs once, on first access.
 
     Examples
     --------
@@ -77,18 +139,35 @@ class LinearOperator:
     [2.0, -1.0]
     >>> A.damped(1.0).to_dense().tolist()
     [[3.0, 1.0], [0.0, 4.0]]
+
+    Structure tags, declared and derived:
+
+    >>> S = aslinearoperator(np.array([[2.0, 1.0], [1.0, 3.0]]), psd=True)
+    >>> S.is_symmetric, S.is_psd, (2 * S).damped(0.1).is_psd, (-S).is_psd
+    (True, True, True, False)
+    >>> A.is_symmetric, (A.T @ A).is_psd
+    (False, True)
     """
 
     # Make NumPy's ``x @ A`` defer to ``A.__rmatmul__`` instead of wrapping the
     # operator in an object array.
     __array_ufunc__ = None
 
-    def __init__(self, shape, *, dtype, xp, device=None, symmetric=False):
+    def __init__(self, shape, *, dtype, xp, device=None, symmetric=None, psd=None):
         shape = tuple(shape)
         if len(shape) != 2 or not all(isinstance(s, numbers.Integral) and s >= 0 for s in shape):
             raise ValueError(f"shape must be a pair of non-negative integers, got {shape}.")
         if not xp.isdtype(dtype, "real floating"):
             raise TypeError(f"Operators are real floating; got dtype {dtype_name(dtype)}.")
+        psd = bool(psd)
+        if symmetric is None:
+            symmetric = psd
+        elif psd and not symmetric:
+            raise ValueError(
+                f"{type(self).__name__}: psd=True with symmetric=False is a contradiction; "
+                "curvlinops calls an operator positive semi-definite only if it is "
+                "symmetric. Pass symmetric=True (or leave it out)."
+            )
         if symmetric and shape[0] != shape[1]:
             raise ValueError(f"A symmetric operator must be square, got shape {shape}.")
         self._shape = (int(shape[0]), int(shape[1]))
@@ -96,6 +175,7 @@ class LinearOperator:
         self._xp = xp
         self._device = device
         self.is_symmetric = bool(symmetric)
+        self._psd = True if psd else None  # None: not declared, derived on first access
 
     # -- attributes ----------------------------------------------------------------
 
@@ -124,6 +204,35 @@ class LinearOperator:
         """Always 2."""
         return 2
 
+    @property
+    def is_psd(self) -> bool:
+        """Whether the operator is known to be symmetric positive semi-definite.
+
+        ``True`` if it was declared (``psd=True``) or follows from the operator's
+        structure (:meth:`_infer_psd`, evaluated once); ``False`` means *not known*
+        (the operator may still be PSD). Always ``False`` for a non-symmetric operator.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from curvlinops import DiagonalLinearOperator
+        >>> DiagonalLinearOperator(np.array([1.0, 0.0])).is_psd
+        True
+        >>> DiagonalLinearOperator(np.array([1.0, -1.0])).is_psd
+        False
+        """
+        if self._psd is None:
+            self._psd = bool(self.is_symmetric and self._infer_psd())
+        return self._psd
+
+    def _infer_psd(self) -> bool:
+        """Whether the structure implies PSD (called once, only for symmetric operators).
+
+        The default knows nothing and returns ``False``; structured subclasses
+        override it (it may look at the operator's data, e.g. signs of eigenvalues).
+        """
+        return False
+
     def __repr__(self) -> str:
         m, n = self.shape
         return (
@@ -150,23 +259,21 @@ class LinearOperator:
 
     def matvec(self, x):
         """``A @ x`` for ``x`` of shape ``(n,)``; a special case of :meth:`matmat`."""
-        x = self._check_input(x, self.shape[1], ndim=1, what="vector")
+        x = self.check_input(x, ndim=1, what="vector").array
         return self._matmat(x[:, None])[:, 0]
 
     def matmat(self, X):
         """``A @ X`` for ``X`` of shape ``(n, k)``, in one batched pass."""
-        X = self._check_input(X, self.shape[1], ndim=2, what="matrix")
-        return self._matmat(X)
+        return self._matmat(self.check_input(X, ndim=2, what="matrix").array)
 
     def rmatvec(self, x):
         """``A^T @ x`` for ``x`` of shape ``(m,)``."""
-        x = self._check_input(x, self.shape[0], ndim=1, what="vector")
+        x = self.check_input(x, adjoint=True, ndim=1, what="vector").array
         return self._rmatmat(x[:, None])[:, 0]
 
     def rmatmat(self, X):
         """``A^T @ X`` for ``X`` of shape ``(m, k)``."""
-        X = self._check_input(X, self.shape[0], ndim=2, what="matrix")
-        return self._rmatmat(X)
+        return self._rmatmat(self.check_input(X, adjoint=True, ndim=2, what="matrix").array)
 
     def __matmul__(self, other):
         if isinstance(other, LinearOperator):
@@ -192,12 +299,68 @@ class LinearOperator:
             return xp.matrix_transpose(self.rmatmat(xp.matrix_transpose(other)))
         return NotImplemented
 
-    def _check_input(self, X, n, *, ndim, what):
-        """Validate namespace, shape, dtype and device of an input; promote its dtype."""
+    def check_input(self, X, *, adjoint=False, ndim=None, what="input") -> CheckedInput:
+        """Validate an array for a product with the operator (or its adjoint).
+
+        The one check of arrays handed to an operator, used by its products and by
+        every solver (right-hand sides, initial guesses, start vectors): namespace,
+        shape, dtype and device. An input of lower precision than the operator (or an
+        integer array) is promoted to the operator's dtype; nothing else is converted.
+
+        Parameters
+        ----------
+        X
+            An array ``(n,)`` or ``(n, k)`` (``n = shape[1]``; ``shape[0]`` with
+            ``adjoint=True``).
+        adjoint : bool
+            Check for a product with the adjoint ``A^T`` instead of ``A``.
+        ndim : {None, 1, 2}
+            Require a vector (1) or a matrix (2); ``None`` accepts both.
+        what : str
+            How the array is called in error messages (``"right-hand side b"``).
+
+        Returns
+        -------
+        CheckedInput
+            ``(array, xp, is_vector)``: the validated array in the operator's dtype,
+            the namespace, and whether it was a vector; ``.matrix`` gives it as
+            ``(n, k)``, ``.restore(Y)`` turns an ``(m, k)`` result back into the input's
+            form.
+
+        Raises
+        ------
+        TypeError
+            ``X`` is not an array, is an array of another library than the operator's,
+            or has a dtype the operator cannot take without losing precision.
+        ValueError
+            ``X`` has the wrong shape, or lives on another device.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from curvlinops import aslinearoperator
+        >>> A = aslinearoperator(np.ones((2, 3)))
+        >>> A.check_input(np.ones((3, 4))).num_columns
+        4
+        >>> A.check_input(np.ones(2), adjoint=True).is_vector
+        True
+        >>> A.check_input(np.ones(2), what="right-hand side b")
+        Traceback (most recent call last):
+        ...
+        ValueError: DenseLinearOperator of shape (2, 3) expected a right-hand side b of
+        shape (3,) or (3, k), got shape (2,).
+        """
         xp = self.xp
+        if not (hasattr(X, "ndim") and hasattr(X, "shape") and hasattr(X, "dtype")):
+            raise TypeError(
+                f"{type(self).__name__} expected the {what} to be an array of its library "
+                f"({namespace_name(xp)}), got a {type(X).__name__}."
+            )
         assert_same_namespace(xp, X, what=what)
-        expected = f"({n},)" if ndim == 1 else f"({n}, k)"
-        if X.ndim != ndim or X.shape[0] != n:
+        n = self.shape[0] if adjoint else self.shape[1]
+        expected = {1: f"({n},)", 2: f"({n}, k)", None: f"({n},) or ({n}, k)"}[ndim]
+        allowed = (1, 2) if ndim is None else (ndim,)
+        if X.ndim not in allowed or X.shape[0] != n:
             raise ValueError(
                 f"{type(self).__name__} of shape {self.shape} expected a {what} of shape "
                 f"{expected}, got shape {tuple(X.shape)}."
@@ -216,7 +379,7 @@ class LinearOperator:
                 f"The {what} is on device {array_device(X)}, the operator on {self.device}. "
                 "Move it first; curvlinops never copies between devices inside a product."
             )
-        return X
+        return CheckedInput(X, xp, X.ndim == 1)
 
     # -- algebra -------------------------------------------------------------------
 
@@ -229,12 +392,12 @@ class LinearOperator:
     @property
     def T(self) -> LinearOperator:
         """The transpose, same as :meth:`adjoint`."""
-        return self.adjoint()
+        return _remember_adjoint(self.adjoint(), self)
 
     @property
     def H(self) -> LinearOperator:
         """The conjugate transpose, same as :meth:`adjoint` for real operators."""
-        return self.adjoint()
+        return _remember_adjoint(self.adjoint(), self)
 
     def __add__(self, other):
         if isinstance(other, LinearOperator):
@@ -383,6 +546,33 @@ class LinearOperator:
         )
 
 
+def _remember_adjoint(adjoint, operator):
+    """Mark ``adjoint`` as the adjoint of ``operator`` (so that ``A.T @ A`` is seen as PSD)."""
+    if adjoint is not operator:
+        adjoint._adjoint_of = operator
+    return adjoint
+
+
+def _are_adjoints(left, right) -> bool:
+    """Whether ``left`` is known to be the adjoint of ``right`` (structurally, no data)."""
+    if left is right:
+        return left.is_symmetric
+    return (
+        getattr(left, "_adjoint_of", None) is right
+        or getattr(right, "_adjoint_of", None) is left
+        or (isinstance(left, AdjointLinearOperator) and left.operator is right)
+        or (isinstance(right, AdjointLinearOperator) and right.operator is left)
+    )
+
+
+def _is_gram_product(ops) -> bool:
+    """``B_1^T ... B_j^T [M] B_j ... B_1``: adjoint pairs around a symmetric middle."""
+    count = len(ops)
+    if not all(_are_adjoints(ops[i], ops[count - 1 - i]) for i in range(count // 2)):
+        return False
+    return count % 2 == 0 or ops[count // 2].is_symmetric
+
+
 def _same_device(a, b) -> bool:
     if a == b:
         return True
@@ -411,6 +601,8 @@ def _common_backend(ops, what):
 class ScaledLinearOperator(LinearOperator):
     """``c * A`` for a real scalar ``c``.
 
+    Symmetric if ``A`` is; PSD if ``A`` is and ``c >= 0``.
+
     Examples
     --------
     >>> import numpy as np
@@ -429,6 +621,9 @@ class ScaledLinearOperator(LinearOperator):
         )
         self.operator = operator
         self.scalar = float(scalar)
+
+    def _infer_psd(self):
+        return self.scalar >= 0 and self.operator.is_psd
 
     def _matmat(self, X):
         return self.scalar * self.operator._matmat(X)
@@ -484,6 +679,8 @@ class ScaledLinearOperator(LinearOperator):
 class SumLinearOperator(LinearOperator):
     """``A_1 + A_2 + ...`` of operators of one shape, namespace and dtype.
 
+    Symmetric if every term is; PSD if every term is.
+
     Examples
     --------
     >>> import numpy as np
@@ -509,6 +706,9 @@ class SumLinearOperator(LinearOperator):
             symmetric=all(op.is_symmetric for op in ops),
         )
         self.operators = tuple(ops)
+
+    def _infer_psd(self):
+        return all(op.is_psd for op in self.operators)
 
     def _matmat(self, X):
         out = self.operators[0]._matmat(X)
@@ -546,6 +746,10 @@ class SumLinearOperator(LinearOperator):
 class ProductLinearOperator(LinearOperator):
     """``A_1 @ A_2 @ ...``, applied right to left, never formed.
 
+    A product of the form ``B^T M B`` (``B^T`` written as ``B.T``, ``B.H`` or
+    ``AdjointLinearOperator(B)``, or ``B`` symmetric; nested pairs around ``M`` too) is
+    symmetric when ``M`` is and PSD when ``M`` is (``B^T B``: always).
+
     Examples
     --------
     >>> import numpy as np
@@ -566,8 +770,18 @@ class ProductLinearOperator(LinearOperator):
                     f"inner dimensions {left.shape[1]} and {right.shape[0]} differ."
                 )
         xp, dtype, dev = _common_backend(ops, "product")
-        super().__init__((ops[0].shape[0], ops[-1].shape[1]), dtype=dtype, xp=xp, device=dev)
+        super().__init__(
+            (ops[0].shape[0], ops[-1].shape[1]),
+            dtype=dtype,
+            xp=xp,
+            device=dev,
+            symmetric=_is_gram_product(ops),
+        )
         self.operators = tuple(ops)
+
+    def _infer_psd(self):
+        ops = self.operators
+        return len(ops) % 2 == 0 or ops[len(ops) // 2].is_psd
 
     def _matmat(self, X):
         for op in reversed(self.operators):
@@ -580,6 +794,8 @@ class ProductLinearOperator(LinearOperator):
         return X
 
     def adjoint(self):
+        if self.is_symmetric:
+            return self
         return ProductLinearOperator(*(op.adjoint() for op in reversed(self.operators)))
 
     def inverse(self, damping=0.0):
@@ -599,12 +815,24 @@ class ProductLinearOperator(LinearOperator):
 
 
 class AdjointLinearOperator(LinearOperator):
-    """``A^T`` of an operator, lazily (products swap ``_matmat`` and ``_rmatmat``)."""
+    """``A^T`` of an operator, lazily (products swap ``_matmat`` and ``_rmatmat``).
+
+    Has ``A``'s structure tags (``A^T = A`` when ``A`` is symmetric).
+    """
 
     def __init__(self, operator: LinearOperator):
         m, n = operator.shape
-        super().__init__((n, m), dtype=operator.dtype, xp=operator.xp, device=operator.device)
+        super().__init__(
+            (n, m),
+            dtype=operator.dtype,
+            xp=operator.xp,
+            device=operator.device,
+            symmetric=operator.is_symmetric,
+        )
         self.operator = operator
+
+    def _infer_psd(self):
+        return self.operator.is_psd
 
     def _matmat(self, X):
         return self.operator._rmatmat(X)
@@ -637,7 +865,8 @@ class AdjointLinearOperator(LinearOperator):
 class DampedLinearOperator(LinearOperator):
     """``A + damping * I`` for a square operator ``A``.
 
-    Structured operators invert and take log-determinants of it exactly through
+    Symmetric if ``A`` is; PSD if ``A`` is and ``damping >= 0``. Structured operators
+    invert and take log-determinants of it exactly through
     ``A.inverse(damping=...)`` (e.g. a Kronecker product through its factors'
     eigendecompositions).
 
@@ -662,6 +891,9 @@ class DampedLinearOperator(LinearOperator):
         )
         self.operator = operator
         self.damping = float(damping)
+
+    def _infer_psd(self):
+        return self.damping >= 0 and self.operator.is_psd
 
     def _matmat(self, X):
         return self.operator._matmat(X) + self.damping * X

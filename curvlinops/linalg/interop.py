@@ -1,6 +1,9 @@
 """Conversion of foreign objects into curvlinops operators: :func:`aslinearoperator`.
 
-May import: ``curvlinops._backend``, ``.base``, ``.structured``; numpy and scipy lazily.
+Wrapped objects carry only the structure the user declares (``symmetric=``,
+``psd=``): nothing here inspects a callable or a SciPy operator to guess it.
+
+May import: ``curvlinops._backend``, ``.base``, ``.structured``; scipy lazily.
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ class CallableLinearOperator(LinearOperator):
         The adjoint products.
     dtype, xp, device
         The operator's dtype, namespace and device.
-    symmetric : bool
+    symmetric : bool, optional
+        Declare the operator symmetric (not checked); then ``rmatmat`` defaults to
+        ``matmat``.
+    psd : bool, optional
+        Declare it symmetric positive semi-definite (not checked).
 
     Examples
     --------
@@ -49,11 +56,12 @@ class CallableLinearOperator(LinearOperator):
         dtype,
         xp,
         device=None,
-        symmetric=False,
+        symmetric=None,
+        psd=None,
     ):
         if matvec is None and matmat is None:
             raise ValueError("CallableLinearOperator needs matvec or matmat.")
-        super().__init__(shape, dtype=dtype, xp=xp, device=device, symmetric=symmetric)
+        super().__init__(shape, dtype=dtype, xp=xp, device=device, symmetric=symmetric, psd=psd)
         self._user_matvec, self._user_matmat = matvec, matmat
         self._user_rmatvec, self._user_rmatmat = rmatvec, rmatmat
 
@@ -74,12 +82,18 @@ class CallableLinearOperator(LinearOperator):
 
 
 class ScipyLinearOperator(LinearOperator):
-    """Wraps a :class:`scipy.sparse.linalg.LinearOperator` (NumPy arrays)."""
+    """Wraps a :class:`scipy.sparse.linalg.LinearOperator` (NumPy arrays).
 
-    def __init__(self, A, *, symmetric=False):
+    ``symmetric`` and ``psd`` declare structure (not checked), as in
+    :func:`aslinearoperator`.
+    """
+
+    def __init__(self, A, *, symmetric=None, psd=None):
         import array_api_compat.numpy as xp
 
-        super().__init__(A.shape, dtype=getattr(xp, str(A.dtype)), xp=xp, symmetric=symmetric)
+        super().__init__(
+            A.shape, dtype=getattr(xp, str(A.dtype)), xp=xp, symmetric=symmetric, psd=psd
+        )
         self.operator = A
 
     def _matmat(self, X):
@@ -89,7 +103,7 @@ class ScipyLinearOperator(LinearOperator):
         return self.operator.rmatmat(X)
 
 
-def aslinearoperator(A, *, shape=None, dtype=None, xp=None, device=None, symmetric=False):
+def aslinearoperator(A, *, shape=None, dtype=None, xp=None, device=None, symmetric=None, psd=None):
     """Make a curvlinops :class:`LinearOperator` from a dense array, a SciPy operator,
     a callable, or an operator (returned as is).
 
@@ -100,8 +114,12 @@ def aslinearoperator(A, *, shape=None, dtype=None, xp=None, device=None, symmetr
         a callable ``matmat`` (``X (n, k) -> (m, k)``), or a LinearOperator.
     shape, dtype, xp, device
         Needed for a callable (``dtype`` defaults to the namespace's float64).
-    symmetric : bool
+    symmetric : bool, optional
         Declare the operator symmetric (not checked).
+    psd : bool, optional
+        Declare it symmetric positive semi-definite (not checked; implies
+        ``symmetric``). The solvers consult both declarations (see
+        :doc:`/api/solvers`). An operator ``A`` is returned as is, with its own tags.
 
     Examples
     --------
@@ -112,19 +130,22 @@ def aslinearoperator(A, *, shape=None, dtype=None, xp=None, device=None, symmetr
     >>> B = aslinearoperator(lambda X: X[::-1], shape=(2, 2), xp=xp)
     >>> (B @ np.array([1.0, 2.0])).tolist()
     [2.0, 1.0]
+    >>> C = aslinearoperator(np.array([[2.0, 1.0], [1.0, 2.0]]), psd=True)
+    >>> C.is_symmetric, C.is_psd
+    (True, True)
     """
     if isinstance(A, LinearOperator):
         return A
     if _is_scipy_operator(A):
-        return ScipyLinearOperator(A, symmetric=symmetric)
+        return ScipyLinearOperator(A, symmetric=symmetric, psd=psd)
     if hasattr(A, "ndim") and hasattr(A, "shape"):
-        return DenseLinearOperator(A, symmetric=symmetric)
+        return DenseLinearOperator(A, symmetric=symmetric, psd=psd)
     if callable(A):
         if shape is None or xp is None:
             raise ValueError("aslinearoperator of a callable needs shape= and xp=.")
         dtype = default_float_dtype(xp, device) if dtype is None else dtype
         return CallableLinearOperator(
-            shape, matmat=A, dtype=dtype, xp=xp, device=device, symmetric=symmetric
+            shape, matmat=A, dtype=dtype, xp=xp, device=device, symmetric=symmetric, psd=psd
         )
     raise TypeError(
         f"aslinearoperator cannot convert a {type(A).__name__}; expected an array, a scipy "

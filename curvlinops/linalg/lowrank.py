@@ -20,7 +20,8 @@ __all__ = ["DiagonalPlusLowRankLinearOperator"]
 class DiagonalPlusLowRankLinearOperator(LinearOperator):
     """``diag(d) + U diag(s) U^T`` for ``d`` ``(n,)``, ``s`` ``(k,)``, ``U`` ``(n, k)``.
 
-    Symmetric. ``U`` need not be orthonormal. The inverse uses the Woodbury identity
+    Symmetric; PSD when ``d >= 0`` and ``s >= 0`` (checked once, on first access of
+    ``is_psd``). ``U`` need not be orthonormal. The inverse uses the Woodbury identity
     ``(D + U S U^T)^{-1} = D^{-1} - D^{-1} U (S^{-1} + U^T D^{-1} U)^{-1} U^T D^{-1}``
     (applied matrix-free, with a Cholesky factor of the ``k x k`` capacitance matrix),
     which needs ``D + damping I`` invertible and ``s > 0``.
@@ -73,6 +74,10 @@ class DiagonalPlusLowRankLinearOperator(LinearOperator):
         self.low_rank_values = low_rank_values
         self.low_rank_vectors = low_rank_vectors
 
+    def _infer_psd(self):
+        xp = self.xp
+        return bool(xp.all(self.diagonal_values >= 0)) and bool(xp.all(self.low_rank_values >= 0))
+
     def _matmat(self, X):
         U, s = self.low_rank_vectors, self.low_rank_values
         return self.diagonal_values[:, None] * X + U @ (
@@ -105,7 +110,10 @@ class DiagonalPlusLowRankLinearOperator(LinearOperator):
         from .structured import DiagonalLinearOperator
 
         correction = _LowRankOuter(W)
-        return DiagonalLinearOperator(d_inv) - correction
+        inverse = DiagonalLinearOperator(d_inv) - correction
+        if damping >= 0 and self.is_psd:
+            inverse._psd = True  # the inverse of a PD matrix; the difference hides it
+        return inverse
 
     def trace(self):
         U = self.low_rank_vectors
@@ -147,7 +155,7 @@ class _LowRankOuter(LinearOperator):
 
         xp = array_namespace(W)
         n = W.shape[0]
-        super().__init__((n, n), dtype=W.dtype, xp=xp, device=array_device(W), symmetric=True)
+        super().__init__((n, n), dtype=W.dtype, xp=xp, device=array_device(W), psd=True)
         self.W = W
 
     def _matmat(self, X):

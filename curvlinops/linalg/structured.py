@@ -9,6 +9,11 @@ several parts (blocks, Kronecker factors) check that the parts agree.
 Products of Kronecker operators use reshapes and one matrix product per factor, so
 they never allocate anything of the size of the full matrix.
 
+Structure tags: each operator derives ``is_symmetric`` / ``is_psd`` from its parts
+(identity: PSD; diagonal, eigendecomposed: PSD when the entries / eigenvalues are
+non-negative, checked once on first access; block-diagonal and Kronecker: PSD when
+every block / factor is); a dense operator carries what the user declares.
+
 May import: ``curvlinops._backend``, ``.base``.
 """
 
@@ -169,8 +174,11 @@ class DenseLinearOperator(LinearOperator):
     ----------
     A
         Real floating 2-D array (NumPy, CuPy, PyTorch, JAX, array-api-strict).
-    symmetric : bool
+    symmetric : bool, optional
         Declare ``A`` symmetric (not checked).
+    psd : bool, optional
+        Declare ``A`` symmetric positive semi-definite (not checked; implies
+        ``symmetric``).
 
     Notes
     -----
@@ -189,11 +197,13 @@ class DenseLinearOperator(LinearOperator):
     [[-2.0, 1.0], [1.5, -0.5]]
     """
 
-    def __init__(self, A, *, symmetric=False):
+    def __init__(self, A, *, symmetric=None, psd=None):
         xp = array_namespace(A)
         if A.ndim != 2:
             raise ValueError(f"A dense operator needs a 2-D array, got shape {tuple(A.shape)}.")
-        super().__init__(A.shape, dtype=A.dtype, xp=xp, device=array_device(A), symmetric=symmetric)
+        super().__init__(
+            A.shape, dtype=A.dtype, xp=xp, device=array_device(A), symmetric=symmetric, psd=psd
+        )
         self.A = A
 
     def _matmat(self, X):
@@ -239,7 +249,10 @@ class DenseLinearOperator(LinearOperator):
             raise FactorizationError(message) from err
         if not bool(xp.all(xp.isfinite(inv))):
             raise FactorizationError(message)
-        return DenseLinearOperator(inv, symmetric=self.is_symmetric)
+        # The inverse of a PSD matrix plus damping >= 0 (when it exists) is PSD.
+        return DenseLinearOperator(
+            inv, symmetric=self.is_symmetric, psd=self.is_psd and damping >= 0
+        )
 
     def trace(self):
         return self.xp.linalg.trace(self.A)
@@ -294,7 +307,7 @@ class IdentityLinearOperator(LinearOperator):
     """
 
     def __init__(self, n, *, xp, dtype, device=None):
-        super().__init__((n, n), dtype=dtype, xp=xp, device=device, symmetric=True)
+        super().__init__((n, n), dtype=dtype, xp=xp, device=device, psd=True)
 
     def _matmat(self, X):
         return self.xp.asarray(X, copy=True)
@@ -341,6 +354,9 @@ class DiagonalLinearOperator(LinearOperator):
     ----------
     diagonal
         Real floating array of shape ``(n,)``.
+    psd : bool, optional
+        Declare the entries non-negative (not checked). Without it, ``is_psd`` looks
+        at the entries once, on first access.
 
     Examples
     --------
@@ -354,7 +370,7 @@ class DiagonalLinearOperator(LinearOperator):
     True
     """
 
-    def __init__(self, diagonal):
+    def __init__(self, diagonal, *, psd=None):
         xp = array_namespace(diagonal)
         if diagonal.ndim != 1:
             raise ValueError(
@@ -363,9 +379,17 @@ class DiagonalLinearOperator(LinearOperator):
             )
         n = diagonal.shape[0]
         super().__init__(
-            (n, n), dtype=diagonal.dtype, xp=xp, device=array_device(diagonal), symmetric=True
+            (n, n),
+            dtype=diagonal.dtype,
+            xp=xp,
+            device=array_device(diagonal),
+            symmetric=True,
+            psd=psd,
         )
         self._diag = diagonal
+
+    def _infer_psd(self):
+        return _all_nonnegative(self._diag, self.xp)
 
     def _matmat(self, X):
         return self._diag[:, None] * X
@@ -396,6 +420,18 @@ def _plus(damping) -> str:
     return f" plus {damping} I" if damping else ""
 
 
+def _declared_or(symmetric, psd, derived) -> bool:
+    """The symmetry tag: as declared, else implied by ``psd=True``, else derived."""
+    if symmetric is not None:
+        return symmetric
+    return bool(psd) or derived
+
+
+def _all_nonnegative(values, xp) -> bool:
+    """Whether every entry is ``>= 0`` (one reduction and one host transfer)."""
+    return bool(xp.all(values >= 0))
+
+
 # -- block diagonal ----------------------------------------------------------------------
 
 
@@ -403,13 +439,16 @@ class BlockDiagonalLinearOperator(LinearOperator):
     """``blockdiag(B_1, ..., B_L)`` of operators or dense 2-D arrays.
 
     Blocks may be rectangular; a product applies each block to its slice of the
-    input's rows and concatenates the results.
+    input's rows and concatenates the results. Symmetric (PSD) if every block is.
 
     Parameters
     ----------
     blocks : sequence
         LinearOperators or 2-D arrays (wrapped in :class:`DenseLinearOperator`), all
         of one namespace and dtype.
+    symmetric, psd : bool, optional
+        Declare the whole operator symmetric / PSD (not checked); by default derived
+        from the blocks.
 
     Examples
     --------
@@ -421,7 +460,7 @@ class BlockDiagonalLinearOperator(LinearOperator):
     [0.5, 1.0, 1.0]
     """
 
-    def __init__(self, blocks):
+    def __init__(self, blocks, *, symmetric=None, psd=None):
         blocks = [_as_operator(b, f"block {i}") for i, b in enumerate(blocks)]
         if not blocks:
             raise ValueError("A block-diagonal operator needs at least one block, got none.")
@@ -433,11 +472,15 @@ class BlockDiagonalLinearOperator(LinearOperator):
             dtype=dtype,
             xp=xp,
             device=dev,
-            symmetric=all(b.is_symmetric for b in blocks),
+            symmetric=_declared_or(symmetric, psd, all(b.is_symmetric for b in blocks)),
+            psd=psd,
         )
         self.blocks = tuple(blocks)
         self._row_offsets = _offsets(rows)
         self._col_offsets = _offsets(cols)
+
+    def _infer_psd(self):
+        return all(b.is_psd for b in self.blocks)
 
     def _matmat(self, X):
         parts = [
@@ -535,9 +578,15 @@ class KroneckerLinearOperator(LinearOperator):
         One or more (usually two) LinearOperators or 2-D arrays (wrapped in
         :class:`DenseLinearOperator`), square or rectangular, all of one namespace
         and dtype.
+    symmetric, psd : bool, optional
+        Declare the product symmetric / PSD (not checked), e.g. for factors given as
+        plain arrays; by default derived from the factors.
 
     Notes
     -----
+    Symmetric if every factor is, PSD if every factor is (declare dense factors
+    with ``DenseLinearOperator(A, psd=True)``).
+
     ``inverse(damping)`` with ``damping != 0`` is exact,
     ``(A_1 x ... x A_F + d I)^{-1} = Q diag(1 / (lam + d)) Q^T`` with
     ``Q = Q_1 x ... x Q_F`` and ``lam`` the outer product of the factors'
@@ -558,7 +607,7 @@ class KroneckerLinearOperator(LinearOperator):
     True
     """
 
-    def __init__(self, *factors):
+    def __init__(self, *factors, symmetric=None, psd=None):
         if not factors:
             raise ValueError("A Kronecker product needs at least one factor, got none.")
         factors = [_as_operator(f, f"Kronecker factor {i}") for i, f in enumerate(factors)]
@@ -568,10 +617,15 @@ class KroneckerLinearOperator(LinearOperator):
             dtype=dtype,
             xp=xp,
             device=dev,
-            symmetric=all(f.is_symmetric for f in factors),
+            symmetric=_declared_or(symmetric, psd, all(f.is_symmetric for f in factors)),
+            psd=psd,
         )
         self.factors = tuple(factors)
         self._eigh_cache = None
+
+    def _infer_psd(self):
+        # The eigenvalues of a Kronecker product are the products of the factors'.
+        return all(f.is_psd for f in self.factors)
 
     def _matmat(self, X):
         fs = self.factors
@@ -710,6 +764,7 @@ class KroneckerEighLinearOperator(LinearOperator):
 
     The eigenbasis of a Kronecker product (and the operator EKFAC uses: the K-FAC
     eigenbasis with corrected eigenvalues). ``lam`` need not be an outer product.
+    Symmetric; PSD when ``lam >= 0`` (checked once, on first access of ``is_psd``).
 
     Parameters
     ----------
@@ -763,6 +818,9 @@ class KroneckerEighLinearOperator(LinearOperator):
         self.eigenvectors = tuple(eigenvectors)
         self._dims = [Q.shape[0] for Q in eigenvectors]
 
+    def _infer_psd(self):
+        return _all_nonnegative(self.eigenvalues, self.xp)
+
     def _apply_Q(self, X, transpose):
         xp = self.xp
         if transpose:
@@ -815,6 +873,7 @@ def _matmul_by(M):
 class EighLinearOperator(LinearOperator):
     """``Q diag(lam) Q^T`` for ``Q`` of shape ``(n, k)`` with orthonormal columns.
 
+    Symmetric; PSD when ``lam >= 0`` (checked once, on first access of ``is_psd``).
     With ``k < n`` this is a low-rank operator (e.g. from Lanczos or a randomized
     Nystrom approximation); its damped inverse
     ``Q diag(1 / (lam + d)) Q^T + (1 / d) (I - Q Q^T)`` is applied matrix-free.
@@ -862,6 +921,9 @@ class EighLinearOperator(LinearOperator):
         self.eigenvalues = eigenvalues
         self.eigenvectors = eigenvectors
 
+    def _infer_psd(self):
+        return _all_nonnegative(self.eigenvalues, self.xp)
+
     @property
     def rank(self) -> int:
         """Number ``k`` of eigenpairs (the rank when all eigenvalues are nonzero)."""
@@ -886,7 +948,10 @@ class EighLinearOperator(LinearOperator):
         _check_invertible_spectrum(shifted, self.xp, what)
         # Q diag(1/(lam+d)) Q^T + (1/d)(I - Q Q^T) = Q diag(1/(lam+d) - 1/d) Q^T + (1/d) I
         low_rank = EighLinearOperator(1.0 / shifted - 1.0 / damping, self.eigenvectors)
-        return DampedLinearOperator(low_rank, 1.0 / damping)
+        inverse = DampedLinearOperator(low_rank, 1.0 / damping)
+        if damping > 0 and self.is_psd:
+            inverse._psd = True  # (A + d I)^{-1} of a PSD A; the parts alone are not PSD
+        return inverse
 
     def trace(self):
         return self.xp.sum(self.eigenvalues)

@@ -1,38 +1,126 @@
-"""Shared pieces of the Krylov solvers: the result type, input checks, host bookkeeping.
+"""Shared pieces of the Krylov solvers: the result types, the system, host bookkeeping.
 
 :class:`SolveInfo` is what :func:`curvlinops.cg` and :func:`curvlinops.minres` return next
-to the solution. The rest is private: validation of operators, right-hand sides and
-options (clear ``ValueError``/``TypeError`` before any iteration), column-wise products
-that work for ``(n,)`` and ``(n, k)`` arrays alike, and :class:`BatchProgress`, the
-host-side record of which columns of a batched solve are still running. The solvers
+to the solution, with one :class:`StopReason` per system. The rest is private: the
+validated system (:func:`prepare_system`, which checks everything through
+``._validation`` before any iteration), column-wise products that work for ``(n,)`` and
+``(n, k)`` arrays alike, and :class:`BatchProgress`, the host-side record of which
+columns of a batched solve are still running. The solvers
 fetch a few per-column scalars to the host once per iteration (one small transfer) and
 make all control-flow decisions there, so the device arrays never need item access.
 
-May import: ``curvlinops._backend``, ``curvlinops.linalg``.
+May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``._validation``.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
+import enum
 from dataclasses import dataclass
 from typing import Any
 
-from .._backend import (
-    all_finite,
-    array_namespace,
-    assert_same_namespace,
-    device as array_device,
-    dtype_name,
-    namespace_name,
-    to_numpy,
+from .._backend import array_namespace, device as array_device, to_numpy
+from ..linalg import LinearOperator
+from ._validation import (
+    as_operator,
+    as_preconditioner,
+    check_count,
+    check_real,
+    check_vector,
+    require_structure,
 )
-from ..linalg import LinearOperator, aslinearoperator
 
-__all__ = ["SolveInfo", "ConvergenceError"]
+__all__ = ["SolveInfo", "StopReason", "ConvergenceError"]
 
+_REMEDIES = {
+    "converged": "Nothing to do: the residual reached max(rtol * ||b||, atol).",
+    "maxiter": (
+        "Increase maxiter, loosen rtol/atol, or add a preconditioner M (e.g. "
+        "curvlinops.nystrom_preconditioner) or damping to improve the conditioning."
+    ),
+    "negative_curvature": (
+        "The operator (plus damping) is not positive definite: add damping, or use minres "
+        "for symmetric indefinite systems. In Newton-CG, step along "
+        "info.negative_curvature_direction."
+    ),
+    "nonfinite": (
+        "The operator or preconditioner produced NaN or Inf: check its products on the "
+        "returned (last finite) iterate, its scaling, and the dtype's range."
+    ),
+    "breakdown": (
+        "The preconditioner is not positive definite, or (MINRES) the system is singular "
+        "and inconsistent: use a symmetric positive definite M, add damping, or accept the "
+        "returned minimal-residual (least-squares) iterate."
+    ),
+}
+
+
+class StopReason(str, enum.Enum):
+    """Why an iterative solve stopped, with what to do about it (:attr:`remedy`).
+
+    A ``str``-valued enum: each member equals its value (``StopReason.CONVERGED ==
+    "converged"``), prints as it (``str``, f-strings) and reprs as its name.
+
+    Attributes
+    ----------
+    CONVERGED
+        ``"converged"``: the residual tolerance was reached.
+    MAXITER
+        ``"maxiter"``: the iteration budget ran out first.
+    NEGATIVE_CURVATURE
+        ``"negative_curvature"``: CG met a direction ``p`` with ``p^T (A + damping I) p
+        <= 0``.
+    NONFINITE
+        ``"nonfinite"``: a product produced NaN or Inf.
+    BREAKDOWN
+        ``"breakdown"``: the preconditioner is not positive definite, or MINRES found an
+        invariant Krylov space without converging (singular, inconsistent system).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlinops import StopReason, cg
+    >>> x, info = cg(np.diag([1.0, 2.0]), np.ones(2), maxiter=1, damping=1.0)
+    >>> info.reason
+    StopReason.MAXITER
+    >>> info.reason == "maxiter", f"stopped: {info.reason}"
+    (True, 'stopped: maxiter')
+    >>> info.reason.remedy.startswith("Increase maxiter")
+    True
+    >>> StopReason("negative_curvature") is StopReason.NEGATIVE_CURVATURE
+    True
+    """
+
+    CONVERGED = "converged"
+    MAXITER = "maxiter"
+    NEGATIVE_CURVATURE = "negative_curvature"
+    NONFINITE = "nonfinite"
+    BREAKDOWN = "breakdown"
+
+    @property
+    def remedy(self) -> str:
+        """What to do about this outcome, in one or two sentences."""
+        return _REMEDIES[self.value]
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, format_spec) -> str:
+        return format(self.value, format_spec)
+
+    def __repr__(self) -> str:
+        return f"StopReason.{self.name}"
+
+
+# Host-side integer codes of BatchProgress (RUNNING never leaves it) and their members.
 RUNNING, CONVERGED, MAXITER, NEGATIVE_CURVATURE, NONFINITE, BREAKDOWN = range(6)
-REASONS = ("running", "converged", "maxiter", "negative_curvature", "nonfinite", "breakdown")
+REASONS = (
+    None,
+    StopReason.CONVERGED,
+    StopReason.MAXITER,
+    StopReason.NEGATIVE_CURVATURE,
+    StopReason.NONFINITE,
+    StopReason.BREAKDOWN,
+)
 
 
 @dataclass(frozen=True)
@@ -55,12 +143,14 @@ class SolveInfo:
         the true residual up to rounding).
     converged : bool or numpy.ndarray of bool
         Whether ``||r|| <= max(rtol * ||b||, atol)`` was reached.
-    reason : str or list of str
-        Why each system stopped: ``"converged"``, ``"maxiter"``, ``"negative_curvature"``
-        (CG met a direction ``p`` with ``p^T A p <= 0``), ``"nonfinite"`` (the operator or
-        preconditioner produced NaN or Inf; the last finite iterate is returned) or
-        ``"breakdown"`` (the preconditioner is not positive definite, or MINRES found an
-        invariant subspace without converging, e.g. a singular inconsistent system).
+    reason : StopReason or list of StopReason
+        Why each system stopped (a ``str`` enum, so ``info.reason == "converged"``
+        works): ``CONVERGED``, ``MAXITER``, ``NEGATIVE_CURVATURE`` (CG met a direction
+        ``p`` with ``p^T A p <= 0``), ``NONFINITE`` (the operator or preconditioner
+        produced NaN or Inf; the last finite iterate is returned) or ``BREAKDOWN`` (the
+        preconditioner is not positive definite, or MINRES found an invariant subspace
+        without converging, e.g. a singular inconsistent system). Each member's
+        ``remedy`` says what to do.
     negative_curvature_direction : array, list, or None
         CG only: the direction ``p`` with ``p^T (A + damping I) p <= 0`` that stopped the
         system (an array of shape ``(n,)``), or ``None``. For ``k`` systems a list of
@@ -70,9 +160,11 @@ class SolveInfo:
     --------
     >>> import numpy as np
     >>> from curvlinops import cg
-    >>> x, info = cg(np.diag([1.0, 2.0]), np.array([1.0, 1.0]))
+    >>> from curvlinops import aslinearoperator
+    >>> A = aslinearoperator(np.diag([1.0, 2.0]), psd=True)
+    >>> x, info = cg(A, np.array([1.0, 1.0]))
     >>> info.converged, info.reason, info.iterations
-    (True, 'converged', 2)
+    (True, StopReason.CONVERGED, 2)
     """
 
     iterations: Any
@@ -92,95 +184,6 @@ class ConvergenceError(RuntimeError):
     solvers :func:`~curvlinops.cg` and :func:`~curvlinops.minres` never raise it: they
     report non-convergence in their :class:`SolveInfo`.
     """
-
-
-# -- input checks -------------------------------------------------------------------
-
-
-def as_square_operator(A, who: str) -> LinearOperator:
-    """``A`` (operator or 2-D array) as a square :class:`LinearOperator`, or ValueError."""
-    if not isinstance(A, LinearOperator):
-        if not (hasattr(A, "ndim") and hasattr(A, "shape")):
-            raise TypeError(
-                f"{who} needs a curvlinops LinearOperator or a 2-D array as its operator, "
-                f"got a {type(A).__name__}."
-            )
-        if A.ndim != 2:
-            raise ValueError(
-                f"{who} needs a square operator of shape (n, n); got an array of shape "
-                f"{tuple(A.shape)}."
-            )
-        A = aslinearoperator(A)
-    if A.shape[0] != A.shape[1]:
-        raise ValueError(
-            f"{who} needs a square operator of shape (n, n); got shape {A.shape}. "
-            "Solve least-squares problems through the normal equations (A^T A) instead."
-        )
-    return A
-
-
-def as_preconditioner(M, A: LinearOperator, who: str):
-    """``M`` (operator, 2-D array or None) as an operator matching ``A``, or an error."""
-    if M is None:
-        return None
-    if not isinstance(M, LinearOperator):
-        if not (hasattr(M, "ndim") and hasattr(M, "shape")):
-            raise TypeError(
-                f"{who} needs a LinearOperator or a 2-D array as preconditioner M, got a "
-                f"{type(M).__name__}."
-            )
-        M = aslinearoperator(M)
-    if M.shape != A.shape:
-        raise ValueError(
-            f"{who}: the preconditioner M must have the operator's shape {A.shape}; "
-            f"got shape {M.shape}."
-        )
-    if namespace_name(M.xp) != namespace_name(A.xp):
-        raise TypeError(
-            f"{who}: the preconditioner works on {namespace_name(M.xp)} arrays but the "
-            f"operator on {namespace_name(A.xp)} arrays; build both in one library."
-        )
-    if M.dtype != A.dtype:
-        raise TypeError(
-            f"{who}: the preconditioner has dtype {dtype_name(M.dtype)} but the operator "
-            f"{dtype_name(A.dtype)}; build both in one dtype."
-        )
-    return M
-
-
-def check_real(value, name: str, who: str, *, minimum=None) -> float:
-    """A finite real number (optionally ``>= minimum``), or ValueError/TypeError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{who}: {name} must be a real number, got {value!r}.")
-    value = float(value)
-    if not math.isfinite(value) or (minimum is not None and value < minimum):
-        bound = "" if minimum is None else f" and >= {minimum}"
-        raise ValueError(f"{who}: {name} must be finite{bound}, got {value}.")
-    return value
-
-
-def check_count(value, name: str, who: str, *, minimum: int) -> int:
-    """An integer ``>= minimum``, or ValueError/TypeError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{who}: {name} must be an integer, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{who}: {name} must be >= {minimum}, got {value}.")
-    return int(value)
-
-
-def check_rhs(A: LinearOperator, b, who: str, what: str = "right-hand side b"):
-    """Validate ``b`` (namespace, shape ``(n,)``/``(n, k)``, dtype, device, finiteness)."""
-    assert_same_namespace(A.xp, b, what=what)
-    n = A.shape[0]
-    if b.ndim not in (1, 2) or b.shape[0] != n:
-        raise ValueError(
-            f"{who}: the {what} must have shape ({n},) or ({n}, k) for an operator of shape "
-            f"{A.shape}; got shape {tuple(b.shape)}."
-        )
-    b = A._check_input(b, n, ndim=b.ndim, what=what)
-    if not all_finite(b, A.xp):
-        raise ValueError(f"{who}: the {what} contains NaN or Inf; pass finite values.")
-    return b
 
 
 @dataclass
@@ -215,22 +218,26 @@ class LinearSystem:
         return X if self.M is None else matmat(self.M, X)
 
 
-def prepare_system(who, A, b, x0, *, M, damping, rtol, atol, maxiter, maxiter_per_dim):
-    """Check every input of a solver call; raise before any iteration runs."""
-    A = as_square_operator(A, who)
-    b = check_rhs(A, b, who)
+def prepare_system(who, A, b, x0, *, M, damping, rtol, atol, maxiter, maxiter_per_dim, assumes):
+    """Check every input of a solver call; raise before any iteration runs.
+
+    ``assumes`` (``"psd"`` for CG, ``"symmetric"`` for MINRES) goes through the
+    structure rule of ``._validation`` after the arrays and options are checked;
+    ``None`` skips it (the iterative inverses apply it once, at construction).
+    """
+    A = as_operator(A, who)
+    b = check_vector(A, b, who, "right-hand side b").array
     if x0 is not None:
-        assert_same_namespace(A.xp, x0, what="initial guess x0")
+        x0 = check_vector(A, x0, who, "initial guess x0").array
         if tuple(x0.shape) != tuple(b.shape):
             raise ValueError(
                 f"{who}: the initial guess x0 must have the shape of b, {tuple(b.shape)}; "
                 f"got shape {tuple(x0.shape)}."
             )
-        x0 = check_rhs(A, x0, who, what="initial guess x0")
     M = as_preconditioner(M, A, who)
     if maxiter is None:
         maxiter = maxiter_per_dim * A.shape[0]
-    return LinearSystem(
+    system = LinearSystem(
         A=A,
         M=M,
         B=b,
@@ -240,6 +247,9 @@ def prepare_system(who, A, b, x0, *, M, damping, rtol, atol, maxiter, maxiter_pe
         atol=check_real(atol, "atol", who, minimum=0.0),
         maxiter=check_count(maxiter, "maxiter", who, minimum=0),
     )
+    if assumes is not None:
+        require_structure(A, who, assumes, damping=system.damping)
+    return system
 
 
 # -- column-wise array helpers -------------------------------------------------------

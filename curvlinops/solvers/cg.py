@@ -6,10 +6,10 @@ them ``(n, k)``. The ``k`` systems advance together: one ``A.matmat`` (and one
 its own stopping decision. It detects non-positive curvature (what Newton-CG and
 Hessian-free optimizers need) and NaN/Inf produced by the operator.
 
-Also exports :class:`SolveInfo` (the result record shared with :func:`curvlinops.minres`)
-and :class:`ConvergenceError`.
+Also exports :class:`SolveInfo` (the result record shared with :func:`curvlinops.minres`),
+:class:`StopReason` and :class:`ConvergenceError`.
 
-May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``._common``.
+May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``._common``, ``._validation``.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from ._common import (
     BatchProgress,
     ConvergenceError,
     SolveInfo,
+    StopReason,
     coldot,
     prepare_system,
     to_host,
 )
+from ._validation import PSD, AssumptionWarning, warn_assumption
 
-__all__ = ["cg", "SolveInfo", "ConvergenceError"]
+__all__ = ["cg", "SolveInfo", "StopReason", "ConvergenceError", "AssumptionWarning"]
 
 
 def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, damping=0.0, callback=None):
@@ -37,8 +39,8 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, damping=0.0,
     ----------
     A : LinearOperator or array
         Square, symmetric positive (semi-)definite operator ``(n, n)``; a 2-D array is
-        wrapped with :func:`curvlinops.aslinearoperator`. Symmetry is assumed, not
-        checked.
+        wrapped with :func:`curvlinops.aslinearoperator` (its symmetry checked). CG
+        consults the operator's tags ``is_symmetric`` and ``is_psd`` (see Notes).
     b : array
         Right-hand side ``(n,)``, or ``k`` right-hand sides ``(n, k)`` solved together,
         in the operator's namespace. Must be finite.
@@ -71,12 +73,30 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, damping=0.0,
     ------
     ValueError
         Non-square operator, ``b``/``x0``/``M`` of the wrong shape, NaN or Inf in ``b``
-        or ``x0``, negative ``rtol``/``atol``/``maxiter``.
+        or ``x0``, negative ``rtol``/``atol``/``maxiter``; an operator not declared
+        symmetric that a random symmetry probe shows is not symmetric.
     TypeError
-        ``b`` of another array library than the operator, or of a dtype it cannot take.
+        ``b`` of another array library than the operator, or of a dtype it cannot take;
+        a non-integer ``maxiter``, a non-number ``rtol``/``atol``/``damping``.
+
+    Warns
+    -----
+    AssumptionWarning
+        If the operator is not declared symmetric (after the probe passed), or is
+        declared symmetric but not PSD and ``damping <= 0``; also if it is declared
+        PSD and CG still met negative curvature (the declaration is wrong, or rounding
+        on a singular operator: add damping).
 
     Notes
     -----
+    Structure: CG relies on a symmetric positive definite ``A + damping I``. An
+    operator declared PSD (``is_psd``: the curvature operators GGN, Fisher, K-FAC, ...,
+    or ``aslinearoperator(A, psd=True)``) runs silently. Symmetric but not known PSD
+    (the Hessian) runs and warns unless ``damping > 0``; non-positive curvature is then
+    reported as ``StopReason.NEGATIVE_CURVATURE``, which is what Newton-CG needs. Not
+    declared symmetric: one extra product with two random vectors tests symmetry
+    (error if it fails, warning if it passes).
+
     A system stops early with reason
 
     - ``"negative_curvature"`` when a search direction ``p`` has ``p^T (A + damping I) p
@@ -94,10 +114,10 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, damping=0.0,
     --------
     >>> import numpy as np
     >>> from curvlinops import aslinearoperator, cg
-    >>> A = aslinearoperator(np.array([[4.0, 1.0], [1.0, 3.0]]), symmetric=True)
+    >>> A = aslinearoperator(np.array([[4.0, 1.0], [1.0, 3.0]]), psd=True)
     >>> x, info = cg(A, np.array([1.0, 2.0]), rtol=1e-10)
     >>> np.round(x, 6).tolist(), info.reason, info.iterations
-    ([0.090909, 0.636364], 'converged', 2)
+    ([0.090909, 0.636364], StopReason.CONVERGED, 2)
 
     Two right-hand sides in one batch, and a damped system:
 
@@ -105,17 +125,29 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, damping=0.0,
     >>> bool(np.allclose(X, np.linalg.inv(A.to_dense() + np.eye(2))))
     True
     >>> info.reason
-    ['converged', 'converged']
+    [StopReason.CONVERGED, StopReason.CONVERGED]
 
-    Non-positive curvature is reported with its direction:
+    Non-positive curvature is reported with its direction (and a warning that the
+    operator is not declared PSD, silenced here):
 
-    >>> x, info = cg(np.diag([1.0, -1.0]), np.array([1.0, 1.0]))
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore", AssumptionWarning)
+    ...     x, info = cg(np.diag([1.0, -1.0]), np.array([1.0, 1.0]))
     >>> p = info.negative_curvature_direction
     >>> info.reason, bool(p @ np.diag([1.0, -1.0]) @ p <= 0)
-    ('negative_curvature', True)
+    (StopReason.NEGATIVE_CURVATURE, True)
+    >>> info.reason.remedy.split(":")[0]
+    'The operator (plus damping) is not positive definite'
     """
+    return _cg(A, b, x0, rtol, atol, maxiter, M, damping, callback, assumes=PSD, who="cg")
+
+
+def _cg(A, b, x0, rtol, atol, maxiter, M, damping, callback, *, assumes, who):
+    """:func:`cg` with the structure rule made optional (``assumes=None``: checked by
+    the caller already, as :class:`~curvlinops.CGInverseLinearOperator` does once)."""
     system = prepare_system(
-        "cg",
+        who,
         A,
         b,
         x0,
@@ -125,8 +157,25 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, damping=0.0,
         atol=atol,
         maxiter=maxiter,
         maxiter_per_dim=10,
+        assumes=assumes,
     )
-    return _batched_cg(system, callback)
+    x, info = _batched_cg(system, callback)
+    _check_declared_psd(system, info, who)
+    return x, info
+
+
+def _check_declared_psd(system, info, who):
+    """Warn when an operator declared PSD showed non-positive curvature."""
+    if not (system.A.is_psd and system.damping >= 0):
+        return
+    reasons = info.reason if isinstance(info.reason, list) else [info.reason]
+    if StopReason.NEGATIVE_CURVATURE in reasons:
+        warn_assumption(
+            f"{who}: the {type(system.A).__name__} is declared positive semi-definite, but CG "
+            "met a direction p with p^T (A + damping I) p <= 0. Either the declaration is "
+            "wrong (check it with curvlinops.verify.check_psd), or A is singular and "
+            "rounding made it look indefinite: add damping > 0."
+        )
 
 
 def _batched_cg(system, callback):

@@ -18,13 +18,18 @@ vector at a time). Probes are Rademacher (+-1) or standard normal; both satisfy
 Results are 0-d arrays (trace, squared norm) or ``(n,)`` arrays (diagonal) of the
 operator's namespace.
 
-May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``.lanczos`` (validation).
+Structure: every estimator here is unbiased for any square operator, symmetric or
+not, so none of them requires a structure tag (and none warns). The variance
+formulas in the docstrings are for symmetric operators, and the fast ``1/m`` error
+decay of Hutch++ and XTrace holds for PSD operators (or a fast-decaying spectrum).
+
+May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``._validation``.
 """
 
 from __future__ import annotations
 
 from .._backend import as_generator, dtype_eps, solve_triangular
-from .lanczos import _as_square_operator, _check_positive_int
+from ._validation import as_operator, check_choice, check_count
 
 __all__ = [
     "hutchinson_diagonal",
@@ -41,25 +46,13 @@ _DISTRIBUTIONS = ("rademacher", "normal")
 # -- shared helpers ---------------------------------------------------------------------
 
 
-def _check_distribution(distribution, caller: str) -> str:
-    if distribution not in _DISTRIBUTIONS:
-        raise ValueError(
-            f"{caller}: unknown distribution={distribution!r}; use 'rademacher' or 'normal'."
-        )
-    return distribution
-
-
-def _setup(A, num_matvecs, distribution, caller: str, minimum: int = 1):
+def _setup(A, num_matvecs, distribution, caller: str, minimum: int = 1, batch_size=None):
     """Validate the common arguments; return the square operator."""
-    A = _as_square_operator(A, caller)
-    _check_distribution(distribution, caller)
-    if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, int):
-        raise ValueError(f"{caller}: num_matvecs must be an integer, got {num_matvecs!r}.")
-    if num_matvecs < minimum:
-        raise ValueError(
-            f"{caller} needs num_matvecs >= {minimum} (products with the operator), "
-            f"got {num_matvecs}."
-        )
+    A = as_operator(A, caller)
+    check_choice(distribution, "distribution", caller, _DISTRIBUTIONS)
+    check_count(num_matvecs, "num_matvecs", caller, minimum=minimum)
+    if batch_size is not None:
+        check_count(batch_size, "batch_size", caller)
     return A
 
 
@@ -74,7 +67,6 @@ def _batches(total: int, batch_size):
     """Sizes of consecutive batches that add up to ``total``."""
     if batch_size is None:
         return [total]
-    batch_size = _check_positive_int(batch_size, "batch_size", "estimator")
     sizes = [batch_size] * (total // batch_size)
     if total % batch_size:
         sizes.append(total % batch_size)
@@ -125,7 +117,7 @@ def hutchinson_trace(A, num_matvecs: int, *, seed=0, distribution="rademacher", 
     >>> float(hutchinson_trace(A, 10, seed=0))  # exact for diagonal A with +-1 probes
     6.0
     """
-    A = _setup(A, num_matvecs, distribution, "hutchinson_trace")
+    A = _setup(A, num_matvecs, distribution, "hutchinson_trace", batch_size=batch_size)
     xp = A.xp
     total = _hutchinson_sum(
         A, num_matvecs, seed, distribution, batch_size, lambda V, AV: xp.sum(V * AV)
@@ -163,7 +155,7 @@ def hutchinson_diagonal(A, num_matvecs: int, *, seed=0, distribution="rademacher
     >>> hutchinson_diagonal(A, 5, seed=0).tolist()
     [1.0, 2.0, 3.0]
     """
-    A = _setup(A, num_matvecs, distribution, "hutchinson_diagonal")
+    A = _setup(A, num_matvecs, distribution, "hutchinson_diagonal", batch_size=batch_size)
     xp = A.xp
     total = _hutchinson_sum(
         A, num_matvecs, seed, distribution, batch_size, lambda V, AV: xp.sum(V * AV, axis=1)
@@ -202,7 +194,7 @@ def hutchinson_squared_frobenius(
     >>> float(hutchinson_squared_frobenius(A, 4, seed=0))  # 1 + 4 + 9, exact here
     14.0
     """
-    A = _setup(A, num_matvecs, distribution, "hutchinson_squared_frobenius")
+    A = _setup(A, num_matvecs, distribution, "hutchinson_squared_frobenius", batch_size=batch_size)
     xp = A.xp
     total = _hutchinson_sum(
         A, num_matvecs, seed, distribution, batch_size, lambda V, AV: xp.sum(AV * AV)

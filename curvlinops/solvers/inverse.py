@@ -7,23 +7,30 @@ on all columns of a matmat at once and keep the record of the last solve in
 the (optionally preconditioned) Neumann series: cheap, differentiable in the operator's
 library, but only an approximation.
 
-May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``._common``, ``.cg``,
-``.minres``.
+The structure rule of the solvers (``._validation``) runs once, when the inverse is
+built (not at every product): the CG inverse assumes a PSD operator, the MINRES
+inverse a symmetric one. The inverses carry tags too: both are symmetric, and PSD
+when ``A`` is PSD and ``damping >= 0``.
+
+May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``._common``,
+``._validation``, ``.cg``, ``.minres``.
 """
 
 from __future__ import annotations
 
 from ..linalg import LinearOperator
-from ._common import (
-    ConvergenceError,
+from ._common import ConvergenceError, StopReason, matmat
+from ._validation import (
+    PSD,
+    SYMMETRIC,
+    as_operator,
     as_preconditioner,
-    as_square_operator,
     check_count,
     check_real,
-    matmat,
+    require_structure,
 )
-from .cg import cg
-from .minres import minres
+from .cg import _cg
+from .minres import _minres
 
 __all__ = [
     "CGInverseLinearOperator",
@@ -37,6 +44,7 @@ class _KrylovInverseLinearOperator(LinearOperator):
 
     _solver = None
     _name = ""
+    _assumes = None
 
     def __init__(
         self,
@@ -51,9 +59,18 @@ class _KrylovInverseLinearOperator(LinearOperator):
         strict=False,
     ):
         who = type(self).__name__
-        A = as_square_operator(A, who)
+        A = as_operator(A, who)
         M = as_preconditioner(M, A, who)
-        super().__init__(A.shape, dtype=A.dtype, xp=A.xp, device=A.device, symmetric=True)
+        damping = check_real(damping, "damping", who)
+        require_structure(A, who, self._assumes, damping=damping)
+        super().__init__(
+            A.shape,
+            dtype=A.dtype,
+            xp=A.xp,
+            device=A.device,
+            symmetric=True,
+            psd=A.is_psd and damping >= 0,
+        )
         self.operator = A
         self.strict = bool(strict)
         self.options = {
@@ -61,21 +78,37 @@ class _KrylovInverseLinearOperator(LinearOperator):
             "atol": check_real(atol, "atol", who, minimum=0.0),
             "maxiter": None if maxiter is None else check_count(maxiter, "maxiter", who, minimum=0),
             "M": M,
-            "damping": check_real(damping, "damping", who),
+            "damping": damping,
             "callback": callback,
         }
         self.last_info = None
 
     def _matmat(self, X):
-        solution, info = type(self)._solver(self.operator, X, **self.options)
+        o = self.options
+        solution, info = type(self)._solver(
+            self.operator,
+            X,
+            None,
+            o["rtol"],
+            o["atol"],
+            o["maxiter"],
+            o["M"],
+            o["damping"],
+            o["callback"],
+            assumes=None,
+            who=type(self).__name__,
+        )
         self.last_info = info
         if self.strict and not bool(info.converged.all()):
-            failed = [(j, r) for j, r in enumerate(info.reason) if r != "converged"]
+            failed = [(j, r) for j, r in enumerate(info.reason) if r != StopReason.CONVERGED]
+            remedies = "; ".join(
+                f"{reason}: {reason.remedy}" for reason in dict.fromkeys(r for _, r in failed)
+            )
+            listed = ", ".join(f"({j}, {r})" for j, r in failed[:10])
             raise ConvergenceError(
                 f"{type(self).__name__}: {self._name} did not converge for "
-                f"{len(failed)} of {len(info.reason)} columns (column, reason): {failed[:10]}. "
-                "Increase maxiter, loosen rtol/atol, add damping or a preconditioner M, or "
-                "pass strict=False to accept the result (see last_info)."
+                f"{len(failed)} of {len(info.reason)} columns (column, reason): {listed}. "
+                f"{remedies} Or pass strict=False to accept the result (see last_info)."
             )
         return solution
 
@@ -89,7 +122,9 @@ class CGInverseLinearOperator(_KrylovInverseLinearOperator):
     Parameters
     ----------
     A : LinearOperator or array
-        Square symmetric positive definite operator (symmetry is assumed).
+        Square symmetric positive definite operator. Its structure tags are consulted
+        once, here, under the rule of :func:`curvlinops.cg` (warning if it is not
+        declared PSD and ``damping <= 0``).
     rtol, atol, maxiter, M, damping, callback
         Options of :func:`curvlinops.cg`, used for every product.
     strict : bool
@@ -114,16 +149,18 @@ class CGInverseLinearOperator(_KrylovInverseLinearOperator):
     --------
     >>> import numpy as np
     >>> from curvlinops import CGInverseLinearOperator
+    >>> from curvlinops import aslinearoperator
     >>> A = np.array([[4.0, 1.0], [1.0, 3.0]])
-    >>> Ainv = CGInverseLinearOperator(A, rtol=1e-12)
+    >>> Ainv = CGInverseLinearOperator(aslinearoperator(A, psd=True), rtol=1e-12)
     >>> bool(np.allclose(Ainv @ np.eye(2), np.linalg.inv(A)))
     True
-    >>> Ainv.last_info.reason
-    ['converged', 'converged']
+    >>> Ainv.last_info.reason, Ainv.is_psd
+    ([StopReason.CONVERGED, StopReason.CONVERGED], True)
     """
 
-    _solver = staticmethod(cg)
+    _solver = staticmethod(_cg)
     _name = "CG"
+    _assumes = PSD
 
 
 class MINRESInverseLinearOperator(_KrylovInverseLinearOperator):
@@ -134,7 +171,8 @@ class MINRESInverseLinearOperator(_KrylovInverseLinearOperator):
     Parameters
     ----------
     A : LinearOperator or array
-        Square symmetric invertible operator (symmetry is assumed).
+        Square symmetric invertible operator. Its ``is_symmetric`` tag is consulted
+        once, here, under the rule of :func:`curvlinops.minres`.
     rtol, atol, maxiter, M, damping, callback
         Options of :func:`curvlinops.minres` (``M`` must be positive definite), used
         for every product.
@@ -165,8 +203,9 @@ class MINRESInverseLinearOperator(_KrylovInverseLinearOperator):
     True
     """
 
-    _solver = staticmethod(minres)
+    _solver = staticmethod(_minres)
     _name = "MINRES"
+    _assumes = SYMMETRIC
 
 
 class NeumannInverseLinearOperator(LinearOperator):
@@ -218,17 +257,14 @@ class NeumannInverseLinearOperator(LinearOperator):
 
     def __init__(self, A, num_terms, scale, M=None):
         who = type(self).__name__
-        A = as_square_operator(A, who)
+        A = as_operator(A, who)
         M = as_preconditioner(M, A, who)
         symmetric = A.is_symmetric and (M is None or M.is_symmetric)
         super().__init__(A.shape, dtype=A.dtype, xp=A.xp, device=A.device, symmetric=symmetric)
         self.operator = A
         self.preconditioner = M
         self.num_terms = check_count(num_terms, "num_terms", who, minimum=1)
-        scale = check_real(scale, "scale", who)
-        if scale <= 0:
-            raise ValueError(f"{who}: scale must be positive, got {scale}.")
-        self.scale = scale
+        self.scale = check_real(scale, "scale", who, positive=True)
 
     def _series(self, A, M, B):
         scale = self.scale

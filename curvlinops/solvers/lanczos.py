@@ -15,7 +15,11 @@ Public functions:
   Lanczos (sorted ascending like :func:`scipy.sparse.linalg.eigsh`).
 - :func:`power_iteration`: the eigenpair of largest magnitude.
 
-May import: ``curvlinops._backend``, ``curvlinops.linalg``.
+All three need a symmetric operator: they consult its ``is_symmetric`` tag under the
+structure rule of ``._validation`` (silent when declared; otherwise a symmetry probe,
+an error if it fails and an :class:`~curvlinops.AssumptionWarning` if it passes).
+
+May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``._common``, ``._validation``.
 """
 
 from __future__ import annotations
@@ -23,41 +27,23 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .._backend import array_namespace, as_generator, device as _device_of, dtype_eps
-from ..linalg import LinearOperator, aslinearoperator
 from ._common import ConvergenceError
+from ._validation import (
+    SYMMETRIC,
+    as_operator,
+    check_choice,
+    check_count,
+    check_real,
+    check_vector,
+    require_structure,
+)
 
 __all__ = ["LanczosResult", "eigsh", "lanczos", "power_iteration"]
 
 _WHICH = ("LA", "SA", "LM")
 
 
-# -- validation shared by the algorithms of this folder -------------------------------
-
-
-def _as_square_operator(A, caller: str) -> LinearOperator:
-    """Return ``A`` as a square :class:`LinearOperator` or raise a clear error."""
-    if not isinstance(A, LinearOperator):
-        if not (hasattr(A, "ndim") and hasattr(A, "shape")) and not _is_scipy_like(A):
-            raise TypeError(
-                f"{caller} needs a curvlinops LinearOperator (or a 2-D array), got a "
-                f"{type(A).__name__}. Wrap it with curvlinops.aslinearoperator first."
-            )
-        A = aslinearoperator(A)
-    if A.shape[0] != A.shape[1]:
-        raise ValueError(f"{caller} needs a square operator, got shape {A.shape}.")
-    if A.shape[0] == 0:
-        raise ValueError(f"{caller} needs a non-empty operator, got shape {A.shape}.")
-    return A
-
-
-def _is_scipy_like(A) -> bool:
-    return hasattr(A, "matvec") and hasattr(A, "shape") and hasattr(A, "dtype")
-
-
-def _check_positive_int(value, name: str, caller: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{caller}: {name} must be a positive integer, got {value!r}.")
-    return int(value)
+# -- start vectors ---------------------------------------------------------------------
 
 
 def _unit_start_vectors(A, v0, num: int, gen, caller: str):
@@ -66,12 +52,7 @@ def _unit_start_vectors(A, v0, num: int, gen, caller: str):
     if v0 is None:
         V = gen.normal((num, n), A.dtype)
     else:
-        if getattr(v0, "ndim", None) != 1 or v0.shape[0] != n:
-            raise ValueError(
-                f"{caller}: v0 must be a vector of shape ({n},), got "
-                f"{tuple(getattr(v0, 'shape', ()))}."
-            )
-        v0 = A._check_input(v0, n, ndim=1, what="start vector v0")
+        v0 = check_vector(A, v0, caller, "start vector v0", ndim=1).array
         V = v0[None, :]
     norms = xp.linalg.vector_norm(V, axis=1)
     if float(xp.min(norms)) == 0.0:
@@ -272,7 +253,15 @@ def lanczos(A, num_steps: int, *, v0=None, seed=0) -> LanczosResult:
     Raises
     ------
     ValueError
-        If ``A`` is not square or ``num_steps`` is not in ``[1, n]``.
+        If ``A`` is not square, ``num_steps`` is not in ``[1, n]``, or ``A`` is not
+        declared symmetric and a symmetry probe shows it is not.
+    TypeError
+        A non-integer ``num_steps``, a ``v0`` of another library or dtype.
+
+    Warns
+    -----
+    AssumptionWarning
+        If ``A`` is not declared symmetric (and the probe passed).
 
     Examples
     --------
@@ -283,13 +272,10 @@ def lanczos(A, num_steps: int, *, v0=None, seed=0) -> LanczosResult:
     >>> np.round(np.linalg.eigvalsh(res.tridiagonal()), 8).tolist()
     [1.0, 2.0, 3.0, 4.0]
     """
-    A = _as_square_operator(A, "lanczos")
+    A = as_operator(A, "lanczos", nonempty=True)
     n = A.shape[0]
-    num_steps = _check_positive_int(num_steps, "num_steps", "lanczos")
-    if num_steps > n:
-        raise ValueError(
-            f"lanczos: num_steps must be at most the dimension n = {n}, got {num_steps}."
-        )
+    num_steps = check_count(num_steps, "num_steps", "lanczos", minimum=1, maximum=n)
+    require_structure(A, "lanczos", SYMMETRIC)
     gen = as_generator(seed, A.xp, A.device)
     V0 = _unit_start_vectors(A, v0, 1, gen, "lanczos")
     alphas, betas, basis = _batched_lanczos(A, V0, num_steps, gen)
@@ -303,15 +289,6 @@ def _wanted_order(theta, which: str, xp):
     if which == "SA":
         return xp.argsort(theta)
     return xp.argsort(xp.abs(theta), descending=True)
-
-
-def _check_which(which) -> str:
-    if which not in _WHICH:
-        raise ValueError(
-            f"eigsh: unknown which={which!r}; use 'LA' (largest algebraic), 'SA' "
-            "(smallest algebraic) or 'LM' (largest magnitude)."
-        )
-    return which
 
 
 def _projected_matrix(kept_theta, coeffs, m: int, xp, dtype, dev):
@@ -352,7 +329,8 @@ def eigsh(A, k: int = 6, *, which: str = "LA", maxiter=None, tol=None, ncv=None,
     Parameters
     ----------
     A : LinearOperator
-        Symmetric ``(n, n)`` operator (symmetry is assumed, not checked).
+        Symmetric ``(n, n)`` operator; its ``is_symmetric`` tag is consulted (see
+        :func:`lanczos`).
     k : int
         Number of eigenpairs, ``1 <= k < n``.
     which : {"LA", "SA", "LM"}
@@ -381,7 +359,9 @@ def eigsh(A, k: int = 6, *, which: str = "LA", maxiter=None, tol=None, ncv=None,
     ------
     ValueError
         Non-square ``A``, ``k`` not in ``[1, n)``, ``ncv`` not in ``(k, n]``, unknown
-        ``which``.
+        ``which``; ``A`` not declared symmetric and a symmetry probe shows it is not.
+    TypeError
+        Non-integer ``k``, ``ncv`` or ``maxiter``, non-number ``tol``.
     ConvergenceError
         If the pairs have not converged after ``maxiter`` products (a subclass of
         RuntimeError; the message says how many pairs reached ``tol``).
@@ -395,22 +375,22 @@ def eigsh(A, k: int = 6, *, which: str = "LA", maxiter=None, tol=None, ncv=None,
     >>> np.round(lam, 8).tolist(), Q.shape
     ([28.0, 29.0, 30.0], (30, 3))
     """
-    A = _as_square_operator(A, "eigsh")
+    A = as_operator(A, "eigsh", nonempty=True)
     xp, n, dtype, dev = A.xp, A.shape[0], A.dtype, A.device
-    which = _check_which(which)
-    k = _check_positive_int(k, "k", "eigsh")
+    which = check_choice(which, "which", "eigsh", _WHICH)
+    k = check_count(k, "k", "eigsh", minimum=1)
     if k >= n:
         raise ValueError(
             f"eigsh: k must be smaller than the dimension n = {n}, got k = {k}. "
             "For all eigenpairs, densify the operator and use a dense eigh."
         )
-    ncv = min(n, max(2 * k + 1, 20)) if ncv is None else _check_positive_int(ncv, "ncv", "eigsh")
-    if not k < ncv <= n:
-        raise ValueError(f"eigsh: ncv must satisfy k < ncv <= n, i.e. {k} < ncv <= {n}; got {ncv}.")
-    maxiter = (
-        max(100, 10 * n) if maxiter is None else _check_positive_int(maxiter, "maxiter", "eigsh")
-    )
-    tol = 100.0 * dtype_eps(dtype) if tol is None else float(tol)
+    if ncv is None:
+        ncv = min(n, max(2 * k + 1, 20))
+    else:
+        ncv = check_count(ncv, "ncv", "eigsh", minimum=k + 1, maximum=n)
+    maxiter = max(100, 10 * n) if maxiter is None else check_count(maxiter, "maxiter", "eigsh")
+    tol = 100.0 * dtype_eps(dtype) if tol is None else check_real(tol, "tol", "eigsh", minimum=0)
+    require_structure(A, "eigsh", SYMMETRIC)
 
     gen = as_generator(seed, xp, dev)
     V = _unit_start_vectors(A, v0, 1, gen, "eigsh")
@@ -463,7 +443,8 @@ def power_iteration(A, *, maxiter: int = 1000, tol=None, seed=0, v0=None):
     Parameters
     ----------
     A : LinearOperator
-        Symmetric ``(n, n)`` operator.
+        Symmetric ``(n, n)`` operator; its ``is_symmetric`` tag is consulted (see
+        :func:`lanczos`).
     maxiter : int
         Maximum number of products with ``A``.
     tol : float, optional
@@ -496,10 +477,12 @@ def power_iteration(A, *, maxiter: int = 1000, tol=None, seed=0, v0=None):
     >>> round(float(lam), 6), np.round(np.abs(v), 6).tolist()
     (10.0, [0.0, 0.0, 1.0])
     """
-    A = _as_square_operator(A, "power_iteration")
+    who = "power_iteration"
+    A = as_operator(A, who, nonempty=True)
     xp = A.xp
-    maxiter = _check_positive_int(maxiter, "maxiter", "power_iteration")
-    tol = dtype_eps(A.dtype) ** 0.5 if tol is None else float(tol)
+    maxiter = check_count(maxiter, "maxiter", who)
+    tol = dtype_eps(A.dtype) ** 0.5 if tol is None else check_real(tol, "tol", who, minimum=0)
+    require_structure(A, who, SYMMETRIC)
     gen = as_generator(seed, xp, A.device)
     v = _unit_start_vectors(A, v0, 1, gen, "power_iteration")[0, :]
     residual = float("inf")

@@ -6,13 +6,14 @@ The ``k`` systems advance together with one ``A.matmat`` (and one ``M.matmat``) 
 iteration; the Lanczos and Givens-rotation scalars are ``(k,)`` arrays, so each column
 has its own recurrence and its own stopping decision.
 
-May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``._common``.
+May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``._common``, ``._validation``.
 """
 
 from __future__ import annotations
 
 from .._backend import dtype_eps
 from ._common import BREAKDOWN, CONVERGED, NONFINITE, BatchProgress, coldot, prepare_system, to_host
+from ._validation import SYMMETRIC
 
 __all__ = ["minres"]
 
@@ -28,8 +29,8 @@ def minres(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, damping=
     ----------
     A : LinearOperator or array
         Square symmetric operator ``(n, n)``, possibly indefinite or singular; a 2-D
-        array is wrapped with :func:`curvlinops.aslinearoperator`. Symmetry is assumed,
-        not checked.
+        array is wrapped with :func:`curvlinops.aslinearoperator` (its symmetry
+        checked). MINRES consults the tag ``is_symmetric`` (see Notes).
     b : array
         Right-hand side ``(n,)``, or ``k`` right-hand sides ``(n, k)`` solved together,
         in the operator's namespace. Must be finite.
@@ -64,12 +65,25 @@ def minres(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, damping=
     ------
     ValueError
         Non-square operator, ``b``/``x0``/``M`` of the wrong shape, NaN or Inf in ``b``
-        or ``x0``, negative ``rtol``/``atol``/``maxiter``.
+        or ``x0``, negative ``rtol``/``atol``/``maxiter``; an operator not declared
+        symmetric that a random symmetry probe shows is not symmetric.
     TypeError
-        ``b`` of another array library than the operator, or of a dtype it cannot take.
+        ``b`` of another array library than the operator, or of a dtype it cannot take;
+        a non-integer ``maxiter``, a non-number ``rtol``/``atol``/``damping``.
+
+    Warns
+    -----
+    AssumptionWarning
+        If the operator is not declared symmetric (and the symmetry probe passed).
 
     Notes
     -----
+    Structure: MINRES needs a symmetric operator, definiteness is not needed. A
+    declared symmetric operator (``is_symmetric``: every curvature operator but the
+    Jacobians, or ``aslinearoperator(A, symmetric=True)``) runs silently; otherwise one
+    extra product with two random vectors tests symmetry (error if it fails, warning if
+    it passes).
+
     Without a preconditioner the residual norm is MINRES's recurrence ``phibar_j``, which
     equals ``||r_j||`` in exact arithmetic. With one, that recurrence gives the ``M``-norm,
     so the residual vector itself is updated alongside the iterate (``r <- r - phi A w``,
@@ -90,7 +104,7 @@ def minres(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, damping=
     >>> b = np.array([1.0, 0.0, 2.0])
     >>> x, info = minres(A, b, rtol=1e-12)
     >>> bool(np.allclose(x, np.linalg.solve(A, b))), info.reason
-    (True, 'converged')
+    (True, StopReason.CONVERGED)
 
     Several right-hand sides in one batch, each with its own recurrence:
 
@@ -98,8 +112,13 @@ def minres(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, damping=
     >>> bool(np.allclose(X, np.linalg.inv(A))), info.converged.tolist()
     (True, [True, True, True])
     """
+    return _minres(A, b, x0, rtol, atol, maxiter, M, damping, callback, assumes=SYMMETRIC)
+
+
+def _minres(A, b, x0, rtol, atol, maxiter, M, damping, callback, *, assumes, who="minres"):
+    """:func:`minres` with the structure rule made optional (``assumes=None``)."""
     system = prepare_system(
-        "minres",
+        who,
         A,
         b,
         x0,
@@ -109,6 +128,7 @@ def minres(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, damping=
         atol=atol,
         maxiter=maxiter,
         maxiter_per_dim=5,
+        assumes=assumes,
     )
     return _batched_minres(system, callback)
 

@@ -13,7 +13,13 @@ and the shift is removed from the eigenvalues afterwards.
 of Frangella et al. for ``(A + mu I) x = b``, to be passed as ``M=`` to
 :func:`curvlinops.cg`.
 
-May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``.lanczos`` (validation).
+Structure: :func:`nystrom` needs a PSD operator and consults its tags under the rule
+of ``._validation``: silent when ``is_psd``; an :class:`~curvlinops.AssumptionWarning`
+when it is only symmetric; a symmetry probe (error if it fails, warning if it passes)
+when it is not even declared symmetric. The preconditioner is symmetric positive
+definite (tagged PSD).
+
+May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``._validation``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from .._backend import (
     solve_triangular,
 )
 from ..linalg import EighLinearOperator, LinearOperator
-from .lanczos import _as_square_operator, _check_positive_int
+from ._validation import PSD, as_operator, check_count, check_real, require_structure
 
 __all__ = ["NystromPreconditioner", "nystrom", "nystrom_preconditioner"]
 
@@ -45,7 +51,8 @@ def nystrom(A, rank: int, *, seed=0, oversampling: int = 10) -> EighLinearOperat
     Parameters
     ----------
     A : LinearOperator
-        Symmetric positive semi-definite ``(n, n)`` operator.
+        Symmetric positive semi-definite ``(n, n)`` operator; its ``is_psd`` tag is
+        consulted (see the module's structure rule).
     rank : int
         Rank ``r`` of the returned approximation, ``1 <= r <= n``.
     seed
@@ -63,9 +70,18 @@ def nystrom(A, rank: int, *, seed=0, oversampling: int = 10) -> EighLinearOperat
     Raises
     ------
     ValueError
-        Non-square ``A``, ``rank`` not in ``[1, n]``, negative ``oversampling``.
+        Non-square ``A``, ``rank`` not in ``[1, n]``, negative ``oversampling``; ``A``
+        not declared symmetric and a symmetry probe shows it is not.
+    TypeError
+        Non-integer ``rank`` or ``oversampling``.
     FactorizationError
-        If ``A`` is clearly not positive semi-definite (the core Cholesky fails).
+        If ``A`` is clearly not positive semi-definite (the core Cholesky fails; the
+        message says so when ``A`` was declared PSD).
+
+    Warns
+    -----
+    AssumptionWarning
+        If ``A`` is not declared PSD.
 
     Notes
     -----
@@ -79,20 +95,16 @@ def nystrom(A, rank: int, *, seed=0, oversampling: int = 10) -> EighLinearOperat
     >>> from curvlinops import aslinearoperator
     >>> rng = np.random.default_rng(0)
     >>> G = rng.standard_normal((50, 3))
-    >>> A = aslinearoperator(G @ G.T, symmetric=True)  # rank 3
+    >>> A = aslinearoperator(G @ G.T, psd=True)  # rank 3
     >>> A_nys = nystrom(A, rank=3, seed=0)
     >>> bool(np.allclose(A_nys.to_dense(), G @ G.T))
     True
     """
-    A = _as_square_operator(A, "nystrom")
+    A = as_operator(A, "nystrom", nonempty=True)
     xp, n, dtype, dev = A.xp, A.shape[0], A.dtype, A.device
-    rank = _check_positive_int(rank, "rank", "nystrom")
-    if rank > n:
-        raise ValueError(f"nystrom: rank must be at most the dimension n = {n}, got {rank}.")
-    if isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0:
-        raise ValueError(
-            f"nystrom: oversampling must be a non-negative integer, got {oversampling!r}."
-        )
+    rank = check_count(rank, "rank", "nystrom", minimum=1, maximum=n)
+    oversampling = check_count(oversampling, "oversampling", "nystrom", minimum=0)
+    require_structure(A, "nystrom", PSD)
     sketch_size = min(rank + oversampling, n)
     gen = as_generator(seed, xp, dev)
     Omega, _ = xp.linalg.qr(gen.normal((n, sketch_size), dtype))
@@ -104,10 +116,15 @@ def nystrom(A, rank: int, *, seed=0, oversampling: int = 10) -> EighLinearOperat
     try:
         C = checked_cholesky(core, xp, name="Nystrom core matrix Omega^T A Omega")
     except FactorizationError as err:
+        declared = (
+            f" (the {type(A).__name__} is declared PSD: the declaration is wrong)"
+            if A.is_psd
+            else ""
+        )
         raise FactorizationError(
             "nystrom: the Cholesky factorization of Omega^T A Omega failed, so A is not "
-            "positive semi-definite (or badly scaled). Nystrom needs a PSD operator; "
-            "for indefinite operators use eigsh instead."
+            f"positive semi-definite{declared} (or badly scaled). Nystrom needs a PSD "
+            "operator; for indefinite operators use eigsh instead."
         ) from err
     # B = Y_nu C^{-T}, i.e. B^T = C^{-1} Y_nu^T (C lower triangular).
     B = xp.matrix_transpose(solve_triangular(C, xp.matrix_transpose(Y_nu), xp, lower=True))
@@ -153,15 +170,8 @@ class NystromPreconditioner(LinearOperator):
                 "NystromPreconditioner needs the EighLinearOperator returned by "
                 f"curvlinops.nystrom, got a {type(A_nys).__name__}."
             )
-        damping = float(damping)
-        if not damping > 0.0:
-            raise ValueError(
-                f"NystromPreconditioner needs damping mu > 0, got {damping}; the "
-                "preconditioner approximates (A + mu I)^{-1}."
-            )
-        super().__init__(
-            A_nys.shape, dtype=A_nys.dtype, xp=A_nys.xp, device=A_nys.device, symmetric=True
-        )
+        damping = check_real(damping, "damping", "NystromPreconditioner", positive=True)
+        super().__init__(A_nys.shape, dtype=A_nys.dtype, xp=A_nys.xp, device=A_nys.device, psd=True)
         xp = A_nys.xp
         lam = A_nys.eigenvalues
         if float(xp.min(lam)) < 0.0:
@@ -186,7 +196,7 @@ def nystrom_preconditioner(A_nys, damping: float) -> NystromPreconditioner:
     --------
     >>> import numpy as np
     >>> from curvlinops import aslinearoperator
-    >>> A = aslinearoperator(np.diag([100.0, 10.0, 1.0, 0.1]), symmetric=True)
+    >>> A = aslinearoperator(np.diag([100.0, 10.0, 1.0, 0.1]), psd=True)
     >>> P_inv = nystrom_preconditioner(nystrom(A, rank=2, oversampling=2, seed=0), 0.1)
     >>> P_inv.shape
     (4, 4)

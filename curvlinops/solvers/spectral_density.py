@@ -12,7 +12,12 @@ widened to a Gaussian to draw a smooth curve (Ghorbani, Krishnan & Xiao 2019; Pa
 - :func:`log_spectral_density`: density of ``log(|lam| + epsilon)`` for PSD operators
   whose eigenvalues span many orders of magnitude (Papyan 2020).
 
-May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``.lanczos``.
+Structure: both need a symmetric operator (Lanczos) and consult its ``is_symmetric``
+tag under the rule of ``._validation`` (see :func:`curvlinops.lanczos`);
+:func:`log_spectral_density` is meant for PSD operators but does not require the tag
+(it takes ``|lam|``).
+
+May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``.lanczos``, ``._validation``.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from __future__ import annotations
 import math
 
 from .._backend import as_generator
-from .lanczos import (
-    _as_square_operator,
-    _batched_lanczos,
-    _check_positive_int,
-    _tridiagonal,
+from ._validation import (
+    SYMMETRIC,
+    as_operator,
+    check_choice,
+    check_count,
+    check_real,
+    require_structure,
 )
+from .lanczos import _batched_lanczos, _tridiagonal
 
 __all__ = ["log_spectral_density", "spectral_density"]
 
@@ -37,11 +45,6 @@ def _lanczos_quadrature(A, num_probes, lanczos_steps, seed, distribution):
     smallest and largest Ritz values widened by their residual norms (Python floats).
     """
     xp, n = A.xp, A.shape[0]
-    if distribution not in ("rademacher", "normal"):
-        raise ValueError(
-            f"spectral_density: unknown distribution={distribution!r}; use 'rademacher' "
-            "or 'normal'."
-        )
     gen = as_generator(seed, xp, A.device)
     if distribution == "rademacher":
         V = gen.rademacher((num_probes, n), A.dtype)
@@ -60,17 +63,15 @@ def _lanczos_quadrature(A, num_probes, lanczos_steps, seed, distribution):
     return nodes, weights, low, high
 
 
-def _check_common(A, num_probes, lanczos_steps, num_points, kappa, margin, caller):
-    A = _as_square_operator(A, caller)
-    _check_positive_int(num_probes, "num_probes", caller)
-    _check_positive_int(lanczos_steps, "lanczos_steps", caller)
-    _check_positive_int(num_points, "num_points", caller)
-    if num_points < 2:
-        raise ValueError(f"{caller}: num_points must be at least 2, got {num_points}.")
-    if not float(kappa) > 1.0:
-        raise ValueError(f"{caller}: kappa must be greater than 1, got {kappa}.")
-    if not float(margin) >= 0.0:
-        raise ValueError(f"{caller}: margin must be non-negative, got {margin}.")
+def _check_common(A, num_probes, lanczos_steps, num_points, kappa, margin, distribution, caller):
+    A = as_operator(A, caller, nonempty=True)
+    check_count(num_probes, "num_probes", caller)
+    check_count(lanczos_steps, "lanczos_steps", caller)
+    check_count(num_points, "num_points", caller, minimum=2)
+    check_real(kappa, "kappa", caller, above=1.0)
+    check_real(margin, "margin", caller, minimum=0.0)
+    check_choice(distribution, "distribution", caller, ("rademacher", "normal"))
+    require_structure(A, caller, SYMMETRIC)
     return A
 
 
@@ -155,7 +156,8 @@ def spectral_density(
     Parameters
     ----------
     A : LinearOperator
-        Symmetric ``(n, n)`` operator.
+        Symmetric ``(n, n)`` operator; its ``is_symmetric`` tag is consulted (see
+        :func:`curvlinops.lanczos`).
     num_probes : int
         Number of random probes (Lanczos runs) to average.
     lanczos_steps : int
@@ -223,7 +225,7 @@ def spectral_density(
             epsilon=epsilon,
         )
     caller = "spectral_density"
-    A = _check_common(A, num_probes, lanczos_steps, num_points, kappa, margin, caller)
+    A = _check_common(A, num_probes, lanczos_steps, num_points, kappa, margin, distribution, caller)
     boundaries = _check_boundaries(boundaries, caller)
     nodes, weights, low, high = _lanczos_quadrature(
         A, num_probes, lanczos_steps, seed, distribution
@@ -296,10 +298,9 @@ def log_spectral_density(
     0.5
     """
     caller = "log_spectral_density"
-    A = _check_common(A, num_probes, lanczos_steps, num_points, kappa, margin, caller)
+    A = _check_common(A, num_probes, lanczos_steps, num_points, kappa, margin, distribution, caller)
     boundaries = _check_boundaries(boundaries, caller)
-    if not float(epsilon) > 0.0:
-        raise ValueError(f"{caller}: epsilon must be positive, got {epsilon}.")
+    check_real(epsilon, "epsilon", caller, positive=True)
     nodes, weights, low, high = _lanczos_quadrature(
         A, num_probes, lanczos_steps, seed, distribution
     )

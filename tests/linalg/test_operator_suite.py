@@ -1,15 +1,20 @@
 """One shared test suite that every linear operator of curvlinops goes through.
 
-Each *case* in the registry :data:`CASES` builds an operator together with a dense
-reference matrix in NumPy float64. The reference is built **independently** from the
-arrays that define the operator (``np.kron``, ``scipy.linalg.block_diag``, ``np.diag``,
+This file is the **registry** of the library's own cases; the checks themselves are
+the public :mod:`curvlinops.testing` (which users run on their own operators). Each
+*case* in :data:`CASES` builds an operator together with a dense reference matrix in
+NumPy float64. The reference is built **independently** from the arrays that define
+the operator (``np.kron``, ``scipy.linalg.block_diag``, ``np.diag``,
 ``Q @ diag(lam) @ Q.T``, ...), never from the operator. Every case then runs, on every
 backend and in float32 and float64, through the same checks: products (``matvec``,
 ``matmat``, ``rmatvec``, ``rmatmat``, ``@`` from both sides), the dot-product test,
-``to_dense``, the adjoint, and the exact queries (``inverse`` with and without damping,
-``trace``, ``diagonal``, ``logdet`` with and without damping, ``frobenius_norm``). A
-query an operator does not support must raise :class:`NotImplementedError` (or the
-exception the case declares), never return a wrong value.
+``to_dense``, the adjoint (:func:`curvlinops.testing.check_products`), the structure
+tags ``is_symmetric``/``is_psd`` (:func:`~curvlinops.testing.check_tags`), and the
+exact queries (``inverse`` with and without damping, ``trace``, ``diagonal``,
+``logdet`` with and without damping, ``frobenius_norm``;
+:func:`~curvlinops.testing.check_queries`). A query an operator does not support must
+raise :class:`NotImplementedError` (or the exception the case declares), never return
+a wrong value.
 
 How to add a case (e.g. a curvature operator in a later issue)
 -------------------------------------------------------------
@@ -22,30 +27,29 @@ and register it::
         A_b, A64 = put(backend, dtype, A)         # backend array, and A rounded to dtype
         return Case(
             op=MyOperator(A_b),
-            ref=A64,                              # independent dense reference (float64)
+            reference=A64,                        # independent dense reference (float64)
             supports={"trace", "diagonal"},       # queries to compare with the reference
             raises={"inverse": FactorizationError},  # other expected exceptions
         )
 
-``backend`` is the fixture from ``tests/conftest.py``, ``dtype`` a name
-(``"float32"``/``"float64"``) and ``rng`` a seeded ``numpy.random.Generator``. Queries
-neither in ``supports`` nor in ``raises`` must raise :class:`NotImplementedError`.
-Square-only queries are skipped for non-square cases. The test functions are
-parametrized over the registry at collection time (``pytest_generate_tests``), so a
-case registered anywhere in this module is picked up.
+``Case`` is :class:`curvlinops.testing.OperatorCase`. ``backend`` is the fixture from
+``tests/conftest.py``, ``dtype`` a name (``"float32"``/``"float64"``) and ``rng`` a
+seeded ``numpy.random.Generator``. Queries neither in ``supports`` nor in ``raises``
+must raise :class:`NotImplementedError`. Square-only queries are skipped for
+non-square cases. The test functions are parametrized over the registry at collection
+time (``pytest_generate_tests``), so a case registered anywhere in this module is
+picked up; every ``test_*(case_name, backend, dtype_name)`` function here is a check
+that other suites (``tests/curvature/test_kfac_operator_suite.py``) reuse by name.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
-import pytest
 import scipy.linalg
 
-from conftest import tolerances
 from curvlinops import (
     AdjointLinearOperator,
     BlockDiagonalLinearOperator,
@@ -58,34 +62,17 @@ from curvlinops import (
     IdentityLinearOperator,
     KroneckerEighLinearOperator,
     KroneckerLinearOperator,
-    LinearOperator,
-    array_namespace,
 )
-from curvlinops._backend import dtype_name as backend_dtype_name, namespace_name
+from curvlinops._backend import dtype_name as backend_dtype_name
+from curvlinops.testing import (
+    QUERIES,
+    OperatorCase as Case,
+    check_products,
+    check_queries,
+    check_tags,
+)
 
-QUERIES = (
-    "inverse",
-    "damped_inverse",
-    "trace",
-    "diagonal",
-    "logdet",
-    "damped_logdet",
-    "frobenius_norm",
-)
-SQUARE_ONLY = set(QUERIES) - {"frobenius_norm"}
 ALL_QUERIES = frozenset(QUERIES)
-
-
-@dataclass
-class Case:
-    """An operator, its independent dense float64 reference, and what it supports."""
-
-    op: LinearOperator
-    ref: np.ndarray
-    supports: frozenset | set = field(default_factory=frozenset)
-    raises: dict = field(default_factory=dict)
-    damping: float = 0.5
-
 
 CaseBuilder = Callable[..., Case]
 CASES: dict[str, CaseBuilder] = {}
@@ -319,26 +306,26 @@ def _callable(backend, dtype, rng):
 @register_case("scaled_kronecker")
 def _scaled(backend, dtype, rng):
     case = _kronecker2_spd(backend, dtype, rng)
-    return Case(2.5 * case.op, 2.5 * case.ref, ALL_QUERIES)
+    return Case(2.5 * case.op, 2.5 * case.reference, ALL_QUERIES)
 
 
 @register_case("scaled_right")
 def _scaled_right(backend, dtype, rng):
     case = _dense_square(backend, dtype, rng)
-    return Case(case.op * 0.75, 0.75 * case.ref, ALL_QUERIES)
+    return Case(case.op * 0.75, 0.75 * case.reference, ALL_QUERIES)
 
 
 @register_case("unary_minus")
 def _unary_minus(backend, dtype, rng):
     case = _dense_square(backend, dtype, rng)
     supports = {"inverse", "damped_inverse", "trace", "diagonal", "frobenius_norm"}
-    return Case(-case.op, -case.ref, supports)
+    return Case(-case.op, -case.reference, supports)
 
 
 @register_case("division")
 def _division(backend, dtype, rng):
     case = _block_diagonal_mixed(backend, dtype, rng)
-    return Case(case.op / 2.0, case.ref / 2.0, ALL_QUERIES)
+    return Case(case.op / 2.0, case.reference / 2.0, ALL_QUERIES)
 
 
 @register_case("sum")
@@ -347,7 +334,7 @@ def _sum(backend, dtype, rng):
     C = _eigh_full_rank(backend, dtype, rng)
     d, d64 = put(backend, dtype, positive(rng, N))
     op = A.op + DiagonalLinearOperator(d) + C.op
-    return Case(op, A.ref + np.diag(d64) + C.ref, {"trace", "diagonal"})
+    return Case(op, A.reference + np.diag(d64) + C.reference, {"trace", "diagonal"})
 
 
 @register_case("difference")
@@ -356,7 +343,7 @@ def _difference(backend, dtype, rng):
     eye = IdentityLinearOperator(
         N, xp=backend.xp, dtype=backend.dtype(dtype), device=backend.device
     )
-    return Case(A.op - 0.25 * eye, A.ref - 0.25 * np.eye(N), {"trace", "diagonal"})
+    return Case(A.op - 0.25 * eye, A.reference - 0.25 * np.eye(N), {"trace", "diagonal"})
 
 
 @register_case("product_square")
@@ -364,7 +351,7 @@ def _product_square(backend, dtype, rng):
     A = _dense_square(backend, dtype, rng)
     d, d64 = put(backend, dtype, positive(rng, N))
     op = A.op @ DiagonalLinearOperator(d)
-    return Case(op, A.ref @ np.diag(d64), {"inverse", "logdet"})
+    return Case(op, A.reference @ np.diag(d64), {"inverse", "logdet"})
 
 
 @register_case("product_rectangular")
@@ -379,47 +366,86 @@ def _product_rectangular(backend, dtype, rng):
 @register_case("adjoint_lazy")
 def _adjoint_lazy(backend, dtype, rng):
     A = _dense_square(backend, dtype, rng)
-    return Case(AdjointLinearOperator(A.op), A.ref.T, ALL_QUERIES)
+    return Case(AdjointLinearOperator(A.op), A.reference.T, ALL_QUERIES)
 
 
 @register_case("adjoint_kronecker_rectangular")
 def _adjoint_kronecker(backend, dtype, rng):
     K = _kronecker2_rectangular(backend, dtype, rng)
-    return Case(K.op.T, K.ref.T, {"frobenius_norm"})
+    return Case(K.op.T, K.reference.T, {"frobenius_norm"})
 
 
 @register_case("adjoint_block_diagonal")
 def _adjoint_block(backend, dtype, rng):
     B = _block_diagonal_mixed(backend, dtype, rng)
-    return Case(B.op.adjoint(), B.ref.T, ALL_QUERIES)
+    return Case(B.op.adjoint(), B.reference.T, ALL_QUERIES)
 
 
 @register_case("damped_kronecker")
 def _damped_kronecker(backend, dtype, rng):
     K = _kronecker3_spd_mixed(backend, dtype, rng)
-    n = K.ref.shape[0]
-    return Case(K.op.damped(0.7), K.ref + 0.7 * np.eye(n), ALL_QUERIES)
+    n = K.reference.shape[0]
+    return Case(K.op.damped(0.7), K.reference + 0.7 * np.eye(n), ALL_QUERIES)
 
 
 @register_case("damped_low_rank")
 def _damped_low_rank(backend, dtype, rng):
     E = _eigh_low_rank(backend, dtype, rng)
-    n = E.ref.shape[0]
-    return Case(E.op.damped(0.3), E.ref + 0.3 * np.eye(n), ALL_QUERIES)
+    n = E.reference.shape[0]
+    return Case(E.op.damped(0.3), E.reference + 0.3 * np.eye(n), ALL_QUERIES)
 
 
 @register_case("inverse_of_damped_low_rank")
 def _inverse_of_damped_low_rank(backend, dtype, rng):
     E = _eigh_low_rank(backend, dtype, rng)
-    n = E.ref.shape[0]
-    return Case(E.op.inverse(damping=0.3), np.linalg.inv(E.ref + 0.3 * np.eye(n)), ALL_QUERIES)
+    n = E.reference.shape[0]
+    return Case(
+        E.op.inverse(damping=0.3), np.linalg.inv(E.reference + 0.3 * np.eye(n)), ALL_QUERIES
+    )
 
 
 @register_case("inverse_of_damped_kronecker")
 def _inverse_of_damped_kronecker(backend, dtype, rng):
     K = _kronecker2_spd(backend, dtype, rng)
-    n = K.ref.shape[0]
-    return Case(K.op.inverse(damping=0.2), np.linalg.inv(K.ref + 0.2 * np.eye(n)), ALL_QUERIES)
+    n = K.reference.shape[0]
+    return Case(
+        K.op.inverse(damping=0.2), np.linalg.inv(K.reference + 0.2 * np.eye(n)), ALL_QUERIES
+    )
+
+
+# -- cases: structure tags (declared and derived) --------------------------------------
+
+
+@register_case("dense_psd_declared")
+def _dense_psd_declared(backend, dtype, rng):
+    A, A64 = put(backend, dtype, spd(rng, N))
+    op = DenseLinearOperator(A, psd=True)
+    assert op.is_symmetric and op.is_psd
+    return Case(op, A64, ALL_QUERIES)
+
+
+@register_case("gram_product")
+def _gram_product(backend, dtype, rng):
+    # B^T B with B rectangular: derived symmetric PSD, no exact queries.
+    B, B64 = put(backend, dtype, rng.normal(size=(4, N)))
+    B_op = DenseLinearOperator(B)
+    op = B_op.T @ B_op
+    assert op.is_symmetric and op.is_psd
+    return Case(op, B64.T @ B64, set())
+
+
+@register_case("scaled_damped_psd_sum")
+def _scaled_damped_psd_sum(backend, dtype, rng):
+    # 0.5 * (K + diag(d)).damped(0.1) with K = A (x) diag(e), A declared PSD: every step
+    # keeps the tag.
+    A, A64 = put(backend, dtype, spd(rng, 2))
+    e, e64 = put(backend, dtype, positive(rng, 3))
+    K = KroneckerLinearOperator(DenseLinearOperator(A, psd=True), DiagonalLinearOperator(e))
+    d, d64 = put(backend, dtype, positive(rng, N))
+    op = 0.5 * (K + DiagonalLinearOperator(d)).damped(0.1)
+    assert K.is_psd and op.is_psd
+    ref = 0.5 * (np.kron(A64, np.diag(e64)) + np.diag(d64) + 0.1 * np.eye(N))
+    return Case(op, ref, {"trace", "diagonal"})
 
 
 # -- Curvature operators (later issues) -------------------------------------------------
@@ -436,138 +462,28 @@ def pytest_generate_tests(metafunc):
 
 def build(case_name, backend, dtype):
     rng = np.random.default_rng(zlib.crc32(case_name.encode()))
-    return CASES[case_name](backend, dtype, rng)
-
-
-def assert_close(actual, expected, dtype, backend=None, scale=None):
-    """Compare a backend array (or scalar) with a float64 reference at ``dtype`` precision."""
-    rtol, atol = tolerances(dtype)
-    actual = np.asarray(backend.to_numpy(actual) if backend is not None else actual, np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    if scale is None:
-        scale = float(np.max(np.abs(expected))) if expected.size else 1.0
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol + rtol * scale)
-
-
-def assert_native(result, backend, op):
-    """A result lives in the operator's namespace and dtype."""
-    assert namespace_name(array_namespace(result)) == namespace_name(backend.xp)
-    assert backend_dtype_name(result.dtype) == backend_dtype_name(op.dtype)
+    case = CASES[case_name](backend, dtype, rng)
+    assert backend_dtype_name(case.op.dtype) == dtype
+    return case
 
 
 def test_products_and_adjoint(case_name, backend, dtype_name):
     """matvec, matmat, rmatvec, rmatmat, ``@`` from both sides, dot-product test,
     ``to_dense`` and the adjoint, against the dense reference."""
     case = build(case_name, backend, dtype_name)
-    op, ref = case.op, case.ref
-    m, n = ref.shape
-    assert op.shape == (m, n)
-    assert backend_dtype_name(op.dtype) == dtype_name
-    rng = np.random.default_rng(1)
-    x, x64 = put(backend, dtype_name, rng.normal(size=n))
-    X, X64 = put(backend, dtype_name, rng.normal(size=(n, 3)))
-    y, y64 = put(backend, dtype_name, rng.normal(size=m))
-    Y, Y64 = put(backend, dtype_name, rng.normal(size=(m, 3)))
-
-    AX = op.matmat(X)
-    ATY = op.rmatmat(Y)
-    checks = [
-        (op.matvec(x), ref @ x64),
-        (AX, ref @ X64),
-        (op @ x, ref @ x64),
-        (op @ X, ref @ X64),
-        (op.rmatvec(y), ref.T @ y64),
-        (ATY, ref.T @ Y64),
-        (op.to_dense(), ref),
-        (op.adjoint().to_dense(), ref.T),
-        (op.T @ Y, ref.T @ Y64),
-        (op.H.to_dense(), ref.T),
-    ]
-    if backend.name == "array_api_strict":
-        # array-api-strict arrays raise TypeError for a foreign right operand of '@'
-        # instead of deferring to its __rmatmul__; users call A.rmatvec there.
-        with pytest.raises(TypeError):
-            y @ op
-    else:
-        checks += [(y @ op, y64 @ ref), (backend.xp.matrix_transpose(Y) @ op, Y64.T @ ref)]
-    for result, expected in checks:
-        assert_native(result, backend, op)
-        assert_close(result, expected, dtype_name, backend)
-    assert op.adjoint().shape == (n, m)
-
-    # Dot-product test y . (A x) = (A^T y) . x, column by column, on the operator alone.
-    AX, ATY = backend.to_numpy(AX).astype(np.float64), backend.to_numpy(ATY).astype(np.float64)
-    lhs, rhs = np.sum(Y64 * AX, axis=0), np.sum(ATY * X64, axis=0)
-    scale = np.linalg.norm(ref, 2) * np.linalg.norm(X64, axis=0) * np.linalg.norm(Y64, axis=0)
-    rtol, _ = tolerances(dtype_name)
-    assert np.all(np.abs(lhs - rhs) <= 10 * rtol * scale)
-    if op.is_symmetric:
-        np.testing.assert_allclose(ref, ref.T, atol=1e-12 * np.max(np.abs(ref)))
+    check_products(case.op, case.reference)
 
 
-def _reference(query, ref, d):
-    n = ref.shape[0]
-    shifted = ref + d * np.eye(n) if query.startswith("damped") else ref
-    if query in ("inverse", "damped_inverse"):
-        return np.linalg.inv(shifted)
-    if query in ("logdet", "damped_logdet"):
-        sign, value = np.linalg.slogdet(shifted)
-        assert sign > 0, "a case that supports logdet needs a positive determinant"
-        return value
-    if query == "trace":
-        return np.trace(ref)
-    if query == "diagonal":
-        return np.diag(ref).copy()
-    return np.linalg.norm(ref, "fro")
-
-
-def _call(op, query, d):
-    """Run a query; damped queries both directly and through ``damped(d)``."""
-    if query == "inverse":
-        return [op.inverse()]
-    if query == "damped_inverse":
-        return [op.inverse(damping=d), op.damped(d).inverse()]
-    if query == "logdet":
-        return [op.logdet()]
-    if query == "damped_logdet":
-        return [op._logdet(d), op.damped(d).logdet()]
-    return [getattr(op, query)()]
-
-
-def _check_query(case, query, backend, dtype_name):
-    op, ref, d = case.op, case.ref, case.damping
-    if query not in case.supports:
-        expected_error = case.raises.get(query, NotImplementedError)
-        with pytest.raises(expected_error):
-            _call(op, query, d)
-        return
-    expected = _reference(query, ref, d)
-    rng = np.random.default_rng(3)
-    X, X64 = put(backend, dtype_name, rng.normal(size=(ref.shape[1], 3)))
-    for result in _call(op, query, d):
-        if isinstance(result, LinearOperator):
-            assert result.shape == ref.shape
-            assert_close(result.to_dense(), expected, dtype_name, backend)
-            applied = result @ X
-            assert_native(applied, backend, op)
-            assert_close(applied, expected @ X64, dtype_name, backend)
-        else:
-            if hasattr(result, "dtype"):
-                assert_native(result, backend, op)
-            scale = max(1.0, float(np.max(np.abs(expected))))
-            assert_close(result, expected, dtype_name, backend, scale=scale)
+def test_tags(case_name, backend, dtype_name):
+    """``is_symmetric`` and ``is_psd`` (declared or derived) hold for the reference."""
+    case = build(case_name, backend, dtype_name)
+    check_tags(case.op, case.reference)
 
 
 def test_queries(case_name, backend, dtype_name):
     """inverse (with and without damping), trace, diagonal, logdet, frobenius_norm
     against NumPy on the reference, or the declared exception."""
     case = build(case_name, backend, dtype_name)
-    square = case.ref.shape[0] == case.ref.shape[1]
-    for query in QUERIES:
-        if query in SQUARE_ONLY and not square:
-            continue
-        try:
-            _check_query(case, query, backend, dtype_name)
-        except BaseException as err:
-            raise AssertionError(f"query {query!r} failed: {err}") from err
+    check_queries(
+        case.op, case.reference, supports=case.supports, raises=case.raises, damping=case.damping
+    )

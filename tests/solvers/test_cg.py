@@ -13,7 +13,7 @@ import scipy.sparse.linalg
 from hypothesis import given, strategies as st
 
 import curvlinops
-from curvlinops import CallableLinearOperator, SolveInfo, aslinearoperator, cg
+from curvlinops import AssumptionWarning, CallableLinearOperator, SolveInfo, aslinearoperator, cg
 
 
 def sym_from_spectrum(w, seed):
@@ -47,10 +47,9 @@ def scipy_cg(A, b, **kwargs):
     return x, count[0]
 
 
-def op_and_rhs(backend, A, B, dtype_name="float64"):
-    return aslinearoperator(backend.asarray(A, dtype_name), symmetric=True), backend.asarray(
-        B, dtype_name
-    )
+def op_and_rhs(backend, A, B, dtype_name="float64", psd=True):
+    op = aslinearoperator(backend.asarray(A, dtype_name), symmetric=True, psd=psd)
+    return op, backend.asarray(B, dtype_name)
 
 
 @pytest.mark.parametrize("spectrum", sorted(SPECTRA))
@@ -170,9 +169,10 @@ def test_cg_detects_negative_curvature(backend):
     rng = np.random.default_rng(11)
     positive = Q[:, evals > 0] @ rng.standard_normal((n - 5, 2))  # never meets evals < 0
     B = np.stack([positive[:, 0], rng.standard_normal(n), positive[:, 1], np.ones(n)], axis=1)
-    op, B_b = op_and_rhs(backend, A, B)
+    op, B_b = op_and_rhs(backend, A, B, psd=False)
     iterates = []
-    X, info = cg(op, B_b, rtol=1e-10, callback=lambda xk: iterates.append(backend.to_numpy(xk)))
+    with pytest.warns(AssumptionWarning, match="only declared symmetric"):
+        X, info = cg(op, B_b, rtol=1e-10, callback=lambda xk: iterates.append(backend.to_numpy(xk)))
     X = backend.to_numpy(X)
     assert info.reason == ["converged", "negative_curvature"] * 2
     directions = info.negative_curvature_direction
@@ -189,7 +189,8 @@ def test_cg_detects_negative_curvature(backend):
     np.testing.assert_allclose(X[:, 0], np.linalg.solve(A, B[:, 0]), rtol=1e-6)
 
     # Single right-hand side: the direction is an array.
-    x, info = cg(op, B_b[:, 1], rtol=1e-10)
+    with pytest.warns(AssumptionWarning):
+        x, info = cg(op, B_b[:, 1], rtol=1e-10)
     assert info.reason == "negative_curvature" and not info.converged
     p = backend.to_numpy(info.negative_curvature_direction)
     assert p @ A @ p <= 0
@@ -199,7 +200,8 @@ def test_cg_negative_curvature_with_damping(numpy_backend):
     # A - 2I is indefinite for A with eigenvalues in [1, 3]; damping = -2 must see that.
     A = sym_from_spectrum(np.linspace(1.0, 3.0, N), seed=12)
     b = np.ones(N)
-    x, info = cg(A, b, damping=-2.0)
+    with pytest.warns(AssumptionWarning, match="positive semi-definite"):
+        x, info = cg(A, b, damping=-2.0)
     p = info.negative_curvature_direction
     assert info.reason == "negative_curvature"
     assert p @ (A - 2 * np.eye(N)) @ p <= 0
@@ -222,7 +224,7 @@ def _failing_operator(backend, A, calls_before_nan, column=None, value=float("na
         return out
 
     op = CallableLinearOperator(
-        A.shape, matmat=matmat, dtype=A_b.dtype, xp=xp, device=backend.device, symmetric=True
+        A.shape, matmat=matmat, dtype=A_b.dtype, xp=xp, device=backend.device, psd=True
     )
     return op, calls
 
@@ -264,7 +266,7 @@ def test_cg_stops_on_inf_and_on_nan_from_preconditioner(backend):
     assert info.reason == "nonfinite" and info.iterations == 1 and len(calls) == 2
     assert np.all(np.isfinite(backend.to_numpy(x)))
     M, m_calls = _failing_operator(backend, np.eye(N), calls_before_nan=2)
-    x, info = cg(aslinearoperator(backend.asarray(A)), backend.asarray(b), M=M)
+    x, info = cg(aslinearoperator(backend.asarray(A), psd=True), backend.asarray(b), M=M)
     assert info.reason == "nonfinite" and info.iterations == 2 and len(m_calls) == 3
     assert np.all(np.isfinite(backend.to_numpy(x)))
 
@@ -305,6 +307,7 @@ def test_cg_callback_once_per_iteration_and_maxiter(backend):
     np.testing.assert_allclose(backend.to_numpy(x), x_five, rtol=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore::curvlinops.AssumptionWarning")  # raw arrays: PSD not declared
 def test_cg_default_maxiter_is_ten_n(numpy_backend):
     A = sym_from_spectrum(np.array([1.0, 2.0, 3.0]), seed=22)
     seen = []
@@ -328,6 +331,7 @@ def test_cg_zero_rhs_and_atol(backend):
     assert np.linalg.norm(b - A @ backend.to_numpy(x)) <= 1e-5
 
 
+@pytest.mark.filterwarnings("ignore::curvlinops.AssumptionWarning")  # raw arrays: PSD not declared
 def test_cg_accepts_dense_array_and_integer_rhs(numpy_backend):
     A = np.array([[4.0, 1.0], [1.0, 3.0]])
     x, info = cg(A, np.array([1, 2]), rtol=1e-12)
@@ -384,7 +388,7 @@ def test_cg_property_random_spd(n, k, seed, log_cond):
     w = np.geomspace(1.0, 10.0**log_cond, n) * rng.uniform(0.5, 2.0)
     A = sym_from_spectrum(w, seed=seed)
     B = rng.standard_normal((n, k))
-    X, info = cg(aslinearoperator(A, symmetric=True), B, rtol=1e-12)
+    X, info = cg(aslinearoperator(A, psd=True), B, rtol=1e-12)
     assert info.converged.all()
     assert np.all(info.iterations <= 3 * n)
     cond = w.max() / w.min()
@@ -393,6 +397,7 @@ def test_cg_property_random_spd(n, k, seed, log_cond):
         assert np.linalg.norm(B[:, j] - A @ X[:, j]) <= 2e-12 * np.linalg.norm(B[:, j])
 
 
+@pytest.mark.filterwarnings("ignore::curvlinops.AssumptionWarning")  # raw arrays: PSD not declared
 @pytest.mark.parametrize("scale_A, scale_b", [(1e-20, 1.0), (1e20, 1e-20), (1.0, 1e20)])
 def test_cg_is_invariant_to_scaling(numpy_backend, scale_A, scale_b):
     A = sym_from_spectrum(np.geomspace(1.0, 100.0, N), seed=25)

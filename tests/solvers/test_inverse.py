@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from curvlinops import (
+    AssumptionWarning,
     CGInverseLinearOperator,
     ConvergenceError,
     LinearOperator,
@@ -45,7 +46,7 @@ def test_cg_inverse_matches_solve(backend, dtype_name):
     A = sym_from_spectrum(np.geomspace(1.0, 100.0, N), seed=0)
     B = np.random.default_rng(1).standard_normal((N, K))
     rtol = {"float64": 1e-12, "float32": 1e-5}[dtype_name]
-    op = aslinearoperator(backend.asarray(A, dtype_name), symmetric=True)
+    op = aslinearoperator(backend.asarray(A, dtype_name), psd=True)
     Ainv = CGInverseLinearOperator(op, rtol=rtol)
     assert isinstance(Ainv, LinearOperator) and Ainv.is_symmetric and Ainv.shape == (N, N)
     assert Ainv.last_info is None
@@ -77,7 +78,7 @@ def test_cg_inverse_options_damping_and_preconditioner(backend):
 def test_cg_inverse_strict_and_last_info(backend):
     A = sym_from_spectrum(np.geomspace(1.0, 1e3, N), seed=4)
     B = np.random.default_rng(5).standard_normal((N, K))
-    op = aslinearoperator(backend.asarray(A), symmetric=True)
+    op = aslinearoperator(backend.asarray(A), psd=True)
     lenient = CGInverseLinearOperator(op, rtol=1e-12, maxiter=2)
     X = lenient @ backend.asarray(B)
     assert X.shape == (N, K)
@@ -103,11 +104,14 @@ def test_minres_inverse_on_indefinite(backend, dtype_name):
     assert np.linalg.norm(X - exact) <= tol * np.linalg.norm(exact)
     assert Ainv.last_info.converged.all()
     # CG's positive-definiteness assumption fails here: it reports the curvature.
-    cg_inverse = CGInverseLinearOperator(op, rtol=rtol)
+    with pytest.warns(AssumptionWarning, match="only declared symmetric"):
+        cg_inverse = CGInverseLinearOperator(op, rtol=rtol)
     cg_inverse @ backend.asarray(B, dtype_name)
     assert "negative_curvature" in cg_inverse.last_info.reason
-    with pytest.raises(ConvergenceError, match="negative_curvature"):
-        CGInverseLinearOperator(op, strict=True) @ backend.asarray(B, dtype_name)
+    with pytest.warns(AssumptionWarning):
+        strict = CGInverseLinearOperator(op, strict=True)
+    with pytest.raises(ConvergenceError, match="negative_curvature.*add damping"):
+        strict @ backend.asarray(B, dtype_name)
 
 
 @pytest.mark.parametrize("num_terms", [1, 2, 7, 40])
@@ -187,6 +191,7 @@ def test_neumann_nonsymmetric_adjoint(backend):
     ],
     ids=["cg", "minres", "neumann"],
 )
+@pytest.mark.filterwarnings("ignore::curvlinops.AssumptionWarning")  # raw arrays: PSD not declared
 def test_inverse_operators_bad_inputs(numpy_backend, make):
     with pytest.raises(ValueError, match=r"square.*\(4, 3\)"):
         make(np.ones((4, 3)))

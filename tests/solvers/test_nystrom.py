@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from curvlinops import (
+    AssumptionWarning,
     EighLinearOperator,
     FactorizationError,
     NystromPreconditioner,
@@ -35,7 +36,7 @@ def test_nystrom_exact_on_low_rank(backend):
     n, r = 60, 5
     G = np.random.default_rng(0).standard_normal((n, r))
     A = G @ G.T
-    A_nys = nystrom(aslinearoperator(backend.asarray(A), symmetric=True), rank=r, seed=1)
+    A_nys = nystrom(aslinearoperator(backend.asarray(A), psd=True), rank=r, seed=1)
     assert isinstance(A_nys, EighLinearOperator) and A_nys.rank == r
     lam = backend.to_numpy(A_nys.eigenvalues)
     U = backend.to_numpy(A_nys.eigenvectors)
@@ -54,7 +55,7 @@ def test_nystrom_expected_error_bound(backend):
     n, l, num_seeds = 60, 12, 20
     spectrum = 1.0 / np.arange(1, n + 1) ** 2
     A = _psd(spectrum, seed=3)
-    op = aslinearoperator(backend.asarray(A), symmetric=True)
+    op = aslinearoperator(backend.asarray(A), psd=True)
     lam_desc = np.sort(spectrum)[::-1]
     tail = np.array([lam_desc[r:].sum() for r in range(n)])
 
@@ -81,7 +82,7 @@ def test_nystrom_float32(backend):
     n, r = 60, 5
     G = np.random.default_rng(5).standard_normal((n, r))
     A = G @ G.T
-    A_nys = nystrom(aslinearoperator(backend.asarray(A, "float32"), symmetric=True), r, seed=0)
+    A_nys = nystrom(aslinearoperator(backend.asarray(A, "float32"), psd=True), r, seed=0)
     assert A_nys.dtype == backend.dtype("float32")
     dense = backend.to_numpy(A_nys.to_dense()).astype(np.float64)
     np.testing.assert_allclose(dense, A, atol=1e-4 * np.linalg.norm(A, 2))
@@ -90,7 +91,7 @@ def test_nystrom_float32(backend):
 def test_preconditioner_matches_formula(backend):
     n, r, mu = 60, 5, 1e-2
     A = _psd(np.logspace(0, -6, n), seed=6)
-    A_nys = nystrom(aslinearoperator(backend.asarray(A), symmetric=True), r, seed=0)
+    A_nys = nystrom(aslinearoperator(backend.asarray(A), psd=True), r, seed=0)
     P_inv = nystrom_preconditioner(A_nys, mu)
     assert isinstance(P_inv, NystromPreconditioner) and P_inv.is_symmetric
     lam = backend.to_numpy(A_nys.eigenvalues)
@@ -110,7 +111,7 @@ def test_pcg_with_nystrom_preconditioner_needs_fewer_iterations(backend):
     n, r, mu = 60, 15, 1e-3
     A = _psd(np.concatenate([np.logspace(4, -2, r), np.logspace(-3, -4, n - r)]), seed=7)
     b = np.random.default_rng(8).standard_normal(n)
-    op = aslinearoperator(backend.asarray(A), symmetric=True)
+    op = aslinearoperator(backend.asarray(A), psd=True)
     P_inv = nystrom_preconditioner(nystrom(op, r, seed=0), mu)
     x_ref = np.linalg.solve(A + mu * np.eye(n), b)
     b_b = backend.asarray(b)
@@ -124,17 +125,23 @@ def test_pcg_with_nystrom_preconditioner_needs_fewer_iterations(backend):
 
 
 def test_nystrom_errors(numpy_backend):
-    op = aslinearoperator(np.eye(4), symmetric=True)
-    with pytest.raises(ValueError, match="at most the dimension"):
+    op = aslinearoperator(np.eye(4), psd=True)
+    # API change (issue #11): one message format for counts in every solver.
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 4\], got 5"):
         nystrom(op, 5)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 4\], got 0"):
         nystrom(op, 0)
-    with pytest.raises(ValueError, match="oversampling"):
+    with pytest.raises(ValueError, match="oversampling must be an integer >= 0"):
         nystrom(op, 2, oversampling=-1)
     with pytest.raises(ValueError, match="square"):
         nystrom(aslinearoperator(np.ones((3, 4))), 2)
-    with pytest.raises(FactorizationError, match="positive semi-definite"):
+    with (
+        pytest.raises(FactorizationError, match="positive semi-definite"),
+        pytest.warns(AssumptionWarning, match="only declared symmetric"),
+    ):
         nystrom(aslinearoperator(-np.eye(6), symmetric=True), 3, seed=0)
+    with pytest.raises(FactorizationError, match="declared PSD: the declaration is wrong"):
+        nystrom(aslinearoperator(-np.eye(6), psd=True), 3, seed=0)
     with pytest.raises(TypeError, match="EighLinearOperator"):
         NystromPreconditioner(op, 1.0)
     with pytest.raises(ValueError, match="damping"):

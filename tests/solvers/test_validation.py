@@ -1,0 +1,347 @@
+"""One validation for every solver: same mistake, same exception; the structure rule.
+
+- The same bad input to each algorithm raises the same exception type, with a message
+  that names the algorithm, what it expected and what it found.
+- The structure rule (``curvlinops/solvers/_validation.py``): silent when the operator
+  declares what the algorithm assumes; a symmetry probe (error when it fails, warning
+  when it passes) when symmetry is not declared; a warning when PSD is assumed but only
+  symmetry declared; a warning or a named error when a declaration is contradicted.
+- :class:`StopReason` members with their remedies, and :meth:`LinearOperator.check_input`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import array_api_strict
+import numpy as np
+import pytest
+
+from curvlinops import (
+    AssumptionWarning,
+    CGInverseLinearOperator,
+    CheckedInput,
+    ConvergenceError,
+    FactorizationError,
+    MINRESInverseLinearOperator,
+    NeumannInverseLinearOperator,
+    StopReason,
+    aslinearoperator,
+    cg,
+    eigsh,
+    hutchinson_diagonal,
+    hutchinson_squared_frobenius,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    log_spectral_density,
+    minres,
+    nystrom,
+    power_iteration,
+    spectral_density,
+    xdiag,
+    xtrace,
+)
+
+N = 8
+
+
+def spd(n=N, seed=0):
+    G = np.random.default_rng(seed).standard_normal((n, n))
+    return G @ G.T / n + np.eye(n)
+
+
+B = np.ones(N)
+
+# Each algorithm as a call on an operator, with its integer count argument named.
+SOLVERS = {
+    "cg": (lambda A, **kw: cg(A, B, **kw), "maxiter"),
+    "minres": (lambda A, **kw: minres(A, B, **kw), "maxiter"),
+    "CGInverseLinearOperator": (lambda A, **kw: CGInverseLinearOperator(A, **kw), "maxiter"),
+    "MINRESInverseLinearOperator": (
+        lambda A, **kw: MINRESInverseLinearOperator(A, **kw),
+        "maxiter",
+    ),
+    "NeumannInverseLinearOperator": (
+        lambda A, num_terms=3, **kw: NeumannInverseLinearOperator(A, num_terms, 0.1, **kw),
+        "num_terms",
+    ),
+    "lanczos": (lambda A, num_steps=3, **kw: lanczos(A, num_steps, **kw), "num_steps"),
+    "eigsh": (lambda A, k=2, **kw: eigsh(A, k, **kw), "k"),
+    "power_iteration": (lambda A, **kw: power_iteration(A, **kw), "maxiter"),
+    "nystrom": (lambda A, rank=2, **kw: nystrom(A, rank, **kw), "rank"),
+    "hutchinson_trace": (lambda A, m=4, **kw: hutchinson_trace(A, m, **kw), None),
+    "hutchinson_diagonal": (lambda A, m=4, **kw: hutchinson_diagonal(A, m, **kw), None),
+    "hutchinson_squared_frobenius": (
+        lambda A, m=4, **kw: hutchinson_squared_frobenius(A, m, **kw),
+        None,
+    ),
+    "hutchpp_trace": (lambda A, m=6, **kw: hutchpp_trace(A, m, **kw), None),
+    "xtrace": (lambda A, m=6, **kw: xtrace(A, m, **kw), None),
+    "xdiag": (lambda A, m=6, **kw: xdiag(A, m, **kw), None),
+    "spectral_density": (
+        lambda A, **kw: spectral_density(A, lanczos_steps=3, num_points=8, **kw),
+        "num_probes",
+    ),
+    "log_spectral_density": (
+        lambda A, **kw: log_spectral_density(A, lanczos_steps=3, num_points=8, **kw),
+        "num_probes",
+    ),
+}
+NAMES = sorted(SOLVERS)
+COUNTED = sorted(name for name, (_, count) in SOLVERS.items() if count is not None)
+# What each algorithm assumes of the operator (the rule's table).
+ASSUMES = {
+    "cg": "psd",
+    "CGInverseLinearOperator": "psd",
+    "nystrom": "psd",
+    "minres": "symmetric",
+    "MINRESInverseLinearOperator": "symmetric",
+    "lanczos": "symmetric",
+    "eigsh": "symmetric",
+    "power_iteration": "symmetric",
+    "spectral_density": "symmetric",
+    "log_spectral_density": "symmetric",
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_not_an_operator_is_a_type_error(name):
+    call, _ = SOLVERS[name]
+    with pytest.raises(TypeError, match=r"LinearOperator or a 2-D array.*got a list"):
+        call([[1.0, 0.0], [0.0, 1.0]])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_non_square_operator_is_a_value_error(name):
+    call, _ = SOLVERS[name]
+    with pytest.raises(ValueError, match=re.escape(f"{name} needs a square operator")) as info:
+        call(aslinearoperator(np.ones((N, N + 1))))
+    assert f"got shape ({N}, {N + 1})" in str(info.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_non_integer_count_is_a_type_error_and_negative_a_value_error(name):
+    call, count = SOLVERS[name]
+    count = count or "m"
+    shown = count if count != "m" else "num_matvecs"
+    A = aslinearoperator(spd(), psd=True)
+    with pytest.raises(TypeError, match=rf"{name}: {shown} must be an integer .*got 2\.5"):
+        call(A, **{count: 2.5})
+    with pytest.raises(ValueError, match=rf"{name}: {shown} must be an integer (>=|in) .*got -1"):
+        call(A, **{count: -1})
+
+
+@pytest.mark.parametrize("name", ["cg", "minres", "lanczos", "eigsh", "power_iteration"])
+def test_vector_of_another_library_or_shape(name):
+    A = aslinearoperator(spd(), psd=True)
+    if name in ("cg", "minres"):
+        solver = cg if name == "cg" else minres
+
+        def call(v):
+            return solver(A, v)
+    else:
+
+        def call(v):
+            return SOLVERS[name][0](A, v0=v)
+
+    with pytest.raises(TypeError, match=rf"{name}: .*array_api_strict array.*numpy arrays"):
+        call(array_api_strict.asarray(np.ones(N)))
+    with pytest.raises(ValueError, match=rf"{name}: .*expected .*\({N},\).*got shape \(3,\)"):
+        call(np.ones(3))
+
+
+@pytest.mark.parametrize("name", ["cg", "minres"])
+def test_non_numbers_and_non_finite_options(name):
+    solver = cg if name == "cg" else minres
+    A = aslinearoperator(spd(), psd=True)
+    with pytest.raises(TypeError, match=f"{name}: rtol must be a real number"):
+        solver(A, B, rtol="small")
+    with pytest.raises(ValueError, match=f"{name}: damping must be finite, got nan"):
+        solver(A, B, damping=float("nan"))
+    with pytest.raises(ValueError, match=f"{name}: the right-hand side b contains NaN"):
+        solver(A, np.full(N, np.inf))
+
+
+# -- the structure rule --------------------------------------------------------------------
+
+
+def _operators():
+    A = spd()
+    return {
+        "psd": aslinearoperator(A, psd=True),
+        "symmetric": aslinearoperator(A, symmetric=True),
+        "undeclared": aslinearoperator(A),
+        "nonsymmetric": aslinearoperator(A + np.triu(np.ones((N, N)), 1)),
+    }
+
+
+def _run_silently(call, A):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AssumptionWarning)
+        return call(A)
+
+
+@pytest.mark.parametrize("name", sorted(ASSUMES))
+def test_declared_structure_runs_silently(name):
+    call, _ = SOLVERS[name]
+    ops = _operators()
+    _run_silently(call, ops["psd"])
+    if ASSUMES[name] == "symmetric":
+        _run_silently(call, ops["symmetric"])
+
+
+@pytest.mark.parametrize("name", sorted(ASSUMES))
+def test_undeclared_symmetry_is_probed_and_warned(name):
+    call, _ = SOLVERS[name]
+    ops = _operators()
+    with pytest.warns(AssumptionWarning, match=f"{name} assumes .*not declared symmetric"):
+        call(ops["undeclared"])
+    with pytest.raises(ValueError, match=f"{name} needs a symmetric operator.*is not"):
+        call(ops["nonsymmetric"])
+
+
+@pytest.mark.parametrize("name", sorted(n for n, a in ASSUMES.items() if a == "psd"))
+def test_psd_assumed_but_only_symmetry_declared_warns(name):
+    call, _ = SOLVERS[name]
+    with pytest.warns(AssumptionWarning, match=f"{name} assumes a positive semi-definite"):
+        call(_operators()["symmetric"])
+
+
+def test_cg_with_damping_does_not_ask_for_psd():
+    _run_silently(lambda A: cg(A, B, damping=0.1), _operators()["symmetric"])
+    _run_silently(lambda A: CGInverseLinearOperator(A, damping=0.1), _operators()["symmetric"])
+
+
+@pytest.mark.parametrize("name", sorted(set(SOLVERS) - set(ASSUMES)))
+def test_estimators_and_neumann_take_any_square_operator_silently(name):
+    call, _ = SOLVERS[name]
+    _run_silently(call, _operators()["nonsymmetric"])
+
+
+def test_a_dense_array_is_symmetric_when_it_is():
+    A = spd()
+    _run_silently(lambda A: minres(A, B), A)  # exactly symmetric: declared on wrapping
+    with pytest.raises(ValueError, match="minres needs a symmetric operator"):
+        minres(A + np.triu(np.ones((N, N)), 1), B)
+    with pytest.warns(AssumptionWarning, match="positive semi-definite"):
+        cg(A, B)  # PSD is never guessed
+
+
+def test_contradicted_declarations():
+    with pytest.raises(ValueError, match="psd=True with symmetric=False is a contradiction"):
+        aslinearoperator(spd(), symmetric=False, psd=True)
+    indefinite = np.diag(np.concatenate([np.ones(N - 1), [-1.0]]))
+    wrong = aslinearoperator(indefinite, psd=True)
+    with pytest.warns(AssumptionWarning, match="declared positive semi-definite, but CG met"):
+        x, info = cg(wrong, np.ones(N))
+    assert info.reason is StopReason.NEGATIVE_CURVATURE
+    with pytest.raises(FactorizationError, match="declared PSD"):
+        nystrom(aslinearoperator(-spd(), psd=True), 2)
+
+
+def test_warning_points_at_the_callers_line():
+    with pytest.warns(AssumptionWarning) as record:
+        eigsh(_operators()["undeclared"], 2)
+    assert record[0].filename == __file__
+
+
+def test_curvature_operators_declare_their_tags():
+    import array_api_compat.numpy as xp
+
+    from curvlinops import (
+        CrossEntropyLoss,
+        EFLinearOperator,
+        FisherLinearOperator,
+        GaussianNLLLoss,
+        GGNLinearOperator,
+        HessianLinearOperator,
+        JacobianLinearOperator,
+        KFACLinearOperator,
+        nn,
+    )
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params = model.init(0, xp=xp, dtype=xp.float64)
+    rng = np.random.default_rng(0)
+    data = [(rng.standard_normal((6, 3)), rng.integers(0, 2, size=6))]
+    tags = {
+        cls.__name__: (op.is_symmetric, op.is_psd)
+        for cls in (
+            GGNLinearOperator,
+            FisherLinearOperator,
+            EFLinearOperator,
+            KFACLinearOperator,
+            HessianLinearOperator,
+            JacobianLinearOperator,
+        )
+        for op in [cls(model, CrossEntropyLoss(), params, data)]
+    }
+    assert tags == {
+        "GGNLinearOperator": (True, True),
+        "FisherLinearOperator": (True, True),
+        "EFLinearOperator": (True, True),
+        "KFACLinearOperator": (True, True),
+        "HessianLinearOperator": (True, False),
+        "JacobianLinearOperator": (False, False),
+    }
+    # The GGN of a loss with an indefinite Hessian (not in natural parameters) is not PSD.
+    gauss = [(rng.standard_normal((6, 3)), rng.standard_normal((6, 1)))]
+    assert not GGNLinearOperator(model, GaussianNLLLoss(), params, gauss).is_psd
+
+
+# -- stop reasons ----------------------------------------------------------------------------
+
+
+def test_stop_reason_members_are_strings_with_remedies():
+    assert [m.value for m in StopReason] == [
+        "converged",
+        "maxiter",
+        "negative_curvature",
+        "nonfinite",
+        "breakdown",
+    ]
+    for member in StopReason:
+        assert member == member.value and str(member) == member.value
+        assert f"{member}" == member.value and repr(member) == f"StopReason.{member.name}"
+        assert isinstance(member.remedy, str) and len(member.remedy) > 20
+    assert "maxiter" in StopReason.MAXITER.remedy and "preconditioner" in StopReason.MAXITER.remedy
+    assert "damping" in StopReason.NEGATIVE_CURVATURE.remedy
+    assert "minres" in StopReason.NEGATIVE_CURVATURE.remedy
+
+
+def test_solve_info_holds_members_also_per_column():
+    A = aslinearoperator(spd(), psd=True)
+    _, info = cg(A, B)
+    assert info.reason is StopReason.CONVERGED
+    _, info = minres(A, np.stack([B, 0 * B], axis=1), maxiter=1)
+    assert all(isinstance(r, StopReason) for r in info.reason)
+    assert info.reason == ["maxiter", "converged"]
+
+
+def test_strict_inverse_names_the_remedy():
+    Ainv = CGInverseLinearOperator(aslinearoperator(spd(), psd=True), maxiter=1, strict=True)
+    with pytest.raises(ConvergenceError, match=r"\(0, maxiter\).*Increase maxiter"):
+        Ainv @ np.eye(N)[:, :2]
+
+
+# -- the public input check ----------------------------------------------------------------
+
+
+def test_check_input_reports_what_callers_need():
+    A = aslinearoperator(np.ones((3, 4)))
+    checked = A.check_input(np.ones(4, dtype=np.float32))
+    assert isinstance(checked, CheckedInput)
+    assert checked.is_vector and checked.num_columns == 1 and checked.array.dtype == np.float64
+    assert checked.matrix.shape == (4, 1) and checked.restore(np.ones((3, 1))).shape == (3,)
+    assert A.check_input(np.ones((3, 2)), adjoint=True).num_columns == 2
+    with pytest.raises(ValueError, match=r"expected a vector of shape \(4,\), got shape \(4, 1\)"):
+        A.check_input(np.ones((4, 1)), ndim=1, what="vector")
+    with pytest.raises(TypeError, match="got a list"):
+        A.check_input([1.0, 2.0, 3.0, 4.0])
+    with pytest.raises(TypeError, match="array_api_strict"):
+        A.check_input(array_api_strict.asarray(np.ones(4)))
+    f32 = aslinearoperator(np.ones((2, 2), dtype=np.float32))
+    with pytest.raises(TypeError, match="float32 and cannot take a float64"):
+        f32.check_input(np.ones(2))
