@@ -4,13 +4,16 @@ The only layer that imports concrete array libraries. See DESIGN.md, layer 1.
 """
 
 from .linalg import (
+    DAMPING_HINT,
     FactorizationError,
     all_finite,
+    check_invertible_spectrum,
     checked_cholesky,
     checked_eigh,
     diag_matrix,
     index_update,
     kron,
+    singular_tolerance,
     solve_triangular,
 )
 from .namespace import (
@@ -35,6 +38,7 @@ from .random import RandomGenerator, as_generator, normal, rademacher, uniform
 from .special import erf
 
 __all__ = [
+    "DAMPING_HINT",
     "FactorizationError",
     "RandomGenerator",
     "all_finite",
@@ -42,6 +46,7 @@ __all__ = [
     "as_generator",
     "assert_same_namespace",
     "can_cast_losslessly",
+    "check_invertible_spectrum",
     "checked_cholesky",
     "checked_eigh",
     "default_float_dtype",
@@ -61,6 +66,7 @@ __all__ = [
     "namespace_name",
     "normal",
     "rademacher",
+    "singular_tolerance",
     "solve_triangular",
     "to_device",
     "to_numpy",

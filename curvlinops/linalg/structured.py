@@ -17,8 +17,11 @@ from __future__ import annotations
 import math
 
 from .._backend import (
+    DAMPING_HINT as _DAMPING_HINT,
     FactorizationError,
+    all_finite,
     array_namespace,
+    check_invertible_spectrum,
     checked_eigh,
     device as array_device,
     diag_matrix,
@@ -38,8 +41,6 @@ __all__ = [
     "KroneckerEighLinearOperator",
     "EighLinearOperator",
 ]
-
-_DAMPING_HINT = "Add damping, e.g. A.inverse(damping=1e-3) or A.damped(1e-3).logdet()."
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -102,17 +103,22 @@ def _count(mask, dtype, xp) -> int:
     return int(xp.sum(xp.astype(mask, dtype)))
 
 
-def _logdet_from_spectrum(values, xp, what: str):
+def _logdet_from_spectrum(values, xp, what: str, size=None):
     """``log|prod(values)|`` for a real spectrum (or diagonal) with a positive product.
 
-    Raises :class:`FactorizationError` for a zero entry (singular matrix) and
-    :class:`ValueError` for a negative product (logdet is defined here for matrices
-    of positive determinant only).
+    Raises :class:`FactorizationError` for a spectrum that is singular by the rule of
+    :class:`~curvlinops.FactorizationError` (``size``: the factorized dimension,
+    default the number of values) and :class:`ValueError` for a negative product
+    (logdet is defined here for matrices of positive determinant only).
     """
-    if _count(values == 0, values.dtype, xp) > 0:
-        raise FactorizationError(
-            f"The {what} is singular: its log-determinant is -inf. {_DAMPING_HINT}"
-        )
+    values = xp.reshape(values, (-1,))
+    check_invertible_spectrum(
+        values,
+        xp,
+        size=values.shape[0] if size is None else size,
+        what=what,
+        hint="Its log-determinant is -inf or dominated by rounding. " + _DAMPING_HINT,
+    )
     if _count(values < 0, values.dtype, xp) % 2 == 1:
         raise ValueError(
             f"The {what} has a negative determinant (it is not positive definite); logdet "
@@ -121,12 +127,21 @@ def _logdet_from_spectrum(values, xp, what: str):
     return xp.sum(xp.log(xp.abs(values)))
 
 
-def _check_invertible_spectrum(values, xp, what: str):
-    """Raise :class:`FactorizationError` for a zero or non-finite eigenvalue/diagonal entry."""
-    if _count(values == 0, values.dtype, xp) > 0:
-        raise FactorizationError(f"The {what} is singular and has no inverse. {_DAMPING_HINT}")
-    if not bool(xp.all(xp.isfinite(values))):
-        raise FactorizationError(f"The {what} contains NaN or Inf; it cannot be inverted.")
+def _check_invertible_spectrum(values, xp, what: str, size=None):
+    """The singular rule of :class:`~curvlinops.FactorizationError` on a spectrum.
+
+    ``size`` is the dimension of the largest matrix factorized to obtain ``values``
+    (default: the number of values, right for a diagonal or an eigendecomposed matrix).
+    """
+    n = int(math.prod(values.shape)) if size is None else size
+    check_invertible_spectrum(values, xp, size=n, what=what)
+
+
+def _dense_spectrum(M, xp, symmetric: bool):
+    """Eigenvalues of a symmetric, singular values of a general dense square matrix."""
+    if symmetric:
+        return xp.linalg.eigvalsh(M)
+    return xp.linalg.svdvals(M)
 
 
 def _kron_apply(applies, in_dims, out_dims, X, xp):
@@ -218,19 +233,39 @@ class DenseLinearOperator(LinearOperator):
         eye = xp.eye(self.shape[0], dtype=self.dtype, device=self.device)
         return self.A + damping * eye
 
+    def _check_nonsingular(self, shifted, damping, hint_logdet=False):
+        """The singular rule of :class:`~curvlinops.FactorizationError` on ``A + damping I``.
+
+        Uses the eigenvalues of a matrix declared symmetric and the singular values of
+        any other (one extra ``O(n^3)`` decomposition of the ``n x n`` matrix).
+        """
+        xp = self.xp
+        what = f"{self.shape[0]}x{self.shape[1]} dense matrix" + _plus(damping)
+        if not all_finite(shifted, xp):
+            raise FactorizationError(f"The {what} contains NaN or Inf; it cannot be inverted.")
+        values = _dense_spectrum(shifted, xp, self.is_symmetric)
+        if hint_logdet:
+            return _logdet_from_spectrum(values, xp, what) if self.is_symmetric else None
+        _check_invertible_spectrum(values, xp, what)
+        return None
+
     def inverse(self, damping=0.0):
         """``(A + damping I)^{-1}`` as a dense operator, via ``linalg.inv``.
 
         Raises
         ------
         FactorizationError
-            If the matrix is singular (or the result is not finite).
+            If ``A + damping I`` is singular by the rule of
+            :class:`~curvlinops.FactorizationError` (its condition number, from its
+            eigenvalues if symmetric, else its singular values, reaches ``1 / (n eps)``),
+            or the result is not finite.
         """
         xp = self.xp
         shifted = self._shifted(damping)
+        self._check_nonsingular(shifted, damping)
         message = (
             f"The {self.shape[0]}x{self.shape[1]} dense matrix"
-            + (f" plus {damping} I" if damping else "")
+            + _plus(damping)
             + f" is singular and has no inverse. {_DAMPING_HINT}"
         )
         try:
@@ -247,9 +282,44 @@ class DenseLinearOperator(LinearOperator):
     def diagonal(self):
         return self.xp.linalg.diagonal(self.A)
 
+    def eigh(self):
+        """Eigenvalues (ascending) and eigenvectors of a matrix declared symmetric, cached.
+
+        Computed once (``linalg.eigh``) and reused by every inverse built from it (e.g.
+        the damped inverses of a Kronecker product with this factor).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> w, Q = DenseLinearOperator(np.diag([3.0, 1.0]), symmetric=True).eigh()
+        >>> w.tolist(), np.abs(Q).tolist()
+        ([1.0, 3.0], [[0.0, 1.0], [1.0, 0.0]])
+        """
+        if not self.is_symmetric:
+            raise NotImplementedError(
+                "eigh needs a dense operator declared symmetric (symmetric=True)."
+            )
+        cached = getattr(self, "_eigh", None)
+        if cached is None:
+            cached = checked_eigh(self.A, self.xp, name="symmetric dense matrix")
+            self._eigh = cached
+        return cached
+
+    def eigvalsh(self):
+        """Eigenvalues (ascending) of a matrix declared symmetric, via ``linalg.eigvalsh``."""
+        if not self.is_symmetric:
+            raise NotImplementedError(
+                "eigvalsh needs a dense operator declared symmetric (symmetric=True)."
+            )
+        return self.xp.linalg.eigvalsh(self.A)
+
     def _logdet(self, damping):
         xp = self.xp
-        sign, logabsdet = xp.linalg.slogdet(self._shifted(damping))
+        shifted = self._shifted(damping)
+        if self.is_symmetric:  # log|det| and the rule from one eigvalsh
+            return self._check_nonsingular(shifted, damping, hint_logdet=True)
+        self._check_nonsingular(shifted, damping)
+        sign, logabsdet = xp.linalg.slogdet(shifted)
         sign = float(sign)
         if sign == 0.0:
             raise FactorizationError(
@@ -381,6 +451,10 @@ class DiagonalLinearOperator(LinearOperator):
     def trace(self):
         return self.xp.sum(self._diag)
 
+    def eigvalsh(self):
+        """The diagonal entries (the eigenvalues, unsorted)."""
+        return self._diag
+
     def diagonal(self):
         return self._diag
 
@@ -495,6 +569,20 @@ class BlockDiagonalLinearOperator(LinearOperator):
                 _wrap_part_error(err, "Block", i)
         return total
 
+    def eigvalsh(self):
+        """All eigenvalues (unsorted): the blocks' ``eigvalsh()``, concatenated.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> B = BlockDiagonalLinearOperator([DiagonalLinearOperator(np.array([3.0, 1.0])),
+        ...                                  DenseLinearOperator(np.eye(1), symmetric=True)])
+        >>> B.eigvalsh().tolist()
+        [3.0, 1.0, 1.0]
+        """
+        self._require_square_blocks("eigvalsh")
+        return self.xp.concat([b.eigvalsh() for b in self.blocks], axis=0)
+
     def frobenius_norm(self):
         return self.xp.sqrt(sum(b.frobenius_norm() ** 2 for b in self.blocks))
 
@@ -571,7 +659,6 @@ class KroneckerLinearOperator(LinearOperator):
             symmetric=all(f.is_symmetric for f in factors),
         )
         self.factors = tuple(factors)
-        self._eigh_cache = None
 
     def _matmat(self, X):
         fs = self.factors
@@ -600,8 +687,19 @@ class KroneckerLinearOperator(LinearOperator):
                     f"shape {f.shape}."
                 )
 
+    @property
+    def _largest_factor(self) -> int:
+        return max(f.shape[0] for f in self.factors)
+
+    def _symmetric_factors(self) -> bool:
+        return all(_is_symmetric_factor(f) for f in self.factors)
+
     def factor_eigh(self):
         """Eigendecompositions ``[(lam_i, Q_i), ...]`` of the (symmetric) factors, cached.
+
+        The cache lives on each factor, so that operators sharing a factor (e.g. the
+        weight and bias blocks of a K-FAC layer, which share the output factor) share
+        its eigendecomposition.
 
         Raises
         ------
@@ -615,31 +713,85 @@ class KroneckerLinearOperator(LinearOperator):
         >>> [lam.tolist() for lam, _ in K.factor_eigh()]
         [[1.0, 2.0], [1.0]]
         """
-        if self._eigh_cache is None:
-            self._require_square_factors("An eigendecomposition")
-            self._eigh_cache = [_symmetric_eigh(f, i) for i, f in enumerate(self.factors)]
-        return self._eigh_cache
+        self._require_square_factors("An eigendecomposition")
+        return [_symmetric_eigh(f, i) for i, f in enumerate(self.factors)]
 
     def _eigenvalues(self):
         return _outer_flat([lam for lam, _ in self.factor_eigh()], self.xp)
 
+    def eigvalsh(self):
+        """All eigenvalues (unsorted, C order over the factors' indices) of symmetric factors.
+
+        The outer product of the factors' eigenvalues (from :meth:`factor_eigh`).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> K = KroneckerLinearOperator(np.diag([1.0, 2.0]), np.diag([3.0, 5.0]))
+        >>> K.eigvalsh().tolist()
+        [3.0, 5.0, 6.0, 10.0]
+        """
+        return self._eigenvalues()
+
+    def _singular_culprit(self, magnitudes):
+        """Name the factor with the smallest relative eigenvalue (or singular value)."""
+        xp = self.xp
+        ratios = []
+        for m in magnitudes:
+            top = float(xp.max(m))
+            ratios.append(float(xp.min(m)) / top if top > 0 else 0.0)
+        i = min(range(len(ratios)), key=ratios.__getitem__)
+        return f"Kronecker product (its factor {i} has the smallest relative eigenvalue)"
+
     def inverse(self, damping=0.0):
+        """``(A_1 x ... x A_F + damping I)^{-1}``, exact.
+
+        Symmetric factors: from their cached eigendecompositions, as a Kronecker
+        product of the factors' inverses for ``damping = 0`` and as
+        ``Q diag(1 / (lam + damping)) Q^T`` otherwise. Non-symmetric factors: the
+        Kronecker product of their inverses (``damping = 0`` only).
+
+        Raises
+        ------
+        FactorizationError
+            If the (damped) product is singular by the rule of
+            :class:`~curvlinops.FactorizationError`, applied to its whole spectrum with
+            ``n`` the largest factor's dimension.
+        NotImplementedError
+            For ``damping != 0`` with a non-symmetric factor.
+        """
         self._require_square_factors("inverse")
-        if damping == 0.0:
+        xp, damping = self.xp, float(damping)
+        if damping == 0.0 and not self._symmetric_factors():
+            magnitudes = [xp.linalg.svdvals(f.to_dense()) for f in self.factors]
+            _check_invertible_spectrum(
+                _outer_flat(magnitudes, xp),
+                xp,
+                self._singular_culprit(magnitudes),
+                size=self._largest_factor,
+            )
             inverses = []
             for i, f in enumerate(self.factors):
                 try:
                     inverses.append(f.inverse())
                 except FactorizationError as err:
-                    raise FactorizationError(
-                        f"Kronecker factor {i} is singular, so the Kronecker product has no "
-                        f"inverse ({err}). Add damping, e.g. inverse(damping=1e-3): it is "
-                        "applied exactly through the factors' eigendecompositions."
-                    ) from err
+                    _wrap_part_error(err, "Kronecker factor", i)
             return KroneckerLinearOperator(*inverses)
-        shifted = self._eigenvalues() + damping
-        _check_invertible_spectrum(shifted, self.xp, f"Kronecker product plus {damping} I")
-        return KroneckerEighLinearOperator(1.0 / shifted, [Q for _, Q in self.factor_eigh()])
+        eigh = self.factor_eigh()
+        spectrum = self._eigenvalues()
+        if damping == 0.0:
+            what = self._singular_culprit([xp.abs(lam) for lam, _ in eigh])
+            _check_invertible_spectrum(spectrum, xp, what, size=self._largest_factor)
+            return KroneckerLinearOperator(
+                *(
+                    _inverse_from_eigh(f, lam, Q)
+                    for f, (lam, Q) in zip(self.factors, eigh, strict=True)
+                )
+            )
+        shifted = spectrum + damping
+        what = f"Kronecker product plus {damping} I"
+        _check_invertible_spectrum(shifted, xp, what, size=self._largest_factor)
+        return KroneckerEighLinearOperator(1.0 / shifted, [Q for _, Q in eigh])
 
     def trace(self):
         self._require_square_factors("trace")
@@ -654,18 +806,30 @@ class KroneckerLinearOperator(LinearOperator):
 
     def _logdet(self, damping):
         self._require_square_factors("logdet")
-        if damping != 0.0:
-            return _logdet_from_spectrum(
-                self._eigenvalues() + damping, self.xp, f"Kronecker product plus {damping} I"
+        xp = self.xp
+        if damping == 0.0 and not self._symmetric_factors():
+            magnitudes = [xp.linalg.svdvals(f.to_dense()) for f in self.factors]
+            _check_invertible_spectrum(
+                _outer_flat(magnitudes, xp),
+                xp,
+                self._singular_culprit(magnitudes),
+                size=self._largest_factor,
             )
-        n = self.shape[0]
-        total = 0.0
-        for i, f in enumerate(self.factors):
-            try:
-                total = total + (n // f.shape[0]) * f.logdet()
-            except FactorizationError as err:
-                _wrap_part_error(err, "Kronecker factor", i)
-        return total
+            n = self.shape[0]
+            total = 0.0
+            for i, f in enumerate(self.factors):
+                try:
+                    total = total + (n // f.shape[0]) * f.logdet()
+                except FactorizationError as err:
+                    _wrap_part_error(err, "Kronecker factor", i)
+            return total
+        if damping == 0.0:
+            what = self._singular_culprit([xp.abs(lam) for lam, _ in self.factor_eigh()])
+        else:
+            what = f"Kronecker product plus {damping} I"
+        return _logdet_from_spectrum(
+            self._eigenvalues() + damping, xp, what, size=self._largest_factor
+        )
 
     def frobenius_norm(self):
         out = self.factors[0].frobenius_norm()
@@ -681,22 +845,58 @@ class KroneckerLinearOperator(LinearOperator):
         return out
 
 
+_EIGH_CACHE = "_curvlinops_symmetric_eigh"
+
+
 def _symmetric_eigh(factor: LinearOperator, index: int):
-    """``(eigenvalues, eigenvectors)`` of a symmetric Kronecker factor."""
+    """``(eigenvalues, eigenvectors)`` of a symmetric Kronecker factor, cached on the factor."""
+    cached = getattr(factor, _EIGH_CACHE, None)
+    if cached is not None:
+        return cached
     xp = factor.xp
     if isinstance(factor, EighLinearOperator) and factor.rank == factor.shape[0]:
         return factor.eigenvalues, factor.eigenvectors
     if isinstance(factor, (DiagonalLinearOperator, IdentityLinearOperator)):
         eye = xp.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
         return factor.diagonal(), eye
-    dense = factor.to_dense()
-    if not factor.is_symmetric and not _is_numerically_symmetric(dense, xp):
+    if isinstance(factor, DenseLinearOperator) and factor.is_symmetric:
+        try:
+            return factor.eigh()
+        except FactorizationError as err:
+            _wrap_part_error(err, "Kronecker factor", index)
+    if not _is_symmetric_factor(factor):
         raise NotImplementedError(
             f"Kronecker factor {index} is not symmetric, so the damped inverse and "
             "log-determinant of the Kronecker product have no cheap exact form. Use "
             "curvlinops.CGInverseLinearOperator (or a symmetric factor)."
         )
-    return checked_eigh(dense, xp, name=f"Kronecker factor {index}")
+    result = checked_eigh(factor.to_dense(), xp, name=f"Kronecker factor {index}")
+    setattr(factor, _EIGH_CACHE, result)
+    return result
+
+
+def _inverse_from_eigh(factor, lam, Q):
+    """``factor^{-1}`` from its eigendecomposition (the caller checked the spectrum)."""
+    if isinstance(factor, (DiagonalLinearOperator, IdentityLinearOperator, EighLinearOperator)):
+        return factor.inverse()
+    xp = factor.xp
+    return DenseLinearOperator((Q * (1.0 / lam)[None, :]) @ xp.matrix_transpose(Q), symmetric=True)
+
+
+_SYMMETRY_CACHE = "_curvlinops_numerically_symmetric"
+
+
+def _is_symmetric_factor(factor) -> bool:
+    """Declared symmetric, or a square factor whose dense form is symmetric (cached)."""
+    if factor.is_symmetric or isinstance(factor, (DiagonalLinearOperator, IdentityLinearOperator)):
+        return True
+    if factor.shape[0] != factor.shape[1]:
+        return False
+    cached = getattr(factor, _SYMMETRY_CACHE, None)
+    if cached is None:
+        cached = _is_numerically_symmetric(factor.to_dense(), factor.xp)
+        setattr(factor, _SYMMETRY_CACHE, cached)
+    return cached
 
 
 def _is_numerically_symmetric(A, xp) -> bool:
@@ -777,8 +977,17 @@ class KroneckerEighLinearOperator(LinearOperator):
 
     def inverse(self, damping=0.0):
         shifted = self.eigenvalues + damping if damping else self.eigenvalues
-        _check_invertible_spectrum(shifted, self.xp, "eigendecomposed operator" + _plus(damping))
+        _check_invertible_spectrum(
+            shifted,
+            self.xp,
+            "Kronecker-eigendecomposed operator" + _plus(damping),
+            size=max(self._dims),
+        )
         return KroneckerEighLinearOperator(1.0 / shifted, self.eigenvectors)
+
+    def eigvalsh(self):
+        """The eigenvalues ``lam`` (unsorted, in the order of the constructor)."""
+        return self.eigenvalues
 
     def trace(self):
         return self.xp.sum(self.eigenvalues)
@@ -792,7 +1001,12 @@ class KroneckerEighLinearOperator(LinearOperator):
 
     def _logdet(self, damping):
         shifted = self.eigenvalues + damping if damping else self.eigenvalues
-        return _logdet_from_spectrum(shifted, self.xp, "eigendecomposed operator" + _plus(damping))
+        return _logdet_from_spectrum(
+            shifted,
+            self.xp,
+            "Kronecker-eigendecomposed operator" + _plus(damping),
+            size=max(self._dims),
+        )
 
     def frobenius_norm(self):
         return self.xp.linalg.vector_norm(self.eigenvalues)
@@ -862,6 +1076,14 @@ class EighLinearOperator(LinearOperator):
         self.eigenvalues = eigenvalues
         self.eigenvectors = eigenvectors
 
+    def eigvalsh(self):
+        """All ``n`` eigenvalues (unsorted): ``lam``, then ``n - k`` zeros when ``k < n``."""
+        xp, missing = self.xp, self.shape[0] - self.rank
+        if not missing:
+            return self.eigenvalues
+        zeros = xp.zeros((missing,), dtype=self.dtype, device=self.device)
+        return xp.concat([self.eigenvalues, zeros])
+
     @property
     def rank(self) -> int:
         """Number ``k`` of eigenpairs (the rank when all eigenvalues are nonzero)."""
@@ -883,7 +1105,9 @@ class EighLinearOperator(LinearOperator):
                 f"The operator has rank at most {self.rank} < {self.shape[0]} and no inverse. "
                 f"{_DAMPING_HINT}"
             )
-        _check_invertible_spectrum(shifted, self.xp, what)
+        xp = self.xp
+        rest = xp.full((1,), damping, dtype=self.dtype, device=self.device)
+        _check_invertible_spectrum(xp.concat([shifted, rest]), xp, what, size=self.shape[0])
         # Q diag(1/(lam+d)) Q^T + (1/d)(I - Q Q^T) = Q diag(1/(lam+d) - 1/d) Q^T + (1/d) I
         low_rank = EighLinearOperator(1.0 / shifted - 1.0 / damping, self.eigenvectors)
         return DampedLinearOperator(low_rank, 1.0 / damping)
