@@ -287,6 +287,12 @@ class ParameterLayoutLinearOperator(LinearOperator):
         return self.operator.trace()
 
     def diagonal(self):
+        if self._blockwise:
+            pieces = [
+                self._split_block(op.diagonal()[:, None], block)
+                for op, block in zip(self.operator.blocks, self.blocks, strict=True)
+            ]
+            return self._assemble(pieces)[:, 0]
         return self._from_blocks(self.operator.diagonal()[:, None])[:, 0]
 
     def eigvalsh(self):

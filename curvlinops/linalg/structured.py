@@ -161,6 +161,42 @@ def _kron_apply(applies, in_dims, out_dims, X, xp):
     return xp.matrix_transpose(xp.reshape(T, (k, m)))
 
 
+def _kron2_apply(left, right, dims, X, xp):
+    """``(F_1 x F_2) X`` for two factors: ``vec(F_1 V F_2^T)`` for every column ``V``.
+
+    ``left`` maps an ``(n_1, r)`` array to ``F_1`` times it, ``(m_1, r)``; ``right`` maps
+    an ``(r, n_2)`` array ``Y`` to ``Y F_2^T``, ``(r, m_2)``. ``dims`` is
+    ``(n_1, n_2, m_1, m_2)``. Two matrix products for all ``k`` columns at once; a single
+    vector needs no copy at all, ``k > 1`` one transpose of an ``(m_1, n_2, k)`` array
+    each way (the ``k`` axis out of the second product's way and back).
+    """
+    n1, n2, m1, m2 = dims
+    k = X.shape[1]
+    T = left(xp.reshape(X, (n1, n2 * k)))  # (m1, n2 * k)
+    if k == 1:
+        return xp.reshape(right(T), (m1 * m2, 1))
+    T = xp.reshape(xp.permute_dims(xp.reshape(T, (m1, n2, k)), (0, 2, 1)), (m1 * k, n2))
+    out = xp.reshape(right(T), (m1, k, m2))
+    return xp.reshape(xp.permute_dims(out, (0, 2, 1)), (m1 * m2, k))
+
+
+def _right_product(factor, adjoint):
+    """``Y -> Y F^T`` (``Y -> Y F`` if ``adjoint``) for a factor operator ``F``.
+
+    A dense factor multiplies from the right directly (the result comes out in C order);
+    any other goes through its (adjoint) product on ``Y^T``.
+    """
+    if isinstance(factor, DenseLinearOperator):
+        M = factor.A
+        if adjoint:
+            return lambda Y: Y @ M
+        Mt = factor.xp.matrix_transpose(M)
+        return lambda Y: Y @ Mt
+    mT = factor.xp.matrix_transpose
+    apply = factor._rmatmat if adjoint else factor._matmat
+    return lambda Y: mT(apply(mT(Y)))
+
+
 def _outer_flat(vectors, xp):
     """Flattened (C order) outer product of 1-D arrays: the diagonal of their Kronecker."""
     out = vectors[0]
@@ -662,12 +698,24 @@ class KroneckerLinearOperator(LinearOperator):
 
     def _matmat(self, X):
         fs = self.factors
+        if len(fs) == 1:
+            return fs[0]._matmat(X)
+        if len(fs) == 2:
+            (m1, n1), (m2, n2) = fs[0].shape, fs[1].shape
+            right = _right_product(fs[1], adjoint=False)
+            return _kron2_apply(fs[0]._matmat, right, (n1, n2, m1, m2), X, self.xp)
         return _kron_apply(
             [f._matmat for f in fs], [f.shape[1] for f in fs], [f.shape[0] for f in fs], X, self.xp
         )
 
     def _rmatmat(self, X):
         fs = self.factors
+        if len(fs) == 1:
+            return fs[0]._rmatmat(X)
+        if len(fs) == 2:
+            (m1, n1), (m2, n2) = fs[0].shape, fs[1].shape
+            right = _right_product(fs[1], adjoint=True)
+            return _kron2_apply(fs[0]._rmatmat, right, (m1, m2, n1, n2), X, self.xp)
         return _kron_apply(
             [f._rmatmat for f in fs], [f.shape[0] for f in fs], [f.shape[1] for f in fs], X, self.xp
         )
@@ -965,6 +1013,17 @@ class KroneckerEighLinearOperator(LinearOperator):
 
     def _apply_Q(self, X, transpose):
         xp = self.xp
+        Qs = self.eigenvectors
+        if len(Qs) == 1:
+            return (xp.matrix_transpose(Qs[0]) if transpose else Qs[0]) @ X
+        if len(Qs) == 2:
+            Q1, Q2 = Qs
+            n1, n2 = self._dims
+            if transpose:  # (Q1^T x Q2^T) X: Q1^T V Q2
+                left, right = xp.matrix_transpose(Q1), Q2
+            else:  # (Q1 x Q2) X: Q1 V Q2^T
+                left, right = Q1, xp.matrix_transpose(Q2)
+            return _kron2_apply(lambda V: left @ V, lambda Y: Y @ right, (n1, n2, n1, n2), X, xp)
         if transpose:
             applies = [_matmul_by(xp.matrix_transpose(Q)) for Q in self.eigenvectors]
         else:

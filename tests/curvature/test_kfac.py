@@ -436,14 +436,16 @@ def test_singular_factor_raises_factorization_error_naming_layer_and_factor():
 def test_factored_inverse_reuses_the_cached_eigendecompositions(monkeypatch):
     """Both inverses come from one eigendecomposition per factor; new dampings reuse it."""
     K, _ = _tanh_problem(True, name="mse")
+    import curvlinops.linalg.structured as structured
+
     calls = []
-    real = np.linalg.eigh
+    real = structured.checked_eigh
 
     def counting(A, *args, **kwargs):
         calls.append(A.shape)
         return real(A, *args, **kwargs)
 
-    monkeypatch.setattr(np.linalg, "eigh", counting)
+    monkeypatch.setattr(structured, "checked_eigh", counting)
     K.inverse(0.1)
     first = len(calls)
     K.factored_inverse(0.2, pi_damping=True)
