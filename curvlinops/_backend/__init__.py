@@ -4,7 +4,6 @@ The only layer that imports concrete array libraries. See DESIGN.md, layer 1.
 """
 
 from .linalg import (
-    DAMPING_HINT,
     FactorizationError,
     all_finite,
     check_invertible_spectrum,
@@ -38,7 +37,6 @@ from .random import RandomGenerator, as_generator, normal, rademacher, uniform
 from .special import erf
 
 __all__ = [
-    "DAMPING_HINT",
     "FactorizationError",
     "RandomGenerator",
     "all_finite",

@@ -63,7 +63,9 @@ class FactorizationError(ValueError):
     computed eigenvalue cannot be told apart from zero (the tolerance of
     ``numpy.linalg.matrix_rank``). A zero matrix is singular; NaN or Inf raise too.
     Then the operator raises this error ("add damping") instead of returning entries
-    of the size ``1 / (n eps)``. :func:`check_invertible_spectrum` implements it.
+    of the size ``1 / (n eps)``. :func:`check_invertible_spectrum` implements it. (The
+    Woodbury inverse of ``DiagonalPlusLowRankLinearOperator`` applies it to its diagonal
+    part and needs a positive definite ``k x k`` capacitance matrix.)
     """
 
 

@@ -149,6 +149,56 @@ class KFACLinearOperator(_KroneckerCurvature):
                 blocks.append(KroneckerLinearOperator(B_op, self._one()))
         self._operator = self._make_operator(blocks)
 
+    def inverse(self, damping=0.0):
+        """Exact ``(K + damping I)^{-1}``, blockwise through the factors' eigendecompositions.
+
+        Like every operator's ``inverse``: the same matrix as
+        ``K.damped(damping).inverse()`` and as a dense
+        ``inv(K.to_dense() + damping I)``, also under the operator algebra (``(c * K)``,
+        block-diagonal and Kronecker operators containing ``K``). The eigendecomposition
+        of each factor is computed once and cached (shared with
+        :meth:`factored_inverse`), so a new damping costs one pass over the eigenvalues.
+        The factored heuristic of Martens & Grosse is :meth:`factored_inverse`.
+
+        Parameters
+        ----------
+        damping : float
+            ``damping >= 0``.
+
+        Returns
+        -------
+        KroneckerFactoredLinearOperator
+            With :class:`~curvlinops.linalg.KroneckerEighLinearOperator` blocks (for
+            ``damping = 0``: Kronecker products of the factors' inverses).
+
+        Raises
+        ------
+        ValueError
+            If ``damping`` is negative or not finite.
+        FactorizationError
+            If a block plus ``damping`` is singular (the rule of
+            :class:`~curvlinops.FactorizationError`), naming the block; add damping.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops import MSELoss, nn
+        >>> from curvlinops.curvature.kfac import KFACLinearOperator
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> params = model.init(0, xp=xp, dtype=xp.float64)
+        >>> rng = np.random.default_rng(0)
+        >>> data = [(rng.normal(size=(10, 3)), rng.normal(size=(10, 2)))]
+        >>> K = KFACLinearOperator(model, MSELoss(), params, data)
+        >>> dense = K.to_dense()
+        >>> eye = np.eye(K.shape[0])
+        >>> bool(np.allclose((2 * K).inverse(0.2).to_dense(), np.linalg.inv(2 * dense + 0.2 * eye)))
+        True
+        >>> bool(np.allclose(K.inverse(0.1).to_dense(), K.damped(0.1).inverse().to_dense()))
+        True
+        """
+        return super().inverse(damping)
+
     def factored_inverse(self, damping, *, pi_damping=False, min_damping=1e-8):
         """The factored damped inverse of K-FAC (a heuristic; not ``(K + damping I)^{-1}``).
 

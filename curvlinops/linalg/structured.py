@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 from .._backend import (
-    DAMPING_HINT as _DAMPING_HINT,
     FactorizationError,
     all_finite,
     array_namespace,
@@ -30,6 +29,7 @@ from .._backend import (
     kron,
     namespace_name,
 )
+from .._backend.linalg import DAMPING_HINT as _DAMPING_HINT
 from .base import DampedLinearOperator, LinearOperator, ScaledLinearOperator
 
 __all__ = [
@@ -781,15 +781,20 @@ class KroneckerLinearOperator(LinearOperator):
         """
         return self._eigenvalues()
 
-    def _singular_culprit(self, magnitudes):
-        """Name the factor with the smallest relative eigenvalue (or singular value)."""
+    def _check_spectrum(self, spectrum, magnitudes):
+        """The singular rule on the undamped spectrum; the message names the worst factor."""
         xp = self.xp
-        ratios = []
-        for m in magnitudes:
-            top = float(xp.max(m))
-            ratios.append(float(xp.min(m)) / top if top > 0 else 0.0)
-        i = min(range(len(ratios)), key=ratios.__getitem__)
-        return f"Kronecker product (its factor {i} has the smallest relative eigenvalue)"
+        try:
+            _check_invertible_spectrum(spectrum, xp, "Kronecker product", size=self._largest_factor)
+        except FactorizationError as err:
+            ratios = []
+            for m in magnitudes:
+                top = float(xp.max(m))
+                ratios.append(float(xp.min(m)) / top if top > 0 else 0.0)
+            i = min(range(len(ratios)), key=ratios.__getitem__)
+            raise FactorizationError(
+                f"Kronecker factor {i} has the smallest eigenvalue relative to its largest. {err}"
+            ) from None
 
     def inverse(self, damping=0.0):
         """``(A_1 x ... x A_F + damping I)^{-1}``, exact.
@@ -812,12 +817,7 @@ class KroneckerLinearOperator(LinearOperator):
         xp, damping = self.xp, float(damping)
         if damping == 0.0 and not self._symmetric_factors():
             magnitudes = [xp.linalg.svdvals(f.to_dense()) for f in self.factors]
-            _check_invertible_spectrum(
-                _outer_flat(magnitudes, xp),
-                xp,
-                self._singular_culprit(magnitudes),
-                size=self._largest_factor,
-            )
+            self._check_spectrum(_outer_flat(magnitudes, xp), magnitudes)
             inverses = []
             for i, f in enumerate(self.factors):
                 try:
@@ -828,8 +828,7 @@ class KroneckerLinearOperator(LinearOperator):
         eigh = self.factor_eigh()
         spectrum = self._eigenvalues()
         if damping == 0.0:
-            what = self._singular_culprit([xp.abs(lam) for lam, _ in eigh])
-            _check_invertible_spectrum(spectrum, xp, what, size=self._largest_factor)
+            self._check_spectrum(spectrum, [xp.abs(lam) for lam, _ in eigh])
             return KroneckerLinearOperator(
                 *(
                     _inverse_from_eigh(f, lam, Q)
@@ -857,12 +856,7 @@ class KroneckerLinearOperator(LinearOperator):
         xp = self.xp
         if damping == 0.0 and not self._symmetric_factors():
             magnitudes = [xp.linalg.svdvals(f.to_dense()) for f in self.factors]
-            _check_invertible_spectrum(
-                _outer_flat(magnitudes, xp),
-                xp,
-                self._singular_culprit(magnitudes),
-                size=self._largest_factor,
-            )
+            self._check_spectrum(_outer_flat(magnitudes, xp), magnitudes)
             n = self.shape[0]
             total = 0.0
             for i, f in enumerate(self.factors):
@@ -871,13 +865,11 @@ class KroneckerLinearOperator(LinearOperator):
                 except FactorizationError as err:
                     _wrap_part_error(err, "Kronecker factor", i)
             return total
+        spectrum = self._eigenvalues() + damping
         if damping == 0.0:
-            what = self._singular_culprit([xp.abs(lam) for lam, _ in self.factor_eigh()])
-        else:
-            what = f"Kronecker product plus {damping} I"
-        return _logdet_from_spectrum(
-            self._eigenvalues() + damping, xp, what, size=self._largest_factor
-        )
+            self._check_spectrum(spectrum, [xp.abs(lam) for lam, _ in self.factor_eigh()])
+        what = "Kronecker product" + _plus(damping)
+        return _logdet_from_spectrum(spectrum, xp, what, size=self._largest_factor)
 
     def frobenius_norm(self):
         out = self.factors[0].frobenius_norm()
