@@ -155,3 +155,11 @@ def test_a_factor_with_a_relative_eigenvalue_of_1e_17_raises_in_both_inverses():
     D = K.to_dense()
     assert_close(K.inverse(1e-3).to_dense(), _inv(D, 1e-3), 1e-8, 1e-10)
     K.factored_inverse(1e-3)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "kfac_hessian"])
+def test_eigenvalues_from_the_factors(kind):
+    for separate in (True, False):
+        K = _operator(kind, separate)
+        actual = np.sort(K.eigvalsh())
+        assert_close(actual, np.linalg.eigvalsh(K.to_dense()), TIGHT, TIGHT)
