@@ -269,21 +269,17 @@ class DenseLinearOperator(LinearOperator):
         eye = xp.eye(self.shape[0], dtype=self.dtype, device=self.device)
         return self.A + damping * eye
 
-    def _check_nonsingular(self, shifted, damping, hint_logdet=False):
-        """The singular rule of :class:`~curvlinops.FactorizationError` on ``A + damping I``.
+    def _spectrum(self, shifted, damping):
+        """``(values, name)`` of ``A + damping I`` for the singular rule.
 
-        Uses the eigenvalues of a matrix declared symmetric and the singular values of
-        any other (one extra ``O(n^3)`` decomposition of the ``n x n`` matrix).
+        Its eigenvalues if declared symmetric, else its singular values (one extra
+        ``O(n^3)`` decomposition of the ``n x n`` matrix); NaN or Inf raise.
         """
         xp = self.xp
         what = f"{self.shape[0]}x{self.shape[1]} dense matrix" + _plus(damping)
         if not all_finite(shifted, xp):
             raise FactorizationError(f"The {what} contains NaN or Inf; it cannot be inverted.")
-        values = _dense_spectrum(shifted, xp, self.is_symmetric)
-        if hint_logdet:
-            return _logdet_from_spectrum(values, xp, what) if self.is_symmetric else None
-        _check_invertible_spectrum(values, xp, what)
-        return None
+        return _dense_spectrum(shifted, xp, self.is_symmetric), what
 
     def inverse(self, damping=0.0):
         """``(A + damping I)^{-1}`` as a dense operator, via ``linalg.inv``.
@@ -298,7 +294,8 @@ class DenseLinearOperator(LinearOperator):
         """
         xp = self.xp
         shifted = self._shifted(damping)
-        self._check_nonsingular(shifted, damping)
+        values, what = self._spectrum(shifted, damping)
+        _check_invertible_spectrum(values, xp, what)
         message = (
             f"The {self.shape[0]}x{self.shape[1]} dense matrix"
             + _plus(damping)
@@ -352,9 +349,10 @@ class DenseLinearOperator(LinearOperator):
     def _logdet(self, damping):
         xp = self.xp
         shifted = self._shifted(damping)
+        values, what = self._spectrum(shifted, damping)
         if self.is_symmetric:  # log|det| and the rule from one eigvalsh
-            return self._check_nonsingular(shifted, damping, hint_logdet=True)
-        self._check_nonsingular(shifted, damping)
+            return _logdet_from_spectrum(values, xp, what)
+        _check_invertible_spectrum(values, xp, what)
         sign, logabsdet = xp.linalg.slogdet(shifted)
         sign = float(sign)
         if sign == 0.0:
@@ -695,6 +693,8 @@ class KroneckerLinearOperator(LinearOperator):
             symmetric=all(f.is_symmetric for f in factors),
         )
         self.factors = tuple(factors)
+        self._eigh_cache = None
+        self._symmetric_cache = None
 
     def _matmat(self, X):
         fs = self.factors
@@ -740,14 +740,18 @@ class KroneckerLinearOperator(LinearOperator):
         return max(f.shape[0] for f in self.factors)
 
     def _symmetric_factors(self) -> bool:
-        return all(_is_symmetric_factor(f) for f in self.factors)
+        if self._eigh_cache is not None:
+            return True
+        if self._symmetric_cache is None:
+            self._symmetric_cache = all(_is_symmetric_factor(f) for f in self.factors)
+        return self._symmetric_cache
 
     def factor_eigh(self):
         """Eigendecompositions ``[(lam_i, Q_i), ...]`` of the (symmetric) factors, cached.
 
-        The cache lives on each factor, so that operators sharing a factor (e.g. the
-        weight and bias blocks of a K-FAC layer, which share the output factor) share
-        its eigendecomposition.
+        A symmetric :class:`DenseLinearOperator` factor caches its own, so that
+        Kronecker products sharing a factor (e.g. the weight and bias blocks of a K-FAC
+        layer, which share the output factor) share its eigendecomposition.
 
         Raises
         ------
@@ -761,8 +765,10 @@ class KroneckerLinearOperator(LinearOperator):
         >>> [lam.tolist() for lam, _ in K.factor_eigh()]
         [[1.0, 2.0], [1.0]]
         """
-        self._require_square_factors("An eigendecomposition")
-        return [_symmetric_eigh(f, i) for i, f in enumerate(self.factors)]
+        if self._eigh_cache is None:
+            self._require_square_factors("An eigendecomposition")
+            self._eigh_cache = [_symmetric_eigh(f, i) for i, f in enumerate(self.factors)]
+        return self._eigh_cache
 
     def _eigenvalues(self):
         return _outer_flat([lam for lam, _ in self.factor_eigh()], self.xp)
@@ -885,14 +891,12 @@ class KroneckerLinearOperator(LinearOperator):
         return out
 
 
-_EIGH_CACHE = "_curvlinops_symmetric_eigh"
-
-
 def _symmetric_eigh(factor: LinearOperator, index: int):
-    """``(eigenvalues, eigenvectors)`` of a symmetric Kronecker factor, cached on the factor."""
-    cached = getattr(factor, _EIGH_CACHE, None)
-    if cached is not None:
-        return cached
+    """``(eigenvalues, eigenvectors)`` of a symmetric Kronecker factor.
+
+    A symmetric :class:`DenseLinearOperator` caches its own (:meth:`~DenseLinearOperator.eigh`),
+    so that Kronecker products sharing the factor share it.
+    """
     xp = factor.xp
     if isinstance(factor, EighLinearOperator) and factor.rank == factor.shape[0]:
         return factor.eigenvalues, factor.eigenvectors
@@ -910,9 +914,7 @@ def _symmetric_eigh(factor: LinearOperator, index: int):
             "log-determinant of the Kronecker product have no cheap exact form. Use "
             "curvlinops.CGInverseLinearOperator (or a symmetric factor)."
         )
-    result = checked_eigh(factor.to_dense(), xp, name=f"Kronecker factor {index}")
-    setattr(factor, _EIGH_CACHE, result)
-    return result
+    return checked_eigh(factor.to_dense(), xp, name=f"Kronecker factor {index}")
 
 
 def _inverse_from_eigh(factor, lam, Q):
@@ -923,20 +925,13 @@ def _inverse_from_eigh(factor, lam, Q):
     return DenseLinearOperator((Q * (1.0 / lam)[None, :]) @ xp.matrix_transpose(Q), symmetric=True)
 
 
-_SYMMETRY_CACHE = "_curvlinops_numerically_symmetric"
-
-
 def _is_symmetric_factor(factor) -> bool:
-    """Declared symmetric, or a square factor whose dense form is symmetric (cached)."""
+    """Declared symmetric, or a square factor whose dense form is symmetric."""
     if factor.is_symmetric or isinstance(factor, (DiagonalLinearOperator, IdentityLinearOperator)):
         return True
     if factor.shape[0] != factor.shape[1]:
         return False
-    cached = getattr(factor, _SYMMETRY_CACHE, None)
-    if cached is None:
-        cached = _is_numerically_symmetric(factor.to_dense(), factor.xp)
-        setattr(factor, _SYMMETRY_CACHE, cached)
-    return cached
+    return _is_numerically_symmetric(factor.to_dense(), factor.xp)
 
 
 def _is_numerically_symmetric(A, xp) -> bool:
