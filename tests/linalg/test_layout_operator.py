@@ -145,6 +145,10 @@ def test_to_and_from_block_order_invert_each_other():
     np.testing.assert_array_equal(op.from_block_order(X[perm, 1]), X[:, 1])
     # the joint block is [W0 | b0] row by row: W0[0, :], b0[0], W0[1, :], b0[1]
     np.testing.assert_array_equal(perm[:8], [0, 1, 2, 6, 3, 4, 5, 7])
+    with pytest.raises(ValueError, match=r"\(17, k\)"):
+        op.to_block_order(np.ones((17, 2, 2)))
+    with pytest.raises(ValueError, match=r"\(17,\)"):
+        op.from_block_order(np.ones(16))
 
 
 def test_invalid_layouts_are_refused():
