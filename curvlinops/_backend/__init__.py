@@ -6,11 +6,13 @@ The only layer that imports concrete array libraries. See DESIGN.md, layer 1.
 from .linalg import (
     FactorizationError,
     all_finite,
+    check_invertible_spectrum,
     checked_cholesky,
     checked_eigh,
     diag_matrix,
     index_update,
     kron,
+    singular_tolerance,
     solve_triangular,
 )
 from .namespace import (
@@ -42,6 +44,7 @@ __all__ = [
     "as_generator",
     "assert_same_namespace",
     "can_cast_losslessly",
+    "check_invertible_spectrum",
     "checked_cholesky",
     "checked_eigh",
     "default_float_dtype",
@@ -61,6 +64,7 @@ __all__ = [
     "namespace_name",
     "normal",
     "rademacher",
+    "singular_tolerance",
     "solve_triangular",
     "to_device",
     "to_numpy",

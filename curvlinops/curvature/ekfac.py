@@ -8,17 +8,19 @@ is the closest to the curvature block in Frobenius norm, so it is at least as cl
 K-FAC (whose eigenvalues are the products ``lam_B lam_A``).
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
-``curvlinops.losses``, ``._data``, ``._kronecker``, ``.base``.
+``curvlinops.losses``, ``._data``, ``.kronecker_factored``, ``.kronecker_statistics``,
+``.base``.
+
+EKFAC has no factored inverse: its eigenvalues are not products of factor eigenvalues,
+so there is no ``(B + d_B I)^{-1} (x) (A + d_A I)^{-1}`` form; :meth:`inverse` is exact
+(``diag(1 / (s + damping))`` in the eigenbasis) and as cheap.
 """
 
 from __future__ import annotations
 
-from ._kronecker import (
-    _EigBlock,
-    _Factor,
-    _KroneckerCurvature,
-    flatten_tap,
-)
+from .._backend import checked_eigh
+from ..linalg import KroneckerEighLinearOperator
+from .kronecker_statistics import _KroneckerCurvature, flatten_tap
 
 __all__ = ["EKFACLinearOperator"]
 
@@ -112,25 +114,25 @@ class EKFACLinearOperator(_KroneckerCurvature):
         bases = []
         for layer, (B, A) in zip(self.layers, factors, strict=True):
             self.output_factors[layer.name], self.input_factors[layer.name] = B, A
-            _, Q_B = _Factor(B, f"output factor B of layer {layer.name!r}").eigh()
-            _, Q_A = _Factor(A, f"input factor A of layer {layer.name!r}").eigh()
+            where = f"of layer {layer.name!r}"
+            _, Q_B = checked_eigh(B, self.xp, name=f"output factor B {where}")
+            _, Q_A = checked_eigh(A, self.xp, name=f"input factor A {where}")
             self.output_eigenvectors[layer.name], self.input_eigenvectors[layer.name] = Q_B, Q_A
             bases.append((Q_B, Q_A))
         weight_sums, bias_sums = self._scaling_sums(bases)
         c = self._normalization()
         self.scalings, self.bias_scalings = {}, {}
-        groups = []
+        blocks = []
+        xp = self.xp
         for layer, (Q_B, Q_A), s_w, s_b in zip(
             self.layers, bases, weight_sums, bias_sums, strict=True
         ):
             self.scalings[layer.name] = c * s_w
-            bias_block = None
+            blocks.append(KroneckerEighLinearOperator(xp.reshape(c * s_w, (-1,)), [Q_B, Q_A]))
             if s_b is not None:
                 self.bias_scalings[layer.name] = c * s_b
-                one = self._one().matrix
-                bias_block = _EigBlock(Q_B, one, c * s_b[:, None])
-            groups += self._groups(layer, _EigBlock(Q_B, Q_A, c * s_w), bias_block)
-        self._operator = self._make_operator(groups)
+                blocks.append(KroneckerEighLinearOperator(c * s_b, [Q_B]))
+        self._operator = self._make_operator(blocks)
 
     def _scaling_sums(self, bases):
         """Second pass: unnormalized ``sum ((Q_B^T g)(Q_A^T a)^T)^2`` per layer."""
@@ -159,10 +161,16 @@ class EKFACLinearOperator(_KroneckerCurvature):
     def inverse(self, damping=0.0):
         """Exact ``(E + damping I)^{-1}``: ``Q diag(1 / (s + damping)) Q^T`` per block.
 
+        EKFAC has no factored inverse (its scalings ``s`` are not products of factor
+        eigenvalues); this exact one costs the same as a product.
+
         Raises
         ------
+        ValueError
+            If ``damping`` is negative or not finite.
         FactorizationError
-            If some ``s + damping`` is zero (add damping).
+            If some ``s + damping`` is zero by the rule of
+            :class:`~curvlinops.FactorizationError` (add damping).
 
         Examples
         --------
@@ -178,7 +186,7 @@ class EKFACLinearOperator(_KroneckerCurvature):
         >>> bool(np.allclose(E.inverse(0.5).to_dense(), np.linalg.inv(dense + 0.5 * np.eye(6))))
         True
         """
-        return self._operator.inverse(float(damping))
+        return super().inverse(damping)
 
 
 def _add(total, value):

@@ -14,7 +14,8 @@ indefinite. The recursion is the one backward walk over the layer protocol
 (:func:`._chain.backpropagate`), so it serves every model that offers the protocol.
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
-``curvlinops.losses``, ``._data``, ``._chain``, ``._kronecker``, ``.kfac``, ``.base``.
+``curvlinops.losses``, ``._data``, ``._chain``, ``.kronecker_statistics``,
+``.kronecker_factored``, ``.kfac``, ``.base``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import warnings
 from .._backend import device as array_device
 from ..models import Capability
 from ._chain import backpropagate
-from ._kronecker import _InputStatistics, _KroneckerCurvature, symmetrized
 from .kfac import KFACLinearOperator
+from .kronecker_statistics import _InputStatistics, _KroneckerCurvature, symmetrized
 
 __all__ = ["KFACHessianLinearOperator"]
 
@@ -56,10 +57,11 @@ class KFACHessianLinearOperator(KFACLinearOperator):
 
     **Indefinite.** With curved activations (tanh, sigmoid, softplus, ...) the output
     factors, hence the operator, can have negative eigenvalues. ``logdet`` raises for a
-    negative determinant; the factored :meth:`inverse` raises
-    :class:`~curvlinops.FactorizationError` when a damped factor is not positive definite
-    (Cholesky fails); ``inverse(damping, exact=True)`` is exact whenever no eigenvalue
-    plus damping is zero, and warns when the damped operator is still indefinite.
+    negative determinant; :meth:`inverse` is the exact ``(K + damping I)^{-1}`` whenever
+    ``K + damping I`` is not singular, and warns when it is still indefinite; the
+    factored heuristic :meth:`~KFACLinearOperator.factored_inverse` (inherited from
+    K-FAC) raises :class:`~curvlinops.FactorizationError` when a damped factor is not
+    positive definite.
 
     Parameters
     ----------
@@ -216,14 +218,15 @@ class KFACHessianLinearOperator(KFACLinearOperator):
 
     # -- inverse ------------------------------------------------------------------------
 
-    def inverse(self, damping=0.0, *, exact=False, heuristic_damping=False, min_damping=1e-8):
-        """Damped inverse as for K-FAC; see :meth:`KFACLinearOperator.inverse`.
+    def inverse(self, damping=0.0):
+        """Exact ``(K + damping I)^{-1}``, as for K-FAC (:meth:`KFACLinearOperator.inverse`).
 
-        The operator can be indefinite. The factored inverses raise
-        :class:`~curvlinops.FactorizationError` when a damped factor is not positive
-        definite. ``exact=True`` inverts ``K + damping I`` exactly through the factors'
-        eigendecompositions whenever no eigenvalue plus damping is zero, and warns
-        (``UserWarning``) when the result is the inverse of an indefinite matrix.
+        The operator can be indefinite: the inverse exists whenever no eigenvalue plus
+        ``damping`` is zero (the singular rule of :class:`~curvlinops.FactorizationError`),
+        and a ``UserWarning`` says when the result is the inverse of an indefinite matrix
+        (then it is not a descent preconditioner). The factored heuristic
+        :meth:`~KFACLinearOperator.factored_inverse` needs positive definite damped
+        factors and raises :class:`~curvlinops.FactorizationError` otherwise.
 
         Examples
         --------
@@ -235,23 +238,21 @@ class KFACHessianLinearOperator(KFACLinearOperator):
         >>> params = model.init(0, xp=xp, dtype=xp.float64)
         >>> data = [(np.ones((3, 2)), np.zeros((3, 1)))]
         >>> K = KFACHessianLinearOperator(model, MSELoss(), params, data)
-        >>> K.inverse(damping=1.0, exact=True).shape
-        (9, 9)
+        >>> dense = K.to_dense() + np.eye(9)
+        >>> bool(np.allclose(K.inverse(damping=1.0).to_dense(), np.linalg.inv(dense)))
+        True
         """
-        inverse = super().inverse(
-            damping, exact=exact, heuristic_damping=heuristic_damping, min_damping=min_damping
-        )
-        if exact:
-            xp = self.xp
-            if bool(xp.any(self._operator.eigenvalues() + float(damping) < 0)):
-                warnings.warn(
-                    f"The Kronecker-factored Hessian plus {float(damping)} I is indefinite; "
-                    "its inverse is not positive definite (not a descent preconditioner). "
-                    "Increase the damping above the most negative eigenvalue's magnitude to "
-                    "make it positive definite.",
-                    UserWarning,
-                    stacklevel=2,
-                )
+        inverse = super().inverse(damping)
+        xp = self.xp
+        if bool(xp.any(self._operator.eigvalsh() + float(damping) < 0)):
+            warnings.warn(
+                f"The Kronecker-factored Hessian plus {float(damping)} I is indefinite; "
+                "its inverse is not positive definite (not a descent preconditioner). "
+                "Increase the damping above the most negative eigenvalue's magnitude to "
+                "make it positive definite.",
+                UserWarning,
+                stacklevel=2,
+            )
         return inverse
 
 

@@ -13,6 +13,7 @@ from .base import (
     SumLinearOperator,
 )
 from .interop import CallableLinearOperator, ScipyLinearOperator, aslinearoperator
+from .layout import ParameterLayoutLinearOperator
 from .lowrank import DiagonalPlusLowRankLinearOperator
 from .structured import *  # noqa: F403
 from .structured import __all__ as _structured_all
@@ -24,6 +25,7 @@ __all__ = [
     "DampedLinearOperator",
     "DiagonalPlusLowRankLinearOperator",
     "LinearOperator",
+    "ParameterLayoutLinearOperator",
     "ProductLinearOperator",
     "ScaledLinearOperator",
     "ScipyLinearOperator",

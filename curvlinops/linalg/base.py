@@ -455,6 +455,13 @@ class LinearOperator:
             "curvlinops.MINRESInverseLinearOperator (symmetric indefinite) instead."
         )
 
+    def eigvalsh(self):
+        """All eigenvalues of a symmetric operator (unsorted), where a cheap exact form exists."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no cheap exact spectrum. Use curvlinops.eigsh "
+            "(Lanczos) for a few eigenvalues or curvlinops.spectral_density for their density."
+        )
+
     def trace(self):
         """Trace, where a cheap exact form exists."""
         raise NotImplementedError(
@@ -654,6 +661,9 @@ class ScaledLinearOperator(LinearOperator):
 
     def trace(self):
         return self.scalar * self.operator.trace()
+
+    def eigvalsh(self):
+        return self.scalar * self.operator.eigvalsh()
 
     def diagonal(self):
         return self.scalar * self.operator.diagonal()
@@ -916,6 +926,9 @@ class DampedLinearOperator(LinearOperator):
 
     def trace(self):
         return self.operator.trace() + self.damping * self.shape[0]
+
+    def eigvalsh(self):
+        return self.operator.eigvalsh() + self.damping
 
     def diagonal(self):
         return self.operator.diagonal() + self.damping

@@ -23,7 +23,9 @@ import math
 
 from .._backend import (
     FactorizationError,
+    all_finite,
     array_namespace,
+    check_invertible_spectrum,
     checked_eigh,
     device as array_device,
     diag_matrix,
@@ -32,6 +34,7 @@ from .._backend import (
     kron,
     namespace_name,
 )
+from .._backend.linalg import DAMPING_HINT as _DAMPING_HINT
 from .base import DampedLinearOperator, LinearOperator, ScaledLinearOperator
 
 __all__ = [
@@ -43,8 +46,6 @@ __all__ = [
     "KroneckerEighLinearOperator",
     "EighLinearOperator",
 ]
-
-_DAMPING_HINT = "Add damping, e.g. A.inverse(damping=1e-3) or A.damped(1e-3).logdet()."
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -107,17 +108,22 @@ def _count(mask, dtype, xp) -> int:
     return int(xp.sum(xp.astype(mask, dtype)))
 
 
-def _logdet_from_spectrum(values, xp, what: str):
+def _logdet_from_spectrum(values, xp, what: str, size=None):
     """``log|prod(values)|`` for a real spectrum (or diagonal) with a positive product.
 
-    Raises :class:`FactorizationError` for a zero entry (singular matrix) and
-    :class:`ValueError` for a negative product (logdet is defined here for matrices
-    of positive determinant only).
+    Raises :class:`FactorizationError` for a spectrum that is singular by the rule of
+    :class:`~curvlinops.FactorizationError` (``size``: the factorized dimension,
+    default the number of values) and :class:`ValueError` for a negative product
+    (logdet is defined here for matrices of positive determinant only).
     """
-    if _count(values == 0, values.dtype, xp) > 0:
-        raise FactorizationError(
-            f"The {what} is singular: its log-determinant is -inf. {_DAMPING_HINT}"
-        )
+    values = xp.reshape(values, (-1,))
+    check_invertible_spectrum(
+        values,
+        xp,
+        size=values.shape[0] if size is None else size,
+        what=what,
+        hint="Its log-determinant is -inf or dominated by rounding. " + _DAMPING_HINT,
+    )
     if _count(values < 0, values.dtype, xp) % 2 == 1:
         raise ValueError(
             f"The {what} has a negative determinant (it is not positive definite); logdet "
@@ -126,12 +132,21 @@ def _logdet_from_spectrum(values, xp, what: str):
     return xp.sum(xp.log(xp.abs(values)))
 
 
-def _check_invertible_spectrum(values, xp, what: str):
-    """Raise :class:`FactorizationError` for a zero or non-finite eigenvalue/diagonal entry."""
-    if _count(values == 0, values.dtype, xp) > 0:
-        raise FactorizationError(f"The {what} is singular and has no inverse. {_DAMPING_HINT}")
-    if not bool(xp.all(xp.isfinite(values))):
-        raise FactorizationError(f"The {what} contains NaN or Inf; it cannot be inverted.")
+def _check_invertible_spectrum(values, xp, what: str, size=None):
+    """The singular rule of :class:`~curvlinops.FactorizationError` on a spectrum.
+
+    ``size`` is the dimension of the largest matrix factorized to obtain ``values``
+    (default: the number of values, right for a diagonal or an eigendecomposed matrix).
+    """
+    n = int(math.prod(values.shape)) if size is None else size
+    check_invertible_spectrum(values, xp, size=n, what=what)
+
+
+def _dense_spectrum(M, xp, symmetric: bool):
+    """Eigenvalues of a symmetric, singular values of a general dense square matrix."""
+    if symmetric:
+        return xp.linalg.eigvalsh(M)
+    return xp.linalg.svdvals(M)
 
 
 def _kron_apply(applies, in_dims, out_dims, X, xp):
@@ -149,6 +164,42 @@ def _kron_apply(applies, in_dims, out_dims, X, xp):
         T = xp.matrix_transpose(apply(xp.reshape(T, (n_i, -1))))
     m = math.prod(out_dims)
     return xp.matrix_transpose(xp.reshape(T, (k, m)))
+
+
+def _kron2_apply(left, right, dims, X, xp):
+    """``(F_1 x F_2) X`` for two factors: ``vec(F_1 V F_2^T)`` for every column ``V``.
+
+    ``left`` maps an ``(n_1, r)`` array to ``F_1`` times it, ``(m_1, r)``; ``right`` maps
+    an ``(r, n_2)`` array ``Y`` to ``Y F_2^T``, ``(r, m_2)``. ``dims`` is
+    ``(n_1, n_2, m_1, m_2)``. Two matrix products for all ``k`` columns at once; a single
+    vector needs no copy at all, ``k > 1`` one transpose of an ``(m_1, n_2, k)`` array
+    each way (the ``k`` axis out of the second product's way and back).
+    """
+    n1, n2, m1, m2 = dims
+    k = X.shape[1]
+    T = left(xp.reshape(X, (n1, n2 * k)))  # (m1, n2 * k)
+    if k == 1:
+        return xp.reshape(right(T), (m1 * m2, 1))
+    T = xp.reshape(xp.permute_dims(xp.reshape(T, (m1, n2, k)), (0, 2, 1)), (m1 * k, n2))
+    out = xp.reshape(right(T), (m1, k, m2))
+    return xp.reshape(xp.permute_dims(out, (0, 2, 1)), (m1 * m2, k))
+
+
+def _right_product(factor, adjoint):
+    """``Y -> Y F^T`` (``Y -> Y F`` if ``adjoint``) for a factor operator ``F``.
+
+    A dense factor multiplies from the right directly (the result comes out in C order);
+    any other goes through its (adjoint) product on ``Y^T``.
+    """
+    if isinstance(factor, DenseLinearOperator):
+        M = factor.A
+        if adjoint:
+            return lambda Y: Y @ M
+        Mt = factor.xp.matrix_transpose(M)
+        return lambda Y: Y @ Mt
+    mT = factor.xp.matrix_transpose
+    apply = factor._rmatmat if adjoint else factor._matmat
+    return lambda Y: mT(apply(mT(Y)))
 
 
 def _outer_flat(vectors, xp):
@@ -228,19 +279,36 @@ class DenseLinearOperator(LinearOperator):
         eye = xp.eye(self.shape[0], dtype=self.dtype, device=self.device)
         return self.A + damping * eye
 
+    def _spectrum(self, shifted, damping):
+        """``(values, name)`` of ``A + damping I`` for the singular rule.
+
+        Its eigenvalues if declared symmetric, else its singular values (one extra
+        ``O(n^3)`` decomposition of the ``n x n`` matrix); NaN or Inf raise.
+        """
+        xp = self.xp
+        what = f"{self.shape[0]}x{self.shape[1]} dense matrix" + _plus(damping)
+        if not all_finite(shifted, xp):
+            raise FactorizationError(f"The {what} contains NaN or Inf; it cannot be inverted.")
+        return _dense_spectrum(shifted, xp, self.is_symmetric), what
+
     def inverse(self, damping=0.0):
         """``(A + damping I)^{-1}`` as a dense operator, via ``linalg.inv``.
 
         Raises
         ------
         FactorizationError
-            If the matrix is singular (or the result is not finite).
+            If ``A + damping I`` is singular by the rule of
+            :class:`~curvlinops.FactorizationError` (its condition number, from its
+            eigenvalues if symmetric, else its singular values, reaches ``1 / (n eps)``),
+            or the result is not finite.
         """
         xp = self.xp
         shifted = self._shifted(damping)
+        values, what = self._spectrum(shifted, damping)
+        _check_invertible_spectrum(values, xp, what)
         message = (
             f"The {self.shape[0]}x{self.shape[1]} dense matrix"
-            + (f" plus {damping} I" if damping else "")
+            + _plus(damping)
             + f" is singular and has no inverse. {_DAMPING_HINT}"
         )
         try:
@@ -260,9 +328,45 @@ class DenseLinearOperator(LinearOperator):
     def diagonal(self):
         return self.xp.linalg.diagonal(self.A)
 
+    def eigh(self):
+        """Eigenvalues (ascending) and eigenvectors of a matrix declared symmetric, cached.
+
+        Computed once (``linalg.eigh``) and reused by every inverse built from it (e.g.
+        the damped inverses of a Kronecker product with this factor).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> w, Q = DenseLinearOperator(np.diag([3.0, 1.0]), symmetric=True).eigh()
+        >>> w.tolist(), np.abs(Q).tolist()
+        ([1.0, 3.0], [[0.0, 1.0], [1.0, 0.0]])
+        """
+        if not self.is_symmetric:
+            raise NotImplementedError(
+                "eigh needs a dense operator declared symmetric (symmetric=True)."
+            )
+        cached = getattr(self, "_eigh", None)
+        if cached is None:
+            cached = checked_eigh(self.A, self.xp, name="symmetric dense matrix")
+            self._eigh = cached
+        return cached
+
+    def eigvalsh(self):
+        """Eigenvalues (ascending) of a matrix declared symmetric, via ``linalg.eigvalsh``."""
+        if not self.is_symmetric:
+            raise NotImplementedError(
+                "eigvalsh needs a dense operator declared symmetric (symmetric=True)."
+            )
+        return self.xp.linalg.eigvalsh(self.A)
+
     def _logdet(self, damping):
         xp = self.xp
-        sign, logabsdet = xp.linalg.slogdet(self._shifted(damping))
+        shifted = self._shifted(damping)
+        values, what = self._spectrum(shifted, damping)
+        if self.is_symmetric:  # log|det| and the rule from one eigvalsh
+            return _logdet_from_spectrum(values, xp, what)
+        _check_invertible_spectrum(values, xp, what)
+        sign, logabsdet = xp.linalg.slogdet(shifted)
         sign = float(sign)
         if sign == 0.0:
             raise FactorizationError(
@@ -405,6 +509,10 @@ class DiagonalLinearOperator(LinearOperator):
     def trace(self):
         return self.xp.sum(self._diag)
 
+    def eigvalsh(self):
+        """The diagonal entries (the eigenvalues, unsorted)."""
+        return self._diag
+
     def diagonal(self):
         return self._diag
 
@@ -538,6 +646,20 @@ class BlockDiagonalLinearOperator(LinearOperator):
                 _wrap_part_error(err, "Block", i)
         return total
 
+    def eigvalsh(self):
+        """All eigenvalues (unsorted): the blocks' ``eigvalsh()``, concatenated.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> B = BlockDiagonalLinearOperator([DiagonalLinearOperator(np.array([3.0, 1.0])),
+        ...                                  DenseLinearOperator(np.eye(1), symmetric=True)])
+        >>> B.eigvalsh().tolist()
+        [3.0, 1.0, 1.0]
+        """
+        self._require_square_blocks("eigvalsh")
+        return self.xp.concat([b.eigvalsh() for b in self.blocks], axis=0)
+
     def frobenius_norm(self):
         return self.xp.sqrt(sum(b.frobenius_norm() ** 2 for b in self.blocks))
 
@@ -622,6 +744,7 @@ class KroneckerLinearOperator(LinearOperator):
         )
         self.factors = tuple(factors)
         self._eigh_cache = None
+        self._symmetric_cache = None
 
     def _infer_psd(self):
         # The eigenvalues of a Kronecker product are the products of the factors'.
@@ -629,12 +752,24 @@ class KroneckerLinearOperator(LinearOperator):
 
     def _matmat(self, X):
         fs = self.factors
+        if len(fs) == 1:
+            return fs[0]._matmat(X)
+        if len(fs) == 2:
+            (m1, n1), (m2, n2) = fs[0].shape, fs[1].shape
+            right = _right_product(fs[1], adjoint=False)
+            return _kron2_apply(fs[0]._matmat, right, (n1, n2, m1, m2), X, self.xp)
         return _kron_apply(
             [f._matmat for f in fs], [f.shape[1] for f in fs], [f.shape[0] for f in fs], X, self.xp
         )
 
     def _rmatmat(self, X):
         fs = self.factors
+        if len(fs) == 1:
+            return fs[0]._rmatmat(X)
+        if len(fs) == 2:
+            (m1, n1), (m2, n2) = fs[0].shape, fs[1].shape
+            right = _right_product(fs[1], adjoint=True)
+            return _kron2_apply(fs[0]._rmatmat, right, (m1, m2, n1, n2), X, self.xp)
         return _kron_apply(
             [f._rmatmat for f in fs], [f.shape[0] for f in fs], [f.shape[1] for f in fs], X, self.xp
         )
@@ -654,8 +789,23 @@ class KroneckerLinearOperator(LinearOperator):
                     f"shape {f.shape}."
                 )
 
+    @property
+    def _largest_factor(self) -> int:
+        return max(f.shape[0] for f in self.factors)
+
+    def _symmetric_factors(self) -> bool:
+        if self._eigh_cache is not None:
+            return True
+        if self._symmetric_cache is None:
+            self._symmetric_cache = all(_is_symmetric_factor(f) for f in self.factors)
+        return self._symmetric_cache
+
     def factor_eigh(self):
         """Eigendecompositions ``[(lam_i, Q_i), ...]`` of the (symmetric) factors, cached.
+
+        A symmetric :class:`DenseLinearOperator` factor caches its own, so that
+        Kronecker products sharing a factor (e.g. the weight and bias blocks of a K-FAC
+        layer, which share the output factor) share its eigendecomposition.
 
         Raises
         ------
@@ -677,23 +827,78 @@ class KroneckerLinearOperator(LinearOperator):
     def _eigenvalues(self):
         return _outer_flat([lam for lam, _ in self.factor_eigh()], self.xp)
 
+    def eigvalsh(self):
+        """All eigenvalues (unsorted, C order over the factors' indices) of symmetric factors.
+
+        The outer product of the factors' eigenvalues (from :meth:`factor_eigh`).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> K = KroneckerLinearOperator(np.diag([1.0, 2.0]), np.diag([3.0, 5.0]))
+        >>> K.eigvalsh().tolist()
+        [3.0, 5.0, 6.0, 10.0]
+        """
+        return self._eigenvalues()
+
+    def _check_spectrum(self, spectrum, magnitudes):
+        """The singular rule on the undamped spectrum; the message names the worst factor."""
+        xp = self.xp
+        try:
+            _check_invertible_spectrum(spectrum, xp, "Kronecker product", size=self._largest_factor)
+        except FactorizationError as err:
+            ratios = []
+            for m in magnitudes:
+                top = float(xp.max(m))
+                ratios.append(float(xp.min(m)) / top if top > 0 else 0.0)
+            i = min(range(len(ratios)), key=ratios.__getitem__)
+            raise FactorizationError(
+                f"Kronecker factor {i} has the smallest eigenvalue relative to its largest. {err}"
+            ) from None
+
     def inverse(self, damping=0.0):
+        """``(A_1 x ... x A_F + damping I)^{-1}``, exact.
+
+        Symmetric factors: from their cached eigendecompositions, as a Kronecker
+        product of the factors' inverses for ``damping = 0`` and as
+        ``Q diag(1 / (lam + damping)) Q^T`` otherwise. Non-symmetric factors: the
+        Kronecker product of their inverses (``damping = 0`` only).
+
+        Raises
+        ------
+        FactorizationError
+            If the (damped) product is singular by the rule of
+            :class:`~curvlinops.FactorizationError`, applied to its whole spectrum with
+            ``n`` the largest factor's dimension.
+        NotImplementedError
+            For ``damping != 0`` with a non-symmetric factor.
+        """
         self._require_square_factors("inverse")
-        if damping == 0.0:
+        xp, damping = self.xp, float(damping)
+        if damping == 0.0 and not self._symmetric_factors():
+            magnitudes = [xp.linalg.svdvals(f.to_dense()) for f in self.factors]
+            self._check_spectrum(_outer_flat(magnitudes, xp), magnitudes)
             inverses = []
             for i, f in enumerate(self.factors):
                 try:
                     inverses.append(f.inverse())
                 except FactorizationError as err:
-                    raise FactorizationError(
-                        f"Kronecker factor {i} is singular, so the Kronecker product has no "
-                        f"inverse ({err}). Add damping, e.g. inverse(damping=1e-3): it is "
-                        "applied exactly through the factors' eigendecompositions."
-                    ) from err
+                    _wrap_part_error(err, "Kronecker factor", i)
             return KroneckerLinearOperator(*inverses)
-        shifted = self._eigenvalues() + damping
-        _check_invertible_spectrum(shifted, self.xp, f"Kronecker product plus {damping} I")
-        return KroneckerEighLinearOperator(1.0 / shifted, [Q for _, Q in self.factor_eigh()])
+        eigh = self.factor_eigh()
+        spectrum = self._eigenvalues()
+        if damping == 0.0:
+            self._check_spectrum(spectrum, [xp.abs(lam) for lam, _ in eigh])
+            return KroneckerLinearOperator(
+                *(
+                    _inverse_from_eigh(f, lam, Q)
+                    for f, (lam, Q) in zip(self.factors, eigh, strict=True)
+                )
+            )
+        shifted = spectrum + damping
+        what = f"Kronecker product plus {damping} I"
+        _check_invertible_spectrum(shifted, xp, what, size=self._largest_factor)
+        return KroneckerEighLinearOperator(1.0 / shifted, [Q for _, Q in eigh])
 
     def trace(self):
         self._require_square_factors("trace")
@@ -708,18 +913,23 @@ class KroneckerLinearOperator(LinearOperator):
 
     def _logdet(self, damping):
         self._require_square_factors("logdet")
-        if damping != 0.0:
-            return _logdet_from_spectrum(
-                self._eigenvalues() + damping, self.xp, f"Kronecker product plus {damping} I"
-            )
-        n = self.shape[0]
-        total = 0.0
-        for i, f in enumerate(self.factors):
-            try:
-                total = total + (n // f.shape[0]) * f.logdet()
-            except FactorizationError as err:
-                _wrap_part_error(err, "Kronecker factor", i)
-        return total
+        xp = self.xp
+        if damping == 0.0 and not self._symmetric_factors():
+            magnitudes = [xp.linalg.svdvals(f.to_dense()) for f in self.factors]
+            self._check_spectrum(_outer_flat(magnitudes, xp), magnitudes)
+            n = self.shape[0]
+            total = 0.0
+            for i, f in enumerate(self.factors):
+                try:
+                    total = total + (n // f.shape[0]) * f.logdet()
+                except FactorizationError as err:
+                    _wrap_part_error(err, "Kronecker factor", i)
+            return total
+        spectrum = self._eigenvalues() + damping
+        if damping == 0.0:
+            self._check_spectrum(spectrum, [xp.abs(lam) for lam, _ in self.factor_eigh()])
+        what = "Kronecker product" + _plus(damping)
+        return _logdet_from_spectrum(spectrum, xp, what, size=self._largest_factor)
 
     def frobenius_norm(self):
         out = self.factors[0].frobenius_norm()
@@ -736,21 +946,46 @@ class KroneckerLinearOperator(LinearOperator):
 
 
 def _symmetric_eigh(factor: LinearOperator, index: int):
-    """``(eigenvalues, eigenvectors)`` of a symmetric Kronecker factor."""
+    """``(eigenvalues, eigenvectors)`` of a symmetric Kronecker factor.
+
+    A symmetric :class:`DenseLinearOperator` caches its own (:meth:`~DenseLinearOperator.eigh`),
+    so that Kronecker products sharing the factor share it.
+    """
     xp = factor.xp
     if isinstance(factor, EighLinearOperator) and factor.rank == factor.shape[0]:
         return factor.eigenvalues, factor.eigenvectors
     if isinstance(factor, (DiagonalLinearOperator, IdentityLinearOperator)):
         eye = xp.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
         return factor.diagonal(), eye
-    dense = factor.to_dense()
-    if not factor.is_symmetric and not _is_numerically_symmetric(dense, xp):
+    if isinstance(factor, DenseLinearOperator) and factor.is_symmetric:
+        try:
+            return factor.eigh()
+        except FactorizationError as err:
+            _wrap_part_error(err, "Kronecker factor", index)
+    if not _is_symmetric_factor(factor):
         raise NotImplementedError(
             f"Kronecker factor {index} is not symmetric, so the damped inverse and "
             "log-determinant of the Kronecker product have no cheap exact form. Use "
             "curvlinops.CGInverseLinearOperator (or a symmetric factor)."
         )
-    return checked_eigh(dense, xp, name=f"Kronecker factor {index}")
+    return checked_eigh(factor.to_dense(), xp, name=f"Kronecker factor {index}")
+
+
+def _inverse_from_eigh(factor, lam, Q):
+    """``factor^{-1}`` from its eigendecomposition (the caller checked the spectrum)."""
+    if isinstance(factor, (DiagonalLinearOperator, IdentityLinearOperator, EighLinearOperator)):
+        return factor.inverse()
+    xp = factor.xp
+    return DenseLinearOperator((Q * (1.0 / lam)[None, :]) @ xp.matrix_transpose(Q), symmetric=True)
+
+
+def _is_symmetric_factor(factor) -> bool:
+    """Declared symmetric, or a square factor whose dense form is symmetric."""
+    if factor.is_symmetric or isinstance(factor, (DiagonalLinearOperator, IdentityLinearOperator)):
+        return True
+    if factor.shape[0] != factor.shape[1]:
+        return False
+    return _is_numerically_symmetric(factor.to_dense(), factor.xp)
 
 
 def _is_numerically_symmetric(A, xp) -> bool:
@@ -823,6 +1058,17 @@ class KroneckerEighLinearOperator(LinearOperator):
 
     def _apply_Q(self, X, transpose):
         xp = self.xp
+        Qs = self.eigenvectors
+        if len(Qs) == 1:
+            return (xp.matrix_transpose(Qs[0]) if transpose else Qs[0]) @ X
+        if len(Qs) == 2:
+            Q1, Q2 = Qs
+            n1, n2 = self._dims
+            if transpose:  # (Q1^T x Q2^T) X: Q1^T V Q2
+                left, right = xp.matrix_transpose(Q1), Q2
+            else:  # (Q1 x Q2) X: Q1 V Q2^T
+                left, right = Q1, xp.matrix_transpose(Q2)
+            return _kron2_apply(lambda V: left @ V, lambda Y: Y @ right, (n1, n2, n1, n2), X, xp)
         if transpose:
             applies = [_matmul_by(xp.matrix_transpose(Q)) for Q in self.eigenvectors]
         else:
@@ -835,8 +1081,17 @@ class KroneckerEighLinearOperator(LinearOperator):
 
     def inverse(self, damping=0.0):
         shifted = self.eigenvalues + damping if damping else self.eigenvalues
-        _check_invertible_spectrum(shifted, self.xp, "eigendecomposed operator" + _plus(damping))
+        _check_invertible_spectrum(
+            shifted,
+            self.xp,
+            "Kronecker-eigendecomposed operator" + _plus(damping),
+            size=max(self._dims),
+        )
         return KroneckerEighLinearOperator(1.0 / shifted, self.eigenvectors)
+
+    def eigvalsh(self):
+        """The eigenvalues ``lam`` (unsorted, in the order of the constructor)."""
+        return self.eigenvalues
 
     def trace(self):
         return self.xp.sum(self.eigenvalues)
@@ -850,7 +1105,12 @@ class KroneckerEighLinearOperator(LinearOperator):
 
     def _logdet(self, damping):
         shifted = self.eigenvalues + damping if damping else self.eigenvalues
-        return _logdet_from_spectrum(shifted, self.xp, "eigendecomposed operator" + _plus(damping))
+        return _logdet_from_spectrum(
+            shifted,
+            self.xp,
+            "Kronecker-eigendecomposed operator" + _plus(damping),
+            size=max(self._dims),
+        )
 
     def frobenius_norm(self):
         return self.xp.linalg.vector_norm(self.eigenvalues)
@@ -924,6 +1184,14 @@ class EighLinearOperator(LinearOperator):
     def _infer_psd(self):
         return _all_nonnegative(self.eigenvalues, self.xp)
 
+    def eigvalsh(self):
+        """All ``n`` eigenvalues (unsorted): ``lam``, then ``n - k`` zeros when ``k < n``."""
+        xp, missing = self.xp, self.shape[0] - self.rank
+        if not missing:
+            return self.eigenvalues
+        zeros = xp.zeros((missing,), dtype=self.dtype, device=self.device)
+        return xp.concat([self.eigenvalues, zeros])
+
     @property
     def rank(self) -> int:
         """Number ``k`` of eigenpairs (the rank when all eigenvalues are nonzero)."""
@@ -945,7 +1213,9 @@ class EighLinearOperator(LinearOperator):
                 f"The operator has rank at most {self.rank} < {self.shape[0]} and no inverse. "
                 f"{_DAMPING_HINT}"
             )
-        _check_invertible_spectrum(shifted, self.xp, what)
+        xp = self.xp
+        rest = xp.full((1,), damping, dtype=self.dtype, device=self.device)
+        _check_invertible_spectrum(xp.concat([shifted, rest]), xp, what, size=self.shape[0])
         # Q diag(1/(lam+d)) Q^T + (1/d)(I - Q Q^T) = Q diag(1/(lam+d) - 1/d) Q^T + (1/d) I
         low_rank = EighLinearOperator(1.0 / shifted - 1.0 / damping, self.eigenvectors)
         inverse = DampedLinearOperator(low_rank, 1.0 / damping)

@@ -73,11 +73,7 @@ def directions(model, params, data, damping, quick):
         ),
     }
     for name, A in approximations.items():
-        if name.startswith("K-FAC"):
-            inv = A.inverse(damping, exact=True)
-        else:
-            inv = A.inverse(damping)
-        out[name] = inv @ g
+        out[name] = A.inverse(damping) @ g  # exact (A + damping I)^{-1} for every operator
     out["gradient descent (identity)"] = g
     return out
 

@@ -17,7 +17,6 @@ from test_exact import problem
 import curvlinops as cl
 import curvlinops.nn as cnn
 from curvlinops import FactorizationError
-from curvlinops.curvature import _kronecker
 from curvlinops.curvature.kfac import KFACLinearOperator, KroneckerFactoredLinearOperator
 
 RTOL, ATOL = 1e-10, 1e-12
@@ -361,14 +360,17 @@ def _factored_reference(K, params, shift, separate):
 def test_inverse_exact_and_factored_damping(separate, damping):
     K, params = _tanh_problem(separate, name="mse")
     dense = K.to_dense()
-    exact = K.inverse(damping, exact=True)
+    exact = K.inverse(damping)
     assert isinstance(exact, KroneckerFactoredLinearOperator)
     assert_close(exact.to_dense(), np.linalg.inv(dense + damping * np.eye(len(dense))), 1e-8)
     root = np.sqrt(damping)
     expected = _factored_reference(K, params, lambda A, B: (root, root, damping), separate)
-    assert_close(K.inverse(damping).to_dense(), expected, 1e-8)
+    assert_close(K.factored_inverse(damping).to_dense(), expected, 1e-8)
     if damping == 0.0:  # undamped, the factored inverse is the inverse
-        assert_close(K.inverse().to_dense(), np.linalg.inv(dense), 1e-8)
+        assert_close(K.factored_inverse(0.0).to_dense(), np.linalg.inv(dense), 1e-8)
+    else:  # damped, the two differ: the factored one is a different matrix
+        distance = np.linalg.norm(K.factored_inverse(damping).to_dense() - exact.to_dense())
+        assert distance > 1e-3 * np.linalg.norm(exact.to_dense())
     # K + d I through damped(): exact inverse and log-determinant
     assert_close(K.damped(damping).inverse().to_dense(), exact.to_dense(), 1e-12)
     sign, logdet = np.linalg.slogdet(dense + damping * np.eye(len(dense)))
@@ -386,11 +388,11 @@ def test_heuristic_pi_damping_against_its_formula(separate):
         return max(pi * np.sqrt(d), min_damping), max(np.sqrt(d) / pi, min_damping), d
 
     expected = _factored_reference(K, params, pi_shift, separate)
-    result = K.inverse(d, heuristic_damping=True, min_damping=min_damping)
+    result = K.factored_inverse(d, pi_damping=True, min_damping=min_damping)
     assert_close(result.to_dense(), expected, 1e-8)
     # The shifts are clamped from below by min_damping.
     floor = 0.05
-    clamped = K.inverse(0.0, heuristic_damping=True, min_damping=floor)
+    clamped = K.factored_inverse(0.0, pi_damping=True, min_damping=floor)
     expected = _factored_reference(K, params, lambda A, B: (floor, floor, floor), separate)
     assert_close(clamped.to_dense(), expected, 1e-8)
 
@@ -409,7 +411,7 @@ def test_queries_against_numpy_on_the_dense_matrix():
         X = np.random.default_rng(0).normal(size=(K.shape[1], 3))
         assert_close(K @ X, dense @ X)
         assert_close(K @ X[:, 0], dense @ X[:, 0])
-        inv = K.inverse(0.2, exact=True)
+        inv = K.inverse(0.2)
         assert_close(inv.trace(), np.trace(inv.to_dense()))
         assert_close(inv.diagonal(), np.diag(inv.to_dense()))
         assert_close(inv.logdet(), np.linalg.slogdet(inv.to_dense())[1], 1e-9)
@@ -424,30 +426,32 @@ def test_singular_factor_raises_factorization_error_naming_layer_and_factor():
     params[2] = np.vstack([params[2][:1], params[2][:1]])  # rank-1 W2 makes B of layer 0 singular
     K = KFACLinearOperator(model, loss, params, data)
     with pytest.raises(FactorizationError, match=r"output factor B of layer '0'.*damping"):
+        K.factored_inverse(0.0)
+    with pytest.raises(FactorizationError, match=r"weight block of layer '0'.*singular.*damping"):
         K.inverse()
-    with pytest.raises(FactorizationError, match="singular"):
-        K.inverse(exact=True)
-    K.inverse(1e-3)  # damping makes it invertible
-    K.inverse(1e-3, exact=True)
+    K.factored_inverse(1e-3)  # damping makes it invertible
+    K.inverse(1e-3)
 
 
-def test_failed_cholesky_is_retried_in_float64(monkeypatch):
-    real = _kronecker.checked_cholesky
+def test_factored_inverse_reuses_the_cached_eigendecompositions(monkeypatch):
+    """Both inverses come from one eigendecomposition per factor; new dampings reuse it."""
+    K, _ = _tanh_problem(True, name="mse")
+    import curvlinops.linalg.structured as structured
+
     calls = []
+    real = structured.checked_eigh
 
-    def fails_below_float64(A, xp_, *, name):
-        calls.append(str(A.dtype))
-        if str(A.dtype) != "float64":
-            raise FactorizationError("simulated failure in low precision")
-        return real(A, xp_, name=name)
+    def counting(A, *args, **kwargs):
+        calls.append(A.shape)
+        return real(A, *args, **kwargs)
 
-    monkeypatch.setattr(_kronecker, "checked_cholesky", fails_below_float64)
-    M = np.array([[4.0, 1.0], [1.0, 3.0]], dtype=np.float32)
-    inverse = _kronecker.spd_inverse(M, xp, "test factor")
-    assert calls == ["float32", "float64"] and inverse.dtype == np.float32
-    np.testing.assert_allclose(inverse, np.linalg.inv(M.astype(np.float64)), rtol=1e-6)
-    with pytest.raises(FactorizationError, match="test factor.*float64"):
-        _kronecker.spd_inverse(np.array([[1.0, 2.0], [2.0, 1.0]], np.float32), xp, "test factor")
+    monkeypatch.setattr(structured, "checked_eigh", counting)
+    K.inverse(0.1)
+    first = len(calls)
+    K.factored_inverse(0.2, pi_damping=True)
+    K.inverse(0.3)
+    K.factored_inverse(0.4)
+    assert first == 2 * len(K.layers) and len(calls) == first
 
 
 # -- backends, other models, errors ----------------------------------------------------
@@ -476,7 +480,7 @@ def test_products_on_every_backend(backend):
     assert_close(backend.to_numpy(K @ to(V[:, 0])), reference @ V[:, 0])
     d = 0.1
     expected_inverse = np.linalg.inv(reference + d * np.eye(len(reference)))
-    assert_close(backend.to_numpy(K.inverse(d, exact=True) @ to(V)), expected_inverse @ V, 1e-8)
+    assert_close(backend.to_numpy(K.inverse(d) @ to(V)), expected_inverse @ V, 1e-8)
     assert_close(backend.to_numpy(K.trace()), np.trace(reference))
 
 
@@ -518,10 +522,18 @@ def test_invalid_arguments():
         with pytest.raises(ValueError, match=match):
             KFACLinearOperator(model, loss, params, data, **kwargs)
     K = KFACLinearOperator(model, loss, params, data)
-    with pytest.raises(ValueError, match="damping"):
+    with pytest.raises(ValueError, match=r"damping must be a finite number >= 0, got -1.0"):
         K.inverse(-1.0)
-    with pytest.raises(ValueError, match="heuristic_damping"):
-        K.inverse(1.0, exact=True, heuristic_damping=True)
+    with pytest.raises(ValueError, match=r"damping must be a finite number >= 0, got -1.0"):
+        K.factored_inverse(-1.0)
+    with pytest.raises(ValueError, match="min_damping"):
+        K.factored_inverse(1.0, pi_damping=True, min_damping=-1e-8)
+    with pytest.raises(ValueError, match="damping"):
+        K.inverse(float("nan"))
+    # the former keyword arguments of inverse are gone: factored_inverse has its own name
+    for kwargs in ({"exact": True}, {"heuristic_damping": True}):
+        with pytest.raises(TypeError):
+            K.inverse(1.0, **kwargs)
 
 
 def test_model_without_layer_taps_is_refused():

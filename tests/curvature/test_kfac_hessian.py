@@ -115,9 +115,9 @@ def test_indefinite_case_inverse_raises_or_warns():
 
     small = 0.1 * abs(eigenvalues.min())
     with pytest.raises(FactorizationError, match=r"factor B of layer '0'.*damping"):
-        K.inverse(small**2)  # factored: B + sqrt(d) I is not positive definite
+        K.factored_inverse(small**2)  # B + sqrt(d) I is not positive definite
     with pytest.warns(UserWarning, match="indefinite"):
-        inverse = K.inverse(small, exact=True)
+        inverse = K.inverse(small)
     expected = np.linalg.inv(dense + small * np.eye(len(dense)))
     assert_close(inverse.to_dense(), expected, 1e-8)
     sign, value = np.linalg.slogdet(dense + small * np.eye(len(dense)))
@@ -133,11 +133,11 @@ def test_indefinite_case_inverse_raises_or_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert_close(
-            K.inverse(large, exact=True).to_dense(),
+            K.inverse(large).to_dense(),
             np.linalg.inv(dense + large * np.eye(len(dense))),
             1e-8,
         )
-    K.inverse(100.0)
+    K.factored_inverse(100.0)
 
 
 def test_flatten_before_the_first_layer_and_shared_positions():

@@ -1,4 +1,4 @@
-"""K-FAC, its inverses and EKFAC through the shared operator suite (tests/linalg).
+"""K-FAC, its inverses, EKFAC and the K-FAC Hessian through the shared operator suite.
 
 The suite's checks (products from both sides, dot-product test, adjoint, dense form,
 inverse, damped inverse, trace, diagonal, log-determinant, Frobenius norm: every
@@ -11,6 +11,11 @@ The problem is a deep linear network ``3 -> 2 -> 4`` with squared loss, where K-
 ``B_1 = (2 / C) I``, ``B_0 = (2 / C) W_1^T W_1``, ``A_l`` the mean outer product of the
 layer's inputs (``C = 4`` outputs, mean reduction), assembled with ``np.kron`` and
 ``scipy.linalg.block_diag``.
+
+No waiver: every case's ``inverse(damping)`` is compared with the exact
+``(A + d I)^{-1}``, also for K-FAC under scaling, damping, and inside block-diagonal and
+Kronecker compositions. The factored heuristic is its own case
+(``factored_inverse``), against its own closed form.
 """
 
 from __future__ import annotations
@@ -26,9 +31,16 @@ import scipy.linalg
 from test_kfac import from_joint_order
 
 import curvlinops.nn as cnn
-from curvlinops import MSELoss
+from curvlinops import (
+    BlockDiagonalLinearOperator,
+    DenseLinearOperator,
+    DiagonalLinearOperator,
+    KroneckerLinearOperator,
+    MSELoss,
+)
 from curvlinops.curvature.ekfac import EKFACLinearOperator
 from curvlinops.curvature.kfac import KFACLinearOperator
+from curvlinops.curvature.kfac_hessian import KFACHessianLinearOperator
 
 _SUITE_PATH = Path(__file__).resolve().parents[1] / "linalg" / "test_operator_suite.py"
 _spec = importlib.util.spec_from_file_location("_kfac_operator_suite_copy", _SUITE_PATH)
@@ -85,10 +97,9 @@ def _kfac(backend, dtype, rng, separate=True):
 
 
 def _kfac_case(backend, dtype, rng):
+    # inverse(damping) is the exact (K + d I)^{-1}, like every operator's: no waiver.
     op, ref = _kfac(backend, dtype, rng)
-    # K-FAC's inverse(damping) is factored by default (exact only for damping 0, tested
-    # separately in test_kfac.py); the suite compares with the exact (A + d I)^{-1}.
-    return suite.Case(op, ref, suite.ALL_QUERIES, damping=0.0)
+    return suite.Case(op, ref, suite.ALL_QUERIES)
 
 
 def _kfac_joint_damped_case(backend, dtype, rng):
@@ -98,23 +109,82 @@ def _kfac_joint_damped_case(backend, dtype, rng):
 
 def _kfac_exact_inverse_case(backend, dtype, rng):
     op, ref = _kfac(backend, dtype, rng)
-    inverse = op.inverse(0.2, exact=True)
+    inverse = op.inverse(0.2)
     return suite.Case(inverse, np.linalg.inv(ref + 0.2 * np.eye(len(ref))), suite.ALL_QUERIES)
 
 
-def _ekfac_case(backend, dtype, rng):
+def _kfac_scaled_case(backend, dtype, rng):
+    # (c K + d I)^{-1} = (1/c) (K + (d/c) I)^{-1} goes through K.inverse(d / c): exact.
+    op, ref = _kfac(backend, dtype, rng, separate=False)
+    return suite.Case(2.5 * op, 2.5 * ref, suite.ALL_QUERIES)
+
+
+def _kfac_factored_inverse_case(backend, dtype, rng):
+    """The factored heuristic is an operator of its own, against its closed form."""
+    model, params, data, rounded = _problem(backend, dtype, rng)
+    op = KFACLinearOperator(model, MSELoss(), params, data, check_deterministic=False)
+    W0, b0, W1, _, X, _ = rounded
+    H = X @ W0.T + b0
+    d, inv = 0.04, np.linalg.inv
+    blocks = []
+    for a, B in zip((X, H), [(2 / C) * W1.T @ W1, (2 / C) * np.eye(C)], strict=True):
+        A = a.T @ a / N
+        eye_A, eye_B = np.eye(len(A)), np.eye(len(B))
+        blocks += [np.kron(inv(B + 0.2 * eye_B), inv(A + 0.2 * eye_A)), inv(B + d * eye_B)]
+    ref = scipy.linalg.block_diag(*blocks)
+    return suite.Case(op.factored_inverse(d), ref, suite.ALL_QUERIES)
+
+
+def _kfac_hessian_case(backend, dtype, rng):
+    # A deep linear network with squared loss: the K-FAC Hessian equals K-FAC.
+    model, params, data, rounded = _problem(backend, dtype, rng)
+    op = KFACHessianLinearOperator(model, MSELoss(), params, data, check_deterministic=False)
+    return suite.Case(op, _closed_form(rounded, True), suite.ALL_QUERIES)
+
+
+def _kfac_in_block_diagonal_case(backend, dtype, rng):
+    op, ref = _kfac(backend, dtype, rng)
+    d, d64 = suite.put(backend, dtype, rng.uniform(0.5, 2.0, size=3))
+    composed = BlockDiagonalLinearOperator([0.5 * op, DiagonalLinearOperator(d)])
+    return suite.Case(composed, scipy.linalg.block_diag(0.5 * ref, np.diag(d64)), suite.ALL_QUERIES)
+
+
+def _kfac_in_kronecker_case(backend, dtype, rng):
+    op, ref = _kfac(backend, dtype, rng)
+    S, S64 = suite.put(backend, dtype, suite.spd(rng, 2))
+    composed = KroneckerLinearOperator(op, DenseLinearOperator(S, symmetric=True))
+    return suite.Case(composed, np.kron(ref, S64), suite.ALL_QUERIES)
+
+
+def _ekfac_case(backend, dtype, rng, separate=False):
     model, params, data, rounded = _problem(backend, dtype, rng)
     op = EKFACLinearOperator(
-        model, MSELoss(), params, data, separate_weight_and_bias=False, check_deterministic=False
+        model,
+        MSELoss(),
+        params,
+        data,
+        separate_weight_and_bias=separate,
+        check_deterministic=False,
     )
-    return suite.Case(op, _closed_form(rounded, False), suite.ALL_QUERIES)
+    return suite.Case(op, _closed_form(rounded, separate), suite.ALL_QUERIES)
+
+
+def _ekfac_separate_scaled_case(backend, dtype, rng):
+    case = _ekfac_case(backend, dtype, rng, separate=True)
+    return suite.Case(case.op / 4.0, case.ref / 4.0, suite.ALL_QUERIES)
 
 
 CASES = {
     "kfac": _kfac_case,
     "kfac_joint_damped": _kfac_joint_damped_case,
     "kfac_exact_inverse": _kfac_exact_inverse_case,
+    "kfac_scaled_joint": _kfac_scaled_case,
+    "kfac_factored_inverse": _kfac_factored_inverse_case,
+    "kfac_hessian": _kfac_hessian_case,
+    "kfac_in_block_diagonal": _kfac_in_block_diagonal_case,
+    "kfac_in_kronecker": _kfac_in_kronecker_case,
     "ekfac_joint": _ekfac_case,
+    "ekfac_separate_scaled": _ekfac_separate_scaled_case,
 }
 for _name, _builder in CASES.items():
     suite.register_case(_name)(_builder)

@@ -1,0 +1,176 @@
+"""ParameterLayoutLinearOperator through the shared operator suite, and its errors.
+
+The suite's checks (every ``test_*(case_name, backend, dtype_name)`` of
+``test_operator_suite.py``) run on layout cases registered in a private copy of the
+suite module, so the suite file itself is unchanged. The reference of ``P^T A P`` is
+built independently: the permutation is an index array assembled here with NumPy from
+the segments (``np.arange(...).reshape(rows, cols)`` side by side), and ``A``'s dense
+reference comes from ``np.kron`` / ``scipy.linalg.block_diag`` as in the suite.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from curvlinops import (
+    BlockDiagonalLinearOperator,
+    DenseLinearOperator,
+    DiagonalLinearOperator,
+    KroneckerEighLinearOperator,
+    KroneckerLinearOperator,
+    ParameterLayoutLinearOperator,
+)
+
+_SUITE_PATH = Path(__file__).resolve().parent / "test_operator_suite.py"
+_spec = importlib.util.spec_from_file_location("_layout_operator_suite_copy", _SUITE_PATH)
+suite = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = suite  # dataclasses look their module up there
+_spec.loader.exec_module(suite)
+
+
+def permutation(layout):
+    """``perm`` with ``(P x) = x[perm]``, from the segments, in NumPy."""
+    rows = []
+    for block in layout:
+        parts = []
+        for start, shape in block:
+            r, c = (1, shape) if isinstance(shape, int) else shape
+            parts.append(start + np.arange(r * c).reshape(r, c))
+        rows.append(np.concatenate(parts, axis=1).ravel())
+    return np.concatenate(rows)
+
+
+def conjugated(A64, layout):
+    """``P^T A P`` as a dense NumPy matrix."""
+    P = np.eye(len(A64))[permutation(layout)]
+    return P.T @ A64 @ P
+
+
+# A layer with weight (2, 3) and bias (2,), one with weight (3, 2) and bias (3,), flat as
+# [W0, b0, W1, b1]: the first joint over [W0 | b0], the second split in weight and bias.
+LAYERS = [[(0, (2, 3)), (6, (2, 1))], [(8, 6)], [(14, (3, 1))]]
+
+
+def _kronecker_blocks(backend, dtype, rng):
+    B0, B0_64 = suite.put(backend, dtype, suite.spd(rng, 2))
+    A0, A0_64 = suite.put(backend, dtype, suite.spd(rng, 4))
+    B1, B1_64 = suite.put(backend, dtype, suite.spd(rng, 3))
+    A1, A1_64 = suite.put(backend, dtype, suite.spd(rng, 2))
+    inner = BlockDiagonalLinearOperator(
+        [
+            KroneckerLinearOperator(B0, A0),
+            KroneckerLinearOperator(B1, A1),
+            DenseLinearOperator(B1, symmetric=True),
+        ]
+    )
+    ref = scipy.linalg.block_diag(np.kron(B0_64, A0_64), np.kron(B1_64, A1_64), B1_64)
+    op = ParameterLayoutLinearOperator(inner, LAYERS)
+    return suite.Case(op, conjugated(ref, LAYERS), suite.ALL_QUERIES)
+
+
+def _kronecker_eigh_joint(backend, dtype, rng):
+    lam, lam64 = suite.put(backend, dtype, suite.positive(rng, 8))
+    Q1, Q1_64 = suite.put(backend, dtype, suite.orthonormal(rng, 2, 2))
+    Q2, Q2_64 = suite.put(backend, dtype, suite.orthonormal(rng, 4, 4))
+    layout = [[(0, (2, 3)), (6, (2, 1))]]
+    Q = np.kron(Q1_64, Q2_64)
+    ref = Q @ np.diag(lam64) @ Q.T
+    op = ParameterLayoutLinearOperator(KroneckerEighLinearOperator(lam, [Q1, Q2]), layout)
+    return suite.Case(op, conjugated(ref, layout), suite.ALL_QUERIES)
+
+
+def _reversed_nonsymmetric(backend, dtype, rng):
+    # A general (not block-diagonal, not symmetric) A: products go through P^T A P.
+    A, A64 = suite.put(backend, dtype, suite.dominant(rng, 6))
+    layout = [[(4, 2)], [(0, (2, 2))]]
+    op = ParameterLayoutLinearOperator(DenseLinearOperator(A), layout)
+    return suite.Case(op, conjugated(A64, layout), suite.ALL_QUERIES)
+
+
+def _identity_layout(backend, dtype, rng):
+    d, d64 = suite.put(backend, dtype, suite.positive(rng, 6))
+    layout = [[(0, 2)], [(2, 4)]]
+    inner = BlockDiagonalLinearOperator(
+        [DiagonalLinearOperator(d[:2]), DiagonalLinearOperator(d[2:])]
+    )
+    return suite.Case(ParameterLayoutLinearOperator(inner, layout), np.diag(d64), suite.ALL_QUERIES)
+
+
+CASES = {
+    "layout_kronecker_blocks": _kronecker_blocks,
+    "layout_kronecker_eigh_joint": _kronecker_eigh_joint,
+    "layout_reversed_nonsymmetric": _reversed_nonsymmetric,
+    "layout_identity": _identity_layout,
+}
+for _name, _builder in CASES.items():
+    suite.register_case(_name)(_builder)
+
+SUITE_CHECKS = sorted(
+    name
+    for name, fn in vars(suite).items()
+    if name.startswith("test_")
+    and callable(fn)
+    and list(inspect.signature(fn).parameters) == ["case_name", "backend", "dtype_name"]
+)
+
+
+@pytest.mark.parametrize("check", SUITE_CHECKS)
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_operator_suite(check, case_name, backend, dtype_name):
+    getattr(suite, check)(case_name, backend, dtype_name)
+
+
+def test_the_suite_checks_were_found():
+    assert {"test_queries", "test_products_and_adjoint"} <= set(SUITE_CHECKS)
+
+
+# -- the permutation itself ------------------------------------------------------------
+
+
+def test_to_and_from_block_order_invert_each_other():
+    rng = np.random.default_rng(0)
+    op = ParameterLayoutLinearOperator(DenseLinearOperator(np.eye(17), symmetric=True), LAYERS)
+    X = rng.normal(size=(17, 3))
+    perm = permutation(LAYERS)
+    np.testing.assert_array_equal(op.to_block_order(X), X[perm])
+    np.testing.assert_array_equal(op.to_block_order(X[:, 0]), X[perm, 0])
+    np.testing.assert_array_equal(op.from_block_order(op.to_block_order(X)), X)
+    np.testing.assert_array_equal(op.from_block_order(X[perm, 1]), X[:, 1])
+    # the joint block is [W0 | b0] row by row: W0[0, :], b0[0], W0[1, :], b0[1]
+    np.testing.assert_array_equal(perm[:8], [0, 1, 2, 6, 3, 4, 5, 7])
+    with pytest.raises(ValueError, match=r"\(17, k\)"):
+        op.to_block_order(np.ones((17, 2, 2)))
+    with pytest.raises(ValueError, match=r"\(17,\)"):
+        op.from_block_order(np.ones(16))
+
+
+def test_invalid_layouts_are_refused():
+    A = DenseLinearOperator(np.eye(6), symmetric=True)
+    cases = [
+        ([[(0, 4)], [(3, 3)]], "overlap"),
+        ([[(0, 2)], [(3, 3)]], "gap"),
+        ([[(0, (2, 2)), (4, (1, 2))]], "same number of rows"),
+        ([[]], "no segments"),
+        ([], "at least one block"),
+        ([[(0, (2, -3))]], "non-negative"),
+        ([[("a", 6)]], "start >= 0"),
+        ([[6]], "pair"),
+    ]
+    for layout, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ParameterLayoutLinearOperator(A, layout)
+    with pytest.raises(ValueError, match="cover 2 entries, the flat vector has 6"):
+        ParameterLayoutLinearOperator(A, [[(0, 2)]], size=6)
+    with pytest.raises(ValueError, match="square"):
+        ParameterLayoutLinearOperator(DenseLinearOperator(np.ones((6, 5))), [[(0, 6)]])
+    with pytest.raises(ValueError, match="has 6 entries but the operator"):
+        ParameterLayoutLinearOperator(DenseLinearOperator(np.eye(5)), [[(0, 6)]])
+    with pytest.raises(TypeError, match="wraps a LinearOperator"):
+        ParameterLayoutLinearOperator(np.eye(6), [[(0, 6)]])
