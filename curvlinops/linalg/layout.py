@@ -229,17 +229,13 @@ class ParameterLayoutLinearOperator(LinearOperator):
 
     def to_block_order(self, x):
         """``P x``: a flat vector ``(n,)`` or matrix ``(n, k)`` in the blocks' order."""
-        X = self._check_input(x, self.shape[1], ndim=_vector_or_matrix(x), what="array")
-        if X.ndim == 1:
-            return self._to_blocks(X[:, None])[:, 0]
-        return self._to_blocks(X)
+        checked = self.check_input(x, what="array")
+        return checked.restore(self._to_blocks(checked.matrix))
 
     def from_block_order(self, y):
         """``P^T y``: a vector ``(n,)`` or matrix ``(n, k)`` in block order, in the flat layout."""
-        Y = self._check_input(y, self.shape[0], ndim=_vector_or_matrix(y), what="array")
-        if Y.ndim == 1:
-            return self._from_blocks(Y[:, None])[:, 0]
-        return self._from_blocks(Y)
+        checked = self.check_input(y, adjoint=True, what="array")
+        return checked.restore(self._from_blocks(checked.matrix))
 
     # -- products --------------------------------------------------------------------
 
@@ -316,8 +312,3 @@ class ParameterLayoutLinearOperator(LinearOperator):
         xp = self.xp
         left = self._from_blocks(self.operator.to_dense())  # P^T A
         return xp.matrix_transpose(self._from_blocks(xp.matrix_transpose(left)))
-
-
-def _vector_or_matrix(x) -> int:
-    """1 for a vector, else 2 (so that the input check names the expected shapes)."""
-    return 1 if getattr(x, "ndim", 2) == 1 else 2

@@ -893,7 +893,8 @@ class KroneckerLinearOperator(LinearOperator):
                 *(
                     _inverse_from_eigh(f, lam, Q)
                     for f, (lam, Q) in zip(self.factors, eigh, strict=True)
-                )
+                ),
+                psd=self.is_psd or None,  # the inverse of a PSD product is PSD
             )
         shifted = spectrum + damping
         what = f"Kronecker product plus {damping} I"

@@ -443,7 +443,8 @@ def verify_model(model, params, x, tiers=None, *, seed=0):
     >>> model = nn.Sequential(nn.Linear(3, 2), nn.Tanh())
     >>> reports = verify_model(model, model.init(0), np.ones((4, 3)))
     >>> [(r.name, r.passed) for r in reports]
-    [('jvp', True), ('vjp', True), ('second_order_vjp', True), ('layer_taps', True)]
+    [('jvp', True), ('vjp', True), ('second_order_vjp', True), ('layer_taps', True),
+     ('layer_protocol', True)]
     """
     tiers = set(model.tiers) if tiers is None else {as_requirement(t) for t in tiers}
     for tier in sorted(tiers):

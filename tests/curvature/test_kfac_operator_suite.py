@@ -171,7 +171,7 @@ def _ekfac_case(backend, dtype, rng, separate=False):
 
 def _ekfac_separate_scaled_case(backend, dtype, rng):
     case = _ekfac_case(backend, dtype, rng, separate=True)
-    return suite.Case(case.op / 4.0, case.ref / 4.0, suite.ALL_QUERIES)
+    return suite.Case(case.op / 4.0, case.reference / 4.0, suite.ALL_QUERIES)
 
 
 CASES = {
