@@ -343,15 +343,13 @@ class Model:
     """Base class of models that speak the protocol.
 
     Subclasses set :attr:`tiers` and implement :meth:`__call__`, :meth:`linearize`
-    and :meth:`param_shapes_for` (or override :meth:`check_params`).
+    and :meth:`expected_param_shapes` (or override :meth:`check_params`).
 
     Attributes
     ----------
     tiers : frozenset of Tier and Capability
         The tiers (and capabilities, e.g. :attr:`Capability.LAYER_PROTOCOL`) this model
         offers.
-    name : str
-        Name used in error messages.
     """
 
     tiers: frozenset = frozenset({Tier.FIRST_ORDER})
