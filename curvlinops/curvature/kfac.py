@@ -19,6 +19,7 @@ May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models`
 from __future__ import annotations
 
 import math
+import warnings
 
 from .._backend import FactorizationError, check_invertible_spectrum
 from ..linalg import DenseLinearOperator, KroneckerLinearOperator
@@ -150,7 +151,7 @@ class KFACLinearOperator(_KroneckerCurvature):
                 blocks.append(KroneckerLinearOperator(B_op, self._one()))
         self._operator = self._make_operator(blocks)
 
-    def inverse(self, damping=0.0):
+    def inverse(self, damping=0.0, **deprecated):
         """Exact ``(K + damping I)^{-1}``, blockwise through the factors' eigendecompositions.
 
         Like every operator's ``inverse``: the same matrix as
@@ -165,6 +166,11 @@ class KFACLinearOperator(_KroneckerCurvature):
         ----------
         damping : float
             ``damping >= 0``.
+        **deprecated
+            The keywords of the former ``inverse`` (``exact``, ``heuristic_damping``,
+            ``min_damping``) still work with a ``FutureWarning``: ``exact=True`` gives
+            this inverse, ``exact=False`` the factored heuristic :meth:`factored_inverse`
+            (with ``pi_damping=heuristic_damping``).
 
         Returns
         -------
@@ -198,7 +204,28 @@ class KFACLinearOperator(_KroneckerCurvature):
         >>> bool(np.allclose(K.inverse(0.1).to_dense(), K.damped(0.1).inverse().to_dense()))
         True
         """
+        if deprecated:
+            return self._deprecated_inverse(damping, **deprecated)
         return super().inverse(damping)
+
+    def _deprecated_inverse(
+        self, damping, *, exact=False, heuristic_damping=False, min_damping=1e-8
+    ):
+        """The keywords of the former ``inverse``: ``exact=True`` is now plain ``inverse``,
+        the factored heuristic (``exact=False``, ``heuristic_damping``) ``factored_inverse``."""
+        warnings.warn(
+            "KFACLinearOperator.inverse(damping) is now always the exact (K + damping I)^-1; "
+            "its keywords exact=, heuristic_damping= and min_damping= are deprecated. Call "
+            "inverse(damping) for the exact inverse, or factored_inverse(damping, "
+            "pi_damping=..., min_damping=...) for the factored heuristic of Martens & Grosse.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        if exact:
+            return super().inverse(damping)
+        return self.factored_inverse(
+            damping, pi_damping=bool(heuristic_damping), min_damping=min_damping
+        )
 
     def factored_inverse(self, damping, *, pi_damping=False, min_damping=1e-8):
         """The factored damped inverse of K-FAC (a heuristic; not ``(K + damping I)^{-1}``).

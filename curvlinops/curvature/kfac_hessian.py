@@ -218,7 +218,7 @@ class KFACHessianLinearOperator(KFACLinearOperator):
 
     # -- inverse ------------------------------------------------------------------------
 
-    def inverse(self, damping=0.0):
+    def inverse(self, damping=0.0, **deprecated):
         """Exact ``(K + damping I)^{-1}``, as for K-FAC (:meth:`KFACLinearOperator.inverse`).
 
         The operator can be indefinite: the inverse exists whenever no eigenvalue plus
@@ -242,6 +242,8 @@ class KFACHessianLinearOperator(KFACLinearOperator):
         >>> bool(np.allclose(K.inverse(damping=1.0).to_dense(), np.linalg.inv(dense)))
         True
         """
+        if deprecated:
+            return super().inverse(damping, **deprecated)
         inverse = super().inverse(damping)
         xp = self.xp
         if bool(xp.any(self._operator.eigvalsh() + float(damping) < 0)):

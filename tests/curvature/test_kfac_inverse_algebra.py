@@ -163,3 +163,29 @@ def test_eigenvalues_from_the_factors(kind):
         K = _operator(kind, separate)
         actual = np.sort(K.eigvalsh())
         assert_close(actual, np.linalg.eigvalsh(K.to_dense()), TIGHT, TIGHT)
+
+
+def test_former_inverse_keywords_still_work_with_a_warning():
+    # Code written for the former inverse(damping, exact=..., heuristic_damping=...) keeps
+    # running: exact=True is the exact inverse, exact=False the factored heuristic.
+    import array_api_compat.numpy as xp
+
+    from curvlinops import MSELoss, nn
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params = model.init(0, xp=xp, dtype=xp.float64)
+    rng = np.random.default_rng(0)
+    K = KFACLinearOperator(
+        model, MSELoss(), params, [(rng.normal(size=(9, 3)), rng.normal(size=(9, 2)))]
+    )
+    dense = K.to_dense()
+    with pytest.warns(FutureWarning, match="factored_inverse"):
+        exact = K.inverse(0.1, exact=True).to_dense()
+    np.testing.assert_allclose(exact, np.linalg.inv(dense + 0.1 * np.eye(len(dense))), rtol=1e-9)
+    for heuristic in (False, True):
+        with pytest.warns(FutureWarning):
+            old = K.inverse(0.1, exact=False, heuristic_damping=heuristic).to_dense()
+        new = K.factored_inverse(0.1, pi_damping=heuristic).to_dense()
+        np.testing.assert_array_equal(old, new)
+    with pytest.raises(TypeError):
+        K.inverse(0.1, not_a_keyword=True)
