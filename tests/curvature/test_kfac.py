@@ -530,10 +530,13 @@ def test_invalid_arguments():
         K.factored_inverse(1.0, pi_damping=True, min_damping=-1e-8)
     with pytest.raises(ValueError, match="damping"):
         K.inverse(float("nan"))
-    # the former keyword arguments of inverse are gone: factored_inverse has its own name
+    # the former keyword arguments of inverse still run, with a warning that names the
+    # new methods (test_kfac_inverse_algebra checks what they return); others are refused
     for kwargs in ({"exact": True}, {"heuristic_damping": True}):
-        with pytest.raises(TypeError):
+        with pytest.warns(FutureWarning, match="factored_inverse"):
             K.inverse(1.0, **kwargs)
+    with pytest.raises(TypeError):
+        K.inverse(1.0, exact_damping=True)
 
 
 def test_model_without_layer_taps_is_refused():

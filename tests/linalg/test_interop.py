@@ -209,6 +209,7 @@ def _torch_hessian_reference(torch, net, X, y):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_to_scipy_torch_hessian_products_eigsh_and_cg():
+    pytest.importorskip("torch")
     from curvlinops import HessianLinearOperator, MSELoss
     from curvlinops.frontends.torch import TorchModel
 
@@ -237,6 +238,7 @@ def test_to_scipy_torch_hessian_products_eigsh_and_cg():
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_to_scipy_torch_jacobian_adjoint_and_float32():
+    pytest.importorskip("torch")
     from curvlinops import JacobianLinearOperator, MSELoss
     from curvlinops.frontends.torch import TorchModel
 
