@@ -186,6 +186,10 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         for tap in taps:
             shape = self.shapes[tap.weight_index]
             d_in = int(tap.inputs.shape[-1])
+            # the weight as the matrix that multiplies the inputs (a convolution's kernel
+            # (C_out, C_in, kh, kw) reshaped in C order), as the tap says
+            if tap.matrix_shape is not None and math.prod(tap.matrix_shape) == math.prod(shape):
+                shape = tuple(tap.matrix_shape)
             if len(shape) != 2 or shape[1] != d_in:
                 raise ValueError(
                     f"Layer {tap.name!r}: its weight (parameter {tap.weight_index}) must have "

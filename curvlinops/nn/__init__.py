@@ -21,6 +21,7 @@ Examples
 """
 
 from .activations import ELU, GELU, Elementwise, LeakyReLU, ReLU, Sigmoid, Softplus, Tanh
+from .conv import Conv1d, Conv2d
 from .linear import Linear
 from .linearization import LinearizedNativeLayer, NativeLinearization
 from .module import Layer, Module
@@ -28,6 +29,8 @@ from .sequential import Sequential
 from .shape import Flatten, Identity
 
 __all__ = [
+    "Conv1d",
+    "Conv2d",
     "ELU",
     "GELU",
     "Elementwise",
