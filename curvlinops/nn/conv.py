@@ -206,11 +206,12 @@ class _Conv(Layer):
         return xp.reshape(cols, (B, Ho * Wo, self.groups, self._group_in))
 
     def _out_hw(self, state, xp):
+        """Output size ``(Ho, Wo)`` for the forward input (as a 2d image)."""
         (kh, kw), (sh, sw), (dh, dw), ((pt, pb), (pl, pr)) = self._geometry()
         H, W = self._image(state["input"], xp).shape[2:]
-        return (H + pt + pb - dh * (kh - 1) - 1) // sh + 1, (
-            W + pl + pr - dw * (kw - 1) - 1
-        ) // sw + 1
+        Ho = (H + pt + pb - dh * (kh - 1) - 1) // sh + 1
+        Wo = (W + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        return Ho, Wo
 
     def _weight(self, params, xp):
         """The weight as ``(G, C_out / G, D_g)``."""

@@ -187,20 +187,10 @@ def test_products_match_torch_func(name, activation):
 
 
 @pytest.mark.parametrize("name", ["groups_stride", "conv1d_same_groups"])
-def test_products_on_array_api_strict(name):
-    strict = pytest.importorskip("array_api_strict")
+def test_products_on_every_backend(name, backend):
+    """The same rules on NumPy, array-api-strict (only standard calls), PyTorch, JAX, CuPy."""
     ours, theirs, prob = problem(name, "tanh")
-
-    class Strict:
-        @staticmethod
-        def asarray(a, dtype):
-            return strict.asarray(np.asarray(a, dtype=dtype))
-
-        @staticmethod
-        def to_numpy(a):
-            return np.asarray(a)
-
-    mine = ours_on_backend(ours, prob, Strict)
+    mine = ours_on_backend(ours, prob, backend)
     reference = torch_products(theirs, prob)
     for key in ("outputs", "JV", "JtU", "second"):
         assert_close(mine[key], reference[key])
@@ -302,14 +292,21 @@ def test_tap_with_groups_is_refused_with_the_layer_named():
         lin.layer_taps(None)
 
 
-def test_curvature_walks_refuse_convolutions():
-    from curvlinops import HessianDiagonalLinearOperator
+@pytest.mark.parametrize("operator", ["HessianDiagonalLinearOperator", "KFACHessianLinearOperator"])
+def test_curvature_walks_refuse_convolutions(operator):
+    """The walks read a tapped layer's output curvature as (pixel, feature): refused."""
+    from curvlinops.curvature.diagonal import HessianDiagonalLinearOperator
+    from curvlinops.curvature.kfac_hessian import KFACHessianLinearOperator
 
+    cls = {
+        "HessianDiagonalLinearOperator": HessianDiagonalLinearOperator,
+        "KFACHessianLinearOperator": KFACHessianLinearOperator,
+    }[operator]
     model = nn.Sequential(nn.Conv2d(2, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(16, 2))
     params = model.init(0, xp=npx, dtype=npx.float64)
     data = [(np.ones((2, 2, 3, 5)), np.zeros((2, 2)))]
-    with pytest.raises(MissingLayerRuleError, match=r"Conv2d.*channels-first"):
-        HessianDiagonalLinearOperator(model, MSELoss(), params, data).diagonal()
+    with pytest.raises(MissingLayerRuleError, match=r"layer '0' is Conv2d.*channels-first"):
+        cls(model, MSELoss(), params, data).to_dense()
 
 
 # -- curvature operators through the native CNN ---------------------------------------------
