@@ -4,8 +4,10 @@ Forward passes against ``torch.nn.functional.conv2d``/``conv1d`` with the same w
 the JVP, VJP and second-order product of small CNNs against ``torch.func``; the
 dot-product test; K vectors at once against K separate ones; the tap against
 ``torch.nn.functional.unfold`` and autograd; the GGN and Hessian operators against the
-same operators on a ``TorchModel`` of the equivalent torch CNN; K-FAC exact on a
-convolution with one output pixel and one datum; argument and shape errors.
+same operators on a ``TorchModel`` of the equivalent torch CNN; the GGN diagonal from
+the taps against the dense GGN; K-FAC and EKFAC exact on a convolution with one output
+pixel and one datum; K-FAC ("expand" and "reduce") against factors computed by hand from
+the unfolded patches; the curvature walks' refusal; argument and shape errors.
 """
 
 from __future__ import annotations
@@ -339,16 +341,19 @@ def test_curvature_operators_match_torch_model(name, operator):
     assert_close(native, reference.detach().numpy())
 
 
-def test_kfac_is_exact_for_one_output_pixel_and_one_datum():
+@pytest.mark.parametrize("approximation", ["KFAC", "EKFAC"])
+def test_kfac_is_exact_for_one_output_pixel_and_one_datum(approximation):
     """With one output pixel the convolution is a linear layer on its (padded) patch."""
+    from curvlinops.curvature.ekfac import EKFACLinearOperator
     from curvlinops.curvature.kfac import KFACLinearOperator
 
+    cls = {"KFAC": KFACLinearOperator, "EKFAC": EKFACLinearOperator}[approximation]
     conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)  # 2x2 inputs -> one output pixel
     model = nn.Sequential(conv, nn.Flatten())
     params = model.init(0, xp=npx, dtype=npx.float64)
     rng = np.random.default_rng(1)
     data = [(rng.standard_normal((1, 2, 2, 2)), rng.standard_normal((1, 3)))]
-    kfac = KFACLinearOperator(model, MSELoss(), params, data, separate_weight_and_bias=False)
+    kfac = cls(model, MSELoss(), params, data, separate_weight_and_bias=False)
     ggn = GGNLinearOperator(model, MSELoss(), params, data)
     assert_close(kfac.to_dense(), ggn.to_dense())
 
