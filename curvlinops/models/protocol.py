@@ -378,11 +378,11 @@ class Model:
         return None
 
     def has_tier(self, tier) -> bool:
-        """Whether the model offers ``tier`` (a :class:`Tier` or :class:`Capability`)."""
+        """Whether the model offers ``tier`` (a :class:`~curvlinops.Tier` or :class:`~curvlinops.Capability`)."""
         return as_requirement(tier) in self.tiers
 
     def require(self, tier, purpose: str) -> None:
-        """Raise :class:`MissingTierError` naming the tier, the model and the purpose."""
+        """Raise :class:`~curvlinops.MissingTierError` naming the tier, the model and the purpose."""
         if not self.has_tier(tier):
             tier = as_requirement(tier)
             raise MissingTierError(
