@@ -45,10 +45,10 @@ _COMMON_PARAMETERS = """
     model : curvlinops.models.Model or torch.nn.Module
         Any model speaking the protocol (e.g. a ``curvlinops.nn.Sequential``), or a
         ``torch.nn.Module``, wrapped as a ``TorchModel`` over the parameters in
-        ``params`` (see :func:`curvlinops.models.as_model <curvlinops.as_model>`; the result is ``.model``).
+        ``params`` (see :func:`~curvlinops.as_model`; the result is ``.model``).
     loss : curvlinops.losses.Loss or torch.nn.Module
         Loss with reduction "mean" or "sum", applied over the whole data set; PyTorch
-        losses are translated (:func:`curvlinops.losses.as_loss <curvlinops.as_loss>`).
+        losses are translated (:func:`~curvlinops.as_loss`).
     params : list of arrays
         Parameters; the operator acts on flat vectors ``(P,)`` and ``(P, K)``. With a
         ``torch.nn.Module``: a list of its parameters (any subset, in any order).

@@ -378,11 +378,14 @@ class Model:
         return None
 
     def has_tier(self, tier) -> bool:
-        """Whether the model offers ``tier`` (a :class:`~curvlinops.Tier` or :class:`~curvlinops.Capability`)."""
+        """Whether the model offers ``tier``.
+
+        ``tier`` is a :class:`~curvlinops.Tier` or a :class:`~curvlinops.Capability`.
+        """
         return as_requirement(tier) in self.tiers
 
     def require(self, tier, purpose: str) -> None:
-        """Raise :class:`~curvlinops.MissingTierError` naming the tier, the model and the purpose."""
+        """Raise :class:`~curvlinops.MissingTierError` naming the tier, model and purpose."""
         if not self.has_tier(tier):
             tier = as_requirement(tier)
             raise MissingTierError(
