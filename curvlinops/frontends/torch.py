@@ -154,6 +154,7 @@ class TorchModel(Model):
     'Tensor'
     """
 
+    #: tiers 1, 2 and 3 and the layer protocol
     tiers = frozenset(Tier) | {Capability.LAYER_PROTOCOL}
 
     def __init__(self, module, *, chunk_size=None, jvp_method="jvp", param_names=None):

@@ -352,6 +352,7 @@ class Model:
         offers.
     """
 
+    #: the tiers and capabilities the model offers (see :meth:`has_tier`)
     tiers: frozenset = frozenset({Tier.FIRST_ORDER})
 
     @property

@@ -58,6 +58,7 @@ class Module(Model):
     (5, 2)
     """
 
+    #: tiers 1, 2 and 3 and the layer protocol
     tiers = frozenset(Tier) | {Capability.LAYER_PROTOCOL}
 
     def chain(self) -> list[tuple[str, Layer]]:
