@@ -134,8 +134,41 @@ def _remove_stale_gallery_pages(app, config):
                     stale.unlink()
 
 
+def _data_doc_comment(app, what, name, obj, options, lines):
+    """Give re-exported data (``curvlinops.testing.QUERIES``) its ``#:`` doc comment.
+
+    autodoc looks for the comment in the module the name is documented under; for a
+    name re-exported by a package's ``__init__`` it finds none and falls back to the
+    docstring of the value's type ("Built-in immutable sequence."). Look the comment up
+    in the submodule that defines the same object instead.
+    """
+    if what != "data" or not lines:
+        return
+    from sphinx.pycode import ModuleAnalyzer
+    from sphinx.util.docstrings import prepare_docstring
+
+    type_doc = type(obj).__doc__
+    if not type_doc or lines[:1] != prepare_docstring(type_doc)[:1]:
+        return
+    module_name, _, attribute = name.rpartition(".")
+    for sub_name, module in list(sys.modules.items()):
+        if (
+            not sub_name.startswith(module_name + ".")
+            or getattr(module, attribute, None) is not obj
+        ):
+            continue
+        try:
+            comments = ModuleAnalyzer.for_module(sub_name).find_attr_docs()
+        except Exception:  # no source to analyze
+            continue
+        if ("", attribute) in comments:
+            lines[:] = list(comments[("", attribute)])
+            return
+
+
 def setup(app):
     app.connect("config-inited", _remove_stale_gallery_pages, priority=100)
+    app.connect("autodoc-process-docstring", _data_doc_comment)
 
 
 # -- HTML ----------------------------------------------------------------------------

@@ -129,7 +129,7 @@ class LinearOperator:
     operator (or an integer array) is promoted to the operator's dtype; an input of
     higher precision raises :class:`TypeError` rather than being downcast.
 
-    The structure tags :attr:`is_symmetric` and :attr:`is_psd` tell the solvers what
+    The structure tags ``is_symmetric`` and :attr:`is_psd` tell the solvers what
     they may assume (see :doc:`the solvers' rules </api/solvers>`): ``True`` means
     declared or derived, ``False`` only "not known". Subclasses whose structure
     implies positive semi-definiteness from their data (a diagonal with non-negative
