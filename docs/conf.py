@@ -138,18 +138,18 @@ def _data_doc_comment(app, what, name, obj, options, lines):
     """Give re-exported data (``curvlinops.testing.QUERIES``) its ``#:`` doc comment.
 
     autodoc looks for the comment in the module the name is documented under; for a
-    name re-exported by a package's ``__init__`` it finds none and falls back to the
-    docstring of the value's type ("Built-in immutable sequence."). Look the comment up
-    in the submodule that defines the same object instead.
+    name re-exported by a package's ``__init__`` it finds none, and numpydoc then fills
+    in the docstring of the value's type ("Built-in immutable sequence."). Look the
+    comment up in the submodule that defines the same object instead.
     """
-    if what != "data" or not lines:
-        return
     from sphinx.pycode import ModuleAnalyzer
     from sphinx.util.docstrings import prepare_docstring
 
-    type_doc = type(obj).__doc__
-    if not type_doc or lines[:1] != prepare_docstring(type_doc)[:1]:
+    type_doc = prepare_docstring(type(obj).__doc__ or "")
+    text = [line for line in lines if line.strip()]
+    if what != "data" or (text and text != [line for line in type_doc if line.strip()]):
         return
+
     module_name, _, attribute = name.rpartition(".")
     for sub_name, module in list(sys.modules.items()):
         if (
@@ -168,7 +168,8 @@ def _data_doc_comment(app, what, name, obj, options, lines):
 
 def setup(app):
     app.connect("config-inited", _remove_stale_gallery_pages, priority=100)
-    app.connect("autodoc-process-docstring", _data_doc_comment)
+    # before numpydoc (priority 500), which would fill in the type's docstring
+    app.connect("autodoc-process-docstring", _data_doc_comment, priority=100)
 
 
 # -- HTML ----------------------------------------------------------------------------
