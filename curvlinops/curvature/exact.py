@@ -8,7 +8,7 @@ base class sums over batches and applies the loss's reduction over the data set.
 - Hessian ``H = G + R``: one forward-tangent and one backward pass with the
   model's second-order product (tier 2).
 - ``R = H - G = sum_n sum_k (dL/df_nk) Hess(f_nk)``: both kinds of terms
-  (activation curvature and the bilinear cross terms of each layer; DESIGN.md).
+  (activation curvature and the bilinear cross terms of each layer).
 - Fisher ``F = sum_n J_n^T E_{y~r(y|f_n)}[g g^T] J_n`` computed from the loss's
   predictive distribution (not from the Hessian code), or by Monte-Carlo sampling
   of labels with a fixed seed.

@@ -2,7 +2,7 @@
 
 A model is a function ``f(params, x) -> outputs`` with outputs ``(N, C)`` (or
 ``(N, S, C)`` for models with a shared axis such as sequences) and ``params`` a list of
-arrays. A model offers up to three tiers (DESIGN.md):
+arrays. A model offers up to three tiers (see docs/frontends.rst):
 
 - Tier 1 (:attr:`Tier.FIRST_ORDER`): :meth:`Model.linearize` runs the forward pass
   once and returns a :class:`Linearization` with ``jvp`` and ``vjp``. Both take a
