@@ -15,7 +15,7 @@ arrays. A model offers up to three tiers (see docs/frontends.rst):
   cotangents produces (K-FAC, exact diagonals, per-layer blocks).
 - The layer protocol (:attr:`Capability.LAYER_PROTOCOL`, a capability of its own):
   :meth:`Linearization.layers`, the model's layers in forward order, each a
-  :class:`~curvlinops.models.LinearizedLayer` that says how gradients and curvature
+  :class:`~curvlinops.LinearizedLayer` that says how gradients and curvature
   factors move backwards through it (Hessian diagonal, Kronecker-factored Hessian;
   see :mod:`curvlinops.models.layers`). Models that are a chain of known layers
   (``curvlinops.nn``, the PyTorch frontend) offer it; a JAX function or hand-written
@@ -269,7 +269,7 @@ class Linearization:
         return self._layer_taps(cotangents)
 
     def layers(self):
-        """The model's layers in forward order, each a :class:`~curvlinops.models.LinearizedLayer`.
+        """The model's layers in forward order, each a :class:`~curvlinops.LinearizedLayer`.
 
         The layer protocol (:attr:`Capability.LAYER_PROTOCOL`): what the Hessian diagonal and
         the Kronecker-factored Hessian walk backwards. See :mod:`curvlinops.models.layers`.
