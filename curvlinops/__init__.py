@@ -1,6 +1,6 @@
 """curvlinops: curvature of a model's loss as linear operators on any array-API backend.
 
-The subpackages follow the layers of DESIGN.md, each importing only from the ones
+The subpackages follow the layers of docs/design.rst, each importing only from the ones
 listed before it:
 
 1. ``curvlinops._backend``: namespaces, dtypes, devices, random numbers;

@@ -134,8 +134,42 @@ def _remove_stale_gallery_pages(app, config):
                     stale.unlink()
 
 
+def _data_doc_comment(app, what, name, obj, options, lines):
+    """Give re-exported data (``curvlinops.testing.QUERIES``) its ``#:`` doc comment.
+
+    autodoc looks for the comment in the module the name is documented under; for a
+    name re-exported by a package's ``__init__`` it finds none, and numpydoc then fills
+    in the docstring of the value's type ("Built-in immutable sequence."). Look the
+    comment up in the submodule that defines the same object instead.
+    """
+    from sphinx.pycode import ModuleAnalyzer
+    from sphinx.util.docstrings import prepare_docstring
+
+    type_doc = prepare_docstring(type(obj).__doc__ or "")
+    text = [line for line in lines if line.strip()]
+    if what != "data" or (text and text != [line for line in type_doc if line.strip()]):
+        return
+
+    module_name, _, attribute = name.rpartition(".")
+    for sub_name, module in list(sys.modules.items()):
+        if (
+            not sub_name.startswith(module_name + ".")
+            or getattr(module, attribute, None) is not obj
+        ):
+            continue
+        try:
+            comments = ModuleAnalyzer.for_module(sub_name).find_attr_docs()
+        except Exception:  # no source to analyze
+            continue
+        if ("", attribute) in comments:
+            lines[:] = list(comments[("", attribute)])
+            return
+
+
 def setup(app):
     app.connect("config-inited", _remove_stale_gallery_pages, priority=100)
+    # before numpydoc (priority 500), which would fill in the type's docstring
+    app.connect("autodoc-process-docstring", _data_doc_comment, priority=100)
 
 
 # -- HTML ----------------------------------------------------------------------------

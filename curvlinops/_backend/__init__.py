@@ -1,6 +1,6 @@
 """Backend layer: array namespaces, dtypes, devices, random numbers, API gap fillers.
 
-The only layer that imports concrete array libraries. See DESIGN.md, layer 1.
+The only layer that imports concrete array libraries. See docs/design.rst, layer 1.
 """
 
 from .linalg import (

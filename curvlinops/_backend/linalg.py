@@ -7,7 +7,7 @@ fastest native call where a library has one and a standard-only fallback otherwi
 so that the layers above stay free of library-specific code.
 
 It is also the one place that says when a matrix counts as singular
-(:func:`check_invertible_spectrum`, the rule of :class:`FactorizationError`): every
+(:func:`check_invertible_spectrum`, the rule of :class:`~curvlinops.FactorizationError`): every
 exact inverse and log-determinant of :mod:`curvlinops.linalg` and of the curvature
 operators built from it applies that rule.
 
@@ -142,7 +142,7 @@ def checked_cholesky(A, xp, *, name="matrix"):
     """Lower Cholesky factor of a symmetric positive definite matrix, or a clear error.
 
     Libraries disagree on failure (NumPy raises, PyTorch raises, JAX returns NaN);
-    this function raises :class:`FactorizationError` in all cases.
+    this function raises :class:`~curvlinops.FactorizationError` in all cases.
 
     Parameters
     ----------
@@ -222,9 +222,9 @@ def singular_tolerance(values, xp, *, size):
 
 
 def check_invertible_spectrum(values, xp, *, size, what, hint=DAMPING_HINT):
-    """Raise :class:`FactorizationError` unless ``values`` is the spectrum of an invertible matrix.
+    """Raise ``FactorizationError`` unless ``values`` is the spectrum of an invertible matrix.
 
-    The rule of :class:`FactorizationError`: the matrix is singular when
+    The rule of :class:`~curvlinops.FactorizationError`: the matrix is singular when
     ``min|values| <= size * eps * max|values|``; NaN or Inf entries raise too.
 
     Parameters

@@ -1,6 +1,6 @@
 """Random numbers on any array-API backend from an explicit seed.
 
-The array API has no random module. :class:`RandomGenerator` wraps the native
+The array API has no random module. :class:`~curvlinops.RandomGenerator` wraps the native
 generator of each library (NumPy ``Generator``, ``cupy.random`` generator,
 ``torch.Generator``, ``jax.random`` keys) behind one small interface, so that
 every Monte-Carlo quantity in curvlinops is reproducible from a seed and draws
@@ -169,14 +169,14 @@ def _is_native_generator(seed, xp) -> bool:
 
 
 def as_generator(seed, xp, device=None) -> RandomGenerator:
-    """Return ``seed`` if it is a :class:`RandomGenerator`, else build one from it."""
+    """Return ``seed`` if it is a :class:`~curvlinops.RandomGenerator`, else build one from it."""
     if isinstance(seed, RandomGenerator):
         return seed
     return RandomGenerator(seed, xp, device)
 
 
 def normal(shape, *, seed, xp, dtype, device=None):
-    """Standard normal draws; see :class:`RandomGenerator`.
+    """Standard normal draws; see :class:`~curvlinops.RandomGenerator`.
 
     Examples
     --------
@@ -188,7 +188,7 @@ def normal(shape, *, seed, xp, dtype, device=None):
 
 
 def rademacher(shape, *, seed, xp, dtype, device=None):
-    """Rademacher (+-1) draws; see :class:`RandomGenerator`.
+    """Rademacher (+-1) draws; see :class:`~curvlinops.RandomGenerator`.
 
     Examples
     --------
@@ -200,7 +200,7 @@ def rademacher(shape, *, seed, xp, dtype, device=None):
 
 
 def uniform(shape, *, seed, xp, dtype, device=None, low=0.0, high=1.0):
-    """Uniform draws on ``[low, high)``; see :class:`RandomGenerator`.
+    """Uniform draws on ``[low, high)``; see :class:`~curvlinops.RandomGenerator`.
 
     Examples
     --------

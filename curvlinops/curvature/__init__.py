@@ -1,6 +1,6 @@
 """Curvature layer: curvature of a loss over data as linear operators.
 
-See DESIGN.md, layer 6. May import every layer above: ``curvlinops._backend``,
+See docs/design.rst, layer 6. May import every layer above: ``curvlinops._backend``,
 ``curvlinops.linalg``, ``curvlinops.solvers``, ``curvlinops.models``,
 ``curvlinops.losses``.
 """

@@ -6,7 +6,7 @@ states in the layer protocol (:mod:`curvlinops.models.layers`): through an affin
 ``s = W a + b``, ``H_a = W^T H_s W`` and ``g_a = W^T g_s``; through an activation
 ``a = phi(s)``, ``H_s = diag(phi'(s)) H_a diag(phi'(s)) + diag(phi''(s) * g_a)`` and
 ``g_s = phi'(s) g_a``, the second term being the activation's curvature (a residual
-term of DESIGN.md). Because a layer's outputs are linear in its own weights, the exact
+term, part of ``H - G``). Because a layer's outputs are linear in its own weights, the exact
 Hessian block of the weights of a datum is ``H_s (x) a a^T`` (for inputs ``(N, D)``).
 
 :func:`backpropagate` is that recursion, written once for all its users:

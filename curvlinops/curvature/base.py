@@ -33,7 +33,7 @@ class CurvatureLinearOperator(LinearOperator):
     ----------
     model : curvlinops.models.Model or torch.nn.Module
         Any model that speaks the protocol (tier 1 at least), or a model a registered
-        adapter takes (:func:`curvlinops.models.as_model`): a ``torch.nn.Module``
+        adapter takes (:func:`~curvlinops.as_model`): a ``torch.nn.Module``
         becomes a :class:`~curvlinops.frontends.torch.TorchModel` over the parameters
         in ``params`` (the built model is :attr:`model`).
     loss : curvlinops.losses.Loss

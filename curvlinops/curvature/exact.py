@@ -8,7 +8,7 @@ base class sums over batches and applies the loss's reduction over the data set.
 - Hessian ``H = G + R``: one forward-tangent and one backward pass with the
   model's second-order product (tier 2).
 - ``R = H - G = sum_n sum_k (dL/df_nk) Hess(f_nk)``: both kinds of terms
-  (activation curvature and the bilinear cross terms of each layer; DESIGN.md).
+  (activation curvature and the bilinear cross terms of each layer).
 - Fisher ``F = sum_n J_n^T E_{y~r(y|f_n)}[g g^T] J_n`` computed from the loss's
   predictive distribution (not from the Hessian code), or by Monte-Carlo sampling
   of labels with a fixed seed.
@@ -45,10 +45,10 @@ _COMMON_PARAMETERS = """
     model : curvlinops.models.Model or torch.nn.Module
         Any model speaking the protocol (e.g. a ``curvlinops.nn.Sequential``), or a
         ``torch.nn.Module``, wrapped as a ``TorchModel`` over the parameters in
-        ``params`` (see :func:`curvlinops.models.as_model`; the result is ``.model``).
+        ``params`` (see :func:`~curvlinops.as_model`; the result is ``.model``).
     loss : curvlinops.losses.Loss or torch.nn.Module
         Loss with reduction "mean" or "sum", applied over the whole data set; PyTorch
-        losses are translated (:func:`curvlinops.losses.as_loss`).
+        losses are translated (:func:`~curvlinops.as_loss`).
     params : list of arrays
         Parameters; the operator acts on flat vectors ``(P,)`` and ``(P, K)``. With a
         ``torch.nn.Module``: a list of its parameters (any subset, in any order).

@@ -90,6 +90,7 @@ class JaxModel(Model):
     (20, 20)
     """
 
+    #: tiers 1 and 2 (a JAX function has no layers to tap)
     tiers = frozenset({Tier.FIRST_ORDER, Tier.SECOND_ORDER})
 
     def __init__(self, fn, params=None, *, jit=True):

@@ -75,7 +75,7 @@ class TorchModel(Model):
     """A ``torch.nn.Module`` as a curvlinops model (tiers 1, 2 and 3).
 
     The model's parameters are the module's parameters that require gradients, in
-    ``module.named_parameters()`` order (:attr:`param_names`); curvature operators act
+    ``module.named_parameters()`` order (``param_names``); curvature operators act
     on flat vectors of them. Parameters with ``requires_grad=False`` are **excluded**:
     they stay constants of the model, read from the module at every call (freeze a
     layer to take the curvature of the others only). The operators take the parameter
@@ -88,7 +88,7 @@ class TorchModel(Model):
       this is checked at construction and before every forward pass. Randomness the
       frontend cannot see (``torch.randn`` in a custom ``forward``, functional dropout)
       is caught by the curvature operators' determinism check
-      (:class:`~curvlinops.curvature.NonDeterministicDataError`).
+      (:class:`~curvlinops.NonDeterministicDataError`).
     - No batch normalization: its batch statistics couple the data points, so the loss
       is not a sum over data and batches of different sizes would give different
       curvatures. Replace it (e.g. by ``LayerNorm`` or ``GroupNorm``) or fold it.
@@ -98,13 +98,13 @@ class TorchModel(Model):
     Tier 3 (layer taps) covers every ``torch.nn.Linear`` whose weight is among the
     parameters; each must be called once per forward pass (a shared layer is refused).
     The layer protocol (:meth:`Linearization.layers
-    <curvlinops.models.Linearization.layers>`; the Hessian diagonal and the
+    <curvlinops.Linearization.layers>`; the Hessian diagonal and the
     Kronecker-factored Hessian) needs the leaf modules to form a chain, each called
     once: the input of each is the output of the one before, and the last one's output
     is the model's. It knows ``Linear``, ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``,
     ``Softplus``, ``GELU``, ``ELU``, ``Identity``, ``Flatten`` and dropout (in
     evaluation mode); an operator that walks through another module raises
-    :class:`~curvlinops.models.MissingLayerRuleError` naming it.
+    :class:`~curvlinops.MissingLayerRuleError` naming it.
 
     Parameters
     ----------
@@ -154,6 +154,7 @@ class TorchModel(Model):
     'Tensor'
     """
 
+    #: tiers 1, 2 and 3 and the layer protocol
     tiers = frozenset(Tier) | {Capability.LAYER_PROTOCOL}
 
     def __init__(self, module, *, chunk_size=None, jvp_method="jvp", param_names=None):

@@ -1,6 +1,6 @@
 """Operator layer: the LinearOperator protocol, its algebra, structured operators, interop.
 
-See DESIGN.md, layer 2. May import only ``curvlinops._backend``.
+See docs/design.rst, layer 2. May import only ``curvlinops._backend``.
 """
 
 from .base import (

@@ -90,8 +90,8 @@ class CheckedInput(NamedTuple):
 class LinearOperator:
     """A matrix that is only available through its products with vectors.
 
-    Subclasses call ``super().__init__`` and implement :meth:`_matmat` (and
-    :meth:`_rmatmat` unless the operator is symmetric). Inputs reaching ``_matmat``
+    Subclasses call ``super().__init__`` and implement ``_matmat(X)`` (and
+    ``_rmatmat(X)`` unless the operator is symmetric). Inputs reaching ``_matmat``
     are already validated: a 2-D array ``(shape[1], k)`` of the operator's
     namespace, device and dtype.
 
@@ -113,7 +113,14 @@ class LinearOperator:
         Declare the operator symmetric positive semi-definite (not checked; it
         implies ``symmetric``, and ``psd=True`` with ``symmetric=False`` is a
         contradiction that raises :class:`ValueError`). Without a declaration,
-        :attr:`is_psd` is derived from the structure (:meth:`_infer_psd`).
+        :attr:`is_psd` is derived from the structure (the hook ``_infer_psd()``).
+
+    Attributes
+    ----------
+    is_symmetric : bool
+        Whether the operator is known to equal its adjoint (declared with
+        ``symmetric`` or ``psd``, or derived by the algebra); ``False`` means *not
+        known*. Every operator has it, like the property :attr:`is_psd`.
 
     Notes
     -----
@@ -122,11 +129,11 @@ class LinearOperator:
     operator (or an integer array) is promoted to the operator's dtype; an input of
     higher precision raises :class:`TypeError` rather than being downcast.
 
-    The structure tags :attr:`is_symmetric` and :attr:`is_psd` tell the solvers what
+    The structure tags ``is_symmetric`` and :attr:`is_psd` tell the solvers what
     they may assume (see :doc:`the solvers' rules </api/solvers>`): ``True`` means
     declared or derived, ``False`` only "not known". Subclasses whose structure
     implies positive semi-definiteness from their data (a diagonal with non-negative
-    entries, say) override :meth:`_infer_psd`; it runs once, on first access.
+    entries, say) override ``_infer_psd()``; it runs once, on first access.
 
     Examples
     --------
@@ -209,7 +216,7 @@ class LinearOperator:
         """Whether the operator is known to be symmetric positive semi-definite.
 
         ``True`` if it was declared (``psd=True``) or follows from the operator's
-        structure (:meth:`_infer_psd`, evaluated once); ``False`` means *not known*
+        structure (the hook ``_infer_psd()``, evaluated once); ``False`` means *not known*
         (the operator may still be PSD). Always ``False`` for a non-symmetric operator.
 
         Examples

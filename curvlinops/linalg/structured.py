@@ -111,7 +111,7 @@ def _count(mask, dtype, xp) -> int:
 def _logdet_from_spectrum(values, xp, what: str, size=None):
     """``log|prod(values)|`` for a real spectrum (or diagonal) with a positive product.
 
-    Raises :class:`FactorizationError` for a spectrum that is singular by the rule of
+    Raises :class:`~curvlinops.FactorizationError` for a spectrum that is singular by the rule of
     :class:`~curvlinops.FactorizationError` (``size``: the factorized dimension,
     default the number of values) and :class:`ValueError` for a negative product
     (logdet is defined here for matrices of positive determinant only).

@@ -1,6 +1,6 @@
 """Model layer: the model protocol, the layer protocol and the flat-parameter helpers.
 
-See DESIGN.md, layer 4, "The model protocol". May import ``curvlinops._backend``,
+See docs/design.rst, layer 4 (Models). May import ``curvlinops._backend``,
 ``curvlinops.linalg`` and ``curvlinops.solvers``.
 """
 

@@ -3,7 +3,7 @@
 A linearization that offers the layer protocol
 (:attr:`~curvlinops.models.Capability.LAYER_PROTOCOL`) returns its layers in forward
 order from :meth:`Linearization.layers() <curvlinops.models.Linearization.layers>`,
-each a :class:`LinearizedLayer`: one layer bound to the forward pass it was linearized
+each a :class:`~curvlinops.LinearizedLayer`: one layer bound to the forward pass it was linearized
 at. Curvature code walks these objects and never asks what class a layer is. A layer
 says, once:
 

@@ -1,4 +1,4 @@
-"""Parameters as lists of arrays, and the flat-vector convention of DESIGN.md.
+"""Parameters as lists of arrays, and the flat-vector convention of docs/design.rst.
 
 An operator over parameters acts on flat vectors ``(P,)`` and matrices ``(P, K)``:
 the parameters in list order, each flattened in C order. Tangents handed to models

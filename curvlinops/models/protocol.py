@@ -2,7 +2,7 @@
 
 A model is a function ``f(params, x) -> outputs`` with outputs ``(N, C)`` (or
 ``(N, S, C)`` for models with a shared axis such as sequences) and ``params`` a list of
-arrays. A model offers up to three tiers (DESIGN.md):
+arrays. A model offers up to three tiers (see docs/frontends.rst):
 
 - Tier 1 (:attr:`Tier.FIRST_ORDER`): :meth:`Model.linearize` runs the forward pass
   once and returns a :class:`Linearization` with ``jvp`` and ``vjp``. Both take a
@@ -15,7 +15,7 @@ arrays. A model offers up to three tiers (DESIGN.md):
   cotangents produces (K-FAC, exact diagonals, per-layer blocks).
 - The layer protocol (:attr:`Capability.LAYER_PROTOCOL`, a capability of its own):
   :meth:`Linearization.layers`, the model's layers in forward order, each a
-  :class:`~curvlinops.models.LinearizedLayer` that says how gradients and curvature
+  :class:`~curvlinops.LinearizedLayer` that says how gradients and curvature
   factors move backwards through it (Hessian diagonal, Kronecker-factored Hessian;
   see :mod:`curvlinops.models.layers`). Models that are a chain of known layers
   (``curvlinops.nn``, the PyTorch frontend) offer it; a JAX function or hand-written
@@ -269,7 +269,7 @@ class Linearization:
         return self._layer_taps(cotangents)
 
     def layers(self):
-        """The model's layers in forward order, each a :class:`~curvlinops.models.LinearizedLayer`.
+        """The model's layers in forward order, each a :class:`~curvlinops.LinearizedLayer`.
 
         The layer protocol (:attr:`Capability.LAYER_PROTOCOL`): what the Hessian diagonal and
         the Kronecker-factored Hessian walk backwards. See :mod:`curvlinops.models.layers`.
@@ -352,6 +352,7 @@ class Model:
         offers.
     """
 
+    #: the tiers and capabilities the model offers (see :meth:`has_tier`)
     tiers: frozenset = frozenset({Tier.FIRST_ORDER})
 
     @property
@@ -378,11 +379,14 @@ class Model:
         return None
 
     def has_tier(self, tier) -> bool:
-        """Whether the model offers ``tier`` (a :class:`Tier` or :class:`Capability`)."""
+        """Whether the model offers ``tier``.
+
+        ``tier`` is a :class:`~curvlinops.Tier` or a :class:`~curvlinops.Capability`.
+        """
         return as_requirement(tier) in self.tiers
 
     def require(self, tier, purpose: str) -> None:
-        """Raise :class:`MissingTierError` naming the tier, the model and the purpose."""
+        """Raise :class:`~curvlinops.MissingTierError` naming the tier, model and purpose."""
         if not self.has_tier(tier):
             tier = as_requirement(tier)
             raise MissingTierError(

@@ -17,7 +17,7 @@ Every :class:`Layer` also implements the layer protocol (:mod:`curvlinops.models
 in the protocol layout: :meth:`Layer.tap`, :meth:`Layer.backward_curvature`,
 :meth:`Layer.curvature_statistics` and :meth:`Layer.backward_mean_curvature`;
 :meth:`Layer.linearized` binds a layer to a forward pass as a
-:class:`~curvlinops.models.LinearizedLayer` (native models and the PyTorch frontend
+:class:`~curvlinops.LinearizedLayer` (native models and the PyTorch frontend
 share these rules).
 
 May import: ``curvlinops._backend``, ``curvlinops.models``, ``.linearization``.
@@ -58,6 +58,7 @@ class Module(Model):
     (5, 2)
     """
 
+    #: tiers 1, 2 and 3 and the layer protocol
     tiers = frozenset(Tier) | {Capability.LAYER_PROTOCOL}
 
     def chain(self) -> list[tuple[str, Layer]]:
@@ -365,7 +366,7 @@ class Layer(Module):
         raise NotImplementedError("the batch-averaged curvature rule")
 
     def linearized(self, params, state, xp, *, name=None, param_indices=None):
-        """This layer bound to a forward pass: a :class:`~curvlinops.models.LinearizedLayer`.
+        """This layer bound to a forward pass: a :class:`~curvlinops.LinearizedLayer`.
 
         Parameters
         ----------

@@ -1,7 +1,7 @@
 """Matrix-free algorithms: Krylov solvers, inverses as operators, Lanczos, Nystrom,
 trace/diagonal estimators, spectral density.
 
-They see only the LinearOperator interface. See DESIGN.md, layer 3.
+They see only the LinearOperator interface. See docs/design.rst, layer 3.
 May import: ``curvlinops._backend``, ``curvlinops.linalg``.
 """
 
