@@ -22,6 +22,7 @@ methods ``to_scipy``/``to_cupyx``.
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import Any, NamedTuple
 
 from .._backend import (
@@ -554,10 +555,24 @@ class LinearOperator:
 
 
 def _remember_adjoint(adjoint, operator):
-    """Mark ``adjoint`` as the adjoint of ``operator`` (so that ``A.T @ A`` is seen as PSD)."""
+    """Mark ``adjoint`` as the adjoint of ``operator`` (so that ``A.T @ A`` is seen as PSD).
+
+    The mark holds a weak reference to ``adjoint`` itself, so that it does not carry over
+    to an operator built by copying ``adjoint``'s attributes (a rewrapped inverse or
+    adjoint of it, say), which is not ``operator``'s adjoint.
+    """
     if adjoint is not operator:
-        adjoint._adjoint_of = operator
+        adjoint._adjoint_of = (operator, weakref.ref(adjoint))
     return adjoint
+
+
+def _marked_adjoint_of(op):
+    """The operator that ``op`` was marked the adjoint of, if the mark is ``op``'s own."""
+    mark = getattr(op, "_adjoint_of", None)
+    if mark is None:
+        return None
+    operator, marked = mark
+    return operator if marked() is op else None
 
 
 def _are_adjoints(left, right) -> bool:
@@ -565,8 +580,8 @@ def _are_adjoints(left, right) -> bool:
     if left is right:
         return left.is_symmetric
     return (
-        getattr(left, "_adjoint_of", None) is right
-        or getattr(right, "_adjoint_of", None) is left
+        _marked_adjoint_of(left) is right
+        or _marked_adjoint_of(right) is left
         or (isinstance(left, AdjointLinearOperator) and left.operator is right)
         or (isinstance(right, AdjointLinearOperator) and right.operator is left)
     )

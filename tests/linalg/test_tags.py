@@ -116,3 +116,24 @@ def test_inverses_keep_psd():
     assert K.inverse(damping=0.2).is_psd and K.inverse().is_psd
     W = DiagonalPlusLowRankLinearOperator(np.ones(3), np.ones(1), np.ones((3, 1)))
     assert W.inverse().is_psd
+
+
+def test_adjoint_mark_does_not_travel_to_copies():
+    """``A.T`` remembers that it is ``A``'s adjoint; operators built by copying its
+    attributes (its adjoint, its inverse) are not, so products with them are not Gram
+    products (regression: ``A.T.adjoint() @ A`` = ``A @ A`` was tagged PSD)."""
+    from curvlinops import ParameterLayoutLinearOperator
+
+    rng = np.random.default_rng(3)
+    M = rng.standard_normal((6, 6))
+    A = ParameterLayoutLinearOperator(DenseLinearOperator(M), [[(0, (2, 2)), (4, (2, 1))]])
+    AT = A.T
+    assert tags(AT @ A) == (True, True)  # the genuine Gram product
+    square = AT.adjoint() @ A  # A @ A
+    dense = square.to_dense()
+    assert not np.allclose(dense, dense.T)
+    assert tags(square) == (False, False)
+    mixed = A @ AT.inverse()  # A A^{-T}
+    dense = mixed.to_dense()
+    assert not np.allclose(dense, dense.T)
+    assert tags(mixed) == (False, False)
