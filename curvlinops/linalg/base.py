@@ -670,7 +670,10 @@ class ScaledLinearOperator(LinearOperator):
     def inverse(self, damping=0.0):
         c = self.scalar
         if c == 0:
-            raise ZeroDivisionError("The operator is scaled by zero and has no inverse.")
+            if damping == 0:
+                raise ZeroDivisionError("The operator is scaled by zero and has no inverse.")
+            # (0 A + d I)^{-1} = (1/d) I
+            return _ScalarLinearOperator(self.shape[0], 1.0 / float(damping), like=self)
         # (cA + dI)^{-1} = (1/c) (A + (d/c) I)^{-1}
         return ScaledLinearOperator(self.operator.inverse(damping=damping / c), 1.0 / c)
 
@@ -685,6 +688,8 @@ class ScaledLinearOperator(LinearOperator):
 
     def _logdet(self, damping):
         c = self.scalar
+        if c == 0 and damping != 0:
+            return _ScalarLinearOperator(self.shape[0], float(damping), like=self)._logdet(0.0)
         if c <= 0:
             raise NotImplementedError(
                 "logdet of an operator scaled by a non-positive number is not defined in "
@@ -699,6 +704,55 @@ class ScaledLinearOperator(LinearOperator):
 
     def to_dense(self):
         return self.scalar * self.operator.to_dense()
+
+
+class _ScalarLinearOperator(LinearOperator):
+    """``c I`` on the backend of ``like`` (what ``(0 A + d I)^{-1}`` is: ``(1/d) I``)."""
+
+    def __init__(self, n, scalar, *, like):
+        super().__init__((n, n), dtype=like.dtype, xp=like.xp, device=like.device, symmetric=True)
+        self.scalar = float(scalar)
+
+    def _infer_psd(self):
+        return self.scalar >= 0
+
+    def _matmat(self, X):
+        return self.scalar * X
+
+    def inverse(self, damping=0.0):
+        shifted = self.scalar + float(damping)
+        if shifted == 0:
+            raise ZeroDivisionError(f"{self.scalar} I plus {damping} I is zero and has no inverse.")
+        return _ScalarLinearOperator(self.shape[0], 1.0 / shifted, like=self)
+
+    def _eye(self):
+        return self.xp.eye(self.shape[0], dtype=self.dtype, device=self.device)
+
+    def trace(self):
+        return self.xp.sum(self.diagonal())
+
+    def diagonal(self):
+        return self.xp.full((self.shape[0],), self.scalar, dtype=self.dtype, device=self.device)
+
+    def eigvalsh(self):
+        return self.diagonal()
+
+    def _logdet(self, damping):
+        shifted = self.scalar + float(damping)
+        if shifted <= 0:
+            raise NotImplementedError(
+                f"logdet of {shifted} I is defined for a positive multiple of I only."
+            )
+        import math
+
+        value = self.shape[0] * math.log(shifted)
+        return self.xp.asarray(value, dtype=self.dtype, device=self.device)
+
+    def frobenius_norm(self):
+        return self.xp.linalg.vector_norm(self.diagonal())
+
+    def to_dense(self):
+        return self.scalar * self._eye()
 
 
 class SumLinearOperator(LinearOperator):
