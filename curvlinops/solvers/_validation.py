@@ -33,7 +33,8 @@ A dense 2-D array handed to a solver is wrapped with its symmetry checked exactl
 (it is all there); PSD is never guessed. Declarations are trusted, not verified:
 :mod:`curvlinops.verify` checks them (``check_symmetric``, ``check_psd``).
 
-May import: ``curvlinops._backend``, ``curvlinops.linalg``.
+May import: ``curvlinops._backend``, ``curvlinops.linalg``; scipy lazily (to recognize a
+SciPy operator).
 """
 
 from __future__ import annotations
