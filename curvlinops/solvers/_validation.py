@@ -50,6 +50,7 @@ from .._backend import (
     as_generator,
     dtype_eps,
     dtype_name,
+    is_numerically_symmetric,
     namespace_name,
 )
 from ..linalg import DenseLinearOperator, LinearOperator, aslinearoperator
@@ -180,13 +181,11 @@ def _is_scipy_like(A) -> bool:
 
 
 def _dense_is_symmetric(A) -> bool:
-    """Exact-up-to-rounding symmetry of a square array (one pass over it)."""
+    """Exact-up-to-rounding symmetry of a square real floating array (one pass over it)."""
     xp = array_namespace(A)
     if A.shape[0] == 0 or not xp.isdtype(A.dtype, "real floating"):
         return False
-    scale = float(xp.max(xp.abs(A)))
-    asymmetry = float(xp.max(xp.abs(A - xp.matrix_transpose(A))))
-    return asymmetry <= 100 * dtype_eps(A.dtype) * scale
+    return is_numerically_symmetric(A, xp)
 
 
 # -- arrays -------------------------------------------------------------------------------

@@ -137,3 +137,25 @@ def test_damped_singular_product_names_the_damping():
     K = KroneckerLinearOperator(np.diag([1.0, 0.0]), np.eye(2))
     with pytest.raises(FactorizationError, match=r"plus -1.0 I is singular"):
         K.inverse(damping=-1.0)
+
+
+def test_one_numerical_symmetry_test():
+    """Solvers (a dense array handed to cg) and Kronecker factors not declared symmetric
+    use the same rounding threshold, ``100 eps max|A|``."""
+    from curvlinops._backend import is_numerically_symmetric
+    from curvlinops.solvers._validation import as_operator
+
+    S = with_spectrum([1.0, 0.5, 2.0], 12)
+    for relative, expected in ((10 * EPS, True), (1e3 * EPS, False)):
+        A = S.copy()
+        A[0, 1] += relative * np.abs(S).max()
+        assert is_numerically_symmetric(A, xp) is expected
+        assert as_operator(A, "cg").is_symmetric is expected
+        K = KroneckerLinearOperator(DenseLinearOperator(A), np.eye(2))
+        if expected:  # a symmetric factor: the damped inverse is the exact one
+            ref = np.linalg.inv(np.kron(A, np.eye(2)) + 0.1 * np.eye(6))
+            np.testing.assert_allclose(K.inverse(0.1).to_dense(), ref, rtol=1e-10, atol=1e-12)
+        else:
+            with pytest.raises(NotImplementedError, match="not symmetric"):
+                K.inverse(0.1)
+    assert is_numerically_symmetric(np.zeros((0, 0)), xp)
