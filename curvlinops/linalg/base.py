@@ -26,6 +26,7 @@ import weakref
 from typing import Any, NamedTuple
 
 from .._backend import (
+    FactorizationError,
     assert_same_namespace,
     can_cast_losslessly,
     device as array_device,
@@ -722,7 +723,9 @@ class _ScalarLinearOperator(LinearOperator):
     def inverse(self, damping=0.0):
         shifted = self.scalar + float(damping)
         if shifted == 0:
-            raise ZeroDivisionError(f"{self.scalar} I plus {damping} I is zero and has no inverse.")
+            raise FactorizationError(
+                f"{self.scalar} I plus {damping} I is the zero matrix and has no inverse."
+            )
         return _ScalarLinearOperator(self.shape[0], 1.0 / shifted, like=self)
 
     def _eye(self):
@@ -738,14 +741,18 @@ class _ScalarLinearOperator(LinearOperator):
         return self.diagonal()
 
     def _logdet(self, damping):
+        # as IdentityLinearOperator: singular raises, a negative determinant too
         shifted = self.scalar + float(damping)
-        if shifted <= 0:
-            raise NotImplementedError(
-                f"logdet of {shifted} I is defined for a positive multiple of I only."
+        if shifted == 0:
+            raise FactorizationError(f"{self.scalar} I plus {damping} I is singular.")
+        if shifted < 0 and self.shape[0] % 2 == 1:
+            raise ValueError(
+                f"{shifted} I has a negative determinant; logdet is defined here for "
+                "matrices of positive determinant only."
             )
         import math
 
-        value = self.shape[0] * math.log(shifted)
+        value = self.shape[0] * math.log(abs(shifted))
         return self.xp.asarray(value, dtype=self.dtype, device=self.device)
 
     def frobenius_norm(self):

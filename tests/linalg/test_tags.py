@@ -18,6 +18,7 @@ from curvlinops import (
     DiagonalLinearOperator,
     DiagonalPlusLowRankLinearOperator,
     EighLinearOperator,
+    FactorizationError,
     IdentityLinearOperator,
     KroneckerEighLinearOperator,
     KroneckerLinearOperator,
@@ -137,3 +138,19 @@ def test_adjoint_mark_does_not_travel_to_copies():
     dense = mixed.to_dense()
     assert not np.allclose(dense, dense.T)
     assert tags(mixed) == (False, False)
+
+
+@pytest.mark.parametrize("damping", [2.0, -0.5])
+def test_inverse_of_an_operator_scaled_by_zero(damping):
+    """``(0 A + d I)^{-1} = I / d`` through the whole operator suite (products, tags,
+    exact queries against the dense ``I / d``)."""
+    from curvlinops.testing import QUERIES, check_operator
+
+    A = aslinearoperator(np.diag([1.0, -2.0, 3.0, 4.0]), symmetric=True)
+    inverse = (0 * A).inverse(damping)
+    ref = np.eye(4) / damping
+    assert inverse.is_psd == (damping > 0)
+    check_operator(inverse, ref, supports=QUERIES, damping=1.0)  # -2 I + I: invertible
+    with pytest.raises(FactorizationError, match="zero matrix"):
+        inverse.inverse(-1.0 / damping)
+    np.testing.assert_allclose((0 * A).damped(damping).inverse().to_dense(), ref)
