@@ -256,6 +256,44 @@ def check_choice(value, name: str, who: str, choices) -> str:
     return value
 
 
+def check_interval(pair, name: str, who: str):
+    """``None``, or a pair ``(low, high)`` of finite numbers with ``low < high``.
+
+    Raises :class:`ValueError` naming the pair otherwise (an infinite end would make a
+    grid of NaN).
+    """
+    if pair is None:
+        return None
+    try:
+        low, high = (float(v) for v in pair)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{who}: {name} must be a pair (low, high) of numbers, got {pair!r}."
+        ) from err
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"{who}: {name} must be finite and satisfy low < high, got {pair!r}.")
+    return low, high
+
+
+def check_grid(grid, A: LinearOperator, who: str):
+    """A 1-D array of at least 2 finite points, in ``A``'s namespace; cast to its dtype."""
+    xp = A.xp
+    if not _is_array(grid) or grid.ndim != 1 or grid.shape[0] < 2:
+        raise ValueError(
+            f"{who}: grid must be a 1-D array of at least 2 points, got "
+            f"{'shape ' + str(tuple(grid.shape)) if _is_array(grid) else type(grid).__name__}."
+        )
+    if namespace_name(array_namespace(grid)) != namespace_name(xp):
+        raise TypeError(
+            f"{who}: grid is a {namespace_name(array_namespace(grid))} array but the operator "
+            f"works on {namespace_name(xp)} arrays."
+        )
+    grid = xp.astype(grid, A.dtype)
+    if not all_finite(grid, xp):
+        raise ValueError(f"{who}: grid contains NaN or Inf; pass finite points.")
+    return grid
+
+
 # -- structure ----------------------------------------------------------------------------
 
 _DECLARE = (
