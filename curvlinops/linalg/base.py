@@ -555,25 +555,23 @@ class LinearOperator:
         )
 
 
-def _remember_adjoint(adjoint, operator):
-    """Mark ``adjoint`` as the adjoint of ``operator`` (so that ``A.T @ A`` is seen as PSD).
+#: adjoint operator -> the operator it is the adjoint of (set by ``.T`` / ``.H``). Keyed
+#: by identity and held weakly: an operator built by copying the adjoint's attributes
+#: (a rewrapped inverse or adjoint of it) is not in it, and pickling or copying an
+#: operator does not carry (or choke on) the mark.
+_ADJOINT_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    The mark holds a weak reference to ``adjoint`` itself, so that it does not carry over
-    to an operator built by copying ``adjoint``'s attributes (a rewrapped inverse or
-    adjoint of it, say), which is not ``operator``'s adjoint.
-    """
+
+def _remember_adjoint(adjoint, operator):
+    """Mark ``adjoint`` as the adjoint of ``operator`` (so that ``A.T @ A`` is seen as PSD)."""
     if adjoint is not operator:
-        adjoint._adjoint_of = (operator, weakref.ref(adjoint))
+        _ADJOINT_OF[adjoint] = operator
     return adjoint
 
 
 def _marked_adjoint_of(op):
-    """The operator that ``op`` was marked the adjoint of, if the mark is ``op``'s own."""
-    mark = getattr(op, "_adjoint_of", None)
-    if mark is None:
-        return None
-    operator, marked = mark
-    return operator if marked() is op else None
+    """The operator that ``op`` itself was marked the adjoint of, or None."""
+    return _ADJOINT_OF.get(op)
 
 
 def _are_adjoints(left, right) -> bool:

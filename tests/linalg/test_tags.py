@@ -154,3 +154,16 @@ def test_inverse_of_an_operator_scaled_by_zero(damping):
     with pytest.raises(FactorizationError, match="zero matrix"):
         inverse.inverse(-1.0 / damping)
     np.testing.assert_allclose((0 * A).damped(damping).inverse().to_dense(), ref)
+
+
+def test_a_copy_of_an_adjoint_is_not_known_to_be_the_adjoint():
+    import copy
+
+    M = np.random.default_rng(5).standard_normal((3, 3))
+    A = DenseLinearOperator(M)
+    AT = A.T
+    assert tags(AT @ A) == (True, True)
+    clone = copy.copy(AT)
+    np.testing.assert_allclose(clone.to_dense(), M.T)
+    assert tags(clone @ A) == (False, False)  # only AT itself carries the mark
+    assert tags(AT @ A) == (True, True)
