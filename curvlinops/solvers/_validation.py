@@ -191,16 +191,22 @@ def _dense_is_symmetric(A) -> bool:
 # -- arrays -------------------------------------------------------------------------------
 
 
-def check_vector(A: LinearOperator, b, who: str, what: str, *, ndim=None, finite=True):
+def check_vector(A: LinearOperator, b, who: str, what: str, *, ndim=None, finite=True, like=None):
     """Validate an array for ``A`` (namespace, shape, dtype, device; finite values).
 
-    Returns the :class:`~curvlinops.CheckedInput` of ``A.check_input``; the error
-    messages are prefixed by the caller's name.
+    ``like``: ``(name, array)`` whose shape the array must have (an initial guess and
+    its right-hand side). Returns the :class:`~curvlinops.CheckedInput` of
+    ``A.check_input``; the error messages are prefixed by the caller's name.
     """
     try:
         checked = A.check_input(b, ndim=ndim, what=what)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{who}: {err}") from None
+    if like is not None and tuple(checked.array.shape) != tuple(like[1].shape):
+        raise ValueError(
+            f"{who}: the {what} must have the shape of {like[0]}, {tuple(like[1].shape)}; "
+            f"got shape {tuple(checked.array.shape)}."
+        )
     if finite and not all_finite(checked.array, A.xp):
         raise ValueError(f"{who}: the {what} contains NaN or Inf; pass finite values.")
     return checked
