@@ -689,14 +689,17 @@ class ScaledLinearOperator(LinearOperator):
         c = self.scalar
         if c == 0 and damping != 0:
             return _ScalarLinearOperator(self.shape[0], float(damping), like=self)._logdet(0.0)
-        if c <= 0:
+        # det(c A + d I) = c^n det(A + (d/c) I): for c < 0 and n even, c^n > 0, so it is
+        # positive exactly when det(A + (d/c) I) is, and A's logdet decides (or raises).
+        if c == 0 or (c < 0 and self.shape[0] % 2 == 1):
             raise NotImplementedError(
-                "logdet of an operator scaled by a non-positive number is not defined in "
-                "general; take the logdet of the unscaled operator."
+                "logdet of an operator of odd dimension scaled by a negative number (or by "
+                "zero, undamped) needs the sign of the unscaled operator's determinant; take "
+                "the logdet of the unscaled operator."
             )
         import math
 
-        return self.shape[0] * math.log(c) + self.operator._logdet(damping / c)
+        return self.shape[0] * math.log(abs(c)) + self.operator._logdet(damping / c)
 
     def frobenius_norm(self):
         return abs(self.scalar) * self.operator.frobenius_norm()

@@ -120,6 +120,17 @@ def test_inverse_is_exact_for_non_positive_scales(kind, separate):
             for op in ((c * K).inverse(damping), (c * K).damped(damping).inverse()):
                 assert_close(op.to_dense(), expected, TIGHT, TIGHT)
             assert (c * K).inverse(damping).is_psd == (c == 0 and damping > 0)
+    # c < 0: det(c K + d I) = c^n det(K + (d/c) I), exact for even n (K padded by a 1 x 1
+    # block when n is odd); odd n refuses
+    even = K if n % 2 == 0 else BlockDiagonalLinearOperator([K, DiagonalLinearOperator(np.ones(1))])
+    D_even = D if n % 2 == 0 else scipy.linalg.block_diag(D, np.ones((1, 1)))
+    for c, damping in ((-2.0, -0.1), (-0.5, -3.0)):
+        sign, expected = np.linalg.slogdet(c * D_even + damping * np.eye(len(D_even)))
+        assert sign > 0
+        assert_close((c * even).damped(damping).logdet(), expected, TIGHT)
+    if n % 2 == 1:
+        with pytest.raises(NotImplementedError, match="odd dimension"):
+            (-2.0 * K).damped(-0.1).logdet()
     # (0 K + d I) has the log-determinant n log d
     assert_close((0 * K).damped(0.5).logdet(), n * np.log(0.5), TIGHT)
     with pytest.raises(ZeroDivisionError):
