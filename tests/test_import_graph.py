@@ -192,3 +192,45 @@ def test_curvature_imports_nothing_from_nn_as_text():
                 if text == "..nn" or text.startswith(("..nn.", "curvlinops.nn")):
                     offenders.append(f"{path.name}: from {text} import ...")
     assert not offenders, offenders
+
+
+def _declared_imports(name: str, path: Path):
+    """The modules a file's docstring allows in its ``May import:`` line, or None.
+
+    Double-backticked names and bare ``curvlinops.x`` names; ``.x`` is relative to the
+    module's package. ``None`` for no line, or one that allows every layer.
+    """
+    import re
+
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    match = re.search(r"May import:(.*?)(?:\n\s*\n|$)", doc, re.S)
+    if match is None:
+        return None
+    line = " ".join(match.group(1).split())
+    if "every other layer" in line:
+        return None
+    package = name if _is_package(path) else name.rpartition(".")[0]
+    names = set(re.findall(r"``([.\w]+)``", line)) | set(
+        re.findall(r"\bcurvlinops(?:\.\w+)+", line)
+    )
+    return {package + n if n.startswith(".") else n for n in names}
+
+
+def test_may_import_lines_cover_the_actual_imports(graph):
+    """Each module's ``May import:`` line names (a package of) every curvlinops module it
+    imports, so the line can be trusted when reading the module."""
+    modules = all_modules()
+    checked, missing = 0, []
+    for name, path in modules.items():
+        declared = _declared_imports(name, path)
+        if declared is None:
+            continue
+        checked += 1
+        own = name if _is_package(path) else None
+        for target, _ in graph[name]:
+            if own is not None and target.startswith(own + "."):
+                continue  # a package's __init__ re-exports its own modules
+            if not any(target == d or target.startswith(d + ".") for d in declared):
+                missing.append(f"{name} imports {target}; its May import: {sorted(declared)}")
+    assert checked > 30  # the docstrings were found
+    assert not missing, "\n".join(sorted(set(missing)))

@@ -32,6 +32,7 @@ __all__ = [
     "checked_eigh",
     "index_update",
     "all_finite",
+    "is_numerically_symmetric",
     "check_invertible_spectrum",
     "singular_tolerance",
 ]
@@ -136,6 +137,23 @@ def solve_triangular(L, B, xp, *, lower=True):
 def all_finite(x, xp) -> bool:
     """Whether every entry of ``x`` is finite (one reduction, one host sync)."""
     return bool(xp.all(xp.isfinite(x)))
+
+
+def is_numerically_symmetric(A, xp) -> bool:
+    """Whether a square 2-D array equals its transpose up to rounding.
+
+    ``max |A - A^T| <= 100 eps max |A|`` (``eps`` of ``A``'s dtype); an empty array is
+    symmetric. The one such test of the library (solvers wrapping a dense array, the
+    Kronecker product's check of a factor not declared symmetric). One pass over ``A``,
+    two host syncs.
+    """
+    from .namespace import dtype_eps
+
+    if A.shape[0] == 0:
+        return True
+    scale = float(xp.max(xp.abs(A)))
+    asymmetry = float(xp.max(xp.abs(A - xp.matrix_transpose(A))))
+    return asymmetry <= 100 * dtype_eps(A.dtype) * scale
 
 
 def checked_cholesky(A, xp, *, name="matrix"):

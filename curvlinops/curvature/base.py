@@ -9,7 +9,7 @@ tangents shaped like the parameters with a trailing axis ``K``; the base class
 sums over batches and applies the loss's normalization.
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
-``curvlinops.losses``.
+``curvlinops.losses``, ``._data``.
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ class EKFACLinearOperator(_KroneckerCurvature):
         Raises
         ------
         ValueError
-            If ``damping`` is negative or not finite.
+            If ``damping`` is not finite (a negative shift is allowed).
         FactorizationError
             If some ``s + damping`` is zero by the rule of
             :class:`~curvlinops.FactorizationError` (add damping).

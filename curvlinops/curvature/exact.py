@@ -18,7 +18,7 @@ base class sums over batches and applies the loss's reduction over the data set.
   flattened in data order, and its transpose.
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
-``curvlinops.losses``, ``.base``.
+``curvlinops.losses``, ``._data``, ``.base``.
 """
 
 from __future__ import annotations

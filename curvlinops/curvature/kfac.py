@@ -165,7 +165,9 @@ class KFACLinearOperator(_KroneckerCurvature):
         Parameters
         ----------
         damping : float
-            ``damping >= 0``.
+            Any finite number; a negative one is a shift of the spectrum like any other
+            (``(c * K).inverse(d)`` with ``c < 0`` needs it), and a shift that makes a
+            block singular raises :class:`~curvlinops.FactorizationError`.
         **deprecated
             The keywords of the former ``inverse`` (``exact``, ``heuristic_damping``,
             ``min_damping``) still work with a ``FutureWarning``: ``exact=True`` gives
@@ -181,7 +183,7 @@ class KFACLinearOperator(_KroneckerCurvature):
         Raises
         ------
         ValueError
-            If ``damping`` is negative or not finite.
+            If ``damping`` is not finite.
         FactorizationError
             If a block plus ``damping`` is singular (the rule of
             :class:`~curvlinops.FactorizationError`), naming the block; add damping.

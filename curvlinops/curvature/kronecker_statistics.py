@@ -353,22 +353,27 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         eigendecompositions are computed once per factor and cached, so further
         dampings cost one pass over the eigenvalues.
 
+        ``damping`` may be negative (any finite shift; ``(c K).inverse(d)`` with ``c < 0``
+        asks ``K`` for ``d / c``), like every operator's ``inverse``.
+
         Raises
         ------
         ValueError
-            If ``damping`` is negative or not finite.
+            If ``damping`` is not finite.
         FactorizationError
             If a block plus ``damping`` is singular (the rule of
             :class:`~curvlinops.FactorizationError`), naming the block.
         """
-        return self._operator.inverse(check_damping(damping))
+        return self._operator.inverse(check_damping(damping, negative=True))
 
 
-def check_damping(damping, what="damping") -> float:
-    """``damping`` as a float, or a ValueError unless it is finite and ``>= 0``."""
+def check_damping(damping, what="damping", *, negative=False) -> float:
+    """``damping`` as a float, or a ValueError unless it is finite (and ``>= 0``,
+    unless ``negative``)."""
     value = float(damping)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite number >= 0, got {damping}.")
+    if not math.isfinite(value) or (value < 0 and not negative):
+        bound = "" if negative else " >= 0"
+        raise ValueError(f"{what} must be a finite number{bound}, got {damping}.")
     return value
 
 

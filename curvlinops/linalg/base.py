@@ -22,9 +22,11 @@ methods ``to_scipy``/``to_cupyx``.
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import Any, NamedTuple
 
 from .._backend import (
+    FactorizationError,
     assert_same_namespace,
     can_cast_losslessly,
     device as array_device,
@@ -560,11 +562,23 @@ class LinearOperator:
         )
 
 
+#: adjoint operator -> the operator it is the adjoint of (set by ``.T`` / ``.H``). Keyed
+#: by identity and held weakly: an operator built by copying the adjoint's attributes
+#: (a rewrapped inverse or adjoint of it) is not in it, and pickling or copying an
+#: operator does not carry (or choke on) the mark.
+_ADJOINT_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _remember_adjoint(adjoint, operator):
     """Mark ``adjoint`` as the adjoint of ``operator`` (so that ``A.T @ A`` is seen as PSD)."""
     if adjoint is not operator:
-        adjoint._adjoint_of = operator
+        _ADJOINT_OF[adjoint] = operator
     return adjoint
+
+
+def _marked_adjoint_of(op):
+    """The operator that ``op`` itself was marked the adjoint of, or None."""
+    return _ADJOINT_OF.get(op)
 
 
 def _are_adjoints(left, right) -> bool:
@@ -572,8 +586,8 @@ def _are_adjoints(left, right) -> bool:
     if left is right:
         return left.is_symmetric
     return (
-        getattr(left, "_adjoint_of", None) is right
-        or getattr(right, "_adjoint_of", None) is left
+        _marked_adjoint_of(left) is right
+        or _marked_adjoint_of(right) is left
         or (isinstance(left, AdjointLinearOperator) and left.operator is right)
         or (isinstance(right, AdjointLinearOperator) and right.operator is left)
     )
@@ -662,7 +676,10 @@ class ScaledLinearOperator(LinearOperator):
     def inverse(self, damping=0.0):
         c = self.scalar
         if c == 0:
-            raise ZeroDivisionError("The operator is scaled by zero and has no inverse.")
+            if damping == 0:
+                raise ZeroDivisionError("The operator is scaled by zero and has no inverse.")
+            # (0 A + d I)^{-1} = (1/d) I
+            return _ScalarLinearOperator(self.shape[0], 1.0 / float(damping), like=self)
         # (cA + dI)^{-1} = (1/c) (A + (d/c) I)^{-1}
         return ScaledLinearOperator(self.operator.inverse(damping=damping / c), 1.0 / c)
 
@@ -677,20 +694,80 @@ class ScaledLinearOperator(LinearOperator):
 
     def _logdet(self, damping):
         c = self.scalar
-        if c <= 0:
+        if c == 0 and damping != 0:
+            return _ScalarLinearOperator(self.shape[0], float(damping), like=self)._logdet(0.0)
+        # det(c A + d I) = c^n det(A + (d/c) I): for c < 0 and n even, c^n > 0, so it is
+        # positive exactly when det(A + (d/c) I) is, and A's logdet decides (or raises).
+        if c == 0 or (c < 0 and self.shape[0] % 2 == 1):
             raise NotImplementedError(
-                "logdet of an operator scaled by a non-positive number is not defined in "
-                "general; take the logdet of the unscaled operator."
+                "logdet of an operator of odd dimension scaled by a negative number (or by "
+                "zero, undamped) needs the sign of the unscaled operator's determinant; take "
+                "the logdet of the unscaled operator."
             )
         import math
 
-        return self.shape[0] * math.log(c) + self.operator._logdet(damping / c)
+        return self.shape[0] * math.log(abs(c)) + self.operator._logdet(damping / c)
 
     def frobenius_norm(self):
         return abs(self.scalar) * self.operator.frobenius_norm()
 
     def to_dense(self):
         return self.scalar * self.operator.to_dense()
+
+
+class _ScalarLinearOperator(LinearOperator):
+    """``c I`` on the backend of ``like`` (what ``(0 A + d I)^{-1}`` is: ``(1/d) I``)."""
+
+    def __init__(self, n, scalar, *, like):
+        super().__init__((n, n), dtype=like.dtype, xp=like.xp, device=like.device, symmetric=True)
+        self.scalar = float(scalar)
+
+    def _infer_psd(self):
+        return self.scalar >= 0
+
+    def _matmat(self, X):
+        return self.scalar * X
+
+    def inverse(self, damping=0.0):
+        shifted = self.scalar + float(damping)
+        if shifted == 0:
+            raise FactorizationError(
+                f"{self.scalar} I plus {damping} I is the zero matrix and has no inverse."
+            )
+        return _ScalarLinearOperator(self.shape[0], 1.0 / shifted, like=self)
+
+    def _eye(self):
+        return self.xp.eye(self.shape[0], dtype=self.dtype, device=self.device)
+
+    def trace(self):
+        return self.xp.sum(self.diagonal())
+
+    def diagonal(self):
+        return self.xp.full((self.shape[0],), self.scalar, dtype=self.dtype, device=self.device)
+
+    def eigvalsh(self):
+        return self.diagonal()
+
+    def _logdet(self, damping):
+        # as IdentityLinearOperator: singular raises, a negative determinant too
+        shifted = self.scalar + float(damping)
+        if shifted == 0:
+            raise FactorizationError(f"{self.scalar} I plus {damping} I is singular.")
+        if shifted < 0 and self.shape[0] % 2 == 1:
+            raise ValueError(
+                f"{shifted} I has a negative determinant; logdet is defined here for "
+                "matrices of positive determinant only."
+            )
+        import math
+
+        value = self.shape[0] * math.log(abs(shifted))
+        return self.xp.asarray(value, dtype=self.dtype, device=self.device)
+
+    def frobenius_norm(self):
+        return self.xp.linalg.vector_norm(self.diagonal())
+
+    def to_dense(self):
+        return self.scalar * self._eye()
 
 
 class SumLinearOperator(LinearOperator):

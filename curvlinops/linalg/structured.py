@@ -29,8 +29,8 @@ from .._backend import (
     checked_eigh,
     device as array_device,
     diag_matrix,
-    dtype_eps,
     dtype_name,
+    is_numerically_symmetric,
     kron,
     namespace_name,
 )
@@ -986,13 +986,7 @@ def _is_symmetric_factor(factor) -> bool:
         return True
     if factor.shape[0] != factor.shape[1]:
         return False
-    return _is_numerically_symmetric(factor.to_dense(), factor.xp)
-
-
-def _is_numerically_symmetric(A, xp) -> bool:
-    scale = float(xp.max(xp.abs(A))) if A.shape[0] else 0.0
-    asym = float(xp.max(xp.abs(A - xp.matrix_transpose(A)))) if A.shape[0] else 0.0
-    return asym <= 100 * dtype_eps(A.dtype) * scale
+    return is_numerically_symmetric(factor.to_dense(), factor.xp)
 
 
 class KroneckerEighLinearOperator(LinearOperator):

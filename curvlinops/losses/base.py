@@ -77,7 +77,9 @@ class Loss:
     ----------
     is_natural : bool
         Whether the outputs are the natural parameters of an exponential family, so
-        that the Hessian of ``l_n`` equals the Fisher of ``r`` (then GGN = Fisher).
+        that the Hessian of ``l_n`` equals the Fisher of ``r`` (then GGN = Fisher, and
+        the GGN is tagged positive semi-definite). ``False`` unless a subclass declares
+        it: a loss whose Hessian may be indefinite must not claim it.
 
     Examples
     --------
@@ -89,7 +91,7 @@ class Loss:
     (2.5, 5.0, 0.5)
     """
 
-    is_natural: bool = True
+    is_natural: bool = False
 
     def __init__(self, reduction: str = "mean"):
         if reduction not in _REDUCTIONS:

@@ -228,12 +228,7 @@ def prepare_system(who, A, b, x0, *, M, damping, rtol, atol, maxiter, maxiter_pe
     A = as_operator(A, who)
     b = check_vector(A, b, who, "right-hand side b").array
     if x0 is not None:
-        x0 = check_vector(A, x0, who, "initial guess x0").array
-        if tuple(x0.shape) != tuple(b.shape):
-            raise ValueError(
-                f"{who}: the initial guess x0 must have the shape of b, {tuple(b.shape)}; "
-                f"got shape {tuple(x0.shape)}."
-            )
+        x0 = check_vector(A, x0, who, "initial guess x0", like=("b", b)).array
     M = as_preconditioner(M, A, who)
     if maxiter is None:
         maxiter = maxiter_per_dim * A.shape[0]

@@ -33,7 +33,8 @@ A dense 2-D array handed to a solver is wrapped with its symmetry checked exactl
 (it is all there); PSD is never guessed. Declarations are trusted, not verified:
 :mod:`curvlinops.verify` checks them (``check_symmetric``, ``check_psd``).
 
-May import: ``curvlinops._backend``, ``curvlinops.linalg``.
+May import: ``curvlinops._backend``, ``curvlinops.linalg``; scipy lazily (to recognize a
+SciPy operator).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from .._backend import (
     as_generator,
     dtype_eps,
     dtype_name,
+    is_numerically_symmetric,
     namespace_name,
 )
 from ..linalg import DenseLinearOperator, LinearOperator, aslinearoperator
@@ -179,28 +181,32 @@ def _is_scipy_like(A) -> bool:
 
 
 def _dense_is_symmetric(A) -> bool:
-    """Exact-up-to-rounding symmetry of a square array (one pass over it)."""
+    """Exact-up-to-rounding symmetry of a square real floating array (one pass over it)."""
     xp = array_namespace(A)
     if A.shape[0] == 0 or not xp.isdtype(A.dtype, "real floating"):
         return False
-    scale = float(xp.max(xp.abs(A)))
-    asymmetry = float(xp.max(xp.abs(A - xp.matrix_transpose(A))))
-    return asymmetry <= 100 * dtype_eps(A.dtype) * scale
+    return is_numerically_symmetric(A, xp)
 
 
 # -- arrays -------------------------------------------------------------------------------
 
 
-def check_vector(A: LinearOperator, b, who: str, what: str, *, ndim=None, finite=True):
+def check_vector(A: LinearOperator, b, who: str, what: str, *, ndim=None, finite=True, like=None):
     """Validate an array for ``A`` (namespace, shape, dtype, device; finite values).
 
-    Returns the :class:`~curvlinops.CheckedInput` of ``A.check_input``; the error
-    messages are prefixed by the caller's name.
+    ``like``: ``(name, array)`` whose shape the array must have (an initial guess and
+    its right-hand side). Returns the :class:`~curvlinops.CheckedInput` of
+    ``A.check_input``; the error messages are prefixed by the caller's name.
     """
     try:
         checked = A.check_input(b, ndim=ndim, what=what)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{who}: {err}") from None
+    if like is not None and tuple(checked.array.shape) != tuple(like[1].shape):
+        raise ValueError(
+            f"{who}: the {what} must have the shape of {like[0]}, {tuple(like[1].shape)}; "
+            f"got shape {tuple(checked.array.shape)}."
+        )
     if finite and not all_finite(checked.array, A.xp):
         raise ValueError(f"{who}: the {what} contains NaN or Inf; pass finite values.")
     return checked
@@ -254,6 +260,44 @@ def check_choice(value, name: str, who: str, choices) -> str:
         options = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{who}: unknown {name}={value!r}; use one of {options}.")
     return value
+
+
+def check_interval(pair, name: str, who: str):
+    """``None``, or a pair ``(low, high)`` of finite numbers with ``low < high``.
+
+    Raises :class:`ValueError` naming the pair otherwise (an infinite end would make a
+    grid of NaN).
+    """
+    if pair is None:
+        return None
+    try:
+        low, high = (float(v) for v in pair)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{who}: {name} must be a pair (low, high) of numbers, got {pair!r}."
+        ) from err
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"{who}: {name} must be finite and satisfy low < high, got {pair!r}.")
+    return low, high
+
+
+def check_grid(grid, A: LinearOperator, who: str):
+    """A 1-D array of at least 2 finite points, in ``A``'s namespace; cast to its dtype."""
+    xp = A.xp
+    if not _is_array(grid) or grid.ndim != 1 or grid.shape[0] < 2:
+        raise ValueError(
+            f"{who}: grid must be a 1-D array of at least 2 points, got "
+            f"{'shape ' + str(tuple(grid.shape)) if _is_array(grid) else type(grid).__name__}."
+        )
+    if namespace_name(array_namespace(grid)) != namespace_name(xp):
+        raise TypeError(
+            f"{who}: grid is a {namespace_name(array_namespace(grid))} array but the operator "
+            f"works on {namespace_name(xp)} arrays."
+        )
+    grid = xp.astype(grid, A.dtype)
+    if not all_finite(grid, xp):
+        raise ValueError(f"{who}: grid contains NaN or Inf; pass finite points.")
+    return grid
 
 
 # -- structure ----------------------------------------------------------------------------

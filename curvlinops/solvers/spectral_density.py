@@ -30,6 +30,8 @@ from ._validation import (
     as_operator,
     check_choice,
     check_count,
+    check_grid,
+    check_interval,
     check_real,
     require_structure,
 )
@@ -75,31 +77,11 @@ def _check_common(A, num_probes, lanczos_steps, num_points, kappa, margin, distr
     return A
 
 
-def _check_boundaries(boundaries, caller):
-    if boundaries is None:
-        return None
-    try:
-        low, high = (float(b) for b in boundaries)
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"{caller}: boundaries must be a pair (low, high) of numbers, got {boundaries!r}."
-        ) from err
-    if not low < high:
-        raise ValueError(f"{caller}: boundaries must satisfy low < high, got {boundaries!r}.")
-    return low, high
-
-
 def _grid_from(grid, low, high, num_points, A):
     """The evaluation grid: the user's 1-D array, or ``num_points`` points on [low, high]."""
-    xp = A.xp
     if grid is None:
-        return xp.linspace(low, high, num_points, dtype=A.dtype, device=A.device)
-    if getattr(grid, "ndim", None) != 1 or grid.shape[0] < 2:
-        raise ValueError(
-            "spectral_density: grid must be a 1-D array of at least 2 increasing points, got "
-            f"shape {tuple(getattr(grid, 'shape', ()))}."
-        )
-    return xp.astype(grid, A.dtype)
+        return A.xp.linspace(low, high, num_points, dtype=A.dtype, device=A.device)
+    return grid  # checked by check_grid before the Lanczos runs
 
 
 def _smoothed_density(grid, nodes, weights, sigma, xp):
@@ -226,7 +208,8 @@ def spectral_density(
         )
     caller = "spectral_density"
     A = _check_common(A, num_probes, lanczos_steps, num_points, kappa, margin, distribution, caller)
-    boundaries = _check_boundaries(boundaries, caller)
+    boundaries = check_interval(boundaries, "boundaries", caller)
+    grid = None if grid is None else check_grid(grid, A, caller)
     nodes, weights, low, high = _lanczos_quadrature(
         A, num_probes, lanczos_steps, seed, distribution
     )
@@ -299,7 +282,8 @@ def log_spectral_density(
     """
     caller = "log_spectral_density"
     A = _check_common(A, num_probes, lanczos_steps, num_points, kappa, margin, distribution, caller)
-    boundaries = _check_boundaries(boundaries, caller)
+    boundaries = check_interval(boundaries, "boundaries", caller)
+    grid = None if grid is None else check_grid(grid, A, caller)
     check_real(epsilon, "epsilon", caller, positive=True)
     nodes, weights, low, high = _lanczos_quadrature(
         A, num_probes, lanczos_steps, seed, distribution

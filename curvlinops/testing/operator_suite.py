@@ -13,7 +13,8 @@ differences, ...), at tolerances set by the operator's dtype:
   the reference is symmetric; ``is_psd``: its eigenvalues are non-negative);
 - :func:`check_queries`: ``inverse`` with and without damping, ``trace``,
   ``diagonal``, ``logdet`` with and without damping, ``frobenius_norm``: each either
-  matches NumPy on the reference, or raises the declared exception
+  matches NumPy on the reference (an operator result, e.g. an inverse, also with tags
+  that hold for its reference), or raises the declared exception
   (:class:`NotImplementedError` by default), never a wrong value;
 - :func:`check_operator`: all of them; :class:`OperatorCase` bundles an operator with
   its reference and what it supports; :class:`OperatorTestCase` is a base class whose
@@ -361,6 +362,10 @@ def _check_query(op, ref, query, supports, raises, damping):
             if tuple(result.shape) != ref.shape:
                 raise AssertionError(f"shape {result.shape}, expected {ref.shape}.")
             _assert_close(result.to_dense(), expected, op.dtype, "its to_dense()")
+            try:  # an inverse claims structure too (e.g. is_psd): it must hold
+                check_tags(result, expected)
+            except AssertionError as err:
+                raise AssertionError(f"the result's tags: {err}") from None
             applied = result @ X
             _assert_native(applied, op, "its product")
             _assert_close(applied, expected @ X64, op.dtype, "its product")

@@ -11,7 +11,7 @@ Finite differences use the step ``h = eps^(1/3) * max(1, |theta|) / |v|`` of the
 parameters' dtype (it balances truncation and rounding errors of central
 differences), so the expected relative error is about ``eps^(2/3)``.
 
-May import: ``curvlinops._backend``, ``curvlinops.models``, ``.report``.
+May import: ``curvlinops._backend``, ``curvlinops.models``, ``._common``, ``.report``.
 """
 
 from __future__ import annotations

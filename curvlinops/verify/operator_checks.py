@@ -4,7 +4,7 @@ Each check draws a few random probe vectors as one ``(n, k)`` block (one batched
 product), and reports an error relative to the norms involved, so that the
 tolerances are about rounding, not about the operator's scale.
 
-May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``.report``.
+May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``._common``, ``.report``.
 """
 
 from __future__ import annotations

@@ -522,8 +522,16 @@ def test_invalid_arguments():
         with pytest.raises(ValueError, match=match):
             KFACLinearOperator(model, loss, params, data, **kwargs)
     K = KFACLinearOperator(model, loss, params, data)
-    with pytest.raises(ValueError, match=r"damping must be a finite number >= 0, got -1.0"):
-        K.inverse(-1.0)
+    # the exact inverse takes any finite shift, as every operator's inverse does
+    dense = K.to_dense()
+    spectrum = np.linalg.eigvalsh(dense)
+    middle = len(spectrum) // 2
+    shift = -0.5 * float(spectrum[middle] + spectrum[middle + 1])  # K + shift I: indefinite
+    expected = np.linalg.inv(dense + shift * np.eye(K.shape[0]))
+    np.testing.assert_allclose(K.inverse(shift).to_dense(), expected, rtol=1e-8, atol=1e-10)
+    assert not K.inverse(shift).is_psd  # a negative shift proves nothing
+    with pytest.raises(ValueError, match=r"damping must be a finite number, got inf"):
+        K.inverse(float("inf"))
     with pytest.raises(ValueError, match=r"damping must be a finite number >= 0, got -1.0"):
         K.factored_inverse(-1.0)
     with pytest.raises(ValueError, match="min_damping"):

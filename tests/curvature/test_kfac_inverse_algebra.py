@@ -104,6 +104,39 @@ def test_inverse_is_exact_under_the_algebra(kind, separate):
         assert_close(op.damped(0.2).logdet(), logdet, TIGHT)
 
 
+@pytest.mark.parametrize("separate", [True, False])
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "kfac_hessian"])
+@pytest.mark.filterwarnings("ignore:The Kronecker-factored Hessian plus")
+def test_inverse_is_exact_for_non_positive_scales(kind, separate):
+    """``(c K + d I)^{-1}`` for ``c < 0`` asks ``K`` for a negative shift ``d / c``, and
+    ``(0 K + d I)^{-1}`` is ``I / d``: both exact, never refused (regression: a
+    ``ValueError`` for the negative shift, a ``ZeroDivisionError`` for ``c = 0``)."""
+    K = _operator(kind, separate)
+    D = K.to_dense()
+    n = len(D)
+    for c in (-2.0, -0.25, 0.0):
+        for damping in (0.2, 1.5, -0.7):
+            expected = _inv(c * D, damping)
+            for op in ((c * K).inverse(damping), (c * K).damped(damping).inverse()):
+                assert_close(op.to_dense(), expected, TIGHT, TIGHT)
+            assert (c * K).inverse(damping).is_psd == (c == 0 and damping > 0)
+    # c < 0: det(c K + d I) = c^n det(K + (d/c) I), exact for even n (K padded by a 1 x 1
+    # block when n is odd); odd n refuses
+    even = K if n % 2 == 0 else BlockDiagonalLinearOperator([K, DiagonalLinearOperator(np.ones(1))])
+    D_even = D if n % 2 == 0 else scipy.linalg.block_diag(D, np.ones((1, 1)))
+    for c, damping in ((-2.0, -0.1), (-0.5, -3.0)):
+        sign, expected = np.linalg.slogdet(c * D_even + damping * np.eye(len(D_even)))
+        assert sign > 0
+        assert_close((c * even).damped(damping).logdet(), expected, TIGHT)
+    if n % 2 == 1:
+        with pytest.raises(NotImplementedError, match="odd dimension"):
+            (-2.0 * K).damped(-0.1).logdet()
+    # (0 K + d I) has the log-determinant n log d
+    assert_close((0 * K).damped(0.5).logdet(), n * np.log(0.5), TIGHT)
+    with pytest.raises(ZeroDivisionError):
+        (0 * K).inverse()
+
+
 def test_the_reported_case_is_now_exact():
     """Issue #11: (2 K).inverse(0.2) was 56 % away from (2K + 0.2 I)^{-1}."""
     K = _operator("kfac", True)

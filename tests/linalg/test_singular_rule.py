@@ -60,7 +60,8 @@ def _cases():
     yield "dense_symmetric", DenseLinearOperator(S, symmetric=True), S
     yield "dense_undeclared", DenseLinearOperator(S), S
     yield "dense_nonsymmetric", DenseLinearOperator(G), G
-    yield "eigh", EighLinearOperator(np.array(tiny3), orthogonal(3, 7)), None
+    Q7 = orthogonal(3, 7)
+    yield "eigh", EighLinearOperator(np.array(tiny3), Q7), Q7 @ np.diag(tiny3) @ Q7.T
     yield "kronecker", KroneckerLinearOperator(S, spd(2, 4)), K_ref
     yield (
         "kronecker_diagonal_factor",
@@ -74,9 +75,12 @@ def _cases():
     )
     yield "kronecker_eigh", KroneckerEighLinearOperator(lam, [Q1, Q2]), Q @ np.diag(lam) @ Q.T
     block = BlockDiagonalLinearOperator([spd(2, 9), DenseLinearOperator(S, symmetric=True)])
-    yield "block_diagonal", block, scipy.linalg.block_diag(spd(2, 9), S)
-    layout = [[(2, 3)], [(0, 2)]]
-    yield "layout", ParameterLayoutLinearOperator(block, layout), None
+    block_ref = scipy.linalg.block_diag(spd(2, 9), S)
+    yield "block_diagonal", block, block_ref
+    layout = [[(2, 3)], [(0, 2)]]  # P x = [x[2:5], x[0:2]]
+    perm = np.array([2, 3, 4, 0, 1])
+    P = np.eye(5)[perm]
+    yield "layout", ParameterLayoutLinearOperator(block, layout), P.T @ block_ref @ P
     yield "scaled", 3.0 * KroneckerLinearOperator(S, spd(2, 4)), 3.0 * K_ref
 
 
@@ -90,8 +94,6 @@ def test_relative_eigenvalue_1e_17_raises_and_damping_fixes_it(name):
         op.inverse()
     with pytest.raises(FactorizationError, match=r"(?s)singular.*damping"):
         op.logdet()
-    if ref is None:
-        ref = op.to_dense()
     if name == "kronecker_nonsymmetric":
         return  # no damped inverse for non-symmetric Kronecker factors
     expected = np.linalg.inv(ref + 1e-3 * np.eye(len(ref)))
@@ -135,3 +137,25 @@ def test_damped_singular_product_names_the_damping():
     K = KroneckerLinearOperator(np.diag([1.0, 0.0]), np.eye(2))
     with pytest.raises(FactorizationError, match=r"plus -1.0 I is singular"):
         K.inverse(damping=-1.0)
+
+
+def test_one_numerical_symmetry_test():
+    """Solvers (a dense array handed to cg) and Kronecker factors not declared symmetric
+    use the same rounding threshold, ``100 eps max|A|``."""
+    from curvlinops._backend import is_numerically_symmetric
+    from curvlinops.solvers._validation import as_operator
+
+    S = with_spectrum([1.0, 0.5, 2.0], 12)
+    for relative, expected in ((10 * EPS, True), (1e3 * EPS, False)):
+        A = S.copy()
+        A[0, 1] += relative * np.abs(S).max()
+        assert is_numerically_symmetric(A, xp) is expected
+        assert as_operator(A, "cg").is_symmetric is expected
+        K = KroneckerLinearOperator(DenseLinearOperator(A), np.eye(2))
+        if expected:  # a symmetric factor: the damped inverse is the exact one
+            ref = np.linalg.inv(np.kron(A, np.eye(2)) + 0.1 * np.eye(6))
+            np.testing.assert_allclose(K.inverse(0.1).to_dense(), ref, rtol=1e-10, atol=1e-12)
+        else:
+            with pytest.raises(NotImplementedError, match="not symmetric"):
+                K.inverse(0.1)
+    assert is_numerically_symmetric(np.zeros((0, 0)), xp)

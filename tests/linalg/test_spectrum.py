@@ -49,16 +49,23 @@ def _cases(rng):
     ref = scipy.linalg.block_diag(np.kron(A, B), np.diag(d))
     yield "block diagonal", block, ref
     yield "scaled damped", 2.0 * block.damped(0.5), 2.0 * (ref + 0.5 * np.eye(9))
+    yield "negatively scaled", -3.0 * block, -3.0 * ref
+    yield "scaled by zero", 0.0 * block, np.zeros_like(ref)
     layout = [[(3, (2, 3))], [(0, 3)]]
-    yield "layout", ParameterLayoutLinearOperator(block, layout), None
+    # a permutation P keeps the spectrum: P^T A P has A's eigenvalues (the reference is
+    # A's, not the layout operator's own dense form)
+    yield "layout", ParameterLayoutLinearOperator(block, layout), ref
+    yield (
+        "damped layout",
+        ParameterLayoutLinearOperator(block, layout).damped(-0.25),
+        (ref - 0.25 * np.eye(9)),
+    )
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(12))
 def test_eigvalsh_against_numpy(index):
     rng = np.random.default_rng(index)
     name, op, ref = list(_cases(rng))[index]
-    if ref is None:
-        ref = op.to_dense()
     actual = np.sort(np.asarray(op.eigvalsh()))
     np.testing.assert_allclose(
         actual, np.linalg.eigvalsh(ref), rtol=1e-10, atol=1e-12, err_msg=name

@@ -18,6 +18,7 @@ from curvlinops import (
     DiagonalLinearOperator,
     DiagonalPlusLowRankLinearOperator,
     EighLinearOperator,
+    FactorizationError,
     IdentityLinearOperator,
     KroneckerEighLinearOperator,
     KroneckerLinearOperator,
@@ -116,3 +117,53 @@ def test_inverses_keep_psd():
     assert K.inverse(damping=0.2).is_psd and K.inverse().is_psd
     W = DiagonalPlusLowRankLinearOperator(np.ones(3), np.ones(1), np.ones((3, 1)))
     assert W.inverse().is_psd
+
+
+def test_adjoint_mark_does_not_travel_to_copies():
+    """``A.T`` remembers that it is ``A``'s adjoint; operators built by copying its
+    attributes (its adjoint, its inverse) are not, so products with them are not Gram
+    products (regression: ``A.T.adjoint() @ A`` = ``A @ A`` was tagged PSD)."""
+    from curvlinops import ParameterLayoutLinearOperator
+
+    rng = np.random.default_rng(3)
+    M = rng.standard_normal((6, 6))
+    A = ParameterLayoutLinearOperator(DenseLinearOperator(M), [[(0, (2, 2)), (4, (2, 1))]])
+    AT = A.T
+    assert tags(AT @ A) == (True, True)  # the genuine Gram product
+    square = AT.adjoint() @ A  # A @ A
+    dense = square.to_dense()
+    assert not np.allclose(dense, dense.T)
+    assert tags(square) == (False, False)
+    mixed = A @ AT.inverse()  # A A^{-T}
+    dense = mixed.to_dense()
+    assert not np.allclose(dense, dense.T)
+    assert tags(mixed) == (False, False)
+
+
+@pytest.mark.parametrize("damping", [2.0, -0.5])
+def test_inverse_of_an_operator_scaled_by_zero(damping):
+    """``(0 A + d I)^{-1} = I / d`` through the whole operator suite (products, tags,
+    exact queries against the dense ``I / d``)."""
+    from curvlinops.testing import QUERIES, check_operator
+
+    A = aslinearoperator(np.diag([1.0, -2.0, 3.0, 4.0]), symmetric=True)
+    inverse = (0 * A).inverse(damping)
+    ref = np.eye(4) / damping
+    assert inverse.is_psd == (damping > 0)
+    check_operator(inverse, ref, supports=QUERIES, damping=1.0)  # -2 I + I: invertible
+    with pytest.raises(FactorizationError, match="zero matrix"):
+        inverse.inverse(-1.0 / damping)
+    np.testing.assert_allclose((0 * A).damped(damping).inverse().to_dense(), ref)
+
+
+def test_a_copy_of_an_adjoint_is_not_known_to_be_the_adjoint():
+    import copy
+
+    M = np.random.default_rng(5).standard_normal((3, 3))
+    A = DenseLinearOperator(M)
+    AT = A.T
+    assert tags(AT @ A) == (True, True)
+    clone = copy.copy(AT)
+    np.testing.assert_allclose(clone.to_dense(), M.T)
+    assert tags(clone @ A) == (False, False)  # only AT itself carries the mark
+    assert tags(AT @ A) == (True, True)

@@ -160,3 +160,27 @@ def test_spectral_density_errors(numpy_backend):
         log_spectral_density(op, epsilon=0.0)
     with pytest.raises(ValueError, match="grid"):
         spectral_density(op, grid=np.zeros((2, 2)))
+
+
+def test_spectral_density_refuses_non_finite_boundaries_and_grids(numpy_backend):
+    """An infinite boundary or grid point would give a NaN density silently; the checks
+    run in the one validation module, before any product with the operator."""
+    calls = []
+    op = CallableLinearOperator(
+        (5, 5),
+        matmat=lambda X: calls.append(1) or X,
+        dtype=np.float64,
+        xp=np,
+        device=None,
+        symmetric=True,
+    )
+    for fn in (spectral_density, log_spectral_density):
+        with pytest.raises(ValueError, match="boundaries must be finite"):
+            fn(op, boundaries=(0.0, np.inf))
+        with pytest.raises(ValueError, match="boundaries must be a pair"):
+            fn(op, boundaries=(0.0,))
+        with pytest.raises(ValueError, match="grid contains NaN or Inf"):
+            fn(op, grid=np.array([0.0, np.nan, 1.0]))
+        with pytest.raises(ValueError, match="at least 2 points"):
+            fn(op, grid=np.zeros(1))
+    assert not calls

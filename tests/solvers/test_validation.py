@@ -162,6 +162,10 @@ def test_non_numbers_and_non_finite_options(name):
         solver(A, B, damping=float("nan"))
     with pytest.raises(ValueError, match=f"{name}: the right-hand side b contains NaN"):
         solver(A, np.full(N, np.inf))
+    with pytest.raises(ValueError, match=f"{name}: the initial guess x0 contains NaN"):
+        solver(A, np.ones(N), x0=np.full(N, np.nan))
+    with pytest.raises(ValueError, match=rf"{name}: the initial guess x0 must have the shape of b"):
+        solver(A, np.ones(N), x0=np.ones((N, 1)))
 
 
 # -- the structure rule --------------------------------------------------------------------

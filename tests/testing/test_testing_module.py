@@ -133,6 +133,25 @@ def test_wrong_query_value_is_caught(numpy_backend):
         check_operator(WrongDiagonal(d), np.diag(d), supports=QUERIES)
 
 
+def test_false_tag_of_a_query_result_is_caught(numpy_backend):
+    """The result of an exact query (an inverse) carries tags too; a false ``is_psd`` on
+    it is caught, not only on the operator."""
+
+    class ClaimsPSDInverse(DiagonalLinearOperator):
+        def inverse(self, damping=0.0):
+            return DiagonalLinearOperator(1.0 / (self.diagonal() + damping), psd=True)
+
+    d = np.array([2.0, -1.0])
+    kwargs = {
+        "supports": set(QUERIES) - {"logdet"},
+        "raises": {"logdet": ValueError},  # a negative determinant
+        "damping": 3.0,
+    }
+    with pytest.raises(AssertionError, match=r"query 'inverse'.*tags.*is_psd is True"):
+        check_queries(ClaimsPSDInverse(d), np.diag(d), **kwargs)
+    check_queries(DiagonalLinearOperator(d), np.diag(d), **kwargs)
+
+
 def test_case_and_tolerances(backend):
     op = DiagonalLinearOperator(backend.asarray(np.array([1.0, 3.0]), "float32"))
     assert tolerances(op.dtype) == (2e-4, 2e-5)
