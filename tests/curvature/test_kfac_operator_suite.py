@@ -21,7 +21,6 @@ Kronecker compositions. The factored heuristic is its own case
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import sys
 from pathlib import Path
 
@@ -189,14 +188,7 @@ CASES = {
 for _name, _builder in CASES.items():
     suite.register_case(_name)(_builder)
 
-# Every check of the suite that takes (case_name, backend, dtype_name), whatever its name.
-SUITE_CHECKS = sorted(
-    name
-    for name, fn in vars(suite).items()
-    if name.startswith("test_")
-    and callable(fn)
-    and list(inspect.signature(fn).parameters) == ["case_name", "backend", "dtype_name"]
-)
+SUITE_CHECKS = suite.suite_checks()
 
 
 @pytest.mark.parametrize("check", SUITE_CHECKS)

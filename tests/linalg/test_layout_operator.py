@@ -11,7 +11,6 @@ reference comes from ``np.kron`` / ``scipy.linalg.block_diag`` as in the suite.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import sys
 from pathlib import Path
 
@@ -112,13 +111,7 @@ CASES = {
 for _name, _builder in CASES.items():
     suite.register_case(_name)(_builder)
 
-SUITE_CHECKS = sorted(
-    name
-    for name, fn in vars(suite).items()
-    if name.startswith("test_")
-    and callable(fn)
-    and list(inspect.signature(fn).parameters) == ["case_name", "backend", "dtype_name"]
-)
+SUITE_CHECKS = suite.suite_checks()
 
 
 @pytest.mark.parametrize("check", SUITE_CHECKS)

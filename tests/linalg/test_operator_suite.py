@@ -44,6 +44,7 @@ that other suites (``tests/curvature/test_kfac_operator_suite.py``) reuse by nam
 
 from __future__ import annotations
 
+import inspect
 import zlib
 from collections.abc import Callable
 
@@ -467,6 +468,18 @@ def _scaled_damped_psd_sum(backend, dtype, rng):
 def pytest_generate_tests(metafunc):
     if "case_name" in metafunc.fixturenames:
         metafunc.parametrize("case_name", list(CASES))
+
+
+def suite_checks() -> list[str]:
+    """Names of the checks below, each ``check(case_name, backend, dtype_name)``: what a
+    file that registers cases into its own copy of this module parametrizes over."""
+    return sorted(
+        name
+        for name, fn in globals().items()
+        if name.startswith("test_")
+        and callable(fn)
+        and list(inspect.signature(fn).parameters) == ["case_name", "backend", "dtype_name"]
+    )
 
 
 def build(case_name, backend, dtype):
