@@ -35,12 +35,11 @@ def test_demo_command_line_help():
         assert markup not in out.stdout
 
 
-def test_demo_writes_its_figure(tmp_path):
-    pytest.importorskip("matplotlib")
+def _tiny_demo(figure):
+    """Run the demo on a tiny configuration; return the lines it printed."""
     from curvlinops.demo import run_demo
 
     lines = []
-    path = tmp_path / "demo.png"
     run_demo(
         num_data=100,
         width=4,
@@ -48,8 +47,15 @@ def test_demo_writes_its_figure(tmp_path):
         steps=1,
         progress=False,
         out=lines.append,
-        figure=str(path),
+        figure=str(figure),
     )
+    return lines
+
+
+def test_demo_writes_its_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "demo.png"
+    lines = _tiny_demo(path)
     assert f"figure: {path}" in lines
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # a PNG file, not an empty one
     assert path.stat().st_size > 10_000
@@ -57,8 +63,6 @@ def test_demo_writes_its_figure(tmp_path):
 
 def test_demo_without_matplotlib_says_so(tmp_path, monkeypatch):
     import builtins
-
-    from curvlinops.demo import run_demo
 
     real_import = builtins.__import__
 
@@ -68,16 +72,7 @@ def test_demo_without_matplotlib_says_so(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    lines = []
     path = tmp_path / "demo.png"
-    run_demo(
-        num_data=100,
-        width=4,
-        batch_size=50,
-        steps=1,
-        progress=False,
-        out=lines.append,
-        figure=str(path),
-    )
+    lines = _tiny_demo(path)
     assert not path.exists()
     assert any("matplotlib is not installed" in line for line in lines)
