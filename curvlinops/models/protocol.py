@@ -97,6 +97,10 @@ _TIER_HINTS = {
 }
 
 
+#: the kinds of :class:`LayerTap`
+TAP_KINDS = ("matrix", "elementwise")
+
+
 class MissingTierError(NotImplementedError):
     """A model lacks the tier of derivatives an operator needs."""
 
@@ -125,7 +129,15 @@ class LayerTap:
         convolution ``(C_out, C_in * kh * kw)``). The bias, if any, has ``D_out``
         entries and joins the matrix as a last column ``[W | b]``. None when the model
         does not say (taps written by hand): then the weight itself is
-        ``(D_out, D_in)``.
+        ``(D_out, D_in)``. Ignored for ``kind="elementwise"``.
+    kind : {"matrix", "elementwise"}
+        How the weight acts on the inputs. ``"matrix"`` (the default): ``s = W a + b``
+        over the last axis, the case of Kronecker factors. ``"elementwise"``: ``s = w *
+        a + b`` with a weight and bias of ``D`` entries each and ``D_in = D_out = D``
+        (the affine part of batch or layer normalization, with ``a`` the normalized
+        inputs); the curvature operators give such parameters their exact block (the
+        per-datum gradients ``sum_s g_s * a_s`` and ``sum_s g_s`` are formed
+        explicitly, and the block is their sum of outer products).
 
     Examples
     --------
@@ -141,6 +153,11 @@ class LayerTap:
     inputs: object
     output_grads: object = None
     matrix_shape: tuple | None = None
+    kind: str = "matrix"
+
+    def __post_init__(self):
+        if self.kind not in TAP_KINDS:
+            raise ValueError(f"LayerTap kind must be one of {TAP_KINDS}, got {self.kind!r}.")
 
 
 class TraceableLinearMap:

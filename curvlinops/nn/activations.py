@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 from .._backend import device, diag_matrix, erf
-from .module import Layer
+from .module import Layer, feature_rows
 
 __all__ = ["Elementwise", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softplus", "GELU", "ELU"]
 
@@ -109,12 +109,13 @@ class Elementwise(Layer):
 
     def curvature_statistics(self, params, state, g, statistics, xp):
         s = state["input"]
-        D = s.shape[-1]
-        rows = xp.reshape(self.first_derivative(s, xp), (-1, D))
+        # the features are the channels (axis 1) of channels-first inputs, else the last axis
+        rows = feature_rows(self.first_derivative(s, xp), state, xp)
+        D = rows.shape[-1]
         outer = xp.matrix_transpose(rows) @ rows
         count = rows.shape[0]
         d2 = self.second_derivative(s, xp)
-        second = None if d2 is None else xp.sum(xp.reshape(d2 * g, (-1, D)), axis=0)
+        second = None if d2 is None else xp.sum(feature_rows(d2 * g, state, xp), axis=0)
         if statistics is not None:
             old_outer, old_count, old_second = statistics
             outer, count = old_outer + outer, old_count + count

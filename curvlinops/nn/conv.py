@@ -66,6 +66,7 @@ class _Conv(Layer):
     """Shared implementation: a 2d convolution; :class:`Conv1d` adds a height of one."""
 
     has_tap = True
+    input_layout = output_layout = "channels_first"
     _spatial = 2
 
     def __init__(

@@ -48,6 +48,7 @@ class Linear(Layer):
     """
 
     has_tap = True
+    input_layout = output_layout = "features_last"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         for what, value in (("in_features", in_features), ("out_features", out_features)):

@@ -129,7 +129,8 @@ def _tap(name, layer, state, xp, aligned, output_grads):
         return None
     inputs, grads, matrix_shape = layer.tap(state, output_grads, xp)
     bias = aligned[1] if len(aligned) > 1 else None
-    return LayerTap(name, weight, bias, inputs, grads, tuple(matrix_shape))
+    shape = None if matrix_shape is None else tuple(matrix_shape)
+    return LayerTap(name, weight, bias, inputs, grads, shape, kind=layer.tap_kind)
 
 
 class NativeLinearization(Linearization):

@@ -37,7 +37,53 @@ from .._backend import (
 from ..models import Capability, Model, Tier
 from .linearization import LinearizedNativeLayer, NativeLinearization
 
-__all__ = ["Module", "Layer"]
+__all__ = ["Module", "Layer", "channels_first_inputs", "feature_rows"]
+
+
+def feature_rows(a, state, xp):
+    """``a`` (shaped like a layer's inputs) as rows ``(items, D)`` over its feature axis.
+
+    The feature axis is the channels (axis 1) where ``state["channels_first"]``, else
+    the last axis; every other axis (data, positions) indexes items. What the
+    batch-averaged curvature rules average over.
+
+    Examples
+    --------
+    >>> import array_api_compat.numpy as xp
+    >>> a = xp.reshape(xp.arange(12.0), (1, 3, 2, 2))  # (N, C, H, W)
+    >>> feature_rows(a, {"channels_first": True}, xp).shape
+    (4, 3)
+    >>> feature_rows(a, {}, xp).shape
+    (6, 2)
+    """
+    if state.get("channels_first") and a.ndim > 2:
+        a = xp.moveaxis(a, 1, -1)
+    return xp.reshape(a, (-1, a.shape[-1]))
+
+
+def channels_first_inputs(layers) -> list[bool]:
+    """For each layer of a chain, whether its inputs are channels-first.
+
+    Follows the layers' :attr:`Layer.input_layout` and :attr:`Layer.output_layout`
+    (None: as before); the model's inputs are features-last unless the first layer
+    that states an input layout says otherwise.
+
+    Examples
+    --------
+    >>> from curvlinops.nn import Conv2d, Flatten, Linear, ReLU
+    >>> channels_first_inputs([Conv2d(1, 2, 3), ReLU(), Flatten(), Linear(8, 2), ReLU()])
+    [True, True, True, False, False]
+    """
+    stated = next((la.input_layout for la in layers if la.input_layout is not None), None)
+    current = stated == "channels_first"
+    out = []
+    for layer in layers:
+        if layer.input_layout is not None:
+            current = layer.input_layout == "channels_first"
+        out.append(current)
+        if layer.output_layout is not None:
+            current = layer.output_layout == "channels_first"
+    return out
 
 
 class Module(Model):
@@ -152,8 +198,10 @@ class Module(Model):
         xp, params, x = self.prepare(params, x)
         states = []
         a = x
-        for layer, layer_params in self._split(params):
-            states.append({"input": a})
+        layers = [layer for _, layer in self.chain()]
+        layouts = channels_first_inputs(layers)
+        for (layer, layer_params), channels_first in zip(self._split(params), layouts, strict=True):
+            states.append({"input": a, "channels_first": channels_first})
             a = layer.forward(layer_params, a, xp)
         return NativeLinearization(self, params, x, a, xp, states)
 
@@ -253,6 +301,17 @@ class Layer(Module):
     r_backward_uses_input_tangent = True
     #: whether :meth:`tap` gives a tap (a weight that multiplies the inputs)
     has_tap = False
+    #: the :class:`~curvlinops.models.LayerTap` kind of the tap: ``"matrix"`` or
+    #: ``"elementwise"``
+    tap_kind = "matrix"
+    #: layout of the layer's inputs and outputs in the batch-averaged curvature rules:
+    #: ``"channels_first"`` (features on axis 1, ``(N, C, ...)``, as convolutions),
+    #: ``"features_last"`` (``(N, S..., D)``), or None: the same as the layer before
+    #: it (for the inputs) or as the inputs (for the outputs). The forward pass of a
+    #: linearization records in ``state["channels_first"]`` which one the layer's
+    #: inputs have (:func:`channels_first_inputs`).
+    input_layout = None
+    output_layout = None
 
     def chain(self):
         return [(self.name, self)]

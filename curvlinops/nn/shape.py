@@ -1,8 +1,10 @@
 """Parameter-free layers that only move data: :class:`Identity` and :class:`Flatten`.
 
 Their layer protocol passes curvature factors through unchanged (a per-datum factor is
-over a datum's entries flattened in C order, which flattening does not change); the
-batch-averaged factor of :class:`Flatten` is defined for inputs ``(N, D)`` only.
+over a datum's entries flattened in C order, which flattening does not change). The
+batch-averaged factor of :class:`Flatten` is defined for inputs ``(N, D)`` and for
+channels-first inputs ``(N, C, S...)`` (the output of a convolution), whose items are
+the positions: there it keeps the diagonal blocks of the positions, summed.
 
 May import: ``curvlinops._backend``, ``.module``.
 """
@@ -59,6 +61,8 @@ class Flatten(Layer):
     (4, 6)
     """
 
+    output_layout = "features_last"
+
     r_backward_uses_input_tangent = False
 
     def forward(self, params, a, xp):
@@ -95,16 +99,24 @@ class Flatten(Layer):
 
     def curvature_statistics(self, params, state, g, statistics, xp):
         a = state["input"]
-        if a.ndim != 2:
+        if a.ndim != 2 and not state.get("channels_first"):
             raise NotImplementedError(
                 "the batch-averaged curvature rule for inputs with shared axes (N, S..., D)",
                 f" (it sees inputs of shape {tuple(a.shape)}: the items before and after "
                 "flattening differ)",
             )
-        return None
+        # the input's shape (C, S...) per datum, for the rule below
+        return tuple(a.shape[1:])
 
     def backward_mean_curvature(self, params, H, statistics, xp):
-        return H
+        if statistics is None or len(statistics) == 1:
+            return H
+        # channels-first inputs (N, C, S...): an item is a position (n, s); the
+        # flattened factor over (c, s) keeps its diagonal blocks s = s' (the "expand"
+        # convention: positions do not interact), summed over the positions
+        C, S = statistics[0], math.prod(statistics[1:])
+        blocks = xp.reshape(H, (C, S, C, S))
+        return xp.sum(xp.linalg.diagonal(xp.permute_dims(blocks, (0, 2, 1, 3))), axis=-1)
 
     @staticmethod
     def _unflatten(a, g, xp):
