@@ -37,7 +37,42 @@ from .._backend import (
 from ..models import Capability, Model, Tier
 from .linearization import LinearizedNativeLayer, NativeLinearization
 
-__all__ = ["Module", "Layer", "channels_first_inputs", "feature_rows"]
+__all__ = ["Module", "Layer", "channels_first_inputs", "feature_rows", "pull_back_curvature"]
+
+
+def pull_back_curvature(layer, params, state, H, g, xp):
+    """``J^T H J`` per datum for a layer that is linear in its inputs (Jacobian ``J``).
+
+    The per-datum curvature rule of convolutions, pooling, normalization at fixed
+    statistics and other layers without curvature of their own: two backward passes of
+    the layer (:meth:`Layer.backward`), each with the ``F`` columns of the per-datum
+    factors as its ``K`` cotangents. ``H`` is ``(N, F_out, F_out)``, ``g`` the gradient
+    with respect to the outputs (it gives their shape); returns ``(N, F_in, F_in)``.
+    Costs two backward passes of ``F_out`` and ``F_in`` vectors.
+
+    Examples
+    --------
+    >>> import array_api_compat.numpy as xp
+    >>> from curvlinops.nn import Linear
+    >>> W = xp.asarray([[1.0, 2.0]])
+    >>> state = {"input": xp.ones((1, 2))}
+    >>> H = pull_back_curvature(Linear(2, 1, bias=False), [W], state, xp.ones((1, 1, 1)),
+    ...                         xp.zeros((1, 1)), xp)
+    >>> H[0].tolist()
+    [[1.0, 2.0], [2.0, 4.0]]
+    """
+    N = H.shape[0]
+    out_shape = tuple(g.shape[1:])
+
+    def transposed_jacobian_times(columns):
+        # (N, F_out, K) columns as K cotangents of the outputs, in the internal layout
+        K = columns.shape[-1]
+        cotangents = xp.moveaxis(xp.reshape(columns, (N, *out_shape, K)), -1, -2)
+        _, g_in = layer.backward(params, state, cotangents, xp, need_params=False)
+        return xp.reshape(xp.moveaxis(g_in, -2, -1), (N, -1, K))  # (N, F_in, K)
+
+    left = transposed_jacobian_times(H)  # J^T H, (N, F_in, F_out)
+    return transposed_jacobian_times(xp.matrix_transpose(left))  # J^T H J
 
 
 def feature_rows(a, state, xp):
