@@ -14,7 +14,7 @@ The exact Hessian diagonal walks the model's layers backwards through the layer
 protocol (:func:`._chain.backpropagate`), per datum.
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
-``curvlinops.losses``, ``._data``, ``._chain``.
+``curvlinops.losses``, ``._data``, ``._chain``, ``._elementwise``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ._data import (
     prepare_inputs,
     resolve_model,
 )
+from ._elementwise import elementwise_gradients
 
 __all__ = [
     "GGNDiagonalLinearOperator",
@@ -98,7 +99,8 @@ class _DataDiagonalLinearOperator(DiagonalLinearOperator):
         missing = [i for i, s in enumerate(sums) if s is None]
         if missing:
             raise ValueError(
-                f"{type(self).__name__} needs every parameter in a supported (Linear) layer, "
+                f"{type(self).__name__} needs every parameter in a tapped layer (Linear, "
+                "convolution, normalization), "
                 f"but parameters {missing} (shapes {[shapes[i] for i in missing]}) are not."
             )
         c = loss.normalization(self.num_data, outputs_shape)
@@ -116,6 +118,12 @@ class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
 
     def _batch_contributions(self, lin, y, index, xp):
         for tap in lin.layer_taps(self._cotangents(lin.outputs, y, index, xp)):
+            if tap.kind == "elementwise":
+                rows = elementwise_gradients(tap, xp)
+                yield tap.weight_index, xp.sum(rows[0] * rows[0], axis=0)
+                if tap.bias_index is not None:
+                    yield tap.bias_index, xp.sum(rows[1] * rows[1], axis=0)
+                continue
             d_weight, d_bias = _squared_gradient_sums(tap.inputs, tap.output_grads, xp)
             yield tap.weight_index, d_weight
             if tap.bias_index is not None:
@@ -333,15 +341,27 @@ def _hessian_diagonal_of_tap(tap, H, xp):
     N, d_in = a.shape[0], a.shape[-1]
     if a.ndim == 2:
         h = xp.linalg.diagonal(H)  # (N, D_out)
-        yield tap.weight_index, xp.matrix_transpose(h) @ (a * a)
+        if tap.kind == "elementwise":  # w * a + b: the weight entry i is h_i a_i^2
+            yield tap.weight_index, xp.sum(h * a * a, axis=0)
+        else:
+            yield tap.weight_index, xp.matrix_transpose(h) @ (a * a)
         if tap.bias_index is not None:
             yield tap.bias_index, xp.sum(h, axis=0)
         return
     S = math.prod(a.shape[1:-1])
     d_out = H.shape[-1] // S
     a3 = xp.reshape(a, (N, S, d_in))
-    blocks = xp.permute_dims(xp.reshape(H, (N, S, d_out, S, d_out)), (0, 1, 3, 2, 4))
+    if tap.channels_first:  # outputs (N, D_out, S...): entries ordered (feature, position)
+        blocks = xp.permute_dims(xp.reshape(H, (N, d_out, S, d_out, S)), (0, 2, 4, 1, 3))
+    else:
+        blocks = xp.permute_dims(xp.reshape(H, (N, S, d_out, S, d_out)), (0, 1, 3, 2, 4))
     h = xp.linalg.diagonal(blocks)  # (N, S, S, D_out): [n, s, t, i]
+    if tap.kind == "elementwise":
+        # the weight entry i: sum_{s,t} h[n, s, t, i] a[n, s, i] a[n, t, i]
+        yield tap.weight_index, xp.sum(h * a3[:, :, None, :] * a3[:, None, :, :], axis=(0, 1, 2))
+        if tap.bias_index is not None:
+            yield tap.bias_index, xp.sum(h, axis=(0, 1, 2))
+        return
     # sum_s h[n, s, t, i] a[n, s, j] for every (n, t), then times a[n, t, j], summed
     mixed = xp.permute_dims(h, (0, 2, 3, 1)) @ a3[:, None, :, :]  # (N, S, D_out, D_in)
     yield tap.weight_index, xp.sum(mixed * a3[:, :, None, :], axis=(0, 1))

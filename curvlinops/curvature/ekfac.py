@@ -19,12 +19,14 @@ so there is no ``(B + d_B I)^{-1} (x) (A + d_A I)^{-1}`` form; :meth:`inverse` i
 from __future__ import annotations
 
 from .._backend import checked_eigh
-from ..linalg import KroneckerEighLinearOperator
+from ..linalg import DenseLinearOperator, KroneckerEighLinearOperator
 from .kronecker_statistics import _KroneckerCurvature, flatten_tap
 
 __all__ = ["EKFACLinearOperator"]
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
+#: entries of the rotated per-datum gradients held at once for layers with shared axes
+_CHUNK_ENTRIES = 2**24
 
 
 class EKFACLinearOperator(_KroneckerCurvature):
@@ -40,11 +42,20 @@ class EKFACLinearOperator(_KroneckerCurvature):
 
     computed per batch with three matrix products per layer (``g`` and ``a`` rotated
     separately, then ``(Q_B^T g)^2`` summed over ``m`` contracted with
-    ``(Q_A^T a)^2`` over the items). With the type-2 cotangents, ``s`` is the diagonal of
-    the exact GGN block in the eigenbasis (without shared axes), so EKFAC is the
-    Frobenius-closest matrix diagonal in that basis, and it equals the exact block where
-    K-FAC does. Products, exact damped inverse (``diag(1 / (s + d))`` in the eigenbasis),
-    trace, log-determinant, diagonal and Frobenius norm come from ``Q_A``, ``Q_B``, ``s``.
+    ``(Q_A^T a)^2`` over the items). For a layer with shared axes (the pixels of a
+    convolution) in a model with outputs ``(N, C)`` (a classifier), each datum's
+    gradient is the sum over its positions, ``sum_s (Q_B^T g_n,s,m) (Q_A^T a_n,s)^T``,
+    squared after the sum (for ``kfac_approx="expand"`` and ``"reduce"`` alike: the
+    option chooses K-FAC's basis). Then ``s`` is the diagonal of the curvature block
+    (type-2: the exact GGN block) in the eigenbasis: EKFAC is the Frobenius-closest
+    matrix diagonal in that basis, at least as close as K-FAC, and it equals the exact
+    block where K-FAC does. With outputs ``(N, S, C)`` (one loss term per position) the
+    loss's per-position factors are backpropagated for all positions at once, as in
+    K-FAC, and the items of ``kfac_approx`` are used instead (exact where K-FAC is).
+    Products,
+    exact damped inverse (``diag(1 / (s + d))`` in the eigenbasis), trace,
+    log-determinant, diagonal and Frobenius norm come from ``Q_A``, ``Q_B``, ``s``.
+    Elementwise layers (batch normalization) keep K-FAC's exact block.
 
     Parameters
     ----------
@@ -85,6 +96,9 @@ class EKFACLinearOperator(_KroneckerCurvature):
         (``(D_out, D_in + 1)`` when joint), ordered like the flattened weight.
     bias_scalings : dict
         ``s`` of a separate bias block, ``(D_out,)``, per layer name that has one.
+    exact_blocks : dict
+        The exact block of each elementwise layer (batch normalization), as in K-FAC:
+        its eigenvalues need no correction, so EKFAC keeps it.
 
     Examples
     --------
@@ -111,8 +125,13 @@ class EKFACLinearOperator(_KroneckerCurvature):
         factors = self._kfac_factors()
         self.input_factors, self.output_factors = {}, {}
         self.input_eigenvectors, self.output_eigenvectors = {}, {}
+        self.exact_blocks = {}
         bases = []
         for layer, (B, A) in zip(self.layers, factors, strict=True):
+            if layer.exact:  # an elementwise layer keeps its exact block (A is None)
+                self.exact_blocks[layer.name] = B
+                bases.append(None)
+                continue
             self.output_factors[layer.name], self.input_factors[layer.name] = B, A
             where = f"of layer {layer.name!r}"
             _, Q_B = checked_eigh(B, self.xp, name=f"output factor B {where}")
@@ -124,9 +143,14 @@ class EKFACLinearOperator(_KroneckerCurvature):
         self.scalings, self.bias_scalings = {}, {}
         blocks = []
         xp = self.xp
-        for layer, (Q_B, Q_A), s_w, s_b in zip(
-            self.layers, bases, weight_sums, bias_sums, strict=True
-        ):
+        for layer, basis, s_w, s_b in zip(self.layers, bases, weight_sums, bias_sums, strict=True):
+            if basis is None:
+                block = self.exact_blocks[layer.name]
+                blocks += [
+                    DenseLinearOperator(b, symmetric=True) for b in self._exact_blocks(layer, block)
+                ]
+                continue
+            Q_B, Q_A = basis
             self.scalings[layer.name] = c * s_w
             blocks.append(KroneckerEighLinearOperator(xp.reshape(c * s_w, (-1,)), [Q_B, Q_A]))
             if s_b is not None:
@@ -136,27 +160,63 @@ class EKFACLinearOperator(_KroneckerCurvature):
 
     def _scaling_sums(self, bases):
         """Second pass: unnormalized ``sum ((Q_B^T g)(Q_A^T a)^T)^2`` per layer."""
-        xp = self.xp
         weight_sums = [None] * len(self.layers)
         bias_sums = [None] * len(self.layers)
         for index, X, y in self._batches():
             taps = self._taps(index, X, y)
-            for i, (layer, tap, (Q_B, Q_A)) in enumerate(
-                zip(self.layers, taps, bases, strict=True)
-            ):
-                a, G, M = flatten_tap(tap, self.kfac_approx, xp)
-                rotated_g = G @ Q_B
-                g2 = xp.sum(xp.reshape(rotated_g * rotated_g, (a.shape[0], M, layer.d_out)), axis=1)
-                if self._joint(layer):
-                    # [a, 1] Q_A without forming [a, 1]: the last row of Q_A multiplies the one.
-                    rotated_a = a @ Q_A[: layer.d_in, :] + Q_A[layer.d_in :, :]
+            for i, (layer, tap, basis) in enumerate(zip(self.layers, taps, bases, strict=True)):
+                if basis is None:  # an exact block: nothing to refit
+                    continue
+                Q_B, Q_A = basis
+                # per-datum gradients where each cotangent column belongs to one datum
+                # (outputs (N, C)); with shared output axes a column spans all the
+                # positions of a datum, and positions are the items instead
+                if tap.inputs.ndim > 2 and len(self._outputs_shape) == 2:
+                    s_w, s_b = self._shared_axes_sums(layer, tap, Q_B, Q_A)
                 else:
-                    rotated_a = a @ Q_A
-                s_w = xp.matrix_transpose(g2) @ (rotated_a * rotated_a)
+                    s_w, s_b = self._item_sums(layer, tap, Q_B, Q_A)
                 weight_sums[i] = _add(weight_sums[i], s_w)
-                if layer.bias_index is not None and not self._joint(layer):
-                    bias_sums[i] = _add(bias_sums[i], xp.sum(g2, axis=0))
+                if s_b is not None:
+                    bias_sums[i] = _add(bias_sums[i], s_b)
         return weight_sums, bias_sums
+
+    def _item_sums(self, layer, tap, Q_B, Q_A):
+        """Sums for a layer without shared axes: an item is a datum, gradients rank one."""
+        xp = self.xp
+        a, G, M = flatten_tap(tap, self.kfac_approx, xp)
+        rotated_g = G @ Q_B
+        g2 = xp.sum(xp.reshape(rotated_g * rotated_g, (a.shape[0], M, layer.d_out)), axis=1)
+        rotated_a = _rotated_inputs(a, Q_A, self._joint(layer), layer.d_in)
+        s_w = xp.matrix_transpose(g2) @ (rotated_a * rotated_a)
+        separate_bias = layer.bias_index is not None and not self._joint(layer)
+        return s_w, (xp.sum(g2, axis=0) if separate_bias else None)
+
+    def _shared_axes_sums(self, layer, tap, Q_B, Q_A):
+        """Sums from each datum's gradient ``sum_s g_s a_s^T`` rotated into the eigenbasis.
+
+        With shared axes (positions, pixels) a datum's gradient is a sum of rank-one
+        terms, rotated as ``sum_s (Q_B^T g_s) (Q_A^T a_s)^T``: one batched matrix
+        product per layer, in chunks of data that bound its memory.
+        """
+        xp = self.xp
+        a, g = tap.inputs, tap.output_grads
+        N, d_in, d_out, M = a.shape[0], a.shape[-1], g.shape[-2], g.shape[-1]
+        a = xp.reshape(a, (N, -1, d_in))
+        g = xp.reshape(g, (N, -1, d_out, M))
+        S = a.shape[1]
+        joint = self._joint(layer)
+        per_datum = M * d_out * (Q_A.shape[1] + S)
+        chunk = max(1, _CHUNK_ENTRIES // per_datum)
+        s_w = s_b = None
+        for start in range(0, N, chunk):  # chunks of data bound the memory, not a loop per datum
+            ra = _rotated_inputs(a[start : start + chunk], Q_A, joint, d_in)  # (n, S, D_A)
+            rg = xp.permute_dims(g[start : start + chunk], (0, 3, 1, 2)) @ Q_B  # (n, M, S, D_B)
+            rotated = xp.matrix_transpose(rg) @ ra[:, None, :, :]  # (n, M, D_B, D_A)
+            s_w = _add(s_w, xp.sum(rotated * rotated, axis=(0, 1)))
+            if layer.bias_index is not None and not joint:
+                rb = xp.sum(rg, axis=2)  # (n, M, D_B)
+                s_b = _add(s_b, xp.sum(rb * rb, axis=(0, 1)))
+        return s_w, s_b
 
     def inverse(self, damping=0.0):
         """Exact ``(E + damping I)^{-1}``: ``Q diag(1 / (s + damping)) Q^T`` per block.
@@ -187,6 +247,14 @@ class EKFACLinearOperator(_KroneckerCurvature):
         True
         """
         return super().inverse(damping)
+
+
+def _rotated_inputs(a, Q_A, joint, d_in):
+    """``a Q_A`` (or ``[a, 1] Q_A`` without forming ``[a, 1]``: the last row of ``Q_A``
+    multiplies the one)."""
+    if joint:
+        return a @ Q_A[:d_in, :] + Q_A[d_in:, :]
+    return a @ Q_A
 
 
 def _add(total, value):

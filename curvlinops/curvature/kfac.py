@@ -32,12 +32,16 @@ FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 
 
 class KFACLinearOperator(_KroneckerCurvature):
-    """K-FAC: one Kronecker-factored block ``B (x) A`` per Linear layer.
+    """K-FAC: one Kronecker-factored block ``B (x) A`` per Linear or convolution layer.
 
     Works for every model that offers tier-3 layer taps (``curvlinops.nn`` models, the
-    PyTorch frontend); every parameter must belong to a tapped Linear layer. The
-    factors come from **one** pass over the data per batch: one forward pass and one
-    backward pass of ``M`` output-space cotangents, chosen by ``fisher_type``:
+    PyTorch frontend); every parameter must belong to a tapped layer: a linear map of
+    its inputs (Linear; a convolution, whose inputs are its unfolded patches, after
+    Grosse & Martens, 2016) or an elementwise affine map (the weight and bias of batch
+    normalization), which gets its exact block instead of Kronecker factors (see
+    ``exact_blocks`` below). The factors come from **one** pass over the data per
+    batch: one forward pass and one backward pass of ``M`` output-space cotangents,
+    chosen by ``fisher_type``:
 
     - ``"type-2"``: the columns of the loss Hessian's symmetric factor
       (``loss.hessian_sqrt``; ``B (x) A`` approximates the GGN);
@@ -101,6 +105,12 @@ class KFACLinearOperator(_KroneckerCurvature):
         ``A`` per layer name, ``(D_in, D_in)`` (``(D_in + 1, D_in + 1)`` when joint).
     output_factors : dict
         ``B`` per layer name, ``(D_out, D_out)``.
+    exact_blocks : dict
+        Per elementwise layer (normalization: a tap of kind ``"elementwise"``), its
+        exact block over ``[weight, bias]`` (``2 D x 2 D``; ``D x D`` without bias),
+        from the same cotangents as the Kronecker factors (the identity for
+        ``"forward-only"``). With ``separate_weight_and_bias`` the operator uses its
+        two diagonal blocks.
     layers : list
         The layers in tap order (name, parameter indices, sizes).
 
@@ -140,8 +150,15 @@ class KFACLinearOperator(_KroneckerCurvature):
         and bias blocks share ``B``'s cached eigendecomposition.
         """
         self.input_factors, self.output_factors, self._factor_ops = {}, {}, {}
+        self.exact_blocks = {}
         blocks = []
         for layer, (B, A) in zip(self.layers, factors, strict=True):
+            if layer.exact:  # an elementwise layer: its exact block (A is None)
+                self.exact_blocks[layer.name] = B
+                ops = [DenseLinearOperator(b, symmetric=True) for b in self._exact_blocks(layer, B)]
+                self._factor_ops[layer.name] = ops
+                blocks += ops
+                continue
             self.output_factors[layer.name], self.input_factors[layer.name] = B, A
             B_op = DenseLinearOperator(B, symmetric=True)
             A_op = DenseLinearOperator(A, symmetric=True)
@@ -311,6 +328,13 @@ class KFACLinearOperator(_KroneckerCurvature):
         xp, root = self.xp, math.sqrt(damping)
         blocks = []
         for layer in self.layers:
+            if layer.exact:  # exact blocks: (block + damping I)^{-1}
+                shift = max(damping, min_damping) if pi_damping else damping
+                for op in self._factor_ops[layer.name]:
+                    blocks.append(
+                        _damped_factor_inverse(op, shift, f"exact block of layer {layer.name!r}")
+                    )
+                continue
             B_op, A_op = self._factor_ops[layer.name]
             if pi_damping:
                 pi = _pi(A_op.A, B_op.A, xp)

@@ -14,7 +14,7 @@ indefinite. The recursion is the one backward walk over the layer protocol
 (:func:`._chain.backpropagate`), so it serves every model that offers the protocol.
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
-``curvlinops.losses``, ``._data``, ``._chain``, ``.kronecker_statistics``,
+``curvlinops.losses``, ``._data``, ``._chain``, ``._elementwise``, ``.kronecker_statistics``,
 ``.kronecker_factored``, ``.kfac``, ``.base``.
 """
 
@@ -25,6 +25,7 @@ import warnings
 from .._backend import device as array_device
 from ..models import Capability
 from ._chain import backpropagate
+from ._elementwise import hadamard_block
 from .kfac import KFACLinearOperator
 from .kronecker_statistics import _InputStatistics, _KroneckerCurvature, symmetrized
 
@@ -212,6 +213,11 @@ class KFACHessianLinearOperator(KFACLinearOperator):
             if layer.tap() is None:
                 continue
             info = next(infos)
+            if info.exact:  # an elementwise layer: H times its inputs' moments
+                A = inputs[i].factor(info.bias_index is not None, xp)
+                block = hadamard_block(H, A, info.bias_index is not None, xp)
+                factors.append((symmetrized(block, xp), None))
+                continue
             A = symmetrized(inputs[i].factor(self._joint(info), xp), xp)
             factors.append((symmetrized(H, xp), A))
         return factors[::-1]

@@ -137,6 +137,18 @@ def layer_layout(layers, shapes, joint):
     for layer in layers:
         where = f"of layer {layer.name!r}"
         w = offsets[layer.weight_index]
+        if getattr(layer, "exact", False):
+            # an elementwise layer's exact block over [w, b] (or two blocks)
+            segments = [(w, (1, layer.d_in))]
+            if layer.bias_index is not None:
+                segments.append((offsets[layer.bias_index], (1, layer.d_in)))
+            if len(segments) == 1 or joint(layer):
+                layout.append(segments)
+                names.append(f"exact block {where}")
+            else:
+                layout += [[segment] for segment in segments]
+                names += [f"exact weight block {where}", f"exact bias block {where}"]
+            continue
         if layer.bias_index is None:
             layout.append([(w, (layer.d_out, layer.d_in))])
             names.append(f"weight block {where}")

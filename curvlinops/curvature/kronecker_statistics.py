@@ -43,7 +43,7 @@ loss, ``B (x) A`` equals the exact GGN block. The bias block is ``B (x) 1``; wit
 augmented by a trailing one.
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
-``curvlinops.losses``, ``._data``, ``.base``, ``.kronecker_factored``.
+``curvlinops.losses``, ``._data``, ``._elementwise``, ``.base``, ``.kronecker_factored``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from .._backend import device as array_device, diag_matrix  # noqa: F401 (re-exp
 from ..linalg import IdentityLinearOperator
 from ..models import Tier
 from ._data import batch_seed, check_mc_samples
+from ._elementwise import elementwise_gradients
 from .base import CurvatureLinearOperator
 from .kronecker_factored import KroneckerFactoredLinearOperator, layer_layout
 
@@ -67,13 +68,23 @@ APPROXIMATIONS = ("expand", "reduce")
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A Linear layer of the model as the Kronecker operators see it."""
+    """A tapped layer of the model as the Kronecker operators see it.
+
+    ``kind`` is the tap's: ``"matrix"`` (Kronecker blocks) or ``"elementwise"`` (an
+    exact block over its ``D = d_in = d_out`` weight and bias entries).
+    """
 
     name: str
     weight_index: int
     bias_index: int | None
     d_in: int
     d_out: int
+    kind: str = "matrix"
+
+    @property
+    def exact(self) -> bool:
+        """Whether the layer gets an exact block instead of Kronecker factors."""
+        return self.kind == "elementwise"
 
 
 class _InputStatistics:
@@ -186,9 +197,17 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         for tap in taps:
             shape = self.shapes[tap.weight_index]
             d_in = int(tap.inputs.shape[-1])
+            if tap.kind == "elementwise":
+                shape = (d_in, d_in)  # checked as a weight of d_in entries below
+                if self.shapes[tap.weight_index] != (d_in,):
+                    raise ValueError(
+                        f"Layer {tap.name!r}: its elementwise weight (parameter "
+                        f"{tap.weight_index}) must have shape ({d_in},) for inputs with "
+                        f"{d_in} features, got {self.shapes[tap.weight_index]}."
+                    )
             # the weight as the matrix that multiplies the inputs (a convolution's kernel
             # (C_out, C_in, kh, kw) reshaped in C order), as the tap says
-            if tap.matrix_shape is not None and math.prod(tap.matrix_shape) == math.prod(shape):
+            elif tap.matrix_shape is not None and math.prod(tap.matrix_shape) == math.prod(shape):
                 shape = tuple(tap.matrix_shape)
             if len(shape) != 2 or shape[1] != d_in:
                 raise ValueError(
@@ -210,14 +229,17 @@ class _KroneckerCurvature(CurvatureLinearOperator):
                         "to be its own."
                     )
                 owner[index] = tap.name
-            layers.append(LayerInfo(tap.name, tap.weight_index, tap.bias_index, d_in, shape[0]))
+            layers.append(
+                LayerInfo(tap.name, tap.weight_index, tap.bias_index, d_in, shape[0], tap.kind)
+            )
         missing = [i for i in range(len(self.shapes)) if i not in owner]
         if missing:
             raise ValueError(
-                f"{type(self).__name__} covers the parameters of the Linear layers the "
-                f"model exposes through layer taps, but parameters {missing} (shapes "
+                f"{type(self).__name__} covers the parameters of the layers the model "
+                "exposes through layer taps (linear maps: Linear, convolutions; elementwise "
+                f"affine maps: normalization), but parameters {missing} (shapes "
                 f"{[self.shapes[i] for i in missing]}) belong to no tapped layer. Use a "
-                "model made of Linear layers (and parameter-free layers), or another "
+                "model made of such layers (and parameter-free layers), or another "
                 "curvature approximation for these parameters."
             )
         return layers
@@ -289,8 +311,13 @@ class _KroneckerCurvature(CurvatureLinearOperator):
                 inputs = [_InputStatistics() for _ in taps]
                 grads = [None] * len(taps)
             for i, tap in enumerate(taps):
-                a, G, _ = flatten_tap(tap, self.kfac_approx, xp)
-                inputs[i].add(a, xp)
+                if tap.kind == "elementwise":
+                    G = None
+                    if tap.output_grads is not None:
+                        G = xp.concat(elementwise_gradients(tap, xp), axis=1)
+                else:
+                    a, G, _ = flatten_tap(tap, self.kfac_approx, xp)
+                    inputs[i].add(a, xp)
                 if G is not None:
                     gg = xp.matrix_transpose(G) @ G
                     grads[i] = gg if grads[i] is None else grads[i] + gg
@@ -305,6 +332,9 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         c = self._normalization()
         factors = []
         for layer, stats, gg in zip(self.layers, inputs, grads, strict=True):
+            if layer.exact:
+                factors.append((self._exact_block(layer, gg, c), None))
+                continue
             A = symmetrized(stats.factor(self._joint(layer), xp), xp)
             if gg is None:  # forward-only: the output factor is the identity
                 B = xp.eye(layer.d_out, dtype=self.dtype, device=self.device)
@@ -312,6 +342,25 @@ class _KroneckerCurvature(CurvatureLinearOperator):
                 B = symmetrized(c * gg, xp)
             factors.append((B, A))
         return factors
+
+    def _exact_block(self, layer, gg, c):
+        """The exact block of an elementwise layer over ``[w, b]`` from ``sum G^T G``.
+
+        Forward-only (no gradients): the identity, as the output factor of the
+        Kronecker blocks.
+        """
+        xp = self.xp
+        size = layer.d_in * (1 if layer.bias_index is None else 2)
+        if gg is None:
+            return xp.eye(size, dtype=self.dtype, device=self.device)
+        return symmetrized(c * gg, xp)
+
+    def _exact_blocks(self, layer, block):
+        """An elementwise layer's blocks in layout order: joint, or weight then bias."""
+        if layer.bias_index is None or self._joint(layer):
+            return [block]
+        D = layer.d_in
+        return [block[:D, :D], block[D:, D:]]
 
     # -- delegation ----------------------------------------------------------------------
 

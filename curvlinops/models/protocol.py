@@ -138,6 +138,12 @@ class LayerTap:
         inputs); the curvature operators give such parameters their exact block (the
         per-datum gradients ``sum_s g_s * a_s`` and ``sum_s g_s`` are formed
         explicitly, and the block is their sum of outer products).
+    channels_first : bool
+        Whether the layer's own outputs are channels-first, ``(N, D_out, S...)`` (a
+        convolution's), rather than ``(N, S..., D_out)``. It says how a datum's output
+        entries are ordered in the per-datum curvature of the layer-protocol walks
+        (the Hessian diagonal); ``inputs`` and ``output_grads`` are in the layout
+        above either way.
 
     Examples
     --------
@@ -154,6 +160,7 @@ class LayerTap:
     output_grads: object = None
     matrix_shape: tuple | None = None
     kind: str = "matrix"
+    channels_first: bool = False
 
     def __post_init__(self):
         if self.kind not in TAP_KINDS:

@@ -111,7 +111,6 @@ class Elementwise(Layer):
         s = state["input"]
         # the features are the channels (axis 1) of channels-first inputs, else the last axis
         rows = feature_rows(self.first_derivative(s, xp), state, xp)
-        D = rows.shape[-1]
         outer = xp.matrix_transpose(rows) @ rows
         count = rows.shape[0]
         d2 = self.second_derivative(s, xp)

@@ -18,16 +18,17 @@ weight ``(C_out, C_in / G, kh, kw)`` flattens in C order.
 
 Layer protocol. The tap (``groups == 1``) gives the patches ``(N, S, D_in)``, output
 gradients ``(N, S, C_out, M)`` and ``matrix_shape = (C_out, C_in * kh * kw)``: what
-K-FAC and per-example gradients read. With ``groups > 1`` the weight is block diagonal
-in that layout and the tap raises :class:`~curvlinops.models.MissingLayerRuleError`.
-The backward curvature rules (per datum and batch-averaged) are not implemented: the
-per-datum factors of a channels-first output are ordered ``(channel, pixel)``, not the
-``(pixel, feature)`` of the shared-axes layout, so the layer refuses to be tapped in a
-curvature walk (Hessian diagonal, Kronecker-factored Hessian) rather than be read in
-the wrong order.
+K-FAC and per-example gradients read (Grosse & Martens, 2016). With ``groups > 1`` the
+weight is block diagonal in that layout and the tap raises
+:class:`~curvlinops.models.MissingLayerRuleError`. The per-datum curvature rule is
+exact, ``J^T H J`` through two backward passes (:func:`~curvlinops.nn.module.pull_back_curvature`);
+the batch-averaged rule maps the outputs' ``(C_out, C_out)`` factor to the inputs'
+``(C_in, C_in)``: ``W^T H W`` over the patch entries, whose per-offset diagonal blocks
+are summed, each weighted by the fraction of output positions at which that kernel
+offset falls inside the input (positions are treated as not interacting, the "expand"
+convention; exact for a 1 x 1 kernel).
 
-May import: ``curvlinops._backend``, ``curvlinops.models``, ``.module``,
-``.linearization``.
+May import: ``curvlinops._backend``, ``curvlinops.models``, ``.module``.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ import math
 
 from .._backend import device
 from ..models import MissingLayerRuleError
-from .linearization import LinearizedNativeLayer
-from .module import Layer
+from .module import Layer, pull_back_curvature
 
 __all__ = ["Conv2d", "Conv1d"]
 
@@ -385,41 +385,41 @@ class _Conv(Layer):
             grads = xp.reshape(xp.permute_dims(g, (0, 2, 4, 1, 3)), (N, S, self.out_channels, M))
         return xp.reshape(P, (N, S, D)), grads, (self.out_channels, D)
 
-    _NO_CURVATURE = (
-        " (its channels-first outputs order a datum's entries (channel, pixel), not the "
-        "(pixel, feature) of the shared-axes layout; use HessianLinearOperator or K-FAC "
-        "for convolutions)"
-    )
-
     def backward_curvature(self, params, state, H, g, xp):
-        raise NotImplementedError("the per-datum curvature rule", self._NO_CURVATURE)
+        return pull_back_curvature(self, params, state, H, g, xp)
 
     def curvature_statistics(self, params, state, g, statistics, xp):
-        raise NotImplementedError("the batch-averaged curvature rule", self._NO_CURVATURE)
+        # per kernel offset o, over the batch: the output positions whose offset o falls
+        # inside the (unpadded) input, and all output positions
+        x = self._image(state["input"], xp)
+        ones = xp.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=device(x))
+        inside = xp.sum(_im2col(ones, self._geometry(), xp), axis=(0, 1, 2, 3))  # (kk,)
+        Ho, Wo = self._out_hw(state, xp)
+        counts = (x.shape[0] * inside, x.shape[0] * Ho * Wo)
+        if statistics is not None:
+            counts = (statistics[0] + counts[0], statistics[1] + counts[1])
+        return counts
 
     def backward_mean_curvature(self, params, H, statistics, xp):
-        raise NotImplementedError("the batch-averaged curvature rule", self._NO_CURVATURE)
-
-    def linearized(self, params, state, xp, *, name=None, param_indices=None):
-        if param_indices is None:
-            param_indices = tuple(range(len(self.param_shapes())))
-        return _LinearizedConv(
-            self.name if name is None else name, self, list(params), state, xp, param_indices
-        )
-
-
-class _LinearizedConv(LinearizedNativeLayer):
-    """A convolution in a curvature walk: it refuses its tap there (see the module doc).
-
-    The walks (Hessian diagonal, Kronecker-factored Hessian) read the per-datum or
-    averaged curvature of a tapped layer's outputs in the ``(pixel, feature)`` order of
-    the shared-axes layout; a channels-first convolution's outputs are ordered
-    ``(channel, pixel)``. The tier-3 taps (:meth:`NativeLinearization.layer_taps`, used
-    by K-FAC and per-example gradients) are not affected.
-    """
-
-    def tap(self, output_grads=None):
-        raise self.missing("the tap in a curvature walk", _Conv._NO_CURVATURE)
+        if statistics is None:
+            raise NotImplementedError(
+                "the batch-averaged curvature rule without statistics",
+                " (pass what curvature_statistics accumulated over the data)",
+            )
+        inside, positions = statistics
+        fractions = inside / positions  # (kk,)
+        G, Co = self.groups, self.out_channels // self.groups
+        Cg, kk = self.in_channels // G, math.prod(self.kernel_size)
+        Wm = self._weight(params, xp)  # (G, Co_g, D_g)
+        # W^T H W over the patch entries of all groups: [g, g', d, d'], d = (channel, offset)
+        Hb = xp.permute_dims(xp.reshape(H, (G, Co, G, Co)), (0, 2, 1, 3))
+        R = xp.matrix_transpose(Wm)[:, None, :, :] @ Hb @ Wm[None, :, :, :]
+        R = xp.reshape(R, (G, G, Cg, kk, Cg, kk))
+        R = xp.permute_dims(R, (0, 2, 1, 4, 3, 5))  # (G, Cg, G', Cg', kk, kk')
+        R = xp.reshape(R, (self.in_channels, self.in_channels, kk, kk))
+        # each input pixel's block gathers the offsets' blocks of the output positions
+        # that reach it (positions do not interact: "expand")
+        return xp.linalg.diagonal(R) @ fractions
 
 
 class Conv2d(_Conv):

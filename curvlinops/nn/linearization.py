@@ -130,7 +130,14 @@ def _tap(name, layer, state, xp, aligned, output_grads):
     inputs, grads, matrix_shape = layer.tap(state, output_grads, xp)
     bias = aligned[1] if len(aligned) > 1 else None
     shape = None if matrix_shape is None else tuple(matrix_shape)
-    return LayerTap(name, weight, bias, inputs, grads, shape, kind=layer.tap_kind)
+    if layer.output_layout is not None:
+        channels_first = layer.output_layout == "channels_first"
+    else:
+        channels_first = bool(state.get("channels_first"))
+    channels_first = channels_first and inputs.ndim > 2
+    return LayerTap(
+        name, weight, bias, inputs, grads, shape, kind=layer.tap_kind, channels_first=channels_first
+    )
 
 
 class NativeLinearization(Linearization):

@@ -7,7 +7,8 @@ dot-product test; K vectors at once against K separate ones; the tap against
 same operators on a ``TorchModel`` of the equivalent torch CNN; the GGN diagonal from
 the taps against the dense GGN; K-FAC and EKFAC exact on a convolution with one output
 pixel and one datum; K-FAC ("expand" and "reduce") against factors computed by hand from
-the unfolded patches; the curvature walks' refusal; argument and shape errors.
+the unfolded patches; the Hessian diagonal and the Kronecker-factored Hessian through
+convolutions against the dense Hessian; argument and shape errors.
 """
 
 from __future__ import annotations
@@ -294,21 +295,90 @@ def test_tap_with_groups_is_refused_with_the_layer_named():
         lin.layer_taps(None)
 
 
-@pytest.mark.parametrize("operator", ["HessianDiagonalLinearOperator", "KFACHessianLinearOperator"])
-def test_curvature_walks_refuse_convolutions(operator):
-    """The walks read a tapped layer's output curvature as (pixel, feature): refused."""
+@pytest.mark.parametrize("name", ["stride_padding", "asymmetric", "dilation", "conv1d"])
+def test_hessian_diagonal_through_convolutions_matches_the_dense_hessian(name):
+    """The per-datum walk through convolutions (J^T H J) and curved activations."""
     from curvlinops.curvature.diagonal import HessianDiagonalLinearOperator
+
+    dims, kwargs = next((g[1], g[2]) for g in GEOMETRIES if g[0] == name)
+    conv = make_conv(dims, kwargs)
+    shape = input_shape(dims)
+    probe = conv(conv.init(0, xp=npx, dtype=npx.float64), np.ones((1,) + shape[1:]))
+    second = (nn.Conv2d if dims == 2 else nn.Conv1d)(conv.out_channels, 2, 2)
+    weight = np.ones((2, conv.out_channels) + (2,) * dims)
+    features = second([weight, np.zeros(2)], probe).size
+    model = nn.Sequential(
+        conv, nn.Tanh(), second, nn.Sigmoid(), nn.Flatten(), nn.Linear(features, 3)
+    )
+    params = model.init(1, xp=npx, dtype=npx.float64)
+    data = _data(dims, 3)
+    dense = HessianLinearOperator(model, MSELoss(), params, data).to_dense()
+    diagonal = HessianDiagonalLinearOperator(model, MSELoss(), params, data).diagonal()
+    assert_close(diagonal, np.diag(dense))
+
+
+def test_kronecker_factored_hessian_is_exact_for_one_datum_of_one_pixel():
+    """With one position per layer and one datum, every block is the exact Hessian block."""
     from curvlinops.curvature.kfac_hessian import KFACHessianLinearOperator
 
-    cls = {
-        "HessianDiagonalLinearOperator": HessianDiagonalLinearOperator,
-        "KFACHessianLinearOperator": KFACHessianLinearOperator,
-    }[operator]
-    model = nn.Sequential(nn.Conv2d(2, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(16, 2))
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 1), nn.Tanh(), nn.Conv2d(3, 2, 1), nn.Flatten(), nn.Linear(2, 2)
+    )
     params = model.init(0, xp=npx, dtype=npx.float64)
-    data = [(np.ones((2, 2, 3, 5)), np.zeros((2, 2)))]
-    with pytest.raises(MissingLayerRuleError, match=r"layer '0' is Conv2d.*channels-first"):
-        cls(model, MSELoss(), params, data).to_dense()
+    rng = np.random.default_rng(0)
+    data = [(rng.standard_normal((1, 2, 1, 1)), rng.standard_normal((1, 2)))]
+    op = KFACHessianLinearOperator(model, MSELoss(), params, data, separate_weight_and_bias=False)
+    dense = HessianLinearOperator(model, MSELoss(), params, data).to_dense()
+    ours = op.to_dense()
+    # the joint [W | b] block of each layer, in the flat order of (W, b)
+    offsets = np.cumsum([0] + [p.size for p in params])
+    for w in (0, 2, 4):
+        idx = np.r_[offsets[w] : offsets[w + 2]]
+        assert_close(ours[np.ix_(idx, idx)], dense[np.ix_(idx, idx)])
+
+
+def test_kronecker_factored_hessian_averaged_conv_rule_matches_the_expand_sum():
+    """The batch-averaged conv rule against the sum over input pixels of diagonal blocks.
+
+    For a linear network Conv2d -> Conv2d with squared loss on every output, the
+    exact per-datum Hessian of the first convolution's outputs is ``J^T J`` of the
+    second; its diagonal (pixel, pixel) blocks summed over pixels and data are what the
+    averaged rule approximates with the fraction of in-bounds offsets. With stride 1 and
+    no padding every output position reaches exactly ``k * k`` inputs, but inputs near
+    the border are reached less often: the rule is exact for the sum when every pixel is
+    covered the same number of times, which holds for a kernel of 1 x 1 or for a
+    periodic layout. We check the 1 x 1 case against the dense sum and a 2 x 2 kernel
+    with stride 2 (each input pixel in exactly one patch) too.
+    """
+    from curvlinops.curvature.kfac_hessian import KFACHessianLinearOperator
+
+    for kernel, stride in ((1, 1), (2, 2)):
+        first, second = nn.Conv2d(2, 3, 1), nn.Conv2d(3, 2, kernel, stride=stride)
+        model = nn.Sequential(first, second, nn.Flatten())
+        params = model.init(0, xp=npx, dtype=npx.float64)
+        rng = np.random.default_rng(1)
+        X = rng.standard_normal((3, 2, 4, 4))
+        out = model(params, X)
+        data = [(X, rng.standard_normal(out.shape))]
+        op = KFACHessianLinearOperator(
+            model, MSELoss(reduction="sum"), params, data, separate_weight_and_bias=True
+        )
+        # exact: H at the first conv's outputs (N, 3, 4, 4), per datum 2 J^T J of the
+        # second conv; sum over data and pixels of its (pixel, pixel) channel blocks
+        J = _dense_jacobian(second, params[2:], (3, 4, 4))  # (F_out, 3 * 16)
+        H = 2.0 * J.T @ J  # channels-first order (c, pixel)
+        blocks = H.reshape(3, 16, 3, 16)
+        expected = 3 * np.einsum("cpdp->cd", blocks)
+        assert_close(op.output_factors["0"], expected)
+
+
+def _dense_jacobian(layer, params, in_shape):
+    """The Jacobian of a linear layer (without its bias) over one datum's entries."""
+    size = int(np.prod(in_shape))
+    basis = np.eye(size).reshape((size,) + in_shape)
+    zero = [params[0]] + [np.zeros_like(p) for p in params[1:]]
+    columns = layer(zero, basis).reshape(size, -1)
+    return columns.T
 
 
 # -- curvature operators through the native CNN ---------------------------------------------
