@@ -125,7 +125,7 @@ class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
                     yield tap.bias_index, xp.sum(rows[1] * rows[1], axis=0)
                 continue
             d_weight, d_bias = _squared_gradient_sums(tap.inputs, tap.output_grads, xp)
-            yield tap.weight_index, d_weight
+            yield tap.weight_index, xp.matrix_transpose(d_weight) if tap.transposed else d_weight
             if tap.bias_index is not None:
                 yield tap.bias_index, d_bias
 
@@ -327,8 +327,11 @@ class HessianDiagonalLinearOperator(_DataDiagonalLinearOperator):
         )
         for _, layer, H, _ in walk:
             tap = layer.tap()
-            if tap is not None:
-                yield from _hessian_diagonal_of_tap(tap, H, xp)
+            if tap is None:
+                continue
+            for where, value in _hessian_diagonal_of_tap(tap, H, xp):
+                transpose = tap.transposed and where == tap.weight_index
+                yield where, xp.matrix_transpose(value) if transpose else value
 
 
 def _hessian_diagonal_of_tap(tap, H, xp):

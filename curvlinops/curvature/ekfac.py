@@ -152,7 +152,11 @@ class EKFACLinearOperator(_KroneckerCurvature):
                 continue
             Q_B, Q_A = basis
             self.scalings[layer.name] = c * s_w
-            blocks.append(KroneckerEighLinearOperator(xp.reshape(c * s_w, (-1,)), [Q_B, Q_A]))
+            if layer.transposed:  # A (x) B on W^T: the scalings transposed
+                s_t = xp.reshape(xp.matrix_transpose(c * s_w), (-1,))
+                blocks.append(KroneckerEighLinearOperator(s_t, [Q_A, Q_B]))
+            else:
+                blocks.append(KroneckerEighLinearOperator(xp.reshape(c * s_w, (-1,)), [Q_B, Q_A]))
             if s_b is not None:
                 self.bias_scalings[layer.name] = c * s_b
                 blocks.append(KroneckerEighLinearOperator(c * s_b, [Q_B]))

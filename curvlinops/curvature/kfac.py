@@ -163,7 +163,7 @@ class KFACLinearOperator(_KroneckerCurvature):
             B_op = DenseLinearOperator(B, symmetric=True)
             A_op = DenseLinearOperator(A, symmetric=True)
             self._factor_ops[layer.name] = (B_op, A_op)
-            blocks.append(KroneckerLinearOperator(B_op, A_op))
+            blocks.append(self._kronecker(layer, B_op, A_op))
             if layer.bias_index is not None and not self._joint(layer):
                 blocks.append(KroneckerLinearOperator(B_op, self._one()))
         self._operator = self._make_operator(blocks)
@@ -344,7 +344,7 @@ class KFACLinearOperator(_KroneckerCurvature):
             where = f"of layer {layer.name!r}"
             B_inv = _damped_factor_inverse(B_op, shift_B, f"output factor B {where}")
             A_inv = _damped_factor_inverse(A_op, shift_A, f"input factor A {where}")
-            blocks.append(KroneckerLinearOperator(B_inv, A_inv))
+            blocks.append(self._kronecker(layer, B_inv, A_inv))
             if layer.bias_index is not None and not self._joint(layer):
                 shift = max(damping, min_damping) if pi_damping else damping
                 B_bias = _damped_factor_inverse(B_op, shift, f"output factor B {where} (bias)")

@@ -149,6 +149,20 @@ def layer_layout(layers, shapes, joint):
                 layout += [[segment] for segment in segments]
                 names += [f"exact weight block {where}", f"exact bias block {where}"]
             continue
+        if layer.transposed:
+            # W^T (D_in, D_out) in C order, and the joint [W^T; b^T]: the bias is a
+            # last row, i.e. the two flat segments one after the other
+            weight = (w, layer.d_in * layer.d_out)
+            if layer.bias_index is None:
+                layout.append([weight])
+                names.append(f"weight block {where}")
+            elif joint(layer):
+                layout.append([weight, (offsets[layer.bias_index], layer.d_out)])
+                names.append(f"joint weight and bias block {where}")
+            else:
+                layout += [[weight], [(offsets[layer.bias_index], layer.d_out)]]
+                names += [f"weight block {where}", f"bias block {where}"]
+            continue
         if layer.bias_index is None:
             layout.append([(w, (layer.d_out, layer.d_in))])
             names.append(f"weight block {where}")

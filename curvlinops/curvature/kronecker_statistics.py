@@ -52,7 +52,7 @@ import math
 from dataclasses import dataclass
 
 from .._backend import device as array_device, diag_matrix  # noqa: F401 (re-exported)
-from ..linalg import IdentityLinearOperator
+from ..linalg import IdentityLinearOperator, KroneckerLinearOperator
 from ..models import Tier
 from ._data import batch_seed, check_mc_samples
 from ._elementwise import elementwise_gradients
@@ -80,6 +80,7 @@ class LayerInfo:
     d_in: int
     d_out: int
     kind: str = "matrix"
+    transposed: bool = False
 
     @property
     def exact(self) -> bool:
@@ -209,6 +210,8 @@ class _KroneckerCurvature(CurvatureLinearOperator):
             # (C_out, C_in, kh, kw) reshaped in C order), as the tap says
             elif tap.matrix_shape is not None and math.prod(tap.matrix_shape) == math.prod(shape):
                 shape = tuple(tap.matrix_shape)
+            elif tap.transposed and len(shape) == 2:
+                shape = (shape[1], shape[0])
             if len(shape) != 2 or shape[1] != d_in:
                 raise ValueError(
                     f"Layer {tap.name!r}: its weight (parameter {tap.weight_index}) must have "
@@ -230,7 +233,15 @@ class _KroneckerCurvature(CurvatureLinearOperator):
                     )
                 owner[index] = tap.name
             layers.append(
-                LayerInfo(tap.name, tap.weight_index, tap.bias_index, d_in, shape[0], tap.kind)
+                LayerInfo(
+                    tap.name,
+                    tap.weight_index,
+                    tap.bias_index,
+                    d_in,
+                    shape[0],
+                    tap.kind,
+                    bool(tap.transposed),
+                )
             )
         missing = [i for i in range(len(self.shapes)) if i not in owner]
         if missing:
@@ -265,6 +276,10 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         """
         layout, names = layer_layout(self.layers, self.shapes, self._joint)
         return KroneckerFactoredLinearOperator(blocks, layout, names, psd=self.psd or None)
+
+    def _kronecker(self, layer, B, A):
+        """The weight (or joint) block ``B (x) A``, or ``A (x) B`` for a transposed weight."""
+        return KroneckerLinearOperator(A, B) if layer.transposed else KroneckerLinearOperator(B, A)
 
     def _one(self):
         """The input factor ``1`` of a separate bias block (``B (x) 1``)."""

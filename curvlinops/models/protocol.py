@@ -144,6 +144,13 @@ class LayerTap:
         entries are ordered in the per-datum curvature of the layer-protocol walks
         (the Hessian diagonal); ``inputs`` and ``output_grads`` are in the layout
         above either way.
+    transposed : bool
+        Whether the weight parameter holds the *transposed* matrix, ``(D_in, D_out)``
+        in C order, so that ``s = a W + b`` (Flax's ``Dense`` and ``Conv`` kernels, whose
+        inputs ``D_in`` are then ordered as the kernel's leading axes). ``matrix_shape``
+        stays ``(D_out, D_in)``; the curvature operators swap the Kronecker factors of
+        such a weight (``A (x) B`` instead of ``B (x) A``) and lay out its bias as a last
+        row.
 
     Examples
     --------
@@ -161,6 +168,7 @@ class LayerTap:
     matrix_shape: tuple | None = None
     kind: str = "matrix"
     channels_first: bool = False
+    transposed: bool = False
 
     def __post_init__(self):
         if self.kind not in TAP_KINDS:

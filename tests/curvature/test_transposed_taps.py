@@ -1,0 +1,116 @@
+"""Taps of transposed weights (``s = a W + b``, Flax's kernels) against the native layout.
+
+A model that stores every Linear weight transposed, ``(D_in, D_out)``, and says so in
+its taps (``LayerTap.transposed``) must get the same curvature as the native model with
+the weights ``(D_out, D_in)``, up to the permutation of the flat parameter vector that
+transposes each weight. References: the native operators (tested against dense exact
+blocks elsewhere) and that permutation, built with NumPy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import array_api_compat.numpy as xp
+import numpy as np
+import pytest
+
+import curvlinops as cl
+from curvlinops import nn
+from curvlinops.curvature.ekfac import EKFACLinearOperator
+from curvlinops.curvature.kfac import KFACLinearOperator
+from curvlinops.models import Linearization, Model, Tier
+
+
+class TransposedWeights(Model):
+    """A native MLP whose Linear weights are stored (and tapped) as ``(D_in, D_out)``."""
+
+    tiers = frozenset({Tier.FIRST_ORDER, Tier.LAYER_TAPS})
+
+    def __init__(self, native):
+        self.native = native
+
+    def _native(self, params):
+        return [p.T if p.ndim == 2 else p for p in params]
+
+    def expected_param_shapes(self):
+        return [s[::-1] for s in self.native.expected_param_shapes()]
+
+    def __call__(self, params, x):
+        return self.native(self._native(params), x)
+
+    def linearize(self, params, x):
+        return _TransposedLinearization(self, params, x)
+
+
+class _TransposedLinearization(Linearization):
+    def __init__(self, model, params, x):
+        self.inner = model.native.linearize(model._native(params), x)
+        super().__init__(model, params, x, self.inner.outputs)
+
+    def _jvp(self, tangents):
+        return self.inner.jvp([np.swapaxes(t, 0, 1) if t.ndim == 3 else t for t in tangents])
+
+    def _vjp(self, cotangents):
+        grads = self.inner.vjp(cotangents)
+        return [np.swapaxes(g, 0, 1) if g.ndim == 3 else g for g in grads]
+
+    def _layer_taps(self, cotangents):
+        return [dataclasses.replace(t, transposed=True) for t in self.inner.layer_taps(cotangents)]
+
+
+def permutation(native_params):
+    """Indices ``P`` with ``flat_transposed = flat_native[P]``."""
+    index, start = [], 0
+    for p in native_params:
+        ids = np.arange(start, start + p.size).reshape(p.shape)
+        index.append((ids.T if p.ndim == 2 else ids).ravel())
+        start += p.size
+    return np.concatenate(index)
+
+
+def problem():
+    native = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    params = native.init(0, xp=xp, dtype=xp.float64)
+    rng = np.random.default_rng(0)
+    data = [(rng.standard_normal((5, 3)), rng.integers(0, 3, 5)) for _ in range(2)]
+    transposed = TransposedWeights(native)
+    return native, params, transposed, [p.T if p.ndim == 2 else p for p in params], data
+
+
+@pytest.mark.parametrize("separate", [True, False])
+@pytest.mark.parametrize(
+    "make",
+    [
+        KFACLinearOperator,
+        EKFACLinearOperator,
+        lambda *a, **k: KFACLinearOperator(*a, fisher_type="empirical", **k),
+    ],
+    ids=["kfac", "ekfac", "kfac-empirical"],
+)
+def test_transposed_taps_equal_the_native_layout_permuted(make, separate):
+    native, params, transposed, t_params, data = problem()
+    loss = cl.CrossEntropyLoss()
+    ours = make(transposed, loss, t_params, data, separate_weight_and_bias=separate)
+    reference = make(native, loss, params, data, separate_weight_and_bias=separate)
+    P = permutation(params)
+    dense = reference.to_dense()
+    np.testing.assert_allclose(ours.to_dense(), dense[np.ix_(P, P)], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        ours.inverse(0.1).to_dense(), reference.inverse(0.1).to_dense()[np.ix_(P, P)], rtol=1e-10
+    )
+    if hasattr(ours, "factored_inverse"):
+        np.testing.assert_allclose(
+            ours.factored_inverse(0.1).to_dense(),
+            reference.factored_inverse(0.1).to_dense()[np.ix_(P, P)],
+            rtol=1e-10,
+        )
+
+
+@pytest.mark.parametrize("diagonal", [cl.GGNDiagonalLinearOperator, cl.EFDiagonalLinearOperator])
+def test_transposed_taps_diagonals(diagonal):
+    native, params, transposed, t_params, data = problem()
+    loss = cl.CrossEntropyLoss()
+    ours = diagonal(transposed, loss, t_params, data).diagonal()
+    reference = diagonal(native, loss, params, data).diagonal()
+    np.testing.assert_allclose(ours, reference[permutation(params)], rtol=1e-12)
