@@ -12,18 +12,26 @@
   does) by double backward over the recorded graph, which is faster than forward
   mode in PyTorch on the CPU; otherwise forward-over-reverse, the ``torch.func.jvp``
   of the ``torch.func.vjp``;
-- tier 3 from forward hooks on every tapped module (``torch.nn.Linear``: those whose
-  native equivalent below has a tap): its inputs, and the gradients of its outputs for
-  ``M`` cotangents in one batched backward pass, laid out by the native layer's tap;
+- tier 3 from forward hooks on every tapped module (those whose native equivalent
+  below has a tap: ``torch.nn.Linear``, ``Conv1d`` and ``Conv2d`` with
+  ``padding_mode="zeros"``, batch normalization in evaluation mode when the native
+  ``BatchNorm1d``/``BatchNorm2d`` exist): its inputs, and the gradients of its outputs
+  for ``M`` cotangents in one batched backward pass, laid out by the native layer's tap
+  (a convolution's unfolded patches, batch normalization's normalized inputs). Hooks
+  see any module graph, so residual networks get taps too;
 - the layer protocol (:mod:`curvlinops.models.layers`) for modules that form a chain
   (each leaf module takes the previous one's output, as in ``torch.nn.Sequential``):
   every leaf module is mapped to the ``curvlinops.nn`` layer that computes the same
-  function (``_NATIVE_EQUIVALENTS``: ``Linear``, the elementwise activations
-  ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``Softplus``, ``GELU``, ``ELU``, and
-  ``Identity``, ``Flatten``, dropout in evaluation mode) and bound to its inputs of one
-  forward pass, so that the Hessian diagonal and the Kronecker-factored Hessian use
-  the native layers' rules on torch tensors. Other modules are layers without rules:
-  an operator that needs to walk through one says so, naming it.
+  function (``_NATIVE_EQUIVALENTS``: ``Linear``, ``Conv1d``, ``Conv2d``, the
+  elementwise activations ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``,
+  ``Softplus``, ``GELU``, ``ELU``, and ``Identity``, ``Flatten``, dropout in evaluation
+  mode; where ``curvlinops.nn`` has them, ``BatchNorm1d``/``BatchNorm2d`` in
+  evaluation mode, ``AvgPool2d``, ``MaxPool2d`` and ``AdaptiveAvgPool2d`` to a single
+  pixel) and bound to its inputs of one forward pass (with the channels-first layout
+  of its inputs, as a native chain records it), so that the Hessian diagonal and the
+  Kronecker-factored Hessian use the native layers' rules on torch tensors. Other
+  modules are layers without rules: an operator that needs to walk through one says
+  so, naming it.
 
 :func:`translate_loss` turns ``torch.nn.MSELoss``, ``CrossEntropyLoss``,
 ``BCEWithLogitsLoss`` and ``PoissonNLLLoss`` into the curvlinops loss of the same value.
@@ -54,10 +62,12 @@ from ..models import (
     LayerTap,
     Linearization,
     LinearizedLayer,
+    MissingLayerRuleError,
     Model,
     Tier,
     TraceableLinearMap,
 )
+from ..nn.module import channels_first_inputs
 
 __all__ = ["TorchModel", "translate_loss"]
 
@@ -89,21 +99,34 @@ class TorchModel(Model):
       frontend cannot see (``torch.randn`` in a custom ``forward``, functional dropout)
       is caught by the curvature operators' determinism check
       (:class:`~curvlinops.NonDeterministicDataError`).
-    - No batch normalization: its batch statistics couple the data points, so the loss
-      is not a sum over data and batches of different sizes would give different
-      curvatures. Replace it (e.g. by ``LayerNorm`` or ``GroupNorm``) or fold it.
+    - Batch normalization in evaluation mode only, with running statistics
+      (``module.eval()``, ``track_running_stats=True``): it is then a fixed affine map
+      per channel, and the curvature is that of the network in inference form. In
+      training mode (or without running statistics) its batch statistics couple the
+      data points, so the loss is not a sum over data and the curvature would depend
+      on how the data is split into batches; this is refused at construction and
+      before every forward pass.
+    - Convolutions ``Conv1d``/``Conv2d`` with ``padding_mode="zeros"`` (the layer taps
+      unfold zero-padded inputs); another padding mode of a convolution whose weight is
+      among the parameters is refused at construction.
     - Inputs, parameters and the module's remaining tensors (frozen parameters,
       buffers) on one device: a mismatch raises a ValueError naming both devices.
 
-    Tier 3 (layer taps) covers every ``torch.nn.Linear`` whose weight is among the
-    parameters; each must be called once per forward pass (a shared layer is refused).
+    Tier 3 (layer taps) covers every ``torch.nn.Linear``, ``Conv1d`` and ``Conv2d``
+    (``groups=1``; a grouped convolution's tap raises
+    :class:`~curvlinops.MissingLayerRuleError` naming the module) and, where
+    ``curvlinops.nn`` has them, ``BatchNorm1d``/``BatchNorm2d`` (an elementwise tap)
+    whose weight is among the parameters, in any module graph (residual connections
+    included); each must be called once per forward pass (a shared layer is refused).
     The layer protocol (:meth:`Linearization.layers
     <curvlinops.Linearization.layers>`; the Hessian diagonal and the
     Kronecker-factored Hessian) needs the leaf modules to form a chain, each called
     once: the input of each is the output of the one before, and the last one's output
-    is the model's. It knows ``Linear``, ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``,
-    ``Softplus``, ``GELU``, ``ELU``, ``Identity``, ``Flatten`` and dropout (in
-    evaluation mode); an operator that walks through another module raises
+    is the model's. It knows ``Linear``, ``Conv1d``, ``Conv2d``, ``ReLU``,
+    ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``Softplus``, ``GELU``, ``ELU``,
+    ``Identity``, ``Flatten`` and dropout (in evaluation mode), and the batch
+    normalization and pooling layers ``curvlinops.nn`` has; an operator that walks
+    through another module (or needs a rule a native layer lacks) raises
     :class:`~curvlinops.MissingLayerRuleError` naming it.
 
     Parameters
@@ -163,11 +186,15 @@ class TorchModel(Model):
         if jvp_method not in ("jvp", "linearize"):
             raise ValueError(f"jvp_method must be 'jvp' or 'linearize', got {jvp_method!r}.")
         self.jvp_method = jvp_method
-        _refuse_batch_norm(module)
         self.module = module
         self.chunk_size = chunk_size
         self._dropouts = [
             (n, m) for n, m in module.named_modules() if isinstance(m, _DROPOUT_TYPES)
+        ]
+        self._batch_norms = [
+            (n, m)
+            for n, m in module.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
         ]
         self._check_deterministic_mode()
         if param_names is None:
@@ -180,6 +207,7 @@ class TorchModel(Model):
                 "to take. Set requires_grad=True on the parameters of interest."
             )
         self.param_names = [n for n, _ in trainable]
+        _refuse_unsupported_padding(module, self.param_names)
         self._shapes = [tuple(p.shape) for _, p in trainable]
         self._taps = _tapped_layers(module, self.param_names)
 
@@ -229,12 +257,18 @@ class TorchModel(Model):
         return fn_over_last_axis
 
     def _check_deterministic_mode(self):
+        """Refuse modules whose outputs are random or couple the data points.
+
+        Runs at construction and before every forward pass, so that a module switched
+        to training mode afterwards is refused when it is next evaluated or linearized.
+        """
         active = [n for n, m in self._dropouts if m.training and m.p > 0]
         if active:
             raise ValueError(
                 f"The module has dropout layers in training mode ({active}): its outputs are "
                 "random, so curvature products would be too. Call module.eval() first."
             )
+        _refuse_batch_statistics(self._batch_norms)
 
     def _check_inputs(self, params, x):
         self._check_deterministic_mode()
@@ -437,12 +471,37 @@ class _TorchLinearization(Linearization):
             grads = [torch.movedim(g, 0, -2) for g in grads]
         taps = []
         for i, g in zip(used, grads, strict=True):
-            name, _, weight_index, bias_index, equivalent = model._taps[i]
+            name, layer, weight_index, bias_index, equivalent = model._taps[i]
+            # built anew: the native layer reads the module's buffers (batch
+            # normalization's running statistics), which .to() or .double() replace
+            fresh = _native_layer(layer)
+            equivalent = equivalent if fresh is None else fresh
             a = records[i][0]
+            state = {"input": a}
+            if equivalent.input_layout is not None:
+                state["channels_first"] = equivalent.input_layout == "channels_first"
             # the native layer's tap: its inputs and output gradients in the shared
             # (N, S..., D) layout and the weight's matrix shape
-            inputs, output_grads, shape = equivalent.tap({"input": a}, g, array_namespace(a))
-            taps.append(LayerTap(name, weight_index, bias_index, inputs, output_grads, shape))
+            try:
+                inputs, output_grads, shape = equivalent.tap(state, g, array_namespace(a))
+            except MissingLayerRuleError as error:
+                raise MissingLayerRuleError(
+                    f"The module {name!r} (torch.nn.{type(layer).__name__}) has no layer tap: "
+                    f"{error} (Or leave its parameters out of param_names to approximate "
+                    "the curvature of the others.)"
+                ) from None
+            shape = None if shape is None else tuple(shape)
+            taps.append(
+                LayerTap(
+                    name,
+                    weight_index,
+                    bias_index,
+                    inputs,
+                    output_grads,
+                    shape,
+                    kind=equivalent.tap_kind,
+                )
+            )
         return taps
 
     def _layers(self):
@@ -491,7 +550,15 @@ class _TorchLinearization(Linearization):
         finally:
             for handle in handles:
                 handle.remove()
-        layers = [self._protocol_layer(record, index) for record in records]
+        # each module's native equivalent, and whether its inputs are channels-first
+        # (as curvlinops.nn.Module.linearize records it); a module without an
+        # equivalent states no layout
+        natives = [None if r[3] is None else _native_layer(r[1]) for r in records]
+        layouts = channels_first_inputs([_NO_LAYOUT if n is None else n for n in natives])
+        layers = [
+            self._protocol_layer(record, equivalent, channels_first, index)
+            for record, equivalent, channels_first in zip(records, natives, layouts, strict=True)
+        ]
         first = next((i for i, la in enumerate(layers) if la.param_indices), len(layers))
         for i in range(max(first, 1), len(records)):
             if records[i][2] is None or records[i][2] is not records[i - 1][4]:
@@ -510,13 +577,13 @@ class _TorchLinearization(Linearization):
             )
         return layers
 
-    def _protocol_layer(self, record, index):
-        """The layer protocol for one leaf module: its native equivalent, bound to its input."""
+    def _protocol_layer(self, record, layer, channels_first, index):
+        """The layer protocol for one leaf module: its native equivalent ``layer`` (or
+        None), bound to its input."""
         name, module, _, value, _ = record
         prefix = f"{name}." if name else ""
         own = [(n, p) for n, p in module.named_parameters(recurse=False)]
         aligned = [index.get(prefix + n) for n, _ in own]
-        layer = None if value is None else _native_layer(module)
         if layer is None:
             return LinearizedLayer(
                 name,
@@ -528,21 +595,67 @@ class _TorchLinearization(Linearization):
             p.detach() if i is None else self.params[i]
             for (_, p), i in zip(own, aligned, strict=True)
         ]
+        state = {"input": value, "channels_first": channels_first}
         return layer.linearized(
-            values, {"input": value}, array_namespace(value), name=name, param_indices=aligned
+            values, state, array_namespace(value), name=name, param_indices=aligned
         )
 
 
-def _refuse_batch_norm(module):
-    found = [
-        n for n, m in module.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+def _refuse_batch_statistics(batch_norms):
+    """Refuse batch normalization that normalizes with the statistics of the batch.
+
+    ``batch_norms`` are ``(name, module)`` pairs. A batch normalization (``SyncBatchNorm``
+    included) uses its batch's statistics in training mode, and in evaluation mode too
+    when it keeps no running statistics, as PyTorch decides it.
+    """
+    training = [n for n, m in batch_norms if m.training]
+    untracked = [
+        n
+        for n, m in batch_norms
+        if not m.training and (m.running_mean is None or m.running_var is None)
     ]
-    if found:
+    if not training and not untracked:
+        return
+    why = (
+        "Batch statistics couple the data points, so the loss is not a sum over data and "
+        "its curvature would depend on how the data is split into batches."
+    )
+    if training:
         raise ValueError(
-            f"The module contains batch normalization ({found}). Its batch statistics couple "
-            "the data points, so the loss is not a sum over data and its curvature depends "
-            "on how the data is split into batches; curvlinops does not support it. Replace "
-            "it by LayerNorm or GroupNorm, or fold it into the preceding layer."
+            f"The module has batch normalization in training mode ({training}), which "
+            f"normalizes with the statistics of each batch. {why} Call model.eval() to use "
+            "the running statistics instead: the curvature is then that of the network in "
+            "inference form (batch normalization as a fixed affine map per channel)."
+        )
+    raise ValueError(
+        f"The module has batch normalization without running statistics ({untracked}: "
+        "track_running_stats=False), which normalizes with the statistics of each batch "
+        f"even in evaluation mode. {why} Construct it with track_running_stats=True (and "
+        "train it, or load running statistics) and call model.eval(), or replace it by "
+        "LayerNorm or GroupNorm."
+    )
+
+
+def _refuse_unsupported_padding(module, param_names):
+    """Refuse convolutions with trainable weights whose padding is not zeros.
+
+    Their layer taps would unfold zero-padded inputs; rather than leave them untapped
+    (and the parameters silently out of K-FAC and the diagonals), TorchModel refuses them.
+    """
+    names = set(param_names)
+    for name, layer in module.named_modules():
+        if not isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            continue
+        prefix = f"{name}." if name else ""
+        if layer.padding_mode == "zeros" or prefix + "weight" not in names:
+            continue
+        raise ValueError(
+            f"The module {name!r} is a torch.nn.{type(layer).__name__} with "
+            f"padding_mode={layer.padding_mode!r}; TorchModel's layer taps unfold zero-padded "
+            "inputs, so only padding_mode='zeros' is supported. Pad explicitly instead "
+            "(e.g. torch.nn.ReflectionPad2d or CircularPad2d followed by the convolution with "
+            "padding=0, which computes the same function), or leave its parameters out of "
+            "param_names."
         )
 
 
@@ -601,6 +714,97 @@ def _tapped_layers(module, param_names):
     return taps
 
 
+_NO_LAYOUT = type("_NoLayout", (), {"input_layout": None, "output_layout": None})()
+
+
+def _convolution(native_type):
+    """Builder of the native convolution equivalent to a ``torch.nn.Conv1d``/``Conv2d``."""
+
+    def make(module):
+        if module.padding_mode != "zeros":
+            return None  # the native convolution pads with zeros only
+        return native_type(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+        )
+
+    return make
+
+
+def _batch_norm(native_type):
+    """Builder of the native batch normalization (inference form) for a torch one."""
+
+    def make(module):
+        if module.running_mean is None or module.running_var is None:
+            return None  # normalizes with batch statistics: refused by TorchModel
+        return native_type(
+            module.num_features,
+            running_mean=module.running_mean.detach(),
+            running_var=module.running_var.detach(),
+            eps=module.eps,
+            affine=module.affine,
+        )
+
+    return make
+
+
+def _avg_pool(native_type):
+    def make(module):
+        if not module.count_include_pad or module.ceil_mode or module.divisor_override is not None:
+            return None
+        return native_type(module.kernel_size, stride=module.stride, padding=module.padding)
+
+    return make
+
+
+def _max_pool(native_type):
+    def make(module):
+        if module.ceil_mode or module.return_indices:
+            return None
+        return native_type(
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+        )
+
+    return make
+
+
+def _global_avg_pool(native_type):
+    def make(module):
+        size = module.output_size
+        if size not in (1, (1, 1)):
+            return None  # only the average over all pixels
+        return native_type(keepdim=True)
+
+    return make
+
+
+def _optional_equivalents():
+    """Entries for native layers that ``curvlinops.nn`` may not have (yet): one per
+    ``(torch type, native name, builder of the builder)`` whose native class exists."""
+    optional = [
+        (torch.nn.BatchNorm1d, "BatchNorm1d", _batch_norm),
+        (torch.nn.BatchNorm2d, "BatchNorm2d", _batch_norm),
+        (torch.nn.AvgPool2d, "AvgPool2d", _avg_pool),
+        (torch.nn.MaxPool2d, "MaxPool2d", _max_pool),
+        (torch.nn.AdaptiveAvgPool2d, "GlobalAvgPool2d", _global_avg_pool),
+    ]
+    entries = {}
+    for torch_type, native_name, builder in optional:
+        native_type = getattr(native, native_name, None)
+        if native_type is not None:
+            entries[torch_type] = builder(native_type)
+    return entries
+
+
 def _flatten(module):
     if (module.start_dim, module.end_dim) != (1, -1):
         return None  # only the default flattens every axis after the batch axis
@@ -610,6 +814,8 @@ def _flatten(module):
 #: torch module type -> builder of the ``curvlinops.nn`` layer computing the same function
 #: (or None where the module's settings have no native equivalent). One entry per layer
 #: type: this is the PyTorch frontend's part of adding a layer type to the protocol.
+#: Entries for native layers ``curvlinops.nn`` may not have (batch normalization,
+#: pooling) are present only where it has them (:func:`_optional_equivalents`).
 _NATIVE_EQUIVALENTS = {
     torch.nn.Linear: lambda m: native.Linear(
         m.in_features, m.out_features, bias=m.bias is not None
@@ -623,7 +829,10 @@ _NATIVE_EQUIVALENTS = {
     torch.nn.ELU: lambda m: native.ELU(m.alpha),
     torch.nn.Identity: lambda m: native.Identity(),
     torch.nn.Flatten: _flatten,
+    torch.nn.Conv1d: _convolution(native.Conv1d),
+    torch.nn.Conv2d: _convolution(native.Conv2d),
     **{t: (lambda m: native.Identity()) for t in _DROPOUT_TYPES},  # evaluation mode only
+    **_optional_equivalents(),
 }
 
 

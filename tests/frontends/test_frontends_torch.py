@@ -95,11 +95,12 @@ def test_hidden_randomness_is_caught_by_the_determinism_check(problem, kind):
 # -- unsupported layers and inputs --------------------------------------------------------
 
 
-@pytest.mark.parametrize("norm", [torch.nn.BatchNorm1d(8), torch.nn.SyncBatchNorm(8)])
-def test_batch_norm_is_refused(norm):
-    net = torch.nn.Sequential(torch.nn.Linear(5, 8), norm, torch.nn.Linear(8, 3)).eval()
-    with pytest.raises(ValueError, match="batch normalization.*couple the data points"):
+@pytest.mark.parametrize("norm", [torch.nn.BatchNorm1d, torch.nn.SyncBatchNorm])
+def test_batch_norm_in_training_mode_is_refused_and_accepted_in_evaluation_mode(norm):
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), norm(8), torch.nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"training mode.*couple the data points.*model\.eval"):
         TorchModel(net)
+    TorchModel(net.eval())  # running statistics: a fixed affine map
 
 
 def test_module_on_another_device_than_the_data_names_both(problem):
