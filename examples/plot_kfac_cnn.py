@@ -39,12 +39,12 @@ y = y[:256]
 data = [(X[:128], y[:128]), (X[128:], y[128:])]
 
 model = nn.Sequential(
-    nn.Conv2d(1, 4, 3, padding=1),
+    nn.Conv2d(1, 4, 3, stride=2, padding=1),  # 8 x 8 -> 4 x 4
     nn.ReLU(),
-    nn.Conv2d(4, 6, 3, stride=2, padding=1),
+    nn.Conv2d(4, 4, 3, stride=2, padding=1),  # 4 x 4 -> 2 x 2
     nn.ReLU(),
     nn.Flatten(),
-    nn.Linear(6 * 4 * 4, 10),
+    nn.Linear(4 * 2 * 2, 10),
 )
 params = model.init(0, xp=xp, dtype=xp.float64)
 loss = cl.CrossEntropyLoss()
