@@ -135,7 +135,10 @@ class EKFACLinearOperator(_KroneckerCurvature):
             self.output_factors[layer.name], self.input_factors[layer.name] = B, A
             where = f"of layer {layer.name!r}"
             _, Q_B = checked_eigh(B, self.xp, name=f"output factor B {where}")
-            _, Q_A = checked_eigh(A, self.xp, name=f"input factor A {where}")
+            if A.ndim == 1:  # an embedding's diagonal input factor: the standard basis
+                Q_A = self.xp.eye(A.shape[0], dtype=A.dtype, device=self.device)
+            else:
+                _, Q_A = checked_eigh(A, self.xp, name=f"input factor A {where}")
             self.output_eigenvectors[layer.name], self.input_eigenvectors[layer.name] = Q_B, Q_A
             bases.append((Q_B, Q_A))
         weight_sums, bias_sums = self._scaling_sums(bases)
@@ -167,7 +170,7 @@ class EKFACLinearOperator(_KroneckerCurvature):
         weight_sums = [None] * len(self.layers)
         bias_sums = [None] * len(self.layers)
         for index, X, y in self._batches():
-            taps = self._taps(index, X, y)
+            taps = self._matrix_taps(self._taps(index, X, y))
             for i, (layer, tap, basis) in enumerate(zip(self.layers, taps, bases, strict=True)):
                 if basis is None:  # an exact block: nothing to refit
                     continue

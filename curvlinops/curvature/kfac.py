@@ -22,7 +22,7 @@ import math
 import warnings
 
 from .._backend import FactorizationError, check_invertible_spectrum
-from ..linalg import DenseLinearOperator, KroneckerLinearOperator
+from ..linalg import DenseLinearOperator, DiagonalLinearOperator, KroneckerLinearOperator
 from .kronecker_factored import KroneckerFactoredLinearOperator
 from .kronecker_statistics import _KroneckerCurvature, check_damping
 
@@ -161,7 +161,10 @@ class KFACLinearOperator(_KroneckerCurvature):
                 continue
             self.output_factors[layer.name], self.input_factors[layer.name] = B, A
             B_op = DenseLinearOperator(B, symmetric=True)
-            A_op = DenseLinearOperator(A, symmetric=True)
+            # an embedding's input factor is diagonal: stored and inverted as such
+            A_op = (
+                DiagonalLinearOperator(A) if A.ndim == 1 else DenseLinearOperator(A, symmetric=True)
+            )
             self._factor_ops[layer.name] = (B_op, A_op)
             blocks.append(self._kronecker(layer, B_op, A_op))
             if layer.bias_index is not None and not self._joint(layer):
@@ -325,7 +328,7 @@ class KFACLinearOperator(_KroneckerCurvature):
         """
         damping = check_damping(damping)
         min_damping = check_damping(min_damping, "min_damping")
-        xp, root = self.xp, math.sqrt(damping)
+        root = math.sqrt(damping)
         blocks = []
         for layer in self.layers:
             if layer.exact:  # exact blocks: (block + damping I)^{-1}
@@ -337,7 +340,7 @@ class KFACLinearOperator(_KroneckerCurvature):
                 continue
             B_op, A_op = self._factor_ops[layer.name]
             if pi_damping:
-                pi = _pi(A_op.A, B_op.A, xp)
+                pi = _pi(A_op, B_op)
                 shift_A, shift_B = max(pi * root, min_damping), max(root / pi, min_damping)
             else:
                 shift_A = shift_B = root
@@ -352,10 +355,10 @@ class KFACLinearOperator(_KroneckerCurvature):
         return self._make_operator(blocks)
 
 
-def _pi(A, B, xp) -> float:
+def _pi(A, B) -> float:
     """Martens & Grosse's ``pi = sqrt((tr A / dim A) / (tr B / dim B))`` (1 if not positive)."""
-    mean_A = float(xp.linalg.trace(A)) / A.shape[0]
-    mean_B = float(xp.linalg.trace(B)) / B.shape[0]
+    mean_A = float(A.trace()) / A.shape[0]
+    mean_B = float(B.trace()) / B.shape[0]
     return math.sqrt(mean_A / mean_B) if mean_A > 0 and mean_B > 0 else 1.0
 
 
@@ -366,10 +369,13 @@ def _damped_factor_inverse(factor, shift, what):
     :class:`~curvlinops.FactorizationError` (the factored inverse is a preconditioner).
     """
     xp = factor.xp
-    try:
-        lam, Q = factor.eigh()
-    except FactorizationError as err:
-        raise FactorizationError(f"The {what}: {err}") from err
+    if isinstance(factor, DiagonalLinearOperator):
+        lam, Q = factor.diagonal(), None
+    else:
+        try:
+            lam, Q = factor.eigh()
+        except FactorizationError as err:
+            raise FactorizationError(f"The {what}: {err}") from err
     shifted = lam + shift if shift else lam
     name = f"damped {what}" if shift else what
     check_invertible_spectrum(shifted, xp, size=factor.shape[0], what=name)
@@ -379,5 +385,7 @@ def _damped_factor_inverse(factor, shift, what):
             f"{float(xp.min(shifted)):.3g}); the factored inverse needs positive definite "
             "damped factors. Add damping, or use the exact inverse(damping)."
         )
+    if Q is None:
+        return DiagonalLinearOperator(1.0 / shifted)
     inverse = (Q * (1.0 / shifted)[None, :]) @ xp.matrix_transpose(Q)
     return DenseLinearOperator(inverse, symmetric=True)

@@ -43,7 +43,8 @@ loss, ``B (x) A`` equals the exact GGN block. The bias block is ``B (x) 1``; wit
 augmented by a trailing one.
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
-``curvlinops.losses``, ``._data``, ``._elementwise``, ``.base``, ``.kronecker_factored``.
+``curvlinops.losses``, ``._data``, ``._elementwise``, ``._embedding``, ``.base``,
+``.kronecker_factored``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from ..linalg import IdentityLinearOperator, KroneckerLinearOperator
 from ..models import Tier
 from ._data import batch_seed, check_mc_samples
 from ._elementwise import elementwise_gradients
+from ._embedding import as_matrix_tap, counts
 from .base import CurvatureLinearOperator
 from .kronecker_factored import KroneckerFactoredLinearOperator, layer_layout
 
@@ -102,6 +104,16 @@ class _InputStatistics:
         self.sum_aa = aa if self.sum_aa is None else self.sum_aa + aa
         self.sum_a = s if self.sum_a is None else self.sum_a + s
         self.count += int(a.shape[0])
+
+    def add_counts(self, ids, V, dtype, xp):
+        """An embedding's items: their one-hot inputs' sums (``sum a a^T`` is diagonal)."""
+        c = counts(ids, V, dtype, xp)
+        self.sum_a = c if self.sum_a is None else self.sum_a + c
+        self.count += math.prod(ids.shape)
+
+    def diagonal_factor(self):
+        """An embedding's ``A``: the diagonal ``counts / T``, as a 1-D array."""
+        return self.sum_a / self.count
 
     def factor(self, joint: bool, xp):
         """``A`` (or the joint ``[a; 1]`` factor): the mean over the items seen."""
@@ -198,7 +210,14 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         for tap in taps:
             shape = self.shapes[tap.weight_index]
             d_in = int(tap.inputs.shape[-1])
-            if tap.kind == "elementwise":
+            if tap.kind == "embedding":
+                if len(shape) != 2:
+                    raise ValueError(
+                        f"Layer {tap.name!r}: its embedding table (parameter "
+                        f"{tap.weight_index}) must have shape (V, D), got {shape}."
+                    )
+                d_in, shape = shape[0], (shape[1], shape[0])
+            elif tap.kind == "elementwise":
                 shape = (d_in, d_in)  # checked as a weight of d_in entries below
                 if self.shapes[tap.weight_index] != (d_in,):
                     raise ValueError(
@@ -240,7 +259,7 @@ class _KroneckerCurvature(CurvatureLinearOperator):
                     d_in,
                     shape[0],
                     tap.kind,
-                    bool(tap.transposed),
+                    bool(tap.transposed) or tap.kind == "embedding",
                 )
             )
         missing = [i for i in range(len(self.shapes)) if i not in owner]
@@ -316,6 +335,13 @@ class _KroneckerCurvature(CurvatureLinearOperator):
             self._check_same_layout(self.layers, taps, index)
         return taps
 
+    def _matrix_taps(self, taps):
+        """``taps`` with embeddings as one-hot matrix taps (for consumers other than K-FAC's A)."""
+        return [
+            as_matrix_tap(tap, layer.d_in, self.dtype, self.xp)
+            for tap, layer in zip(taps, self.layers, strict=True)
+        ]
+
     def _accumulate(self):
         """One pass over the data: input statistics and ``sum G^T G`` per layer."""
         xp = self.xp
@@ -330,6 +356,9 @@ class _KroneckerCurvature(CurvatureLinearOperator):
                     G = None
                     if tap.output_grads is not None:
                         G = xp.concat(elementwise_gradients(tap, xp), axis=1)
+                elif tap.kind == "embedding":  # "expand" always; the ids' counts for A
+                    _, G, _ = flatten_tap(tap, "expand", xp)
+                    inputs[i].add_counts(tap.inputs, self.layers[i].d_in, self.dtype, xp)
                 else:
                     a, G, _ = flatten_tap(tap, self.kfac_approx, xp)
                     inputs[i].add(a, xp)
@@ -350,7 +379,10 @@ class _KroneckerCurvature(CurvatureLinearOperator):
             if layer.exact:
                 factors.append((self._exact_block(layer, gg, c), None))
                 continue
-            A = symmetrized(stats.factor(self._joint(layer), xp), xp)
+            if layer.kind == "embedding":
+                A = stats.diagonal_factor()  # 1-D: the diagonal input factor
+            else:
+                A = symmetrized(stats.factor(self._joint(layer), xp), xp)
             if gg is None:  # forward-only: the output factor is the identity
                 B = xp.eye(layer.d_out, dtype=self.dtype, device=self.device)
             else:

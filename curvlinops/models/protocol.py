@@ -98,7 +98,7 @@ _TIER_HINTS = {
 
 
 #: the kinds of :class:`LayerTap`
-TAP_KINDS = ("matrix", "elementwise")
+TAP_KINDS = ("matrix", "elementwise", "embedding")
 
 
 class MissingTierError(NotImplementedError):
@@ -137,7 +137,11 @@ class LayerTap:
         (the affine part of batch or layer normalization, with ``a`` the normalized
         inputs); the curvature operators give such parameters their exact block (the
         per-datum gradients ``sum_s g_s * a_s`` and ``sum_s g_s`` are formed
-        explicitly, and the block is their sum of outer products).
+        explicitly, and the block is their sum of outer products). ``"embedding"``:
+        ``s = table[ids]`` with the weight the table ``(V, D)``: ``inputs`` are the
+        integer ids ``(N, S...)`` (the one-hot inputs are never formed for K-FAC, whose
+        input factor is then diagonal), ``matrix_shape`` is ``(D, V)`` and the weight
+        is transposed by definition.
     channels_first : bool
         Whether the layer's own outputs are channels-first, ``(N, D_out, S...)`` (a
         convolution's), rather than ``(N, S..., D_out)``. It says how a datum's output
