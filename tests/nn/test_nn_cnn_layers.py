@@ -644,3 +644,18 @@ def test_maxpool_ties_route_to_the_first_maximum_as_torch():
     out, pull = torch.func.vjp(lambda z: torch.nn.functional.max_pool2d(z, 3, 2, 1), tt(x))
     assert_close(lin.outputs, out.numpy())
     assert_close(np.asarray(ours)[..., 0, :], pull(tt(g))[0].numpy())
+
+
+def test_hessian_diagonal_walks_through_batchnorm_and_dropout():
+    """The per-datum rules in a curvature walk: the Hessian diagonal is exact."""
+    from curvlinops.curvature.diagonal import HessianDiagonalLinearOperator
+
+    specs = [("linear", 3, 4), ("bn1d", 4, False), ("tanh",), ("dropout", 0.5), ("linear", 4, 2)]
+    ours, theirs = build(specs, (5, 3), seed=6)
+    rng = np.random.default_rng(8)
+    params = [rng.standard_normal(s) for s in ours.expected_param_shapes()]
+    data = [(rng.standard_normal((5, 3)), rng.standard_normal((5, 2)))]
+    hessian, _ = _dense_torch_curvature(theirs, params, data)
+    loss = MSELoss(reduction="sum")
+    diagonal = HessianDiagonalLinearOperator(ours, loss, params, data).to_dense()
+    assert_close(np.diag(diagonal), np.diag(hessian))
