@@ -22,24 +22,35 @@ Examples
 
 from .activations import ELU, GELU, Elementwise, LeakyReLU, ReLU, Sigmoid, Softplus, Tanh
 from .conv import Conv1d, Conv2d
+from .dropout import Dropout
 from .linear import Linear
 from .linearization import LinearizedNativeLayer, NativeLinearization
 from .module import Layer, Module
+from .normalization import BatchNorm1d, BatchNorm2d
+from .pooling import AvgPool1d, AvgPool2d, GlobalAvgPool2d, MaxPool1d, MaxPool2d
 from .sequential import Sequential
 from .shape import Flatten, Identity
 
 __all__ = [
+    "AvgPool1d",
+    "AvgPool2d",
+    "BatchNorm1d",
+    "BatchNorm2d",
     "Conv1d",
     "Conv2d",
+    "Dropout",
     "ELU",
     "GELU",
     "Elementwise",
     "Flatten",
+    "GlobalAvgPool2d",
     "Identity",
     "Layer",
     "LeakyReLU",
     "Linear",
     "LinearizedNativeLayer",
+    "MaxPool1d",
+    "MaxPool2d",
     "Module",
     "NativeLinearization",
     "ReLU",
