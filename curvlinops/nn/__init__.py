@@ -25,6 +25,7 @@ from .conv import Conv1d, Conv2d
 from .linear import Linear
 from .linearization import LinearizedNativeLayer, NativeLinearization
 from .module import Layer, Module
+from .residual import Residual
 from .sequential import Sequential
 from .shape import Flatten, Identity
 
@@ -43,6 +44,7 @@ __all__ = [
     "Module",
     "NativeLinearization",
     "ReLU",
+    "Residual",
     "Sequential",
     "Sigmoid",
     "Softplus",
