@@ -1,9 +1,14 @@
 """Base classes of the native layers: :class:`Module` (a curvlinops model) and :class:`Layer`.
 
 A :class:`Module` is a curvlinops :class:`~curvlinops.models.Model` offering all three
-tiers. Every module is a chain of primitive :class:`Layer` objects (a single layer is a
-chain of one; :class:`~curvlinops.nn.Sequential` concatenates its children's chains),
-and the forward pass, its linearization and every derivative product walk that chain.
+tiers. Every module is a chain of :class:`Layer` objects (a single layer is a chain of
+one; :class:`~curvlinops.nn.Sequential` concatenates its children's chains), and the
+forward pass, its linearization and every derivative product walk that chain. A
+composite layer (:class:`~curvlinops.nn.Residual`) is one element of a chain that walks
+inner chains of its own, through three hooks of :class:`Layer` whose defaults serve
+primitive layers: :meth:`Layer.forward_with_state` (keep the inner layers' states from
+the one forward pass), :meth:`Layer.tangent_with_memo` (keep the inner tangents for the
+second-order backward pass) and :meth:`Layer.backward_taps` (the inner layers' taps).
 
 Layers compute on arrays in the *internal layout*: a batch of ``K`` vectors (tangents or
 cotangents of a layer's input or output ``(N, ..., D)``) is stored as ``(N, ..., K, D)``,
@@ -337,6 +342,11 @@ class Layer(Module):
     :class:`~curvlinops.models.MissingLayerRuleError` naming the layer. A new layer
     type is one such subclass in its own file, plus one entry in each frontend's
     mapping of framework layers to native ones.
+
+    A composite layer (several inner layers, e.g. :class:`~curvlinops.nn.Residual`)
+    also overrides :meth:`forward_with_state`, :meth:`tangent_with_memo` and
+    :meth:`backward_taps`; the linearization calls these on every layer and never asks
+    what class a layer is.
 
     Examples
     --------

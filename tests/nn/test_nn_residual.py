@@ -635,3 +635,25 @@ def test_non_module_block_or_shortcut_raises_type_error():
 
         with pytest.raises(TypeError, match="its block is a Linear"):
             nn.Residual(torch.nn.Linear(2, 2))
+
+
+def test_the_verify_checks_pass_on_a_native_resnet():
+    """Finite differences and the taps' consistency checks (no torch needed)."""
+    from curvlinops.verify import check_jvp, check_layer_taps, check_second_order, check_vjp
+
+    model = nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding=1),
+        nn.Tanh(),
+        nn.Residual(
+            nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 1)),
+            shortcut=nn.Conv2d(2, 3, 1, stride=2),
+        ),
+        nn.Residual(nn.Sequential(nn.Tanh(), nn.Conv2d(3, 3, 3, padding=1))),
+        nn.Flatten(),
+        nn.Linear(12, 2),
+    )
+    params = model.init(0, xp=npx, dtype=npx.float64)
+    x = np.random.default_rng(0).standard_normal((2, 2, 4, 4))
+    for check in (check_jvp, check_vjp, check_second_order, check_layer_taps):
+        report = check(model, params, x)
+        assert report.passed, report
