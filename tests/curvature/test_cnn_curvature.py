@@ -402,3 +402,28 @@ def test_forward_only_kfac_of_a_convolution_is_identity_kron_patch_covariance():
     A = patches.T @ patches / len(rows)
     assert_close(K.input_factors["0"], A)
     assert_close(K.output_factors["0"], np.eye(3))
+
+
+@needs_norm
+def test_kronecker_factored_hessian_walks_through_batch_norm_and_pooling():
+    """The averaged rules of batch norm, max and global pooling compose: on one datum the
+    last layer's blocks are exact and the operator is symmetric."""
+    rng = np.random.default_rng(4)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3, running_mean=rng.standard_normal(3), running_var=rng.random(3) + 0.5),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 1),
+        nn.Sigmoid(),
+        nn.GlobalAvgPool2d(),
+        nn.Linear(4, 2),
+    )
+    params = model.init(0, xp=xp, dtype=xp.float64)
+    data = [(rng.standard_normal((1, 2, 4, 4)), rng.standard_normal((1, 2)))]
+    op = KFACHessianLinearOperator(model, cl.MSELoss(), params, data)
+    dense = op.to_dense()
+    assert_close(dense, dense.T)
+    hessian = cl.HessianLinearOperator(model, cl.MSELoss(), params, data).to_dense()
+    for group in ([6], [7]):
+        assert_close(block(dense, params, group), block(hessian, params, group))
