@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-OPTIONAL_LIBRARIES = ("torch", "jax", "sklearn", "matplotlib", "cupy")
+OPTIONAL_LIBRARIES = ("torch", "jax", "sklearn", "matplotlib", "cupy", "flax", "equinox")
 
 collect_ignore = []
 for module, library in [

@@ -9,7 +9,8 @@ turns other sources of derivatives into one:
   curvlinops loss of the same value.
 - :mod:`curvlinops.frontends.jax`: :class:`~curvlinops.frontends.jax.JaxModel` wraps a
   pure function ``f(params, x)`` (derivatives from ``jax.vjp`` / ``jax.jvp``, compiled
-  with ``jax.jit``).
+  with ``jax.jit``; layer taps for layers marked with ``dense``, ``conv2d`` and ``embed``,
+  and for Flax linen, Flax nnx and Equinox modules).
 - :mod:`curvlinops.frontends.callables`: :class:`CallableModel` takes hand-written
   ``forward``, ``jvp`` and ``vjp`` functions (and optionally second-order products and
   layer taps).

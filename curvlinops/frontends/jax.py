@@ -1,6 +1,7 @@
 """JAX frontend: a pure function ``f(params, x)`` as a curvlinops model.
 
-:class:`JaxModel` offers tiers 1 and 2 of the model protocol:
+:class:`JaxModel` offers tiers 1 and 2 of the model protocol, and tier 3 for functions
+whose layers are marked:
 
 - tier 1: :meth:`JaxModel.linearize` runs the forward pass once inside ``jax.vjp``,
   compiled with ``jax.jit``; the vector-Jacobian products apply the returned pullback
@@ -11,33 +12,80 @@
   ``w`` comes as a :class:`~curvlinops.models.TraceableLinearMap` (as the Hessian
   operator passes the loss Hessian), ``w = A(J v)`` is computed inside the same
   compiled pass, with no separate Jacobian-vector product.
+- tier 3 (layer taps: K-FAC, EKFAC, the GGN and empirical-Fisher diagonals) for models
+  whose layers are marked, one call per layer: in a plain function with
+  :func:`dense`, :func:`conv2d` and :func:`embed` (created with
+  ``JaxModel(fn, params, layer_taps=True)``), and without user code for Flax linen
+  (``nn.Dense``, ``nn.Conv``, ``nn.Embed``: :meth:`JaxModel.from_flax`), Flax nnx
+  (``nnx.Linear``, ``nnx.Conv``, ``nnx.Embed``: :meth:`JaxModel.from_nnx`) and
+  Equinox (``eqx.nn.Linear``, ``eqx.nn.Conv1d/2d/3d``, ``eqx.nn.Embedding``:
+  :meth:`JaxModel.from_equinox`).
 
-Tier 3 (layer taps) is not offered: a JAX function has no layers to hook into. Operators
-that need it raise :class:`~curvlinops.models.MissingTierError`.
+How the taps are taken. Outside a tap pass the marking functions are plain JAX
+functions (usable under ``jit``, ``vmap``, ``grad``). :meth:`Linearization.layer_taps
+<curvlinops.Linearization.layer_taps>` first traces the model once abstractly
+(``jax.eval_shape``, cached per input shape) to find its marked layers; then one
+compiled pass runs the model with a zero *probe* added to each marked layer's output,
+recording the layer inputs, and the output gradients for all ``M`` cotangent columns
+come from one ``jax.vjp`` with respect to the probes, ``jax.vmap``-ed over the columns.
+Each marked layer names its parameters by passing the parameter arrays themselves: in
+the tap pass the model runs on parameters whose leaves are tracers, and a weight (or
+bias) is identified with the leaf that *is* that object (``W`` itself, not ``W.T`` or a
+cast copy). A weight that is no parameter, or a parameter used by two layers (a layer
+called twice), raises a ValueError naming the layer.
 
-Importing this module imports JAX. May import: jax, ``curvlinops._backend``,
-``curvlinops.models``.
+The taps' layouts follow :class:`~curvlinops.models.LayerTap`: inputs ``(N, S..., D_in)``
+and output gradients ``(N, S..., D_out, M)``; a convolution's inputs are its patches
+``(N, S, D_in)`` over the ``S`` output pixels, ordered as the weight flattens
+(``(C_in, kh, kw)`` for PyTorch's ``(C_out, C_in, kh, kw)``, ``(kh, kw, C_in)`` for
+Flax's kernel ``(kh, kw, C_in, C_out)``); weights stored ``(D_in, D_out)`` (Flax
+kernels, embedding tables) are taps with ``transposed=True``.
+
+Importing this module imports JAX; Flax and Equinox are imported only by the functions
+that need them. May import: jax, flax, equinox (lazily, inside functions),
+``curvlinops._backend``, ``curvlinops.models``.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 try:
     import jax
+    import jax.numpy as jnp
 except ModuleNotFoundError as error:  # pragma: no cover - depends on the environment
     raise ModuleNotFoundError(
         "curvlinops.frontends.jax needs JAX: pip install jax (or curvlinops[jax]).",
         name="jax",
     ) from error
 
-from ..models import Linearization, Model, Tier, TraceableLinearMap, param_shapes
+from ..models import (
+    LayerTap,
+    Linearization,
+    MissingTierError,
+    Model,
+    Tier,
+    TraceableLinearMap,
+    param_shapes,
+)
 
-__all__ = ["JaxModel"]
+__all__ = ["JaxModel", "dense", "conv2d", "embed"]
+
+#: what a model without marked layers should do, for the messages of tier 3
+_MARK_HINT = (
+    "Mark the layers of the function, one call per layer, with "
+    "curvlinops.frontends.jax.dense, conv2d or embed and create the model with "
+    "JaxModel(fn, params, layer_taps=True); or build it with JaxModel.from_flax, "
+    "from_nnx or from_equinox, which tap Dense/Linear, Conv and Embed layers without "
+    "user code."
+)
 
 
 class JaxModel(Model):
-    """A pure JAX function ``f(params, x) -> outputs`` as a curvlinops model (tiers 1, 2).
+    """A pure JAX function ``f(params, x) -> outputs`` as a curvlinops model (tiers 1-3).
 
     Parameters as a list or a pytree. Curvature operators take the parameters as a
     flat list of arrays. If ``params`` is given (any pytree: a list, a dict, nested
@@ -61,6 +109,22 @@ class JaxModel(Model):
     (e.g. fresh noise per pass) is caught by the curvature operators' determinism
     check.
 
+    Layer taps (tier 3: K-FAC, EKFAC, the GGN and empirical-Fisher diagonals). A JAX
+    function has no layers to hook into, so its layers are marked where they are
+    computed: ``fn`` calls :func:`dense`, :func:`conv2d` or :func:`embed` once per
+    layer, passing the parameter arrays of ``params`` themselves (see the module
+    docstring for how they are found). Such a model is created with
+    ``layer_taps=True``; the choice is explicit because whether ``fn`` marks its layers
+    can only be seen by running it on data, and ``has_tier`` must be answerable before
+    (it decides, e.g., the default partition of block-diagonal approximations and what
+    ``verify_model`` checks). With ``layer_taps=True`` and no marked layer found,
+    ``layer_taps`` raises :class:`~curvlinops.models.MissingTierError` saying how to
+    mark them; the marks cost nothing outside a tap pass. The models built by
+    :meth:`from_flax`, :meth:`from_nnx` and :meth:`from_equinox` offer tier 3 and tap
+    their layers without marks. Marked layers must not sit inside a JAX transform
+    within ``fn`` (``jax.vmap``, ``lax.scan``, ``jax.checkpoint``): their parameters
+    are not the leaves there (:meth:`from_equinox` handles its own ``vmap``).
+
     Precision. JAX computes in float32 unless ``jax.config.update("jax_enable_x64",
     True)`` is set before any array is created; float64 parameters need it.
 
@@ -73,6 +137,9 @@ class JaxModel(Model):
         Example parameters, giving the pytree structure and the expected shapes.
     jit : bool
         Compile with ``jax.jit`` (see above).
+    layer_taps : bool
+        Whether the model offers tier 3: ``fn`` marks its layers with :func:`dense`,
+        :func:`conv2d` and :func:`embed` (default False).
 
     Examples
     --------
@@ -88,12 +155,25 @@ class JaxModel(Model):
     >>> G = GGNLinearOperator(model, MSELoss(), model.params, [(X, y)])
     >>> G.shape
     (20, 20)
+
+    The same network with its layers marked, for K-FAC:
+
+    >>> from curvlinops import KFACLinearOperator
+    >>> from curvlinops.frontends.jax import dense
+    >>> def marked(p, x):
+    ...     return dense(jnp.tanh(dense(x, p["w1"])), p["w2"])
+    >>> model = JaxModel(marked, {"w1": jnp.ones((4, 3)), "w2": jnp.ones((2, 4))},
+    ...                  layer_taps=True)
+    >>> K = KFACLinearOperator(model, MSELoss(), model.params, [(X, y)])
+    >>> [(t.name, t.weight_index, t.matrix_shape)
+    ...  for t in model.linearize(model.params, X).layer_taps()]
+    [('dense_0', 0, (4, 3)), ('dense_1', 1, (2, 4))]
     """
 
-    #: tiers 1 and 2 (a JAX function has no layers to tap)
+    #: tiers 1 and 2; an instance created with ``layer_taps=True`` adds tier 3
     tiers = frozenset({Tier.FIRST_ORDER, Tier.SECOND_ORDER})
 
-    def __init__(self, fn, params=None, *, jit=True):
+    def __init__(self, fn, params=None, *, jit=True, layer_taps=False):
         if not callable(fn):
             raise TypeError(f"JaxModel expects a function f(params, x), got {type(fn).__name__}.")
         self.fn = fn
@@ -103,14 +183,199 @@ class JaxModel(Model):
             leaves, self.treedef = jax.tree_util.tree_flatten(params)
             self._params = list(leaves)
         self.jit = bool(jit)
+        if layer_taps:
+            self.tiers = type(self).tiers | {Tier.LAYER_TAPS}
         # Hashable, so that the compiled functions (static in it) are shared by every
         # JaxModel of the same function and parameter structure.
         self._apply = _Apply(fn, self.treedef)
         self._compiled = _COMPILED if self.jit else _EAGER
+        self._label = getattr(fn, "__name__", type(fn).__name__)
+
+    # -- models of other JAX libraries ------------------------------------------------
+
+    @classmethod
+    def from_flax(cls, module, variables, *, jit=True):
+        """A Flax linen module with its variables, its ``Dense``, ``Conv`` and ``Embed`` tapped.
+
+        The model is ``module.apply({"params": params, **rest}, x)``: its parameters are
+        the leaves of ``variables["params"]`` (:attr:`params`, in
+        ``jax.tree_util.tree_leaves`` order); other collections (``rest``) stay
+        constants. Tier 3 taps every ``flax.linen.Dense``, ``Conv`` and ``Embed``
+        through ``flax.linen.intercept_methods``: a ``Dense`` kernel ``(D_in, D_out)``
+        and an embedding table ``(V, D)`` give taps with ``transposed=True``; a
+        ``Conv`` (channels-last inputs ``(N, *spatial, C_in)``, kernel
+        ``(*kernel_size, C_in, C_out)``, ``feature_group_count=1``, zero padding given
+        as ``"SAME"``, ``"VALID"`` or integers) gives its patches ordered
+        ``(*kernel_size, C_in)`` with ``transposed=True, channels_first=False``. Each
+        such layer must run once per forward pass (a layer called twice is refused).
+
+        Parameters
+        ----------
+        module : flax.linen.Module
+            The network; ``module.apply(variables, x)`` returns the outputs.
+        variables : dict
+            Its variables, as ``module.init`` returns them (with a ``"params"`` entry).
+        jit : bool
+            As in :class:`JaxModel`.
+
+        Returns
+        -------
+        JaxModel
+
+        Examples
+        --------
+        >>> import jax, jax.numpy as jnp
+        >>> import flax.linen as fnn
+        >>> from curvlinops.frontends.jax import JaxModel
+        >>> net = fnn.Sequential([fnn.Dense(4), jnp.tanh, fnn.Dense(2)])
+        >>> variables = net.init(jax.random.key(0), jnp.ones((1, 3)))
+        >>> model = JaxModel.from_flax(net, variables)
+        >>> [tuple(p.shape) for p in model.params]
+        [(4,), (3, 4), (2,), (4, 2)]
+        >>> taps = model.linearize(model.params, jnp.ones((5, 3))).layer_taps()
+        >>> [(t.name, t.weight_index, t.bias_index, t.transposed) for t in taps]
+        [('layers_0', 1, 0, True), ('layers_2', 3, 2, True)]
+        """
+        import flax.linen as linen
+
+        if not isinstance(module, linen.Module):
+            raise TypeError(f"from_flax expects a flax.linen.Module, got {type(module).__name__}.")
+        if not hasattr(variables, "keys") or "params" not in variables:
+            raise ValueError(
+                "from_flax needs the module's variables as module.init returns them, a "
+                f"mapping with a 'params' entry; got {type(variables).__name__}."
+            )
+        rest = {k: v for k, v in variables.items() if k != "params"}
+
+        def apply_flax(params, x):
+            return module.apply({"params": params, **rest}, x)
+
+        model = cls(apply_flax, variables["params"], jit=jit, layer_taps=True)
+        model._apply = _FlaxApply(apply_flax, model.treedef)
+        model._label = f"flax {type(module).__name__}"
+        model.module = module
+        return model
+
+    @classmethod
+    def from_nnx(cls, module, *, jit=True):
+        """A Flax nnx module, its ``nnx.Linear``, ``nnx.Conv`` and ``nnx.Embed`` tapped.
+
+        The module is split into its graph, its ``nnx.Param`` state and the rest
+        (``nnx.split(module, nnx.Param, ...)``); the model is the merged module called on
+        ``x``, its parameters the leaves of the ``Param`` state (:attr:`params`), the
+        rest constants. The module itself is not modified. During a tap pass (only
+        while it is traced) the ``__call__`` of ``nnx.Linear``, ``nnx.Conv`` and
+        ``nnx.Embed`` is wrapped to take their taps, laid out as for
+        :meth:`from_flax` (kernels ``(D_in, D_out)`` and ``(*kernel_size, C_in,
+        C_out)``: ``transposed=True``).
+
+        Parameters
+        ----------
+        module : flax.nnx.Module
+            The network; ``module(x)`` returns the outputs.
+        jit : bool
+            As in :class:`JaxModel`.
+
+        Returns
+        -------
+        JaxModel
+
+        Examples
+        --------
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from curvlinops.frontends.jax import JaxModel
+        >>> class MLP(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         self.hidden = nnx.Linear(3, 4, rngs=rngs)
+        ...         self.out = nnx.Linear(4, 2, rngs=rngs)
+        ...     def __call__(self, x):
+        ...         return self.out(jnp.tanh(self.hidden(x)))
+        >>> model = JaxModel.from_nnx(MLP(nnx.Rngs(0)))
+        >>> taps = model.linearize(model.params, jnp.ones((5, 3))).layer_taps()
+        >>> [(t.name, t.matrix_shape, t.transposed) for t in taps]
+        [('hidden', (4, 3), True), ('out', (2, 4), True)]
+        """
+        from flax import nnx
+
+        if not isinstance(module, nnx.Module):
+            raise TypeError(f"from_nnx expects a flax.nnx.Module, got {type(module).__name__}.")
+        graphdef, state, *rest = nnx.split(module, nnx.Param, ...)
+
+        def apply_nnx(params, x):
+            return nnx.merge(graphdef, params, *rest)(x)
+
+        model = cls(apply_nnx, state, jit=jit, layer_taps=True)
+        model._apply = _NnxApply(apply_nnx, model.treedef, graphdef, tuple(rest))
+        model._label = f"nnx {type(module).__name__}"
+        model.module = module
+        return model
+
+    @classmethod
+    def from_equinox(cls, module, *, jit=True):
+        """An Equinox module, applied per datum, its ``Linear``, ``Conv`` and ``Embedding`` tapped.
+
+        Equinox layers take one datum (``eqx.nn.Linear``: ``(D_in,)``; ``eqx.nn.Conv2d``:
+        ``(C_in, H, W)``), so the model maps the module over the batch axis:
+        ``f(params, x) = jax.vmap(module)(x)``. Its parameters are the module's
+        inexact (floating) array leaves, ``eqx.partition(module, eqx.is_inexact_array)``
+        (:attr:`params`, in ``jax.tree_util.tree_leaves`` order); the other leaves stay
+        constants. Tier 3 finds the layers by walking the module's pytree:
+        ``eqx.nn.Linear`` (weight ``(D_out, D_in)``, as PyTorch), ``eqx.nn.Conv``
+        (``Conv1d/2d/3d``: channels first, weight ``(C_out, C_in, *kernel)``, patches
+        ordered ``(C_in, *kernel)``, ``groups=1``, ``padding_mode="ZEROS"``) and
+        ``eqx.nn.Embedding`` (table ``(V, D)``: ``transposed=True``). Their names are the
+        pytree paths (e.g. ``".layers[0]"``).
+
+        Note: ``eqx.nn.Conv`` stores its bias as ``(C_out, 1, ...)``, which the
+        Kronecker-factored operators accept only where they take a bias of
+        ``D_out`` entries in any shape; build the convolutions with
+        ``use_bias=False`` otherwise.
+
+        Parameters
+        ----------
+        module : equinox.Module
+            The network, a function of one datum.
+        jit : bool
+            As in :class:`JaxModel`.
+
+        Returns
+        -------
+        JaxModel
+
+        Examples
+        --------
+        >>> import jax, jax.numpy as jnp
+        >>> import equinox as eqx
+        >>> from curvlinops.frontends.jax import JaxModel
+        >>> k1, k2 = jax.random.split(jax.random.key(0))
+        >>> net = eqx.nn.Sequential([eqx.nn.Linear(3, 4, key=k1), eqx.nn.Lambda(jnp.tanh),
+        ...                          eqx.nn.Linear(4, 2, key=k2)])
+        >>> model = JaxModel.from_equinox(net)
+        >>> model(model.params, jnp.ones((5, 3))).shape
+        (5, 2)
+        >>> taps = model.linearize(model.params, jnp.ones((5, 3))).layer_taps()
+        >>> [(t.name, t.weight_index, t.bias_index, t.transposed) for t in taps]
+        [('.layers[0]', 0, 1, False), ('.layers[2]', 2, 3, False)]
+        """
+        import equinox as eqx
+
+        if not isinstance(module, eqx.Module):
+            raise TypeError(f"from_equinox expects an equinox.Module, got {type(module).__name__}.")
+        params, static = eqx.partition(module, eqx.is_inexact_array)
+
+        def apply_equinox(params, x):
+            return jax.vmap(eqx.combine(params, static))(x)
+
+        model = cls(apply_equinox, params, jit=jit, layer_taps=True)
+        model._apply = _EquinoxApply(apply_equinox, model.treedef, static)
+        model._label = f"equinox {type(module).__name__}"
+        model.module = module
+        return model
 
     @property
     def name(self) -> str:
-        return f"JaxModel({getattr(self.fn, '__name__', type(self.fn).__name__)})"
+        return f"JaxModel({self._label})"
 
     @property
     def params(self) -> list:
@@ -138,6 +403,14 @@ class JaxModel(Model):
     def expected_param_shapes(self):
         return None if self._params is None else param_shapes(self._params)
 
+    def require(self, tier, purpose: str) -> None:
+        try:
+            super().require(tier, purpose)
+        except MissingTierError as error:
+            if int(tier) != int(Tier.LAYER_TAPS):
+                raise
+            raise MissingTierError(f"{error} {_MARK_HINT}") from None
+
     def __call__(self, params, x):
         self._check_inputs(params, x)
         return self._compiled.forward(self._apply, list(params), x)
@@ -158,6 +431,42 @@ class JaxModel(Model):
                 f"{self.name} expects JAX arrays for the parameters and the data, found "
                 f"{found}. Convert them with jax.numpy.asarray."
             )
+
+    def _discover(self, params, x):
+        """The marked layers (specs) and their output shapes, from one abstract trace."""
+        key = (
+            self._apply,
+            tuple((tuple(p.shape), str(p.dtype)) for p in params),
+            (tuple(x.shape), str(x.dtype)),
+        )
+        found = _DISCOVERED.get(key)
+        if found is not None:
+            return found
+        box = []
+
+        def run(params, x):
+            _, (specs, _, outputs) = self._apply.tapped(params, x, None)
+            box.append(specs)
+            return outputs
+
+        try:
+            shapes = jax.eval_shape(run, list(params), x)
+        except jax.errors.UnexpectedTracerError as error:
+            raise ValueError(
+                f"{self.name}: a marked layer's values escaped a JAX transform inside the "
+                "model function (jax.vmap, lax.scan, jax.checkpoint, ...). Mark layers "
+                "outside such transforms (JaxModel.from_equinox maps a per-datum module "
+                "over the batch itself)."
+            ) from error
+        found = (box[-1], tuple((tuple(s.shape), s.dtype) for s in shapes))
+        if len(_DISCOVERED) > 256:
+            _DISCOVERED.clear()
+        _DISCOVERED[key] = found
+        return found
+
+
+#: (apply, parameter shapes, input shape) -> (layer specs, probe shapes)
+_DISCOVERED: dict = {}
 
 
 class _JaxLinearization(Linearization):
@@ -193,6 +502,406 @@ class _JaxLinearization(Linearization):
             model._apply, self.params, self.x, cotangent, list(tangents), cotangent_tangent
         )
 
+    def _layer_taps(self, cotangents):
+        model = self.model
+        specs, probes = model._discover(self.params, self.x)
+        if not specs:
+            raise MissingTierError(
+                f"layer_taps (Kronecker-factored curvature) found no marked layer in "
+                f"{model.name}, which offers tier 3 only for the layers its function "
+                f"marks. {_MARK_HINT}"
+            )
+        if cotangents is not None and cotangents.dtype != self.outputs.dtype:
+            cotangents = cotangents.astype(self.outputs.dtype)
+        laid_out = model._compiled.taps(
+            model._apply, specs, probes, self.params, self.x, cotangents
+        )
+        return [
+            LayerTap(
+                spec.name,
+                spec.weight_index,
+                spec.bias_index,
+                inputs,
+                grads,
+                spec.matrix_shape,
+                channels_first=spec.channels_first,
+                transposed=spec.transposed,
+            )
+            for spec, (inputs, grads) in zip(specs, laid_out, strict=True)
+        ]
+
+
+# -- marking layers -----------------------------------------------------------------------
+
+
+def dense(x, weight, bias=None, *, transposed=False, name=None):
+    """A fully connected layer, marked for layer taps: ``x @ weight.T + bias``.
+
+    ``weight`` is ``(D_out, D_in)``, as ``torch.nn.Linear`` (and ``curvlinops.nn.Linear``)
+    store it; with ``transposed=True`` it is ``(D_in, D_out)``, as a Flax ``Dense``
+    kernel, and the layer computes ``x @ weight + bias`` (its tap then says
+    ``transposed=True``). Inputs ``(N, ..., D_in)``: the weight is shared over the
+    middle axes (e.g. a sequence).
+
+    Outside a tap pass this is a plain JAX function. Inside one (a :class:`JaxModel`
+    created with ``layer_taps=True``), ``weight`` and ``bias`` must be arrays of the
+    model's parameters themselves (e.g. ``params["w"]``, not ``params["w"].T``), and
+    each may be used by one marked layer only.
+
+    Parameters
+    ----------
+    x : jax.Array
+        Inputs ``(N, ..., D_in)``.
+    weight : jax.Array
+        ``(D_out, D_in)``, or ``(D_in, D_out)`` with ``transposed=True``.
+    bias : jax.Array, optional
+        ``(D_out,)``.
+    transposed : bool
+        The weight's layout (see above).
+    name : str, optional
+        The layer's name in its tap (default ``"dense_<k>"`` for the ``k``-th marked
+        layer).
+
+    Returns
+    -------
+    jax.Array
+        ``(N, ..., D_out)``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from curvlinops.frontends.jax import dense
+    >>> dense(jnp.ones((2, 3)), jnp.ones((4, 3)), jnp.arange(4.0)).tolist()
+    [[3.0, 4.0, 5.0, 6.0], [3.0, 4.0, 5.0, 6.0]]
+    >>> dense(jnp.ones((2, 3)), jnp.ones((3, 4)), transposed=True).shape
+    (2, 4)
+    """
+    out = x @ weight if transposed else x @ weight.T
+    if bias is not None:
+        out = out + bias
+    return _mark(_DENSE, x, out, weight, bias, name=name, transposed=transposed)
+
+
+def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, layout="NCHW", name=None):
+    """A 2d convolution, marked for layer taps (``jax.lax.conv_general_dilated``).
+
+    Layout ``"NCHW"`` (default): inputs ``(N, C_in, H, W)``, weight
+    ``(C_out, C_in, kh, kw)`` and outputs ``(N, C_out, H_out, W_out)``, as
+    ``torch.nn.Conv2d`` and ``curvlinops.nn.Conv2d``; the tap's patches are ordered
+    ``(C_in, kh, kw)`` as the weight flattens. Layout ``"NHWC"``: inputs
+    ``(N, H, W, C_in)``, weight ``(kh, kw, C_in, C_out)`` (Flax's kernel) and outputs
+    ``(N, H_out, W_out, C_out)``; the patches are ordered ``(kh, kw, C_in)`` and the
+    tap says ``transposed=True``. No groups.
+
+    Parameters
+    ----------
+    x : jax.Array
+        Inputs, as the layout says.
+    weight : jax.Array
+        The kernel, as the layout says.
+    bias : jax.Array, optional
+        ``(C_out,)``.
+    stride, dilation : int or pair of int
+        Stride and kernel dilation per spatial axis.
+    padding : int, pair of int, pair of pairs, "SAME" or "VALID"
+        Zero padding: ``p`` on every side, ``(ph, pw)`` on both sides of each axis,
+        ``((top, bottom), (left, right))``, or ``jax.lax``'s ``"SAME"`` (as
+        PyTorch's ``"same"`` at stride 1) / ``"VALID"`` (no padding).
+    layout : {"NCHW", "NHWC"}
+        See above.
+    name : str, optional
+        The layer's name in its tap (default ``"conv2d_<k>"``).
+
+    Returns
+    -------
+    jax.Array
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from curvlinops.frontends.jax import conv2d
+    >>> conv2d(jnp.ones((2, 3, 5, 5)), jnp.ones((4, 3, 3, 3)), padding=1).shape
+    (2, 4, 5, 5)
+    >>> conv2d(jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 3, 4)), stride=2, layout="NHWC").shape
+    (2, 2, 2, 4)
+    """
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"conv2d takes layout 'NCHW' or 'NHWC', got {layout!r}.")
+    channels_first = layout == "NCHW"
+    if x.ndim != 4:
+        raise ValueError(f"conv2d expects inputs of 4 axes ({layout}), got shape {x.shape}.")
+    kernel = tuple(weight.shape[2:]) if channels_first else tuple(weight.shape[:2])
+    geometry = _ConvGeometry(
+        kernel,
+        _int_tuple(stride, 2, "stride"),
+        _padding(padding, 2),
+        (1, 1),
+        _int_tuple(dilation, 2, "dilation"),
+        channels_first,
+    )
+    out = jax.lax.conv_general_dilated(
+        x,
+        weight,
+        window_strides=geometry.strides,
+        padding=geometry.padding,
+        rhs_dilation=geometry.rhs_dilation,
+        dimension_numbers=geometry.dimension_numbers(),
+    )
+    if bias is not None:
+        out = out + (bias[:, None, None] if channels_first else bias)
+    return _mark(
+        _CONV,
+        x,
+        out,
+        weight,
+        bias,
+        name=name,
+        transposed=not channels_first,
+        channels_first=channels_first,
+        geometry=geometry,
+    )
+
+
+def embed(ids, table, *, name=None):
+    """An embedding lookup, marked for layer taps: ``table[ids]``.
+
+    The lookup is the linear layer ``onehot(ids) @ table`` of a table ``(V, D)``
+    (``V`` entries of ``D`` features, as ``torch.nn.Embedding``, ``flax.linen.Embed`` and
+    ``eqx.nn.Embedding`` store it): its tap has the one-hot inputs ``(N, ..., V)`` and
+    ``transposed=True`` (the table is the ``(D_in, D_out)`` matrix).
+
+    Parameters
+    ----------
+    ids : jax.Array
+        Integer indices ``(N, ...)`` in ``[0, V)``.
+    table : jax.Array
+        ``(V, D)``.
+    name : str, optional
+        The layer's name in its tap (default ``"embed_<k>"``).
+
+    Returns
+    -------
+    jax.Array
+        ``(N, ..., D)``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from curvlinops.frontends.jax import embed
+    >>> embed(jnp.asarray([[0, 2]]), jnp.arange(6.0).reshape(3, 2)).tolist()
+    [[[0.0, 1.0], [4.0, 5.0]]]
+    """
+    out = jnp.take(table, ids, axis=0)
+    return _mark(_EMBED, ids, out, table, None, name=name, transposed=True)
+
+
+_DENSE, _CONV, _EMBED = "dense", "conv2d", "embed"
+
+
+@dataclass(frozen=True)
+class _ConvGeometry:
+    """A convolution's settings, as ``jax.lax`` takes them (hashable: a static argument)."""
+
+    kernel: tuple
+    strides: tuple
+    padding: object  # a string or a tuple of (low, high) pairs
+    lhs_dilation: tuple
+    rhs_dilation: tuple
+    channels_first: bool
+
+    def dimension_numbers(self):
+        spatial = "DHW"[3 - len(self.kernel) :] if len(self.kernel) <= 3 else None
+        if spatial is None:
+            raise ValueError(f"Convolutions of {len(self.kernel)} spatial axes are not tapped.")
+        if self.channels_first:
+            return ("NC" + spatial, "OI" + spatial, "NC" + spatial)
+        return ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+
+
+@dataclass(frozen=True)
+class _LayerSpec:
+    """A marked layer, as one trace of the model found it (static: no arrays)."""
+
+    name: str
+    kind: str
+    weight_index: int
+    bias_index: int | None
+    matrix_shape: tuple
+    transposed: bool = False
+    channels_first: bool = False
+    geometry: _ConvGeometry | None = None
+    dtype: object = None  # of the weight (one-hot inputs of an embedding)
+
+
+def _int_tuple(value, n, what):
+    items = (value,) * n if isinstance(value, int) and not isinstance(value, bool) else value
+    try:
+        items = tuple(int(v) for v in items)
+    except (TypeError, ValueError):
+        items = ()
+    if len(items) != n or min(items) < 1:
+        raise ValueError(f"{what} must be a positive integer or {n} of them, got {value!r}.")
+    return items
+
+
+def _padding(padding, n):
+    """``padding`` as ``jax.lax`` takes it: ``"SAME"``, ``"SAME_LOWER"``, ``"VALID"`` or pairs."""
+    if isinstance(padding, str):
+        if padding.upper() in ("SAME", "SAME_LOWER", "VALID"):
+            return padding.upper()
+        raise ValueError(
+            f"Tapped convolutions take zero padding 'SAME', 'VALID' or integers, got "
+            f"{padding!r} (circular, causal or reflecting padding is not tapped)."
+        )
+    if isinstance(padding, int) and not isinstance(padding, bool):
+        return ((padding, padding),) * n
+    try:
+        items = list(padding)
+        if len(items) == n:
+            pairs = tuple(
+                (int(p), int(p)) if isinstance(p, int) else tuple(int(v) for v in p) for p in items
+            )
+            if all(len(p) == 2 and min(p) >= 0 for p in pairs):
+                return pairs
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(
+        f"padding must be 'SAME', 'VALID', an integer, {n} integers or {n} pairs of "
+        f"non-negative integers, got {padding!r}."
+    )
+
+
+# -- the tap pass: a context the marked layers report to -------------------------------------
+
+_STATE = threading.local()
+_AMBIGUOUS = -1
+
+
+def _active():
+    stack = getattr(_STATE, "stack", None)
+    return stack[-1] if stack else None
+
+
+class _TapContext:
+    """What one run of the model in a tap pass records: the marked layers, in call order.
+
+    ``leaves`` are the parameters the model runs on (tracers in a compiled pass); a marked
+    layer's weight is the leaf that *is* the array it passes. ``probes`` (None while the
+    layers are discovered) are added, in order, to the marked layers' outputs.
+    """
+
+    def __init__(self, leaves, probes):
+        self.leaves = list(leaves)
+        self.index = {}
+        for i, leaf in enumerate(self.leaves):
+            self.index[id(leaf)] = _AMBIGUOUS if id(leaf) in self.index else i
+        self.probes = probes
+        self.specs, self.inputs, self.outputs = [], [], []
+        self.owner = {}
+
+    def __enter__(self):
+        if not hasattr(_STATE, "stack"):
+            _STATE.stack = []
+        _STATE.stack.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _STATE.stack.pop()
+        return False
+
+    def records(self):
+        return tuple(self.specs), list(self.inputs), list(self.outputs)
+
+    def _parameter(self, array, what, label):
+        i = self.index.get(id(array))
+        if i is None:
+            shape = tuple(getattr(array, "shape", ()))
+            raise ValueError(
+                f"The {what} of the marked layer {label!r} (shape {shape}) is not one of the "
+                "model's parameters: pass the parameter array itself (e.g. params['w']), not "
+                "a transformed copy (w.T, w.astype(...), w * 1) or a constant, and mark the "
+                "layer outside JAX transforms within the model function."
+            )
+        if i == _AMBIGUOUS:
+            raise ValueError(
+                f"The {what} of the marked layer {label!r} appears more than once in the "
+                "parameter list (the same array object twice): pass distinct arrays."
+            )
+        if i in self.owner:
+            raise ValueError(
+                f"Parameter {i} (shape {tuple(self.leaves[i].shape)}) is used by the marked "
+                f"layers {self.owner[i]!r} and {label!r}: a layer called twice in one "
+                "forward pass (or weights shared between layers). Layer taps need each "
+                "marked layer's parameters to be its own, used once; use an exact operator "
+                "(e.g. GGNLinearOperator) for this model."
+            )
+        self.owner[i] = label
+        return i
+
+    def site(self, kind, x, out, weight, bias, *, name, transposed, channels_first, geometry):
+        k = len(self.specs)
+        label = f"{kind}_{k}" if name is None else str(name)
+        w = self._parameter(weight, "weight", label)
+        b = None if bias is None else self._parameter(bias, "bias", label)
+        shape = tuple(weight.shape)
+        if kind == _CONV:
+            d_in = math.prod(shape[1:]) if channels_first else math.prod(shape[:-1])
+            matrix_shape = (shape[0] if channels_first else shape[-1], d_in)
+        elif len(shape) != 2:
+            raise ValueError(
+                f"The weight of the marked layer {label!r} must be a matrix, got {shape}."
+            )
+        else:
+            matrix_shape = (shape[1], shape[0]) if transposed else shape
+        spec = _LayerSpec(
+            label,
+            kind,
+            w,
+            b,
+            matrix_shape,
+            bool(transposed),
+            bool(channels_first),
+            geometry,
+            weight.dtype if kind == _EMBED else None,
+        )
+        self.specs.append(spec)
+        self.inputs.append(x)
+        self.outputs.append(out)
+        if self.probes is None:
+            return out
+        if k >= len(self.probes) or tuple(self.probes[k].shape) != tuple(out.shape):
+            raise ValueError(
+                f"The marked layer {label!r} differs from the one found when the model was "
+                "traced before: the model function is not pure (it marks different layers "
+                "on different runs)."
+            )
+        # a zero added to the layer's output: the gradient with respect to it is the
+        # gradient with respect to the output
+        return out + self.probes[k]
+
+
+def _mark(
+    kind, x, out, weight, bias, *, name, transposed=False, channels_first=False, geometry=None
+):
+    """``out``, reported to the tap pass in progress (if any) as a marked layer's output."""
+    context = _active()
+    if context is None:
+        return out
+    return context.site(
+        kind,
+        x,
+        out,
+        weight,
+        bias,
+        name=name,
+        transposed=transposed,
+        channels_first=channels_first,
+        geometry=geometry,
+    )
+
+
+# -- the model functions, plain and of Flax / Equinox -------------------------------------
+
 
 @dataclass(frozen=True)
 class _Apply:
@@ -202,9 +911,299 @@ class _Apply:
     treedef: object
 
     def __call__(self, params, x):
-        if self.treedef is not None:
-            params = jax.tree_util.tree_unflatten(self.treedef, list(params))
-        return self.fn(params, x)
+        return self.fn(self._tree(params), x)
+
+    def _tree(self, params):
+        if self.treedef is None:
+            return list(params)
+        return jax.tree_util.tree_unflatten(self.treedef, list(params))
+
+    def tapped(self, params, x, probes):
+        """Outputs and ``(specs, layer inputs, layer outputs)`` of a run with the probes added."""
+        with _TapContext(params, probes) as context:
+            outputs = self(params, x)
+        return outputs, context.records()
+
+
+@dataclass(frozen=True, eq=False)
+class _FlaxApply(_Apply):
+    """A linen module's apply; its Dense, Conv and Embed tapped through method interception."""
+
+    def tapped(self, params, x, probes):
+        import flax.linen as linen
+
+        with _TapContext(params, probes) as context, linen.intercept_methods(_linen_tap):
+            outputs = self(params, x)
+        return outputs, context.records()
+
+
+@dataclass(frozen=True, eq=False)
+class _NnxApply(_Apply):
+    """An nnx module merged from its state; Linear, Conv and Embed tapped by wrapped calls."""
+
+    graphdef: object = None
+    rest: tuple = ()
+
+    def tapped(self, params, x, probes):
+        from flax import nnx
+
+        root = nnx.merge(self.graphdef, self._tree(params), *self.rest)
+        names = {
+            id(node): ".".join(str(p) for p in path)
+            for path, node in nnx.iter_graph(root)
+            if isinstance(node, nnx.Module)
+        }
+        with _TapContext(params, probes) as context, _nnx_calls_tapped(names):
+            outputs = root(x)
+        return outputs, context.records()
+
+
+@dataclass(frozen=True, eq=False)
+class _EquinoxApply(_Apply):
+    """A per-datum Equinox module vmapped over the batch; its layers wrapped by a tree walk."""
+
+    static: object = None
+
+    def tapped(self, params, x, probes):
+        import equinox as eqx
+
+        module = _equinox_tapped(eqx.combine(self._tree(params), self.static))
+        leaves, found = list(params), []
+
+        def one(x_n, probes_n):
+            # the context lives inside vmap: the layers see one datum, the probes' slices,
+            # and their inputs and outputs leave as vmap's (batched) outputs
+            with _TapContext(leaves, probes_n) as context:
+                out = module(x_n)
+            specs, inputs, outputs = context.records()
+            found.append(specs)
+            return out, inputs, outputs
+
+        outputs, inputs, layer_outputs = jax.vmap(one)(x, probes)
+        return outputs, (found[-1], inputs, layer_outputs)
+
+
+def _flax_conv_geometry(module, x, label):
+    """The ``_ConvGeometry`` of a linen or nnx ``Conv`` (channels last), or a clear error."""
+    kernel = tuple(int(k) for k in module.kernel_size)
+    n = len(kernel)
+    if module.feature_group_count != 1:
+        raise ValueError(
+            f"The Conv {label!r} has feature_group_count={module.feature_group_count}; layer "
+            "taps cover convolutions without groups. Use an exact operator."
+        )
+    if getattr(module, "mask", None) is not None:
+        raise ValueError(f"The Conv {label!r} has a kernel mask; masked kernels are not tapped.")
+    if x.ndim != n + 2:
+        raise ValueError(
+            f"The Conv {label!r} gets inputs of shape {tuple(x.shape)}; layer taps need one "
+            f"batch axis, (N, {', '.join(['...'] * n)}, C_in)."
+        )
+    return _ConvGeometry(
+        kernel,
+        _int_tuple(module.strides or 1, n, "strides"),
+        _padding(module.padding, n),
+        _int_tuple(module.input_dilation or 1, n, "input_dilation"),
+        _int_tuple(module.kernel_dilation or 1, n, "kernel_dilation"),
+        False,
+    )
+
+
+def _linen_tap(next_fun, args, kwargs, context):
+    """``flax.linen.intercept_methods`` interceptor: the taps of Dense, Conv and Embed."""
+    import flax.linen as linen
+
+    module = context.module
+    if context.method_name != "__call__" or _active() is None:
+        return next_fun(*args, **kwargs)
+    if not isinstance(module, (linen.Dense, linen.Conv, linen.Embed)):
+        return next_fun(*args, **kwargs)
+    label = "/".join(str(p) for p in module.path) or type(module).__name__
+    x = args[0] if args else next(iter(kwargs.values()))
+    out = next_fun(*args, **kwargs)
+    if isinstance(module, linen.Embed):
+        table = module.get_variable("params", "embedding")
+        return _mark(_EMBED, x, out, table, None, name=label, transposed=True)
+    kernel = module.get_variable("params", "kernel")
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    if isinstance(module, linen.Dense):
+        return _mark(_DENSE, x, out, kernel, bias, name=label, transposed=True)
+    geometry = _flax_conv_geometry(module, x, label)
+    return _mark(_CONV, x, out, kernel, bias, name=label, transposed=True, geometry=geometry)
+
+
+_PATCH_LOCK = threading.RLock()
+
+
+@contextmanager
+def _nnx_calls_tapped(names):
+    """``nnx.Linear``, ``nnx.Conv`` and ``nnx.Embed`` calls taken as marked layers, meanwhile."""
+    from flax import nnx
+
+    def value(variable):
+        get = getattr(variable, "get_value", None)
+        return get() if get is not None else variable.value
+
+    def tapped_call(original, kind):
+        def call(self, inputs, *args, **kwargs):
+            out = original(self, inputs, *args, **kwargs)
+            if _active() is None:
+                return out
+            label = names.get(id(self)) or None
+            if kind == _EMBED:
+                table = value(self.embedding)
+                return _mark(_EMBED, inputs, out, table, None, name=label, transposed=True)
+            kernel = value(self.kernel)
+            bias = None if self.bias is None else value(self.bias)
+            if kind == _DENSE:
+                return _mark(_DENSE, inputs, out, kernel, bias, name=label, transposed=True)
+            geometry = _flax_conv_geometry(self, inputs, label or "Conv")
+            return _mark(
+                _CONV, inputs, out, kernel, bias, name=label, transposed=True, geometry=geometry
+            )
+
+        call.__wrapped__ = original
+        return call
+
+    kinds = {nnx.Linear: _DENSE, nnx.Conv: _CONV, nnx.Embed: _EMBED}
+    with _PATCH_LOCK:
+        originals = {cls: cls.__dict__["__call__"] for cls in kinds}
+        try:
+            for cls, kind in kinds.items():
+                cls.__call__ = tapped_call(originals[cls], kind)
+            yield
+        finally:
+            for cls, original in originals.items():
+                cls.__call__ = original
+
+
+_EQUINOX_WRAPPER = []
+
+
+def _equinox_tapped(module):
+    """``module`` with each ``eqx.nn.Linear``, ``Conv`` and ``Embedding`` in a tapping wrapper."""
+    import equinox as eqx
+
+    if not _EQUINOX_WRAPPER:
+
+        class TappedLayer(eqx.Module):
+            layer: object
+            name: str = eqx.field(static=True)
+
+            def __call__(self, x, *, key=None):
+                layer = self.layer
+                out = layer(x, key=key)
+                label = self.name or None
+                if isinstance(layer, eqx.nn.Linear):
+                    if "scalar" in (layer.in_features, layer.out_features):
+                        raise ValueError(
+                            f"The eqx.nn.Linear {self.name!r} has scalar features; layer taps "
+                            "need vector inputs and outputs."
+                        )
+                    return _mark(_DENSE, x, out, layer.weight, layer.bias, name=label)
+                if isinstance(layer, eqx.nn.Embedding):
+                    return _mark(_EMBED, x, out, layer.weight, None, name=label, transposed=True)
+                if layer.groups != 1 or layer.padding_mode != "ZEROS":
+                    raise ValueError(
+                        f"The eqx.nn.Conv {self.name!r} has groups={layer.groups}, "
+                        f"padding_mode={layer.padding_mode!r}; layer taps cover convolutions "
+                        "without groups and with zero padding."
+                    )
+                n = layer.num_spatial_dims
+                geometry = _ConvGeometry(
+                    tuple(int(k) for k in layer.kernel_size),
+                    _int_tuple(layer.stride, n, "stride"),
+                    _padding(layer.padding, n),
+                    (1,) * n,
+                    _int_tuple(layer.dilation, n, "dilation"),
+                    True,
+                )
+                return _mark(
+                    _CONV,
+                    x,
+                    out,
+                    layer.weight,
+                    layer.bias,
+                    name=label,
+                    channels_first=True,
+                    geometry=geometry,
+                )
+
+        _EQUINOX_WRAPPER.append(TappedLayer)
+    wrapper = _EQUINOX_WRAPPER[0]
+    targets = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.Embedding)
+
+    def wrap(path, node):
+        if isinstance(node, targets):
+            return wrapper(node, jax.tree_util.keystr(path))
+        return node
+
+    return jax.tree_util.tree_map_with_path(
+        wrap, module, is_leaf=lambda node: isinstance(node, targets)
+    )
+
+
+# -- taps: layouts and the compiled pass -----------------------------------------------------
+
+
+def _lay_out(spec, a, g):
+    """A marked layer's recorded input and probe gradients in the ``LayerTap`` layout."""
+    if spec.kind == _DENSE:
+        return a, g
+    if spec.kind == _EMBED:
+        return jax.nn.one_hot(a, spec.matrix_shape[1], dtype=spec.dtype), g
+    geometry = spec.geometry
+    lhs, rhs, _ = geometry.dimension_numbers()
+    spatial = lhs[2:] if geometry.channels_first else lhs[1:-1]
+    patches = jax.lax.conv_general_dilated_patches(
+        a,
+        geometry.kernel,
+        geometry.strides,
+        geometry.padding,
+        lhs_dilation=geometry.lhs_dilation,
+        rhs_dilation=geometry.rhs_dilation,
+        dimension_numbers=(lhs, rhs, "N" + spatial + "C"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    # patches (N, *S, C_in * k) with entries ordered (C_in, *kernel)
+    N, S, D = patches.shape[0], math.prod(patches.shape[1:-1]), patches.shape[-1]
+    k = math.prod(geometry.kernel)
+    if geometry.channels_first:
+        patches = jnp.reshape(patches, (N, S, D))
+    else:  # as the kernel's leading axes (*kernel, C_in) flatten
+        patches = jnp.reshape(
+            jnp.swapaxes(jnp.reshape(patches, (N, S, D // k, k)), 2, 3), (N, S, D)
+        )
+    if g is not None:
+        if geometry.channels_first:  # (N, C_out, *S, M) -> (N, *S, C_out, M)
+            g = jnp.moveaxis(g, 1, -2)
+        g = jnp.reshape(g, (N, S, *g.shape[-2:]))
+    return patches, g
+
+
+def _taps(apply, specs, probes, params, x, cotangents):
+    """Each marked layer's ``(inputs, output gradients)``: one run, one vmapped pullback."""
+    found = []
+    if cotangents is None:
+        _, (specs_run, inputs, _) = apply.tapped(params, x, None)
+        found.append(specs_run)
+        grads = [None] * len(inputs)
+    else:
+        zeros = [jnp.zeros(shape, dtype) for shape, dtype in probes]
+
+        def run(z):
+            outputs, (specs_run, inputs, _) = apply.tapped(params, x, z)
+            found.append(specs_run)
+            return outputs, inputs
+
+        _, pullback, inputs = jax.vjp(run, zeros, has_aux=True)
+        grads = jax.vmap(lambda u: pullback(u)[0], in_axes=-1, out_axes=-1)(cotangents)
+    if found[-1] != specs:
+        raise ValueError(
+            "The model marked other layers than when it was traced before: its function is "
+            "not pure."
+        )
+    return [_lay_out(s, a, g) for s, a, g in zip(specs, inputs, grads, strict=True)]
 
 
 def _forward(apply, params, x):
@@ -273,9 +1272,12 @@ class _Functions:
     push: object
     second_order: object
     second_order_traceable: object
+    taps: object
 
 
-_EAGER = _Functions(_forward, _linearize, _pull, _push, _second_order, _second_order_traceable)
+_EAGER = _Functions(
+    _forward, _linearize, _pull, _push, _second_order, _second_order_traceable, _taps
+)
 _COMPILED = _Functions(
     forward=jax.jit(_forward, static_argnums=0),
     linearize=jax.jit(_linearize, static_argnums=0),
@@ -283,4 +1285,5 @@ _COMPILED = _Functions(
     push=jax.jit(_push),
     second_order=jax.jit(_second_order, static_argnums=0),
     second_order_traceable=jax.jit(_second_order_traceable, static_argnums=(0, 1)),
+    taps=jax.jit(_taps, static_argnums=(0, 1, 2)),
 )
