@@ -236,7 +236,8 @@ class _KroneckerCurvature(CurvatureLinearOperator):
                     f"Layer {tap.name!r}: its weight (parameter {tap.weight_index}) must have "
                     f"shape (D_out, {d_in}) for inputs with {d_in} features, got {shape}."
                 )
-            if tap.bias_index is not None and self.shapes[tap.bias_index] != (shape[0],):
+            # a bias of D_out entries, any shape ((C_out,), or Equinox's (C_out, 1, 1))
+            if tap.bias_index is not None and math.prod(self.shapes[tap.bias_index]) != shape[0]:
                 raise ValueError(
                     f"Layer {tap.name!r}: its bias (parameter {tap.bias_index}) must have "
                     f"shape ({shape[0]},), got {self.shapes[tap.bias_index]}."

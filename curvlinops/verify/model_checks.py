@@ -24,6 +24,47 @@ from ..models.protocol import as_requirement
 from ._common import dot_product_error, norm, relative_error
 from .report import VerificationReport
 
+
+def tap_outputs(tap) -> int:
+    """``D_out`` of a tap: its outputs' feature count."""
+    if tap.kind == "elementwise":
+        return tap.inputs.shape[-1]
+    return tap.matrix_shape[0]
+
+
+def _features_last(gradient, tap, xp):
+    """A gradient of a tapped layer's outputs with its features on the last axis."""
+    if tap.channels_first and gradient.ndim > 2:
+        return xp.moveaxis(gradient, 1, -1)
+    return gradient
+
+
+def tap_gradients(tap, output_grads, xp, *, vocabulary=None):
+    """Weight and bias gradients ``(..., M)`` that a tap implies, summed over its items.
+
+    ``output_grads`` is ``(N, S..., D_out, M)``; the weight gradient has the weight's
+    matrix layout (``(D_out, D_in)``, ``(D_in, D_out)`` when transposed, ``(D,)`` for an
+    elementwise tap, ``(V, D)`` for an embedding), each with a trailing ``M``.
+    """
+    M = output_grads.shape[-1]
+    d_out = output_grads.shape[-2]
+    g = xp.reshape(output_grads, (-1, d_out, M))  # (items, D_out, M)
+    bias = xp.sum(g, axis=0)
+    if tap.kind == "elementwise":
+        a = xp.reshape(tap.inputs, (-1, d_out))
+        return xp.sum(g * a[:, :, None], axis=0), bias
+    if tap.kind == "embedding":
+        ids = xp.reshape(tap.inputs, (-1,))
+        a = xp.astype(ids[:, None] == xp.arange(vocabulary, device=device(ids)), g.dtype)
+    else:
+        a = xp.reshape(tap.inputs, (-1, tap.inputs.shape[-1]))
+    by_probe = xp.reshape(xp.permute_dims(g, (2, 1, 0)), (M * d_out, -1))
+    weight = xp.permute_dims(xp.reshape(by_probe @ a, (M, d_out, -1)), (1, 2, 0))
+    if tap.transposed or tap.kind == "embedding":
+        weight = xp.permute_dims(weight, (1, 0, 2))
+    return weight, bias
+
+
 __all__ = [
     "check_jvp",
     "check_vjp",
@@ -278,16 +319,11 @@ def check_layer_taps(model, params, x, *, seed=0, rtol=None, num_probes=2):
     taps = [t for t in linearization.layer_taps(U) if t.output_grads is not None]
     errors = {}
     for tap in taps:
-        inputs = xp.reshape(tap.inputs, (-1, tap.inputs.shape[-1]))
-        d_out = tap.output_grads.shape[-2]
-        out_grads = xp.reshape(tap.output_grads, (-1, d_out, num_probes))
-        by_probe = xp.reshape(xp.permute_dims(out_grads, (2, 1, 0)), (num_probes * d_out, -1))
-        weight_grad = xp.reshape(by_probe @ inputs, (num_probes, d_out, -1))
-        weight_grad = xp.permute_dims(weight_grad, (1, 2, 0))
+        V = params[tap.weight_index].shape[0] if tap.kind == "embedding" else None
+        weight_grad, bias_grad = tap_gradients(tap, tap.output_grads, xp, vocabulary=V)
         expected = xp.reshape(grads[tap.weight_index], tuple(weight_grad.shape))
         errors[tap.name] = relative_error(xp, weight_grad, expected)
         if tap.bias_index is not None:
-            bias_grad = xp.sum(out_grads, axis=0)
             expected = xp.reshape(grads[tap.bias_index], tuple(bias_grad.shape))
             errors[tap.name] = max(errors[tap.name], relative_error(xp, bias_grad, expected))
     if not errors:
@@ -359,13 +395,14 @@ def check_layer_protocol(model, params, x, *, seed=0, rtol=None, num_probes=2):
         layer = layers[i]
         tap = layer.tap()
         if tap is not None:
-            a = xp.reshape(tap.inputs, (-1, tap.inputs.shape[-1]))
-            rows = xp.reshape(gradient, (-1, gradient.shape[-1]))
-            weight_grad = xp.reshape(xp.matrix_transpose(rows) @ a, (-1,))
+            rows = xp.reshape(_features_last(gradient, tap, xp), (-1, tap_outputs(tap)))
+            V = params[tap.weight_index].shape[0] if tap.kind == "embedding" else None
+            weight_grad, bias_grad = tap_gradients(tap, rows[..., None], xp, vocabulary=V)
+            weight_grad = xp.reshape(weight_grad, (-1,))
             error = relative_error(xp, weight_grad, xp.reshape(grads[tap.weight_index], (-1,)))
             if tap.bias_index is not None:
                 bias = xp.reshape(grads[tap.bias_index], (-1,))
-                error = max(error, relative_error(xp, xp.sum(rows, axis=0), bias))
+                error = max(error, relative_error(xp, xp.reshape(bias_grad, (-1,)), bias))
             if curvature is not None and tap.inputs.ndim == 2:
                 error = max(
                     error,

@@ -295,15 +295,6 @@ def reference(kind, name):
     return _REFERENCES[kind, name]
 
 
-def _xfail_equinox_conv_bias(kind, framework):
-    if kind == "cnn" and framework == "equinox":
-        pytest.xfail(
-            "eqx.nn.Conv stores its bias as (C_out, 1, 1); _layout_from_taps accepts only "
-            "(D_out,) biases (needs the one-line change described in the JAX frontend's "
-            "hand-over)"
-        )
-
-
 @pytest.mark.parametrize("name", list(OPERATORS))
 @pytest.mark.parametrize(("kind", "framework"), CASES, ids=[f"{k}-{f}" for k, f in CASES])
 def test_tap_operators_equal_the_native_ones_permuted(kind, framework, name):
@@ -311,18 +302,13 @@ def test_tap_operators_equal_the_native_ones_permuted(kind, framework, name):
         pytest.skip("no shared axes: reduce is expand")
     _, _, _, model, params, data, P = setup(kind, framework)
     expected = reference(kind, name)[np.ix_(P, P)]
-    try:
-        ours = OPERATORS[name](model, cl.CrossEntropyLoss(), params, data)
-    except ValueError as error:
-        if "bias" in str(error):
-            _xfail_equinox_conv_bias(kind, framework)
-        raise
+    ours = OPERATORS[name](model, cl.CrossEntropyLoss(), params, data)
     np.testing.assert_allclose(_dense(ours), expected, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize(("kind", "framework"), CASES, ids=[f"{k}-{f}" for k, f in CASES])
 def test_taps_give_the_weight_gradients_of_vjp(kind, framework):
-    # (curvlinops.verify.check_layer_taps does the same for untransposed weights only)
+    # (curvlinops.verify.check_layer_taps does the same; see the test below)
     _, _, _, model, params, data, _ = setup(kind, framework)
     X = data[0][0]
     U = jnp.asarray(np.random.default_rng(2).standard_normal((X.shape[0], 3, 2)))
@@ -340,6 +326,15 @@ def test_taps_give_the_weight_gradients_of_vjp(kind, framework):
             expected = grads[tap.bias_index]
             bias = g.sum(axis=0).reshape(expected.shape)
             np.testing.assert_allclose(bias, expected, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize(("kind", "framework"), CASES, ids=[f"{k}-{f}" for k, f in CASES])
+def test_verify_check_layer_taps_passes_for_every_framework(kind, framework):
+    from curvlinops.verify import check_layer_taps
+
+    _, _, _, model, params, data, _ = setup(kind, framework)
+    report = check_layer_taps(model, params, data[0][0])
+    assert report.passed, report
 
 
 @pytest.mark.parametrize(("kind", "framework"), CASES, ids=[f"{k}-{f}" for k, f in CASES])
