@@ -12,13 +12,39 @@
   does) by double backward over the recorded graph, which is faster than forward
   mode in PyTorch on the CPU; otherwise forward-over-reverse, the ``torch.func.jvp``
   of the ``torch.func.vjp``;
-- tier 3 from forward hooks on every tapped module (those whose native equivalent
-  below has a tap: ``torch.nn.Linear``, ``Conv1d`` and ``Conv2d`` with
-  ``padding_mode="zeros"``, batch normalization in evaluation mode when the native
-  ``BatchNorm1d``/``BatchNorm2d`` exist): its inputs, and the gradients of its outputs
-  for ``M`` cotangents in one batched backward pass, laid out by the native layer's tap
-  (a convolution's unfolded patches, batch normalization's normalized inputs). Hooks
-  see any module graph, so residual networks get taps too;
+- without forward mode: where an operation of the module has no forward-mode
+  derivative (an ``autograd.Function`` without ``jvp``, a fused kernel), the first
+  product that needs one finds out and the model switches to reverse mode for good:
+  Jacobian-vector products become reverse-over-reverse, ``J v = d/du <J^T u, v>`` (one
+  graph of ``J^T u`` per linearization, then one batched backward pass per product,
+  about twice a vjp), which is what the GGN, Fisher and Jacobian products then pay;
+  second-order products with a ``w`` that is not symmetric become double backward
+  plus a vjp (and a reverse-mode jvp for a map ``w = A(J v)``). Symmetric Hessian
+  products and vjps are reverse mode anyway;
+- attention: every forward pass runs with ``torch.nn.MultiheadAttention``'s fast path
+  off (``torch._native_multi_head_attention`` bypasses ``F.linear`` and has no
+  forward-mode derivative) and ``scaled_dot_product_attention`` on its math backend
+  (its fused kernels have neither forward mode nor double backward); the previous
+  settings are restored afterwards. The function is the same;
+- tier 3: a torch-function mode over the forward pass taps every call in which a
+  trainable parameter (by object identity with the tensors given to
+  ``functional_call``) enters the model as the weight of ``torch.nn.functional.linear``
+  (``nn.Linear``, the packed ``in_proj_weight``/``in_proj_bias`` and ``out_proj`` of
+  ``nn.MultiheadAttention`` in self-attention, ``F.linear`` in user code: a tap of kind
+  ``"matrix"``), the table of ``F.embedding`` (``nn.Embedding``: kind ``"embedding"``,
+  the integer ids as inputs) or the weight of ``F.layer_norm`` over the last axis
+  (``nn.LayerNorm``: kind ``"elementwise"``, the normalized inputs ``(x - mean) /
+  sqrt(var + eps)`` as inputs). Forward hooks tap ``Conv1d`` and ``Conv2d`` with
+  ``padding_mode="zeros"`` and batch normalization in evaluation mode (when the native
+  ``BatchNorm1d``/``BatchNorm2d`` exist), laid out by the native layer's tap (a
+  convolution's unfolded patches, batch normalization's normalized inputs). Each tapped
+  call gets a zero probe added to its output; the gradients of the probes for ``M``
+  cotangents come from one batched backward pass. Inputs and output gradients are laid
+  out ``(N, S..., D)`` with the data axis first (the attention projections' sequence-
+  first inputs are transposed). A parameter used in two tapped calls (weight tying, a
+  layer called twice) is refused: Kronecker factors need each parameter in one layer.
+  Hooks and the mode see any module graph, so residual networks and transformers get
+  taps too;
 - the layer protocol (:mod:`curvlinops.models.layers`) for modules that form a chain
   (each leaf module takes the previous one's output, as in ``torch.nn.Sequential``):
   every leaf module is mapped to the ``curvlinops.nn`` layer that computes the same
@@ -114,12 +140,25 @@ class TorchModel(Model):
     - Inputs, parameters and the module's remaining tensors (frozen parameters,
       buffers) on one device: a mismatch raises a ValueError naming both devices.
 
-    Tier 3 (layer taps) covers every ``torch.nn.Linear``, ``Conv1d`` and ``Conv2d``
-    (``groups=1``; a grouped convolution's tap raises
-    :class:`~curvlinops.MissingLayerRuleError` naming the module) and, where
+    Tier 3 (layer taps) covers every call of ``torch.nn.functional.linear`` whose weight
+    is among the parameters (``torch.nn.Linear``, the projections of
+    ``torch.nn.MultiheadAttention`` in self-attention, functional calls), every
+    ``torch.nn.Embedding``/``F.embedding`` table (an embedding tap) and every
+    ``torch.nn.LayerNorm``/``F.layer_norm`` weight over the last axis (an elementwise
+    tap), plus ``Conv1d`` and ``Conv2d`` (``groups=1``; a grouped convolution's tap
+    raises :class:`~curvlinops.MissingLayerRuleError` naming the module) and, where
     ``curvlinops.nn`` has them, ``BatchNorm1d``/``BatchNorm2d`` (an elementwise tap)
     whose weight is among the parameters, in any module graph (residual connections
-    included); each must be called once per forward pass (a shared layer is refused).
+    included); each parameter must enter one tapped call once per forward pass (a
+    shared layer or tied weights are refused, naming the parameter). Refused by the
+    taps, with the reason: a slice of a parameter in ``F.linear`` (cross-attention,
+    whose packed projection is split), layer normalization over more than the last
+    axis, inputs whose first axis is not the data axis. A parameter added or
+    multiplied outside these calls (a learned positional embedding added to the
+    inputs) is in no tap: K-FAC and the diagonals then say which parameter they lack.
+    Embeddings with a trainable table and ``padding_idx``, ``max_norm``,
+    ``scale_grad_by_freq`` or ``sparse`` are refused at construction (they change the
+    derivatives, or mutate the table, or give sparse gradients).
     The layer protocol (:meth:`Linearization.layers
     <curvlinops.Linearization.layers>`; the Hessian diagonal and the
     Kronecker-factored Hessian) needs the leaf modules to form a chain, each called
@@ -717,6 +756,13 @@ class _Record:
     matrix_shape: tuple | None = None
 
 
+#: one hop of torch-function dispatch skipped (to see the calls inside a Python-level
+#: function such as ``F.multi_head_attention_forward``); None in versions without it
+_redispatch = getattr(torch.overrides, "redispatch_function", None)
+if _redispatch is None and hasattr(torch._C, "_skip_one_hop_torch_function"):  # pragma: no cover
+    _redispatch = torch._C._skip_one_hop_torch_function
+
+
 class _TapRecorder(torch.overrides.TorchFunctionMode):
     """A torch-function mode that taps every call in which a parameter enters the model.
 
@@ -748,6 +794,10 @@ class _TapRecorder(torch.overrides.TorchFunctionMode):
             return self._embedding(func, args, kwargs)
         if func is torch.nn.functional.layer_norm:
             return self._layer_norm(func, args, kwargs)
+        if func is torch.nn.functional.multi_head_attention_forward and _redispatch is not None:
+            # a composite whose projections call F.linear: run its body with the mode on
+            with self:
+                return _redispatch(func, types, args, kwargs)
         return func(*args, **kwargs)
 
     # -- the tapped functions ----------------------------------------------------------
@@ -966,7 +1016,13 @@ def _is_missing_forward_mode(error):
     message = str(error)
     return any(
         phrase in message
-        for phrase in ("forward AD", "forward mode", "forward-mode", "jvp function")
+        for phrase in (
+            "forward AD",
+            "forward mode",
+            "forward-mode",
+            "jvp function",
+            "functorch transforms",  # an autograd.Function without setup_context
+        )
     )
 
 
