@@ -12,13 +12,39 @@
   does) by double backward over the recorded graph, which is faster than forward
   mode in PyTorch on the CPU; otherwise forward-over-reverse, the ``torch.func.jvp``
   of the ``torch.func.vjp``;
-- tier 3 from forward hooks on every tapped module (those whose native equivalent
-  below has a tap: ``torch.nn.Linear``, ``Conv1d`` and ``Conv2d`` with
-  ``padding_mode="zeros"``, batch normalization in evaluation mode when the native
-  ``BatchNorm1d``/``BatchNorm2d`` exist): its inputs, and the gradients of its outputs
-  for ``M`` cotangents in one batched backward pass, laid out by the native layer's tap
-  (a convolution's unfolded patches, batch normalization's normalized inputs). Hooks
-  see any module graph, so residual networks get taps too;
+- without forward mode: where an operation of the module has no forward-mode
+  derivative (an ``autograd.Function`` without ``jvp``, a fused kernel), the first
+  product that needs one finds out and the model switches to reverse mode for good:
+  Jacobian-vector products become reverse-over-reverse, ``J v = d/du <J^T u, v>`` (one
+  graph of ``J^T u`` per linearization, then one batched backward pass per product,
+  about twice a vjp), which is what the GGN, Fisher and Jacobian products then pay;
+  second-order products with a ``w`` that is not symmetric become double backward
+  plus a vjp (and a reverse-mode jvp for a map ``w = A(J v)``). Symmetric Hessian
+  products and vjps are reverse mode anyway;
+- attention: every forward pass runs with ``torch.nn.MultiheadAttention``'s fast path
+  off (``torch._native_multi_head_attention`` bypasses ``F.linear`` and has no
+  forward-mode derivative) and ``scaled_dot_product_attention`` on its math backend
+  (its fused kernels have neither forward mode nor double backward); the previous
+  settings are restored afterwards. The function is the same;
+- tier 3: a torch-function mode over the forward pass taps every call in which a
+  trainable parameter (by object identity with the tensors given to
+  ``functional_call``) enters the model as the weight of ``torch.nn.functional.linear``
+  (``nn.Linear``, the packed ``in_proj_weight``/``in_proj_bias`` and ``out_proj`` of
+  ``nn.MultiheadAttention`` in self-attention, ``F.linear`` in user code: a tap of kind
+  ``"matrix"``), the table of ``F.embedding`` (``nn.Embedding``: kind ``"embedding"``,
+  the integer ids as inputs) or the weight of ``F.layer_norm`` over the last axis
+  (``nn.LayerNorm``: kind ``"elementwise"``, the normalized inputs ``(x - mean) /
+  sqrt(var + eps)`` as inputs). Forward hooks tap ``Conv1d`` and ``Conv2d`` with
+  ``padding_mode="zeros"`` and batch normalization in evaluation mode (when the native
+  ``BatchNorm1d``/``BatchNorm2d`` exist), laid out by the native layer's tap (a
+  convolution's unfolded patches, batch normalization's normalized inputs). Each tapped
+  call gets a zero probe added to its output; the gradients of the probes for ``M``
+  cotangents come from one batched backward pass. Inputs and output gradients are laid
+  out ``(N, S..., D)`` with the data axis first (the attention projections' sequence-
+  first inputs are transposed). A parameter used in two tapped calls (weight tying, a
+  layer called twice) is refused: Kronecker factors need each parameter in one layer.
+  Hooks and the mode see any module graph, so residual networks and transformers get
+  taps too;
 - the layer protocol (:mod:`curvlinops.models.layers`) for modules that form a chain
   (each leaf module takes the previous one's output, as in ``torch.nn.Sequential``):
   every leaf module is mapped to the ``curvlinops.nn`` layer that computes the same
@@ -43,7 +69,9 @@ rules of the layer protocol; ``curvlinops.nn`` never imports a frontend).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from dataclasses import dataclass
 
 try:
     import torch
@@ -112,12 +140,25 @@ class TorchModel(Model):
     - Inputs, parameters and the module's remaining tensors (frozen parameters,
       buffers) on one device: a mismatch raises a ValueError naming both devices.
 
-    Tier 3 (layer taps) covers every ``torch.nn.Linear``, ``Conv1d`` and ``Conv2d``
-    (``groups=1``; a grouped convolution's tap raises
-    :class:`~curvlinops.MissingLayerRuleError` naming the module) and, where
+    Tier 3 (layer taps) covers every call of ``torch.nn.functional.linear`` whose weight
+    is among the parameters (``torch.nn.Linear``, the projections of
+    ``torch.nn.MultiheadAttention`` in self-attention, functional calls), every
+    ``torch.nn.Embedding``/``F.embedding`` table (an embedding tap) and every
+    ``torch.nn.LayerNorm``/``F.layer_norm`` weight over the last axis (an elementwise
+    tap), plus ``Conv1d`` and ``Conv2d`` (``groups=1``; a grouped convolution's tap
+    raises :class:`~curvlinops.MissingLayerRuleError` naming the module) and, where
     ``curvlinops.nn`` has them, ``BatchNorm1d``/``BatchNorm2d`` (an elementwise tap)
     whose weight is among the parameters, in any module graph (residual connections
-    included); each must be called once per forward pass (a shared layer is refused).
+    included); each parameter must enter one tapped call once per forward pass (a
+    shared layer or tied weights are refused, naming the parameter). Refused by the
+    taps, with the reason: a slice of a parameter in ``F.linear`` (cross-attention,
+    whose packed projection is split), layer normalization over more than the last
+    axis, inputs whose first axis is not the data axis. A parameter added or
+    multiplied outside these calls (a learned positional embedding added to the
+    inputs) is in no tap: K-FAC and the diagonals then say which parameter they lack.
+    Embeddings with a trainable table and ``padding_idx``, ``max_norm``,
+    ``scale_grad_by_freq`` or ``sparse`` are refused at construction (they change the
+    derivatives, or mutate the table, or give sparse gradients).
     The layer protocol (:meth:`Linearization.layers
     <curvlinops.Linearization.layers>`; the Hessian diagonal and the
     Kronecker-factored Hessian) needs the leaf modules to form a chain, each called
@@ -208,8 +249,15 @@ class TorchModel(Model):
             )
         self.param_names = [n for n, _ in trainable]
         _refuse_unsupported_padding(module, self.param_names)
+        _refuse_unsupported_embeddings(module, self.param_names)
         self._shapes = [tuple(p.shape) for _, p in trainable]
         self._taps = _tapped_layers(module, self.param_names)
+        # how the inputs of a functional linear map are laid out, per weight name (the
+        # projections inside MultiheadAttention see sequence-first inputs)
+        self._layouts = _linear_layouts(module, self.param_names)
+        # whether forward mode works through the module (False after it first failed:
+        # Jacobian-vector products then go through reverse-over-reverse)
+        self._forward_mode = True
 
     @property
     def name(self) -> str:
@@ -240,7 +288,10 @@ class TorchModel(Model):
     # -- internals --------------------------------------------------------------------
 
     def _forward(self, params, x):
-        return functional_call(self.module, dict(zip(self.param_names, params, strict=True)), (x,))
+        with _differentiable_attention():
+            return functional_call(
+                self.module, dict(zip(self.param_names, params, strict=True)), (x,)
+            )
 
     def _vmap(self, fn):
         """``fn`` mapped over the trailing axis of its inputs and outputs."""
@@ -305,10 +356,21 @@ class _TorchLinearization(Linearization):
         with torch.enable_grad():
             self._graph_outputs = self._function(*self._leaves)
         self._push = None  # the traced tangent map of jvp_method="linearize"
+        self._transposed = None  # J^T u with a graph in u (the reverse-mode jvp)
         self._protocol_layers = None
         super().__init__(model, params, x, self._graph_outputs.detach())
 
     def _jvp(self, tangents):
+        if self.model._forward_mode:
+            try:
+                return self._forward_mode_jvp(tangents)
+            except (NotImplementedError, RuntimeError) as error:
+                if not _is_missing_forward_mode(error):
+                    raise
+                self.model._forward_mode = False
+        return self._reverse_mode_jvp(tangents)
+
+    def _forward_mode_jvp(self, tangents):
         if self.model.jvp_method == "linearize":
             single = self._traced_tangent_map()
         else:
@@ -318,6 +380,32 @@ class _TorchLinearization(Linearization):
                 return jvp(self._function, primals, v)[1]
 
         return self._map_columns(single, tangents)
+
+    def _reverse_mode_jvp(self, tangents):
+        """``J v`` by reverse-over-reverse: ``J v = d/du <J^T u, v>`` (the "double vjp").
+
+        The fallback for modules without forward-mode derivatives: ``J^T u`` is
+        recorded once (with a graph, ``u`` a leaf) over the forward graph, and each
+        product is one batched backward pass through it, linear in ``u``.
+        """
+        if self._transposed is None:
+            with torch.enable_grad():
+                u = torch.zeros_like(self._graph_outputs, requires_grad=True)
+                first = torch.autograd.grad(
+                    self._graph_outputs,
+                    self._leaves,
+                    grad_outputs=u,
+                    create_graph=True,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+            used = [i for i, g in enumerate(first) if g is not None and g.requires_grad]
+            self._transposed = (u, [first[i] for i in used], used)
+        u, roots, used = self._transposed
+        K = tangents[0].shape[-1]
+        if not roots:
+            return torch.zeros(u.shape + (K,), dtype=u.dtype, device=u.device)
+        return self._grad_columns(roots, [tangents[i] for i in used], K, wrt=[u])[0]
 
     def _traced_tangent_map(self):
         if self._push is None:
@@ -331,11 +419,6 @@ class _TorchLinearization(Linearization):
         return self._grad_columns([self._graph_outputs], [cotangents], cotangents.shape[-1])
 
     def _second_order_vjp(self, cotangent, tangents, cotangent_tangent):
-        function, primals = self._function, tuple(self.params)
-
-        def transposed_jacobian_product(u, *ps):
-            return vjp(function, *ps)[1](u)
-
         # With a traceable w = A(J v), one pass replaces a J v pass followed by the
         # second-order one: the cotangent is made to depend on the outputs through a
         # term that is zero in value but whose derivative is A J.
@@ -346,6 +429,30 @@ class _TorchLinearization(Linearization):
             return self._reverse_over_reverse(lambda outputs: cotangent, tangents)
         if isinstance(cotangent_tangent, TraceableLinearMap) and cotangent_tangent.symmetric:
             return self._reverse_over_reverse(dependent_cotangent, tangents)
+        if self.model._forward_mode:
+            try:
+                return self._forward_over_reverse(
+                    cotangent, tangents, cotangent_tangent, dependent_cotangent
+                )
+            except (NotImplementedError, RuntimeError) as error:
+                if not _is_missing_forward_mode(error):
+                    raise
+                self.model._forward_mode = False
+        # reverse mode only: sum_c u_c Hess(f_c) v by double backward, plus J^T w (with
+        # w = A(J v) from the reverse-mode jvp when w is a map)
+        if callable(cotangent_tangent):
+            cotangent_tangent = cotangent_tangent(self._jvp(tangents))
+        curvature = self._reverse_over_reverse(lambda outputs: cotangent, tangents)
+        return [c + g for c, g in zip(curvature, self._vjp(cotangent_tangent), strict=True)]
+
+    def _forward_over_reverse(self, cotangent, tangents, cotangent_tangent, dependent_cotangent):
+        """The second-order product of a map ``w`` that is not symmetric: the
+        ``torch.func.jvp`` of the ``torch.func.vjp``."""
+        function, primals = self._function, tuple(self.params)
+
+        def transposed_jacobian_product(u, *ps):
+            return vjp(function, *ps)[1](u)
+
         if isinstance(cotangent_tangent, TraceableLinearMap):
 
             def with_dependent_cotangent(*ps):
@@ -385,14 +492,17 @@ class _TorchLinearization(Linearization):
         K = tangents[0].shape[-1]
         return self._grad_columns([first[i] for i in used], [tangents[i] for i in used], K)
 
-    def _grad_columns(self, roots, cotangents, K):
+    def _grad_columns(self, roots, cotangents, K, wrt=None):
         """``sum_i (d roots_i / d params)^T cotangents_i`` for each trailing column.
 
         All ``K`` columns go through one batched backward pass (in chunks of the
         model's ``chunk_size`` if it has one). The recorded forward graph is retained.
+        ``wrt``: the tensors to differentiate with respect to (default: the parameters).
         """
+        leaves = self._leaves if wrt is None else wrt
+        targets = self.params if wrt is None else wrt
         if not roots or not roots[0].requires_grad:  # nothing depends on the parameters
-            return [_columns_or_zeros(None, p, K, False) for p in self.params]
+            return [_columns_or_zeros(None, p, K, False) for p in targets]
         chunk = K if self.model.chunk_size is None else self.model.chunk_size
         pieces = []
         for lo in range(0, K, chunk):
@@ -400,7 +510,7 @@ class _TorchLinearization(Linearization):
             batched = columns[0].shape[-1] > 1
             grads = torch.autograd.grad(
                 roots,
-                self._leaves,
+                leaves,
                 grad_outputs=[torch.movedim(c, -1, 0) if batched else c[..., 0] for c in columns],
                 retain_graph=True,
                 allow_unused=True,
@@ -409,7 +519,7 @@ class _TorchLinearization(Linearization):
             pieces.append(
                 [
                     _columns_or_zeros(g, p, columns[0].shape[-1], batched)
-                    for g, p in zip(grads, self.params, strict=True)
+                    for g, p in zip(grads, targets, strict=True)
                 ]
             )
         if len(pieces) == 1:
@@ -427,82 +537,104 @@ class _TorchLinearization(Linearization):
 
     def _layer_taps(self, cotangents):
         model = self.model
-        records = {}  # tap index -> (input, probe)
+        N = self.x.shape[0]
+        # the functional taps (linear maps, embeddings, layer normalization) from a
+        # torch-function mode, the modules' (convolutions, batch normalization) from
+        # forward hooks; both keyed by the weight's index in the parameter list
+        recorder = _TapRecorder(model, self.params, N, probes=cotangents is not None)
         handles = []
 
-        def make_hook(index, layer_name):
+        def make_hook(layer_name, weight_index, bias_index):
             def hook(_module, args, output):
-                if index in records:
+                if weight_index in recorder.records:
                     raise ValueError(
                         f"The layer {layer_name!r} ran more than once in one forward pass; "
                         "layer taps need each tapped (e.g. Linear) layer to be used once."
                     )
-                probe = None
-                if cotangents is not None:
-                    # A zero added to the layer's output: the gradient with respect to it
-                    # is the gradient with respect to the output.
-                    probe = torch.zeros_like(output, requires_grad=True)
-                    output = output + probe
-                records[index] = (args[0].detach(), probe)
+                recorder.claim(layer_name, weight_index, bias_index)
+                probe, output = recorder.probe(output)
+                recorder.records[weight_index] = _Record(
+                    layer_name, weight_index, bias_index, args[0].detach(), probe, "module"
+                )
                 return output
 
             return hook
 
         try:
-            for index, (layer_name, layer, _, _, _) in enumerate(model._taps):
-                handles.append(layer.register_forward_hook(make_hook(index, layer_name)))
+            for layer_name, layer, weight_index, bias_index, _ in model._taps:
+                handles.append(
+                    layer.register_forward_hook(make_hook(layer_name, weight_index, bias_index))
+                )
             with torch.enable_grad() if cotangents is not None else torch.no_grad():
-                outputs = model._forward(self.params, self.x)
+                with recorder:
+                    outputs = model._forward(self.params, self.x)
         finally:
             for handle in handles:
                 handle.remove()
-        used = sorted(records)
-        grads = [None] * len(used)
-        if cotangents is not None and used:
+        records = [recorder.records[i] for i in sorted(recorder.records)]
+        grads = [None] * len(records)
+        if cotangents is not None and records:
             grads = torch.autograd.grad(
                 outputs,
-                [records[i][1] for i in used],
+                [r.probe for r in records],
                 grad_outputs=torch.movedim(cotangents, -1, 0),
                 is_grads_batched=True,
                 allow_unused=True,
                 materialize_grads=True,
             )
-            # (M, N, ..., D_out) to the native layers' internal layout (N, ..., M, D_out)
-            grads = [torch.movedim(g, 0, -2) for g in grads]
+        modules = {weight_index: entry for entry in model._taps for weight_index in [entry[2]]}
         taps = []
-        for i, g in zip(used, grads, strict=True):
-            name, layer, weight_index, bias_index, equivalent = model._taps[i]
-            # built anew: the native layer reads the module's buffers (batch
-            # normalization's running statistics), which .to() or .double() replace
-            fresh = _native_layer(layer)
-            equivalent = equivalent if fresh is None else fresh
-            a = records[i][0]
-            state = {"input": a}
-            if equivalent.input_layout is not None:
-                state["channels_first"] = equivalent.input_layout == "channels_first"
-            # the native layer's tap: its inputs and output gradients in the shared
-            # (N, S..., D) layout and the weight's matrix shape
-            try:
-                inputs, output_grads, shape = equivalent.tap(state, g, array_namespace(a))
-            except MissingLayerRuleError as error:
-                raise MissingLayerRuleError(
-                    f"The module {name!r} (torch.nn.{type(layer).__name__}) has no layer tap: "
-                    f"{error} (Or leave its parameters out of param_names to approximate "
-                    "the curvature of the others.)"
-                ) from None
-            shape = None if shape is None else tuple(shape)
+        for record, g in zip(records, grads, strict=True):
+            if record.layout == "module":
+                taps.append(self._module_tap(modules[record.weight_index], record, g))
+                continue
+            if g is not None:
+                # (M, output layout) to the shared layout (N, S..., D, M)
+                g = _items(
+                    g, record.layout, N, lead=1, who=self.model.param_names[record.weight_index]
+                )
+                g = torch.movedim(g, 0, -1)
             taps.append(
                 LayerTap(
-                    name,
-                    weight_index,
-                    bias_index,
-                    inputs,
-                    output_grads,
-                    shape,
-                    kind=equivalent.tap_kind,
+                    record.name,
+                    record.weight_index,
+                    record.bias_index,
+                    record.inputs,
+                    g,
+                    record.matrix_shape,
+                    kind=record.kind,
                 )
             )
         return taps
+
+    def _module_tap(self, entry, record, g):
+        """The tap of a hooked module from its native equivalent's rule."""
+        name, layer, weight_index, bias_index, equivalent = entry
+        if g is not None:
+            # (M, N, ..., D_out) to the native layers' internal layout (N, ..., M, D_out)
+            g = torch.movedim(g, 0, -2)
+        # built anew: the native layer reads the module's buffers (batch
+        # normalization's running statistics), which .to() or .double() replace
+        fresh = _native_layer(layer)
+        equivalent = equivalent if fresh is None else fresh
+        a = record.inputs
+        state = {"input": a}
+        if equivalent.input_layout is not None:
+            state["channels_first"] = equivalent.input_layout == "channels_first"
+        # the native layer's tap: its inputs and output gradients in the shared
+        # (N, S..., D) layout and the weight's matrix shape
+        try:
+            inputs, output_grads, shape = equivalent.tap(state, g, array_namespace(a))
+        except MissingLayerRuleError as error:
+            raise MissingLayerRuleError(
+                f"The module {name!r} (torch.nn.{type(layer).__name__}) has no layer tap: "
+                f"{error} (Or leave its parameters out of param_names to approximate "
+                "the curvature of the others.)"
+            ) from None
+        shape = None if shape is None else tuple(shape)
+        return LayerTap(
+            name, weight_index, bias_index, inputs, output_grads, shape, kind=equivalent.tap_kind
+        )
 
     def _layers(self):
         if self._protocol_layers is None:
@@ -601,6 +733,347 @@ class _TorchLinearization(Linearization):
         )
 
 
+# -- tier 3 from functional calls ---------------------------------------------------------
+
+
+@dataclass
+class _Record:
+    """One tapped call of a forward pass: its layer's parameters, inputs and probe.
+
+    ``layout`` says how the inputs and outputs of the call are laid out: ``"module"``
+    (a hooked module, laid out by its native equivalent's tap), ``"batch_first"``
+    (``(N, S..., D)``), ``"sequence_first"`` (``(S, N, D)``) or ``"flat_sequence_first"``
+    (``(S * N, D)``, rows position-major), the last two inside ``MultiheadAttention``.
+    """
+
+    name: str
+    weight_index: int
+    bias_index: int | None
+    inputs: object
+    probe: object
+    layout: str
+    kind: str = "matrix"
+    matrix_shape: tuple | None = None
+
+
+#: one hop of torch-function dispatch skipped (to see the calls inside a Python-level
+#: function such as ``F.multi_head_attention_forward``); None in versions without it
+_redispatch = getattr(torch.overrides, "redispatch_function", None)
+if _redispatch is None and hasattr(torch._C, "_skip_one_hop_torch_function"):  # pragma: no cover
+    _redispatch = torch._C._skip_one_hop_torch_function
+
+
+class _TapRecorder(torch.overrides.TorchFunctionMode):
+    """A torch-function mode that taps every call in which a parameter enters the model.
+
+    Intercepts ``torch.nn.functional.linear`` (``nn.Linear``, the projections of
+    ``nn.MultiheadAttention``, functional calls in user code), ``F.embedding`` and
+    ``F.layer_norm`` whose weight is one of the parameters of the pass (by object
+    identity with the tensors given to ``functional_call``): it records the call's
+    inputs (for layer normalization the normalized inputs), adds a zero probe to its
+    output (whose gradient is then the output gradient) and maps weight and bias to
+    their indices in the parameter list. Other calls pass through unchanged.
+    """
+
+    def __init__(self, model, params, batch_size, *, probes):
+        super().__init__()
+        self.names = model.param_names
+        self.layouts = model._layouts
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self.storages = {_storage(p): i for i, p in enumerate(params) if _storage(p)}
+        self.batch_size = batch_size
+        self.probes = probes
+        self.records = {}  # weight index -> _Record
+        self.owner = {}  # parameter index -> name of the tapped layer that uses it
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            return self._linear(func, args, kwargs)
+        if func is torch.nn.functional.embedding:
+            return self._embedding(func, args, kwargs)
+        if func is torch.nn.functional.layer_norm:
+            return self._layer_norm(func, args, kwargs)
+        if func is torch.nn.functional.multi_head_attention_forward and _redispatch is not None:
+            # a composite whose projections call F.linear: run its body with the mode on
+            with self:
+                return _redispatch(func, types, args, kwargs)
+        return func(*args, **kwargs)
+
+    # -- the tapped functions ----------------------------------------------------------
+
+    def _linear(self, func, args, kwargs):
+        x, weight, bias = _bind(args, kwargs, ("input", "weight", "bias"), {"bias": None})
+        w = self._parameter(weight, "torch.nn.functional.linear (as its weight)")
+        b = None if bias is None else self._parameter(bias, "torch.nn.functional.linear")
+        output = func(*args, **kwargs)
+        if w is None:  # a frozen weight: no tap (a trainable bias stays untapped)
+            return output
+        layout = self.layouts.get(self.names[w], "batch_first")
+        inputs = _items(x.detach(), layout, self.batch_size, lead=0, who=self.names[w])
+        return self._record(w, b, inputs, output, layout, "matrix", tuple(weight.shape))
+
+    def _embedding(self, func, args, kwargs):
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type")
+        names += ("scale_grad_by_freq", "sparse")
+        defaults = {"padding_idx": None, "max_norm": None, "norm_type": 2.0}
+        defaults |= {"scale_grad_by_freq": False, "sparse": False}
+        ids, table, padding_idx, max_norm, _, by_freq, sparse = _bind(args, kwargs, names, defaults)
+        w = self._parameter(table, "torch.nn.functional.embedding (as its table)")
+        if w is None:
+            return func(*args, **kwargs)
+        problem = _embedding_problem(padding_idx, max_norm, by_freq, sparse)
+        if problem:
+            raise ValueError(
+                f"The parameter {self.names[w]!r} is the table of an embedding lookup "
+                f"(torch.nn.functional.embedding) with {problem}"
+            )
+        output = func(*args, **kwargs)
+        inputs = _items(ids.detach(), "batch_first", self.batch_size, lead=0, who=self.names[w])
+        shape = (table.shape[1], table.shape[0])
+        return self._record(w, None, inputs, output, "batch_first", "embedding", shape)
+
+    def _layer_norm(self, func, args, kwargs):
+        names = ("input", "normalized_shape", "weight", "bias", "eps")
+        defaults = {"weight": None, "bias": None, "eps": 1e-5}
+        x, shape, weight, bias, eps = _bind(args, kwargs, names, defaults)
+        w = None if weight is None else self._parameter(weight, "torch.nn.functional.layer_norm")
+        b = None if bias is None else self._parameter(bias, "torch.nn.functional.layer_norm")
+        if w is None:  # no (trainable) weight: no tap
+            return func(*args, **kwargs)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if len(shape) != 1:
+            raise ValueError(
+                f"The parameter {self.names[w]!r} is the weight of a layer normalization over "
+                f"normalized_shape={shape}; layer taps (an elementwise affine map over the "
+                "features) cover normalization over the last axis only (normalized_shape of "
+                "one dimension, e.g. torch.nn.LayerNorm(D)). Normalize over one axis, or "
+                "leave its parameters out of param_names."
+            )
+        output = func(*args, **kwargs)
+        normalized = func(x.detach(), shape, None, None, eps)  # (x - mean) / sqrt(var + eps)
+        inputs = _items(normalized, "batch_first", self.batch_size, lead=0, who=self.names[w])
+        return self._record(w, b, inputs, output, "batch_first", "elementwise", None)
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _parameter(self, tensor, where):
+        """The index of ``tensor`` in the parameter list, or None; refuses slices of one."""
+        index = self.index.get(id(tensor))
+        if index is not None or not isinstance(tensor, torch.Tensor):
+            return index
+        shared = self.storages.get(_storage(tensor))
+        if shared is not None:
+            raise ValueError(
+                f"A part of the parameter {self.names[shared]!r} (a slice or view of it) "
+                f"enters {where}; layer taps need whole parameters in a layer. (In "
+                "torch.nn.MultiheadAttention this is cross-attention, where the query and "
+                "the key/value differ, or kdim/vdim different from embed_dim: the packed "
+                "projection is split. Self-attention, attn(x, x, x), projects with the whole "
+                "in_proj_weight.) Or leave the parameter out of param_names."
+            )
+        return None
+
+    def claim(self, name, weight_index, bias_index):
+        """Mark the parameters as a layer's; refuse a parameter in two tapped calls."""
+        for index in (weight_index, bias_index):
+            if index is None:
+                continue
+            if index in self.owner:
+                raise ValueError(
+                    f"The parameter {self.names[index]!r} enters the model more than once "
+                    f"in one forward pass (in {self.owner[index]!r} and in {name!r}): a layer "
+                    "called twice, or weight tying such as a language-model head that "
+                    "shares the embedding table. Layer taps, and with them K-FAC, EKFAC "
+                    "and the GGN/EF diagonals, need each parameter in one layer, used once "
+                    "(Kronecker factors need each parameter in one layer). Untie the "
+                    "weights, or leave the parameter out of param_names; the exact "
+                    "operators (GGNLinearOperator, HessianLinearOperator) take tied weights."
+                )
+            self.owner[index] = name
+
+    def probe(self, output):
+        """A zero added to ``output`` (requiring gradients), or None without cotangents."""
+        if not self.probes:
+            return None, output
+        probe = torch.zeros_like(output, requires_grad=True)
+        return probe, output + probe
+
+    def _record(self, w, b, inputs, output, layout, kind, matrix_shape):
+        name = _layer_name(self.names[w])
+        self.claim(name, w, b)
+        probe, output = self.probe(output)
+        self.records[w] = _Record(name, w, b, inputs, probe, layout, kind, matrix_shape)
+        return output
+
+
+def _bind(args, kwargs, names, defaults):
+    """The values of ``names`` from a call's positional and keyword arguments."""
+    values = dict(zip(names, args, strict=False))
+    for name in names[len(args) :]:
+        values[name] = kwargs.get(name, defaults.get(name))
+    return [values[n] for n in names]
+
+
+def _storage(tensor):
+    """The address of a tensor's storage (0 where it has none, e.g. on the meta device)."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+def _layer_name(param_name):
+    """The layer of a weight: ``"0.weight"`` -> ``"0"``, ``"attn.in_proj_weight"`` ->
+    ``"attn.in_proj"``."""
+    prefix, _, last = param_name.rpartition(".")
+    if last == "weight":
+        return prefix
+    if last.endswith("_weight"):
+        last = last[: -len("_weight")]
+    return f"{prefix}.{last}" if prefix else last
+
+
+def _items(t, layout, N, *, lead, who):
+    """A call's inputs or outputs ``t`` (after ``lead`` leading axes) in the layout
+    ``(N, S..., D)``, the data axis first; a clear error if it has no data axis."""
+    if layout == "flat_sequence_first":  # (S * N, D), rows position-major
+        t = torch.reshape(t, t.shape[:lead] + (-1, N, t.shape[-1]))
+        layout = "sequence_first"
+    if layout == "sequence_first":  # (S, N, D)
+        if t.ndim - lead != 3:
+            raise ValueError(
+                f"The parameter {who!r} is a projection of torch.nn.MultiheadAttention "
+                f"called on inputs of shape {tuple(t.shape[lead:])}; layer taps need batched "
+                "inputs (the data points of the model's input on the batch axis)."
+            )
+        t = torch.movedim(t, lead + 1, lead)
+    if t.ndim <= lead or t.shape[lead] != N:
+        raise ValueError(
+            f"The parameter {who!r} enters a layer whose inputs have shape "
+            f"{tuple(t.shape[lead:])}, whose first axis is not the data axis of the model's "
+            f"inputs ({N} data points); layer taps need each tapped layer's inputs laid out "
+            "as (N, ..., D) with the data points first (as the model's inputs are)."
+        )
+    return t
+
+
+def _linear_layouts(module, param_names):
+    """The layout of the inputs of each weight's linear map, where not ``"batch_first"``.
+
+    ``torch.nn.MultiheadAttention`` projects sequence-first inputs ``(S, N, E)``
+    (``batch_first`` or not: it transposes internally) and applies ``out_proj`` to
+    ``(S * N, E)``.
+    """
+    names, layouts = set(param_names), {}
+    for name, layer in module.named_modules():
+        if not isinstance(layer, torch.nn.MultiheadAttention):
+            continue
+        prefix = f"{name}." if name else ""
+        for weight in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            if prefix + weight in names:
+                layouts[prefix + weight] = "sequence_first"
+        if prefix + "out_proj.weight" in names:
+            layouts[prefix + "out_proj.weight"] = "flat_sequence_first"
+    return layouts
+
+
+@contextlib.contextmanager
+def _differentiable_attention():
+    """Attention through differentiable operations: no fused kernels.
+
+    ``torch.nn.MultiheadAttention`` in evaluation mode may take PyTorch's fast path
+    (``torch._native_multi_head_attention``), which bypasses ``F.linear`` and has no
+    forward-mode derivative; ``scaled_dot_product_attention``'s fused CPU and GPU kernels
+    have neither forward-mode derivatives nor double backward. Inside this context the
+    fast path is off and attention uses the math backend (a composite of differentiable
+    operations, the same function); the previous settings are restored on exit.
+    """
+    mha = getattr(torch.backends, "mha", None)
+    previous = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
+    try:
+        with _math_attention():
+            yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(previous)
+
+
+def _math_attention():
+    """``scaled_dot_product_attention`` restricted to its math backend, where torch has
+    the switch."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _is_missing_forward_mode(error):
+    """Whether ``error`` says that an operation has no forward-mode derivative."""
+    message = str(error)
+    return any(
+        phrase in message
+        for phrase in (
+            "forward AD",
+            "forward mode",
+            "forward-mode",
+            "jvp function",
+            "functorch transforms",  # an autograd.Function without setup_context
+        )
+    )
+
+
+def _embedding_problem(padding_idx, max_norm, scale_grad_by_freq, sparse):
+    """What about an embedding's options the curvature cannot take, or None."""
+    if max_norm is not None:
+        return (
+            f"max_norm={max_norm}: it renormalizes rows of the table in place at every "
+            "lookup, so the model would change its own parameters while it is evaluated. "
+            "Construct it without max_norm (normalize explicitly in forward if needed), or "
+            "leave the table out of param_names."
+        )
+    if padding_idx is not None:
+        return (
+            f"padding_idx={padding_idx}: PyTorch's backward pass leaves the gradient of "
+            "that row at zero while its forward-mode derivative does not, so the model's "
+            "Jacobian and its transposed products would disagree. Construct it without "
+            "padding_idx (mask padded positions in the loss or the model instead), or leave "
+            "the table out of param_names."
+        )
+    if scale_grad_by_freq:
+        return (
+            "scale_grad_by_freq=True: its backward pass scales the gradients by the inverse "
+            "frequency of the ids in the batch, which is not the derivative of the model. "
+            "Construct it with scale_grad_by_freq=False."
+        )
+    if sparse:
+        return (
+            "sparse=True: the gradients of its table are sparse tensors, which batched "
+            "backward passes (the curvature products) do not take. Construct it with "
+            "sparse=False (the default); the function and its curvature are the same."
+        )
+    return None
+
+
+def _refuse_unsupported_embeddings(module, param_names):
+    """Refuse embeddings with a trainable table whose options change the derivatives."""
+    names = set(param_names)
+    for name, layer in module.named_modules():
+        if not isinstance(layer, torch.nn.Embedding):
+            continue
+        prefix = f"{name}." if name else ""
+        if prefix + "weight" not in names:
+            continue
+        problem = _embedding_problem(
+            layer.padding_idx, layer.max_norm, layer.scale_grad_by_freq, layer.sparse
+        )
+        if problem:
+            raise ValueError(f"The module {name!r} is a torch.nn.Embedding with {problem}")
+
+
 def _refuse_batch_statistics(batch_norms):
     """Refuse batch normalization that normalizes with the statistics of the batch.
 
@@ -695,14 +1168,18 @@ def _native_layer(module):
 
 
 def _tapped_layers(module, param_names):
-    """``(name, module, weight_index, bias_index, native layer)`` of each tapped module.
+    """``(name, module, weight_index, bias_index, native layer)`` of each hooked module.
 
-    A module is tapped when its native equivalent has a tap (a weight that multiplies
-    its inputs, e.g. ``Linear``) and its weight is among the trainable parameters.
+    A module is hooked when its native equivalent has a tap (a weight that multiplies
+    its inputs: convolutions; batch normalization) and its weight is among the trainable
+    parameters. ``torch.nn.Linear`` is not: it is tapped where it calls
+    ``torch.nn.functional.linear`` (:class:`_TapRecorder`).
     """
     index = {n: i for i, n in enumerate(param_names)}
     taps = []
     for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.Linear):  # tapped at its F.linear call
+            continue
         equivalent = _native_layer(layer)
         if equivalent is None or not equivalent.has_tap:
             continue
