@@ -111,11 +111,12 @@ class KFACLinearOperator(_KroneckerCurvature):
         from the same cotangents as the Kronecker factors (the identity for
         ``"forward-only"``). With ``separate_weight_and_bias`` the operator uses its
         two diagonal blocks. Exact for models with outputs ``(N, C)`` (type-2: the GGN
-        block; MC: the Fisher block in expectation). With an output per position
-        ``(N, S, C)`` (a language model), the type-2 and empirical cotangents, like
-        K-FAC's, span all positions of a datum in one column, so the block also holds
-        products of different positions' loss factors that the GGN does not have (MC
-        draws each position independently, so its block stays unbiased).
+        block; MC: the Fisher block in expectation; empirical: the empirical Fisher
+        block). With an output per position ``(N, S, C)`` (a language model), the
+        type-2 cotangents, like K-FAC's, put all positions of a datum in one column, so
+        the block also holds products of different positions' loss factors that the GGN
+        does not have (the MC and empirical blocks stay exact: MC draws each position
+        independently, and the empirical gradient is the datum's own).
     layers : list
         The layers in tap order (name, parameter indices, sizes).
 
