@@ -506,9 +506,10 @@ def test_torch_frontend_model():
     params = [p.detach().numpy() for p in model.params]
     assert_blocks_equal(K.numpy(), G.numpy(), params, [[0], [1], [2], [3]])
 
-    layer_norm = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2)).double()
-    model = TorchModel(layer_norm)
-    with pytest.raises(ValueError, match=r"parameters \[2, 3\].*no tapped layer"):
+    # a parameter that enters no linear, elementwise-affine or embedding map: PReLU's slope
+    prelu = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.PReLU()).double()
+    model = TorchModel(prelu)
+    with pytest.raises(ValueError, match=r"parameters \[2\].*no tapped layer"):
         KFACLinearOperator(model, cl.MSELoss(), model.params, data)
 
 
