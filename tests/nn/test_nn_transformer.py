@@ -829,3 +829,27 @@ def test_repr_and_parameter_order():
     assert_close(
         nn.SinusoidalPositions().encodings(6, 5, np.zeros(1), npx), sinusoidal_reference(6, 5)
     )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="the Hessian diagonal and the Kronecker-factored Hessian read an embedding tap's "
+    "integer ids as a matrix tap's inputs (curvlinops/curvature/diagonal.py, kfac_hessian.py)",
+)
+@pytest.mark.parametrize("operator", ["HessianDiagonalLinearOperator", "KFACHessianLinearOperator"])
+def test_curvature_walks_take_an_embedding_as_the_first_layer(operator):
+    from curvlinops.curvature.diagonal import HessianDiagonalLinearOperator
+    from curvlinops.curvature.kfac_hessian import KFACHessianLinearOperator
+
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Tanh(), nn.Linear(3, 2))
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s) for s in model.expected_param_shapes()]
+    data = [(rng.integers(0, 5, (3, 4)), rng.standard_normal((3, 4, 2)))]
+    dense = HessianLinearOperator(model, MSELoss(), params, data).to_dense()
+    if operator == "HessianDiagonalLinearOperator":
+        diagonal = HessianDiagonalLinearOperator(model, MSELoss(), params, data).diagonal()
+        assert_close(np.asarray(diagonal), np.diag(dense), rtol=1e-9)
+    else:
+        op = KFACHessianLinearOperator(model, MSELoss(), params, data)
+        assert op.to_dense().shape == dense.shape
