@@ -565,13 +565,6 @@ def test_kfac_refuses_the_learned_positions_it_does_not_cover():
 
 
 @needs_torch
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="GGNDiagonalLinearOperator reads an embedding tap's integer ids as a matrix "
-    "tap's inputs (curvlinops/curvature/diagonal.py does not yet convert it with "
-    "_embedding.as_matrix_tap)",
-)
 def test_ggn_diagonal_of_the_gpt_equals_the_dense_ggn_diagonal():
     from curvlinops import CrossEntropyLoss, GGNDiagonalLinearOperator
 
@@ -831,12 +824,6 @@ def test_repr_and_parameter_order():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="the Hessian diagonal and the Kronecker-factored Hessian read an embedding tap's "
-    "integer ids as a matrix tap's inputs (curvlinops/curvature/diagonal.py, kfac_hessian.py)",
-)
 @pytest.mark.parametrize("operator", ["HessianDiagonalLinearOperator", "KFACHessianLinearOperator"])
 def test_curvature_walks_take_an_embedding_as_the_first_layer(operator):
     from curvlinops.curvature.diagonal import HessianDiagonalLinearOperator
