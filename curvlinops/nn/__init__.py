@@ -21,8 +21,11 @@ Examples
 """
 
 from .activations import ELU, GELU, Elementwise, LeakyReLU, ReLU, Sigmoid, Softplus, Tanh
+from .attention import MultiheadSelfAttention
 from .conv import Conv1d, Conv2d
 from .dropout import Dropout
+from .embedding import Embedding, PositionalEmbedding, SinusoidalPositions
+from .layer_norm import LayerNorm
 from .linear import Linear
 from .linearization import LinearizedNativeLayer, NativeLinearization
 from .module import Layer, Module, channels_first_inputs, feature_rows, pull_back_curvature
@@ -31,6 +34,7 @@ from .pooling import AvgPool1d, AvgPool2d, GlobalAvgPool2d, MaxPool1d, MaxPool2d
 from .residual import Residual
 from .sequential import Sequential
 from .shape import Flatten, Identity
+from .transformer import TransformerBlock
 
 __all__ = [
     "AvgPool1d",
@@ -41,25 +45,31 @@ __all__ = [
     "Conv2d",
     "Dropout",
     "ELU",
-    "GELU",
     "Elementwise",
+    "Embedding",
     "Flatten",
+    "GELU",
     "GlobalAvgPool2d",
     "Identity",
     "Layer",
+    "LayerNorm",
     "LeakyReLU",
     "Linear",
     "LinearizedNativeLayer",
     "MaxPool1d",
     "MaxPool2d",
     "Module",
+    "MultiheadSelfAttention",
     "NativeLinearization",
+    "PositionalEmbedding",
     "ReLU",
     "Residual",
     "Sequential",
     "Sigmoid",
+    "SinusoidalPositions",
     "Softplus",
     "Tanh",
+    "TransformerBlock",
     "channels_first_inputs",
     "feature_rows",
     "pull_back_curvature",

@@ -262,17 +262,41 @@ class Module(Model):
     def prepare(self, params, x):
         """Validate ``params`` and ``x``; return ``(xp, params, x)`` with ``x`` cast.
 
+        Where the first layer of the chain takes integer inputs
+        (:attr:`Layer.integer_inputs`, e.g. the ids of an embedding) ``x`` must have an
+        integer dtype and is not cast; the layer checks their values
+        (:meth:`Layer.check_integer_inputs`, e.g. ids in ``[0, V)``).
+
         Raises
         ------
         TypeError
             Mixed array libraries, non-floating parameters, parameters of different
-            dtypes, or an ``x`` whose dtype does not convert losslessly.
+            dtypes, an ``x`` whose dtype does not convert losslessly, or floating inputs
+            where the first layer takes integers.
         ValueError
-            Wrong number or shapes of parameters, ``x`` with fewer than two axes, or
-            non-finite values.
+            Wrong number or shapes of parameters, ``x`` with fewer than two axes (one
+            for integer inputs), non-finite values, or integer inputs the first layer
+            refuses (e.g. ids out of range).
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import Embedding
+        >>> model = Embedding(5, 2)
+        >>> params = model.init(0, xp=xp, dtype=xp.float64)
+        >>> model.prepare(params, xp.asarray([[1, 4]]))[2].dtype
+        dtype('int64')
+        >>> model.prepare(params, xp.asarray([[1, 5]]))
+        Traceback (most recent call last):
+        ...
+        ValueError: Embedding(5, 2) takes ids in [0, 5), got ids from 1 to 5. ...
         """
         self.check_params(params)
         xp = array_namespace(x, *params)
+        chain = self.chain()
+        first = chain[0][1] if chain else None
+        if first is not None and first.integer_inputs:
+            return self._prepare_integer_inputs(first, xp, params, x)
         if x.ndim < 2:
             raise ValueError(
                 f"{self.name} expects inputs with a batch axis, shape (N, ..., D), got shape "
@@ -302,6 +326,37 @@ class Module(Model):
             raise TypeError(f"{self.name} expects real floating inputs, got {x.dtype}.")
         if not all_finite(x, xp):
             raise ValueError(f"The inputs of {self.name} contain NaN or Inf; clean the data.")
+        for i, p in enumerate(params):
+            if not all_finite(p, xp):
+                raise ValueError(
+                    f"Parameter {i} of {self.name} contains NaN or Inf "
+                    f"({namespace_name(xp)} array of shape {tuple(p.shape)})."
+                )
+        return xp, list(params), x
+
+    def _prepare_integer_inputs(self, first, xp, params, x):
+        """:meth:`prepare` where the first layer takes integer inputs (not cast)."""
+        if not xp.isdtype(x.dtype, "integral"):
+            raise TypeError(
+                f"{self.name} starts with {first!r}, which takes integer inputs, but the "
+                f"inputs are {dtype_name(x.dtype)}; pass integer ids (e.g. int64)."
+            )
+        if x.ndim < 1:
+            raise ValueError(
+                f"{self.name} expects integer inputs with a batch axis, shape (N, ...), got "
+                f"shape {tuple(x.shape)}. Add a batch axis (e.g. x[None])."
+            )
+        dtypes = {dtype_name(p.dtype) for p in params}
+        if len(dtypes) > 1:
+            raise TypeError(
+                f"{self.name} expects parameters of one dtype, got {sorted(dtypes)}. Cast them "
+                "to one floating dtype."
+            )
+        if params and not xp.isdtype(params[0].dtype, "real floating"):
+            raise TypeError(
+                f"{self.name} expects real floating parameters, got {dtype_name(params[0].dtype)}."
+            )
+        first.check_integer_inputs(x, xp)
         for i, p in enumerate(params):
             if not all_finite(p, xp):
                 raise ValueError(
@@ -356,10 +411,15 @@ class Layer(Module):
     """
 
     r_backward_uses_input_tangent = True
+    #: whether the layer takes integer inputs (e.g. the ids of an embedding): a model
+    #: whose chain starts with such a layer neither casts its inputs nor asks for
+    #: floating ones (:meth:`Module.prepare`), and the layer checks their values in
+    #: :meth:`check_integer_inputs`
+    integer_inputs = False
     #: whether :meth:`tap` gives a tap (a weight that multiplies the inputs)
     has_tap = False
-    #: the :class:`~curvlinops.models.LayerTap` kind of the tap: ``"matrix"`` or
-    #: ``"elementwise"``
+    #: the :class:`~curvlinops.models.LayerTap` kind of the tap: ``"matrix"``,
+    #: ``"elementwise"`` or ``"embedding"``
     tap_kind = "matrix"
     #: layout of the layer's inputs and outputs in the batch-averaged curvature rules:
     #: ``"channels_first"`` (features on axis 1, ``(N, C, ...)``, as convolutions),
@@ -384,6 +444,21 @@ class Layer(Module):
     def forward(self, params, a, xp):
         """Output of the layer for input ``a``."""
         raise NotImplementedError
+
+    def check_integer_inputs(self, x, xp):
+        """Validate integer inputs (layers with :attr:`integer_inputs`; default: accept).
+
+        Raises ValueError (naming what was expected and found) for values the layer
+        cannot take.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import Embedding
+        >>> Embedding(3, 2).check_integer_inputs(xp.asarray([[0, 2]]), xp) is None
+        True
+        """
+        return None
 
     def forward_with_state(self, params, a, xp, state):
         """Output for input ``a`` in the forward pass of a linearization.
