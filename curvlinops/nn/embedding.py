@@ -285,9 +285,10 @@ class PositionalEmbedding(_Additive):
 
     The parameter is ``[weight (max_len, E)]``, initialized from ``N(0, 1)`` (as a
     ``torch.nn.Embedding`` of the positions). Every tier; exact curvature rules (the
-    identity in the inputs). It has no tap: K-FAC, EKFAC and the tap diagonals do not
-    cover its parameter (use :class:`SinusoidalPositions` for a model they cover
-    entirely).
+    identity in the inputs). Its tap is an embedding of the positions
+    (``y - a = onehot(arange(S)) @ weight``: kind ``"embedding"`` with the position ids
+    ``(N, S)``), so K-FAC (whose input factor is then ``I / S`` over the positions in
+    use), EKFAC and the diagonals cover it.
 
     Parameters
     ----------
@@ -304,6 +305,9 @@ class PositionalEmbedding(_Additive):
     >>> layer([table], xp.ones((1, 2, 2))).tolist()
     [[[1.0, 2.0], [3.0, 4.0]]]
     """
+
+    has_tap = True
+    tap_kind = "embedding"
 
     def __init__(self, max_len: int, embedding_dim: int):
         self.max_len = _positive_int(max_len, "max_len", "PositionalEmbedding")
@@ -328,6 +332,23 @@ class PositionalEmbedding(_Additive):
         if ta is None:  # (1, S, K, E) for every datum
             return xp.broadcast_to(own, (state["input"].shape[0],) + tuple(own.shape[1:]))
         return ta + own
+
+    def tap(self, state, output_grads=None, xp=None):
+        """``(position ids (N, S), output gradients (N, S, E, M) or None, (E, max_len))``.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> ids, _, shape = PositionalEmbedding(4, 2).tap({"input": xp.ones((2, 3, 2))}, None, xp)
+        >>> ids.tolist(), shape
+        ([[0, 1, 2], [0, 1, 2]], (2, 4))
+        """
+        a = state["input"]
+        N, S = a.shape[0], a.shape[1]
+        positions = xp.arange(S, device=device(a))
+        ids = xp.broadcast_to(positions[None, :], (N, S))
+        grads = None if output_grads is None else xp.moveaxis(output_grads, -2, -1)
+        return ids, grads, (self.embedding_dim, self.max_len)
 
     def _table_gradient(self, g, xp):
         """``sum_n g[n]`` for cotangents ``(N, S, K, E)``, zero-padded: ``(max_len, E, K)``."""

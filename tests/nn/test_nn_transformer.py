@@ -556,12 +556,23 @@ def test_kfac_and_ekfac_cover_every_parameter_of_the_gpt(approximation):
 
 
 @needs_torch
-def test_kfac_refuses_the_learned_positions_it_does_not_cover():
-    from curvlinops import CrossEntropyLoss
+def test_learned_positions_are_an_embedding_of_the_positions():
+    """K-FAC covers the learned positions as an embedding of the ids 0..S-1: its input
+    factor is ``I / S`` on the positions in use (zero beyond), and the GGN diagonal of
+    the table equals the dense GGN's."""
+    from curvlinops import CrossEntropyLoss, GGNDiagonalLinearOperator
 
     ours, _, params = tiny_gpt(positions="learned")
-    with pytest.raises(ValueError, match=r"parameters \[1\].*belong to no tapped layer"):
-        _kfac_classes()["KFAC"](ours, CrossEntropyLoss(), params, _class_data(5, 4, 7))
+    data = _class_data(5, 3, 7)  # sequences of 3 for max_len 4: one position unused
+    K = _kfac_classes()["KFAC"](ours, CrossEntropyLoss(), params, data)
+    covered = sorted(
+        i for la in K.layers for i in (la.weight_index, la.bias_index) if i is not None
+    )
+    assert covered == list(range(len(params)))
+    assert_close(np.asarray(K.input_factors["1"]), np.array([1, 1, 1, 0]) / 3)
+    diagonal = GGNDiagonalLinearOperator(ours, CrossEntropyLoss(), params, data).diagonal()
+    dense = GGNLinearOperator(ours, CrossEntropyLoss(), params, data).to_dense()
+    assert_close(np.asarray(diagonal), np.diag(dense))
 
 
 @needs_torch
