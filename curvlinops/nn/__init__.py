@@ -25,9 +25,10 @@ from .conv import Conv1d, Conv2d
 from .dropout import Dropout
 from .linear import Linear
 from .linearization import LinearizedNativeLayer, NativeLinearization
-from .module import Layer, Module
+from .module import Layer, Module, channels_first_inputs, feature_rows, pull_back_curvature
 from .normalization import BatchNorm1d, BatchNorm2d
 from .pooling import AvgPool1d, AvgPool2d, GlobalAvgPool2d, MaxPool1d, MaxPool2d
+from .residual import Residual
 from .sequential import Sequential
 from .shape import Flatten, Identity
 
@@ -54,8 +55,12 @@ __all__ = [
     "Module",
     "NativeLinearization",
     "ReLU",
+    "Residual",
     "Sequential",
     "Sigmoid",
     "Softplus",
     "Tanh",
+    "channels_first_inputs",
+    "feature_rows",
+    "pull_back_curvature",
 ]

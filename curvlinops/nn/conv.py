@@ -522,7 +522,8 @@ def _spread(x, step, axis, xp):
     stacked = xp.stack([x] + [zeros] * (step - 1), axis=axis + 1)
     shape = tuple(x.shape[:axis]) + (n * step,) + tuple(x.shape[axis + 1 :])
     spread = xp.reshape(stacked, shape)
-    index = (slice(None),) * axis + (slice(0, (n - 1) * step + 1),)
+    # the trailing Ellipsis: the standard needs an index for every axis or an ellipsis
+    index = (slice(None),) * axis + (slice(0, (n - 1) * step + 1), Ellipsis)
     return spread[index]
 
 

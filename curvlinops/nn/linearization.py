@@ -8,7 +8,9 @@ and lazily the activations' derivatives) and walks the chain of layers:
 - ``second_order_vjp``: Pearlmutter's R-operator on the backward pass, one
   forward-tangent pass and one backward pass propagating ``g`` and ``R g``;
 - ``layer_taps``: one backward pass recording the output gradients of each layer that
-  has a tap (:meth:`~curvlinops.nn.Layer.tap`);
+  has a tap (:meth:`~curvlinops.nn.Layer.tap`), through each layer's
+  :meth:`~curvlinops.nn.Layer.backward_taps` (a composite layer such as
+  :class:`~curvlinops.nn.Residual` gives the taps of its inner layers);
 - ``layers``: the layer protocol, each layer bound to the forward pass as a
   :class:`LinearizedNativeLayer`.
 
@@ -231,8 +233,7 @@ class NativeLinearization(Linearization):
         return grads
 
     def _layer_taps(self, cotangents):
-        tapped = [i for i, (_, layer, _, _) in enumerate(self._chain) if layer.has_tap]
-        output_grads = {}
+        g = None
         if cotangents is not None:
             self._check_namespace([cotangents], "cotangents")
             if tuple(cotangents.shape[:-1]) != tuple(self.outputs.shape):
@@ -241,19 +242,22 @@ class NativeLinearization(Linearization):
                     f"{tuple(cotangents.shape)}."
                 )
             g = self._to_internal(cotangents)
-            recorded = set(tapped)
-            for i in range(len(self._chain) - 1, self._first - 1, -1):
-                _, layer, where, state = self._chain[i]
-                if i in recorded:
-                    output_grads[i] = g
-                if i > self._first:
-                    _, g = layer.backward(self.params[where], state, g, self.xp, need_params=False)
-        taps = []
-        for i in tapped:
+        # one backward pass; each layer gives its taps (a composite one those of its
+        # inner layers) with the output gradients it sees, and the input cotangents
+        per_layer = []
+        for i in range(len(self._chain) - 1, self._first - 1, -1):
             name, layer, where, state = self._chain[i]
-            indices = range(where.start, where.stop)
-            taps.append(_tap(name, layer, state, self.xp, indices, output_grads.get(i)))
-        return taps
+            taps, g = layer.backward_taps(
+                self.params[where],
+                state,
+                g,
+                self.xp,
+                name=name,
+                param_indices=range(where.start, where.stop),
+                need_input=g is not None and i > self._first,
+            )
+            per_layer.append(taps)
+        return [tap for taps in reversed(per_layer) for tap in taps]
 
     def _layers(self):
         if self._bound is None:
@@ -272,14 +276,21 @@ class NativeLinearization(Linearization):
     # -- helpers -------------------------------------------------------------------------
 
     def _forward_tangents(self, tangents, *, keep):
-        """Push tangents through the chain; return (input tangents per layer, output tangent)."""
+        """Push tangents through the chain; return (memos per layer, output tangent).
+
+        A layer's memo is what its ``r_backward`` reads as ``ta`` (with ``keep``; see
+        :meth:`~curvlinops.nn.Layer.tangent_with_memo`), None without ``keep``.
+        """
         inputs_tangents = [None] * len(self._chain)
         t = None
         for i in range(self._first, len(self._chain)):
             _, layer, where, state = self._chain[i]
-            if keep and layer.r_backward_uses_input_tangent:
-                inputs_tangents[i] = t
-            t = layer.tangent(self.params[where], tangents[where], state, t, self.xp)
+            if keep:  # what the layer's r_backward reads (its input tangent, or more)
+                t, inputs_tangents[i] = layer.tangent_with_memo(
+                    self.params[where], tangents[where], state, t, self.xp
+                )
+            else:
+                t = layer.tangent(self.params[where], tangents[where], state, t, self.xp)
         return inputs_tangents, t
 
     def _to_protocol(self, t, tangents):

@@ -1,9 +1,14 @@
 """Base classes of the native layers: :class:`Module` (a curvlinops model) and :class:`Layer`.
 
 A :class:`Module` is a curvlinops :class:`~curvlinops.models.Model` offering all three
-tiers. Every module is a chain of primitive :class:`Layer` objects (a single layer is a
-chain of one; :class:`~curvlinops.nn.Sequential` concatenates its children's chains),
-and the forward pass, its linearization and every derivative product walk that chain.
+tiers. Every module is a chain of :class:`Layer` objects (a single layer is a chain of
+one; :class:`~curvlinops.nn.Sequential` concatenates its children's chains), and the
+forward pass, its linearization and every derivative product walk that chain. A
+composite layer (:class:`~curvlinops.nn.Residual`) is one element of a chain that walks
+inner chains of its own, through three hooks of :class:`Layer` whose defaults serve
+primitive layers: :meth:`Layer.forward_with_state` (keep the inner layers' states from
+the one forward pass), :meth:`Layer.tangent_with_memo` (keep the inner tangents for the
+second-order backward pass) and :meth:`Layer.backward_taps` (the inner layers' taps).
 
 Layers compute on arrays in the *internal layout*: a batch of ``K`` vectors (tangents or
 cotangents of a layer's input or output ``(N, ..., D)``) is stored as ``(N, ..., K, D)``,
@@ -35,7 +40,7 @@ from .._backend import (
     namespace_name,
 )
 from ..models import Capability, Model, Tier
-from .linearization import LinearizedNativeLayer, NativeLinearization
+from .linearization import LinearizedNativeLayer, NativeLinearization, _tap
 
 __all__ = ["Module", "Layer", "channels_first_inputs", "feature_rows", "pull_back_curvature"]
 
@@ -96,21 +101,28 @@ def feature_rows(a, state, xp):
     return xp.reshape(a, (-1, a.shape[-1]))
 
 
-def channels_first_inputs(layers) -> list[bool]:
+def channels_first_inputs(layers, first=None) -> list[bool]:
     """For each layer of a chain, whether its inputs are channels-first.
 
     Follows the layers' :attr:`Layer.input_layout` and :attr:`Layer.output_layout`
-    (None: as before); the model's inputs are features-last unless the first layer
-    that states an input layout says otherwise.
+    (None: as before). ``first`` is the layout of the chain's inputs (True:
+    channels-first), e.g. for the inner chains of a composite layer; by default the
+    model's inputs are features-last unless the first layer that states an input
+    layout says otherwise.
 
     Examples
     --------
     >>> from curvlinops.nn import Conv2d, Flatten, Linear, ReLU
     >>> channels_first_inputs([Conv2d(1, 2, 3), ReLU(), Flatten(), Linear(8, 2), ReLU()])
     [True, True, True, False, False]
+    >>> channels_first_inputs([ReLU(), Conv2d(2, 2, 1)], first=True)
+    [True, True]
     """
-    stated = next((la.input_layout for la in layers if la.input_layout is not None), None)
-    current = stated == "channels_first"
+    if first is None:
+        stated = next((la.input_layout for la in layers if la.input_layout is not None), None)
+        current = stated == "channels_first"
+    else:
+        current = bool(first)
     out = []
     for layer in layers:
         if layer.input_layout is not None:
@@ -143,7 +155,11 @@ class Module(Model):
     tiers = frozenset(Tier) | {Capability.LAYER_PROTOCOL}
 
     def chain(self) -> list[tuple[str, Layer]]:
-        """The primitive layers in forward order, each with its name (``"2"``, ``"1.0"``)."""
+        """The layers in forward order, each with its name (``"2"``, ``"1.0"``).
+
+        Primitive layers, and composite layers (e.g. :class:`~curvlinops.nn.Residual`)
+        as one entry each: they walk their own inner chains.
+        """
         raise NotImplementedError
 
     def expected_param_shapes(self) -> list[tuple[int, ...]]:
@@ -236,8 +252,9 @@ class Module(Model):
         layers = [layer for _, layer in self.chain()]
         layouts = channels_first_inputs(layers)
         for (layer, layer_params), channels_first in zip(self._split(params), layouts, strict=True):
-            states.append({"input": a, "channels_first": channels_first})
-            a = layer.forward(layer_params, a, xp)
+            state = {"input": a, "channels_first": channels_first}
+            states.append(state)
+            a = layer.forward_with_state(layer_params, a, xp, state)
         return NativeLinearization(self, params, x, a, xp, states)
 
     # -- validation --------------------------------------------------------------------
@@ -326,6 +343,11 @@ class Layer(Module):
     type is one such subclass in its own file, plus one entry in each frontend's
     mapping of framework layers to native ones.
 
+    A composite layer (several inner layers, e.g. :class:`~curvlinops.nn.Residual`)
+    also overrides :meth:`forward_with_state`, :meth:`tangent_with_memo` and
+    :meth:`backward_taps`; the linearization calls these on every layer and never asks
+    what class a layer is.
+
     Examples
     --------
     >>> from curvlinops.nn import Tanh
@@ -363,6 +385,23 @@ class Layer(Module):
         """Output of the layer for input ``a``."""
         raise NotImplementedError
 
+    def forward_with_state(self, params, a, xp, state):
+        """Output for input ``a`` in the forward pass of a linearization.
+
+        ``state`` is the layer's dictionary (``state["input"]`` is ``a``,
+        ``state["channels_first"]`` its layout). The default is :meth:`forward`; a
+        composite layer overrides it to keep its inner layers' states in ``state``
+        (from this one forward pass, for every later product).
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import ReLU
+        >>> ReLU().forward_with_state([], xp.asarray([[-1.0, 2.0]]), xp, {}).tolist()
+        [[0.0, 2.0]]
+        """
+        return self.forward(params, a, xp)
+
     def tangent(self, params, dparams, state, ta, xp):
         """Output tangent ``(N, ..., K, D_out)`` from parameter and input tangents.
 
@@ -370,6 +409,28 @@ class Layer(Module):
         input tangent in the internal layout, or None (zero).
         """
         raise NotImplementedError
+
+    def tangent_with_memo(self, params, dparams, state, ta, xp):
+        """:meth:`tangent` and what :meth:`r_backward` later gets as its ``ta``.
+
+        Returns ``(output tangent, memo)``. The forward-tangent pass of a second-order
+        product keeps the memo for the backward pass. The default memo is the input
+        tangent ``ta`` (None where :attr:`r_backward_uses_input_tangent` is False, so
+        that it is freed early); a composite layer returns its inner layers' tangents
+        too, so that its :meth:`r_backward` does not push them again.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import ReLU, Tanh
+        >>> ta = xp.ones((1, 1, 2))
+        >>> state = {"input": xp.zeros((1, 2))}
+        >>> out, memo = Tanh().tangent_with_memo([], [], state, ta, xp)
+        >>> out.tolist(), memo is ta, ReLU().tangent_with_memo([], [], state, ta, xp)[1]
+        ([[[1.0, 1.0]]], True, None)
+        """
+        out = self.tangent(params, dparams, state, ta, xp)
+        return out, (ta if self.r_backward_uses_input_tangent else None)
 
     def backward(self, params, state, g, xp, *, need_input=True, need_params=True):
         """Pull the output cotangents ``g`` ``(N, ..., K, D_out)`` back.
@@ -388,6 +449,40 @@ class Layer(Module):
         the protocol layout, g of the input, R g of the input)``.
         """
         raise NotImplementedError
+
+    def backward_taps(self, params, state, g, xp, *, name, param_indices, need_input=True):
+        """The tier-3 taps of this layer and the input cotangents, in one backward step.
+
+        ``g`` are the output cotangents in the internal layout (or None: taps without
+        output gradients, and no backward step); ``name`` is the layer's name in the
+        model and ``param_indices`` the positions of its parameters in the model's
+        parameter list. Returns ``(list of LayerTap in forward order, input cotangents
+        or None)``. The default is the layer's own :meth:`tap` (none without
+        :attr:`has_tap`) and :meth:`backward`; a composite layer returns the taps of
+        its inner layers, their output gradients recorded in its own backward pass.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import Linear
+        >>> layer = Linear(3, 2)
+        >>> params = layer.init(0, xp=xp)
+        >>> (tap,), g_in = layer.backward_taps(params, {"input": xp.ones((4, 3))},
+        ...                                    xp.ones((4, 5, 2)), xp, name="fc",
+        ...                                    param_indices=(7, 8))
+        >>> tap.name, tap.weight_index, tap.bias_index, tap.output_grads.shape, g_in.shape
+        ('fc', 7, 8, (4, 2, 5), (4, 5, 3))
+        """
+        aligned = tuple(param_indices)
+        taps = []
+        if self.has_tap:
+            tap = _tap(name, self, state, xp, aligned, g)
+            if tap is not None:
+                taps.append(tap)
+        g_in = None
+        if need_input and g is not None:
+            _, g_in = self.backward(params, state, g, xp, need_params=False)
+        return taps, g_in
 
     # -- the layer protocol (curvlinops.models.layers), in the protocol layout ---------
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 
 from .._backend import device
-from .conv import _int_tuple, _pad
+from .conv import _int_tuple, _pad, _spread
 from .module import Layer, pull_back_curvature
 
 __all__ = ["AvgPool2d", "AvgPool1d", "MaxPool2d", "MaxPool1d", "GlobalAvgPool2d"]
@@ -64,17 +64,6 @@ def _pad_value(x, before, after, axis, value, xp):
             shape[axis] = size
             parts.append(xp.full(tuple(shape), value, dtype=x.dtype, device=device(x)))
     return xp.concat(parts, axis=axis)
-
-
-def _spread(x, step, axis, xp):
-    """``x`` with ``step - 1`` zeros between consecutive entries along ``axis``."""
-    if step == 1:
-        return x
-    n = x.shape[axis]
-    stacked = xp.stack([x] + [xp.zeros_like(x)] * (step - 1), axis=axis + 1)
-    shape = tuple(x.shape[:axis]) + (n * step,) + tuple(x.shape[axis + 1 :])
-    index = (slice(None),) * axis + (slice(0, (n - 1) * step + 1), Ellipsis)
-    return xp.reshape(stacked, shape)[index]
 
 
 class _Pool(Layer):

@@ -238,7 +238,7 @@ def bn_cnn(seed=0):
     return model, params
 
 
-BN_GROUPS = ([1, 2], [4, 5])  # the batch-norm weight and bias of each normalization layer
+BN_GROUPS = ([1, 2], [5, 6])  # the batch-norm weight and bias of each normalization layer
 
 
 @needs_norm

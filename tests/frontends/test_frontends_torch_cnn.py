@@ -747,7 +747,7 @@ def test_resnet_with_trainable_batch_norm_gets_kfac_and_diagonals_over_every_par
     _, _, data = _batches((3, 6, 6), "ce")
     model = TorchModel(net)
     loss = cl.CrossEntropyLoss()
-    K = cl.KFACLinearOperator(model, loss, model.params, data)
+    K = cl.KFACLinearOperator(model, loss, model.params, data, separate_weight_and_bias=False)
     P = sum(p.numel() for p in net.parameters())
     assert K.shape == (P, P)
     G = cl.GGNLinearOperator(model, loss, model.params, data).to_dense()
