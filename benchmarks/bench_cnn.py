@@ -38,7 +38,10 @@ peer's, ``_peers.PeerSession``):
   matvec, Hessian matvec, and K-FAC type-2 construction with its factors computed
   (the peer's K-FAC takes only Linear and Conv2d parameters, so both sides take those,
   with the batch norms' parameters frozen on ours). The notes give the products' largest
-  relative difference between the libraries.
+  relative difference between the libraries. Two more rows, without target, time our
+  GGN and Hessian matvecs with the forward pass kept across products (``cache=True``,
+  ``TorchModel(jvp_method="linearize")``) against the same peer products (which have no
+  such option).
 
 Threads: the torch side uses ``torch.set_num_threads(OMP_NUM_THREADS)`` (all CPUs when
 unset), the peer the same. For reproducible ratios run single-threaded,
@@ -409,6 +412,12 @@ def _peer_rows(rows, arrays, net, tmodel, tapped_params, Xt, yt, v, torch):
     def kfac():
         return KFACLinearOperator(fmodel, loss, fmodel.params, data, fisher_type="type-2", **kw)
 
+    # Our operators with the forward pass kept across products (cache=True) and the
+    # tangent map traced once (jvp_method="linearize"); the peer has no such option.
+    lmodel = TorchModel(net, jvp_method="linearize")
+    Gc = cl.GGNLinearOperator(lmodel, loss, lmodel.params, data, cache=True, **kw)
+    Hc = cl.HessianLinearOperator(lmodel, loss, lmodel.params, data, cache=True, **kw)
+
     vt, vk = torch.from_numpy(v), torch.from_numpy(v_kfac)
     try:
         with PeerSession("curvlinops-for-pytorch", inputs) as peer:
@@ -429,6 +438,16 @@ def _peer_rows(rows, arrays, net, tmodel, tapped_params, Xt, yt, v, torch):
                 )
                 note = f"max rel. diff {_rel(value(), reference):.1e}"
                 rows.add("peer", f"ours (TorchModel) / peer: {what}", ratio, 0.6, note)
+            for what, fn, op in (
+                ("GGN matvec", lambda: Gc @ vt, "ggn"),
+                ("Hessian matvec", lambda: Hc @ vt, "hessian"),
+            ):
+                ratio = _interleaved(
+                    fn, peer, op, rounds=2 if quick else 7, block=1 if quick else 3
+                )
+                rows.add("peer", f"ours cached + linearize / peer: {what}", ratio,
+                         note="cache=True, jvp_method='linearize'; the peer recomputes "
+                         "its forward pass in every product")  # fmt: skip
             ratio = _interleaved(
                 lambda: torch.autograd.grad(
                     torch.nn.functional.cross_entropy(net(Xt), yt), list(net.parameters())
