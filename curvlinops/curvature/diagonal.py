@@ -14,7 +14,7 @@ The exact Hessian diagonal walks the model's layers backwards through the layer
 protocol (:func:`._chain.backpropagate`), per datum.
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
-``curvlinops.losses``, ``._data``, ``._chain``, ``._elementwise``.
+``curvlinops.losses``, ``._data``, ``._chain``, ``._elementwise``, ``._embedding``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ._data import (
     resolve_model,
 )
 from ._elementwise import elementwise_gradients
+from ._embedding import as_matrix_tap
 
 __all__ = [
     "GGNDiagonalLinearOperator",
@@ -118,6 +119,7 @@ class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
 
     def _batch_contributions(self, lin, y, index, xp):
         for tap in lin.layer_taps(self._cotangents(lin.outputs, y, index, xp)):
+            tap = _as_matrix_tap(tap, lin, xp)
             if tap.kind == "elementwise":
                 rows = elementwise_gradients(tap, xp)
                 yield tap.weight_index, xp.sum(rows[0] * rows[0], axis=0)
@@ -128,6 +130,14 @@ class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
             yield tap.weight_index, xp.matrix_transpose(d_weight) if tap.transposed else d_weight
             if tap.bias_index is not None:
                 yield tap.bias_index, d_bias
+
+
+def _as_matrix_tap(tap, lin, xp):
+    """An embedding's tap with one-hot inputs (other taps unchanged)."""
+    if tap.kind != "embedding":
+        return tap
+    table = lin.params[tap.weight_index]
+    return as_matrix_tap(tap, table.shape[0], table.dtype, xp)
 
 
 def _per_datum_factor(S, xp):
@@ -329,6 +339,7 @@ class HessianDiagonalLinearOperator(_DataDiagonalLinearOperator):
             tap = layer.tap()
             if tap is None:
                 continue
+            tap = _as_matrix_tap(tap, lin, xp)
             for where, value in _hessian_diagonal_of_tap(tap, H, xp):
                 transpose = tap.transposed and where == tap.weight_index
                 yield where, xp.matrix_transpose(value) if transpose else value

@@ -190,9 +190,12 @@ class KFACHessianLinearOperator(KFACLinearOperator):
                 if tap is None:
                     continue
                 found.append((tap.name, tap.weight_index, tap.bias_index))
-                inputs.setdefault(i, _InputStatistics()).add(
-                    xp.reshape(tap.inputs, (-1, tap.inputs.shape[-1])), xp
-                )
+                statistics_of_inputs = inputs.setdefault(i, _InputStatistics())
+                if tap.kind == "embedding":  # the ids' counts: a diagonal input factor
+                    V = self.shapes[tap.weight_index][0]
+                    statistics_of_inputs.add_counts(tap.inputs, V, self.dtype, xp)
+                else:
+                    statistics_of_inputs.add(xp.reshape(tap.inputs, (-1, tap.inputs.shape[-1])), xp)
             if found[::-1] != expected:
                 raise ValueError(
                     f"Batch {index} exposed the layer taps {found[::-1]}, the first batch "
@@ -218,7 +221,10 @@ class KFACHessianLinearOperator(KFACLinearOperator):
                 block = hadamard_block(H, A, info.bias_index is not None, xp)
                 factors.append((symmetrized(block, xp), None))
                 continue
-            A = symmetrized(inputs[i].factor(self._joint(info), xp), xp)
+            if info.kind == "embedding":
+                A = inputs[i].diagonal_factor()
+            else:
+                A = symmetrized(inputs[i].factor(self._joint(info), xp), xp)
             factors.append((symmetrized(H, xp), A))
         return factors[::-1]
 

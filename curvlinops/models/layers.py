@@ -33,15 +33,37 @@ A layer that lacks a rule raises :class:`MissingLayerRuleError` (a
 :class:`~curvlinops.models.MissingTierError` and a ``TypeError``) naming itself and
 the rule, and the operator that needed it says what to use instead.
 
-**How to add a layer type** (e.g. ``Conv2d``): write one file in ``curvlinops/nn``
+**Layouts.** Batch-averaged factors are ``(D, D)`` over a layer's *feature axis*: the
+last axis of features-last arrays ``(N, S..., D)`` (Linear layers, sequences), the
+channels (axis 1) of channels-first arrays ``(N, C, ...)`` (convolutions, pooling,
+batch normalization), and they are the sum over the items (data and positions) of each
+item's diagonal block ("expand": positions do not interact). Each native layer states
+the layout of its inputs and outputs (:attr:`curvlinops.nn.Layer.input_layout`,
+``output_layout``; None to pass the input's on), and the forward pass records in each
+layer's state whether its inputs are channels-first
+(:func:`curvlinops.nn.channels_first_inputs`). Per-datum factors are over a datum's
+entries in C order of the array, whatever its layout; a tap says with
+``channels_first`` how its own outputs are ordered.
+
+**Kinds of taps** (:attr:`~curvlinops.models.LayerTap.kind`): ``"matrix"`` for a weight
+that multiplies the inputs (Linear; a convolution's unfolded patches), with
+``transposed`` for a weight stored as ``(D_in, D_out)``; ``"elementwise"`` for
+``s = w * a + b`` (normalization: an exact block, not Kronecker factors);
+``"embedding"`` for ``s = table[ids]`` (a diagonal input factor).
+
+**How to add a layer type** (e.g. a pooling layer): write one file in ``curvlinops/nn``
 with a subclass of :class:`curvlinops.nn.Layer` that implements its forward pass, its
-derivative products (``tangent``, ``backward``, ``r_backward``) and the layer protocol
-(``tap`` returning its unfolded inputs ``(N, S, D_in)``, its output gradients
-``(N, S, D_out, M)`` and ``matrix_shape``; ``backward_curvature``,
-``curvature_statistics`` and ``backward_mean_curvature`` where they exist), with its
-tests in ``tests/nn``; then add one entry per frontend that maps the framework's layer
-to it (``curvlinops.frontends.torch``: the module type and how to build the native
-layer from it). Nothing in ``curvlinops.curvature`` changes: the Hessian diagonal, the
+derivative products (``tangent``, ``backward``, ``r_backward``), its layouts, and the
+layer protocol (``tap`` returning its inputs ``(N, S, D_in)``, its output gradients
+``(N, S, D_out, M)`` and ``matrix_shape``, with ``tap_kind`` if it is not a matrix
+tap; ``backward_curvature`` (:func:`curvlinops.nn.pull_back_curvature` is ``J^T H J``
+for any layer linear in its inputs), ``curvature_statistics`` and
+``backward_mean_curvature`` where they exist), with its tests in ``tests/nn``; then add
+one entry per frontend that maps the framework's layer to it
+(``curvlinops.frontends.torch``: the module type and how to build the native layer
+from it). A layer made of other layers (:class:`curvlinops.nn.Residual`) overrides
+``forward_with_state``, ``tangent_with_memo`` and ``backward_taps`` to walk its inner
+chains. Nothing in ``curvlinops.curvature`` changes: the Hessian diagonal, the
 Kronecker-factored Hessian and K-FAC read only this protocol and the taps.
 
 May import: ``.protocol``.

@@ -309,3 +309,121 @@ def test_factored_and_exact_inverses_with_batch_norm_blocks():
     # the exact blocks are inverted exactly in the factored inverse too
     inv = np.linalg.inv(block(dense, params, [1]) + 0.1 * np.eye(3))
     assert_close(block(factored, params, [1]), inv, rtol=1e-8)
+
+
+# -- a native ResNet: every parameter covered ------------------------------------------
+
+
+def small_resnet(seed=0):
+    rng = np.random.default_rng(seed)
+
+    def bn(c):
+        return nn.BatchNorm2d(
+            c, running_mean=rng.standard_normal(c), running_var=rng.random(c) + 0.5
+        )
+
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, bias=False),
+        bn(3),
+        nn.ReLU(),
+        nn.Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), bn(3), nn.Tanh())),
+        nn.Residual(
+            nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), bn(4), nn.ReLU()),
+            shortcut=nn.Conv2d(3, 4, 1, stride=2, bias=False),
+        ),
+        nn.MaxPool2d(2),
+        nn.GlobalAvgPool2d(),
+        nn.Linear(4, 3),
+    )
+    params = model.init(seed, xp=xp, dtype=xp.float64)
+    params = [p + 0.2 * rng.standard_normal(p.shape) if p.ndim == 1 else p for p in params]
+    return model, params
+
+
+@needs_norm
+def test_block_diagonal_of_a_resnet_has_one_exact_block_per_layer():
+    model, params = small_resnet()
+    data = classification_data(14)
+    G = cl.GGNLinearOperator(model, cl.CrossEntropyLoss(), params, data)
+    dense = G.to_dense()
+    B = cl.block_diagonal(G)
+    groups = [[0], [1, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11], [12, 13]]
+    assert [b.shape[0] for b in B.blocks] == [sum(params[i].size for i in g) for g in groups]
+    expected = np.zeros_like(dense)
+    for g in groups:
+        ix = np.concatenate([np.arange(_offset(params, i), _offset(params, i + 1)) for i in g])
+        expected[np.ix_(ix, ix)] = dense[np.ix_(ix, ix)]
+    assert_close(B.to_dense(), expected)
+
+
+def _offset(params, i):
+    return int(sum(p.size for p in params[:i]))
+
+
+@needs_norm
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc", "empirical", "forward-only"])
+def test_kfac_and_ekfac_of_a_resnet_cover_every_parameter(fisher_type):
+    model, params = small_resnet(1)
+    data = classification_data(15)
+    loss = cl.CrossEntropyLoss()
+    K = KFACLinearOperator(model, loss, params, data, fisher_type=fisher_type)
+    P = sum(p.size for p in params)
+    dense = K.to_dense()
+    assert dense.shape == (P, P)
+    assert_close(dense, dense.T)
+    assert np.linalg.eigvalsh(dense).min() >= -1e-12 * np.abs(dense).max()
+    if fisher_type != "forward-only":
+        E = EKFACLinearOperator(model, loss, params, data, fisher_type=fisher_type)
+        assert E.to_dense().shape == (P, P)
+    if fisher_type == "type-2":  # the batch norms' and the last layer's blocks are exact
+        ggn = cl.GGNLinearOperator(model, loss, params, data).to_dense()
+        for group in ([1], [2], [5], [6], [9], [10]):
+            assert_close(block(dense, params, group), block(ggn, params, group))
+
+
+def test_forward_only_kfac_of_a_convolution_is_identity_kron_patch_covariance():
+    """``I (x) A`` with ``A`` the mean outer product of the unfolded patches (expand)."""
+    conv = nn.Conv2d(2, 3, (2, 3), stride=2, padding=1)
+    model = nn.Sequential(conv, nn.Flatten())
+    params = model.init(0, xp=xp, dtype=xp.float64)
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((4, 2, 5, 5))
+    data = [(X, rng.standard_normal(model(params, X).shape))]
+    K = KFACLinearOperator(model, cl.MSELoss(), params, data, fisher_type="forward-only")
+    # patches by hand: every output pixel's receptive field, in (channel, kh, kw) order
+    padded = np.pad(X, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    rows = [
+        padded[n, :, 2 * i : 2 * i + 2, 2 * j : 2 * j + 3].ravel()
+        for n in range(4)
+        for i in range(3)
+        for j in range(3)
+    ]
+    patches = np.stack(rows)
+    A = patches.T @ patches / len(rows)
+    assert_close(K.input_factors["0"], A)
+    assert_close(K.output_factors["0"], np.eye(3))
+
+
+@needs_norm
+def test_kronecker_factored_hessian_walks_through_batch_norm_and_pooling():
+    """The averaged rules of batch norm, max and global pooling compose: on one datum the
+    last layer's blocks are exact and the operator is symmetric."""
+    rng = np.random.default_rng(4)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3, running_mean=rng.standard_normal(3), running_var=rng.random(3) + 0.5),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 1),
+        nn.Sigmoid(),
+        nn.GlobalAvgPool2d(),
+        nn.Linear(4, 2),
+    )
+    params = model.init(0, xp=xp, dtype=xp.float64)
+    data = [(rng.standard_normal((1, 2, 4, 4)), rng.standard_normal((1, 2)))]
+    op = KFACHessianLinearOperator(model, cl.MSELoss(), params, data)
+    dense = op.to_dense()
+    assert_close(dense, dense.T)
+    hessian = cl.HessianLinearOperator(model, cl.MSELoss(), params, data).to_dense()
+    for group in ([6], [7]):
+        assert_close(block(dense, params, group), block(hessian, params, group))
