@@ -5,13 +5,18 @@ cannot live beside this library. :func:`run_peer` creates (once) a virtual envir
 under ``benchmarks/.peers/<name>`` with the peer and ``torch==2.13.0`` (the CPU build
 found locally, pinned by ``.ci/constraints.txt`` so no CUDA build is downloaded), then
 runs a peer script there on an ``.npz`` file of weights and vectors and reads back the
-``.npz`` of results it writes.
+``.npz`` of results it writes. :class:`PeerSession` keeps the peer's process running
+after that, to time its operations on request: a benchmark can then alternate rounds of
+its own calls with rounds of the peer's, so that a drift of the machine's speed slows
+both sides alike (as ``_timing.time_ratio`` does within one process).
 
 May import: the standard library and NumPy.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,6 +32,12 @@ PEERS = {
         "script": HERE / "peers" / "curvlinops_for_pytorch.py",
     }
 }
+
+
+def _peer_environment() -> dict:
+    """This process's environment without ``PYTHONPATH``: a checkout of curvlinops on the
+    path would shadow the peer's own package of that name."""
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 
 
 class PeerUnavailable(RuntimeError):
@@ -70,8 +81,83 @@ def run_peer(name: str, inputs: dict, timeout: float = 1800) -> dict:
             text=True,
             timeout=timeout,
             cwd=tmp,
+            env=_peer_environment(),
         )
         if proc.returncode != 0:
             raise PeerUnavailable(f"{name} failed: {proc.stderr[-1500:]}")
         with np.load(dst) as results:
             return {key: results[key] for key in results.files}
+
+
+class PeerSession:
+    """The peer script on ``inputs``, kept running to time its operations on request.
+
+    Use as a context manager: entering runs ``script inputs.npz results.npz --serve``,
+    waits until the script has written its results (:attr:`results`) and says
+    ``ready``; :meth:`time` then asks it to run one of its named operations a number of
+    times and returns the wall times it measured. Between requests the peer's process
+    waits on its input and takes no CPU time. Raises :class:`PeerUnavailable` when the
+    environment cannot be created or the script fails.
+    """
+
+    def __init__(self, name: str, inputs: dict):
+        self.name, self.inputs = name, inputs
+        self.results: dict = {}
+        self._tmp = self._proc = self._stderr = None
+
+    def __enter__(self) -> PeerSession:
+        python = peer_python(self.name)
+        self._tmp = tempfile.TemporaryDirectory()
+        tmp = Path(self._tmp.name)
+        src, dst = tmp / "inputs.npz", tmp / "results.npz"
+        np.savez(src, **self.inputs)
+        self._stderr = open(tmp / "stderr.txt", "w+")  # noqa: SIM115 - closed in __exit__
+        self._proc = subprocess.Popen(
+            [str(python), str(PEERS[self.name]["script"]), str(src), str(dst), "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            cwd=tmp,
+            env=_peer_environment(),
+        )
+        try:
+            if self._proc.stdout.readline().strip() != "ready":
+                raise self._failure()
+            with np.load(dst) as results:
+                self.results = {key: results[key] for key in results.files}
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def time(self, operation: str, count: int) -> list[float]:
+        """Wall times (seconds) of ``count`` back-to-back calls of the peer's ``operation``."""
+        try:
+            self._proc.stdin.write(f"{operation} {count}\n")
+            self._proc.stdin.flush()
+        except OSError:
+            raise self._failure() from None
+        line = self._proc.stdout.readline()
+        if not line:
+            raise self._failure()
+        return json.loads(line)
+
+    def _failure(self) -> PeerUnavailable:
+        self._proc.wait(timeout=60)
+        self._stderr.seek(0)
+        return PeerUnavailable(f"{self.name} failed: {self._stderr.read()[-1500:]}")
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                self._proc.stdin.write("quit\n")
+                self._proc.stdin.close()
+                self._proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.kill()
+                self._proc.wait()
+        if self._stderr is not None:
+            self._stderr.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()

@@ -1,12 +1,30 @@
-"""Peer script: curvlinops-for-pytorch on the benchmark's MLP (runs in the peer's venv).
+"""Peer script: curvlinops-for-pytorch on the benchmarks' models (runs in the peer's venv).
 
-Usage: ``python curvlinops_for_pytorch.py inputs.npz results.npz``. Reads the weights
-of an MLP (``W0, b0, W1, b1, ...``), data ``X, y`` and vectors ``v (P,)``, ``V (P, K)``;
-writes the products and the median times of loss+gradient and of the products, so the
-benchmark can check that both libraries compute the same numbers and report ratios
-measured in one run on one machine.
+Usage: ``python curvlinops_for_pytorch.py inputs.npz results.npz [--serve]``.
+
+MLP (``bench_curvature``, ``bench_kfac``): reads the weights of an MLP (``W0, b0, W1,
+b1, ...``), data ``X, y`` and vectors ``v (P,)``, ``V (P, K)``; writes the products and
+the median times of loss+gradient and of the products, so the benchmark can check that
+both libraries compute the same numbers and report ratios measured in one run on one
+machine.
+
+CNN (``bench_cnn``, an input ``cnn``): the network is described by plain data, a JSON
+list of layers (:func:`build_cnn`; convolutions with their channels, kernel, stride,
+padding and bias, batch normalization in evaluation mode, ReLU, residual connections,
+global average pooling, Linear) with its weights ``p0, p1, ...`` in
+``named_parameters()`` order and the batch norms' running statistics ``mean<i>,
+var<i>``; the benchmark builds its own torch model with the same function, so both
+sides evaluate one network. The script writes the products (``ggn_v``, ``hess_v``,
+``kfac_v``) to ``results.npz`` and, with ``--serve``, then stays up to time its
+operations on request (:func:`serve`), so that the benchmark can interleave rounds of
+its own calls with rounds of the peer's (see ``benchmarks/_peers.py``).
+
+Imports torch and NumPy at the top (``build_cnn`` is also loaded by the benchmark, in
+curvlinops' environment); the peer's ``curvlinops`` only inside the functions.
 """
 
+import gc
+import json
 import statistics
 import sys
 import time
@@ -25,7 +43,158 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
-def main(src, dst):
+class Residual(torch.nn.Module):
+    """``block(x) + shortcut(x)``; the identity shortcut when ``shortcut`` is None."""
+
+    def __init__(self, block, shortcut=None):
+        super().__init__()
+        self.block = block
+        self.shortcut = shortcut
+
+    def forward(self, x):
+        return self.block(x) + (x if self.shortcut is None else self.shortcut(x))
+
+
+def build_cnn(spec, arrays, dtype=torch.float32):
+    """The ``torch.nn.Sequential`` described by ``spec``, in evaluation mode.
+
+    ``spec`` is a list of layers, each a dict with ``"op"``: ``"conv"`` (``in, out, k,
+    stride, pad, bias``: ``Conv2d``), ``"bn"`` (``c``, ``stats``: ``BatchNorm2d`` with
+    running statistics ``arrays["mean<stats>"]``, ``arrays["var<stats>"]``),
+    ``"relu"``, ``"res"`` (``block``, ``shortcut``: lists of layers, the shortcut
+    possibly None), ``"gap"`` (``AdaptiveAvgPool2d(1)`` and ``Flatten``), ``"linear"``
+    (``in, out``). The parameters are set from ``arrays["p0"], arrays["p1"], ...`` in
+    ``named_parameters()`` order (per layer weight then bias; a residual's block before
+    its shortcut).
+    """
+
+    def layers(items):
+        return torch.nn.Sequential(*[layer(item) for item in items])
+
+    def layer(item):
+        op = item["op"]
+        if op == "conv":
+            return torch.nn.Conv2d(
+                item["in"],
+                item["out"],
+                item["k"],
+                stride=item["stride"],
+                padding=item["pad"],
+                bias=item["bias"],
+            )
+        if op == "bn":
+            bn = torch.nn.BatchNorm2d(item["c"])
+            with torch.no_grad():
+                bn.running_mean.copy_(torch.as_tensor(arrays[f"mean{item['stats']}"]))
+                bn.running_var.copy_(torch.as_tensor(arrays[f"var{item['stats']}"]))
+            return bn
+        if op == "relu":
+            return torch.nn.ReLU()
+        if op == "res":
+            shortcut = item.get("shortcut")
+            return Residual(layers(item["block"]), None if shortcut is None else layers(shortcut))
+        if op == "gap":
+            return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        if op == "linear":
+            return torch.nn.Linear(item["in"], item["out"])
+        raise ValueError(f"unknown layer {op!r} in the CNN description")
+
+    net = layers(spec).to(dtype)
+    params = list(net.parameters())
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            value = torch.as_tensor(arrays[f"p{i}"], dtype=dtype)
+            if value.shape != p.shape:
+                raise ValueError(f"p{i} has shape {tuple(value.shape)}, expected {tuple(p.shape)}")
+            p.copy_(value)
+    if f"p{len(params)}" in arrays:
+        raise ValueError(f"the description has {len(params)} parameters, the arrays more")
+    return net.eval()
+
+
+def tapped_params(net):
+    """The parameters of the ``Linear`` and ``Conv2d`` modules (what the peer's K-FAC
+    takes), in ``net.parameters()`` order."""
+    ids = {
+        id(p)
+        for m in net.modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+        for p in m.parameters()
+    }
+    return [p for p in net.parameters() if id(p) in ids]
+
+
+def serve(operations):
+    """Answer timing requests on stdin until ``quit`` (or end of input).
+
+    A request ``<name> <count>`` runs ``operations[name]()`` ``count`` times and answers
+    one line, the JSON list of the calls' wall times in seconds (garbage collection off
+    while timing, as in ``_timing.time_ratio``).
+    """
+    print("ready", flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if not words or words[0] == "quit":
+            break
+        fn, count = operations[words[0]], int(words[1])
+        times = []
+        gc.disable()
+        try:
+            for _ in range(count):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+        finally:
+            gc.enable()
+        print(json.dumps(times), flush=True)
+
+
+def main_cnn(d, dst, serve_after):
+    """The CNN: products for the value checks, then (``serve_after``) timing on request."""
+    from curvlinops import GGNLinearOperator, HessianLinearOperator, KFACLinearOperator
+
+    torch.set_num_threads(int(d["threads"]))
+    net = build_cnn(json.loads(str(d["cnn"])), d)
+    params = list(net.parameters())
+    X = torch.as_tensor(d["X"], dtype=torch.float32)
+    y = torch.as_tensor(d["y"]).long()
+    N = X.shape[0]
+    data = [(X, y)]
+    loss = torch.nn.CrossEntropyLoss()
+    v = torch.as_tensor(d["v"], dtype=torch.float32)
+    v_kfac = torch.as_tensor(d["v_kfac"], dtype=torch.float32)
+    kw = dict(check_deterministic=False, num_data=N)
+    G = GGNLinearOperator(net, loss, params, data, **kw)
+    H = HessianLinearOperator(net, loss, params, data, **kw)
+
+    def kfac():
+        # The peer computes its factors lazily (in the first product): compute them here,
+        # so that construction means factors, as in curvlinops.
+        K = KFACLinearOperator(
+            net,
+            loss,
+            tapped_params(net),
+            data,
+            fisher_type="type-2",
+            num_per_example_loss_terms=1,  # else one more pass over the data counts them
+            **kw,
+        )
+        K.compute_kronecker_factors()
+        return K
+
+    def lossgrad():
+        return torch.autograd.grad(loss(net(X), y), params)
+
+    out = {"ggn_v": (G @ v).numpy(), "hess_v": (H @ v).numpy(), "kfac_v": (kfac() @ v_kfac).numpy()}
+    np.savez(dst, **out)
+    if serve_after:
+        serve({"grad": lossgrad, "ggn": lambda: G @ v, "hessian": lambda: H @ v, "kfac": kfac})
+
+
+def main(src, dst, serve_after=False):
+    d = np.load(src)
+    if "cnn" in d.files:
+        return main_cnn(d, dst, serve_after)
     from curvlinops import (
         EKFACLinearOperator,
         GGNLinearOperator,
@@ -33,7 +202,6 @@ def main(src, dst):
         KFACLinearOperator,
     )
 
-    d = np.load(src)
     repeats = int(d["repeats"])
     torch.set_num_threads(int(d["threads"]))
     dtype = getattr(torch, str(d["dtype"]))
@@ -90,4 +258,4 @@ def main(src, dst):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], serve_after="--serve" in sys.argv[3:])
