@@ -24,6 +24,7 @@ from ..models import as_model
 __all__ = [
     "NonDeterministicDataError",
     "batch_seed",
+    "check_batch_values",
     "check_data_iterable",
     "check_mc_samples",
     "assert_deterministic",
@@ -121,6 +122,28 @@ def check_mc_samples(mc_samples, *, allow_none=False):
     return int(mc_samples)
 
 
+def check_batch_values(loss, outputs, targets, index) -> None:
+    """``loss.check`` of one batch, its errors naming the batch.
+
+    Labels and targets (dtype, range, support), shapes and finite outputs; raises the
+    loss's TypeError or ValueError with ``"batch <index>: "`` in front.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlinops import CrossEntropyLoss
+    >>> check_batch_values(CrossEntropyLoss(), np.zeros((2, 3)), np.array([0, 7]), 4)
+    Traceback (most recent call last):
+    ...
+    ValueError: Batch 4: CrossEntropyLoss expects class indices in [0, 2] for 3 classes, got \
+labels in [0, 7].
+    """
+    try:
+        loss.check(outputs, targets)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"Batch {index}: {error}") from None
+
+
 def batch_seed(seed: int, index: int) -> int:
     """Seed of the Monte-Carlo draws of batch ``index``: fixed per operator and batch."""
     return (int(seed) * 1_000_003 + int(index)) % (2**31 - 1)
@@ -151,9 +174,9 @@ def _data_fingerprint(model, loss, params, data, xp):
     from ..models import flatten_params
 
     prints = []
-    for _, X, y in iterate_batches(data, xp):
+    for index, X, y in iterate_batches(data, xp):
         lin = model.linearize(params, X)
-        loss.check(lin.outputs, y)
+        check_batch_values(loss, lin.outputs, y, index)
         value = loss.sum_value(lin.outputs, y)
         grad = flatten_params(lin.vjp(loss.gradient(lin.outputs, y)))
         prints.append((X, y, value, grad))

@@ -18,6 +18,7 @@ from ..linalg import LinearOperator
 from ..models import Tier, flatten_params, num_params, param_shapes, unflatten_params
 from ._data import (
     NonDeterministicDataError,
+    check_batch_values,
     iterate_batches,
     prepare_inputs,
     resolve_model,
@@ -104,6 +105,7 @@ class CurvatureLinearOperator(LinearOperator):
             psd=self._declares_psd(loss),
         )
         self._cached = {}
+        self._checked_batches = set()
 
     # -- subclass hooks -------------------------------------------------------------
 
@@ -131,6 +133,11 @@ class CurvatureLinearOperator(LinearOperator):
         total = None
         for index, X, y in self._batches():
             lin = self._linearization(index, X)
+            if index not in self._checked_batches:
+                # labels, targets and outputs, once per batch (the data and parameters
+                # are fixed): the first product pays one check per batch, no more
+                check_batch_values(self.loss, lin.outputs, y, index)
+                self._checked_batches.add(index)
             part = flatten_params(self._batch_matmat(lin, y, tangents, scale, index), self.shapes)
             total = part if total is None else total + part
         return total
@@ -173,7 +180,7 @@ class CurvatureLinearOperator(LinearOperator):
         grads, value = None, None
         for index, X, y in self._batches():
             lin = self._linearization(index, X)
-            self.loss.check(lin.outputs, y)
+            check_batch_values(self.loss, lin.outputs, y, index)
             batch_value = self.loss.sum_value(lin.outputs, y)
             batch_grads = lin.vjp(self.loss.gradient(lin.outputs, y))
             value = batch_value if value is None else value + batch_value

@@ -27,6 +27,7 @@ from ..models import Capability, Tier, flatten_params, param_shapes
 from ._chain import backpropagate
 from ._data import (
     batch_seed,
+    check_batch_values,
     check_mc_samples,
     iterate_batches,
     prepare_inputs,
@@ -93,7 +94,7 @@ class _DataDiagonalLinearOperator(DiagonalLinearOperator):
         batches = iterate_batches(data, xp, progressbar=progressbar, desc=type(self).__name__)
         for index, X, y in batches:
             lin = model.linearize(params, X)
-            loss.check(lin.outputs, y)
+            check_batch_values(loss, lin.outputs, y, index)
             outputs_shape = outputs_shape or tuple(lin.outputs.shape)
             for where, value in self._batch_contributions(lin, y, index, xp):
                 sums[where] = value if sums[where] is None else sums[where] + value

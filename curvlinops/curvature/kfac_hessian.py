@@ -25,6 +25,7 @@ import warnings
 from .._backend import device as array_device
 from ..models import Capability
 from ._chain import backpropagate
+from ._data import check_batch_values
 from ._elementwise import hadamard_block
 from .kfac import KFACLinearOperator
 from .kronecker_statistics import _InputStatistics, _KroneckerCurvature, symmetrized
@@ -167,7 +168,7 @@ class KFACHessianLinearOperator(KFACLinearOperator):
             lin = self.model.linearize(self.params, X)
             outputs = lin.outputs
             self._set_output_shape(outputs)
-            self.loss.check(outputs, y)
+            check_batch_values(self.loss, outputs, y, index)
             layers = lin.layers()
             if self.layers is None:
                 self._layout(layers)

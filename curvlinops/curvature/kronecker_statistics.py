@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from .._backend import device as array_device, diag_matrix  # noqa: F401 (re-exported)
 from ..linalg import IdentityLinearOperator, KroneckerLinearOperator
 from ..models import Tier
-from ._data import batch_seed, check_mc_samples
+from ._data import batch_seed, check_batch_values, check_mc_samples
 from ._elementwise import elementwise_gradients
 from ._embedding import as_matrix_tap, counts
 from .base import CurvatureLinearOperator
@@ -315,13 +315,13 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         """Output-space cotangents ``outputs.shape + (M,)`` whose outer products define ``B``."""
         kind = self.fisher_type
         if kind == "type-2":
-            self.loss.check(outputs, y)
+            check_batch_values(self.loss, outputs, y, index)
             return self.loss.hessian_sqrt(outputs, y)
         if kind == "mc":
             seed = batch_seed(self.seed, index)
             return self.loss.sampled_gradients(outputs, self.mc_samples, seed=seed)
         if kind == "empirical":
-            self.loss.check(outputs, y)
+            check_batch_values(self.loss, outputs, y, index)
             return self.loss.gradient(outputs, y)[..., None]
         return None  # forward-only
 
