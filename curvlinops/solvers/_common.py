@@ -186,6 +186,29 @@ class ConvergenceError(RuntimeError):
     """
 
 
+class ConvergenceWarning(UserWarning):
+    """An iterative inverse built with ``strict=False`` returned an unconverged product.
+
+    The message names the columns that failed, why (:class:`StopReason`) and what to
+    do; the record of the solve is in the operator's ``last_info``. Pass
+    ``strict=True`` to raise :class:`ConvergenceError` instead, or silence it with
+    ``warnings.simplefilter("ignore", curvlinops.ConvergenceWarning)`` where a partial
+    solve is what you want (a truncated Hessian-free step).
+
+    Examples
+    --------
+    >>> import warnings
+    >>> import numpy as np
+    >>> from curvlinops import CGInverseLinearOperator, aslinearoperator
+    >>> A = aslinearoperator(np.diag([1.0, 1e-3, 1e3]), psd=True)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     _ = CGInverseLinearOperator(A, maxiter=1) @ np.ones(3)
+    >>> [type(w.message).__name__ for w in caught]
+    ['ConvergenceWarning']
+    """
+
+
 @dataclass
 class LinearSystem:
     """A validated problem ``(A + damping I) x = b`` with its solver options."""

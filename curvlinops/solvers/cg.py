@@ -21,6 +21,7 @@ from ._common import (
     NONFINITE,
     BatchProgress,
     ConvergenceError,
+    ConvergenceWarning,
     SolveInfo,
     StopReason,
     coldot,
@@ -29,7 +30,14 @@ from ._common import (
 )
 from ._validation import PSD, AssumptionWarning, warn_assumption
 
-__all__ = ["cg", "SolveInfo", "StopReason", "ConvergenceError", "AssumptionWarning"]
+__all__ = [
+    "cg",
+    "SolveInfo",
+    "StopReason",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "AssumptionWarning",
+]
 
 
 def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, damping=0.0, callback=None):

@@ -18,8 +18,10 @@ May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``._common``,
 
 from __future__ import annotations
 
+import warnings
+
 from ..linalg import LinearOperator
-from ._common import ConvergenceError, StopReason, matmat
+from ._common import ConvergenceError, ConvergenceWarning, StopReason, matmat
 from ._validation import (
     PSD,
     SYMMETRIC,
@@ -99,16 +101,26 @@ class _KrylovInverseLinearOperator(LinearOperator):
             who=type(self).__name__,
         )
         self.last_info = info
-        if self.strict and not bool(info.converged.all()):
+        if not bool(info.converged.all()):
             failed = [(j, r) for j, r in enumerate(info.reason) if r != StopReason.CONVERGED]
             remedies = "; ".join(
                 f"{reason}: {reason.remedy}" for reason in dict.fromkeys(r for _, r in failed)
             )
             listed = ", ".join(f"({j}, {r})" for j, r in failed[:10])
-            raise ConvergenceError(
+            message = (
                 f"{type(self).__name__}: {self._name} did not converge for "
                 f"{len(failed)} of {len(info.reason)} columns (column, reason): {listed}. "
-                f"{remedies} Or pass strict=False to accept the result (see last_info)."
+                f"{remedies}"
+            )
+            if self.strict:
+                raise ConvergenceError(
+                    f"{message} Or pass strict=False to accept the result (see last_info)."
+                )
+            # nothing silent: an unconverged product is returned, with a warning
+            warnings.warn(
+                f"{message} The product is returned unconverged (strict=False; see last_info).",
+                ConvergenceWarning,
+                stacklevel=3,
             )
         return solution
 

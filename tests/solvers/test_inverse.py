@@ -13,6 +13,7 @@ from curvlinops import (
     AssumptionWarning,
     CGInverseLinearOperator,
     ConvergenceError,
+    ConvergenceWarning,
     LinearOperator,
     MINRESInverseLinearOperator,
     NeumannInverseLinearOperator,
@@ -80,7 +81,8 @@ def test_cg_inverse_strict_and_last_info(backend):
     B = np.random.default_rng(5).standard_normal((N, K))
     op = aslinearoperator(backend.asarray(A), psd=True)
     lenient = CGInverseLinearOperator(op, rtol=1e-12, maxiter=2)
-    X = lenient @ backend.asarray(B)
+    with pytest.warns(ConvergenceWarning, match=r"did not converge for 4 of 4 columns.*maxiter"):
+        X = lenient @ backend.asarray(B)
     assert X.shape == (N, K)
     assert lenient.last_info.reason == ["maxiter"] * K
     assert not lenient.last_info.converged.any()
@@ -106,7 +108,8 @@ def test_minres_inverse_on_indefinite(backend, dtype_name):
     # CG's positive-definiteness assumption fails here: it reports the curvature.
     with pytest.warns(AssumptionWarning, match="only declared symmetric"):
         cg_inverse = CGInverseLinearOperator(op, rtol=rtol)
-    cg_inverse @ backend.asarray(B, dtype_name)
+    with pytest.warns(ConvergenceWarning, match="negative_curvature.*add damping"):
+        cg_inverse @ backend.asarray(B, dtype_name)
     assert "negative_curvature" in cg_inverse.last_info.reason
     with pytest.warns(AssumptionWarning):
         strict = CGInverseLinearOperator(op, strict=True)
