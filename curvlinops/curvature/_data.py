@@ -200,6 +200,21 @@ def resolve_model(model, params):
     return as_model(model, params)
 
 
+def _checked_num_data(num_data) -> int:
+    """``num_data`` as a positive int, or a clear error (no bools, no fractions)."""
+    integral = isinstance(num_data, numbers.Integral) or (
+        isinstance(num_data, numbers.Real) and float(num_data).is_integer()
+    )
+    if isinstance(num_data, bool) or not integral:
+        raise TypeError(
+            f"num_data must be a positive integer (the number of data points), got {num_data!r}."
+        )
+    value = int(num_data)
+    if value <= 0:
+        raise ValueError(f"num_data must be positive, got {num_data}.")
+    return value
+
+
 def prepare_inputs(model, loss, params, data, *, tier, who, num_data, check_deterministic):
     """Validate what every curvature operator takes; return ``(loss, xp, dtype, device,
     num_data)``.
@@ -213,7 +228,15 @@ def prepare_inputs(model, loss, params, data, *, tier, who, num_data, check_dete
     model.check_params(params)
     model.require(tier, who)
     check_data_iterable(data)
-    num_data = count_data(data, xp) if num_data is None else int(num_data)
+    if num_data is None:
+        num_data = count_data(data, xp)
+    else:
+        num_data = _checked_num_data(num_data)
+        if next(iter(data), None) is None:  # one batch looked at, not a pass
+            raise ValueError(
+                f"{who} got data without batches (num_data={num_data}); pass an iterable "
+                "of (X, y) batches with at least one batch."
+            )
     if num_data <= 0:
         raise ValueError(f"num_data must be positive, got {num_data}.")
     if check_deterministic:

@@ -94,6 +94,12 @@ def block_diagonal(A, partition=None, *, max_block_size=4096) -> BlockDiagonalLi
     >>> [b.shape for b in block_diagonal(G).blocks]
     [(9, 9), (4, 4)]
     """
+    if (
+        isinstance(max_block_size, bool)
+        or not isinstance(max_block_size, int)
+        or max_block_size < 1
+    ):
+        raise ValueError(f"max_block_size must be a positive integer, got {max_block_size!r}.")
     if not isinstance(A, LinearOperator) or A.shape[0] != A.shape[1]:
         raise TypeError(f"block_diagonal needs a square curvature operator, got {A!r}.")
     shapes = getattr(A, "shapes", None)

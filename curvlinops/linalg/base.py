@@ -292,6 +292,12 @@ class LinearOperator:
             return self.matvec(other)
         if ndim == 2:
             return self.matmat(other)
+        if isinstance(other, (list, tuple)):
+            raise TypeError(
+                f"A @ x needs x as an array of the operator's library "
+                f"({namespace_name(self.xp)}), got a Python {type(other).__name__}. Convert "
+                "it first, e.g. A @ xp.asarray(x, dtype=A.dtype)."
+            )
         if ndim is None:
             return NotImplemented
         raise ValueError(
@@ -375,6 +381,14 @@ class LinearOperator:
                 f"{expected}, got shape {tuple(X.shape)}."
             )
         if X.dtype != self.dtype:
+            if xp.isdtype(X.dtype, "complex floating") and not xp.isdtype(
+                self.dtype, "complex floating"
+            ):
+                raise TypeError(
+                    f"{type(self).__name__} is a real ({dtype_name(self.dtype)}) operator and "
+                    f"takes real {what}s; got a {dtype_name(X.dtype)} one. Apply it to the real "
+                    "and imaginary parts separately: A @ x.real + 1j * (A @ x.imag)."
+                )
             if not can_cast_losslessly(X.dtype, self.dtype, xp):
                 raise TypeError(
                     f"{type(self).__name__} has dtype {dtype_name(self.dtype)} and cannot take "

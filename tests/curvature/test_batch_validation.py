@@ -119,3 +119,43 @@ def test_each_batch_is_checked_once_not_once_per_product(monkeypatch):
     for _ in range(3):
         np.testing.assert_array_equal(op @ v, first)
     assert len(calls) == 2
+
+
+# -- bad arguments at the boundary ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "operator",
+    [cl.GGNLinearOperator, cl.KFACLinearOperator, cl.GGNDiagonalLinearOperator],
+    ids=lambda c: c.__name__,
+)
+def test_data_without_batches_is_refused_with_num_data_given(operator):
+    model, params, _ = problem()
+    with pytest.raises(ValueError, match=r"data without batches \(num_data=8\)"):
+        operator(model, cl.CrossEntropyLoss(), params, [], num_data=8)
+
+
+@pytest.mark.parametrize("num_data", [0, -3, 2.5, True, "8"])
+def test_num_data_must_be_a_positive_integer(num_data):
+    model, params, X = problem()
+    data = [(X, np.zeros(10, dtype=np.int64))]
+    with pytest.raises((TypeError, ValueError), match="num_data must be"):
+        cl.GGNLinearOperator(model, cl.CrossEntropyLoss(), params, data, num_data=num_data)
+
+
+def test_python_lists_and_complex_vectors_get_messages_that_say_what_to_do():
+    model, params, X = problem()
+    G = cl.GGNLinearOperator(model, cl.CrossEntropyLoss(), params, [(X, np.zeros(10, dtype=int))])
+    n = G.shape[1]
+    with pytest.raises(TypeError, match=r"got a Python list\. Convert it first"):
+        G @ [1.0] * n
+    with pytest.raises(TypeError, match=r"real \(float64\) operator.*x\.real \+ 1j"):
+        G @ (np.ones(n) + 1j)
+
+
+@pytest.mark.parametrize("size", [-5, 0, 2.0, True])
+def test_block_diagonal_refuses_a_max_block_size_that_is_not_a_positive_integer(size):
+    model, params, X = problem()
+    G = cl.GGNLinearOperator(model, cl.CrossEntropyLoss(), params, [(X, np.zeros(10, dtype=int))])
+    with pytest.raises(ValueError, match="max_block_size must be a positive integer"):
+        cl.block_diagonal(G, max_block_size=size)
