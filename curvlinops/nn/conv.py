@@ -2,34 +2,36 @@
 
 The array API has no convolution, so every rule writes its input once into a
 channels-last *phase grid* and turns each kernel offset into a shift of rows: with
-stride 1 the grid is the zero-padded image, pixels in row-major order, one row of
-``C_in`` entries per pixel, and kernel offset ``(i, j)`` reads the rows shifted by
-``i dh Wp + j dw`` (``Wp`` the padded width). So the output, on the grid of all padded
-positions (the ones past the output's ``Ho x Wo`` are dropped at the end), is a sum of
-``kh * kw`` two-dimensional matrix products ``X[shift_o:] @ W_o`` of contiguous row
-ranges with the ``(C_in, C_out)`` weight slice of each offset: no patch matrix, one
-layout copy of the input and one of the output. A stride ``(sh, sw)`` splits the
-padded image into ``sh * sw`` phases (pixels ``(y sh + a, x sw + b)`` form phase
-``(a, b)``), each of which is again such a grid, and each offset reads one phase. The
-adjoints are the same loop: the weight gradient sums ``X[shift_o:]^T @ g`` per offset,
-and the input gradient (col2im) sums ``g[-shift_o:] @ W_o^T`` with the output
-gradients on the grid (zero outside ``Ho x Wo`` and in a leading zero image), then
-cuts the padding off (interleaving the phases first). One step per kernel offset; no
-loop over pixels, samples, channels or vectors. Groups are the leading axis of the
-grids and a batched matrix product (a plain one for ``groups == 1``). Zero padding is
-one allocation and one slice assignment where the arrays take it (NumPy, CuPy, torch),
-else slicing and concatenation (JAX).
+stride 1 the grid is the zero-padded image, one row of ``C_in`` entries per pixel and
+image, ordered ``(y, x, n)`` (pixels row-major, the ``N`` images innermost), and kernel
+offset ``(i, j)`` reads the rows shifted by ``(i dh Wp + j dw) N`` (``Wp`` the padded
+width). So the output, on the band of the first ``Ho`` grid rows (the positions past
+``Wo`` in each are dropped at the end), is a sum of ``kh * kw`` two-dimensional matrix
+products ``X[shift_o:] @ W_o`` of contiguous row ranges with the ``(C_in, C_out)``
+weight slice of each offset: no patch matrix, one layout copy of the input and one of
+the output. A stride ``(sh, sw)`` splits the padded image into ``sh * sw`` phases
+(pixels ``(y sh + a, x sw + b)`` form phase ``(a, b)``), each of which is again such a
+grid, and each offset reads one phase. The adjoints are the same loop: the weight
+gradient sums ``X[shift_o:]^T @ g`` per offset, and the input gradient (col2im) sums
+``g[-shift_o:] @ W_o^T`` with the output gradients on the grid (zero outside
+``Ho x Wo`` and in leading zero rows), then cuts the padding off (interleaving the phases
+first). One step per kernel offset; no loop over pixels, samples, channels or
+vectors. Groups are the leading axis of the grids and a batched matrix product (a
+plain one for ``groups == 1``). Zero padding is one allocation and one slice
+assignment where the arrays take it (NumPy, CuPy, torch), else slicing and
+concatenation (JAX).
 
 Layout. Inputs are channels-first ``(N, C_in, H, W)`` (``(N, C_in, L)`` for
 :class:`Conv1d`), as in PyTorch. In the internal layout of :mod:`curvlinops.nn.module`
 a batch of ``K`` tangents or cotangents is ``(N, C, H, K, W)``; the grid of such a
-batch has ``K`` rows per pixel (the shifts are ``K`` times as long), so all ``K``
-vectors go through one grid and one matrix product per offset; weight tangents with
-``K`` columns each multiply the forward input's grid (one row per pixel). A
-linearization keeps the forward input's grid in its state (:meth:`_Conv._grid`; about
-the size of the input) for the later products. The weight ``(C_out, C_in / G, kh, kw)``
-flattens in C order, so a patch of ``D_g = C_in / G * kh * kw`` entries is ordered
-``(channel, kh, kw)``; only the tap builds such patches.
+batch has ``K`` rows per pixel and image (the shifts are ``K`` times as long), so all
+``K`` vectors go through one grid and one matrix product per offset; weight tangents
+with ``K`` columns each multiply the forward input's grid (one row per pixel and
+image). A linearization keeps the forward input's grid in its state
+(:meth:`_Conv._grid`; about the size of the input) for the later products. The weight
+``(C_out, C_in / G, kh, kw)`` flattens in C order, so a patch of
+``D_g = C_in / G * kh * kw`` entries is ordered ``(channel, kh, kw)``; only the tap
+builds such patches.
 
 Layer protocol. The tap (``groups == 1``) gives the patches ``(N, S, D_in)`` (``S =
 H_out * W_out`` output pixels, row-major), output
@@ -222,23 +224,29 @@ class _Conv(Layer):
         a = state["input"]
         return tuple(a.shape[2:]) if self._spatial == 2 else (1, a.shape[2])
 
-    def _to_grid(self, t, xp):
-        """Vectors ``(N, C_in, H, K, W)`` -> grid ``(G, P, (N + 1) Hq Wq K, C_in / G)``.
+    @property
+    def _lead(self):
+        """Zero pixel rows before the output gradients' grid: more than the longest shift."""
+        (kh, _), (sh, _), (dh, _), _ = self._geometry()
+        return dh * (kh - 1) // sh + 1
 
-        Row ``((n Hq + y) Wq + x) K + k`` of phase ``(a, b)`` holds the padded image at
-        ``(y sh + a, x sw + b)`` (zeros in the padding and in one extra image at the end,
-        which the shifted row ranges of the last image run into).
+    def _to_grid(self, t, xp):
+        """Vectors ``(N, C_in, H, K, W)`` -> grid ``(G, P, (Hq + 1) Wq N K, C_in / G)``.
+
+        Row ``((y Wq + x) N + n) K + k`` of phase ``(a, b)`` holds the padded image at
+        ``(y sh + a, x sw + b)`` (zeros in the padding and in one extra row of pixels at
+        the end, which the shifted row ranges run into).
         """
         N, C, H, K, W = t.shape
         _, (sh, sw), _, ((pt, _), (pl, _)) = self._geometry()
         G = self.groups
         _, _, Hq, Wq, _ = self._plan((H, W))
-        t = xp.permute_dims(xp.reshape(t, (N, G, C // G, H, K, W)), (1, 0, 3, 5, 4, 2))
-        grid = _window(t, {1: (0, N + 1), 2: (-pt, Hq * sh), 3: (-pl, Wq * sw)}, xp)
-        if sh * sw > 1:  # (G, N + 1, Hq, sh, Wq, sw, K, C_g) -> phases first
-            grid = xp.reshape(grid, (G, N + 1, Hq, sh, Wq, sw, K, C // G))
-            grid = xp.permute_dims(grid, (0, 3, 5, 1, 2, 4, 6, 7))
-        return xp.reshape(grid, (G, sh * sw, (N + 1) * Hq * Wq * K, C // G))
+        t = xp.permute_dims(xp.reshape(t, (N, G, C // G, H, K, W)), (1, 3, 5, 0, 4, 2))
+        grid = _window(t, {1: (-pt, (Hq + 1) * sh), 2: (-pl, Wq * sw)}, xp)
+        if sh * sw > 1:  # (G, Hq + 1, sh, Wq, sw, N, K, C_g) -> phases first
+            grid = xp.reshape(grid, (G, Hq + 1, sh, Wq, sw, N, K, C // G))
+            grid = xp.permute_dims(grid, (0, 2, 4, 1, 3, 5, 6, 7))
+        return xp.reshape(grid, (G, sh * sw, (Hq + 1) * Wq * N * K, C // G))
 
     def _grid(self, state, xp):
         """The forward input as a grid (:meth:`_to_grid`; cached in the state)."""
@@ -248,77 +256,82 @@ class _Conv(Layer):
         return state["grid"]
 
     def _grad_grid(self, g, xp):
-        """Output vectors ``(N, C_out, [Ho,] K, Wo)`` -> ``(G, (N + 1) Hq Wq K, C_out / G)``.
+        """Output vectors ``(N, C_out, [Ho,] K, Wo)`` -> ``(G, (lead + Hq) Wq N K, Co_g)``.
 
-        On the grid of the output pixels, zero outside ``Ho x Wo`` and in one leading
-        image (which the backward shifts reach into).
+        Row ``(((lead + y) Wq + x) N + n) K + k`` holds output pixel ``(y, x)``: zero
+        outside ``Ho x Wo`` and in ``lead`` leading rows of pixels (which the backward
+        shifts reach into).
         """
         g = self._image(g, xp)
         N, Co, Ho, K, Wo = g.shape
-        G = self.groups
+        G, lead = self.groups, self._lead
         (kh, kw), (sh, sw), (dh, dw), _ = self._geometry()
         Hq, Wq = Ho + dh * (kh - 1) // sh, Wo + dw * (kw - 1) // sw
-        g = xp.permute_dims(xp.reshape(g, (N, G, Co // G, Ho, K, Wo)), (1, 0, 3, 5, 4, 2))
-        grid = _window(g, {1: (-1, N + 1), 2: (0, Hq), 3: (0, Wq)}, xp)
-        return xp.reshape(grid, (G, (N + 1) * Hq * Wq * K, Co // G))
+        g = xp.permute_dims(xp.reshape(g, (N, G, Co // G, Ho, K, Wo)), (1, 3, 5, 0, 4, 2))
+        grid = _window(g, {1: (-lead, lead + Hq), 2: (0, Wq)}, xp)
+        return xp.reshape(grid, (G, (lead + Hq) * Wq * N * K, Co // G))
 
-    def _from_grid(self, rows, N, K, Ho, Wo, Hq, Wq, xp):
-        """Output rows ``(G, N Hq Wq K, C_out / G)`` -> vectors ``(N, C_out, [Ho,] K, Wo)``."""
+    def _from_grid(self, rows, N, K, Ho, Wo, Wq, xp):
+        """Output rows ``(G, Ho Wq N K, C_out / G)`` -> vectors ``(N, C_out, [Ho,] K, Wo)``."""
         G, _, Co = rows.shape
-        y = xp.reshape(rows, (G, N, Hq, Wq, K, Co))[:, :, :Ho, :Wo, ...]
-        y = xp.reshape(xp.permute_dims(y, (1, 0, 5, 2, 4, 3)), (N, G * Co, Ho, K, Wo))
+        y = xp.reshape(rows, (G, Ho, Wq, N, K, Co))[:, :, :Wo, ...]
+        y = xp.reshape(xp.permute_dims(y, (3, 0, 5, 1, 4, 2)), (N, G * Co, Ho, K, Wo))
         return self._unimage(y, xp)
 
     def _correlate(self, grid, mats, hw, N, K, unit, xp):
-        """``sum_o grid[phase_o, rows shifted by shift_o] @ mats[o]``: ``(G, N Hq Wq K, .)``.
+        """``sum_o grid[phase_o, rows shifted by shift_o] @ mats[o]``: ``(G, Ho Wq N K, .)``.
 
-        ``unit`` is the number of grid rows per pixel (``K`` for a grid of ``K`` vectors,
-        1 for the forward input, whose products with ``K`` weight tangents give ``K``
-        columns per row instead).
+        The output rows ``y < Ho`` only. ``unit`` is the number of grid rows per pixel
+        and image (``K`` for a grid of ``K`` vectors, 1 for the forward input, whose
+        products with ``K`` weight tangents give ``K`` columns per row instead).
         """
-        _, _, Hq, Wq, offsets = self._plan(hw)
-        rows = N * Hq * Wq * unit
+        Ho, _, _, Wq, offsets = self._plan(hw)
+        step = N * unit
+        rows = Ho * Wq * step
         out = None
         for o, (phase, shift) in enumerate(offsets):
-            y = _mm(grid[:, phase, shift * unit : shift * unit + rows, ...], mats[o, ...], xp)
+            y = _mm(grid[:, phase, shift * step : shift * step + rows, ...], mats[o, ...], xp)
             if out is None:
                 out = y
             else:
                 out += y
-        return xp.reshape(out, (out.shape[0], N * Hq * Wq * K, -1))
+        return xp.reshape(out, (out.shape[0], Ho * Wq * N * K, -1))
 
     def _correlate_adjoint(self, grad, mats, hw, N, K, unit, xp):
         """The adjoint of :meth:`_correlate`: a grad grid -> input vectors ``(N, C, H, K, W)``.
 
-        ``grad`` is :meth:`_grad_grid`'s ``(G, (N + 1) Hq Wq unit, .)`` and ``mats[o]`` maps
-        its columns to ``K / unit`` vectors of ``C_in / G`` entries per row.
+        ``grad`` is :meth:`_grad_grid`'s ``(G, (lead + Hq) Wq N unit, .)`` and ``mats[o]``
+        maps its columns to ``K / unit`` vectors of ``C_in / G`` entries per row.
         """
         (_, _), (sh, sw), _, ((pt, _), (pl, _)) = self._geometry()
         H, W = hw
-        Ho, Wo, Hq, Wq, offsets = self._plan(hw)
+        _, _, Hq, Wq, offsets = self._plan(hw)
         G, Cg = self.groups, self.in_channels // self.groups
-        lead, rows = Hq * Wq * unit, N * Hq * Wq * unit
+        step = N * unit
+        # stride 1: only the grid rows of the unpadded image; else every phase row
+        y0, ny = (pt, H) if sh * sw == 1 else (0, Hq)
+        first, rows = (self._lead + y0) * Wq * step, ny * Wq * step
         phases = [None] * (sh * sw)
         for o, (phase, shift) in enumerate(offsets):
-            start = lead - shift * unit
+            start = first - shift * step
             y = _mm(grad[:, start : start + rows, ...], mats[o, ...], xp)
             if phases[phase] is None:
                 phases[phase] = y
             else:
                 phases[phase] += y
-        shape = (G, N, Hq, Wq, K, Cg)
+        shape = (G, ny, Wq, N, K, Cg)
         if len(phases) == 1:
-            full = xp.reshape(phases[0], shape)
+            x = _window(xp.reshape(phases[0], shape), {2: (pl, W)}, xp)
         else:
             like = next(p for p in phases if p is not None)
             zeros = xp.zeros(shape, dtype=like.dtype, device=device(like))
             full = xp.stack([zeros if p is None else xp.reshape(p, shape) for p in phases], axis=1)
-            full = xp.reshape(full, (G, sh, sw, N, Hq, Wq, K, Cg))
+            full = xp.reshape(full, (G, sh, sw, Hq, Wq, N, K, Cg))
             full = xp.reshape(
-                xp.permute_dims(full, (0, 3, 4, 1, 5, 2, 6, 7)), (G, N, Hq * sh, Wq * sw, K, Cg)
+                xp.permute_dims(full, (0, 3, 1, 4, 2, 5, 6, 7)), (G, Hq * sh, Wq * sw, N, K, Cg)
             )
-        x = _window(full, {2: (pt, H), 3: (pl, W)}, xp)  # (G, N, H, W, K, C_g)
-        x = xp.reshape(xp.permute_dims(x, (1, 0, 5, 2, 4, 3)), (N, G * Cg, H, K, W))
+            x = _window(full, {1: (pt, H), 2: (pl, W)}, xp)  # (G, H, W, N, K, C_g)
+        x = xp.reshape(xp.permute_dims(x, (3, 0, 5, 1, 4, 2)), (N, G * Cg, H, K, W))
         return self._unimage(x, xp)
 
     def _offset_weights(self, W, xp, transpose=False):
@@ -345,28 +358,34 @@ class _Conv(Layer):
     def _weight_products(self, left, right, hw, N, xp):
         """``sum over pixels of left[shifted]^T right`` per offset: ``(kk, G, ., .)``.
 
-        ``left`` is a grid ``(G, P, (N + 1) Hq Wq, .)`` (pixel rows), ``right`` the
-        pixel rows ``(G, N Hq Wq, .)`` of a grad grid's images.
+        ``left`` is a grid ``(G, P, (Hq + 1) Wq N, .)`` (rows of pixels and images),
+        ``right`` the rows ``(G, Ho Wq N, .)`` of a grad grid's output band.
         """
-        _, _, Hq, Wq, offsets = self._plan(hw)
-        rows = N * Hq * Wq
+        Ho, _, _, Wq, offsets = self._plan(hw)
+        rows = Ho * Wq * N
         return xp.stack(
             [
-                _mm(xp.matrix_transpose(left[:, phase, shift : shift + rows, ...]), right, xp)
+                _mm(
+                    xp.matrix_transpose(left[:, phase, shift * N : shift * N + rows, ...]),
+                    right,
+                    xp,
+                )
                 for phase, shift in offsets
             ]
         )
 
     def _pixel_rows(self, grad, hw, N, xp):
-        """A grad grid as pixel rows ``(G, N Hq Wq, K Co_g)`` of its ``N`` images."""
+        """A grad grid's output band as rows ``(G, Ho Wq N, K Co_g)`` of pixels and images."""
         G, total, Co = grad.shape
-        _, _, Hq, Wq, _ = self._plan(hw)
-        unit = total // ((N + 1) * Hq * Wq)
-        return xp.reshape(grad, (G, (N + 1) * Hq * Wq, unit * Co))[:, Hq * Wq :, ...]
+        Ho, _, Hq, Wq, _ = self._plan(hw)
+        lead = self._lead
+        unit = total // ((lead + Hq) * Wq * N)
+        grad = xp.reshape(grad, (G, (lead + Hq) * Wq * N, unit * Co))
+        return grad[:, lead * Wq * N : (lead + Ho) * Wq * N, ...]
 
     def _weight_grad(self, grad, state, N, K, xp):
-        hw = self._in_hw(state)
         """``sum_{n, pixels} P^T g`` for the ``K`` cotangents of a grad grid."""
+        hw = self._in_hw(state)
         G, Co, Cg = self.groups, self.out_channels // self.groups, self.in_channels // self.groups
         prods = self._weight_products(
             self._grid(state, xp), self._pixel_rows(grad, hw, N, xp), hw, N, xp
@@ -386,14 +405,15 @@ class _Conv(Layer):
         if "patches" not in state:
             hw = self._in_hw(state)
             Ho, Wo, Hq, Wq, offsets = self._plan(hw)
-            X = self._grid(state, xp)  # (1, P, (N + 1) Hq Wq, C_in): groups == 1
+            X = self._grid(state, xp)  # (1, P, (Hq + 1) Wq N, C_in): groups == 1
             N, C = self._image(state["input"], xp).shape[:2]
-            rows = N * Hq * Wq
+            rows = Ho * Wq * N
             slices = [
-                xp.reshape(X[0, phase, shift : shift + rows, ...], (N, Hq, Wq, C))[:, :Ho, :Wo, ...]
+                xp.reshape(X[0, phase, shift * N : shift * N + rows, ...], (Ho, Wq, N, C))
                 for phase, shift in offsets
             ]
-            P = xp.stack(slices, axis=-1)  # (N, Ho, Wo, C, kk)
+            P = xp.stack([p[:, :Wo, ...] for p in slices], axis=-1)  # (Ho, Wo, N, C, kk)
+            P = xp.permute_dims(P, (2, 0, 1, 3, 4))
             state["patches"] = xp.reshape(P, (N, Ho * Wo, C * len(offsets)))
         return state["patches"]
 
@@ -416,7 +436,7 @@ class _Conv(Layer):
         )
         if self.bias:
             out += xp.reshape(params[1], (self.groups, 1, -1))
-        y = self._image(self._from_grid(out, N, 1, Ho, Wo, Hq, Wq, xp), xp)
+        y = self._image(self._from_grid(out, N, 1, Ho, Wo, Wq, xp), xp)
         return self._unimage(y[:, :, :, 0, :], xp)
 
     def tangent(self, params, dparams, state, ta, xp):
@@ -434,14 +454,14 @@ class _Conv(Layer):
             Co = self.out_channels // self.groups
             db = xp.permute_dims(xp.reshape(dparams[1], (self.groups, 1, Co, K)), (0, 1, 3, 2))
             out = xp.reshape(xp.reshape(out, (self.groups, -1, K, Co)) + db, out.shape)
-        return self._from_grid(out, N, K, Ho, Wo, Hq, Wq, xp)
+        return self._from_grid(out, N, K, Ho, Wo, Wq, xp)
 
     def backward(self, params, state, g, xp, *, need_input=True, need_params=True):
         hw = self._in_hw(state)
         K = g.shape[-2]
         N = g.shape[0]
         grads = []
-        grad = self._grad_grid(g, xp)  # (G, (N + 1) Hq Wq K, Co_g)
+        grad = self._grad_grid(g, xp)  # (G, (lead + Hq) Wq N K, Co_g)
         if need_params:
             grads.append(self._weight_grad(grad, state, N, K, xp))
             if self.bias:
@@ -472,7 +492,7 @@ class _Conv(Layer):
             rg_grid = self._grad_grid(rg, xp)
             rgW = self._weight_grad(rg_grid, state, N, K, xp)
         if ta is not None:
-            Xt = self._to_grid(self._image(ta, xp), xp)  # (G, P, (N + 1) Hq Wq K, C_g)
+            Xt = self._to_grid(self._image(ta, xp), xp)  # (G, P, (Hq + 1) Wq N K, C_g)
             Xt = xp.reshape(Xt, (G, Xt.shape[1], -1, K * Cg))
             cross = self._weight_products(Xt, self._pixel_rows(g_grid, hw, N, xp), hw, N, xp)
             cross = xp.reshape(cross, (cross.shape[0], G, K, Cg, Co))
