@@ -29,10 +29,11 @@ peer's, ``_peers.PeerSession``):
   native VJP) and, for ``TorchModel``, ``cross_entropy`` plus ``torch.autograd.grad``.
   No targets (reported);
 - ``kernel``: a native ``Conv2d(64, 64, 3, padding=1)`` forward pass and its
-  backward pass to the weights, bias and inputs (``Layer.forward``,
-  ``Layer.backward``, as inside a network) over ``torch.nn.functional.conv2d`` and
-  ``torch.autograd.grad`` on ``(128, 64, 32, 32)`` inputs, target ``<= 1.5``; and the
-  whole ResNet's loss+gradient, native over torch (reported);
+  backward pass to the weights, bias and inputs (``Layer.forward_with_state``,
+  ``Layer.backward`` on the same state, as inside a linearized network) over
+  ``torch.nn.functional.conv2d`` and ``torch.autograd.grad`` on ``(128, 64, 32, 32)``
+  inputs, target ``<= 1.5``; and the whole ResNet's loss+gradient, native over torch
+  (reported);
 - ``peer`` (``--peers``): ours (``TorchModel``) over curvlinops-for-pytorch 3.0.1 on
   the same torch network, weights, vectors and thread count, target ``<= 0.6``: GGN
   matvec, Hessian matvec, and K-FAC type-2 construction with its factors computed
@@ -274,10 +275,12 @@ def _kernel_rows(rows, quick, torch):
     g_internal = g[:, :, :, None, :]  # one cotangent, internal layout (N, C, H, K, W)
 
     def native():
-        layer.forward(params, x, xp)
-        # As in a linearization: the forward pass keeps the input, the backward pass
-        # unfolds it again.
-        return layer.backward(params, {"input": x, "channels_first": True}, g_internal, xp)
+        # As in a linearization (``Module.linearize``): the forward pass keeps what it
+        # made of the input (the conv's channels-last grid) in the layer's state, and
+        # the backward pass reads it from there.
+        state = {"input": x, "channels_first": True}
+        layer.forward_with_state(params, x, xp, state)
+        return layer.backward(params, state, g_internal, xp)
 
     xt = torch.from_numpy(x).requires_grad_()
     wt, bt = (torch.from_numpy(np.asarray(p)).requires_grad_() for p in params)

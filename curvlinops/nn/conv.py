@@ -1,22 +1,40 @@
-"""Convolutions :class:`Conv2d` and :class:`Conv1d` on array-API arrays (im2col).
+"""Convolutions :class:`Conv2d` and :class:`Conv1d` on array-API arrays (shifted products).
 
-The array API has no convolution, so every rule unfolds its input into patches by
-strided slicing (one slice per kernel offset, ``kh * kw`` of them; no loop over pixels,
-samples or vectors) and multiplies them with the weight reshaped to a matrix. The
-adjoint of the unfolding (col2im) scatters patch gradients back by zero-interleaving
-(for strides), zero-padding (for offsets) and addition, again one step per kernel
-offset. Groups are an axis of a batched matrix product (no loop over groups).
+The array API has no convolution, so every rule writes its input once into a
+channels-last *phase grid* and turns each kernel offset into a shift of rows: with
+stride 1 the grid is the zero-padded image, one row of ``C_in`` entries per pixel and
+image, ordered ``(y, x, n)`` (pixels row-major, the ``N`` images innermost), and kernel
+offset ``(i, j)`` reads the rows shifted by ``(i dh Wp + j dw) N`` (``Wp`` the padded
+width). So the output, on the band of the first ``Ho`` grid rows (the positions past
+``Wo`` in each are dropped at the end), is a sum of ``kh * kw`` two-dimensional matrix
+products ``X[shift_o:] @ W_o`` of contiguous row ranges with the ``(C_in, C_out)``
+weight slice of each offset: no patch matrix, one layout copy of the input and one of
+the output. A stride ``(sh, sw)`` splits the padded image into ``sh * sw`` phases
+(pixels ``(y sh + a, x sw + b)`` form phase ``(a, b)``), each of which is again such a
+grid, and each offset reads one phase. The adjoints are the same loop: the weight
+gradient sums ``X[shift_o:]^T @ g`` per offset, and the input gradient (col2im) sums
+``g[-shift_o:] @ W_o^T`` with the output gradients on the grid (zero outside
+``Ho x Wo`` and in leading zero rows), then cuts the padding off (interleaving the phases
+first). One step per kernel offset; no loop over pixels, samples, channels or
+vectors. Groups are the leading axis of the grids and a batched matrix product (a
+plain one for ``groups == 1``). Zero padding is one allocation and one slice
+assignment where the arrays take it (NumPy, CuPy, torch), else slicing and
+concatenation (JAX).
 
 Layout. Inputs are channels-first ``(N, C_in, H, W)`` (``(N, C_in, L)`` for
 :class:`Conv1d`), as in PyTorch. In the internal layout of :mod:`curvlinops.nn.module`
-a batch of ``K`` tangents or cotangents is ``(N, C, H, K, W)``; each rule moves ``K``
-next to ``N`` and treats the ``N * K`` images as one batch, so all ``K`` vectors go
-through one im2col and one matrix product. The unfolded patches of an input are
-``(N, S, G, D_g)`` with ``S = H_out * W_out`` output pixels (row-major), ``G`` groups
-and ``D_g = C_in / G * kh * kw`` entries per patch, ordered ``(channel, kh, kw)`` as the
-weight ``(C_out, C_in / G, kh, kw)`` flattens in C order.
+a batch of ``K`` tangents or cotangents is ``(N, C, H, K, W)``; the grid of such a
+batch has ``K`` rows per pixel and image (the shifts are ``K`` times as long), so all
+``K`` vectors go through one grid and one matrix product per offset; weight tangents
+with ``K`` columns each multiply the forward input's grid (one row per pixel and
+image). A linearization keeps the forward input's grid in its state
+(:meth:`_Conv._grid`; about the size of the input) for the later products. The weight
+``(C_out, C_in / G, kh, kw)`` flattens in C order, so a patch of
+``D_g = C_in / G * kh * kw`` entries is ordered ``(channel, kh, kw)``; only the tap
+builds such patches.
 
-Layer protocol. The tap (``groups == 1``) gives the patches ``(N, S, D_in)``, output
+Layer protocol. The tap (``groups == 1``) gives the patches ``(N, S, D_in)`` (``S =
+H_out * W_out`` output pixels, row-major), output
 gradients ``(N, S, C_out, M)`` and ``matrix_shape = (C_out, C_in * kh * kw)``: what
 K-FAC and per-example gradients read (Grosse & Martens, 2016). With ``groups > 1`` the
 weight is block diagonal in that layout and the tap raises
@@ -182,37 +200,199 @@ class _Conv(Layer):
         """``(N, C, H, ..., W)`` back to the layer's own number of spatial axes."""
         return y if self._spatial == 2 else y[:, :, 0, ...]
 
-    def _batch(self, t, xp):
-        """Internal-layout vectors ``(N, C, [H,] K, W)`` as ``N * K`` images, and ``K``."""
-        t = self._image(t, xp)
-        N, C, H, K, W = t.shape
-        return xp.reshape(xp.permute_dims(t, (0, 3, 1, 2, 4)), (N * K, C, H, W)), K
+    # -- the phase grid: channels-last images whose kernel offsets are row shifts ------
 
-    def _unbatch(self, y, K, xp):
-        """``N * K`` images ``(N * K, C, H, W)`` back to the internal layout."""
-        NK, C, H, W = y.shape
-        y = xp.permute_dims(xp.reshape(y, (NK // K, K, C, H, W)), (0, 2, 3, 1, 4))
-        return self._unimage(y, xp)
+    def _plan(self, hw):
+        """Sizes of the phase grid for inputs of spatial size ``hw`` (as a 2d image).
 
-    def _patches(self, state, xp):
-        """Unfolded patches ``(N, S, G, D_g)`` of the forward input (cached)."""
-        if "patches" not in state:
-            state["patches"] = self._unfold(self._image(state["input"], xp), xp)
-        return state["patches"]
-
-    def _unfold(self, x, xp):
-        """Images ``(B, C, H, W)`` -> patches ``(B, S, G, D_g)``."""
-        cols = _im2col(x, self._geometry(), xp)  # (B, Ho, Wo, C, kk)
-        B, Ho, Wo = cols.shape[:3]
-        return xp.reshape(cols, (B, Ho * Wo, self.groups, self._group_in))
-
-    def _out_hw(self, state, xp):
-        """Output size ``(Ho, Wo)`` for the forward input (as a 2d image)."""
+        Returns ``(Ho, Wo, Hq, Wq, offsets)`` where ``offsets`` lists, per kernel offset
+        ``(i, j)`` in row-major order, its phase and its shift in grid pixels.
+        """
         (kh, kw), (sh, sw), (dh, dw), ((pt, pb), (pl, pr)) = self._geometry()
-        H, W = self._image(state["input"], xp).shape[2:]
+        H, W = hw
         Ho = (H + pt + pb - dh * (kh - 1) - 1) // sh + 1
         Wo = (W + pl + pr - dw * (kw - 1) - 1) // sw + 1
-        return Ho, Wo
+        Hq, Wq = Ho + dh * (kh - 1) // sh, Wo + dw * (kw - 1) // sw
+        offsets = [
+            ((i * dh % sh) * sw + j * dw % sw, (i * dh // sh) * Wq + j * dw // sw)
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        return Ho, Wo, Hq, Wq, offsets
+
+    def _in_hw(self, state):
+        a = state["input"]
+        return tuple(a.shape[2:]) if self._spatial == 2 else (1, a.shape[2])
+
+    @property
+    def _lead(self):
+        """Zero pixel rows before the output gradients' grid: more than the longest shift."""
+        (kh, _), (sh, _), (dh, _), _ = self._geometry()
+        return dh * (kh - 1) // sh + 1
+
+    def _to_grid(self, t, xp):
+        """Vectors ``(N, C_in, H, K, W)`` -> grid ``(G, P, (Hq + 1) Wq N K, C_in / G)``.
+
+        Row ``((y Wq + x) N + n) K + k`` of phase ``(a, b)`` holds the padded image at
+        ``(y sh + a, x sw + b)`` (zeros in the padding and in one extra row of pixels at
+        the end, which the shifted row ranges run into).
+        """
+        N, C, H, K, W = t.shape
+        _, (sh, sw), _, ((pt, _), (pl, _)) = self._geometry()
+        G = self.groups
+        _, _, Hq, Wq, _ = self._plan((H, W))
+        t = xp.permute_dims(xp.reshape(t, (N, G, C // G, H, K, W)), (1, 3, 5, 0, 4, 2))
+        grid = _window(t, {1: (-pt, (Hq + 1) * sh), 2: (-pl, Wq * sw)}, xp)
+        if sh * sw > 1:  # (G, Hq + 1, sh, Wq, sw, N, K, C_g) -> phases first
+            grid = xp.reshape(grid, (G, Hq + 1, sh, Wq, sw, N, K, C // G))
+            grid = xp.permute_dims(grid, (0, 2, 4, 1, 3, 5, 6, 7))
+        return xp.reshape(grid, (G, sh * sw, (Hq + 1) * Wq * N * K, C // G))
+
+    def _grid(self, state, xp):
+        """The forward input as a grid (:meth:`_to_grid`; cached in the state)."""
+        if "grid" not in state:
+            a = self._image(state["input"], xp)
+            state["grid"] = self._to_grid(xp.expand_dims(a, axis=3), xp)
+        return state["grid"]
+
+    def _grad_grid(self, g, xp):
+        """Output vectors ``(N, C_out, [Ho,] K, Wo)`` -> ``(G, (lead + Hq) Wq N K, Co_g)``.
+
+        Row ``(((lead + y) Wq + x) N + n) K + k`` holds output pixel ``(y, x)``: zero
+        outside ``Ho x Wo`` and in ``lead`` leading rows of pixels (which the backward
+        shifts reach into).
+        """
+        g = self._image(g, xp)
+        N, Co, Ho, K, Wo = g.shape
+        G, lead = self.groups, self._lead
+        (kh, kw), (sh, sw), (dh, dw), _ = self._geometry()
+        Hq, Wq = Ho + dh * (kh - 1) // sh, Wo + dw * (kw - 1) // sw
+        g = xp.permute_dims(xp.reshape(g, (N, G, Co // G, Ho, K, Wo)), (1, 3, 5, 0, 4, 2))
+        grid = _window(g, {1: (-lead, lead + Hq), 2: (0, Wq)}, xp)
+        return xp.reshape(grid, (G, (lead + Hq) * Wq * N * K, Co // G))
+
+    def _from_grid(self, rows, N, K, Ho, Wo, Wq, xp):
+        """Output rows ``(G, Ho Wq N K, C_out / G)`` -> vectors ``(N, C_out, [Ho,] K, Wo)``."""
+        G, _, Co = rows.shape
+        y = xp.reshape(rows, (G, Ho, Wq, N, K, Co))[:, :, :Wo, ...]
+        y = xp.reshape(xp.permute_dims(y, (3, 0, 5, 1, 4, 2)), (N, G * Co, Ho, K, Wo))
+        return self._unimage(y, xp)
+
+    def _correlate(self, grid, mats, hw, N, K, unit, xp):
+        """``sum_o grid[phase_o, rows shifted by shift_o] @ mats[o]``: ``(G, Ho Wq N K, .)``.
+
+        The output rows ``y < Ho`` only. ``unit`` is the number of grid rows per pixel
+        and image (``K`` for a grid of ``K`` vectors, 1 for the forward input, whose
+        products with ``K`` weight tangents give ``K`` columns per row instead).
+        """
+        Ho, _, _, Wq, offsets = self._plan(hw)
+        step = N * unit
+        rows = Ho * Wq * step
+        out = None
+        for o, (phase, shift) in enumerate(offsets):
+            y = _mm(grid[:, phase, shift * step : shift * step + rows, ...], mats[o, ...], xp)
+            if out is None:
+                out = y
+            else:
+                out += y
+        return xp.reshape(out, (out.shape[0], Ho * Wq * N * K, -1))
+
+    def _correlate_adjoint(self, grad, mats, hw, N, K, unit, xp):
+        """The adjoint of :meth:`_correlate`: a grad grid -> input vectors ``(N, C, H, K, W)``.
+
+        ``grad`` is :meth:`_grad_grid`'s ``(G, (lead + Hq) Wq N unit, .)`` and ``mats[o]``
+        maps its columns to ``K / unit`` vectors of ``C_in / G`` entries per row.
+        """
+        (_, _), (sh, sw), _, ((pt, _), (pl, _)) = self._geometry()
+        H, W = hw
+        _, _, Hq, Wq, offsets = self._plan(hw)
+        G, Cg = self.groups, self.in_channels // self.groups
+        step = N * unit
+        # stride 1: only the grid rows of the unpadded image; else every phase row
+        y0, ny = (pt, H) if sh * sw == 1 else (0, Hq)
+        first, rows = (self._lead + y0) * Wq * step, ny * Wq * step
+        phases = [None] * (sh * sw)
+        for o, (phase, shift) in enumerate(offsets):
+            start = first - shift * step
+            y = _mm(grad[:, start : start + rows, ...], mats[o, ...], xp)
+            if phases[phase] is None:
+                phases[phase] = y
+            else:
+                phases[phase] += y
+        shape = (G, ny, Wq, N, K, Cg)
+        if len(phases) == 1:
+            x = _window(xp.reshape(phases[0], shape), {2: (pl, W)}, xp)
+        else:
+            like = next(p for p in phases if p is not None)
+            zeros = xp.zeros(shape, dtype=like.dtype, device=device(like))
+            full = xp.stack([zeros if p is None else xp.reshape(p, shape) for p in phases], axis=1)
+            full = xp.reshape(full, (G, sh, sw, Hq, Wq, N, K, Cg))
+            full = xp.reshape(
+                xp.permute_dims(full, (0, 3, 1, 4, 2, 5, 6, 7)), (G, Hq * sh, Wq * sw, N, K, Cg)
+            )
+            x = _window(full, {1: (pt, H), 2: (pl, W)}, xp)  # (G, H, W, N, K, C_g)
+        x = xp.reshape(xp.permute_dims(x, (3, 0, 5, 1, 4, 2)), (N, G * Cg, H, K, W))
+        return self._unimage(x, xp)
+
+    def _offset_weights(self, W, xp, transpose=False):
+        """``W (C_out, C_g, kh, kw)`` -> ``(kk, G, C_g, C_out / G)`` (or ``(kk, G, Co_g, C_g)``)."""
+        G, Co = self.groups, self.out_channels // self.groups
+        kk = math.prod(self.kernel_size)
+        W = xp.permute_dims(
+            xp.reshape(W, (G, Co, self.in_channels // G, kk)),
+            (3, 0, 1, 2) if transpose else (3, 0, 2, 1),
+        )
+        # through a flat copy: contiguous matrices, which BLAS takes without a copy each
+        return xp.reshape(xp.reshape(W, (-1,)), tuple(W.shape))
+
+    def _offset_tangents(self, dW, xp, transpose=False):
+        """Weight tangents ``(C_out, C_g, kh, kw, K)`` -> ``(kk, G, C_g, K Co_g)``
+        (or ``(kk, G, Co_g, K C_g)``)."""
+        G, Co, Cg = self.groups, self.out_channels // self.groups, self.in_channels // self.groups
+        kk, K = math.prod(self.kernel_size), dW.shape[-1]
+        dW = xp.reshape(dW, (G, Co, Cg, kk, K))
+        if transpose:
+            return xp.reshape(xp.permute_dims(dW, (3, 0, 1, 4, 2)), (kk, G, Co, K * Cg))
+        return xp.reshape(xp.permute_dims(dW, (3, 0, 2, 4, 1)), (kk, G, Cg, K * Co))
+
+    def _weight_products(self, left, right, hw, N, xp):
+        """``sum over pixels of left[shifted]^T right`` per offset: ``(kk, G, ., .)``.
+
+        ``left`` is a grid ``(G, P, (Hq + 1) Wq N, .)`` (rows of pixels and images),
+        ``right`` the rows ``(G, Ho Wq N, .)`` of a grad grid's output band.
+        """
+        Ho, _, _, Wq, offsets = self._plan(hw)
+        rows = Ho * Wq * N
+        return xp.stack(
+            [
+                _mm(
+                    xp.matrix_transpose(left[:, phase, shift * N : shift * N + rows, ...]),
+                    right,
+                    xp,
+                )
+                for phase, shift in offsets
+            ]
+        )
+
+    def _pixel_rows(self, grad, hw, N, xp):
+        """A grad grid's output band as rows ``(G, Ho Wq N, K Co_g)`` of pixels and images."""
+        G, total, Co = grad.shape
+        Ho, _, Hq, Wq, _ = self._plan(hw)
+        lead = self._lead
+        unit = total // ((lead + Hq) * Wq * N)
+        grad = xp.reshape(grad, (G, (lead + Hq) * Wq * N, unit * Co))
+        return grad[:, lead * Wq * N : (lead + Ho) * Wq * N, ...]
+
+    def _weight_grad(self, grad, state, N, K, xp):
+        """``sum_{n, pixels} P^T g`` for the ``K`` cotangents of a grad grid."""
+        hw = self._in_hw(state)
+        G, Co, Cg = self.groups, self.out_channels // self.groups, self.in_channels // self.groups
+        prods = self._weight_products(
+            self._grid(state, xp), self._pixel_rows(grad, hw, N, xp), hw, N, xp
+        )
+        prods = xp.reshape(prods, (prods.shape[0], G, Cg, K, Co))
+        prods = xp.permute_dims(prods, (1, 4, 2, 0, 3))  # (G, Co_g, C_g, kk, K)
+        return xp.reshape(prods, self.param_shapes()[0] + (K,))
 
     def _weight(self, params, xp):
         """The weight as ``(G, C_out / G, D_g)``."""
@@ -220,130 +400,104 @@ class _Conv(Layer):
             params[0], (self.groups, self.out_channels // self.groups, self._group_in)
         )
 
-    def _apply(self, P, Wm, xp):
-        """Patches ``(B, S, G, D_g)`` times the weight: rows ``(G, B * S, C_out / G)``."""
-        B, S, G, D = P.shape
-        rows = xp.reshape(xp.permute_dims(P, (2, 0, 1, 3)), (G, B * S, D))
-        return rows @ xp.matrix_transpose(Wm)
-
-    def _to_images(self, rows, B, hw, xp):
-        """Rows ``(G, B * S, C_out / G)`` -> images ``(B, C_out, Ho, Wo)``."""
-        G, _, Co = rows.shape
-        y = xp.permute_dims(xp.reshape(rows, (G, B, *hw, Co)), (1, 0, 4, 2, 3))
-        return xp.reshape(y, (B, G * Co, *hw))
-
-    def _grad_rows(self, g, xp):
-        """Output vectors ``(N, C_out, [Ho,] K, Wo)`` -> rows ``(G, N * K * S, C_out / G)``."""
-        g = self._image(g, xp)
-        N, _, Ho, K, Wo = g.shape
-        G = self.groups
-        g = xp.reshape(g, (N, G, self.out_channels // G, Ho, K, Wo))
-        return xp.reshape(xp.permute_dims(g, (1, 0, 4, 3, 5, 2)), (G, N * K * Ho * Wo, -1))
-
-    def _fold(self, rows, state, K, xp):
-        """Patch gradients ``(G, N * K * S, D_g)`` (rows ``(n, k, pixel)``) -> input vectors."""
-        x = self._image(state["input"], xp)
-        N, C, H, W = x.shape
-        Ho, Wo = self._out_hw(state, xp)
-        G = self.groups
-        kk = math.prod(self.kernel_size)
-        cols = xp.reshape(rows, (G, N * K, Ho, Wo, C // G, kk))
-        cols = xp.reshape(xp.permute_dims(cols, (1, 2, 3, 0, 4, 5)), (N * K, Ho, Wo, C, kk))
-        return self._unbatch(_col2im(cols, self._geometry(), (H, W), xp), K, xp)
-
-    def _param_grad(self, left, right, K, xp):
-        """Weight gradient from ``(G, K * Co_g, R) @ (G, R, D_g)`` (rows ``(k, o)``)."""
-        G, Co = self.groups, self.out_channels // self.groups
-        prod = xp.reshape(left @ right, (G, K, Co, self._group_in))
-        prod = xp.permute_dims(prod, (0, 2, 3, 1))  # (G, Co_g, D_g, K)
-        return xp.reshape(prod, self.param_shapes()[0] + (K,))
-
-    def _weight_tangent(self, dW, xp, order):
-        """Weight tangents ``(C_out, ..., K)`` as ``(G, Co_g, D_g, K)`` permuted by ``order``."""
-        G, Co = self.groups, self.out_channels // self.groups
-        K = dW.shape[-1]
-        return xp.permute_dims(xp.reshape(dW, (G, Co, self._group_in, K)), order), K
+    def _tap_patches(self, state, xp):
+        """The patches ``(N, Ho Wo, C_in kh kw)`` (entries ``(channel, kh, kw)``; cached)."""
+        if "patches" not in state:
+            hw = self._in_hw(state)
+            Ho, Wo, Hq, Wq, offsets = self._plan(hw)
+            X = self._grid(state, xp)  # (1, P, (Hq + 1) Wq N, C_in): groups == 1
+            N, C = self._image(state["input"], xp).shape[:2]
+            rows = Ho * Wq * N
+            slices = [
+                xp.reshape(X[0, phase, shift * N : shift * N + rows, ...], (Ho, Wq, N, C))
+                for phase, shift in offsets
+            ]
+            P = xp.stack([p[:, :Wo, ...] for p in slices], axis=-1)  # (Ho, Wo, N, C, kk)
+            P = xp.permute_dims(P, (2, 0, 1, 3, 4))
+            state["patches"] = xp.reshape(P, (N, Ho * Wo, C * len(offsets)))
+        return state["patches"]
 
     # -- forward and derivatives -------------------------------------------------------
 
     def forward(self, params, a, xp):
+        return self._forward(params, a, xp, {"input": a})
+
+    def forward_with_state(self, params, a, xp, state):
+        # the input's grid stays in the linearization's state, for every later product
+        return self._forward(params, a, xp, state)
+
+    def _forward(self, params, a, xp, local):
         self._check_input(a)
-        P = self._unfold(self._image(a, xp), xp)
-        state = {"input": a}
-        out = self._to_images(
-            self._apply(P, self._weight(params, xp), xp), a.shape[0], self._out_hw(state, xp), xp
+        hw = self._in_hw(local)
+        N = a.shape[0]
+        Ho, Wo, Hq, Wq, _ = self._plan(hw)
+        out = self._correlate(
+            self._grid(local, xp), self._offset_weights(params[0], xp), hw, N, 1, 1, xp
         )
         if self.bias:
-            out = out + xp.reshape(params[1], (1, self.out_channels, 1, 1))
-        return self._unimage(out, xp)
+            out += xp.reshape(params[1], (self.groups, 1, -1))
+        y = self._image(self._from_grid(out, N, 1, Ho, Wo, Wq, xp), xp)
+        return self._unimage(y[:, :, :, 0, :], xp)
 
     def tangent(self, params, dparams, state, ta, xp):
-        P = self._patches(state, xp)
-        N, S, G, D = P.shape
-        hw = self._out_hw(state, xp)
-        # sum_d P[n, s, g, d] dW[g, o, d, k] for all K tangents: (G, N S, D) @ (G, D, K Co_g)
-        dWm, K = self._weight_tangent(dparams[0], xp, (0, 2, 3, 1))
-        Co = dWm.shape[-1]
-        rows = xp.reshape(xp.permute_dims(P, (2, 0, 1, 3)), (G, N * S, D))
-        out = rows @ xp.reshape(dWm, (G, D, K * Co))
-        out = xp.reshape(out, (G, N, *hw, K, Co))
-        out = xp.reshape(xp.permute_dims(out, (1, 0, 5, 2, 4, 3)), (N, G * Co, hw[0], K, hw[1]))
-        if self.bias:
-            out = out + xp.reshape(dparams[1], (1, self.out_channels, 1, K, 1))
+        hw = self._in_hw(state)
+        X = self._grid(state, xp)
+        N = self._image(state["input"], xp).shape[0]
+        Ho, Wo, Hq, Wq, _ = self._plan(hw)
+        K = dparams[0].shape[-1]
+        # sum_o X_o dW_o for all K tangents at once: K Co_g columns per pixel row
+        out = self._correlate(X, self._offset_tangents(dparams[0], xp), hw, N, K, 1, xp)
         if ta is not None:
-            images, _ = self._batch(ta, xp)
-            Pt = self._unfold(images, xp)  # (N K, S, G, D): one im2col for all K tangents
-            y = self._to_images(self._apply(Pt, self._weight(params, xp), xp), N * K, hw, xp)
-            out = out + self._image(self._unbatch(y, K, xp), xp)
-        return self._unimage(out, xp)
+            Xt = self._to_grid(self._image(ta, xp), xp)  # one grid for all K tangents
+            out += self._correlate(Xt, self._offset_weights(params[0], xp), hw, N, K, K, xp)
+        if self.bias:
+            Co = self.out_channels // self.groups
+            db = xp.permute_dims(xp.reshape(dparams[1], (self.groups, 1, Co, K)), (0, 1, 3, 2))
+            out = xp.reshape(xp.reshape(out, (self.groups, -1, K, Co)) + db, out.shape)
+        return self._from_grid(out, N, K, Ho, Wo, Wq, xp)
 
     def backward(self, params, state, g, xp, *, need_input=True, need_params=True):
+        hw = self._in_hw(state)
         K = g.shape[-2]
+        N = g.shape[0]
         grads = []
-        rows = self._grad_rows(g, xp)  # (G, N K S, Co_g)
+        grad = self._grad_grid(g, xp)  # (G, (lead + Hq) Wq N K, Co_g)
         if need_params:
-            grads.append(self._weight_grad(rows, state, K, xp))
+            grads.append(self._weight_grad(grad, state, N, K, xp))
             if self.bias:
                 grads.append(self._bias_grad(g, xp))
         g_in = None
         if need_input:
-            g_in = self._fold(rows @ self._weight(params, xp), state, K, xp)
+            Wt = self._offset_weights(params[0], xp, transpose=True)
+            g_in = self._correlate_adjoint(grad, Wt, hw, N, K, K, xp)
         return grads, g_in
-
-    def _weight_grad(self, rows, state, K, xp):
-        """``sum_{n, s} g[n, s, k, o] P[n, s, d]`` from rows ``(G, N K S, Co_g)``."""
-        P = self._patches(state, xp)
-        N, S, G, D = P.shape
-        Co = rows.shape[-1]
-        left = xp.permute_dims(xp.reshape(rows, (G, N, K, S, Co)), (0, 2, 4, 1, 3))
-        left = xp.reshape(left, (G, K * Co, N * S))
-        right = xp.reshape(xp.permute_dims(P, (2, 0, 1, 3)), (G, N * S, D))
-        return self._param_grad(left, right, K, xp)
 
     def _bias_grad(self, g, xp):
         g = self._image(g, xp)  # (N, C_out, Ho, K, Wo)
         return xp.sum(g, axis=(0, 2, 4))
 
     def r_backward(self, params, dparams, state, ta, g, rg, xp, *, need_input=True):
+        hw = self._in_hw(state)
         W = params[0]
         K = dparams[0].shape[-1]
-        P = self._patches(state, xp)
-        N, S, G, D = P.shape
-        g_rows = self._grad_rows(g, xp)  # (G, N S, Co_g): g has one cotangent
-        Co = g_rows.shape[-1]
+        N = g.shape[0]
+        G, Co, Cg = self.groups, self.out_channels // self.groups, self.in_channels // self.groups
+        g_grid = self._grad_grid(g, xp)  # g has one cotangent
 
         # R(g^T P) = (R g)^T P + g^T (R P): the second term is the bilinear cross term
         # between the weight and the parameters that the input depends on.
         rgW = None
+        rg_grid = None
         if rg is not None:
-            rg_rows = self._grad_rows(rg, xp)
-            rgW = self._weight_grad(rg_rows, state, K, xp)
+            rg_grid = self._grad_grid(rg, xp)
+            rgW = self._weight_grad(rg_grid, state, N, K, xp)
         if ta is not None:
-            images, _ = self._batch(ta, xp)
-            Pt = xp.reshape(self._unfold(images, xp), (N, K, S, G, D))
-            right = xp.reshape(xp.permute_dims(Pt, (3, 0, 2, 1, 4)), (G, N * S, K * D))
-            cross = xp.reshape(xp.matrix_transpose(g_rows) @ right, (G, Co, K, D))
-            cross = xp.reshape(xp.permute_dims(cross, (0, 1, 3, 2)), tuple(W.shape) + (K,))
+            Xt = self._to_grid(self._image(ta, xp), xp)  # (G, P, (Hq + 1) Wq N K, C_g)
+            Xt = xp.reshape(Xt, (G, Xt.shape[1], -1, K * Cg))
+            cross = self._weight_products(Xt, self._pixel_rows(g_grid, hw, N, xp), hw, N, xp)
+            cross = xp.reshape(cross, (cross.shape[0], G, K, Cg, Co))
+            cross = xp.permute_dims(cross, (1, 4, 3, 0, 2))  # (G, Co_g, C_g, kk, K)
+            cross = xp.reshape(cross, tuple(W.shape) + (K,))
             rgW = cross if rgW is None else rgW + cross
         if rgW is None:
             rgW = xp.zeros(tuple(W.shape) + (K,), dtype=W.dtype, device=device(W))
@@ -356,14 +510,14 @@ class _Conv(Layer):
 
         if not need_input:
             return rgrads, None, None
-        g_in = self._fold(g_rows @ self._weight(params, xp), state, 1, xp)
-        # R(g W) = (R g) W + g (R W), the latter for all K tangents: (G, N S, Co_g) @ (G, Co_g, K D)
-        dWm, _ = self._weight_tangent(dparams[0], xp, (0, 1, 3, 2))
-        cols = xp.reshape(g_rows @ xp.reshape(dWm, (G, Co, K * D)), (G, N, S, K, D))
-        cols = xp.reshape(xp.permute_dims(cols, (0, 1, 3, 2, 4)), (G, N * K * S, D))
+        Wt = self._offset_weights(W, xp, transpose=True)
+        g_in = self._correlate_adjoint(g_grid, Wt, hw, N, 1, 1, xp)
+        # R(g W) = (R g) W + g (R W), the latter for all K tangents at once
+        rg_in = self._correlate_adjoint(
+            g_grid, self._offset_tangents(dparams[0], xp, transpose=True), hw, N, K, 1, xp
+        )
         if rg is not None:
-            cols = cols + rg_rows @ self._weight(params, xp)
-        rg_in = self._fold(cols, state, K, xp)
+            rg_in = rg_in + self._correlate_adjoint(rg_grid, Wt, hw, N, K, K, xp)
         return rgrads, g_in, rg_in
 
     # -- the layer protocol ------------------------------------------------------------
@@ -376,14 +530,14 @@ class _Conv(Layer):
                 "gives taps for convolutions with groups=1 only. Use an exact operator (e.g. "
                 "GGNLinearOperator) for this model."
             )
-        P = self._patches(state, xp)
-        N, S, _, D = P.shape
+        P = self._tap_patches(state, xp)
+        N, S, D = P.shape
         grads = None
         if output_grads is not None:
             g = self._image(output_grads, xp)  # (N, C_out, Ho, M, Wo)
             M = g.shape[3]
             grads = xp.reshape(xp.permute_dims(g, (0, 2, 4, 1, 3)), (N, S, self.out_channels, M))
-        return xp.reshape(P, (N, S, D)), grads, (self.out_channels, D)
+        return P, grads, (self.out_channels, D)
 
     def backward_curvature(self, params, state, H, g, xp):
         return pull_back_curvature(self, params, state, H, g, xp)
@@ -392,9 +546,21 @@ class _Conv(Layer):
         # per kernel offset o, over the batch: the output positions whose offset o falls
         # inside the (unpadded) input, and all output positions
         x = self._image(state["input"], xp)
-        ones = xp.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=device(x))
-        inside = xp.sum(_im2col(ones, self._geometry(), xp), axis=(0, 1, 2, 3))  # (kk,)
-        Ho, Wo = self._out_hw(state, xp)
+        (kh, kw), (sh, sw), (dh, dw), ((pt, _), (pl, _)) = self._geometry()
+        Ho, Wo, _, _, _ = self._plan(x.shape[2:])
+
+        def hits(n_out, size, step, dilation, before, offset):
+            # output positions p < n_out with 0 <= p step + offset dilation - before < size
+            shift = offset * dilation - before
+            lo = max(0, -(shift // step))
+            hi = min(n_out - 1, (size - 1 - shift) // step)
+            return max(0, hi - lo + 1)
+
+        rows = [hits(Ho, x.shape[2], sh, dh, pt, i) for i in range(kh)]
+        cols = [hits(Wo, x.shape[3], sw, dw, pl, j) for j in range(kw)]
+        inside = xp.asarray(
+            [float(r * c) for r in rows for c in cols], dtype=x.dtype, device=device(x)
+        )  # (kk,)
         counts = (x.shape[0] * inside, x.shape[0] * Ho * Wo)
         if statistics is not None:
             counts = (statistics[0] + counts[0], statistics[1] + counts[1])
@@ -427,7 +593,7 @@ class Conv2d(_Conv):
 
     Inputs ``(N, C_in, H, W)``, outputs ``(N, C_out, H_out, W_out)``. Parameters are
     ``[weight (C_out, C_in / groups, kh, kw), bias (C_out,)]`` (or ``[weight]``), so
-    PyTorch weights copy across. Built from strided slicing and matrix products (see
+    PyTorch weights copy across. Built from shifted row ranges and matrix products (see
     :mod:`curvlinops.nn.conv`); every tier, and the tap ``(N, H_out * W_out,
     C_in * kh * kw)`` for ``groups=1``.
 
@@ -527,39 +693,57 @@ def _spread(x, step, axis, xp):
     return spread[index]
 
 
-def _im2col(x, geometry, xp):
-    """Images ``(B, C, H, W)`` -> patches ``(B, Ho, Wo, C, kh * kw)``.
+_SETITEM: dict = {}
 
-    One strided slice per kernel offset ``(i, j)``: entry ``[b, p, q, c, i kw + j]`` is
-    the padded image at ``(p sh + i dh, q sw + j dw)``.
+
+def _supports_setitem(x, xp) -> bool:
+    """Whether arrays like ``x`` take slice assignment (NumPy, CuPy, torch; not JAX).
+
+    Probed once per array type, on a two-entry array.
     """
-    (kh, kw), (sh, sw), (dh, dw), ((pt, pb), (pl, pr)) = geometry
-    x = _pad(_pad(x, pt, pb, 2, xp), pl, pr, 3, xp)
-    Ho = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    Wo = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    slices = [
-        x[:, :, i * dh : i * dh + sh * (Ho - 1) + 1 : sh, j * dw : j * dw + sw * (Wo - 1) + 1 : sw]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return xp.permute_dims(xp.stack(slices, axis=-1), (0, 2, 3, 1, 4))
+    kind = type(x)
+    if kind not in _SETITEM:
+        try:
+            probe = xp.zeros((2,), dtype=x.dtype, device=device(x))
+            probe[:1] = xp.ones((1,), dtype=x.dtype, device=device(x))
+            _SETITEM[kind] = True
+        except Exception:  # immutable arrays (JAX) raise TypeError; be lenient
+            _SETITEM[kind] = False
+    return _SETITEM[kind]
 
 
-def _col2im(cols, geometry, hw, xp):
-    """The adjoint of :func:`_im2col`: patches ``(B, Ho, Wo, C, kh * kw)`` -> ``(B, C, H, W)``.
+def _window(x, spans, xp):
+    """``x`` cut or zero-extended: along each ``axis`` of ``spans = {axis: (start, length)}``
+    entry ``i`` is ``x[start + i]`` (zero where that is outside ``x``).
 
-    Each kernel offset's slice is spread to the stride (zeros between entries), padded
-    to its position in the padded image and added; the padding is cut off at the end.
+    A plain slice where the window lies inside ``x``; else one zero array and one slice
+    assignment where the arrays take it (:func:`_supports_setitem`), else slicing and
+    concatenation with zeros (:func:`_pad`).
     """
-    (kh, kw), (sh, sw), (dh, dw), ((pt, pb), (pl, pr)) = geometry
-    H, W = hw
-    Hp, Wp = H + pt + pb, W + pl + pr
-    cols = xp.permute_dims(cols, (0, 3, 1, 2, 4))  # (B, C, Ho, Wo, kk)
-    total = None
-    for i in range(kh):
-        for j in range(kw):
-            y = _spread(_spread(cols[..., i * kw + j], sh, 2, xp), sw, 3, xp)
-            y = _pad(y, i * dh, Hp - i * dh - y.shape[2], 2, xp)
-            y = _pad(y, j * dw, Wp - j * dw - y.shape[3], 3, xp)
-            total = y if total is None else total + y
-    return total[:, :, pt : pt + H, pl : pl + W]
+    src, dst, shape = [slice(None)] * x.ndim, [slice(None)] * x.ndim, list(x.shape)
+    inside, empty = True, False
+    for axis, (start, length) in spans.items():
+        lo, hi = max(start, 0), min(start + length, x.shape[axis])
+        shape[axis] = length
+        empty = empty or lo >= hi
+        src[axis], dst[axis] = slice(lo, hi), slice(lo - start, hi - start)
+        inside = inside and (lo, hi) == (start, start + length)
+    if inside:
+        return x[tuple(src)]
+    if empty or _supports_setitem(x, xp):
+        out = xp.zeros(tuple(shape), dtype=x.dtype, device=device(x))
+        if not empty:
+            out[tuple(dst)] = x[tuple(src)]
+        return out
+    y = x[tuple(src)]
+    for axis, (start, length) in spans.items():
+        lo, hi = max(start, 0), min(start + length, x.shape[axis])
+        y = _pad(y, lo - start, start + length - hi, axis, xp)
+    return y
+
+
+def _mm(a, b, xp):
+    """``a @ b`` over a leading group axis; a plain 2d product for one group."""
+    if a.shape[0] == 1 and b.shape[0] == 1:
+        return xp.expand_dims(a[0, ...] @ b[0, ...], axis=0)
+    return a @ b

@@ -8,9 +8,10 @@ averages each channel over all pixels, ``(N, C, H, W) -> (N, C)`` (or ``(N, C, 1
 as ``torch.nn.AdaptiveAvgPool2d(1)``).
 
 Every rule is one strided slice per kernel offset (no loop over samples, pixels,
-channels or vectors); the adjoint (the backward pass) spreads each offset's slice to
-the stride, pads it to its place and adds. In the internal layout of
-:mod:`curvlinops.nn.module` a batch of ``K`` vectors of an image is
+channels or vectors); the adjoint (the backward pass) adds each offset's slice in
+place into one zero-padded buffer at its strided position (for arrays without slice
+assignment, as JAX's: spreads it to the stride, pads it to its place and adds). In the
+internal layout of :mod:`curvlinops.nn.module` a batch of ``K`` vectors of an image is
 ``(N, C, H, K, W)``: the windows are slices of axes 2 and 4, so all ``K`` vectors go
 through each slice together. The layers have no parameters and are linear in their
 inputs (max pooling piecewise linear, with the window's maximum chosen as in PyTorch:
@@ -45,7 +46,7 @@ from __future__ import annotations
 import math
 
 from .._backend import device
-from .conv import _int_tuple, _pad, _spread
+from .conv import _int_tuple, _pad, _spread, _supports_setitem
 from .module import Layer, pull_back_curvature
 
 __all__ = ["AvgPool2d", "AvgPool1d", "MaxPool2d", "MaxPool1d", "GlobalAvgPool2d"]
@@ -173,18 +174,33 @@ class _Pool(Layer):
     def _scatter(self, pieces, axes, in_hw, xp):
         """The adjoint of :meth:`_windows`: add each offset's slice back at its place.
 
-        ``pieces`` yields ``(offset, i, j, slice)``; returns the unpadded sum.
+        ``pieces`` yields ``(offset, i, j, slice)``; returns the unpadded sum. Where the
+        arrays take slice assignment, each slice is added in place into one zero-padded
+        buffer at its strided position; else it is spread to the stride (zeros between
+        entries), padded to its place and added.
         """
         _, (sh, sw), (dh, dw), (ph, pw) = self._geometry()
         ah, aw = axes
         H, W = in_hw
         Hp, Wp = H + 2 * ph, W + 2 * pw
-        total = None
-        for _, i, j, y in pieces:
-            y = _spread(_spread(y, sh, ah, xp), sw, aw, xp)
-            y = _pad(y, i * dh, Hp - i * dh - y.shape[ah], ah, xp)
-            y = _pad(y, j * dw, Wp - j * dw - y.shape[aw], aw, xp)
-            total = y if total is None else total + y
+        pieces = list(pieces)
+        y0 = pieces[0][3]
+        if _supports_setitem(y0, xp):
+            shape = list(y0.shape)
+            shape[ah], shape[aw] = Hp, Wp
+            total = xp.zeros(tuple(shape), dtype=y0.dtype, device=device(y0))
+            for _, i, j, y in pieces:
+                index = [slice(None)] * y.ndim
+                index[ah] = slice(i * dh, i * dh + sh * (y.shape[ah] - 1) + 1, sh)
+                index[aw] = slice(j * dw, j * dw + sw * (y.shape[aw] - 1) + 1, sw)
+                total[tuple(index)] += y
+        else:
+            total = None
+            for _, i, j, y in pieces:
+                y = _spread(_spread(y, sh, ah, xp), sw, aw, xp)
+                y = _pad(y, i * dh, Hp - i * dh - y.shape[ah], ah, xp)
+                y = _pad(y, j * dw, Wp - j * dw - y.shape[aw], aw, xp)
+                total = y if total is None else total + y
         index = [slice(None)] * total.ndim
         index[ah], index[aw] = slice(ph, ph + H), slice(pw, pw + W)
         return total[tuple(index)]
