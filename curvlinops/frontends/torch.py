@@ -193,12 +193,15 @@ class TorchModel(Model):
     jvp_method : {"jvp", "linearize"}
         How Jacobian-vector products are computed. ``"jvp"`` (default):
         ``torch.func.jvp``, which runs the forward pass again with the tangents (about
-        one forward pass more per product). ``"linearize"``: ``torch.func.linearize``
-        traces the tangent map once per linearization (at its first product) and then
-        applies only the tangent operations. Tracing costs about ten to twenty
-        forward passes, so it pays off only when one linearization serves many
-        products (a curvature operator with ``cache=True`` in a CG solve), and it
-        needs a forward pass free of data-dependent Python control flow.
+        one forward pass more per product); a product of one vector that comes before
+        the linearization's forward pass was recorded (every GGN matvec without
+        ``cache``) runs in the recording pass, with no forward pass more.
+        ``"linearize"``: ``torch.func.linearize`` traces the tangent map once per
+        linearization (at its first product) and then applies only the tangent
+        operations. Tracing costs about ten to twenty forward passes, so it pays off
+        only when one linearization serves many products (a curvature operator with
+        ``cache=True`` in a CG solve), and it needs a forward pass free of
+        data-dependent Python control flow.
     param_names : list of str, optional
         Names (from ``module.named_parameters()``) of the parameters to take the
         curvature with respect to, in the order of the parameter list; every other
