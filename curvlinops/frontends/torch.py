@@ -2,11 +2,19 @@
 
 :class:`TorchModel` offers all three tiers of the model protocol:
 
-- tier 1: :meth:`TorchModel.linearize` records the forward pass once with autograd;
-  vector-Jacobian products are backward passes over that graph (the ``K`` columns of a
-  matmat in one batched pass, ``is_grads_batched``); Jacobian-vector products use
-  ``torch.func.jvp`` (or, on request, ``torch.func.linearize``) with ``torch.func.vmap``
-  over the columns;
+- tier 1: :meth:`TorchModel.linearize` records the forward pass once with autograd
+  (when first needed); vector-Jacobian products are backward passes over that graph
+  (the ``K`` columns of a matmat in one batched pass, ``is_grads_batched``);
+  Jacobian-vector products use ``torch.func.jvp`` (or, on request,
+  ``torch.func.linearize``) with ``torch.func.vmap`` over the columns, except a
+  product of one vector asked for before the forward pass was recorded (the GGN's
+  product without ``cache``), which runs in the recording pass itself with dual
+  numbers (``torch.autograd.forward_ad``): one primal computation instead of two;
+- batch normalization in evaluation mode runs as the per-channel affine map it is
+  (``x * a + b`` with ``torch.addcmul``, the same function): PyTorch's derivatives of
+  ``F.batch_norm`` carry the terms of training mode's batch statistics (several
+  full-size passes more in forward mode and in double backward) and have no batching
+  rule;
 - tier 2: where the product is a symmetric matrix (no ``w``, or ``w`` given as a
   symmetric :class:`~curvlinops.models.TraceableLinearMap`, as the Hessian operator
   does) by double backward over the recorded graph, which is faster than forward
@@ -39,12 +47,15 @@
   ``BatchNorm1d``/``BatchNorm2d`` exist), laid out by the native layer's tap (a
   convolution's unfolded patches, batch normalization's normalized inputs). Each tapped
   call gets a zero probe added to its output; the gradients of the probes for ``M``
-  cotangents come from one batched backward pass. Inputs and output gradients are laid
-  out ``(N, S..., D)`` with the data axis first (the attention projections' sequence-
-  first inputs are transposed). A parameter used in two tapped calls (weight tying, a
-  layer called twice) is refused: Kronecker factors need each parameter in one layer.
-  Hooks and the mode see any module graph, so residual networks and transformers get
-  taps too;
+  cotangents come from one backward pass per cotangent (a batched pass would run the
+  backward of convolutions and batch normalization column by column anyway, without a
+  batching rule for them). A convolution's patches are one strided view of its padded
+  input, copied once (the same arrays as the native layer's tap). Inputs and output
+  gradients are laid out ``(N, S..., D)`` with the data axis first (the attention
+  projections' sequence-first inputs are transposed). A parameter used in two tapped
+  calls (weight tying, a layer called twice) is refused: Kronecker factors need each
+  parameter in one layer. Hooks and the mode see any module graph, so residual
+  networks and transformers get taps too;
 - the layer protocol (:mod:`curvlinops.models.layers`) for modules that form a chain
   (each leaf module takes the previous one's output, as in ``torch.nn.Sequential``):
   every leaf module is mapped to the ``curvlinops.nn`` layer that computes the same
@@ -81,6 +92,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on the enviro
         name="torch",
     ) from error
 
+from torch.autograd import forward_ad
 from torch.func import functional_call, jvp, linearize, vjp, vmap
 
 from .. import losses, nn as native
@@ -181,12 +193,15 @@ class TorchModel(Model):
     jvp_method : {"jvp", "linearize"}
         How Jacobian-vector products are computed. ``"jvp"`` (default):
         ``torch.func.jvp``, which runs the forward pass again with the tangents (about
-        one forward pass more per product). ``"linearize"``: ``torch.func.linearize``
-        traces the tangent map once per linearization (at its first product) and then
-        applies only the tangent operations. Tracing costs about ten to twenty
-        forward passes, so it pays off only when one linearization serves many
-        products (a curvature operator with ``cache=True`` in a CG solve), and it
-        needs a forward pass free of data-dependent Python control flow.
+        one forward pass more per product); a product of one vector that comes before
+        the linearization's forward pass was recorded (every GGN matvec without
+        ``cache``) runs in the recording pass, with no forward pass more.
+        ``"linearize"``: ``torch.func.linearize`` traces the tangent map once per
+        linearization (at its first product) and then applies only the tangent
+        operations. Tracing costs about ten to twenty forward passes, so it pays off
+        only when one linearization serves many products (a curvature operator with
+        ``cache=True`` in a CG solve), and it needs a forward pass free of
+        data-dependent Python control flow.
     param_names : list of str, optional
         Names (from ``module.named_parameters()``) of the parameters to take the
         curvature with respect to, in the order of the parameter list; every other
@@ -288,7 +303,7 @@ class TorchModel(Model):
     # -- internals --------------------------------------------------------------------
 
     def _forward(self, params, x):
-        with _differentiable_attention():
+        with _differentiable_attention(), _AffineBatchNorm():
             return functional_call(
                 self.module, dict(zip(self.param_names, params, strict=True)), (x,)
             )
@@ -351,24 +366,72 @@ class _TorchLinearization(Linearization):
         self._function = lambda *ps: model._forward(list(ps), x)
         # The forward pass is recorded once by autograd: vector-Jacobian products and
         # the double-backward second-order products all start from this graph (kept
-        # with retain_graph, so a cached linearization serves every product).
+        # with retain_graph, so a cached linearization serves every product). It is
+        # recorded when first needed (_graph), so that a Jacobian-vector product asked
+        # for first records it in the same pass (_recording_jvp).
         self._leaves = [p.detach().requires_grad_(True) for p in params]
-        with torch.enable_grad():
-            self._graph_outputs = self._function(*self._leaves)
+        self._graph_outputs = None
+        self._detached_outputs = None
         self._push = None  # the traced tangent map of jvp_method="linearize"
         self._transposed = None  # J^T u with a graph in u (the reverse-mode jvp)
         self._protocol_layers = None
-        super().__init__(model, params, x, self._graph_outputs.detach())
+        super().__init__(model, params, x, None)
+
+    @property
+    def outputs(self):
+        """The model's outputs (the forward pass is recorded at the first request)."""
+        self._graph()
+        return self._detached_outputs
+
+    @outputs.setter
+    def outputs(self, value):
+        if value is not None:  # the base class initializes it to None here
+            raise AttributeError("The outputs of a linearization are read-only.")
+
+    def _graph(self):
+        """The outputs with the recorded graph of the forward pass, recorded once."""
+        if self._graph_outputs is None:
+            with torch.enable_grad():
+                self._keep(self._function(*self._leaves))
+        return self._graph_outputs
+
+    def _keep(self, outputs):
+        self._graph_outputs = outputs
+        self._detached_outputs = outputs.detach()
 
     def _jvp(self, tangents):
         if self.model._forward_mode:
             try:
+                if self._graph_outputs is None and tangents[0].shape[-1] == 1:
+                    return self._recording_jvp(tangents)
                 return self._forward_mode_jvp(tangents)
             except (NotImplementedError, RuntimeError) as error:
                 if not _is_missing_forward_mode(error):
                     raise
                 self.model._forward_mode = False
         return self._reverse_mode_jvp(tangents)
+
+    def _recording_jvp(self, tangents):
+        """``J v`` for one vector in the pass that records the forward graph.
+
+        The first product of a linearization that has not run its forward pass yet
+        (each product of an operator without ``cache``): one forward pass with dual
+        numbers (``torch.autograd.forward_ad``) over the leaves that autograd records
+        gives the outputs, their graph for the backward passes that follow, and ``J
+        v``, where recording first and then ``torch.func.jvp`` would run the primal
+        computation twice.
+        """
+        with torch.enable_grad(), forward_ad.dual_level():
+            duals = [
+                forward_ad.make_dual(leaf, t[..., 0])
+                for leaf, t in zip(self._leaves, tangents, strict=True)
+            ]
+            outputs, tangent = forward_ad.unpack_dual(self.model._forward(duals, self.x))
+            if tangent is None:  # the outputs do not depend on the parameters
+                tangent = torch.zeros_like(outputs)
+            tangent = tangent.detach()
+        self._keep(outputs)
+        return tangent[..., None]
 
     def _forward_mode_jvp(self, tangents):
         if self.model.jvp_method == "linearize":
@@ -390,7 +453,7 @@ class _TorchLinearization(Linearization):
         """
         if self._transposed is None:
             with torch.enable_grad():
-                u = torch.zeros_like(self._graph_outputs, requires_grad=True)
+                u = torch.zeros_like(self._graph(), requires_grad=True)
                 first = torch.autograd.grad(
                     self._graph_outputs,
                     self._leaves,
@@ -416,7 +479,7 @@ class _TorchLinearization(Linearization):
         return self._push
 
     def _vjp(self, cotangents):
-        return self._grad_columns([self._graph_outputs], [cotangents], cotangents.shape[-1])
+        return self._grad_columns([self._graph()], [cotangents], cotangents.shape[-1])
 
     def _second_order_vjp(self, cotangent, tangents, cotangent_tangent):
         # With a traceable w = A(J v), one pass replaces a J v pass followed by the
@@ -478,11 +541,12 @@ class _TorchLinearization(Linearization):
         when the whole matrix is symmetric (``A`` symmetric); PyTorch's reverse mode is
         faster on the CPU than its forward mode through ``torch.func``.
         """
+        outputs = self._graph()
         with torch.enable_grad():
             first = torch.autograd.grad(
-                self._graph_outputs,
+                outputs,
                 self._leaves,
-                grad_outputs=dependent_cotangent(self._graph_outputs),
+                grad_outputs=dependent_cotangent(outputs),
                 create_graph=True,
                 retain_graph=True,
                 allow_unused=True,
@@ -574,20 +638,14 @@ class _TorchLinearization(Linearization):
         records = [recorder.records[i] for i in sorted(recorder.records)]
         grads = [None] * len(records)
         if cotangents is not None and records:
-            grads = torch.autograd.grad(
-                outputs,
-                [r.probe for r in records],
-                grad_outputs=torch.movedim(cotangents, -1, 0),
-                is_grads_batched=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
+            grads = _probe_gradients(outputs, [r.probe for r in records], cotangents)
         modules = {weight_index: entry for entry in model._taps for weight_index in [entry[2]]}
         taps = []
-        for record, g in zip(records, grads, strict=True):
+        for record, columns in zip(records, grads, strict=True):
             if record.layout == "module":
-                taps.append(self._module_tap(modules[record.weight_index], record, g))
+                taps.append(self._module_tap(modules[record.weight_index], record, columns))
                 continue
+            g = None if columns is None else torch.stack(columns, dim=0)
             if g is not None:
                 # (M, output layout) to the shared layout (N, S..., D, M)
                 g = _items(
@@ -607,17 +665,23 @@ class _TorchLinearization(Linearization):
             )
         return taps
 
-    def _module_tap(self, entry, record, g):
-        """The tap of a hooked module from its native equivalent's rule."""
+    def _module_tap(self, entry, record, columns):
+        """The tap of a hooked module from its native equivalent's rule; ``columns``: the
+        gradients of its output for each cotangent column (or None)."""
         name, layer, weight_index, bias_index, equivalent = entry
-        if g is not None:
-            # (M, N, ..., D_out) to the native layers' internal layout (N, ..., M, D_out)
-            g = torch.movedim(g, 0, -2)
         # built anew: the native layer reads the module's buffers (batch
         # normalization's running statistics), which .to() or .double() replace
         fresh = _native_layer(layer)
         equivalent = equivalent if fresh is None else fresh
         a = record.inputs
+        if isinstance(equivalent, (native.Conv1d, native.Conv2d)) and equivalent.groups == 1:
+            inputs, output_grads, shape = _unfolded_conv_tap(equivalent, a, columns)
+            kind = equivalent.tap_kind
+            return LayerTap(name, weight_index, bias_index, inputs, output_grads, shape, kind=kind)
+        g = None
+        if columns is not None:
+            # (M, N, ..., D_out) to the native layers' internal layout (N, ..., M, D_out)
+            g = torch.stack(columns, dim=-2)
         state = {"input": a}
         if equivalent.input_layout is not None:
             state["channels_first"] = equivalent.input_layout == "channels_first"
@@ -976,6 +1040,43 @@ def _linear_layouts(module, param_names):
         if prefix + "out_proj.weight" in names:
             layouts[prefix + "out_proj.weight"] = "flat_sequence_first"
     return layouts
+
+
+class _AffineBatchNorm(torch.overrides.TorchFunctionMode):
+    """Batch normalization in evaluation mode as the affine map it is, per channel.
+
+    ``F.batch_norm`` with running statistics and ``training=False`` computes ``x * a +
+    b`` with ``a = weight / sqrt(running_var + eps)`` and ``b = bias - running_mean * a``
+    (PyTorch's CPU kernel computes exactly these); here that map is written with
+    ``torch.addcmul``, the same function, whose derivatives are elementwise products
+    and sums. PyTorch's derivatives of ``F.batch_norm`` are written for training mode
+    (batch statistics): its forward-mode derivative and its double backward carry the
+    terms of the batch statistics, several full-size passes more per layer, and its
+    backward has no batching rule for ``vmap``. Other calls pass through unchanged.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.batch_norm:
+            names = ("input", "running_mean", "running_var", "weight", "bias", "training")
+            names += ("momentum", "eps")
+            defaults = {"weight": None, "bias": None, "training": False, "eps": 1e-5}
+            x, mean, var, weight, bias, training, _, eps = _bind(args, kwargs, names, defaults)
+            if not training and mean is not None and var is not None and x.ndim >= 2:
+                return _affine_batch_norm(x, mean, var, weight, bias, eps)
+        return func(*args, **kwargs)
+
+
+def _affine_batch_norm(x, mean, var, weight, bias, eps):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over axis 1 as ``x * a + b``."""
+    scale = 1.0 / torch.sqrt(var + eps)
+    if weight is not None:
+        scale = weight * scale
+    shift = -mean * scale
+    if bias is not None:
+        shift = bias + shift
+    shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
 
 
 @contextlib.contextmanager
@@ -1400,6 +1501,66 @@ def _refuse(loss_name, option, used, value):
             f"{loss_name} with {option}={value} has no curvlinops equivalent; construct it "
             f"without {option} (curvlinops losses are unweighted negative log-likelihoods)."
         )
+
+
+def _probe_gradients(outputs, probes, cotangents):
+    """Per probe, its gradients for each of the ``M`` trailing cotangent columns.
+
+    One backward pass per column (the graph retained between them): a batched backward
+    pass (``is_grads_batched``, ``vmap`` over the columns) has no batching rule for the
+    backward of convolutions and batch normalization and runs them column by column
+    anyway, with copies of the batched intermediates on top. The columns are left
+    unstacked, so that each tap lays them out with one copy.
+    """
+    M = cotangents.shape[-1]
+    columns = [
+        torch.autograd.grad(
+            outputs,
+            probes,
+            grad_outputs=cotangents[..., m],
+            retain_graph=m < M - 1,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        for m in range(M)
+    ]
+    return list(zip(*columns, strict=True))
+
+
+def _unfolded_conv_tap(conv, a, columns):
+    """A convolution's tap (``groups=1``) from strided views of torch tensors.
+
+    The same arrays as the native layer's tap (``conv.tap``, the reference): inputs
+    ``(N, S, C_in * kh * kw)``, entries in ``(channel, kh, kw)`` order per output
+    position, and output gradients ``(N, S, C_out, M)`` from the output's gradients for
+    the ``M`` cotangent columns, ``columns`` (``(N, C_out, [Ho,] Wo)`` each), or None. The
+    native tap stacks one strided slice per kernel offset and permutes the stack; here
+    the patches are one strided view of the padded input (``Tensor.as_strided``) copied
+    once into their layout, and each column's gradients are copied once, transposed,
+    into theirs. A ``Conv1d`` is a ``Conv2d`` with an image height of one. The output
+    gradients are a view whose last two axes swapped are contiguous (``(N, S, M,
+    C_out)``, the rows K-FAC multiplies).
+    """
+    (kh, kw), (sh, sw), (dh, dw), ((pt, pb), (pl, pr)) = conv._geometry()
+    x = a if a.ndim == 4 else a[:, :, None, :]
+    if pt or pb or pl or pr:
+        x = torch.nn.functional.pad(x, (pl, pr, pt, pb))
+    N, C_in, H, W = x.shape
+    Ho, Wo = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+    s_n, s_c, s_h, s_w = x.stride()
+    patches = x.as_strided(
+        (N, Ho, Wo, C_in, kh, kw),
+        (s_n, sh * s_h, sw * s_w, s_c, dh * s_h, dw * s_w),
+        x.storage_offset(),
+    )
+    S, D = Ho * Wo, C_in * kh * kw
+    inputs = patches.reshape(N, S, D)
+    grads = None
+    if columns is not None:
+        C = conv.out_channels
+        rows = torch.stack([c.reshape(N, C, S).transpose(1, 2) for c in columns], dim=2)
+        grads = rows.transpose(2, 3)  # (N, S, C_out, M), a view of (N, S, M, C_out)
+    return inputs, grads, (conv.out_channels, D)
 
 
 def _columns_or_zeros(grad, param, K, batched):
