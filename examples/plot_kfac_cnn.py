@@ -90,12 +90,13 @@ errors = {
     for name, M in dense.items()
 }
 for name, values in errors.items():
-    print(name, " ".join(f"{layer}: {e:.3f}" for layer, e in zip(layers, values)))
+    print(name, " ".join(f"{layer}: {e:.3f}" for layer, e in zip(layers, values, strict=True)))
 
 # EKFAC is the Frobenius-closest matrix diagonal in K-FAC's eigenbasis: never farther
 # from the exact block than K-FAC (expand) is.
 assert all(
-    e <= k * (1 + 1e-10) for e, k in zip(errors["EKFAC expand"], errors["K-FAC expand"])
+    e <= k * (1 + 1e-10)
+    for e, k in zip(errors["EKFAC expand"], errors["K-FAC expand"], strict=True)
 )
 
 # %%
@@ -122,7 +123,7 @@ shown = {"exact GGN": G, **dense}
 blocks = {name: layer_block(M, "conv 1") for name, M in shown.items()}
 limit = max(np.abs(b).max() for b in blocks.values())
 fig, axes = plt.subplots(1, len(blocks), figsize=(11, 3))
-for ax, (name, b) in zip(axes, blocks.items()):
+for ax, (name, b) in zip(axes, blocks.items(), strict=True):
     image = ax.imshow(b, cmap="RdBu_r", vmin=-limit, vmax=limit)
     ax.set_title(name)
     ax.set_xticks([])
