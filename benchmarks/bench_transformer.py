@@ -238,8 +238,11 @@ def _jax_rows(rows, spec, params, X, y, v, reference):
 
         return jax.value_and_grad(loss)(p)
 
+    def baseline():  # a tuple has no block_until_ready of its own: wait for it here
+        return jax.block_until_ready(lossgrad(jparams))
+
     _curvature_rows(
-        rows, "jax", model, jparams, [(Xj, yj)], lambda: lossgrad(jparams), jnp.asarray(v),
+        rows, "jax", model, jparams, [(Xj, yj)], baseline, jnp.asarray(v),
         X.shape[0], reference, kfac=(k_model, k_model.params),
     )  # fmt: skip
 
