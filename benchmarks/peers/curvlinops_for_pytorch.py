@@ -19,6 +19,16 @@ sides evaluate one network. The script writes the products (``ggn_v``, ``hess_v`
 operations on request (:func:`serve`), so that the benchmark can interleave rounds of
 its own calls with rounds of the peer's (see ``benchmarks/_peers.py``).
 
+GPT (``bench_transformer``, an input ``gpt``): a JSON description of a small GPT
+(:func:`build_gpt`: vocabulary, width, heads, sequence length, blocks, MLP ratio) with
+its weights ``p0, p1, ...`` in ``named_parameters()`` order; the benchmark builds its
+torch model with the same function. The peer's losses take the classes on axis 1, so
+the peer evaluates the GPT's logits transposed to ``(N, V, S)`` (the same loss, the
+mean over the ``N S`` positions); its K-FAC takes the ``torch.nn.Linear`` modules (the
+MLPs and the head: the attention projections are no ``Linear`` calls, and embeddings
+and LayerNorms are not supported), :func:`gpt_linear_params`. Writes ``ggn_v``,
+``hess_v``, ``kfac_v``; ``--serve`` as for the CNN.
+
 Imports torch and NumPy at the top (``build_cnn`` is also loaded by the benchmark, in
 curvlinops' environment); the peer's ``curvlinops`` only inside the functions.
 """
@@ -124,6 +134,83 @@ def tapped_params(net):
     return [p for p in net.parameters() if id(p) in ids]
 
 
+class GPTBlock(torch.nn.Module):
+    """A pre-norm block: causal ``MultiheadAttention`` and a GELU MLP, both residual."""
+
+    def __init__(self, width, heads, ratio):
+        super().__init__()
+        self.ln1 = torch.nn.LayerNorm(width)
+        self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln2 = torch.nn.LayerNorm(width)
+        self.fc1 = torch.nn.Linear(width, ratio * width)
+        self.fc2 = torch.nn.Linear(ratio * width, width)
+
+    def forward(self, h):
+        a = self.ln1(h)
+        length = h.shape[1]
+        mask = torch.triu(torch.ones(length, length, dtype=torch.bool, device=h.device), 1)
+        h = h + self.attn(a, a, a, attn_mask=mask, need_weights=False)[0]
+        return h + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(h))))
+
+
+class GPT(torch.nn.Module):
+    """Token embedding, learned positions (an ``Embedding`` of ``arange(S)``), blocks,
+    final LayerNorm and a linear head; logits ``(N, S, V)``, or ``(N, V, S)`` with
+    ``classes_second`` (as ``torch.nn.CrossEntropyLoss`` takes them)."""
+
+    def __init__(self, spec, classes_second=False):
+        super().__init__()
+        V, E = spec["vocab"], spec["width"]
+        self.classes_second = classes_second
+        self.tok = torch.nn.Embedding(V, E)
+        self.pos = torch.nn.Embedding(spec["seq"], E)
+        self.blocks = torch.nn.ModuleList(
+            [GPTBlock(E, spec["heads"], spec["ratio"]) for _ in range(spec["blocks"])]
+        )
+        self.ln_f = torch.nn.LayerNorm(E)
+        self.head = torch.nn.Linear(E, V)
+
+    def forward(self, ids):
+        N, length = ids.shape
+        positions = torch.arange(length, device=ids.device).expand(N, length)
+        h = self.tok(ids) + self.pos(positions)
+        for block in self.blocks:
+            h = block(h)
+        logits = self.head(self.ln_f(h))
+        return logits.transpose(1, 2) if self.classes_second else logits
+
+
+def build_gpt(spec, arrays, dtype=torch.float32, classes_second=False):
+    """The :class:`GPT` of ``spec`` (keys ``vocab, width, heads, seq, blocks, ratio``), in
+    evaluation mode, its parameters set from ``arrays["p0"], ...`` in
+    ``named_parameters()`` order (``tok, pos``; per block ``ln1, attn (in_proj_weight,
+    in_proj_bias, out_proj), ln2, fc1, fc2``; ``ln_f, head``)."""
+    net = GPT(spec, classes_second).to(dtype)
+    params = list(net.parameters())
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            value = torch.as_tensor(arrays[f"p{i}"], dtype=dtype)
+            if value.shape != p.shape:
+                raise ValueError(f"p{i} has shape {tuple(value.shape)}, expected {tuple(p.shape)}")
+            p.copy_(value)
+    if f"p{len(params)}" in arrays:
+        raise ValueError(f"the description has {len(params)} parameters, the arrays more")
+    return net.eval()
+
+
+def gpt_linear_params(net):
+    """The parameters of the GPT's ``torch.nn.Linear`` modules called as modules (the
+    MLPs and the head; not ``MultiheadAttention.out_proj``, whose weight the attention
+    uses directly), in ``net.parameters()`` order: what the peer's K-FAC can take."""
+    ids = {
+        id(p)
+        for m in net.modules()
+        if type(m) is torch.nn.Linear  # out_proj is a subclass, not called as a module
+        for p in m.parameters()
+    }
+    return [p for p in net.parameters() if id(p) in ids]
+
+
 def serve(operations):
     """Answer timing requests on stdin until ``quit`` (or end of input).
 
@@ -191,10 +278,63 @@ def main_cnn(d, dst, serve_after):
         serve({"grad": lossgrad, "ggn": lambda: G @ v, "hessian": lambda: H @ v, "kfac": kfac})
 
 
+def main_gpt(d, dst, serve_after):
+    """The GPT: products for the value checks, then (``serve_after``) timing on request."""
+    from curvlinops import GGNLinearOperator, HessianLinearOperator, KFACLinearOperator
+
+    torch.set_num_threads(int(d["threads"]))
+    # Attention through differentiable operations, as curvlinops' TorchModel runs it:
+    # the fast path of evaluation mode and the fused scaled-dot-product kernels have no
+    # forward-mode derivative (nor double backward).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.backends.mha.set_fastpath_enabled(False)
+    math_attention = sdpa_kernel([SDPBackend.MATH])
+    math_attention.__enter__()  # for the rest of the process (kept referenced below)
+    spec = json.loads(str(d["gpt"]))
+    net = build_gpt(spec, d, classes_second=True)
+    params = list(net.parameters())
+    X = torch.as_tensor(d["X"]).long()
+    y = torch.as_tensor(d["y"]).long()
+    N, S = X.shape
+    data = [(X, y)]
+    loss = torch.nn.CrossEntropyLoss()
+    v = torch.as_tensor(d["v"], dtype=torch.float32)
+    v_kfac = torch.as_tensor(d["v_kfac"], dtype=torch.float32)
+    kw = dict(check_deterministic=False, num_data=N)
+    G = GGNLinearOperator(net, loss, params, data, **kw)
+    H = HessianLinearOperator(net, loss, params, data, **kw)
+
+    def kfac():
+        K = KFACLinearOperator(
+            net,
+            loss,
+            gpt_linear_params(net),
+            data,
+            fisher_type="type-2",
+            kfac_approx="expand",
+            num_per_example_loss_terms=S,
+            **kw,
+        )
+        K.compute_kronecker_factors()
+        return K
+
+    def lossgrad():
+        return torch.autograd.grad(loss(net(X), y), params)
+
+    out = {"ggn_v": (G @ v).numpy(), "hess_v": (H @ v).numpy(), "kfac_v": (kfac() @ v_kfac).numpy()}
+    np.savez(dst, **out)
+    if serve_after:
+        serve({"grad": lossgrad, "ggn": lambda: G @ v, "hessian": lambda: H @ v, "kfac": kfac})
+    math_attention.__exit__(None, None, None)
+
+
 def main(src, dst, serve_after=False):
     d = np.load(src)
     if "cnn" in d.files:
         return main_cnn(d, dst, serve_after)
+    if "gpt" in d.files:
+        return main_gpt(d, dst, serve_after)
     from curvlinops import (
         EKFACLinearOperator,
         GGNLinearOperator,
