@@ -524,6 +524,7 @@ class _JaxLinearization(Linearization):
                 inputs,
                 grads,
                 spec.matrix_shape,
+                kind="embedding" if spec.kind == _EMBED else "matrix",
                 channels_first=spec.channels_first,
                 transposed=spec.transposed,
             )
@@ -667,8 +668,9 @@ def embed(ids, table, *, name=None):
 
     The lookup is the linear layer ``onehot(ids) @ table`` of a table ``(V, D)``
     (``V`` entries of ``D`` features, as ``torch.nn.Embedding``, ``flax.linen.Embed`` and
-    ``eqx.nn.Embedding`` store it): its tap has the one-hot inputs ``(N, ..., V)`` and
-    ``transposed=True`` (the table is the ``(D_in, D_out)`` matrix).
+    ``eqx.nn.Embedding`` store it): its tap is of kind ``"embedding"``, the ids
+    ``(N, ...)`` with the table as the transposed ``(D_in, D_out)`` matrix, so K-FAC's input
+    factor is the diagonal of the ids' counts (as for native and PyTorch embeddings).
 
     Parameters
     ----------
@@ -1150,8 +1152,8 @@ def _lay_out(spec, a, g):
     """A marked layer's recorded input and probe gradients in the ``LayerTap`` layout."""
     if spec.kind == _DENSE:
         return a, g
-    if spec.kind == _EMBED:
-        return jax.nn.one_hot(a, spec.matrix_shape[1], dtype=spec.dtype), g
+    if spec.kind == _EMBED:  # the ids: an "embedding" tap (its input factor diagonal)
+        return a, g
     geometry = spec.geometry
     lhs, rhs, _ = geometry.dimension_numbers()
     spatial = lhs[2:] if geometry.channels_first else lhs[1:-1]

@@ -605,7 +605,9 @@ class _TorchLinearization(Linearization):
         # the functional taps (linear maps, embeddings, layer normalization) from a
         # torch-function mode, the modules' (convolutions, batch normalization) from
         # forward hooks; both keyed by the weight's index in the parameter list
-        recorder = _TapRecorder(model, self.params, N, probes=cotangents is not None)
+        recorder = _TapRecorder(
+            model, self.params, N, probes=cotangents is not None, input_shape=tuple(self.x.shape)
+        )
         handles = []
 
         def make_hook(layer_name, weight_index, bias_index):
@@ -839,8 +841,9 @@ class _TapRecorder(torch.overrides.TorchFunctionMode):
     their indices in the parameter list. Other calls pass through unchanged.
     """
 
-    def __init__(self, model, params, batch_size, *, probes):
+    def __init__(self, model, params, batch_size, *, probes, input_shape=()):
         super().__init__()
+        self.input_shape = input_shape
         self.names = model.param_names
         self.layouts = model._layouts
         self.index = {id(p): i for i, p in enumerate(params)}
@@ -891,6 +894,17 @@ class _TapRecorder(torch.overrides.TorchFunctionMode):
             raise ValueError(
                 f"The parameter {self.names[w]!r} is the table of an embedding lookup "
                 f"(torch.nn.functional.embedding) with {problem}"
+            )
+        sequence = self.input_shape[1] if len(self.input_shape) > 1 else None
+        if ids.ndim == 1 and ids.shape[0] == sequence:
+            # ids (S,) shared by all data (positions arange(S), broadcast later) cannot be
+            # told from one id per datum when N == S: refused, never read as per-datum
+            raise ValueError(
+                f"The parameter {self.names[w]!r} is the table of an embedding looked up with "
+                f"ids of shape {tuple(ids.shape)}, the length of the inputs' second axis: "
+                "shared ids such as positions torch.arange(S) have no data axis, and with as "
+                "many data points as positions they would be taken for one id per datum. "
+                "Look them up with a data axis, e.g. torch.arange(S).expand(N, S)."
             )
         output = func(*args, **kwargs)
         inputs = _items(ids.detach(), "batch_first", self.batch_size, lead=0, who=self.names[w])

@@ -755,3 +755,24 @@ def test_cross_attention_splits_the_packed_projection_and_is_refused_by_the_taps
     lin = model.linearize(model.params, torch.randn(2, 3, 4, dtype=DTYPE))
     with pytest.raises(ValueError, match=r"part of the parameter 'attn.in_proj_weight'.*cross"):
         lin.layer_taps()
+
+
+@pytest.mark.parametrize("N", [3, 4])
+def test_shared_position_ids_without_a_data_axis_are_refused_not_misread(N):
+    """``pos(torch.arange(S))`` has no data axis: with N == S it would pass the shape check
+    and be read as one id per datum (a wrong diagonal); it is refused either way."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = torch.nn.Embedding(4, 2), torch.nn.Embedding(3, 2)
+            self.head = torch.nn.Linear(2, 4)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.tok(ids) + self.pos(torch.arange(ids.shape[1]))))
+
+    torch.manual_seed(0)
+    model = TorchModel(Net().double())
+    ids, y = torch.randint(0, 4, (N, 3)), torch.randint(0, 4, (N, 3))
+    with pytest.raises(ValueError, match=r"pos.weight.*arange\(S\)\.expand\(N, S\)|data axis"):
+        cl.GGNDiagonalLinearOperator(model, cl.CrossEntropyLoss(), model.params, [(ids, y)])
