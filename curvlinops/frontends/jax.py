@@ -14,9 +14,9 @@ whose layers are marked:
   compiled pass, with no separate Jacobian-vector product.
 - tier 3 (layer taps: K-FAC, EKFAC, the GGN and empirical-Fisher diagonals) for models
   whose layers are marked, one call per layer: in a plain function with
-  :func:`dense`, :func:`conv2d` and :func:`embed` (created with
+  :func:`dense`, :func:`conv2d`, :func:`embed` and :func:`layer_norm` (created with
   ``JaxModel(fn, params, layer_taps=True)``), and without user code for Flax linen
-  (``nn.Dense``, ``nn.Conv``, ``nn.Embed``: :meth:`JaxModel.from_flax`), Flax nnx
+  (``nn.Dense``, ``nn.Conv``, ``nn.Embed``, ``nn.LayerNorm``: :meth:`JaxModel.from_flax`), Flax nnx
   (``nnx.Linear``, ``nnx.Conv``, ``nnx.Embed``: :meth:`JaxModel.from_nnx`) and
   Equinox (``eqx.nn.Linear``, ``eqx.nn.Conv1d/2d/3d``, ``eqx.nn.Embedding``:
   :meth:`JaxModel.from_equinox`).
@@ -72,7 +72,7 @@ from ..models import (
     param_shapes,
 )
 
-__all__ = ["JaxModel", "dense", "conv2d", "embed"]
+__all__ = ["JaxModel", "dense", "conv2d", "embed", "layer_norm"]
 
 #: what a model without marked layers should do, for the messages of tier 3
 _MARK_HINT = (
@@ -524,7 +524,7 @@ class _JaxLinearization(Linearization):
                 inputs,
                 grads,
                 spec.matrix_shape,
-                kind="embedding" if spec.kind == _EMBED else "matrix",
+                kind=_TAP_KINDS.get(spec.kind, "matrix"),
                 channels_first=spec.channels_first,
                 transposed=spec.transposed,
             )
@@ -581,6 +581,46 @@ def dense(x, weight, bias=None, *, transposed=False, name=None):
     if bias is not None:
         out = out + bias
     return _mark(_DENSE, x, out, weight, bias, name=name, transposed=transposed)
+
+
+def layer_norm(x, weight=None, bias=None, *, eps=1e-5, name=None):
+    """Layer normalization over the last axis, its affine part marked for layer taps.
+
+    ``y = weight * (x - mean) / sqrt(var + eps) + bias`` with the mean and (biased)
+    variance over the last axis, as ``torch.nn.LayerNorm(D)`` and
+    ``curvlinops.nn.LayerNorm``. Its tap is of kind ``"elementwise"``: the normalized
+    inputs ``(N, ..., D)``, whose weight and bias get their exact block in K-FAC and
+    EKFAC. Without ``weight`` nothing is marked.
+
+    Parameters
+    ----------
+    x : jax.Array
+        Inputs ``(N, ..., D)``.
+    weight, bias : jax.Array, optional
+        ``(D,)`` each, parameters of the model.
+    eps : float
+        Added to the variance.
+    name : str, optional
+        The layer's name in its tap (default ``"layer_norm_<k>"``).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from curvlinops.frontends.jax import layer_norm
+    >>> layer_norm(jnp.asarray([[1.0, 3.0]]), jnp.asarray([2.0, 1.0]), eps=0.0).tolist()
+    [[-2.0, 1.0]]
+    """
+    import jax.numpy as jnp
+
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centered = x - mean
+    normalized = centered / jnp.sqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + eps)
+    if weight is None:
+        return normalized if bias is None else normalized + bias
+    out = normalized * weight
+    if bias is not None:
+        out = out + bias
+    return _mark(_NORM, normalized, out, weight, bias, name=name)
 
 
 def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, layout="NCHW", name=None):
@@ -697,7 +737,9 @@ def embed(ids, table, *, name=None):
     return _mark(_EMBED, ids, out, table, None, name=name, transposed=True)
 
 
-_DENSE, _CONV, _EMBED = "dense", "conv2d", "embed"
+_DENSE, _CONV, _EMBED, _NORM = "dense", "conv2d", "embed", "layer_norm"
+#: the LayerTap kind of each marked layer's tap
+_TAP_KINDS = {_EMBED: "embedding", _NORM: "elementwise"}
 
 
 @dataclass(frozen=True)
@@ -849,6 +891,8 @@ class _TapContext:
         if kind == _CONV:
             d_in = math.prod(shape[1:]) if channels_first else math.prod(shape[:-1])
             matrix_shape = (shape[0] if channels_first else shape[-1], d_in)
+        elif kind == _NORM:  # an elementwise tap: weight and bias of D entries
+            matrix_shape = None
         elif len(shape) != 2:
             raise ValueError(
                 f"The weight of the marked layer {label!r} must be a matrix, got {shape}."
@@ -929,7 +973,7 @@ class _Apply:
 
 @dataclass(frozen=True, eq=False)
 class _FlaxApply(_Apply):
-    """A linen module's apply; its Dense, Conv and Embed tapped through method interception."""
+    """A linen module's apply; Dense, Conv, Embed, LayerNorm tapped by method interception."""
 
     def tapped(self, params, x, probes):
         import flax.linen as linen
@@ -1012,17 +1056,19 @@ def _flax_conv_geometry(module, x, label):
 
 
 def _linen_tap(next_fun, args, kwargs, context):
-    """``flax.linen.intercept_methods`` interceptor: the taps of Dense, Conv and Embed."""
+    """``flax.linen.intercept_methods`` interceptor: the taps of Dense, Conv, Embed, LayerNorm."""
     import flax.linen as linen
 
     module = context.module
     if context.method_name != "__call__" or _active() is None:
         return next_fun(*args, **kwargs)
-    if not isinstance(module, (linen.Dense, linen.Conv, linen.Embed)):
+    if not isinstance(module, (linen.Dense, linen.Conv, linen.Embed, linen.LayerNorm)):
         return next_fun(*args, **kwargs)
     label = "/".join(str(p) for p in module.path) or type(module).__name__
     x = args[0] if args else next(iter(kwargs.values()))
     out = next_fun(*args, **kwargs)
+    if isinstance(module, linen.LayerNorm):
+        return _linen_layer_norm(module, x, out, label)
     if isinstance(module, linen.Embed):
         table = module.get_variable("params", "embedding")
         return _mark(_EMBED, x, out, table, None, name=label, transposed=True)
@@ -1032,6 +1078,33 @@ def _linen_tap(next_fun, args, kwargs, context):
         return _mark(_DENSE, x, out, kernel, bias, name=label, transposed=True)
     geometry = _flax_conv_geometry(module, x, label)
     return _mark(_CONV, x, out, kernel, bias, name=label, transposed=True, geometry=geometry)
+
+
+def _linen_layer_norm(module, x, out, label):
+    """A linen LayerNorm over the last axis with a scale: an elementwise tap (else none)."""
+    import jax.numpy as jnp
+
+    axes = {a % x.ndim for a in _as_tuple(module.reduction_axes)}
+    features = {a % x.ndim for a in _as_tuple(module.feature_axes)}
+    if not module.use_scale or axes != {x.ndim - 1} or features != {x.ndim - 1}:
+        if module.use_scale or module.use_bias:
+            raise ValueError(
+                f"The Flax LayerNorm {label!r} normalizes over axes {module.reduction_axes} "
+                f"with features on {module.feature_axes} (use_scale={module.use_scale}); "
+                "layer taps cover a LayerNorm over the last axis with a scale. Freeze its "
+                "parameters, or normalize over the last axis."
+            )
+        return out
+    centered = x - jnp.mean(x, axis=-1, keepdims=True)
+    variance = jnp.mean(centered * centered, axis=-1, keepdims=True)
+    normalized = centered / jnp.sqrt(variance + module.epsilon)
+    scale = module.get_variable("params", "scale")
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    return _mark(_NORM, normalized, out, scale, bias, name=label)
+
+
+def _as_tuple(axes):
+    return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
 
 
 _PATCH_LOCK = threading.RLock()
@@ -1150,7 +1223,7 @@ def _equinox_tapped(module):
 
 def _lay_out(spec, a, g):
     """A marked layer's recorded input and probe gradients in the ``LayerTap`` layout."""
-    if spec.kind == _DENSE:
+    if spec.kind in (_DENSE, _NORM):  # a layer norm's recorded input is the normalized one
         return a, g
     if spec.kind == _EMBED:  # the ids: an "embedding" tap (its input factor diagonal)
         return a, g

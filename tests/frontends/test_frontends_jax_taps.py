@@ -656,3 +656,40 @@ def test_unsupported_convolutions_are_refused_with_the_reason():
     model = JaxModel.from_flax(grouped, variables)
     with pytest.raises(ValueError, match="feature_group_count=2"):
         model.linearize(model.params, jnp.ones((2, 5, 5, 2))).layer_taps(None)
+
+
+# -- layer normalization: an elementwise tap ----------------------------------------------
+
+
+def test_layer_norm_marks_give_the_native_exact_blocks():
+    """``layer_norm`` (plain JAX) against ``curvlinops.nn.LayerNorm`` on copied weights."""
+    import array_api_compat.numpy as npx
+
+    from curvlinops.frontends.jax import layer_norm
+
+    native = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 2))
+    rng = np.random.default_rng(0)
+    w = [p + 0.3 * rng.standard_normal(p.shape) for p in native.init(0, xp=npx, dtype=npx.float64)]
+
+    def f(p, x):
+        return dense(layer_norm(jnp.tanh(dense(x, p[0], p[1])), p[2], p[3]), p[4], p[5])
+
+    model = JaxModel(f, [jnp.asarray(p) for p in w], layer_taps=True)
+    X, y = rng.standard_normal((6, 5, 3)), rng.integers(0, 2, (6, 5))
+    loss = cl.CrossEntropyLoss()
+    taps = model.linearize(model.params, jnp.asarray(X)).layer_taps()
+    assert [t.kind for t in taps] == ["matrix", "elementwise", "matrix"]
+    for separate in (True, False):
+        ours = cl.KFACLinearOperator(
+            model, loss, model.params, [(jnp.asarray(X), jnp.asarray(y))],
+            separate_weight_and_bias=separate,
+        )  # fmt: skip
+        reference = cl.KFACLinearOperator(
+            native, loss, w, [(X, y)], separate_weight_and_bias=separate
+        )
+        np.testing.assert_allclose(
+            np.asarray(ours.to_dense()), reference.to_dense(), rtol=1e-10, atol=1e-13
+        )
+    D = cl.GGNDiagonalLinearOperator(model, loss, model.params, [(jnp.asarray(X), jnp.asarray(y))])
+    exact = np.diag(cl.GGNLinearOperator(native, loss, w, [(X, y)]).to_dense())
+    np.testing.assert_allclose(np.asarray(D.diagonal()), exact, rtol=1e-10, atol=1e-14)

@@ -29,11 +29,10 @@ sorted key order, transposed kernels), built with NumPy by matching the copied v
 (every weight a distinct random number). Checked, float64, to ~1e-10: the outputs, the
 dense GGN and Hessian (``GGNLinearOperator``, ``HessianLinearOperator``) of all four;
 K-FAC (type-2, "expand" and "reduce"), EKFAC, and the GGN and empirical-Fisher
-diagonals of all four on the GPT whose LayerNorms have no affine parameters (the JAX
-frontend marks dense and embedding layers only, so a JAX LayerNorm's weight and bias
-belong to no tap and the tap operators refuse them); and the same tap operators on the
-full GPT (affine LayerNorms, weights away from 1 and 0) natively and in PyTorch, whose
-LayerNorm taps are elementwise. K-FAC's exactness in the weight-sharing cases of
+diagonals of all four, on the GPT whose LayerNorms have no affine parameters and on the
+full GPT (affine LayerNorms, weights away from 1 and 0: elementwise taps of
+``F.layer_norm``, ``curvlinops.frontends.jax.layer_norm`` and ``linen.LayerNorm``).
+K-FAC's exactness in the weight-sharing cases of
 Eschenhagen et al. (2023) is tested in ``tests/curvature/test_kfac.py``.
 """
 
@@ -54,7 +53,7 @@ torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
-from curvlinops.frontends.jax import JaxModel, dense, embed  # noqa: E402
+from curvlinops.frontends.jax import JaxModel, dense, embed, layer_norm  # noqa: E402
 from curvlinops.frontends.torch import TorchModel  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
@@ -222,10 +221,12 @@ def _jax_sinusoids(length, width):
 
 
 def _jax_layer_norm(x, p=None):
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
-    y = (x - mean) / jnp.sqrt(var + EPS)
-    return y if p is None else y * p["scale"] + p["bias"]
+    """The marked layer norm (an elementwise tap) or, without parameters, the plain one."""
+    if p is None:
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+        return (x - mean) / jnp.sqrt(var + EPS)
+    return layer_norm(x, p["scale"], p["bias"], eps=EPS)
 
 
 def _attention_core(qkv):
@@ -518,19 +519,15 @@ def test_tap_operators_agree_without_layer_norm_parameters(name, framework, posi
 
 
 @pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("name", TAPS)
-def test_tap_operators_of_the_full_gpt_agree_natively_and_in_torch(name, positions):
-    model, params, data, P = setup("torch", positions)
+def test_tap_operators_of_the_full_gpt_agree(name, framework, positions):
+    """With affine LayerNorms: their elementwise taps (torch F.layer_norm, JAX layer_norm,
+    Flax LayerNorm) give the same exact blocks as the native ones."""
+    model, params, data, P = setup(framework, positions)
     expected = reference(name, positions)[np.ix_(P, P)]
     ours = _dense(OPERATORS[name](model, cl.CrossEntropyLoss(), params, data))
     assert_close(ours, expected)
-
-
-@pytest.mark.parametrize("framework", ["jax", "flax"])
-def test_jax_layer_norm_parameters_are_in_no_tap_and_kfac_says_so(framework):
-    model, params, data, _ = setup(framework, "sinusoidal")
-    with pytest.raises(ValueError, match="belong to no tapped layer"):
-        KFACLinearOperator(model, cl.CrossEntropyLoss(), params, data)
 
 
 def test_every_framework_taps_the_same_layers():
