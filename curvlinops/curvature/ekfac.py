@@ -90,7 +90,8 @@ class EKFACLinearOperator(_KroneckerCurvature):
     input_factors, output_factors : dict
         K-FAC's ``A`` and ``B`` per layer name.
     input_eigenvectors, output_eigenvectors : dict
-        ``Q_A`` and ``Q_B`` per layer name.
+        ``Q_A`` and ``Q_B`` per layer name (for an embedding, whose input factor is
+        diagonal, ``Q_A`` is the int ``V``: the standard basis, never formed).
     scalings : dict
         ``s`` of the weight (or joint) block per layer name, shape ``(D_out, D_in)``
         (``(D_out, D_in + 1)`` when joint), ordered like the flattened weight.
@@ -135,8 +136,8 @@ class EKFACLinearOperator(_KroneckerCurvature):
             self.output_factors[layer.name], self.input_factors[layer.name] = B, A
             where = f"of layer {layer.name!r}"
             _, Q_B = checked_eigh(B, self.xp, name=f"output factor B {where}")
-            if A.ndim == 1:  # an embedding's diagonal input factor: the standard basis
-                Q_A = self.xp.eye(A.shape[0], dtype=A.dtype, device=self.device)
+            if A.ndim == 1:  # an embedding's diagonal input factor: the standard basis,
+                Q_A = int(A.shape[0])  # never formed (the identity of that size)
             else:
                 _, Q_A = checked_eigh(A, self.xp, name=f"input factor A {where}")
             self.output_eigenvectors[layer.name], self.input_eigenvectors[layer.name] = Q_B, Q_A
@@ -212,7 +213,8 @@ class EKFACLinearOperator(_KroneckerCurvature):
         g = xp.reshape(g, (N, -1, d_out, M))
         S = a.shape[1]
         joint = self._joint(layer)
-        per_datum = M * d_out * (Q_A.shape[1] + S)
+        rotated_inputs = Q_A if isinstance(Q_A, int) else Q_A.shape[1]
+        per_datum = M * d_out * (rotated_inputs + S)
         chunk = max(1, _CHUNK_ENTRIES // per_datum)
         s_w = s_b = None
         for start in range(0, N, chunk):  # chunks of data bound the memory, not a loop per datum
@@ -258,7 +260,9 @@ class EKFACLinearOperator(_KroneckerCurvature):
 
 def _rotated_inputs(a, Q_A, joint, d_in):
     """``a Q_A`` (or ``[a, 1] Q_A`` without forming ``[a, 1]``: the last row of ``Q_A``
-    multiplies the one)."""
+    multiplies the one); an int ``Q_A`` is the identity (an embedding's basis)."""
+    if isinstance(Q_A, int):
+        return a
     if joint:
         return a @ Q_A[:d_in, :] + Q_A[d_in:, :]
     return a @ Q_A

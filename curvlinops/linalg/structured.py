@@ -805,7 +805,10 @@ class KroneckerLinearOperator(LinearOperator):
 
         A symmetric :class:`DenseLinearOperator` factor caches its own, so that
         Kronecker products sharing a factor (e.g. the weight and bias blocks of a K-FAC
-        layer, which share the output factor) share its eigendecomposition.
+        layer, which share the output factor) share its eigendecomposition. A diagonal
+        or identity factor's eigenbasis is the standard one: its ``Q`` is the int ``n``
+        (the identity of size ``n``, never formed, as :class:`KroneckerEighLinearOperator`
+        takes it), so that such factors (an embedding's input factor) stay ``O(n)``.
 
         Raises
         ------
@@ -956,8 +959,7 @@ def _symmetric_eigh(factor: LinearOperator, index: int):
     if isinstance(factor, EighLinearOperator) and factor.rank == factor.shape[0]:
         return factor.eigenvalues, factor.eigenvectors
     if isinstance(factor, (DiagonalLinearOperator, IdentityLinearOperator)):
-        eye = xp.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-        return factor.diagonal(), eye
+        return factor.diagonal(), int(factor.shape[0])  # the standard basis, never formed
     if isinstance(factor, DenseLinearOperator) and factor.is_symmetric:
         try:
             return factor.eigh()
@@ -1001,8 +1003,10 @@ class KroneckerEighLinearOperator(LinearOperator):
     eigenvalues
         Array of shape ``(n,)``, ``n = prod(n_i)``, ordered like the rows of
         ``Q_1 x ... x Q_F`` (C order over the factors' indices).
-    eigenvectors : sequence of arrays
-        Square orthogonal matrices ``Q_i`` of shape ``(n_i, n_i)`` (not checked).
+    eigenvectors : sequence of arrays or ints
+        Square orthogonal matrices ``Q_i`` of shape ``(n_i, n_i)`` (not checked), or an
+        int ``n_i`` for the identity of that size (the standard basis, never formed:
+        the eigenbasis of a diagonal factor).
 
     Examples
     --------
@@ -1022,19 +1026,25 @@ class KroneckerEighLinearOperator(LinearOperator):
         eigenvectors = list(eigenvectors)
         if not eigenvectors:
             raise ValueError("KroneckerEighLinearOperator needs at least one eigenvector factor.")
-        names = ["eigenvalues"] + [f"eigenvectors {i}" for i in range(len(eigenvectors))]
-        xp = _check_arrays_agree([eigenvalues, *eigenvectors], names)
+        arrays = [(i, Q) for i, Q in enumerate(eigenvectors) if not _is_identity_basis(Q)]
+        names = ["eigenvalues"] + [f"eigenvectors {i}" for i, _ in arrays]
+        xp = _check_arrays_agree([eigenvalues, *(Q for _, Q in arrays)], names)
         for i, Q in enumerate(eigenvectors):
+            if _is_identity_basis(Q):
+                if Q < 1:
+                    raise ValueError(f"Eigenvector factor {i} (an identity) needs a size >= 1.")
+                continue
             if Q.ndim != 2 or Q.shape[0] != Q.shape[1]:
                 raise ValueError(
                     f"Eigenvector factor {i} must be a square (n_i, n_i) array, got shape "
                     f"{tuple(Q.shape)}."
                 )
-        n = math.prod(Q.shape[0] for Q in eigenvectors)
+        dims = [_basis_size(Q) for Q in eigenvectors]
+        n = math.prod(dims)
         if eigenvalues.ndim != 1 or eigenvalues.shape[0] != n:
             raise ValueError(
-                f"Expected eigenvalues of shape ({n},) for eigenvector factors of shapes "
-                f"{[tuple(Q.shape) for Q in eigenvectors]}, got shape "
+                f"Expected eigenvalues of shape ({n},) for eigenvector factors of sizes "
+                f"{dims}, got shape "
                 f"{tuple(eigenvalues.shape)}."
             )
         super().__init__(
@@ -1046,28 +1056,31 @@ class KroneckerEighLinearOperator(LinearOperator):
         )
         self.eigenvalues = eigenvalues
         self.eigenvectors = tuple(eigenvectors)
-        self._dims = [Q.shape[0] for Q in eigenvectors]
+        self._dims = dims
 
     def _infer_psd(self):
         return _all_nonnegative(self.eigenvalues, self.xp)
 
     def _apply_Q(self, X, transpose):
         xp = self.xp
-        Qs = self.eigenvectors
-        if len(Qs) == 1:
-            return (xp.matrix_transpose(Qs[0]) if transpose else Qs[0]) @ X
-        if len(Qs) == 2:
-            Q1, Q2 = Qs
-            n1, n2 = self._dims
-            if transpose:  # (Q1^T x Q2^T) X: Q1^T V Q2
-                left, right = xp.matrix_transpose(Q1), Q2
-            else:  # (Q1 x Q2) X: Q1 V Q2^T
-                left, right = Q1, xp.matrix_transpose(Q2)
-            return _kron2_apply(lambda V: left @ V, lambda Y: Y @ right, (n1, n2, n1, n2), X, xp)
+        Qs = [None if _is_identity_basis(Q) else Q for Q in self.eigenvectors]
         if transpose:
-            applies = [_matmul_by(xp.matrix_transpose(Q)) for Q in self.eigenvectors]
-        else:
-            applies = [_matmul_by(Q) for Q in self.eigenvectors]
+            Qs = [None if Q is None else xp.matrix_transpose(Q) for Q in Qs]
+        if len(Qs) == 1:
+            return X if Qs[0] is None else Qs[0] @ X
+        if len(Qs) == 2:
+            Q1, Q2 = Qs  # (Q1 x Q2) X: Q1 V Q2^T
+            n1, n2 = self._dims
+            right = None if Q2 is None else xp.matrix_transpose(Q2)
+
+            def left_apply(V):
+                return V if Q1 is None else Q1 @ V
+
+            def right_apply(Y):
+                return Y if right is None else Y @ right
+
+            return _kron2_apply(left_apply, right_apply, (n1, n2, n1, n2), X, xp)
+        applies = [_identity_apply if Q is None else _matmul_by(Q) for Q in Qs]
         return _kron_apply(applies, self._dims, self._dims, X, xp)
 
     def _matmat(self, X):
@@ -1093,7 +1106,10 @@ class KroneckerEighLinearOperator(LinearOperator):
 
     def diagonal(self):
         # diag(Q diag(lam) Q^T) = (Q * Q) lam, and Q * Q = (Q_1 * Q_1) x ... x (Q_F * Q_F).
-        squares = [_matmul_by(Q * Q) for Q in self.eigenvectors]
+        squares = [
+            _identity_apply if _is_identity_basis(Q) else _matmul_by(Q * Q)
+            for Q in self.eigenvectors
+        ]
         return _kron_apply(squares, self._dims, self._dims, self.eigenvalues[:, None], self.xp)[
             :, 0
         ]
@@ -1112,14 +1128,31 @@ class KroneckerEighLinearOperator(LinearOperator):
 
     def to_dense(self):
         xp = self.xp
-        Q = self.eigenvectors[0]
-        for Qi in self.eigenvectors[1:]:
+        dense = [
+            xp.eye(Q, dtype=self.dtype, device=self.device) if _is_identity_basis(Q) else Q
+            for Q in self.eigenvectors
+        ]
+        Q = dense[0]
+        for Qi in dense[1:]:
             Q = kron(Q, Qi, xp)
         return (Q * self.eigenvalues[None, :]) @ xp.matrix_transpose(Q)
 
 
 def _matmul_by(M):
     return lambda X: M @ X
+
+
+def _identity_apply(X):
+    return X
+
+
+def _is_identity_basis(Q) -> bool:
+    """Whether an eigenvector factor is an int: the identity of that size."""
+    return isinstance(Q, int) and not isinstance(Q, bool)
+
+
+def _basis_size(Q) -> int:
+    return int(Q) if _is_identity_basis(Q) else int(Q.shape[0])
 
 
 # -- eigendecomposed / low rank -----------------------------------------------------------

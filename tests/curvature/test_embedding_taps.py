@@ -161,3 +161,19 @@ def test_embedding_taps_in_the_diagonals(diagonal):
     ours = diagonal(model, loss, params, data).diagonal()
     reference = diagonal(model.native, loss, model._native(params), native_data).diagonal()
     np.testing.assert_allclose(ours, reference[native_index()], rtol=1e-12)
+
+
+def test_the_exact_inverse_keeps_the_embedding_basis_unformed():
+    """``(B (x) diag(a) + d I)^{-1}``: the diagonal factor's eigenbasis is the standard one,
+    kept as its size (no V x V identity), and the inverse is still exact."""
+    model, params, data, _ = problem()
+    K = KFACLinearOperator(model, cl.CrossEntropyLoss(), params, data)
+    inverse = K.inverse(0.1)
+    embedding_block = inverse.operator.blocks[0]
+    assert V in embedding_block.eigenvectors  # the int V: the identity, never formed
+    dense = K.to_dense()
+    np.testing.assert_allclose(
+        inverse.to_dense(), np.linalg.inv(dense + 0.1 * np.eye(dense.shape[0])), rtol=1e-10
+    )
+    E = EKFACLinearOperator(model, cl.CrossEntropyLoss(), params, data)
+    assert E.input_eigenvectors["0"] == V
