@@ -29,8 +29,8 @@ sorted key order, transposed kernels), built with NumPy by matching the copied v
 (every weight a distinct random number). Checked, float64, to ~1e-10: the outputs, the
 dense GGN and Hessian (``GGNLinearOperator``, ``HessianLinearOperator``) of all four;
 K-FAC (type-2, "expand" and "reduce"), EKFAC, and the GGN and empirical-Fisher
-diagonals of all four, on the GPT whose LayerNorms have no affine parameters and on the
-full GPT (affine LayerNorms, weights away from 1 and 0: elementwise taps of
+diagonals of all four on the full GPT with learned positions (affine LayerNorms, weights
+away from 1 and 0: elementwise taps of
 ``F.layer_norm``, ``curvlinops.frontends.jax.layer_norm`` and ``linen.LayerNorm``).
 K-FAC's exactness in the weight-sharing cases of
 Eschenhagen et al. (2023) is tested in ``tests/curvature/test_kfac.py``.
@@ -508,22 +508,13 @@ def test_ggn_and_hessian_agree_up_to_the_permutation(name, framework, positions)
     assert_close(ours, expected)
 
 
-@pytest.mark.parametrize("positions", POSITIONS)
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-@pytest.mark.parametrize("name", TAPS)
-def test_tap_operators_agree_without_layer_norm_parameters(name, framework, positions):
-    model, params, data, P = setup(framework, positions, affine=False)
-    expected = reference(name, positions, affine=False)[np.ix_(P, P)]
-    ours = _dense(OPERATORS[name](model, cl.CrossEntropyLoss(), params, data))
-    assert_close(ours, expected)
-
-
-@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("positions", ["learned"])  # every tap kind (both embeddings)
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("name", TAPS)
 def test_tap_operators_of_the_full_gpt_agree(name, framework, positions):
     """With affine LayerNorms: their elementwise taps (torch F.layer_norm, JAX layer_norm,
-    Flax LayerNorm) give the same exact blocks as the native ones."""
+    Flax LayerNorm) give the same exact blocks as the native ones; the learned positions
+    are an embedding tap, so this covers every tap kind of the GPT."""
     model, params, data, P = setup(framework, positions)
     expected = reference(name, positions)[np.ix_(P, P)]
     ours = _dense(OPERATORS[name](model, cl.CrossEntropyLoss(), params, data))
