@@ -666,6 +666,11 @@ class Conv1d(_Conv):
 
 def _pad(x, before, after, axis, xp):
     """``x`` with ``before`` and ``after`` zeros along ``axis`` (by concatenation)."""
+    return _pad_value(x, before, after, axis, 0.0, xp)
+
+
+def _pad_value(x, before, after, axis, value, xp):
+    """``x`` with ``before`` and ``after`` entries ``value`` along ``axis``."""
     if before == 0 and after == 0:
         return x
     parts = []
@@ -675,7 +680,7 @@ def _pad(x, before, after, axis, xp):
         elif size:
             shape = list(x.shape)
             shape[axis] = size
-            parts.append(xp.zeros(tuple(shape), dtype=x.dtype, device=device(x)))
+            parts.append(xp.full(tuple(shape), value, dtype=x.dtype, device=device(x)))
     return xp.concat(parts, axis=axis)
 
 

@@ -46,25 +46,10 @@ from __future__ import annotations
 import math
 
 from .._backend import device
-from .conv import _int_tuple, _pad, _spread, _supports_setitem
+from .conv import _int_tuple, _pad, _pad_value, _spread, _supports_setitem
 from .module import Layer, pull_back_curvature
 
 __all__ = ["AvgPool2d", "AvgPool1d", "MaxPool2d", "MaxPool1d", "GlobalAvgPool2d"]
-
-
-def _pad_value(x, before, after, axis, value, xp):
-    """``x`` with ``before`` and ``after`` entries ``value`` along ``axis``."""
-    if before == 0 and after == 0:
-        return x
-    parts = []
-    for size in (before, None, after):
-        if size is None:
-            parts.append(x)
-        elif size:
-            shape = list(x.shape)
-            shape[axis] = size
-            parts.append(xp.full(tuple(shape), value, dtype=x.dtype, device=device(x)))
-    return xp.concat(parts, axis=axis)
 
 
 class _Pool(Layer):
