@@ -949,12 +949,25 @@ def _mark(
 # -- the model functions, plain and of Flax / Equinox -------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Apply:
     """``fn`` applied to a parameter list; equal for equal ``fn`` and structure."""
 
     fn: object
     treedef: object
+
+    # jit compares static arguments; a PyTreeDef raises on ``== None``, so the
+    # structure is compared only between two present ones.
+    def _key(self):
+        return type(self), self.fn, self.treedef is None
+
+    def __eq__(self, other):
+        if not isinstance(other, _Apply) or self._key() != other._key():
+            return False
+        return self.treedef is None or self.treedef == other.treedef
+
+    def __hash__(self):
+        return hash((self._key(), self.treedef))
 
     def __call__(self, params, x):
         return self.fn(self._tree(params), x)
