@@ -22,6 +22,7 @@ Every public name of the layers is re-exported here.
 # frontends registers the PyTorch adapters of as_model / as_loss (it imports no torch)
 from . import curvature, frontends, linalg, losses, models, nn, solvers, testing, verify
 from ._backend import RandomGenerator, array_namespace, to_numpy
+from ._backend.conditioning import ConditioningWarning, IllConditionedError, conditioning
 from ._backend.linalg import FactorizationError
 from .curvature import *  # noqa: F403
 from .linalg import *  # noqa: F403
@@ -32,7 +33,10 @@ from .solvers import *  # noqa: F403
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ConditioningWarning",
     "FactorizationError",
+    "IllConditionedError",
+    "conditioning",
     "RandomGenerator",
     "array_namespace",
     "to_numpy",

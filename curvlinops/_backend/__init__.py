@@ -3,17 +3,22 @@
 The only layer that imports concrete array libraries. See docs/design.rst, layer 1.
 """
 
+from .conditioning import (
+    ConditioningWarning,
+    IllConditionedError,
+    check_invertible_spectrum,
+    condition_limit,
+    conditioning,
+)
 from .linalg import (
     FactorizationError,
     all_finite,
-    check_invertible_spectrum,
     checked_cholesky,
     checked_eigh,
     diag_matrix,
     index_update,
     is_numerically_symmetric,
     kron,
-    singular_tolerance,
     solve_triangular,
 )
 from .namespace import (
@@ -38,7 +43,9 @@ from .random import RandomGenerator, as_generator, normal, rademacher, uniform
 from .special import erf
 
 __all__ = [
+    "ConditioningWarning",
     "FactorizationError",
+    "IllConditionedError",
     "RandomGenerator",
     "all_finite",
     "array_namespace",
@@ -46,6 +53,8 @@ __all__ = [
     "assert_same_namespace",
     "can_cast_losslessly",
     "check_invertible_spectrum",
+    "condition_limit",
+    "conditioning",
     "checked_cholesky",
     "checked_eigh",
     "default_float_dtype",
@@ -66,7 +75,6 @@ __all__ = [
     "namespace_name",
     "normal",
     "rademacher",
-    "singular_tolerance",
     "solve_triangular",
     "to_device",
     "to_numpy",

@@ -6,10 +6,9 @@ The standard has no ``kron``, ``diag`` (building a diagonal matrix),
 fastest native call where a library has one and a standard-only fallback otherwise,
 so that the layers above stay free of library-specific code.
 
-It is also the one place that says when a matrix counts as singular
-(:func:`check_invertible_spectrum`, the rule of :class:`~curvlinops.FactorizationError`): every
-exact inverse and log-determinant of :mod:`curvlinops.linalg` and of the curvature
-operators built from it applies that rule.
+It also defines :class:`~curvlinops.FactorizationError`; when a matrix is too
+ill-conditioned to invert (the rule every exact inverse applies) is decided in
+``.conditioning``.
 
 May import: ``.namespace``, and lazily scipy, cupyx, torch, jax.
 """
@@ -33,8 +32,6 @@ __all__ = [
     "index_update",
     "all_finite",
     "is_numerically_symmetric",
-    "check_invertible_spectrum",
-    "singular_tolerance",
 ]
 
 DAMPING_HINT = "Add damping, e.g. A.inverse(damping=1e-3) or A.damped(1e-3).logdet()."
@@ -48,26 +45,41 @@ class FactorizationError(ValueError):
 
     Notes
     -----
-    **When a matrix counts as singular** (one rule, for every exact ``inverse`` and
-    ``logdet`` of :mod:`curvlinops.linalg` and of the curvature operators). Let
-    ``v`` be the spectrum of the matrix about to be inverted, damping included: its
-    eigenvalues (diagonal entries for a diagonal matrix, singular values for a
-    non-symmetric dense matrix; the products of the factors' eigenvalues plus the
-    damping for a Kronecker product), and let ``n`` be the dimension of the largest
-    matrix that was factorized to obtain ``v`` (the matrix itself; the largest factor
-    of a Kronecker product; each block of a block-diagonal operator is judged on its
-    own). The matrix is singular when
+    **When a matrix cannot be inverted** (one rule, for every exact ``inverse`` and
+    ``logdet`` of :mod:`curvlinops.linalg` and of the curvature operators, and for
+    K-FAC's factored inverse): when the condition number of its spectrum, damping
+    included, is beyond what the dtype resolves, ``cond > tolerance / (sqrt(n) eps)``
+    with ``tolerance = 0.1`` by default. Then the operator raises the subclass
+    :class:`~curvlinops.IllConditionedError`, whose message gives the condition number
+    and the damping that suffices; :class:`~curvlinops.conditioning` states the rule,
+    the policy on negative damping, and how to get a warning instead. NaN or Inf raise
+    this class itself, and so does a failed Cholesky factorization or an
+    eigendecomposition that does not converge.
 
-    ``min |v| <= n * eps * max |v|``   (``eps``: machine epsilon of the dtype),
-
-    i.e. when its condition number reaches ``1 / (n eps)``, the point below which a
-    computed eigenvalue cannot be told apart from zero (the tolerance of
-    ``numpy.linalg.matrix_rank``). A zero matrix is singular; NaN or Inf raise too.
-    Then the operator raises this error ("add damping") instead of returning entries
-    of the size ``1 / (n eps)``. :func:`check_invertible_spectrum` implements it. (The
-    Woodbury inverse of ``DiagonalPlusLowRankLinearOperator`` applies it to its diagonal
-    part and needs a positive definite ``k x k`` capacitance matrix.)
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlinops import DenseLinearOperator, FactorizationError
+    >>> A = DenseLinearOperator(np.array([[1.0, 1.0], [1.0, 1.0]]), symmetric=True)
+    >>> try:
+    ...     A.inverse()
+    ... except FactorizationError as err:
+    ...     print(str(err)[:52])
+    The 2x2 dense matrix is singular to working precisio
+    >>> bool(np.allclose(A.inverse(0.5).to_dense() @ (A.to_dense() + 0.5 * np.eye(2)), np.eye(2)))
+    True
     """
+
+    def with_context(self, prefix: str, *, damping_scale: float = 1.0):
+        """The same error with ``prefix`` before its message (``damping_scale``: see
+        :meth:`IllConditionedError.with_context`; unused here).
+
+        Examples
+        --------
+        >>> str(FactorizationError("not finite").with_context("Block 1"))
+        'Block 1: not finite'
+        """
+        return FactorizationError(f"{prefix}: {self}")
 
 
 def diag_matrix(v, xp):
@@ -218,71 +230,6 @@ def checked_eigh(A, xp, *, name="matrix"):
     except Exception as err:
         raise FactorizationError(f"Eigendecomposition of the {name} did not converge.") from err
     return w, Q
-
-
-def singular_tolerance(values, xp, *, size):
-    """``size * eps * max|values|``: magnitudes at or below it count as zero.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> import array_api_compat.numpy as xp
-    >>> tol = singular_tolerance(np.array([1.0, -4.0]), xp, size=2)
-    >>> bool(tol == 2 * np.finfo(float).eps * 4.0)
-    True
-    """
-    from .namespace import dtype_eps
-
-    magnitudes = xp.abs(xp.reshape(values, (-1,)))
-    if magnitudes.shape[0] == 0:
-        return xp.asarray(0.0, dtype=values.dtype, device=_device(values))
-    return max(int(size), 1) * dtype_eps(values.dtype) * xp.max(magnitudes)
-
-
-def check_invertible_spectrum(values, xp, *, size, what, hint=DAMPING_HINT):
-    """Raise ``FactorizationError`` unless ``values`` is the spectrum of an invertible matrix.
-
-    The rule of :class:`~curvlinops.FactorizationError`: the matrix is singular when
-    ``min|values| <= size * eps * max|values|``; NaN or Inf entries raise too.
-
-    Parameters
-    ----------
-    values
-        Eigenvalues (or diagonal entries, or singular values) of the matrix to be
-        inverted, damping included; any shape.
-    xp
-        Their namespace.
-    size : int
-        Dimension of the largest matrix factorized to obtain ``values``.
-    what : str
-        The matrix, as the message names it (e.g. ``"Kronecker product plus 0.1 I"``).
-    hint : str
-        What to do, appended to the message.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> import array_api_compat.numpy as xp
-    >>> check_invertible_spectrum(np.array([1.0, 1e-3]), xp, size=2, what="factor")
-    >>> check_invertible_spectrum(np.array([1.0, 1e-17]), xp, size=2, what="factor")
-    Traceback (most recent call last):
-    ...
-    curvlinops._backend.linalg.FactorizationError: The factor is singular: an eigenvalue ...
-    """
-    magnitudes = xp.abs(xp.reshape(values, (-1,)))
-    if not all_finite(magnitudes, xp):
-        raise FactorizationError(f"The {what} contains NaN or Inf; it cannot be inverted.")
-    if magnitudes.shape[0] == 0:
-        return
-    tol = singular_tolerance(magnitudes, xp, size=size)
-    smallest = xp.min(magnitudes)
-    if bool(smallest <= tol):
-        largest = float(xp.max(magnitudes))
-        raise FactorizationError(
-            f"The {what} is singular: an eigenvalue of magnitude {float(smallest):.3g} is "
-            f"zero to working precision (at most {size} * eps * {largest:.3g}, the largest "
-            f"magnitude). {hint}"
-        )
 
 
 def index_update(x, index, value, xp):

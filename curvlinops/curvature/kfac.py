@@ -332,33 +332,48 @@ class KFACLinearOperator(_KroneckerCurvature):
         >>> round(distance(K.factored_inverse(1e-2, pi_damping=True)), 2)
         0.53
         """
-        damping = check_damping(damping)
+        damping = check_damping(damping, negative_reason=_FACTORED_NEGATIVE)
         min_damping = check_damping(min_damping, "min_damping")
+        try:
+            return self._make_operator(self._factored_blocks(damping, pi_damping, min_damping))
+        except FactorizationError as err:  # name the operator before the layer and factor
+            raise err.with_context(type(self).__name__) from err
+
+    def _factored_blocks(self, damping, pi_damping, min_damping):
+        """The blocks of :meth:`factored_inverse`, layer by layer, in layout order."""
         root = math.sqrt(damping)
+        plain = max(damping, min_damping) if pi_damping else damping  # exact and bias blocks
         blocks = []
         for layer in self.layers:
+            where = f"of layer {layer.name!r}"
             if layer.exact:  # exact blocks: (block + damping I)^{-1}
-                shift = max(damping, min_damping) if pi_damping else damping
                 for op in self._factor_ops[layer.name]:
-                    blocks.append(
-                        _damped_factor_inverse(op, shift, f"exact block of layer {layer.name!r}")
-                    )
+                    blocks.append(_damped_factor_inverse(op, plain, f"exact block {where}"))
                 continue
             B_op, A_op = self._factor_ops[layer.name]
-            if pi_damping:
-                pi = _pi(A_op, B_op)
-                shift_A, shift_B = max(pi * root, min_damping), max(root / pi, min_damping)
-            else:
+            pi = _pi(A_op, B_op) if pi_damping else 1.0
+            # each factor's shift is scale * sqrt(damping): a shift t needs (t / scale)^2
+            shift_A, shift_B = max(pi * root, min_damping), max(root / pi, min_damping)
+            if not pi_damping:
                 shift_A = shift_B = root
-            where = f"of layer {layer.name!r}"
-            B_inv = _damped_factor_inverse(B_op, shift_B, f"output factor B {where}")
-            A_inv = _damped_factor_inverse(A_op, shift_A, f"input factor A {where}")
+            B_inv = _damped_factor_inverse(
+                B_op, shift_B, f"output factor B {where}", lambda t, s=1 / pi: (t / s) ** 2
+            )
+            A_inv = _damped_factor_inverse(
+                A_op, shift_A, f"input factor A {where}", lambda t, s=pi: (t / s) ** 2
+            )
             blocks.append(self._kronecker(layer, B_inv, A_inv))
             if layer.bias_index is not None and not self._joint(layer):
-                shift = max(damping, min_damping) if pi_damping else damping
-                B_bias = _damped_factor_inverse(B_op, shift, f"output factor B {where} (bias)")
+                B_bias = _damped_factor_inverse(B_op, plain, f"output factor B {where} (bias)")
                 blocks.append(KroneckerLinearOperator(B_bias, self._one()))
-        return self._make_operator(blocks)
+        return blocks
+
+
+_FACTORED_NEGATIVE = (
+    "The factored inverse shifts each Kronecker factor by a square root of the damping, "
+    "which needs damping >= 0 (and positive definite damped factors); for a negative "
+    "shift of the spectrum use the exact inverse(damping)."
+)
 
 
 def _pi(A, B) -> float:
@@ -368,11 +383,12 @@ def _pi(A, B) -> float:
     return math.sqrt(mean_A / mean_B) if mean_A > 0 and mean_B > 0 else 1.0
 
 
-def _damped_factor_inverse(factor, shift, what):
+def _damped_factor_inverse(factor, shift, what, damping_for=None):
     """``(F + shift I)^{-1}`` of a symmetric factor from its cached eigendecomposition.
 
-    The damped factor must be positive definite and not singular by the rule of
-    :class:`~curvlinops.FactorizationError` (the factored inverse is a preconditioner).
+    The damped factor must be positive definite and within the conditioning rule of
+    :class:`~curvlinops.conditioning` (the factored inverse is a preconditioner);
+    ``damping_for`` maps a sufficient shift to the damping the user passes.
     """
     xp = factor.xp
     if isinstance(factor, DiagonalLinearOperator):
@@ -384,7 +400,9 @@ def _damped_factor_inverse(factor, shift, what):
             raise FactorizationError(f"The {what}: {err}") from err
     shifted = lam + shift if shift else lam
     name = f"damped {what}" if shift else what
-    check_invertible_spectrum(shifted, xp, size=factor.shape[0], what=name)
+    check_invertible_spectrum(
+        shifted, xp, size=factor.shape[0], what=name, shift=shift, damping_for=damping_for
+    )
     if not bool(xp.all(shifted > 0)):
         raise FactorizationError(
             f"The {name} is not positive definite (its smallest eigenvalue is "

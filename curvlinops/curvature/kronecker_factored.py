@@ -85,7 +85,7 @@ class KroneckerFactoredLinearOperator(ParameterLayoutLinearOperator):
             try:
                 results.append(query(block))
             except FactorizationError as err:
-                raise FactorizationError(f"The {name}: {err}") from err
+                raise err.with_context(f"The {name}") from err
         return results
 
     def inverse(self, damping=0.0):

@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .._backend import device as array_device, diag_matrix  # noqa: F401 (re-exported)
+from .._backend import FactorizationError, device as array_device, diag_matrix  # noqa: F401
 from ..linalg import IdentityLinearOperator, KroneckerLinearOperator
 from ..models import Tier
 from ._data import batch_seed, check_batch_values, check_mc_samples
@@ -298,8 +298,12 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         return KroneckerFactoredLinearOperator(blocks, layout, names, psd=self.psd or None)
 
     def _kronecker(self, layer, B, A):
-        """The weight (or joint) block ``B (x) A``, or ``A (x) B`` for a transposed weight."""
-        return KroneckerLinearOperator(A, B) if layer.transposed else KroneckerLinearOperator(B, A)
+        """The weight (or joint) block ``B (x) A``, or ``A (x) B`` for a transposed weight;
+        the factors are named in error messages (``"input factor A"``, ``"output factor B"``)."""
+        names = ("output factor B", "input factor A")
+        if layer.transposed:
+            return KroneckerLinearOperator(A, B, names=names[::-1])
+        return KroneckerLinearOperator(B, A, names=names)
 
     def _one(self):
         """The input factor ``1`` of a separate bias block (``B (x) 1``)."""
@@ -435,7 +439,10 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         return self._operator.eigvalsh()
 
     def _logdet(self, damping):
-        return self._operator._logdet(damping)
+        try:
+            return self._operator._logdet(damping)
+        except FactorizationError as err:
+            raise err.with_context(type(self).__name__) from err
 
     def damped(self, damping):
         """``K + damping I``; its ``inverse()`` and ``logdet()`` are exact (eigen-based)."""
@@ -458,19 +465,26 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         ValueError
             If ``damping`` is not finite.
         FactorizationError
-            If a block plus ``damping`` is singular (the rule of
-            :class:`~curvlinops.FactorizationError`), naming the block.
+            (:class:`~curvlinops.IllConditionedError`) If a block plus ``damping`` is
+            beyond what the dtype resolves (the rule of :class:`~curvlinops.conditioning`),
+            naming the operator, the block and (undamped) the factor, with the condition
+            number and the damping that suffices.
         """
-        return self._operator.inverse(check_damping(damping, negative=True))
+        damping = check_damping(damping, negative=True)
+        try:
+            return self._operator.inverse(damping)
+        except FactorizationError as err:  # name the operator before the block and factor
+            raise err.with_context(type(self).__name__) from err
 
 
-def check_damping(damping, what="damping", *, negative=False) -> float:
+def check_damping(damping, what="damping", *, negative=False, negative_reason=None) -> float:
     """``damping`` as a float, or a ValueError unless it is finite (and ``>= 0``,
-    unless ``negative``)."""
+    unless ``negative``); ``negative_reason`` says why a negative one is refused."""
     value = float(damping)
     if not math.isfinite(value) or (value < 0 and not negative):
         bound = "" if negative else " >= 0"
-        raise ValueError(f"{what} must be a finite number{bound}, got {damping}.")
+        why = f" {negative_reason}" if negative_reason and value < 0 else ""
+        raise ValueError(f"{what} must be a finite number{bound}, got {damping}.{why}")
     return value
 
 

@@ -695,7 +695,11 @@ class ScaledLinearOperator(LinearOperator):
             # (0 A + d I)^{-1} = (1/d) I
             return _ScalarLinearOperator(self.shape[0], 1.0 / float(damping), like=self)
         # (cA + dI)^{-1} = (1/c) (A + (d/c) I)^{-1}
-        return ScaledLinearOperator(self.operator.inverse(damping=damping / c), 1.0 / c)
+        try:
+            inner = self.operator.inverse(damping=damping / c)
+        except FactorizationError as err:  # A's damping d/c is c A's damping d
+            raise err.with_context(f"{c} times the operator", damping_scale=c) from err
+        return ScaledLinearOperator(inner, 1.0 / c)
 
     def trace(self):
         return self.scalar * self.operator.trace()
@@ -720,7 +724,11 @@ class ScaledLinearOperator(LinearOperator):
             )
         import math
 
-        return self.shape[0] * math.log(abs(c)) + self.operator._logdet(damping / c)
+        try:
+            inner = self.operator._logdet(damping / c)
+        except FactorizationError as err:
+            raise err.with_context(f"{c} times the operator", damping_scale=c) from err
+        return self.shape[0] * math.log(abs(c)) + inner
 
     def frobenius_norm(self):
         return abs(self.scalar) * self.operator.frobenius_norm()

@@ -10,7 +10,12 @@ May import: ``curvlinops._backend``, ``.base``, ``.structured``.
 
 from __future__ import annotations
 
-from .._backend import checked_cholesky, device as array_device, solve_triangular
+from .._backend import (
+    check_invertible_spectrum,
+    checked_cholesky,
+    device as array_device,
+    solve_triangular,
+)
 from .base import LinearOperator
 from .structured import _check_arrays_agree, _check_invertible_spectrum, _logdet_from_spectrum
 
@@ -88,7 +93,7 @@ class DiagonalPlusLowRankLinearOperator(LinearOperator):
         """Inverse shifted diagonal and the Cholesky factor of ``S^{-1} + U^T D^{-1} U``."""
         xp = self.xp
         d = self.diagonal_values + damping if damping else self.diagonal_values
-        _check_invertible_spectrum(d, xp, "diagonal part (plus damping)")
+        _check_invertible_spectrum(d, xp, "diagonal part (plus damping)", shift=damping)
         s = self.low_rank_values
         if not bool(xp.all(s > 0)):
             raise ValueError(
@@ -100,6 +105,11 @@ class DiagonalPlusLowRankLinearOperator(LinearOperator):
         C = xp.matrix_transpose(U) @ (d_inv[:, None] * U)
         C = C + xp.eye(s.shape[0], dtype=self.dtype, device=self.device) * (1.0 / s)[None, :]
         L = checked_cholesky(C, xp, name="Woodbury capacitance matrix")
+        # cond(C) >= (max L_ii / min L_ii)^2: a singular D + U S U^T makes C singular
+        pivots = xp.linalg.diagonal(L)
+        check_invertible_spectrum(
+            pivots * pivots, xp, size=s.shape[0], what="Woodbury capacitance matrix"
+        )
         return d, d_inv, L
 
     def inverse(self, damping=0.0):

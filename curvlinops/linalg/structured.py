@@ -23,6 +23,7 @@ import math
 
 from .._backend import (
     FactorizationError,
+    IllConditionedError,
     all_finite,
     array_namespace,
     check_invertible_spectrum,
@@ -108,22 +109,25 @@ def _count(mask, dtype, xp) -> int:
     return int(xp.sum(xp.astype(mask, dtype)))
 
 
-def _logdet_from_spectrum(values, xp, what: str, size=None):
+def _logdet_from_spectrum(values, xp, what: str, size=None, shift=0.0, checked=True):
     """``log|prod(values)|`` for a real spectrum (or diagonal) with a positive product.
 
-    Raises :class:`~curvlinops.FactorizationError` for a spectrum that is singular by the rule of
-    :class:`~curvlinops.FactorizationError` (``size``: the factorized dimension,
-    default the number of values) and :class:`ValueError` for a negative product
-    (logdet is defined here for matrices of positive determinant only).
+    Raises :class:`~curvlinops.IllConditionedError` for a spectrum that the rule of
+    :class:`~curvlinops.conditioning` refuses (``size``: the factorized dimension,
+    default the number of values; ``shift``: the damping in ``values``) and
+    :class:`ValueError` for a negative product (logdet is defined here for matrices of
+    positive determinant only). ``checked=False``: the caller applied the rule already.
     """
     values = xp.reshape(values, (-1,))
-    check_invertible_spectrum(
-        values,
-        xp,
-        size=values.shape[0] if size is None else size,
-        what=what,
-        hint="Its log-determinant is -inf or dominated by rounding. " + _DAMPING_HINT,
-    )
+    if checked:
+        check_invertible_spectrum(
+            values,
+            xp,
+            size=values.shape[0] if size is None else size,
+            what=what,
+            hint="Its log-determinant would be -inf or dominated by rounding.",
+            shift=shift,
+        )
     if _count(values < 0, values.dtype, xp) % 2 == 1:
         raise ValueError(
             f"The {what} has a negative determinant (it is not positive definite); logdet "
@@ -132,14 +136,15 @@ def _logdet_from_spectrum(values, xp, what: str, size=None):
     return xp.sum(xp.log(xp.abs(values)))
 
 
-def _check_invertible_spectrum(values, xp, what: str, size=None):
-    """The singular rule of :class:`~curvlinops.FactorizationError` on a spectrum.
+def _check_invertible_spectrum(values, xp, what: str, size=None, shift=0.0, suggest_from=None):
+    """The conditioning rule of :class:`~curvlinops.conditioning` on a spectrum.
 
     ``size`` is the dimension of the largest matrix factorized to obtain ``values``
-    (default: the number of values, right for a diagonal or an eigendecomposed matrix).
+    (default: the number of values, right for a diagonal or an eigendecomposed matrix);
+    ``shift`` the damping already in ``values`` (for the suggested damping).
     """
     n = int(math.prod(values.shape)) if size is None else size
-    check_invertible_spectrum(values, xp, size=n, what=what)
+    check_invertible_spectrum(values, xp, size=n, what=what, shift=shift, suggest_from=suggest_from)
 
 
 def _dense_spectrum(M, xp, symmetric: bool):
@@ -211,8 +216,8 @@ def _outer_flat(vectors, xp):
 
 
 def _wrap_part_error(err, what: str, index: int):
-    """Re-raise a factorization error of one part, naming the part."""
-    raise FactorizationError(f"{what} {index}: {err}") from err
+    """Re-raise a factorization error of one part, naming the part (same error class)."""
+    raise err.with_context(f"{what} {index}") from err
 
 
 # -- dense -----------------------------------------------------------------------------
@@ -297,15 +302,15 @@ class DenseLinearOperator(LinearOperator):
         Raises
         ------
         FactorizationError
-            If ``A + damping I`` is singular by the rule of
-            :class:`~curvlinops.FactorizationError` (its condition number, from its
-            eigenvalues if symmetric, else its singular values, reaches ``1 / (n eps)``),
-            or the result is not finite.
+            (:class:`~curvlinops.IllConditionedError`) If the condition number of
+            ``A + damping I`` (from its eigenvalues if symmetric, else its singular
+            values) is beyond what the dtype resolves (the rule of
+            :class:`~curvlinops.conditioning`); also if the result is not finite.
         """
         xp = self.xp
         shifted = self._shifted(damping)
         values, what = self._spectrum(shifted, damping)
-        _check_invertible_spectrum(values, xp, what)
+        _check_invertible_spectrum(values, xp, what, shift=damping)
         message = (
             f"The {self.shape[0]}x{self.shape[1]} dense matrix"
             + _plus(damping)
@@ -364,8 +369,8 @@ class DenseLinearOperator(LinearOperator):
         shifted = self._shifted(damping)
         values, what = self._spectrum(shifted, damping)
         if self.is_symmetric:  # log|det| and the rule from one eigvalsh
-            return _logdet_from_spectrum(values, xp, what)
-        _check_invertible_spectrum(values, xp, what)
+            return _logdet_from_spectrum(values, xp, what, shift=damping)
+        _check_invertible_spectrum(values, xp, what, shift=damping)
         sign, logabsdet = xp.linalg.slogdet(shifted)
         sign = float(sign)
         if sign == 0.0:
@@ -503,7 +508,9 @@ class DiagonalLinearOperator(LinearOperator):
 
     def inverse(self, damping=0.0):
         shifted = self._diag + damping if damping else self._diag
-        _check_invertible_spectrum(shifted, self.xp, "diagonal matrix" + _plus(damping))
+        _check_invertible_spectrum(
+            shifted, self.xp, "diagonal matrix" + _plus(damping), shift=damping
+        )
         return DiagonalLinearOperator(1.0 / shifted)
 
     def trace(self):
@@ -518,7 +525,9 @@ class DiagonalLinearOperator(LinearOperator):
 
     def _logdet(self, damping):
         shifted = self._diag + damping if damping else self._diag
-        return _logdet_from_spectrum(shifted, self.xp, "diagonal matrix" + _plus(damping))
+        return _logdet_from_spectrum(
+            shifted, self.xp, "diagonal matrix" + _plus(damping), shift=damping
+        )
 
     def frobenius_norm(self):
         return self.xp.linalg.vector_norm(self._diag)
@@ -703,11 +712,19 @@ class KroneckerLinearOperator(LinearOperator):
     symmetric, psd : bool, optional
         Declare the product symmetric / PSD (not checked), e.g. for factors given as
         plain arrays; by default derived from the factors.
+    names : sequence of str, optional
+        A name per factor for error messages (e.g. ``("output factor B", "input
+        factor A")``); default ``"Kronecker factor i"``.
 
     Notes
     -----
     Symmetric if every factor is, PSD if every factor is (declare dense factors
     with ``DenseLinearOperator(A, psd=True)``).
+
+    The conditioning rule (:class:`~curvlinops.conditioning`) judges the undamped
+    inverse and log-determinant factor by factor (each factor is inverted on its own,
+    so each factor's condition number sets the accuracy), and the damped ones on the
+    whole spectrum ``lam + d`` (``n``: the largest factor's dimension).
 
     ``inverse(damping)`` with ``damping != 0`` is exact,
     ``(A_1 x ... x A_F + d I)^{-1} = Q diag(1 / (lam + d)) Q^T`` with
@@ -729,9 +746,11 @@ class KroneckerLinearOperator(LinearOperator):
     True
     """
 
-    def __init__(self, *factors, symmetric=None, psd=None):
+    def __init__(self, *factors, symmetric=None, psd=None, names=None):
         if not factors:
             raise ValueError("A Kronecker product needs at least one factor, got none.")
+        if names is not None and len(names) != len(factors):
+            raise ValueError(f"Expected {len(factors)} factor names, got {len(names)}.")
         factors = [_as_operator(f, f"Kronecker factor {i}") for i, f in enumerate(factors)]
         xp, dtype, dev = _check_parts_agree(factors, "Kronecker factor")
         super().__init__(
@@ -743,6 +762,7 @@ class KroneckerLinearOperator(LinearOperator):
             psd=psd,
         )
         self.factors = tuple(factors)
+        self.names = tuple(names or (f"Kronecker factor {i}" for i in range(len(factors))))
         self._eigh_cache = None
         self._symmetric_cache = None
 
@@ -824,7 +844,9 @@ class KroneckerLinearOperator(LinearOperator):
         """
         if self._eigh_cache is None:
             self._require_square_factors("An eigendecomposition")
-            self._eigh_cache = [_symmetric_eigh(f, i) for i, f in enumerate(self.factors)]
+            self._eigh_cache = [
+                _symmetric_eigh(f, name) for f, name in zip(self.factors, self.names, strict=True)
+            ]
         return self._eigh_cache
 
     def _eigenvalues(self):
@@ -844,19 +866,33 @@ class KroneckerLinearOperator(LinearOperator):
         """
         return self._eigenvalues()
 
-    def _check_spectrum(self, spectrum, magnitudes):
-        """The singular rule on the undamped spectrum; the message names the worst factor."""
+    def _check_factors(self, spectra):
+        """The conditioning rule on each factor's spectrum (undamped inverse, logdet).
+
+        The suggested damping is the one that makes the whole product well-conditioned.
+        """
+        xp = self.xp
+        product = _outer_flat(spectra, xp)
+        for name, values in zip(self.names, spectra, strict=True):
+            check_invertible_spectrum(
+                values, xp, size=values.shape[0], what=name, suggest_from=product
+            )
+
+    def _check_damped(self, shifted, damping, what):
+        """The rule on the damped spectrum; on failure the message names the factor with
+        the smallest eigenvalue relative to its largest (the one the damping must fix)."""
         xp = self.xp
         try:
-            _check_invertible_spectrum(spectrum, xp, "Kronecker product", size=self._largest_factor)
-        except FactorizationError as err:
+            _check_invertible_spectrum(shifted, xp, what, size=self._largest_factor, shift=damping)
+        except IllConditionedError as err:
             ratios = []
-            for m in magnitudes:
-                top = float(xp.max(m))
-                ratios.append(float(xp.min(m)) / top if top > 0 else 0.0)
+            for lam, _ in self.factor_eigh():
+                top = float(xp.max(xp.abs(lam)))
+                ratios.append(float(xp.min(xp.abs(lam))) / top if top > 0 else 0.0)
             i = min(range(len(ratios)), key=ratios.__getitem__)
-            raise FactorizationError(
-                f"Kronecker factor {i} has the smallest eigenvalue relative to its largest. {err}"
+            raise err.with_context(
+                f"The {self.names[i]} has the smallest eigenvalue relative to its largest "
+                f"({ratios[i]:.2g})"
             ) from None
 
     def inverse(self, damping=0.0):
@@ -879,29 +915,27 @@ class KroneckerLinearOperator(LinearOperator):
         self._require_square_factors("inverse")
         xp, damping = self.xp, float(damping)
         if damping == 0.0 and not self._symmetric_factors():
-            magnitudes = [xp.linalg.svdvals(f.to_dense()) for f in self.factors]
-            self._check_spectrum(_outer_flat(magnitudes, xp), magnitudes)
+            self._check_factors([xp.linalg.svdvals(f.to_dense()) for f in self.factors])
             inverses = []
-            for i, f in enumerate(self.factors):
+            for name, f in zip(self.names, self.factors, strict=True):
                 try:
                     inverses.append(f.inverse())
                 except FactorizationError as err:
-                    _wrap_part_error(err, "Kronecker factor", i)
-            return KroneckerLinearOperator(*inverses)
+                    raise err.with_context(f"The {name}") from err
+            return KroneckerLinearOperator(*inverses, names=self.names)
         eigh = self.factor_eigh()
-        spectrum = self._eigenvalues()
         if damping == 0.0:
-            self._check_spectrum(spectrum, [xp.abs(lam) for lam, _ in eigh])
+            self._check_factors([lam for lam, _ in eigh])
             return KroneckerLinearOperator(
                 *(
                     _inverse_from_eigh(f, lam, Q)
                     for f, (lam, Q) in zip(self.factors, eigh, strict=True)
                 ),
                 psd=self.is_psd or None,  # the inverse of a PSD product is PSD
+                names=self.names,
             )
-        shifted = spectrum + damping
-        what = f"Kronecker product plus {damping} I"
-        _check_invertible_spectrum(shifted, xp, what, size=self._largest_factor)
+        shifted = self._eigenvalues() + damping
+        self._check_damped(shifted, damping, f"Kronecker product plus {damping} I")
         return KroneckerEighLinearOperator(1.0 / shifted, [Q for _, Q in eigh])
 
     def trace(self):
@@ -919,21 +953,22 @@ class KroneckerLinearOperator(LinearOperator):
         self._require_square_factors("logdet")
         xp = self.xp
         if damping == 0.0 and not self._symmetric_factors():
-            magnitudes = [xp.linalg.svdvals(f.to_dense()) for f in self.factors]
-            self._check_spectrum(_outer_flat(magnitudes, xp), magnitudes)
+            self._check_factors([xp.linalg.svdvals(f.to_dense()) for f in self.factors])
             n = self.shape[0]
             total = 0.0
-            for i, f in enumerate(self.factors):
+            for name, f in zip(self.names, self.factors, strict=True):
                 try:
                     total = total + (n // f.shape[0]) * f.logdet()
                 except FactorizationError as err:
-                    _wrap_part_error(err, "Kronecker factor", i)
+                    raise err.with_context(f"The {name}") from err
             return total
         spectrum = self._eigenvalues() + damping
-        if damping == 0.0:
-            self._check_spectrum(spectrum, [xp.abs(lam) for lam, _ in self.factor_eigh()])
         what = "Kronecker product" + _plus(damping)
-        return _logdet_from_spectrum(spectrum, xp, what, size=self._largest_factor)
+        if damping == 0.0:  # judged factor by factor, as the undamped inverse
+            self._check_factors([lam for lam, _ in self.factor_eigh()])
+            return _logdet_from_spectrum(spectrum, xp, what, checked=False)
+        self._check_damped(spectrum, damping, what)
+        return _logdet_from_spectrum(spectrum, xp, what, checked=False)
 
     def frobenius_norm(self):
         out = self.factors[0].frobenius_norm()
@@ -949,7 +984,7 @@ class KroneckerLinearOperator(LinearOperator):
         return out
 
 
-def _symmetric_eigh(factor: LinearOperator, index: int):
+def _symmetric_eigh(factor: LinearOperator, name: str):
     """``(eigenvalues, eigenvectors)`` of a symmetric Kronecker factor.
 
     A symmetric :class:`DenseLinearOperator` caches its own (:meth:`~DenseLinearOperator.eigh`),
@@ -964,14 +999,14 @@ def _symmetric_eigh(factor: LinearOperator, index: int):
         try:
             return factor.eigh()
         except FactorizationError as err:
-            _wrap_part_error(err, "Kronecker factor", index)
+            raise err.with_context(f"The {name}") from err
     if not _is_symmetric_factor(factor):
         raise NotImplementedError(
-            f"Kronecker factor {index} is not symmetric, so the damped inverse and "
+            f"The {name} is not symmetric, so the damped inverse and "
             "log-determinant of the Kronecker product have no cheap exact form. Use "
             "curvlinops.CGInverseLinearOperator (or a symmetric factor)."
         )
-    return checked_eigh(factor.to_dense(), xp, name=f"Kronecker factor {index}")
+    return checked_eigh(factor.to_dense(), xp, name=name)
 
 
 def _inverse_from_eigh(factor, lam, Q):
@@ -1094,6 +1129,7 @@ class KroneckerEighLinearOperator(LinearOperator):
             self.xp,
             "Kronecker-eigendecomposed operator" + _plus(damping),
             size=max(self._dims),
+            shift=damping,
         )
         return KroneckerEighLinearOperator(1.0 / shifted, self.eigenvectors)
 
@@ -1121,6 +1157,7 @@ class KroneckerEighLinearOperator(LinearOperator):
             self.xp,
             "Kronecker-eigendecomposed operator" + _plus(damping),
             size=max(self._dims),
+            shift=damping,
         )
 
     def frobenius_norm(self):
@@ -1234,16 +1271,14 @@ class EighLinearOperator(LinearOperator):
         shifted = lam + damping if damping else lam
         what = "eigendecomposed operator" + _plus(damping)
         if self.rank == self.shape[0]:
-            _check_invertible_spectrum(shifted, self.xp, what)
+            _check_invertible_spectrum(shifted, self.xp, what, shift=damping)
             return EighLinearOperator(1.0 / shifted, self.eigenvectors)
-        if damping == 0.0:
-            raise FactorizationError(
-                f"The operator has rank at most {self.rank} < {self.shape[0]} and no inverse. "
-                f"{_DAMPING_HINT}"
-            )
         xp = self.xp
+        # the n - k missing eigenvalues are 0 + damping (undamped: singular, refused)
         rest = xp.full((1,), damping, dtype=self.dtype, device=self.device)
-        _check_invertible_spectrum(xp.concat([shifted, rest]), xp, what, size=self.shape[0])
+        _check_invertible_spectrum(
+            xp.concat([shifted, rest]), xp, what, size=self.shape[0], shift=damping
+        )
         # Q diag(1/(lam+d)) Q^T + (1/d)(I - Q Q^T) = Q diag(1/(lam+d) - 1/d) Q^T + (1/d) I
         low_rank = EighLinearOperator(1.0 / shifted - 1.0 / damping, self.eigenvectors)
         inverse = DampedLinearOperator(low_rank, 1.0 / damping)
@@ -1262,15 +1297,12 @@ class EighLinearOperator(LinearOperator):
         xp = self.xp
         shifted = self.eigenvalues + damping if damping else self.eigenvalues
         missing = self.shape[0] - self.rank
-        if missing:
-            if damping == 0.0:
-                raise FactorizationError(
-                    f"The operator has rank at most {self.rank} < {self.shape[0]}: its "
-                    f"log-determinant is -inf. {_DAMPING_HINT}"
-                )
+        if missing:  # the missing eigenvalues are 0 + damping (undamped: refused)
             rest = xp.full((missing,), damping, dtype=self.dtype, device=self.device)
             shifted = xp.concat([shifted, rest], axis=0)
-        return _logdet_from_spectrum(shifted, xp, "eigendecomposed operator" + _plus(damping))
+        return _logdet_from_spectrum(
+            shifted, xp, "eigendecomposed operator" + _plus(damping), shift=damping
+        )
 
     def frobenius_norm(self):
         return self.xp.linalg.vector_norm(self.eigenvalues)

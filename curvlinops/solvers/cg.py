@@ -64,7 +64,11 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, damping=0.0,
         ``A + damping I`` (e.g. the inverse diagonal for Jacobi preconditioning); it is
         applied as ``z = M r``, like SciPy's ``M``.
     damping : float
-        Solve with ``A + damping I`` instead of ``A``.
+        Solve with ``A + damping I`` instead of ``A``. Any real number: a negative one is
+        meaningful here (a Newton-CG or trust-region step asks whether ``A + damping I``
+        is positive definite, and a direction of non-positive curvature is reported in
+        ``info``); :class:`~curvlinops.CGInverseLinearOperator`, which must return
+        inverses, refuses it.
     callback : callable, optional
         ``callback(xk)`` after each iteration, with the current iterate(s) in the shape
         of ``b``.

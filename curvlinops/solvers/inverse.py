@@ -47,6 +47,7 @@ class _KrylovInverseLinearOperator(LinearOperator):
     _solver = None
     _name = ""
     _assumes = None
+    _negative_damping = None  # why a negative damping is refused (None: allowed)
 
     def __init__(
         self,
@@ -64,6 +65,10 @@ class _KrylovInverseLinearOperator(LinearOperator):
         A = as_operator(A, who)
         M = as_preconditioner(M, A, who)
         damping = check_real(damping, "damping", who)
+        if damping < 0 and self._negative_damping is not None:
+            raise ValueError(
+                f"{who}: damping must be >= 0, got {damping}. {self._negative_damping}"
+            )
         require_structure(A, who, self._assumes, damping=damping)
         super().__init__(
             A.shape,
@@ -138,7 +143,8 @@ class CGInverseLinearOperator(_KrylovInverseLinearOperator):
         once, here, under the rule of :func:`curvlinops.cg` (warning if it is not
         declared PSD and ``damping <= 0``).
     rtol, atol, maxiter, M, damping, callback
-        Options of :func:`curvlinops.cg`, used for every product.
+        Options of :func:`curvlinops.cg`, used for every product; ``damping >= 0``
+        (CG needs ``A + damping I`` positive definite; see ``Raises``).
     strict : bool
         If ``True``, a product whose solve does not converge in some column raises
         :class:`curvlinops.ConvergenceError`. If ``False`` (default) the result is
@@ -155,7 +161,9 @@ class CGInverseLinearOperator(_KrylovInverseLinearOperator):
     Raises
     ------
     ValueError
-        If ``A`` is not square or ``M`` does not have ``A``'s shape.
+        If ``A`` is not square, ``M`` does not have ``A``'s shape, or ``damping < 0``
+        (a negative damping can make ``A + damping I`` indefinite, where CG returns a
+        partial solve; use :class:`MINRESInverseLinearOperator` for that).
 
     Examples
     --------
@@ -173,6 +181,13 @@ class CGInverseLinearOperator(_KrylovInverseLinearOperator):
     _solver = staticmethod(_cg)
     _name = "CG"
     _assumes = PSD
+    _negative_damping = (
+        "CG needs A + damping I positive definite, which a negative damping can break "
+        "without notice (CG then stops at the first direction of negative curvature and "
+        "returns a partial solve, e.g. zeros). For an indefinite shift use "
+        "MINRESInverseLinearOperator, or the exact inverse(damping) of a structured "
+        "operator."
+    )
 
 
 class MINRESInverseLinearOperator(_KrylovInverseLinearOperator):

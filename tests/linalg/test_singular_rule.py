@@ -1,7 +1,8 @@
 """The one rule for singular matrices (FactorizationError's docstring), on every operator.
 
-A matrix counts as singular when ``min|v| <= n * eps * max|v|`` for its spectrum ``v``
-(damping included), ``n`` the largest factorized dimension. Each structured operator is
+A matrix cannot be inverted when its condition number exceeds ``0.1 / (sqrt(n) eps)``
+for its spectrum ``v`` (damping included), ``n`` the largest factorized dimension (the
+rule of ``curvlinops.conditioning``). Each structured operator is
 built with an eigenvalue (or singular value) of ``1e-17`` relative to 1: its inverse and
 log-determinant must raise FactorizationError ("add damping") instead of returning
 entries of size 1e17, and with damping the exact inverse must match NumPy. References:
@@ -101,13 +102,15 @@ def test_relative_eigenvalue_1e_17_raises_and_damping_fixes_it(name):
     np.testing.assert_allclose(actual, expected, rtol=1e-7, atol=1e-9 * np.abs(expected).max())
 
 
-def test_the_threshold_is_n_eps_times_the_largest_magnitude():
+def test_the_threshold_is_the_conditioning_limit():
+    """cond > 0.1 / (sqrt(n) eps) is refused (curvlinops.conditioning), cond below passes."""
     n = 4
-    at = np.array([1.0, n * EPS, 0.5, -0.25])
-    above = np.array([1.0, 2 * n * EPS, 0.5, -0.25])
-    with pytest.raises(FactorizationError, match="singular"):
-        check_invertible_spectrum(at, xp, size=n, what="matrix")
-    check_invertible_spectrum(above, xp, size=n, what="matrix")
+    limit = 0.1 / (np.sqrt(n) * EPS)
+    within = np.array([1.0, 1.01 / limit, 0.5, -0.25])
+    beyond = np.array([1.0, 0.99 / limit, 0.5, -0.25])
+    check_invertible_spectrum(within, xp, size=n, what="matrix")
+    with pytest.raises(FactorizationError, match="ill-conditioned"):
+        check_invertible_spectrum(beyond, xp, size=n, what="matrix")
     with pytest.raises(FactorizationError, match="singular"):  # the zero matrix
         check_invertible_spectrum(np.zeros(3), xp, size=3, what="matrix")
     with pytest.raises(FactorizationError, match="NaN or Inf"):
@@ -121,14 +124,14 @@ def test_the_threshold_is_n_eps_times_the_largest_magnitude():
 
 
 def test_kronecker_threshold_uses_the_largest_factor_and_the_dtype():
-    """cond 1e10: invertible in float64, singular in float32 (n eps ~ 1e-6 there)."""
+    """cond 1e10: invertible in float64, beyond float32 (its limit is 4.8e5 for n = 3)."""
     A = with_spectrum([1.0, 1e-10, 0.5], 10)
     B = spd(2, 11)
     ref = np.kron(A, B)
     inverse = KroneckerLinearOperator(A, B).inverse().to_dense()
     np.testing.assert_allclose(inverse @ ref, np.eye(6), atol=1e-5)
     K32 = KroneckerLinearOperator(A.astype(np.float32), B.astype(np.float32))
-    with pytest.raises(FactorizationError, match="singular"):
+    with pytest.raises(FactorizationError, match="singular to working precision in float32"):
         K32.inverse()
     K32.inverse(damping=1e-3)  # damping makes it invertible again
 

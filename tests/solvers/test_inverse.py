@@ -219,3 +219,23 @@ def test_neumann_bad_parameters(numpy_backend):
         NeumannInverseLinearOperator(np.eye(3), 2, 0.0)
     with pytest.raises(ValueError, match="scale"):
         NeumannInverseLinearOperator(np.eye(3), 2, float("nan"))
+
+
+def test_negative_damping_cg_inverse_refuses_minres_inverse_solves(numpy_backend):
+    """The issue's case: a PSD operator with damping -1e6 is indefinite. The CG inverse
+    refuses the negative damping (instead of returning CG's partial solve, zeros); the
+    MINRES inverse solves it as numpy.linalg.solve does."""
+    A = sym_from_spectrum(np.linspace(1.0, 3.0e6, N), seed=21)
+    op = aslinearoperator(A, psd=True)
+    with pytest.raises(ValueError, match="damping must be >= 0.*MINRESInverseLinearOperator"):
+        CGInverseLinearOperator(op, damping=-1e6)
+    B = np.random.default_rng(22).standard_normal((N, K))
+    shifted = A - 1e6 * np.eye(N)
+    assert np.linalg.eigvalsh(shifted)[0] < 0 < np.linalg.eigvalsh(shifted)[-1]
+    Ainv = MINRESInverseLinearOperator(op, damping=-1e6, rtol=1e-12, maxiter=20 * N)
+    X = Ainv @ B
+    exact = np.linalg.solve(shifted, B)
+    assert np.linalg.norm(X - exact) <= 1e-8 * np.linalg.norm(exact)
+    # a non-negative damping is CG's domain
+    X = CGInverseLinearOperator(op, damping=1.0, rtol=1e-12) @ B
+    np.testing.assert_allclose(X, np.linalg.solve(A + np.eye(N), B), rtol=1e-8, atol=1e-14)
