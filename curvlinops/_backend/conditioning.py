@@ -26,8 +26,10 @@ __all__ = [
     "ConditioningWarning",
     "IllConditionedError",
     "check_invertible_spectrum",
+    "combined_error",
     "condition_limit",
     "conditioning",
+    "invert_all",
 ]
 
 #: The predicted relative error ``sqrt(n) eps cond`` an inverse may have by default.
@@ -95,6 +97,65 @@ class IllConditionedError(FactorizationError):
             limit=self.limit,
             suggested_damping=suggested,
         )
+
+
+def combined_error(errors):
+    """One error for several refused parts (blocks, factors): the first one's message,
+    and a suggested damping that suffices for all of them (the largest in the first
+    one's direction).
+
+    Examples
+    --------
+    >>> a = IllConditionedError("A", condition_number=1e9, limit=1e8, suggested_damping=0.1)
+    >>> b = IllConditionedError("B", condition_number=1e10, limit=1e8, suggested_damping=0.3)
+    >>> merged = combined_error([a, b])
+    >>> merged.suggested_damping, str(merged)
+    (0.3, 'A (2 parts refused; a total damping of 0.3 suffices for all of them.)')
+    """
+    first = errors[0]
+    if len(errors) == 1:
+        return first
+    values = [e.suggested_damping for e in errors if e.suggested_damping is not None]
+    suggested = None
+    if values and first.suggested_damping is not None:
+        suggested = max(values) if first.suggested_damping > 0 else min(values)
+    note = f" ({len(errors)} parts refused"
+    if suggested:
+        note += f"; a total damping of {suggested:.2g} suffices for all of them"
+    note += ".)"
+    return IllConditionedError(
+        f"{first}{note}",
+        condition_number=max(e.condition_number for e in errors),
+        limit=first.limit,
+        suggested_damping=suggested,
+    )
+
+
+def invert_all(calls):
+    """Results of the zero-argument callables ``fn`` in ``calls = [(name, fn), ...]``
+    (``name`` prefixes a part's error message; ``None``: the message names it already).
+
+    Every part is tried: if several are refused by the rule, one
+    :class:`IllConditionedError` (:func:`combined_error`, each part named) says which
+    and a damping that suffices for all; any other
+    :class:`~curvlinops.FactorizationError` propagates at once, named.
+
+    Examples
+    --------
+    >>> invert_all([("x", lambda: 1), ("y", lambda: 2)])
+    [1, 2]
+    """
+    results, refused = [], []
+    for name, fn in calls:
+        try:
+            results.append(fn())
+        except IllConditionedError as err:
+            refused.append(err.with_context(name) if name else err)
+        except FactorizationError as err:
+            raise (err.with_context(name) if name else err) from err
+    if refused:
+        raise combined_error(refused)
+    return results
 
 
 class ConditioningWarning(UserWarning):
@@ -329,7 +390,7 @@ def _message(what, cond, limit, size, dtype, hint, suggested):
             f"{math.sqrt(max(int(size), 1)) * eps * cond:.0%}"
         )
     fix = (
-        f"Add damping: a total damping of {suggested:.2g} brings the condition number "
+        f"Add damping: a total damping of {suggested:.2g} brings its condition number "
         "within the limit"
         if suggested is not None
         else "No damping makes it well-conditioned"

@@ -238,8 +238,10 @@ class EKFACLinearOperator(_KroneckerCurvature):
         ValueError
             If ``damping`` is not finite (a negative shift is allowed).
         FactorizationError
-            If some ``s + damping`` is zero by the rule of
-            :class:`~curvlinops.FactorizationError` (add damping).
+            (:class:`~curvlinops.IllConditionedError`) If the condition number of some
+            block's ``s + damping`` is beyond what the dtype resolves (the rule of
+            :class:`~curvlinops.conditioning`), naming the block, the condition number and
+            the damping that suffices.
 
         Examples
         --------

@@ -22,6 +22,7 @@ import math
 import warnings
 
 from .._backend import FactorizationError, check_invertible_spectrum
+from .._backend.conditioning import invert_all
 from ..linalg import DenseLinearOperator, DiagonalLinearOperator, KroneckerLinearOperator
 from .kronecker_factored import KroneckerFactoredLinearOperator
 from .kronecker_statistics import _KroneckerCurvature, check_damping
@@ -192,8 +193,9 @@ class KFACLinearOperator(_KroneckerCurvature):
         ----------
         damping : float
             Any finite number; a negative one is a shift of the spectrum like any other
-            (``(c * K).inverse(d)`` with ``c < 0`` needs it), and a shift that makes a
-            block singular raises :class:`~curvlinops.FactorizationError`.
+            (``(c * K).inverse(d)`` with ``c < 0`` needs it), judged by the same
+            conditioning rule (:class:`~curvlinops.conditioning`): a shift that makes a
+            block singular or too ill-conditioned raises.
         **deprecated
             The keywords of the former ``inverse`` (``exact``, ``heuristic_damping``,
             ``min_damping``) still work with a ``FutureWarning``: ``exact=True`` gives
@@ -211,8 +213,10 @@ class KFACLinearOperator(_KroneckerCurvature):
         ValueError
             If ``damping`` is not finite.
         FactorizationError
-            If a block plus ``damping`` is singular (the rule of
-            :class:`~curvlinops.FactorizationError`), naming the block; add damping.
+            (:class:`~curvlinops.IllConditionedError`) If a block plus ``damping`` is
+            beyond what the dtype resolves (the rule of :class:`~curvlinops.conditioning`;
+            undamped: each factor on its own), naming the layer, block and factor, the
+            condition number and the total damping that suffices.
 
         Examples
         --------
@@ -285,8 +289,10 @@ class KFACLinearOperator(_KroneckerCurvature):
         relative Frobenius norm.
 
         Both use the factors' eigendecompositions (computed once per factor and cached),
-        and both apply the singular rule of :class:`~curvlinops.FactorizationError` to
-        the matrices they invert.
+        and both apply the conditioning rule of :class:`~curvlinops.conditioning` to the
+        matrices they invert: here each damped factor, so that a float32 factor with a
+        damping too small for its spectrum is refused (see the last example) instead of
+        returning a preconditioner that is off by tens of percent.
 
         Parameters
         ----------
@@ -306,10 +312,13 @@ class KFACLinearOperator(_KroneckerCurvature):
         Raises
         ------
         ValueError
-            If ``damping`` or ``min_damping`` is negative or not finite.
+            If ``damping`` or ``min_damping`` is negative (the factors' shifts are square
+            roots of the damping; use :meth:`inverse` for a negative shift) or not finite.
         FactorizationError
-            If a damped factor is singular or not positive definite, naming the layer
-            and the factor; add damping.
+            If a damped factor is not positive definite; and
+            (:class:`~curvlinops.IllConditionedError`) if its condition number is beyond
+            what the dtype resolves, naming the layer and the factor, with the damping
+            to pass to ``factored_inverse`` that suffices.
 
         Examples
         --------
@@ -331,6 +340,21 @@ class KFACLinearOperator(_KroneckerCurvature):
         0.56
         >>> round(distance(K.factored_inverse(1e-2, pi_damping=True)), 2)
         0.53
+
+        In float32, a damping too small for a factor's spectrum is refused:
+
+        >>> from curvlinops import IllConditionedError
+        >>> X = 10 * rng.normal(size=(2, 3)).astype(np.float32)  # 2 data: A is singular
+        >>> params32 = model.init(0, xp=xp, dtype=xp.float32)
+        >>> K32 = KFACLinearOperator(model, CrossEntropyLoss(), params32, [(X, np.zeros(2, int))])
+        >>> try:
+        ...     K32.factored_inverse(1e-12)
+        ... except IllConditionedError as err:
+        ...     print(str(err)[:73])
+        ...     damping = err.suggested_damping
+        KFACLinearOperator: The damped input factor A of layer '0' is singular to
+        >>> K32.factored_inverse(damping).shape
+        (31, 31)
         """
         damping = check_damping(damping, negative_reason=_FACTORED_NEGATIVE)
         min_damping = check_damping(min_damping, "min_damping")
@@ -340,33 +364,51 @@ class KFACLinearOperator(_KroneckerCurvature):
             raise err.with_context(type(self).__name__) from err
 
     def _factored_blocks(self, damping, pi_damping, min_damping):
-        """The blocks of :meth:`factored_inverse`, layer by layer, in layout order."""
+        """The blocks of :meth:`factored_inverse`, layer by layer, in layout order.
+
+        Every damped factor is inverted (or refused) before any block is formed, so that
+        a refusal names all refused factors and a damping that suffices for all.
+        """
         root = math.sqrt(damping)
         plain = max(damping, min_damping) if pi_damping else damping  # exact and bias blocks
-        blocks = []
+        calls, shapes = [], []  # one call per inverted factor; how they form the blocks
         for layer in self.layers:
             where = f"of layer {layer.name!r}"
             if layer.exact:  # exact blocks: (block + damping I)^{-1}
                 for op in self._factor_ops[layer.name]:
-                    blocks.append(_damped_factor_inverse(op, plain, f"exact block {where}"))
+                    calls.append(_factor_call(op, plain, f"exact block {where}"))
+                    shapes.append(None)
                 continue
             B_op, A_op = self._factor_ops[layer.name]
             pi = _pi(A_op, B_op) if pi_damping else 1.0
-            # each factor's shift is scale * sqrt(damping): a shift t needs (t / scale)^2
-            shift_A, shift_B = max(pi * root, min_damping), max(root / pi, min_damping)
-            if not pi_damping:
-                shift_A = shift_B = root
-            B_inv = _damped_factor_inverse(
-                B_op, shift_B, f"output factor B {where}", lambda t, s=1 / pi: (t / s) ** 2
-            )
-            A_inv = _damped_factor_inverse(
-                A_op, shift_A, f"input factor A {where}", lambda t, s=pi: (t / s) ** 2
-            )
-            blocks.append(self._kronecker(layer, B_inv, A_inv))
+            shift_A, shift_B = root, root
+            if pi_damping:
+                shift_A, shift_B = max(pi * root, min_damping), max(root / pi, min_damping)
+            # a factor shifted by scale * sqrt(damping) needs damping (t / scale)^2 for t
+            calls.append(_factor_call(B_op, shift_B, f"output factor B {where}", 1 / pi))
+            calls.append(_factor_call(A_op, shift_A, f"input factor A {where}", pi))
+            shapes.append(layer)
             if layer.bias_index is not None and not self._joint(layer):
-                B_bias = _damped_factor_inverse(B_op, plain, f"output factor B {where} (bias)")
-                blocks.append(KroneckerLinearOperator(B_bias, self._one()))
+                calls.append(_factor_call(B_op, plain, f"output factor B {where} (bias)"))
+                shapes.append("bias")
+        inverses = iter(invert_all(calls))
+        blocks = []
+        for shape in shapes:
+            if shape is None:
+                blocks.append(next(inverses))
+            elif shape == "bias":
+                blocks.append(KroneckerLinearOperator(next(inverses), self._one()))
+            else:
+                B_inv = next(inverses)
+                blocks.append(self._kronecker(shape, B_inv, next(inverses)))
         return blocks
+
+
+def _factor_call(factor, shift, what, scale=None):
+    """``(None, fn)`` for :func:`~curvlinops._backend.conditioning.invert_all`: ``fn``
+    inverts the damped factor; ``scale``: its shift is ``scale * sqrt(damping)``."""
+    damping_for = None if scale is None else (lambda t: (t / scale) ** 2)
+    return None, lambda: _damped_factor_inverse(factor, shift, what, damping_for)
 
 
 _FACTORED_NEGATIVE = (

@@ -234,8 +234,8 @@ class KFACHessianLinearOperator(KFACLinearOperator):
     def inverse(self, damping=0.0, **deprecated):
         """Exact ``(K + damping I)^{-1}``, as for K-FAC (:meth:`KFACLinearOperator.inverse`).
 
-        The operator can be indefinite: the inverse exists whenever no eigenvalue plus
-        ``damping`` is zero (the singular rule of :class:`~curvlinops.FactorizationError`),
+        The operator can be indefinite: the inverse exists whenever the spectrum plus
+        ``damping`` passes the conditioning rule of :class:`~curvlinops.conditioning`,
         and a ``UserWarning`` says when the result is the inverse of an indefinite matrix
         (then it is not a descent preconditioner). The factored heuristic
         :meth:`~KFACLinearOperator.factored_inverse` needs positive definite damped

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from .._backend import FactorizationError
+from .._backend.conditioning import invert_all
 from ..linalg import BlockDiagonalLinearOperator, ParameterLayoutLinearOperator
 
 __all__ = ["KroneckerFactoredLinearOperator"]
@@ -39,8 +39,9 @@ class KroneckerFactoredLinearOperator(ParameterLayoutLinearOperator):
     form a Kronecker product; :meth:`inverse` is the exact ``(K + damping I)^{-1}``,
     blockwise through the factors' eigendecompositions (cached on the factors), and
     trace, diagonal, Frobenius norm, log-determinant and eigenvalues come from the
-    factors. A singular block raises :class:`~curvlinops.FactorizationError` (the rule
-    of that class) naming the block.
+    factors. A block beyond what its dtype resolves raises
+    :class:`~curvlinops.IllConditionedError` (the rule of
+    :class:`~curvlinops.conditioning`) naming the block.
 
     What the curvature operators' :meth:`inverse`, ``factored_inverse`` and ``damped``
     return, and what they delegate to; not meant to be constructed directly.
@@ -80,13 +81,12 @@ class KroneckerFactoredLinearOperator(ParameterLayoutLinearOperator):
         self.names = tuple(names)
 
     def _blockwise_query(self, query):
-        results = []
-        for name, block in zip(self.names, self.operator.blocks, strict=True):
-            try:
-                results.append(query(block))
-            except FactorizationError as err:
-                raise err.with_context(f"The {name}") from err
-        return results
+        return invert_all(
+            [
+                (f"The {name}", lambda b=block: query(b))
+                for name, block in zip(self.names, self.operator.blocks, strict=True)
+            ]
+        )
 
     def inverse(self, damping=0.0):
         """Exact ``(K + damping I)^{-1}``, blockwise from the factors' eigendecompositions.
@@ -94,7 +94,8 @@ class KroneckerFactoredLinearOperator(ParameterLayoutLinearOperator):
         Raises
         ------
         FactorizationError
-            If a block plus ``damping`` is singular (naming the block).
+            If a block plus ``damping`` is refused by the rule of
+            :class:`~curvlinops.conditioning` (naming the block).
         """
         damping = float(damping)
         inverses = self._blockwise_query(lambda b: b.inverse(damping=damping))

@@ -35,6 +35,7 @@ from .._backend import (
     kron,
     namespace_name,
 )
+from .._backend.conditioning import invert_all
 from .._backend.linalg import DAMPING_HINT as _DAMPING_HINT
 from .base import DampedLinearOperator, LinearOperator, ScaledLinearOperator
 
@@ -215,11 +216,6 @@ def _outer_flat(vectors, xp):
     return out
 
 
-def _wrap_part_error(err, what: str, index: int):
-    """Re-raise a factorization error of one part, naming the part (same error class)."""
-    raise err.with_context(f"{what} {index}") from err
-
-
 # -- dense -----------------------------------------------------------------------------
 
 
@@ -285,7 +281,7 @@ class DenseLinearOperator(LinearOperator):
         return self.A + damping * eye
 
     def _spectrum(self, shifted, damping):
-        """``(values, name)`` of ``A + damping I`` for the singular rule.
+        """``(values, name)`` of ``A + damping I`` for the conditioning rule.
 
         Its eigenvalues if declared symmetric, else its singular values (one extra
         ``O(n^3)`` decomposition of the ``n x n`` matrix); NaN or Inf raise.
@@ -629,12 +625,8 @@ class BlockDiagonalLinearOperator(LinearOperator):
 
     def inverse(self, damping=0.0):
         self._require_square_blocks("inverse")
-        inverses = []
-        for i, b in enumerate(self.blocks):
-            try:
-                inverses.append(b.inverse(damping=damping))
-            except FactorizationError as err:
-                _wrap_part_error(err, "Block", i)
+        calls = [(f"Block {i}", lambda b=b: b.inverse(damping)) for i, b in enumerate(self.blocks)]
+        inverses = invert_all(calls)
         return BlockDiagonalLinearOperator(inverses)
 
     def trace(self):
@@ -647,12 +639,12 @@ class BlockDiagonalLinearOperator(LinearOperator):
 
     def _logdet(self, damping):
         self._require_square_blocks("logdet")
+        values = invert_all(
+            [(f"Block {i}", lambda b=b: b._logdet(damping)) for i, b in enumerate(self.blocks)]
+        )
         total = 0.0
-        for i, b in enumerate(self.blocks):
-            try:
-                total = total + b._logdet(damping)
-            except FactorizationError as err:
-                _wrap_part_error(err, "Block", i)
+        for value in values:
+            total = total + value
         return total
 
     def eigvalsh(self):
@@ -906,9 +898,11 @@ class KroneckerLinearOperator(LinearOperator):
         Raises
         ------
         FactorizationError
-            If the (damped) product is singular by the rule of
-            :class:`~curvlinops.FactorizationError`, applied to its whole spectrum with
-            ``n`` the largest factor's dimension.
+            (:class:`~curvlinops.IllConditionedError`) If the rule of
+            :class:`~curvlinops.conditioning` refuses it: undamped, each factor's
+            spectrum (``n``: its dimension); damped, the whole spectrum ``lam + d``
+            (``n``: the largest factor's dimension; the message names the factor with the
+            smallest eigenvalue relative to its largest).
         NotImplementedError
             For ``damping != 0`` with a non-symmetric factor.
         """
