@@ -198,7 +198,10 @@ class conditioning(contextlib.ContextDecorator):  # noqa: N801 (used like a func
     log-determinant) raises :class:`IllConditionedError`, naming the matrix (operator,
     layer and factor where there are any), ``cond``, the limit, and the smallest total
     damping that brings ``cond`` within it. A zero eigenvalue (``cond = inf``) or NaN
-    always raises. Each block of a block-diagonal operator is judged on its own.
+    always raises. Each block of a block-diagonal operator is judged on its own; when
+    several blocks (or K-FAC factors) are refused, one error names them and gives a
+    damping that suffices for all. (For a non-symmetric dense matrix, whose singular
+    values do not move with the damping, the suggested damping is only a guess.)
 
     **Negative damping.** An exact inverse takes any finite damping as a shift of the
     spectrum (``(c A).inverse(d)`` with ``c < 0`` asks ``A`` for ``d / c``) and judges

@@ -104,6 +104,9 @@ def test_float32_factored_inverse_with_tiny_damping_is_refused():
         warnings.simplefilter("always")
         warned = K.factored_inverse(1e-7).to_dense()[:12, :12].astype(np.float64)
     assert ConditioningWarning in [w.category for w in caught_warnings]
+    with conditioning(tolerance=1e30):  # nothing refused: the unchecked inverse
+        unchecked = K.factored_inverse(1e-7).to_dense()[:12, :12].astype(np.float64)
+    np.testing.assert_array_equal(warned, unchecked)
     assert spectral_error(warned, reference(1e-7)) > 1e-2
     # the suggested damping (of the factored inverse, sqrt(d) per factor) suffices and is
     # within 100x of the minimum (cond(A + sqrt(d) I) = limit, from NumPy's eigenvalues)

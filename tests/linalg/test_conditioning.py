@@ -282,3 +282,22 @@ def test_a_negative_shift_onto_an_eigenvalue_is_refused():
             w = np.array([1.0, 2.0])  # the zero eigenvalues shift to the damping itself
         with pytest.raises(FactorizationError):
             op.inverse(-float(w[0]))
+
+
+def test_several_refused_blocks_get_one_damping_for_all():
+    """Two refused blocks of different scales: the combined suggestion is the larger
+    minimal damping (from NumPy's eigenvalues), and it makes both blocks pass."""
+    small = np.diag([1.0, 0.0])
+    large = np.diag([100.0, 0.0, 3.0])
+    op = BlockDiagonalLinearOperator([small, np.eye(2), large])
+    with pytest.raises(IllConditionedError, match="2 parts refused") as caught:
+        op.inverse()
+    assert "Block 0" in str(caught.value)
+    needed = max(
+        minimal_damping(small, limit(np.float64, 2)), minimal_damping(large, limit(np.float64, 3))
+    )
+    suggested = caught.value.suggested_damping
+    assert needed <= suggested <= 100 * needed
+    ref = scipy.linalg.block_diag(small, np.eye(2), large)
+    expected = np.linalg.inv(ref + suggested * np.eye(7))
+    np.testing.assert_allclose(op.inverse(suggested).to_dense(), expected, rtol=1e-3)
