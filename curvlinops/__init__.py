@@ -9,7 +9,9 @@ listed before it:
 4. ``curvlinops.models`` and ``curvlinops.nn``: the model protocol and native layers;
 5. ``curvlinops.losses``: exponential-family losses in output space;
 6. ``curvlinops.curvature``: curvature operators over data;
-7. ``curvlinops.verify``: checks users run on their own models and operators;
+7. ``curvlinops.optim``: optimizers built on curvature (K-FAC, Hessian-free, natural
+   gradient; their torch and optax adapters are imported on demand);
+8. ``curvlinops.verify``: checks users run on their own models and operators;
    ``curvlinops.testing``: the shared operator test case, for users' own operators.
 
 ``curvlinops.frontends`` (PyTorch, JAX and hand-written models) is imported too, so
@@ -20,7 +22,7 @@ Every public name of the layers is re-exported here.
 """
 
 # frontends registers the PyTorch adapters of as_model / as_loss (it imports no torch)
-from . import curvature, frontends, linalg, losses, models, nn, solvers, testing, verify
+from . import curvature, frontends, linalg, losses, models, nn, optim, solvers, testing, verify
 from ._backend import RandomGenerator, array_namespace, to_numpy
 from ._backend.conditioning import ConditioningWarning, IllConditionedError, conditioning
 from ._backend.linalg import FactorizationError
@@ -47,6 +49,7 @@ __all__ = [
     *curvature.__all__,
     "frontends",
     "nn",
+    "optim",
     "testing",
     "verify",
 ]

@@ -42,7 +42,12 @@ def test_every_public_name_is_on_an_api_page():
 
 # Frontend modules that import an optional library at module level: their documented
 # names can only be resolved where that library is installed.
-_OPTIONAL_MODULES = {"curvlinops.frontends.torch": "torch", "curvlinops.frontends.jax": "jax"}
+_OPTIONAL_MODULES = {
+    "curvlinops.frontends.torch": "torch",
+    "curvlinops.frontends.jax": "jax",
+    "curvlinops.optim.torch": "torch",
+    "curvlinops.optim.optax": "jax",
+}
 
 
 def _needs_missing_library(name: str) -> bool:

@@ -41,6 +41,7 @@ from .namespace import (
 )
 from .random import RandomGenerator, as_generator, normal, rademacher, uniform
 from .special import erf
+from .state import from_host, host_int, host_str, host_value
 
 __all__ = [
     "ConditioningWarning",
@@ -63,6 +64,10 @@ __all__ = [
     "dtype_eps",
     "dtype_name",
     "erf",
+    "from_host",
+    "host_int",
+    "host_str",
+    "host_value",
     "index_update",
     "is_array_api_strict_namespace",
     "is_cupy_namespace",

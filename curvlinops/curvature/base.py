@@ -18,9 +18,12 @@ from ..linalg import LinearOperator
 from ..models import Tier, flatten_params, num_params, param_shapes, unflatten_params
 from ._data import (
     NonDeterministicDataError,
+    _checked_num_data as checked_num_data,
     check_batch_values,
+    check_params_backend,
     iterate_batches,
     prepare_inputs,
+    resolve_loss,
     resolve_model,
 )
 
@@ -92,6 +95,24 @@ class CurvatureLinearOperator(LinearOperator):
             num_data=num_data,
             check_deterministic=check_deterministic,
         )
+        self._init_fields(model, loss, params, data, xp, dtype, dev, progressbar, cache)
+
+    @classmethod
+    def _without_data(cls, model, loss, params, num_data):
+        """An instance over ``model``, ``loss`` and ``params`` but no data (``data`` is None):
+        the start of restoring a saved state, which must then set everything a product
+        needs. No pass over data, no determinism check."""
+        self = cls.__new__(cls)
+        model, params = resolve_model(model, params)
+        xp, dtype, dev = check_params_backend(params)
+        loss = resolve_loss(loss)
+        model.check_params(params)
+        model.require(cls.required_tier, cls.__name__)
+        self.num_data = checked_num_data(num_data)
+        self._init_fields(model, loss, params, None, xp, dtype, dev, False, False)
+        return self
+
+    def _init_fields(self, model, loss, params, data, xp, dtype, dev, progressbar, cache):
         self.model, self.loss, self.params, self.data = model, loss, list(params), data
         self.shapes = param_shapes(params)
         self.progressbar, self.cache = bool(progressbar), bool(cache)

@@ -18,7 +18,7 @@ so there is no ``(B + d_B I)^{-1} (x) (A + d_A I)^{-1}`` form; :meth:`inverse` i
 
 from __future__ import annotations
 
-from .._backend import checked_eigh
+from .._backend import checked_eigh, host_value
 from ..linalg import DenseLinearOperator, KroneckerEighLinearOperator
 from .kronecker_statistics import _KroneckerCurvature, flatten_tap
 
@@ -124,30 +124,50 @@ class EKFACLinearOperator(_KroneckerCurvature):
 
     def _build(self):
         factors = self._kfac_factors()
-        self.input_factors, self.output_factors = {}, {}
-        self.input_eigenvectors, self.output_eigenvectors = {}, {}
-        self.exact_blocks = {}
-        bases = []
+        self._set_factor_dicts(factors)
+        bases = self._bases(factors)
+        weight_sums, bias_sums = self._scaling_sums(bases)
+        c = self._normalization()
+        self._set_scalings(
+            bases,
+            [None if w is None else c * w for w in weight_sums],
+            [None if b is None else c * b for b in bias_sums],
+        )
+
+    def _set_factor_dicts(self, factors):
+        """Store K-FAC's ``B``, ``A`` (and exact blocks) per layer name."""
+        self.input_factors, self.output_factors, self.exact_blocks = {}, {}, {}
         for layer, (B, A) in zip(self.layers, factors, strict=True):
             if layer.exact:  # an elementwise layer keeps its exact block (A is None)
                 self.exact_blocks[layer.name] = B
+            else:
+                self.output_factors[layer.name], self.input_factors[layer.name] = B, A
+
+    def _bases(self, factors):
+        """``(Q_B, Q_A)`` per layer (None for exact blocks): the factors' eigenvectors."""
+        bases = []
+        for layer, (B, A) in zip(self.layers, factors, strict=True):
+            if layer.exact:
                 bases.append(None)
                 continue
-            self.output_factors[layer.name], self.input_factors[layer.name] = B, A
             where = f"of layer {layer.name!r}"
             _, Q_B = checked_eigh(B, self.xp, name=f"output factor B {where}")
             if A.ndim == 1:  # an embedding's diagonal input factor: the standard basis,
                 Q_A = int(A.shape[0])  # never formed (the identity of that size)
             else:
                 _, Q_A = checked_eigh(A, self.xp, name=f"input factor A {where}")
-            self.output_eigenvectors[layer.name], self.input_eigenvectors[layer.name] = Q_B, Q_A
             bases.append((Q_B, Q_A))
-        weight_sums, bias_sums = self._scaling_sums(bases)
-        c = self._normalization()
+        return bases
+
+    def _set_scalings(self, bases, weight_scalings, bias_scalings):
+        """Store the eigenvectors and (normalized) scalings; build the operator."""
+        xp = self.xp
+        self.input_eigenvectors, self.output_eigenvectors = {}, {}
         self.scalings, self.bias_scalings = {}, {}
         blocks = []
-        xp = self.xp
-        for layer, basis, s_w, s_b in zip(self.layers, bases, weight_sums, bias_sums, strict=True):
+        for layer, basis, s_w, s_b in zip(
+            self.layers, bases, weight_scalings, bias_scalings, strict=True
+        ):
             if basis is None:
                 block = self.exact_blocks[layer.name]
                 blocks += [
@@ -155,22 +175,201 @@ class EKFACLinearOperator(_KroneckerCurvature):
                 ]
                 continue
             Q_B, Q_A = basis
-            self.scalings[layer.name] = c * s_w
+            self.output_eigenvectors[layer.name], self.input_eigenvectors[layer.name] = Q_B, Q_A
+            self.scalings[layer.name] = s_w
             if layer.transposed:  # A (x) B on W^T: the scalings transposed
-                s_t = xp.reshape(xp.matrix_transpose(c * s_w), (-1,))
+                s_t = xp.reshape(xp.matrix_transpose(s_w), (-1,))
                 blocks.append(KroneckerEighLinearOperator(s_t, [Q_A, Q_B]))
             else:
-                blocks.append(KroneckerEighLinearOperator(xp.reshape(c * s_w, (-1,)), [Q_B, Q_A]))
+                blocks.append(KroneckerEighLinearOperator(xp.reshape(s_w, (-1,)), [Q_B, Q_A]))
             if s_b is not None:
-                self.bias_scalings[layer.name] = c * s_b
-                blocks.append(KroneckerEighLinearOperator(c * s_b, [Q_B]))
+                self.bias_scalings[layer.name] = s_b
+                blocks.append(KroneckerEighLinearOperator(s_b, [Q_B]))
         self._operator = self._make_operator(blocks)
 
-    def _scaling_sums(self, bases):
-        """Second pass: unnormalized ``sum ((Q_B^T g)(Q_A^T a)^T)^2`` per layer."""
+    def _current_bases(self):
+        return [
+            None
+            if la.exact
+            else (self.output_eigenvectors[la.name], self.input_eigenvectors[la.name])
+            for la in self.layers
+        ]
+
+    def _current_scalings(self):
+        weights = [None if la.exact else self.scalings[la.name] for la in self.layers]
+        return weights, [self.bias_scalings.get(la.name) for la in self.layers]
+
+    def update(self, batch, decay=0.95, *, params=None, refresh_basis=True):
+        """Average one batch into K-FAC's factors and into the scalings (George et al., 2018).
+
+        The factors (and exact blocks) are averaged as in
+        :meth:`KFACLinearOperator.update <curvlinops.KFACLinearOperator.update>`:
+        ``decay * old + (1 - decay) * batch``, with the same scaling of the batch.
+        With ``refresh_basis`` the eigenbasis is recomputed from the averaged factors
+        and the old scalings are carried into it as the diagonal, in the new basis, of
+        the old operator (``(R_B * R_B) S (R_A * R_A)^T`` with ``R = Q_new^T Q_old``,
+        the Frobenius-closest diagonal); without it the basis stays. Then the
+        scalings become ``decay * old + (1 - decay) * s_batch`` with ``s_batch`` the
+        batch's second moments in the (new) basis. One forward and two backward passes
+        (the factor statistics and the scalings, with the same cotangents); no
+        determinism check, no counting pass.
+
+        Parameters
+        ----------
+        batch : tuple (X, y)
+            One batch on the operator's backend.
+        decay : float
+            In ``[0, 1]``.
+        params : list of arrays, optional
+            Take the batch's statistics at these parameters (and keep them).
+        refresh_basis : bool
+            Recompute the eigenbasis (two eigendecompositions per layer); an optimizer
+            does so on a slower cadence than the scalings' updates.
+
+        Returns
+        -------
+        EKFACLinearOperator
+            ``self``, updated in place.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops import MSELoss, nn
+        >>> from curvlinops.curvature.ekfac import EKFACLinearOperator
+        >>> model = nn.Sequential(nn.Linear(3, 2))
+        >>> params = model.init(0, xp=xp, dtype=xp.float64)
+        >>> rng = np.random.default_rng(0)
+        >>> first, second = [(rng.normal(size=(8, 3)), rng.normal(size=(8, 2))) for _ in "ab"]
+        >>> E = EKFACLinearOperator(model, MSELoss(), params, [first], check_deterministic=False)
+        >>> E1 = EKFACLinearOperator(model, MSELoss(), params, [second])
+        >>> bool(np.allclose(E.update(second, decay=0.0).to_dense(), E1.to_dense()))
+        True
+        """
+        factors, decay, (triple, scale) = self._averaged_factors(batch, decay, params)
+        old_bases = self._current_bases()
+        old_w, old_b = self._current_scalings()
+        self._set_factor_dicts(factors)
+        if refresh_basis:
+            bases = self._bases(factors)
+            old_w, old_b = self._carried_scalings(old_bases, bases, old_w, old_b)
+        else:
+            bases = old_bases
+        batch_w, batch_b = self._scaling_sums(bases, [triple])
+        weights = [_averaged(o, n, decay, scale) for o, n in zip(old_w, batch_w, strict=True)]
+        biases = [_averaged(o, n, decay, scale) for o, n in zip(old_b, batch_b, strict=True)]
+        self._set_scalings(bases, weights, biases)
+        return self
+
+    def _carried_scalings(self, old_bases, bases, weights, biases):
+        """The old scalings as the diagonal of the old operator in the new basis."""
+        xp = self.xp
+        new_w, new_b = [], []
+        for old, new, s_w, s_b in zip(old_bases, bases, weights, biases, strict=True):
+            if old is None:
+                new_w.append(None)
+                new_b.append(None)
+                continue
+            R_B = xp.matrix_transpose(new[0]) @ old[0]
+            R_B = R_B * R_B
+            if isinstance(new[1], int):  # the standard basis stays
+                s = R_B @ s_w
+            else:
+                R_A = xp.matrix_transpose(new[1]) @ old[1]
+                s = R_B @ s_w @ xp.matrix_transpose(R_A * R_A)
+            new_w.append(s)
+            new_b.append(None if s_b is None else R_B @ s_b)
+        return new_w, new_b
+
+    def state_dict(self):
+        """The operator's state as plain NumPy arrays (``numpy.savez``, no pickle).
+
+        As :meth:`KFACLinearOperator.state_dict <curvlinops.KFACLinearOperator.state_dict>`,
+        plus the eigenbasis (``Q_B:i``, ``Q_A:i``; none for an embedding's standard
+        basis) and the scalings (``s:i``, ``s_bias:i``), so that a restored operator
+        continues bit-identically (no eigendecomposition is recomputed).
+
+        Returns
+        -------
+        dict
+            ``str`` to NumPy arrays; copies.
+        """
+        state = {**self._state_header(), **self._factor_state()}
+        weights, biases = self._current_scalings()
+        for i, (basis, s_w, s_b) in enumerate(
+            zip(self._current_bases(), weights, biases, strict=True)
+        ):
+            if basis is None:
+                continue
+            state[f"Q_B:{i}"], state[f"s:{i}"] = host_value(basis[0]), host_value(s_w)
+            if not isinstance(basis[1], int):
+                state[f"Q_A:{i}"] = host_value(basis[1])
+            if s_b is not None:
+                state[f"s_bias:{i}"] = host_value(s_b)
+        return state
+
+    def load_state_dict(self, state):
+        """Take the factors, eigenbasis, scalings and counts of a saved state.
+
+        Parameters
+        ----------
+        state : dict
+            From :meth:`state_dict`.
+
+        Returns
+        -------
+        EKFACLinearOperator
+            ``self``.
+
+        Raises
+        ------
+        ValueError
+            If the state is of another class or its layers differ from this operator's.
+        """
+        self._load_header(state)
+        factors = self._loaded_factors(state)
+        self._set_factor_dicts(factors)
+        put = self._from_host
+        bases, weights, biases = [], [], []
+        for i, (layer, (_, A)) in enumerate(zip(self.layers, factors, strict=True)):
+            if layer.exact:
+                bases.append(None)
+                weights.append(None)
+                biases.append(None)
+                continue
+            Q_A = put(state[f"Q_A:{i}"]) if f"Q_A:{i}" in state else int(A.shape[0])
+            bases.append((put(state[f"Q_B:{i}"]), Q_A))
+            weights.append(put(state[f"s:{i}"]))
+            biases.append(put(state[f"s_bias:{i}"]) if f"s_bias:{i}" in state else None)
+        self._set_scalings(bases, weights, biases)
+        return self
+
+    @classmethod
+    def from_state_dict(cls, state, model, loss, params):
+        """An operator restored from a saved state, without data (no pass over data).
+
+        Parameters
+        ----------
+        state : dict
+            From :meth:`state_dict`.
+        model, loss :
+            The model and loss the state was computed with.
+        params : list of arrays
+            The parameters (their backend, dtype and device are the restored operator's).
+
+        Returns
+        -------
+        EKFACLinearOperator
+            Its ``data`` is None: products, inverses and :meth:`update` work.
+        """
+        return cls._restore(state, model, loss, params)
+
+    def _scaling_sums(self, bases, batches=None):
+        """Second pass (over the data or ``batches``): unnormalized
+        ``sum ((Q_B^T g)(Q_A^T a)^T)^2`` per layer."""
         weight_sums = [None] * len(self.layers)
         bias_sums = [None] * len(self.layers)
-        for index, X, y in self._batches():
+        for index, X, y in self._batches() if batches is None else batches:
             taps = self._matrix_taps(self._taps(index, X, y))
             for i, (layer, tap, basis) in enumerate(zip(self.layers, taps, bases, strict=True)):
                 if basis is None:  # an exact block: nothing to refit
@@ -268,6 +467,13 @@ def _rotated_inputs(a, Q_A, joint, d_in):
     if joint:
         return a @ Q_A[:d_in, :] + Q_A[d_in:, :]
     return a @ Q_A
+
+
+def _averaged(old, batch_sum, decay, scale):
+    """``decay old + (1 - decay) scale batch_sum`` (None where a layer has none)."""
+    if old is None:
+        return None
+    return decay * old + (1.0 - decay) * (scale * batch_sum)
 
 
 def _add(total, value):

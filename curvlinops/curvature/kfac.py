@@ -178,6 +178,135 @@ class KFACLinearOperator(_KroneckerCurvature):
                 blocks.append(KroneckerLinearOperator(B_op, self._one()))
         self._operator = self._make_operator(blocks)
 
+    def update(self, batch, decay=0.95, *, params=None):
+        """Average one batch's factors into the current ones (curvature across steps).
+
+        Each factor (and exact block) becomes ``decay * old + (1 - decay) * new`` with
+        ``new`` the factor of ``batch`` alone, scaled as an estimate of the data set's:
+        ``A`` is the mean over the batch's items, ``B`` uses the loss's normalization
+        of the batch (``"mean"``: ``1 / (N_batch * count)``; ``"sum"``: the batch sum
+        times ``num_data / N_batch``). One forward and one backward pass; no
+        determinism check, no counting pass, the data given at construction are not
+        touched. Monte-Carlo draws (``fisher_type="mc"``) depend on ``seed`` and the
+        update count, so a restored state continues with the same draws. Inverses
+        computed before remain valid for the old factors (they are separate
+        operators); new products, inverses and eigendecompositions use the new ones.
+
+        Parameters
+        ----------
+        batch : tuple (X, y)
+            One batch on the operator's backend.
+        decay : float
+            In ``[0, 1]``: ``0`` replaces the factors by the batch's, ``1`` keeps them.
+        params : list of arrays, optional
+            Take the batch's factors at these parameters (and keep them for later
+            products): an optimizer passes its current parameters.
+
+        Returns
+        -------
+        KFACLinearOperator
+            ``self``, updated in place.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops import MSELoss, nn
+        >>> from curvlinops.curvature.kfac import KFACLinearOperator
+        >>> model = nn.Sequential(nn.Linear(3, 2))
+        >>> params = model.init(0, xp=xp, dtype=xp.float64)
+        >>> rng = np.random.default_rng(0)
+        >>> first, second = [(rng.normal(size=(8, 3)), rng.normal(size=(8, 2))) for _ in "ab"]
+        >>> K = KFACLinearOperator(model, MSELoss(), params, [first], check_deterministic=False)
+        >>> A0 = K.input_factors["0"]
+        >>> A1 = KFACLinearOperator(model, MSELoss(), params, [second]).input_factors["0"]
+        >>> bool(np.allclose(K.update(second, decay=0.9).input_factors["0"], 0.9 * A0 + 0.1 * A1))
+        True
+        """
+        factors, _, _ = self._averaged_factors(batch, decay, params)
+        self._set_factors(factors)
+        return self
+
+    def state_dict(self):
+        """The operator's state as plain NumPy arrays (saved with ``numpy.savez``, no pickle).
+
+        Holds the options, the data count, the update count, the layer layout and
+        the factors (``B:i``, ``A:i``, ``exact:i`` for the layer at position ``i``).
+        Restore with :meth:`load_state_dict` or :meth:`from_state_dict`, on any backend.
+
+        Returns
+        -------
+        dict
+            ``str`` to NumPy arrays (numbers and strings as 0-d arrays); copies.
+
+        Examples
+        --------
+        >>> import io
+        >>> import numpy as np
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops import MSELoss, nn
+        >>> from curvlinops.curvature.kfac import KFACLinearOperator
+        >>> model = nn.Sequential(nn.Linear(3, 2))
+        >>> params = model.init(0, xp=xp, dtype=xp.float64)
+        >>> data = [(np.ones((4, 3)), np.zeros((4, 2)))]
+        >>> K = KFACLinearOperator(model, MSELoss(), params, data)
+        >>> file = io.BytesIO()
+        >>> np.savez(file, **K.state_dict())
+        >>> _ = file.seek(0)
+        >>> state = dict(np.load(file, allow_pickle=False))
+        >>> R = KFACLinearOperator.from_state_dict(state, model, MSELoss(), params)
+        >>> bool(np.array_equal(R.to_dense(), K.to_dense()))
+        True
+        """
+        return {**self._state_header(), **self._factor_state()}
+
+    def load_state_dict(self, state):
+        """Take the factors and counts of a saved state (of an operator of the same layout).
+
+        The arrays are converted to this operator's backend, dtype and device (exact
+        for the same dtype); inverse caches are rebuilt from them.
+
+        Parameters
+        ----------
+        state : dict
+            From :meth:`state_dict` (or ``dict(numpy.load(file))``).
+
+        Returns
+        -------
+        KFACLinearOperator
+            ``self``.
+
+        Raises
+        ------
+        ValueError
+            If the state is of another class or its layers differ from this operator's.
+        """
+        self._load_header(state)
+        self._set_factors(self._loaded_factors(state))
+        return self
+
+    @classmethod
+    def from_state_dict(cls, state, model, loss, params):
+        """An operator restored from a saved state, without data (no pass over data).
+
+        Parameters
+        ----------
+        state : dict
+            From :meth:`state_dict`.
+        model, loss :
+            The model and loss the state was computed with.
+        params : list of arrays
+            The parameters (their backend, dtype and device are the restored
+            operator's; later :meth:`update` calls take their factors there).
+
+        Returns
+        -------
+        KFACLinearOperator
+            Its ``data`` is None: products, inverses and :meth:`update` work, methods
+            that iterate over data (``gradient_and_loss``) do not.
+        """
+        return cls._restore(state, model, loss, params)
+
     def inverse(self, damping=0.0, **deprecated):
         """Exact ``(K + damping I)^{-1}``, blockwise through the factors' eigendecompositions.
 

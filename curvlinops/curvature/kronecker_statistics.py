@@ -52,10 +52,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .._backend import FactorizationError, device as array_device, diag_matrix  # noqa: F401
+from .._backend import (  # noqa: F401 (re-exported)
+    FactorizationError,
+    device as array_device,
+    diag_matrix,
+    from_host,
+    host_int,
+    host_str,
+    host_value,
+)
 from ..linalg import IdentityLinearOperator, KroneckerLinearOperator
-from ..models import Tier
-from ._data import batch_seed, check_batch_values, check_mc_samples
+from ..models import Tier, param_shapes
+from ._data import batch_seed, check_batch, check_batch_values, check_mc_samples
 from ._elementwise import elementwise_gradients
 from ._embedding import as_matrix_tap, counts
 from .base import CurvatureLinearOperator
@@ -179,14 +187,7 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         progressbar=False,
         check_deterministic=True,
     ):
-        check_fisher_type(fisher_type, self.fisher_types)
-        self.fisher_type = fisher_type
-        self.mc_samples = check_mc_samples(mc_samples)
-        self.seed = int(seed)
-        if kfac_approx not in APPROXIMATIONS:
-            raise ValueError(f"kfac_approx must be one of {APPROXIMATIONS}, got {kfac_approx!r}.")
-        self.kfac_approx = kfac_approx
-        self.separate_weight_and_bias = bool(separate_weight_and_bias)
+        self._set_options(fisher_type, mc_samples, kfac_approx, separate_weight_and_bias, seed)
         super().__init__(
             model,
             loss,
@@ -197,10 +198,146 @@ class _KroneckerCurvature(CurvatureLinearOperator):
             check_deterministic=check_deterministic,
         )
         self.layers = None
+        self.num_updates = 0
         self._build()
+
+    def _set_options(self, fisher_type, mc_samples, kfac_approx, separate_weight_and_bias, seed):
+        check_fisher_type(fisher_type, self.fisher_types)
+        self.fisher_type = fisher_type
+        self.mc_samples = check_mc_samples(mc_samples)
+        self.seed = int(seed)
+        if kfac_approx not in APPROXIMATIONS:
+            raise ValueError(f"kfac_approx must be one of {APPROXIMATIONS}, got {kfac_approx!r}.")
+        self.kfac_approx = kfac_approx
+        self.separate_weight_and_bias = bool(separate_weight_and_bias)
 
     def _build(self):
         raise NotImplementedError
+
+    # -- curvature across steps: one-batch updates and saved states -------------------
+
+    def _prepare_update(self, batch, decay, params):
+        """Check an update's arguments, move to ``params``; return ``(index, X, y, scale)``.
+
+        ``index`` numbers the update's Monte-Carlo draws (reproducible from the update
+        count, distinct from the construction's batches); ``scale`` makes the batch's
+        factors an estimate of the data set's: the batch mean for ``"mean"``, the batch
+        sum times ``num_data / N_batch`` for ``"sum"``.
+        """
+        decay = float(decay)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}.")
+        X, y = check_batch(batch, self.xp, f"of update {self.num_updates}")
+        if params is not None:
+            params = list(params)
+            self.model.check_params(params)
+            if param_shapes(params) != self.shapes:
+                raise ValueError(
+                    f"update got parameters of shapes {param_shapes(params)}, the operator "
+                    f"has {self.shapes}."
+                )
+            self.params = params
+            self._cached = {}
+        index = _UPDATE_INDEX + self.num_updates
+        N = int(X.shape[0])
+        scale = self._normalization() * self.num_data / N
+        return decay, index, X, y, scale
+
+    def _current_factors(self):
+        """``(B, A)`` per layer as stored (``(exact block, None)`` for elementwise layers)."""
+        return [
+            (self.exact_blocks[la.name], None)
+            if la.exact
+            else (self.output_factors[la.name], self.input_factors[la.name])
+            for la in self.layers
+        ]
+
+    def _averaged_factors(self, batch, decay, params):
+        """K-FAC's factors averaged with one batch's: ``decay old + (1 - decay) batch``."""
+        decay, index, X, y, scale = self._prepare_update(batch, decay, params)
+        new = self._kfac_factors([(index, X, y)], scale)
+        self.num_updates += 1
+        factors = [
+            (_ema(B0, B1, decay), None if A0 is None else _ema(A0, A1, decay))
+            for (B0, A0), (B1, A1) in zip(self._current_factors(), new, strict=True)
+        ]
+        return factors, decay, ((index, X, y), scale)
+
+    def _state_header(self):
+        """The options, counts and layer layout of a saved state (host arrays)."""
+        layers = self.layers
+        ints = [
+            [la.weight_index, -1 if la.bias_index is None else la.bias_index, la.d_in, la.d_out]
+            for la in layers
+        ]
+        return {
+            "class": host_value(type(self).__name__),
+            "fisher_type": host_value(self.fisher_type),
+            "kfac_approx": host_value(self.kfac_approx),
+            "mc_samples": host_value(self.mc_samples),
+            "seed": host_value(self.seed),
+            "separate_weight_and_bias": host_value(self.separate_weight_and_bias),
+            "num_data": host_value(self.num_data),
+            "num_updates": host_value(self.num_updates),
+            "outputs_shape": host_value(list(self._output_shape())),
+            "layer_names": host_value([la.name for la in layers]),
+            "layer_indices": host_value(ints),
+            "layer_kinds": host_value([la.kind for la in layers]),
+            "layer_transposed": host_value([la.transposed for la in layers]),
+        }
+
+    def _factor_state(self):
+        """K-FAC's factors per layer position: ``B:i``, ``A:i`` or ``exact:i``."""
+        state = {}
+        for i, (B, A) in enumerate(self._current_factors()):
+            if A is None:
+                state[f"exact:{i}"] = host_value(B)
+            else:
+                state[f"B:{i}"], state[f"A:{i}"] = host_value(B), host_value(A)
+        return state
+
+    def _load_header(self, state):
+        """Check a saved state against this operator (class, layout) and take its counts."""
+        found = host_str(state["class"])
+        if found != type(self).__name__:
+            raise ValueError(f"The state is of a {found}, not of a {type(self).__name__}.")
+        layers = _layers_from_state(state)
+        if self.layers is not None and layers != self.layers:
+            raise ValueError(
+                f"The state's layers {[la.name for la in layers]} (with their sizes) differ "
+                f"from this operator's {[la.name for la in self.layers]}."
+            )
+        self.layers = layers
+        self._outputs_shape = tuple(int(n) for n in state["outputs_shape"])
+        self.num_updates = host_int(state["num_updates"])
+
+    def _loaded_factors(self, state):
+        """K-FAC's ``(B, A)`` per layer from a saved state, on this operator's backend."""
+        put = self._from_host
+        return [
+            (put(state[f"exact:{i}"]), None)
+            if la.exact
+            else (put(state[f"B:{i}"]), put(state[f"A:{i}"]))
+            for i, la in enumerate(self.layers)
+        ]
+
+    def _from_host(self, a):
+        return from_host(a, self.xp, self.dtype, self.device)
+
+    @classmethod
+    def _restore(cls, state, model, loss, params):
+        """An operator from a saved state: no data, no pass over data."""
+        self = cls._without_data(model, loss, params, host_int(state["num_data"]))
+        self._set_options(
+            host_str(state["fisher_type"]),
+            host_int(state["mc_samples"]),
+            host_str(state["kfac_approx"]),
+            bool(state["separate_weight_and_bias"]),
+            host_int(state["seed"]),
+        )
+        self.layers = None
+        self.load_state_dict(state)
+        return self
 
     # -- layout --------------------------------------------------------------------------
 
@@ -347,11 +484,12 @@ class _KroneckerCurvature(CurvatureLinearOperator):
             for tap, layer in zip(taps, self.layers, strict=True)
         ]
 
-    def _accumulate(self):
-        """One pass over the data: input statistics and ``sum G^T G`` per layer."""
+    def _accumulate(self, batches=None):
+        """One pass over the data (or over ``batches``, ``(index, X, y)`` triples): input
+        statistics and ``sum G^T G`` per layer."""
         xp = self.xp
         inputs, grads = None, None
-        for index, X, y in self._batches():
+        for index, X, y in self._batches() if batches is None else batches:
             taps = self._taps(index, X, y)
             if inputs is None:
                 inputs = [_InputStatistics() for _ in taps]
@@ -374,11 +512,12 @@ class _KroneckerCurvature(CurvatureLinearOperator):
             raise ValueError("The data contain no batches; K-FAC needs at least one.")
         return inputs, grads
 
-    def _kfac_factors(self):
-        """K-FAC's ``(B, A)`` per layer (``A`` joint where weight and bias are joint)."""
+    def _kfac_factors(self, batches=None, scale=None):
+        """K-FAC's ``(B, A)`` per layer (``A`` joint where weight and bias are joint),
+        over the data or over ``batches`` with the normalization ``scale``."""
         xp = self.xp
-        inputs, grads = self._accumulate()
-        c = self._normalization()
+        inputs, grads = self._accumulate(batches)
+        c = self._normalization() if scale is None else scale
         factors = []
         for layer, stats, gg in zip(self.layers, inputs, grads, strict=True):
             if layer.exact:
@@ -475,6 +614,33 @@ class _KroneckerCurvature(CurvatureLinearOperator):
             return self._operator.inverse(damping)
         except FactorizationError as err:  # name the operator before the block and factor
             raise err.with_context(type(self).__name__) from err
+
+
+#: the Monte-Carlo index of update ``k`` is ``_UPDATE_INDEX + k`` (apart from data batches)
+_UPDATE_INDEX = 1 << 24
+
+
+def _ema(old, new, decay):
+    """The exponential moving average ``decay old + (1 - decay) new``."""
+    return decay * old + (1.0 - decay) * new
+
+
+def _layers_from_state(state):
+    """The :class:`LayerInfo` list of a saved state."""
+    names, kinds = state["layer_names"], state["layer_kinds"]
+    ints, transposed = state["layer_indices"], state["layer_transposed"]
+    return [
+        LayerInfo(
+            str(names[i]),
+            int(ints[i][0]),
+            None if int(ints[i][1]) < 0 else int(ints[i][1]),
+            int(ints[i][2]),
+            int(ints[i][3]),
+            str(kinds[i]),
+            bool(transposed[i]),
+        )
+        for i in range(len(names))
+    ]
 
 
 def check_damping(damping, what="damping", *, negative=False, negative_reason=None) -> float:
