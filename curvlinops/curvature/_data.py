@@ -27,6 +27,7 @@ __all__ = [
     "NonDeterministicDataError",
     "batch_seed",
     "check_batch_metadata",
+    "check_batch_outputs",
     "check_batch_values",
     "check_data_iterable",
     "check_mc_samples",
@@ -231,6 +232,26 @@ labels in [0, 7].
             "targets are finite: the loss overflowed (outputs too large for the dtype). "
             "Use float64, or rescale the model's outputs."
         )
+
+
+def check_batch_outputs(loss, outputs, index) -> None:
+    """``loss.check_outputs`` of one batch (finite outputs), its errors naming the batch.
+
+    For the products that use no targets (Monte-Carlo Fisher, forward-only K-FAC).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlinops import CrossEntropyLoss
+    >>> check_batch_outputs(CrossEntropyLoss(), np.array([[np.inf, 0.0]]), 3)
+    Traceback (most recent call last):
+    ...
+    ValueError: Batch 3: CrossEntropyLoss received outputs with Inf entries ...
+    """
+    try:
+        loss.check_outputs(outputs)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"Batch {index}: {error}") from None
 
 
 def batch_seed(seed: int, index: int) -> int:

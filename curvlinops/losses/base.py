@@ -150,6 +150,31 @@ in [0, 3].
         """
         self._validated(outputs, targets, values=True)
 
+    def check_outputs(self, outputs) -> None:
+        """Validate a batch of outputs alone: dtype, shape, finite values.
+
+        What :meth:`check` does without targets, for what uses only the outputs (the
+        Monte-Carlo Fisher samples its targets from them).
+
+        Raises
+        ------
+        TypeError
+            Non-floating outputs.
+        ValueError
+            Outputs of the wrong shape, or not finite (the message says which entries).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from curvlinops import CrossEntropyLoss
+        >>> CrossEntropyLoss().check_outputs(np.array([[0.0, 1.0], [np.nan, 0.0]]))
+        Traceback (most recent call last):
+        ...
+        ValueError: CrossEntropyLoss received outputs with NaN entries (1 of 4; data points \
+[1] of the batch); ...
+        """
+        self._check_finite_outputs(self._validated_outputs(outputs), outputs)
+
     def normalization(self, num_data: int, outputs_shape) -> float:
         """Factor turning sums over data into the reduction over ``num_data`` data points.
 
@@ -396,14 +421,17 @@ in [0, 3].
             )
         targets = self._prepare_targets(xp, outputs, targets)
         if values:
-            if not all_finite(outputs, xp):
-                raise ValueError(
-                    f"{self.name} received outputs with {_non_finite(xp, outputs)}; the "
-                    "model diverged (parameters not finite, or too large for the dtype) or "
-                    "its inputs are not finite."
-                )
+            self._check_finite_outputs(xp, outputs)
             self._check_target_values(xp, outputs, targets)
         return xp, targets
+
+    def _check_finite_outputs(self, xp, outputs) -> None:
+        if not all_finite(outputs, xp):
+            raise ValueError(
+                f"{self.name} received outputs with {_non_finite(xp, outputs)}; the "
+                "model diverged (parameters not finite, or too large for the dtype) or "
+                "its inputs are not finite."
+            )
 
     def _check_vectors(self, outputs, V) -> None:
         expected = tuple(outputs.shape)

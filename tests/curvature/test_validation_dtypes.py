@@ -182,6 +182,36 @@ def test_non_finite_outputs_name_the_batch_and_the_data_points(operator):
         op @ np.ones(op.shape[1])
 
 
+@pytest.mark.parametrize(
+    "operator, fisher_type",
+    [
+        (cl.KFACLinearOperator, "mc"),
+        (cl.KFACLinearOperator, "forward-only"),
+        (cl.EKFACLinearOperator, "mc"),
+        (cl.FisherLinearOperator, None),
+    ],
+)
+def test_products_without_targets_still_name_non_finite_outputs(operator, fisher_type):
+    # Monte-Carlo and forward-only statistics use no targets, yet NaN outputs would
+    # make NaN factors
+    model, params = callable_linear(np.float64)
+    X = np.random.default_rng(0).normal(size=(8, 3))
+    X[1, 0] = np.inf
+    kw = {"mc_samples": 2} if fisher_type is None else {"fisher_type": fisher_type}
+    match = r"Batch 0: CrossEntropyLoss received outputs with (NaN and )?Inf entries"
+    with pytest.raises(ValueError, match=match), np.errstate(invalid="ignore"):
+        op = operator(
+            model,
+            cl.CrossEntropyLoss(),
+            params,
+            batches(X, labels()),
+            num_data=8,
+            check_deterministic=False,
+            **kw,
+        )
+        op @ np.ones(op.shape[1])
+
+
 def test_non_finite_targets_name_what_and_where():
     model, params = native(np.float64)
     X = np.random.default_rng(0).normal(size=(8, 3))
