@@ -13,6 +13,7 @@ the build stops here with the list of what is missing.
 """
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -67,7 +68,7 @@ extensions = [
 ]
 
 templates_path = ["_templates"]
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "_generated"]
 root_doc = "index"
 
 # -- API reference -------------------------------------------------------------------
@@ -109,7 +110,9 @@ sphinx_gallery_conf = {
     "expected_failing_examples": [],
     "image_scrapers": ("matplotlib",),
     "matplotlib_animations": False,
-    "plot_gallery": "True",
+    # CURVLINOPS_DOCS_NO_GALLERY=1 builds the gallery pages without running the
+    # examples (a quick check of the other pages; the examples show no output then)
+    "plot_gallery": "False" if os.environ.get("CURVLINOPS_DOCS_NO_GALLERY") else "True",
     "min_reported_time": 0,
     "show_memory": False,
     "write_computation_times": True,
@@ -166,8 +169,22 @@ def _data_doc_comment(app, what, name, obj, options, lines):
             return
 
 
+def _measure_reliability(app, config):
+    """Run docs/scripts/reliability.py: the float32 accuracy table of reliability.rst.
+
+    Measured at every build (a few seconds), so the page never shows typed numbers.
+    """
+    spec = importlib.util.spec_from_file_location(
+        "reliability", DOCS / "scripts" / "reliability.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([])
+
+
 def setup(app):
     app.connect("config-inited", _remove_stale_gallery_pages, priority=100)
+    app.connect("config-inited", _measure_reliability, priority=200)
     # before numpydoc (priority 500), which would fill in the type's docstring
     app.connect("autodoc-process-docstring", _data_doc_comment, priority=100)
 

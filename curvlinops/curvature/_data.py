@@ -9,6 +9,7 @@ May import: ``curvlinops._backend``, ``curvlinops.models``, ``curvlinops.losses`
 
 from __future__ import annotations
 
+import math
 import numbers
 
 from .._backend import (
@@ -16,6 +17,7 @@ from .._backend import (
     assert_same_namespace,
     device as array_device,
     dtype_name,
+    namespace_name,
     to_numpy,
 )
 from ..losses import as_loss
@@ -24,6 +26,8 @@ from ..models import as_model
 __all__ = [
     "NonDeterministicDataError",
     "batch_seed",
+    "check_batch_metadata",
+    "check_batch_outputs",
     "check_batch_values",
     "check_data_iterable",
     "check_mc_samples",
@@ -80,8 +84,82 @@ def check_batch(batch, xp, what_index):
     return X, y
 
 
-def iterate_batches(data, xp, *, progressbar=False, desc="batches"):
-    """Yield ``(index, X, y)`` over the data, optionally with a tqdm progress bar."""
+def check_batch_metadata(X, y, params, model_name, index) -> None:
+    """Dtypes and devices of one batch against the parameters' (metadata only, no sync).
+
+    Floating inputs and targets must have the parameters' dtype: every frontend would
+    otherwise differ (PyTorch refuses, JAX and NumPy promote an operator of one dtype
+    to products of another, or round the data). Integer inputs (ids) and targets
+    (labels, counts) pass; the model and the loss judge them. Complex data are refused.
+    Arrays must sit on the parameters' device.
+
+    Raises
+    ------
+    TypeError
+        A floating array of another dtype than the parameters, or a complex one.
+    ValueError
+        An array on another device than the parameters.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = [np.zeros((2, 3), dtype=np.float32)]
+    >>> check_batch_metadata(np.zeros((4, 3)), np.zeros(4, dtype=int), p, "Sequential", 2)
+    Traceback (most recent call last):
+    ...
+    TypeError: Batch 2: the inputs X are float64 but the parameters of Sequential are \
+float32. ...
+    """
+    xp = array_namespace(params[0])
+    dtype, dev = params[0].dtype, array_device(params[0])
+    for what, a in (("inputs X", X), ("targets y", y)):
+        if xp.isdtype(a.dtype, "complex floating"):
+            raise TypeError(
+                f"Batch {index}: the {what} are complex ({dtype_name(a.dtype)}); curvature "
+                "operators take real data. Split real and imaginary parts into features."
+            )
+        if xp.isdtype(a.dtype, "real floating") and a.dtype != dtype:
+            raise TypeError(
+                f"Batch {index}: the {what} are {dtype_name(a.dtype)} but the parameters of "
+                f"{model_name} are {dtype_name(dtype)}. The operator computes in the "
+                f"parameters' dtype; cast the data, {_cast_hint(xp, what[-1], dtype)}, or "
+                "the parameters to the data's dtype."
+            )
+        found = _device_or_none(a)
+        if found is not None and dev is not None and found != dev:
+            raise ValueError(
+                f"Batch {index}: the {what} are on device {found} but the parameters of "
+                f"{model_name} are on device {dev}. Move the data to the parameters' device "
+                "(or the model to the data's) before building the operator; curvlinops "
+                "never copies between devices."
+            )
+
+
+def _cast_hint(xp, name, dtype) -> str:
+    """How to cast array ``name`` to ``dtype`` in the library of ``xp``."""
+    library, dtype = namespace_name(xp), dtype_name(dtype)
+    if library == "torch":
+        return f"{name}.to(torch.{dtype})"
+    prefix = {"numpy": "np", "jax": "jnp", "cupy": "cp"}.get(library, "xp")
+    return f"{name}.astype({prefix}.{dtype})"
+
+
+def _device_or_none(a):
+    """The array's device, None where it has no single one (a sharded JAX array)."""
+    try:
+        return array_device(a)
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def iterate_batches(
+    data, xp, *, params=None, model_name="the model", progressbar=False, desc="batches"
+):
+    """Yield ``(index, X, y)`` over the data, optionally with a tqdm progress bar.
+
+    With ``params`` given, each batch's dtypes and devices are checked against them
+    (:func:`check_batch_metadata`).
+    """
     iterable = data
     if progressbar:
         try:
@@ -93,12 +171,15 @@ def iterate_batches(data, xp, *, progressbar=False, desc="batches"):
         iterable = tqdm(data, desc=desc, leave=False)
     for index, batch in enumerate(iterable):
         X, y = check_batch(batch, xp, index)
+        if params is not None:
+            check_batch_metadata(X, y, params, model_name, index)
         yield index, X, y
 
 
-def count_data(data, xp):
+def count_data(data, xp, params=None, model_name="the model"):
     """Number of data points in the data set (one pass over it)."""
-    return sum(int(X.shape[0]) for _, X, _ in iterate_batches(data, xp))
+    batches = iterate_batches(data, xp, params=params, model_name=model_name)
+    return sum(int(X.shape[0]) for _, X, _ in batches)
 
 
 def arrays_equal(a, b) -> bool:
@@ -125,8 +206,10 @@ def check_mc_samples(mc_samples, *, allow_none=False):
 def check_batch_values(loss, outputs, targets, index) -> None:
     """``loss.check`` of one batch, its errors naming the batch.
 
-    Labels and targets (dtype, range, support), shapes and finite outputs; raises the
-    loss's TypeError or ValueError with ``"batch <index>: "`` in front.
+    Labels and targets (dtype, range, support), shapes, finite outputs and a finite
+    batch loss (finite outputs can still overflow it, e.g. a Poisson log-rate of 100
+    in float32); raises the loss's TypeError or ValueError with ``"Batch <index>: "``
+    in front. Runs on the outputs the product computes anyway: no extra model pass.
 
     Examples
     --------
@@ -140,6 +223,33 @@ labels in [0, 7].
     """
     try:
         loss.check(outputs, targets)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"Batch {index}: {error}") from None
+    value = float(loss.sum_value(outputs, targets))
+    if not math.isfinite(value):
+        raise ValueError(
+            f"Batch {index}: the {loss.name} of the batch is {value} although outputs and "
+            "targets are finite: the loss overflowed (outputs too large for the dtype). "
+            "Use float64, or rescale the model's outputs."
+        )
+
+
+def check_batch_outputs(loss, outputs, index) -> None:
+    """``loss.check_outputs`` of one batch (finite outputs), its errors naming the batch.
+
+    For the products that use no targets (Monte-Carlo Fisher, forward-only K-FAC).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlinops import CrossEntropyLoss
+    >>> check_batch_outputs(CrossEntropyLoss(), np.array([[np.inf, 0.0]]), 3)
+    Traceback (most recent call last):
+    ...
+    ValueError: Batch 3: CrossEntropyLoss received outputs with Inf entries ...
+    """
+    try:
+        loss.check_outputs(outputs)
     except (TypeError, ValueError) as error:
         raise type(error)(f"Batch {index}: {error}") from None
 
@@ -174,7 +284,7 @@ def _data_fingerprint(model, loss, params, data, xp):
     from ..models import flatten_params
 
     prints = []
-    for index, X, y in iterate_batches(data, xp):
+    for index, X, y in iterate_batches(data, xp, params=params, model_name=model.name):
         lin = model.linearize(params, X)
         check_batch_values(loss, lin.outputs, y, index)
         value = loss.sum_value(lin.outputs, y)
@@ -229,10 +339,11 @@ def prepare_inputs(model, loss, params, data, *, tier, who, num_data, check_dete
     model.require(tier, who)
     check_data_iterable(data)
     if num_data is None:
-        num_data = count_data(data, xp)
+        num_data = count_data(data, xp, params, model.name)
     else:
         num_data = _checked_num_data(num_data)
-        if next(iter(data), None) is None:  # one batch looked at, not a pass
+        # one batch looked at, not a pass: its metadata fail early, at construction
+        if next(iterate_batches(data, xp, params=params, model_name=model.name), None) is None:
             raise ValueError(
                 f"{who} got data without batches (num_data={num_data}); pass an iterable "
                 "of (X, y) batches with at least one batch."

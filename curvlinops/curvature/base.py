@@ -165,7 +165,12 @@ class CurvatureLinearOperator(LinearOperator):
 
     def _batches(self):
         return iterate_batches(
-            self.data, self.xp, progressbar=self.progressbar, desc=type(self).__name__
+            self.data,
+            self.xp,
+            params=self.params,
+            model_name=self.model.name,
+            progressbar=self.progressbar,
+            desc=type(self).__name__,
         )
 
     def _linearization(self, index, X):

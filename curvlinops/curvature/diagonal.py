@@ -91,7 +91,14 @@ class _DataDiagonalLinearOperator(DiagonalLinearOperator):
         shapes = param_shapes(params)
         sums = [None] * len(params)
         outputs_shape = None
-        batches = iterate_batches(data, xp, progressbar=progressbar, desc=type(self).__name__)
+        batches = iterate_batches(
+            data,
+            xp,
+            params=params,
+            model_name=model.name,
+            progressbar=progressbar,
+            desc=type(self).__name__,
+        )
         for index, X, y in batches:
             lin = model.linearize(params, X)
             check_batch_values(loss, lin.outputs, y, index)

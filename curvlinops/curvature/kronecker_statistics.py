@@ -63,7 +63,13 @@ from .._backend import (  # noqa: F401 (re-exported)
 )
 from ..linalg import IdentityLinearOperator, KroneckerLinearOperator
 from ..models import Tier, param_shapes
-from ._data import batch_seed, check_batch, check_batch_values, check_mc_samples
+from ._data import (
+    batch_seed,
+    check_batch,
+    check_batch_outputs,
+    check_batch_values,
+    check_mc_samples,
+)
 from ._elementwise import elementwise_gradients
 from ._embedding import as_matrix_tap, counts
 from .base import CurvatureLinearOperator
@@ -458,12 +464,14 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         if kind == "type-2":
             check_batch_values(self.loss, outputs, y, index)
             return self.loss.hessian_sqrt(outputs, y)
-        if kind == "mc":
-            seed = batch_seed(self.seed, index)
-            return self.loss.sampled_gradients(outputs, self.mc_samples, seed=seed)
         if kind == "empirical":
             check_batch_values(self.loss, outputs, y, index)
             return self.loss.gradient(outputs, y)[..., None]
+        # MC and forward-only use no targets, but non-finite outputs would make NaN factors
+        check_batch_outputs(self.loss, outputs, index)
+        if kind == "mc":
+            seed = batch_seed(self.seed, index)
+            return self.loss.sampled_gradients(outputs, self.mc_samples, seed=seed)
         return None  # forward-only
 
     def _taps(self, index, X, y):

@@ -431,6 +431,22 @@ class JaxModel(Model):
                 f"{self.name} expects JAX arrays for the parameters and the data, found "
                 f"{found}. Convert them with jax.numpy.asarray."
             )
+        if not params:
+            return
+        dtype = params[0].dtype
+        if jnp.issubdtype(x.dtype, jnp.complexfloating):
+            raise TypeError(
+                f"{self.name}: the inputs X are complex ({x.dtype}); curvature operators "
+                "take real data."
+            )
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+            # JAX would promote silently: products of another dtype than the operator's
+            raise TypeError(
+                f"{self.name}: the inputs X are {x.dtype} but the parameters are {dtype}; "
+                f"JAX would promote the products to another dtype than the operator's. Cast "
+                f"the inputs with x.astype(jnp.{dtype}) (or the parameters to {x.dtype})."
+            )
+        _check_committed_devices(self.name, params, x)
 
     def _discover(self, params, x):
         """The marked layers (specs) and their output shapes, from one abstract trace."""
@@ -467,6 +483,24 @@ class JaxModel(Model):
 
 #: (apply, parameter shapes, input shape) -> (layer specs, probe shapes)
 _DISCOVERED: dict = {}
+
+
+def _check_committed_devices(name, params, x):
+    """Refuse inputs committed to another device than committed parameters.
+
+    JAX moves uncommitted arrays freely and raises its own error for committed ones on
+    different devices; this names the model, the array and both devices instead.
+    """
+    committed = [p for p in params if getattr(p, "committed", False)]
+    if not committed or not getattr(x, "committed", False):
+        return
+    expected, found = committed[0].devices(), x.devices()
+    if expected != found:
+        raise ValueError(
+            f"{name}: the inputs X are committed to device(s) {sorted(map(str, found))} but "
+            f"the parameters to {sorted(map(str, expected))}. Move the data with "
+            "jax.device_put(x, device) to the parameters' device."
+        )
 
 
 class _JaxLinearization(Linearization):

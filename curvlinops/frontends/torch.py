@@ -303,10 +303,22 @@ class TorchModel(Model):
     # -- internals --------------------------------------------------------------------
 
     def _forward(self, params, x):
-        with _differentiable_attention(), _AffineBatchNorm():
-            return functional_call(
-                self.module, dict(zip(self.param_names, params, strict=True)), (x,)
-            )
+        try:
+            with _differentiable_attention(), _AffineBatchNorm():
+                return functional_call(
+                    self.module, dict(zip(self.param_names, params, strict=True)), (x,)
+                )
+        except RuntimeError as error:
+            # integer inputs where a layer needs floats: torch's own message names
+            # neither the model nor the array (``mat1 and mat2 must have the same dtype``)
+            if params and x.dtype != params[0].dtype and "dtype" in str(error).lower():
+                raise TypeError(
+                    f"{self.name}: the module could not take the inputs X of dtype "
+                    f"{_dtype_name(x.dtype)} with its {_dtype_name(params[0].dtype)} parameters "
+                    f"(PyTorch: {error}). Cast the inputs, x.to({params[0].dtype}), unless the "
+                    "first layer takes integer ids (nn.Embedding)."
+                ) from error
+            raise
 
     def _vmap(self, fn):
         """``fn`` mapped over the trailing axis of its inputs and outputs."""
@@ -345,6 +357,18 @@ class TorchModel(Model):
                 f"{self.name} expects its parameters as torch tensors, got "
                 f"{sorted({type(p).__name__ for p in params})}."
             )
+        if params and x.is_floating_point() and x.dtype != params[0].dtype:
+            raise TypeError(
+                f"{self.name}: the inputs X are {_dtype_name(x.dtype)} but the parameters are "
+                f"{_dtype_name(params[0].dtype)}; PyTorch layers take one dtype. Cast the "
+                f"inputs with x.to({params[0].dtype}) (or the module with "
+                f"module.to({x.dtype}) and pass its parameters again)."
+            )
+        if x.is_complex():
+            raise TypeError(
+                f"{self.name}: the inputs X are complex ({_dtype_name(x.dtype)}); curvature "
+                "operators take real data."
+            )
         if params and params[0].device != x.device:
             raise ValueError(
                 f"The data X is on device {x.device} but the parameters are on device "
@@ -357,6 +381,11 @@ class TorchModel(Model):
                 f"(a buffer or frozen parameter) is on device {fixed[1].device}. Move the "
                 "module with module.to(device)."
             )
+
+
+def _dtype_name(dtype) -> str:
+    """``float32`` for ``torch.float32``."""
+    return str(dtype).removeprefix("torch.")
 
 
 class _TorchLinearization(Linearization):

@@ -90,10 +90,17 @@ def test_the_first_product_names_the_bad_batch(operator, case):
         op.gradient_and_loss()
 
 
-@pytest.mark.parametrize("case", ["label out of range", "nan target"])
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize(
     "operator",
-    [cl.GGNDiagonalLinearOperator, cl.EFDiagonalLinearOperator, cl.KFACLinearOperator],
+    [
+        cl.GGNDiagonalLinearOperator,
+        cl.EFDiagonalLinearOperator,
+        cl.HessianDiagonalLinearOperator,
+        cl.KFACLinearOperator,
+        cl.EKFACLinearOperator,
+        cl.KFACHessianLinearOperator,
+    ],
     ids=lambda c: c.__name__,
 )
 def test_approximations_name_the_bad_batch_at_construction(operator, case):

@@ -625,7 +625,7 @@ def test_a_flax_layer_called_twice_is_refused():
     variables = Shared().init(jax.random.key(0), jnp.ones((1, 4)))
     model = JaxModel.from_flax(Shared(), variables)
     with pytest.raises(ValueError, match="used by the marked layers 'Dense_0' and 'Dense_0'"):
-        model.linearize(model.params, jnp.ones((2, 4))).layer_taps(None)
+        model.linearize(model.params, jnp.ones((2, 4), jnp.float32)).layer_taps(None)
 
 
 def test_taps_without_marked_layers():
@@ -655,7 +655,8 @@ def test_unsupported_convolutions_are_refused_with_the_reason():
     variables = grouped.init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))
     model = JaxModel.from_flax(grouped, variables)
     with pytest.raises(ValueError, match="feature_group_count=2"):
-        model.linearize(model.params, jnp.ones((2, 5, 5, 2))).layer_taps(None)
+        # Flax's parameters are float32 (its default) whatever x64 says: inputs too
+        model.linearize(model.params, jnp.ones((2, 5, 5, 2), jnp.float32)).layer_taps(None)
 
 
 # -- layer normalization: an elementwise tap ----------------------------------------------
