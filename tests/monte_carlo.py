@@ -39,6 +39,12 @@ def _mean_and_error(values):
     return values.mean(axis=0), values.std(axis=0, ddof=1) / np.sqrt(values.shape[0])
 
 
+def _scale_statistic(draws, exact):
+    """``<draw, exact> / <exact, exact>`` per draw: 1 in expectation when unbiased."""
+    flat, norm2 = draws.reshape(draws.shape[0], -1), np.sum(exact**2)
+    return flat @ exact.ravel() / norm2 if norm2 > 0 else np.zeros(draws.shape[0])
+
+
 def unbiased(draws, exact, *, std=None, alpha: float = ALPHA, slack: float = 1e-10):
     """Whether the draws are consistent with an unbiased estimator of ``exact``.
 
@@ -72,9 +78,8 @@ def unbiased(draws, exact, *, std=None, alpha: float = ALPHA, slack: float = 1e-
     if std is not None:
         se = np.broadcast_to(np.asarray(std, dtype=np.float64), exact.shape) / np.sqrt(len(draws))
     excess = np.abs(mean - exact) - k * se - atol
-    flat = draws.reshape(draws.shape[0], -1)
-    t_mean, t_se = _mean_and_error(flat @ exact.ravel() / np.sum(exact**2))
-    t_ok = abs(t_mean - 1) <= k * t_se + slack
+    t_mean, t_se = _mean_and_error(_scale_statistic(draws, exact))
+    t_ok = abs(t_mean - 1) <= k * t_se + slack or not np.any(exact)  # zero has no scale
     worst = np.unravel_index(np.argmax(excess), exact.shape)
     report = (
         f"k={k:.2f}; worst entry {worst}: mean {mean[worst]:.6g}, exact {exact[worst]:.6g}, "
@@ -105,8 +110,8 @@ def assert_unbiased(draws, exact, *, std=None, power_scales=POWER_SCALES, alpha=
     accepted, report = unbiased(draws, exact, std=std, alpha=alpha, slack=slack)
     assert accepted, "the estimator looks biased: " + report
     k = critical_value(draws.shape[0], exact.size + 1, alpha)
-    flat = draws.reshape(draws.shape[0], -1)
-    _, t_se = _mean_and_error(flat @ exact.ravel() / np.sum(exact**2))
+    assert np.any(exact) or not power_scales, "a zero exact value has no scale to err in"
+    _, t_se = _mean_and_error(_scale_statistic(draws, exact))
     for scale in power_scales:
         scaled_std = None if std is None else scale * np.asarray(std, dtype=np.float64)
         rejected = not unbiased(scale * draws, exact, std=scaled_std, alpha=alpha, slack=slack)[0]
