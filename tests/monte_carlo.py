@@ -26,7 +26,7 @@ import numpy as np
 from scipy import stats
 
 ALPHA = 1e-5  # false-alarm probability of one check (normal approximation)
-POWER_Z = 2.0  # a 10 % scale error is rejected unless the mean is off by this many SEs
+POWER_Z = 4.0  # a 10 % scale error is rejected unless the mean is off by this many SEs
 POWER_SCALES = (0.9, 1.1)
 
 

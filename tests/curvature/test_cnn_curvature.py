@@ -153,7 +153,7 @@ def test_mc_kfac_of_a_cnn_is_unbiased_with_power_to_see_ten_percent():
             params,
             data,
             fisher_type="mc",
-            mc_samples=8,
+            mc_samples=32,
             seed=seed,
             check_deterministic=False,
         )
@@ -170,7 +170,7 @@ def test_mc_ggn_diagonal_of_a_cnn_is_unbiased_with_power_to_see_ten_percent():
     exact = np.diag(cl.GGNLinearOperator(model, loss, params, data).to_dense())
     draws = [
         cl.GGNDiagonalLinearOperator(
-            model, loss, params, data, mc_samples=8, seed=seed, check_deterministic=False
+            model, loss, params, data, mc_samples=32, seed=seed, check_deterministic=False
         ).diagonal()
         for seed in range(200)
     ]

@@ -196,13 +196,13 @@ def test_two_layer_scalar_linear_network_residual_closed_form():
 
 
 def test_mc_fisher_converges_to_fisher_in_expectation():
-    """200 independent MC Fishers (8 samples each) average to the exact Fisher; the
+    """200 independent MC Fishers (64 samples each) average to the exact Fisher; the
     check rejects them scaled by 0.9 or 1.1 (tests/monte_carlo.py)."""
     model, spec, params, data, X, y, theta, loss = problem("ce", widths=(3, 3), N=5, seed=7)
     F = cl.FisherLinearOperator(model, loss, params, data).to_dense()
     draws = [
         cl.FisherLinearOperator(
-            model, loss, params, data, mc_samples=8, seed=s, check_deterministic=False
+            model, loss, params, data, mc_samples=64, seed=s, check_deterministic=False
         ).to_dense()
         for s in range(200)
     ]

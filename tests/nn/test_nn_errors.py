@@ -130,8 +130,8 @@ def test_init_shapes_dtype_and_reproducibility(backend):
 
 def test_init_follows_pytorch_default_distribution():
     """U(-1/sqrt(in), 1/sqrt(in)): bounds, and mean and second moment in expectation
-    (tests/monte_carlo.py; 6000 biases, so that a 10 % error in the scale shows)."""
-    fan_in, fan_out = 400, 6000
+    (tests/monte_carlo.py; 12000 biases, so that a 10 % error in the scale shows)."""
+    fan_in, fan_out = 100, 12_000
     w, b = nn.Linear(fan_in, fan_out).init(0, xp=npx, dtype=npx.float64)
     bound = 1.0 / np.sqrt(fan_in)
     for values in (w.ravel(), b):

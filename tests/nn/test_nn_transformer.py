@@ -723,7 +723,7 @@ def test_integer_inputs_are_checked_and_not_cast():
 
 
 def test_embedding_init_and_errors():
-    (table,) = nn.Embedding(400, 50).init(0, xp=npx, dtype=npx.float64)
+    (table,) = nn.Embedding(400, 100).init(0, xp=npx, dtype=npx.float64)
     # N(0, 1) entries (PyTorch's default): mean and second moment in expectation
     assert_unbiased(table.ravel(), 0.0, std=1.0, power_scales=())
     assert_unbiased(table.ravel() ** 2, 1.0, std=np.sqrt(2.0))
