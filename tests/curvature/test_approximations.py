@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from monte_carlo import assert_unbiased
 from reference import build_mlp
 from test_exact import problem
 
@@ -47,17 +48,13 @@ def test_ggn_diagonal_with_shared_axes():
 def test_mc_ggn_diagonal_converges_in_expectation():
     model, spec, params, data, X, y, theta, loss = problem("ce", widths=(3, 4), N=6, seed=22)
     exact = cl.GGNDiagonalLinearOperator(model, loss, params, data).diagonal()
-    draws = np.stack(
-        [
-            cl.GGNDiagonalLinearOperator(
-                model, loss, params, data, mc_samples=1, seed=s, check_deterministic=False
-            ).diagonal()
-            for s in range(400)
-        ]
-    )
-    mean, se = draws.mean(0), draws.std(0, ddof=1) / np.sqrt(len(draws))
-    assert np.all(np.abs(mean - exact) <= 5 * se + 1e-14)
-    assert np.abs(mean - exact).max() < 0.15 * exact.max()
+    draws = [
+        cl.GGNDiagonalLinearOperator(
+            model, loss, params, data, mc_samples=64, seed=s, check_deterministic=False
+        ).diagonal()
+        for s in range(200)
+    ]
+    assert_unbiased(draws, exact)  # with the power to see a 0.9 or 1.1 scale error
 
 
 def test_diagonal_errors():

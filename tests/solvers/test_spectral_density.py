@@ -2,13 +2,16 @@
 
 The reference is the histogram of the eigenvalues from numpy.linalg.eigvalsh: the
 density's mass per bin must match the fraction of eigenvalues per bin (total
-variation distance), and the density must integrate to one over its grid.
+variation distance), and the density must integrate to one over its grid. In
+expectation over the probes (tests/monte_carlo.py), the mass per cluster is the fraction
+of eigenvalues in it, with the power to reject masses scaled by 0.9 or 1.1.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from monte_carlo import assert_unbiased
 
 from curvlinops import (
     CallableLinearOperator,
@@ -63,6 +66,21 @@ def test_spectral_density_matches_eigenvalue_histogram(backend):
     exact = np.histogram(spectrum, bins=edges)[0] / len(spectrum)
     # per-probe cluster-mass std <= sqrt(2 * 30) / 60 ~ 0.13, so ~0.03 for 20 probes
     assert _total_variation(slq, exact) <= 0.1
+
+
+def test_cluster_masses_are_unbiased_over_probes(numpy_backend):
+    """A unit probe's quadrature puts mass ``v^T P v`` on a cluster with spectral
+    projector ``P``; its expectation is ``tr(P) / n``. Clusters far apart (25 Lanczos
+    steps resolve them) and the default margin keep the bumps' mass in their bins."""
+    counts = [30, 18, 12]
+    spectrum = _clustered_spectrum([-2.0, 3.0, 10.0], counts, spread=0.1)
+    op = aslinearoperator(_symmetric(spectrum, seed=2), symmetric=True)
+    edges = [-np.inf, 0.5, 6.5, np.inf]
+    draws = [  # 50 independent estimates of 20 probes each
+        _binned_mass(*spectral_density(op, num_probes=20, lanczos_steps=25, seed=s), edges)
+        for s in range(50)
+    ]
+    assert_unbiased(draws, np.asarray(counts) / len(spectrum))
 
 
 def test_estimated_boundaries_contain_spectrum_without_margin(backend):
