@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 #: The predicted relative error ``sqrt(n) eps cond`` an inverse may have by default.
-DEFAULT_TOLERANCE = 0.1
+DEFAULT_TOLERANCE = 0.01
 
 _POLICY = contextvars.ContextVar("curvlinops_conditioning", default=("raise", DEFAULT_TOLERANCE))
 
@@ -190,11 +190,11 @@ class conditioning(contextlib.ContextDecorator):  # noqa: N801 (used like a func
     about ``sqrt(n) eps cond`` with ``cond = max|v| / min|v|`` and ``eps`` the machine
     epsilon of the dtype (measured: 0.3 to 4 times that for ``n`` from 4 to 1024, in
     float32). The matrix is beyond what the dtype resolves when that predicted error
-    exceeds ``tolerance`` (10 % by default), i.e. when
+    exceeds ``tolerance`` (1 % by default), i.e. when
 
     ``cond > tolerance / (sqrt(n) eps)``
 
-    (float32, ``n = 100``: ``8.4e4``; float64: ``4.5e13``). Then the inverse (or
+    (float32, ``n = 100``: ``8.4e3``; float64: ``4.5e12``). Then the inverse (or
     log-determinant) raises :class:`IllConditionedError`, naming the matrix (operator,
     layer and factor where there are any), ``cond``, the limit, and the smallest total
     damping that brings ``cond`` within it. A zero eigenvalue (``cond = inf``) or NaN
@@ -218,7 +218,7 @@ class conditioning(contextlib.ContextDecorator):  # noqa: N801 (used like a func
         ``"warn"``: emit :class:`ConditioningWarning` and return the inverse anyway (the
         same matrix as without the check). A zero eigenvalue still raises.
     tolerance : float
-        The predicted relative error an inverse may have (``> 0``); default 0.1.
+        The predicted relative error an inverse may have (``> 0``); default 0.01.
 
     Notes
     -----
