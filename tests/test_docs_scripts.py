@@ -71,6 +71,7 @@ def test_reliability_error_messages_are_the_library_s_own(tmp_path):
     names = {name for name, _ in messages.values()}
     for name in (
         "FactorizationError",
+        "IllConditionedError",
         "MissingTierError",
         "MissingLayerRuleError",
         "NonDeterministicDataError",

@@ -298,7 +298,8 @@ def _error_cases():
         "layer_rule": lambda: cl.KFACHessianLinearOperator(
             layer_norm, ce, layer_norm.init(0, xp=_xp(), dtype=np.float64), [(X, y)]
         ),
-        "factorization": lambda: cl.KFACLinearOperator(model, ce, params, [(X, y)]).inverse(0.0),
+        "ill_conditioned": lambda: cl.KFACLinearOperator(model, ce, params, [(X, y)]).inverse(0.0),
+        "factorization": lambda: cl.DenseLinearOperator(np.diag([1.0, np.nan])).inverse(),
         "convergence": lambda: cl.CGInverseLinearOperator(G, maxiter=1, strict=True) @ _ones(G),
         "convergence_warning": lambda: cl.CGInverseLinearOperator(G, maxiter=1) @ _ones(G),
         "assumption": lambda: cl.cg(cl.aslinearoperator(np.diag([1.0, 2.0])), np.ones(2)),

@@ -25,6 +25,7 @@ from curvlinops import (
     conditioning,
     nn,
 )
+from curvlinops._backend.conditioning import DEFAULT_TOLERANCE
 
 
 def _kfac(dtype, *, scale=1.0, tiny_column=None, n_data=10, cls=KFACLinearOperator):
@@ -39,7 +40,7 @@ def _kfac(dtype, *, scale=1.0, tiny_column=None, n_data=10, cls=KFACLinearOperat
     return cls(model, MSELoss(), params, [(X.astype(dtype), Y.astype(dtype))])
 
 
-def limit(dtype, n, tolerance=0.1):
+def limit(dtype, n, tolerance=DEFAULT_TOLERANCE):
     return tolerance / (np.sqrt(n) * np.finfo(dtype).eps)
 
 

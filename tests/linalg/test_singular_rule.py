@@ -1,6 +1,6 @@
 """The one rule for singular matrices (FactorizationError's docstring), on every operator.
 
-A matrix cannot be inverted when its condition number exceeds ``0.1 / (sqrt(n) eps)``
+A matrix cannot be inverted when its condition number exceeds ``0.01 / (sqrt(n) eps)``
 for its spectrum ``v`` (damping included), ``n`` the largest factorized dimension (the
 rule of ``curvlinops.conditioning``). Each structured operator is
 built with an eigenvalue (or singular value) of ``1e-17`` relative to 1: its inverse and
@@ -28,6 +28,7 @@ from curvlinops import (
     ParameterLayoutLinearOperator,
 )
 from curvlinops._backend import check_invertible_spectrum
+from curvlinops._backend.conditioning import DEFAULT_TOLERANCE
 
 EPS = np.finfo(np.float64).eps
 TINY = 1e-17
@@ -103,9 +104,9 @@ def test_relative_eigenvalue_1e_17_raises_and_damping_fixes_it(name):
 
 
 def test_the_threshold_is_the_conditioning_limit():
-    """cond > 0.1 / (sqrt(n) eps) is refused (curvlinops.conditioning), cond below passes."""
+    """cond > tolerance / (sqrt(n) eps) is refused (curvlinops.conditioning), cond below passes."""
     n = 4
-    limit = 0.1 / (np.sqrt(n) * EPS)
+    limit = DEFAULT_TOLERANCE / (np.sqrt(n) * EPS)
     within = np.array([1.0, 1.01 / limit, 0.5, -0.25])
     beyond = np.array([1.0, 0.99 / limit, 0.5, -0.25])
     check_invertible_spectrum(within, xp, size=n, what="matrix")
