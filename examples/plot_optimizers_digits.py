@@ -92,7 +92,7 @@ print(f"Adam: best learning rate {best_lr}, final loss {target:.4f} after {T} it
 # takes its Kronecker factors from one sampled label per output (``fisher_type="mc"``),
 # refreshes its inverse every 20 steps, picks step size and momentum from the quadratic
 # model and adapts its damping; its factors' update and the quadratic model's products
-# use a quarter of the batch. Hessian-free runs at most 20 CG iterations per step on the
+# use an eighth of the batch. Hessian-free runs at most 20 CG iterations per step on the
 # GGN; natural gradient at most 20 on the Fisher.
 
 optimizers = {
@@ -101,8 +101,8 @@ optimizers = {
         loss,
         damping=0.01,
         fisher_type="mc",
-        statistics_fraction=0.25,
-        products_fraction=0.25,
+        statistics_fraction=0.125,
+        products_fraction=0.125,
     ),
     "Hessian-free": HessianFree(model, loss, damping=1.0, max_iterations=20),
     "natural gradient": NaturalGradient(

@@ -177,8 +177,9 @@ class KFAC:
         The products are rescaled to the batch's reduction. The gradient and the
         objective always use the whole batch. Smaller fractions make a step cheaper
         (both are estimates that a part of the batch gives nearly as well); on the
-        digits benchmark (``benchmarks/bench_optim.py``) 1/4 keeps K-FAC's
-        amortized step within twice an Adam step.
+        digits benchmark (``benchmarks/bench_optim.py``) 1/8 keeps K-FAC's
+        amortized step within about twice an Adam step, converging as with the
+        whole batch.
 
     Examples
     --------
