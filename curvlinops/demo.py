@@ -1,7 +1,8 @@
 """The demo: curvature of a small MLP on scikit-learn's digits, end to end.
 
 ``python -m curvlinops demo`` trains a small MLP for a few Hessian-free steps
-(damped Gauss-Newton, solved by CG on the GGN), then prints what a user of the
+(:class:`curvlinops.optim.HessianFree`: damped Gauss-Newton, solved by CG on the GGN,
+Levenberg-Marquardt damping), then prints what a user of the
 library looks at: loss and gradient norm, the top Hessian and GGN eigenvalues, exact
 and estimated traces, the F = G check, a natural-gradient CG solve, and the time of
 each curvature product relative to one loss+gradient. When matplotlib is installed it
@@ -130,32 +131,27 @@ def run_demo(
             bar.set_postfix_str(what)
             bar.update(1)
 
-    # Hessian-free training: damped Gauss-Newton steps solved by CG on the GGN, with
-    # Levenberg-Marquardt adaptation of the damping (reject steps that raise the loss).
-    lm_damping = 1.0
-    G = cl.GGNLinearOperator(model, loss, params, data)
-    grads, value = G.gradient_and_loss()
-    history = [float(value)]
+    # Hessian-free training (curvlinops.optim.HessianFree): damped Gauss-Newton steps
+    # solved by CG on the GGN, warm-started, with Levenberg-Marquardt adaptation of the
+    # damping; a step that does not lower the loss is rejected. Its steps are on one
+    # batch, so the demo's batches are joined into one (the whole training set).
+    from curvlinops.optim import HessianFree
+
+    full = (xp.concat([X for X, _ in data]), xp.concat([y for _, y in data]))
+    hf = HessianFree(model, loss, damping=1.0, max_iterations=50, rtol=1e-3)
+    state = hf.init(params)
+    history = []
     for step in range(steps):
-        g = cl.flatten_params(grads)
-        for _ in range(10):
-            delta, info = cl.cg(G, g, damping=lm_damping, rtol=1e-3, maxiter=50)
-            trial = [p - d for p, d in zip(params, cl.unflatten_params(delta, shapes), strict=True)]
-            G_trial = cl.GGNLinearOperator(model, loss, trial, data, check_deterministic=False)
-            grads_trial, value_trial = G_trial.gradient_and_loss()
-            if float(value_trial) < float(value):
-                params, G, grads, value = trial, G_trial, grads_trial, value_trial
-                lm_damping *= 2 / 3
-                break
-            lm_damping *= 3
-        history.append(float(value))
-        tick(f"step {step}: loss {float(value):.4f}, CG iterations {info.iterations}")
+        params, state = hf.step(params, state, full)
+        history.append(state.loss)  # the loss before this step
+        tick(f"step {step}: loss {state.loss:.4f}, CG iterations {state.cg_iterations}")
     rows = {}
     G = cl.GGNLinearOperator(model, loss, params, data, cache=True)
     H = cl.HessianLinearOperator(model, loss, params, data, cache=True)
     F = cl.FisherLinearOperator(model, loss, params, data, cache=True)
     grads, value = G.gradient_and_loss()
     g = cl.flatten_params(grads)
+    history.append(float(value))
     rows["loss after training"] = float(value)
     rows["training accuracy"] = _accuracy(model, params, data, xp)
     rows["gradient norm"] = float(xp.linalg.vector_norm(g))

@@ -184,6 +184,9 @@ class CurvatureLinearOperator(LinearOperator):
         return self.loss.normalization(self.num_data, self._output_shape())
 
     def _output_shape(self):
+        if not hasattr(self, "_outputs_shape") and getattr(self, "_cached", None):
+            # a cached forward pass knows the shape: no pass just for it
+            self._outputs_shape = tuple(next(iter(self._cached.values())).outputs.shape)
         if not hasattr(self, "_outputs_shape"):
             for _, X, _ in iterate_batches(self.data, self.xp):
                 self._outputs_shape = tuple(self.model(self.params, X).shape)

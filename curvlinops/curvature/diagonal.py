@@ -13,6 +13,10 @@ it is squared, so those layers form per-datum gradients explicitly.
 The exact Hessian diagonal walks the model's layers backwards through the layer
 protocol (:func:`._chain.backpropagate`), per datum.
 
+The GGN and empirical-Fisher diagonals also live across steps: ``update(batch, decay)``
+averages one batch's diagonal into the current one, and ``state_dict()`` /
+``from_state_dict()`` save and restore them as plain arrays.
+
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
 ``curvlinops.losses``, ``._data``, ``._chain``, ``._elementwise``, ``._embedding``.
 """
@@ -21,16 +25,19 @@ from __future__ import annotations
 
 import math
 
-from .._backend import device as array_device
+from .._backend import device as array_device, from_host, host_int, host_str, host_value
 from ..linalg import DiagonalLinearOperator
 from ..models import Capability, Tier, flatten_params, param_shapes
 from ._chain import backpropagate
 from ._data import (
     batch_seed,
+    check_batch,
     check_batch_values,
     check_mc_samples,
+    check_params_backend,
     iterate_batches,
     prepare_inputs,
+    resolve_loss,
     resolve_model,
 )
 from ._elementwise import elementwise_gradients
@@ -88,9 +95,7 @@ class _DataDiagonalLinearOperator(DiagonalLinearOperator):
         raise NotImplementedError
 
     def _accumulate(self, model, loss, params, data, xp, progressbar):
-        shapes = param_shapes(params)
-        sums = [None] * len(params)
-        outputs_shape = None
+        self.params, self.shapes = list(params), param_shapes(params)
         batches = iterate_batches(
             data,
             xp,
@@ -99,9 +104,17 @@ class _DataDiagonalLinearOperator(DiagonalLinearOperator):
             progressbar=progressbar,
             desc=type(self).__name__,
         )
+        sums, outputs_shape = self._sums(params, batches, xp)
+        return loss.normalization(self.num_data, outputs_shape) * sums
+
+    def _sums(self, params, batches, xp):
+        """The unnormalized flat diagonal over ``(index, X, y)`` batches, and an output shape."""
+        shapes = param_shapes(params)
+        sums = [None] * len(params)
+        outputs_shape = None
         for index, X, y in batches:
-            lin = model.linearize(params, X)
-            check_batch_values(loss, lin.outputs, y, index)
+            lin = self.model.linearize(params, X)
+            check_batch_values(self.loss, lin.outputs, y, index)
             outputs_shape = outputs_shape or tuple(lin.outputs.shape)
             for where, value in self._batch_contributions(lin, y, index, xp):
                 sums[where] = value if sums[where] is None else sums[where] + value
@@ -112,14 +125,172 @@ class _DataDiagonalLinearOperator(DiagonalLinearOperator):
                 "convolution, normalization), "
                 f"but parameters {missing} (shapes {[shapes[i] for i in missing]}) are not."
             )
-        c = loss.normalization(self.num_data, outputs_shape)
-        return c * flatten_params(
-            [xp.reshape(s, shape) for s, shape in zip(sums, shapes, strict=True)]
-        )
+        flat = flatten_params([xp.reshape(s, shape) for s, shape in zip(sums, shapes, strict=True)])
+        return flat, outputs_shape
 
 
 class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
-    """A diagonal curvature from the layer taps of cotangents ``G`` (curvature ``G G^T``)."""
+    """A diagonal curvature from the layer taps of cotangents ``G`` (curvature ``G G^T``).
+
+    Lives across steps: :meth:`update` (a moving average over batches),
+    :meth:`state_dict` and :meth:`from_state_dict`.
+    """
+
+    num_updates = 0
+
+    def update(self, batch, decay=0.95, *, params=None):
+        """Average one batch's diagonal into the current one (curvature across steps).
+
+        The diagonal becomes ``decay * old + (1 - decay) * new`` with ``new`` the
+        diagonal of ``batch`` alone, scaled as an estimate of the data set's (as
+        :meth:`KFACLinearOperator.update <curvlinops.KFACLinearOperator.update>` scales
+        its factors): the batch mean for ``"mean"``, the batch sum times
+        ``num_data / N_batch`` for ``"sum"``. One forward and one backward pass; no
+        determinism check or counting pass. Monte-Carlo draws depend on ``seed`` and
+        the update count, so a restored state continues with the same draws.
+
+        Parameters
+        ----------
+        batch : tuple (X, y)
+            One batch on the operator's backend.
+        decay : float
+            In ``[0, 1]``.
+        params : list of arrays, optional
+            Take the batch's diagonal at these parameters (and keep them).
+
+        Returns
+        -------
+        self
+            Updated in place; inverses taken before stay those of the old diagonal.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops import EFDiagonalLinearOperator, MSELoss, nn
+        >>> model = nn.Sequential(nn.Linear(3, 2))
+        >>> params = model.init(0, xp=xp, dtype=xp.float64)
+        >>> rng = np.random.default_rng(0)
+        >>> a, b = [(rng.normal(size=(6, 3)), rng.normal(size=(6, 2))) for _ in "ab"]
+        >>> D = EFDiagonalLinearOperator(model, MSELoss(), params, [a], check_deterministic=False)
+        >>> old = D.diagonal()
+        >>> new = EFDiagonalLinearOperator(model, MSELoss(), params, [b]).diagonal()
+        >>> bool(np.allclose(D.update(b, decay=0.75).diagonal(), 0.75 * old + 0.25 * new))
+        True
+        """
+        decay = float(decay)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}.")
+        xp = self.xp
+        X, y = check_batch(batch, xp, f"of update {self.num_updates}")
+        if params is not None:
+            params = list(params)
+            self.model.check_params(params)
+            if param_shapes(params) != self.shapes:
+                raise ValueError(
+                    f"update got parameters of shapes {param_shapes(params)}, the operator "
+                    f"has {self.shapes}."
+                )
+            self.params = params
+        index = _UPDATE_INDEX + self.num_updates
+        sums, outputs_shape = self._sums(self.params, [(index, X, y)], xp)
+        N = int(X.shape[0])
+        scale = self.loss.normalization(self.num_data, outputs_shape) * self.num_data / N
+        self.num_updates += 1
+        self._diag = decay * self._diag + (1.0 - decay) * (scale * sums)
+        return self
+
+    def state_dict(self):
+        """The diagonal and its counts as plain NumPy arrays (``numpy.savez``, no pickle).
+
+        Returns
+        -------
+        dict
+            ``class``, ``num_data``, ``num_updates``, ``options`` and ``diagonal``.
+
+        Examples
+        --------
+        >>> import io
+        >>> import numpy as np
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops import GGNDiagonalLinearOperator, MSELoss, nn
+        >>> model = nn.Sequential(nn.Linear(3, 2))
+        >>> params = model.init(0, xp=xp, dtype=xp.float64)
+        >>> D = GGNDiagonalLinearOperator(model, MSELoss(), params, [(np.eye(3), np.ones((3, 2)))])
+        >>> file = io.BytesIO()
+        >>> np.savez(file, **D.state_dict())
+        >>> _ = file.seek(0)
+        >>> state = dict(np.load(file, allow_pickle=False))
+        >>> R = GGNDiagonalLinearOperator.from_state_dict(state, model, MSELoss(), params)
+        >>> bool(np.array_equal(R.diagonal(), D.diagonal()))
+        True
+        """
+        return {
+            "class": host_value(type(self).__name__),
+            "num_data": host_value(self.num_data),
+            "num_updates": host_value(self.num_updates),
+            "options": host_value(list(self._options())),
+            "diagonal": host_value(self._diag),
+        }
+
+    def load_state_dict(self, state):
+        """Take the diagonal and counts of a saved state (of the same class and size).
+
+        Returns
+        -------
+        self
+        """
+        found = host_str(state["class"])
+        if found != type(self).__name__:
+            raise ValueError(f"The state is of a {found}, not of a {type(self).__name__}.")
+        diagonal = state["diagonal"]
+        if tuple(diagonal.shape) != (self.shape[0],):
+            raise ValueError(
+                f"The state's diagonal has shape {tuple(diagonal.shape)}, this operator's "
+                f"({self.shape[0]},)."
+            )
+        self._set_options([int(v) for v in state["options"]])
+        self.num_data = host_int(state["num_data"])
+        self.num_updates = host_int(state["num_updates"])
+        self._diag = from_host(diagonal, self.xp, self.dtype, self.device)
+        return self
+
+    @classmethod
+    def from_state_dict(cls, state, model, loss, params):
+        """An operator restored from a saved state, without data (no pass over data).
+
+        Parameters
+        ----------
+        state : dict
+            From :meth:`state_dict`.
+        model, loss :
+            The model and loss the state was computed with.
+        params : list of arrays
+            Their backend, dtype and device are the restored operator's; later
+            :meth:`update` calls take the batches' diagonals there.
+
+        Returns
+        -------
+        operator
+        """
+        self = cls.__new__(cls)
+        model, params = resolve_model(model, params)
+        xp, dtype, dev = check_params_backend(params)
+        model.check_params(params)
+        model.require(cls.required_tier, cls.__name__)
+        self.model, self.loss = model, resolve_loss(loss)
+        self.params, self.shapes = list(params), param_shapes(params)
+        self.num_data = host_int(state["num_data"])
+        diagonal = from_host(state["diagonal"], xp, dtype, dev)
+        DiagonalLinearOperator.__init__(self, diagonal, psd=self.psd or None)
+        return self.load_state_dict(state)
+
+    def _options(self):
+        """The options a saved state keeps, as integers."""
+        return ()
+
+    def _set_options(self, options):
+        pass
 
     def _cotangents(self, outputs, y, index, xp):
         """``(N, *out, M)`` cotangents whose outer products define the curvature."""
@@ -138,6 +309,10 @@ class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
             yield tap.weight_index, xp.matrix_transpose(d_weight) if tap.transposed else d_weight
             if tap.bias_index is not None:
                 yield tap.bias_index, d_bias
+
+
+#: index of the first update's Monte-Carlo draws (distinct from the construction's batches)
+_UPDATE_INDEX = 1 << 24
 
 
 def _as_matrix_tap(tap, lin, xp):
@@ -243,6 +418,14 @@ class GGNDiagonalLinearOperator(_TapDiagonalLinearOperator):
         self.mc_samples = check_mc_samples(mc_samples, allow_none=True)
         self.seed = int(seed)
         super().__init__(model, loss, params, data, **kwargs)
+
+    def _options(self):
+        return (-1 if self.mc_samples is None else self.mc_samples, self.seed)
+
+    def _set_options(self, options):
+        mc_samples, seed = options
+        self.mc_samples = None if mc_samples < 0 else mc_samples
+        self.seed = seed
 
     def _cotangents(self, outputs, y, index, xp):
         if self.mc_samples is None:

@@ -4,7 +4,9 @@
   ||theta||^2`` at flat parameters, its gradient and exact curvature products (GGN or
   Fisher, with the batch's forward pass cached), and the quadratic model
   ``M(d) = g^T d + d^T C d / 2`` the reduction ratio compares with;
-- :func:`levenberg_marquardt` (the damping rule) and :func:`reduction_ratio`.
+- :func:`levenberg_marquardt` (the damping rule) and :func:`reduction_ratio`;
+- the saved form of the optimizers' states: plain NumPy arrays (:func:`save_fields`,
+  :func:`load_fields`), as ``numpy.savez`` writes them without pickle.
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
 ``curvlinops.curvature``.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+from .._backend import array_namespace, device as array_device, from_host, host_str, host_value
 from ..curvature import FisherLinearOperator, GGNLinearOperator
 from ..models import flatten_params, param_shapes, unflatten_params
 
@@ -150,6 +153,66 @@ class BatchObjective:
 def as_params(theta, shapes):
     """Flat parameters back as the list of arrays."""
     return unflatten_params(theta, shapes)
+
+
+def check_fraction(value, what):
+    value = float(value)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{what} must be in (0, 1], got {value}.")
+    return value
+
+
+def window(batch, fraction, step):
+    """The rows ``[s, s + n)`` (cyclically) of ``batch``, ``n = ceil(fraction N)``, ``s = step n``.
+
+    A window that moves by its own length each step, so that successive steps see
+    the whole batch; deterministic (a resumed run takes the same rows) and without
+    random numbers. ``fraction == 1``: the batch itself.
+    """
+    if fraction >= 1.0:
+        return batch
+    X, y = batch
+    N = int(X.shape[0])
+    n = max(1, math.ceil(fraction * N))
+    xp = array_namespace(X)
+    rows = (xp.arange(n, device=array_device(X)) + (step * n) % N) % N
+    return xp.take(X, rows, axis=0), xp.take(xp.asarray(y), rows, axis=0)
+
+
+def save_fields(state, name, scalars, arrays):
+    """A state's fields as plain host arrays; fields that are None are left out.
+
+    ``scalars``: field names of numbers and booleans (0-d arrays, floats exact);
+    ``arrays``: names of flat parameter-space arrays. ``"optimizer"`` names the class.
+    """
+    out = {"optimizer": host_value(name)}
+    for field in scalars:
+        value = getattr(state, field)
+        if value is not None:
+            out[field] = host_value(value)
+    for field in arrays:
+        value = getattr(state, field)
+        if value is not None:
+            out[field] = host_value(value)
+    return out
+
+
+def load_fields(saved, name, scalars, arrays, params):
+    """The fields :func:`save_fields` wrote, arrays on the parameters' backend and dtype.
+
+    ``scalars``: ``field -> type`` (``float``, ``int``, ``bool``); a missing field is
+    None.
+    """
+    found = host_str(saved["optimizer"]) if "optimizer" in saved else None
+    if found != name:
+        raise ValueError(f"The saved state is of {found!r}, not of a {name} optimizer.")
+    fields = {f: kind(saved[f].item()) for f, kind in scalars.items() if f in saved}
+    reference = params[0]
+    xp = array_namespace(reference)
+    for field in arrays:
+        if field in saved:
+            fields[field] = from_host(saved[field], xp, reference.dtype, array_device(reference))
+    return fields
 
 
 def dot(xp, a, b):

@@ -26,7 +26,9 @@ from ._common import (
     check_positive,
     dot,
     levenberg_marquardt,
+    load_fields,
     reduction_ratio,
+    save_fields,
 )
 
 __all__ = ["HessianFree", "HessianFreeState"]
@@ -65,6 +67,34 @@ class HessianFreeState:
     cg_iterations: int | None = None
     chosen: int | None = None
     accepted: bool = True
+
+    def state_dict(self):
+        """The state as plain NumPy arrays (for ``numpy.savez``; no pickle).
+
+        Restore with :meth:`HessianFree.load_state_dict`.
+
+        Returns
+        -------
+        dict
+            ``str`` to NumPy arrays; fields that are None are left out.
+
+        Examples
+        --------
+        >>> sorted(HessianFreeState(damping=0.5, step=3).state_dict())
+        ['accepted', 'damping', 'optimizer', 'step']
+        """
+        return save_fields(self, "HessianFree", _SCALARS, ("previous",))
+
+
+_SCALARS = {
+    "damping": float,
+    "step": int,
+    "loss": float,
+    "rho": float,
+    "cg_iterations": int,
+    "chosen": int,
+    "accepted": bool,
+}
 
 
 class HessianFree:
@@ -176,6 +206,45 @@ class HessianFree:
         HessianFreeState
         """
         return HessianFreeState(damping=self.damping)
+
+    def load_state_dict(self, state, params):
+        """The state saved by :meth:`HessianFreeState.state_dict`, to continue from.
+
+        Parameters
+        ----------
+        state : dict
+            The saved arrays (e.g. ``dict(numpy.load(file, allow_pickle=False))``).
+        params : list of arrays
+            The current parameters: the warm start is put on their backend, dtype and
+            device (exactly, for the saved dtype).
+
+        Returns
+        -------
+        HessianFreeState
+            Steps from it continue as the saved run would have (bit for bit on the same
+            backend and dtype).
+
+        Examples
+        --------
+        >>> import io
+        >>> import numpy as np
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops import MSELoss, nn
+        >>> model = nn.Sequential(nn.Linear(3, 1))
+        >>> params = model.init(0, xp=xp, dtype=xp.float64)
+        >>> batch = (np.eye(3), np.ones((3, 1)))
+        >>> opt = HessianFree(model, MSELoss(), damping=0.1)
+        >>> params, state = opt.step(params, opt.init(params), batch)
+        >>> file = io.BytesIO()
+        >>> np.savez(file, **state.state_dict())
+        >>> _ = file.seek(0)
+        >>> restored = opt.load_state_dict(dict(np.load(file, allow_pickle=False)), params)
+        >>> bool(np.array_equal(restored.previous, state.previous)), restored.step
+        (True, 1)
+        """
+        return HessianFreeState(
+            **load_fields(state, "HessianFree", _SCALARS, ("previous",), params)
+        )
 
     def step(self, params, state, batch):
         """One Hessian-free step on ``batch``; returns ``(new params, new state)``.

@@ -16,16 +16,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from .._backend import host_value
 from ..curvature import KFACLinearOperator
 from ..models import param_shapes
 from ._common import (
     BatchObjective,
     as_params,
     check_every,
+    check_fraction,
     check_positive,
     dot,
     levenberg_marquardt,
+    load_fields,
     reduction_ratio,
+    save_fields,
+    window,
 )
 
 __all__ = ["KFAC", "KFACState"]
@@ -50,6 +55,12 @@ class KFACState:
     loss, rho, alpha, mu : float or None
         Of the last step: the objective before it, the reduction ratio (when the
         damping was adapted), the step size and the momentum coefficient.
+    preconditioner_factors : list or None
+        The factors the preconditioner was computed from (``(B, A)`` per layer of
+        ``curvature.layers``, ``(exact block, None)`` for elementwise layers; the
+        arrays themselves, no copies), so that a saved state can rebuild it.
+    preconditioner_shift : float or None
+        The ``gamma^2`` it was computed with.
     """
 
     curvature: object
@@ -61,6 +72,56 @@ class KFACState:
     rho: float | None = None
     alpha: float | None = None
     mu: float | None = None
+    preconditioner_factors: object = None
+    preconditioner_shift: float | None = None
+
+    def state_dict(self):
+        """The state as plain NumPy arrays (for ``numpy.savez``; no pickle).
+
+        Holds the scalars, the velocity, the curvature's state (keys
+        ``curvature/...``, :meth:`KFACLinearOperator.state_dict
+        <curvlinops.KFACLinearOperator.state_dict>`) and the factors of the last
+        inverse refresh (``preconditioner/...``), from which
+        :meth:`KFAC.load_state_dict` recomputes the preconditioner.
+
+        Returns
+        -------
+        dict
+            ``str`` to NumPy arrays; fields that are None are left out.
+        """
+        out = save_fields(self, "KFAC", _SCALARS, ("velocity",))
+        curvature = self.curvature.state_dict()
+        out.update({f"curvature/{k}": v for k, v in curvature.items()})
+        if self.preconditioner_factors is not None:
+            for i, (B, A) in enumerate(self.preconditioner_factors):
+                keys = {"exact": B} if A is None else {"B": B, "A": A}
+                out.update({f"preconditioner/{k}:{i}": host_value(v) for k, v in keys.items()})
+        return out
+
+
+_SCALARS = {
+    "damping": float,
+    "step": int,
+    "loss": float,
+    "rho": float,
+    "alpha": float,
+    "mu": float,
+    "preconditioner_shift": float,
+}
+
+
+def _factors_of(K):
+    """K-FAC's stored ``(B, A)`` per layer (``(exact block, None)``): references, no copies."""
+    return [
+        (K.exact_blocks[la.name], None)
+        if la.exact
+        else (K.output_factors[la.name], K.input_factors[la.name])
+        for la in K.layers
+    ]
+
+
+def _section(state, prefix):
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 class KFAC:
@@ -109,6 +170,16 @@ class KFAC:
         Lower bound of the factor shifts.
     seed : int
         Of the factors' Monte-Carlo draws.
+    statistics_fraction, products_fraction : float
+        In ``(0, 1]``: the factors' update (step 1) and the exact curvature products
+        of the quadratic model (steps 4-5) use this fraction of the batch, a window
+        of its rows that moves each step (all rows are seen in turn; deterministic).
+        The products are rescaled to the batch's reduction. The gradient and the
+        objective always use the whole batch. Smaller fractions make a step cheaper
+        (both are estimates that a part of the batch gives nearly as well); on the
+        digits benchmark (``benchmarks/bench_optim.py``) 1/8 keeps K-FAC's
+        amortized step within about twice an Adam step, converging as with the
+        whole batch.
 
     Examples
     --------
@@ -146,6 +217,8 @@ class KFAC:
         curvature="ggn",
         min_damping=1e-8,
         seed=0,
+        statistics_fraction=1.0,
+        products_fraction=1.0,
     ):
         self.model, self.loss = model, loss
         self.damping = check_positive(damping, "damping")
@@ -161,6 +234,8 @@ class KFAC:
         self.fisher_type, self.curvature, self.seed = fisher_type, curvature, int(seed)
         self.min_damping = float(min_damping)
         self.omega = (19 / 20) ** self.damping_every
+        self.statistics_fraction = check_fraction(statistics_fraction, "statistics_fraction")
+        self.products_fraction = check_fraction(products_fraction, "products_fraction")
 
     def init(self, params, batch, *, curvature=None):
         """The first state: K-FAC's factors from ``batch`` (or a given operator).
@@ -190,6 +265,63 @@ class KFAC:
             )
         return KFACState(curvature=curvature, damping=self.damping)
 
+    def load_state_dict(self, state, params):
+        """The state saved by :meth:`KFACState.state_dict`, to continue from.
+
+        The curvature is restored with :meth:`KFACLinearOperator.from_state_dict
+        <curvlinops.KFACLinearOperator.from_state_dict>` (no pass over data) and the
+        preconditioner recomputed from the saved factors of its refresh.
+
+        Parameters
+        ----------
+        state : dict
+            The saved arrays (e.g. ``dict(numpy.load(file, allow_pickle=False))``).
+        params : list of arrays
+            The current parameters: everything is put on their backend, dtype and
+            device (exactly, for the saved dtype).
+
+        Returns
+        -------
+        KFACState
+            Steps from it continue as the saved run would have (bit for bit on the same
+            backend and dtype).
+
+        Examples
+        --------
+        >>> import io
+        >>> import numpy as np
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops import CrossEntropyLoss, nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+        >>> params = model.init(0, xp=xp, dtype=xp.float64)
+        >>> rng = np.random.default_rng(0)
+        >>> batch = (rng.normal(size=(16, 3)), rng.integers(0, 3, size=16))
+        >>> opt = KFAC(model, CrossEntropyLoss(), damping=0.1)
+        >>> state = opt.init(params, batch)
+        >>> for _ in range(2):
+        ...     params, state = opt.step(params, state, batch)
+        >>> file = io.BytesIO()
+        >>> np.savez(file, **state.state_dict())
+        >>> _ = file.seek(0)
+        >>> restored = opt.load_state_dict(dict(np.load(file, allow_pickle=False)), params)
+        >>> a, _ = opt.step(params, state, batch)
+        >>> b, _ = opt.step(params, restored, batch)
+        >>> all(np.array_equal(x, y) for x, y in zip(a, b))
+        True
+        """
+        fields = load_fields(state, "KFAC", _SCALARS, ("velocity",), params)
+        curvature = _section(state, "curvature/")
+        K = KFACLinearOperator.from_state_dict(curvature, self.model, self.loss, params)
+        if "preconditioner_shift" in fields:
+            # an operator holding the refresh's factors gives the same factored inverse
+            at_refresh = {**curvature, **_section(state, "preconditioner/")}
+            P = KFACLinearOperator.from_state_dict(at_refresh, self.model, self.loss, params)
+            fields["preconditioner"] = P.factored_inverse(
+                fields["preconditioner_shift"], pi_damping=True, min_damping=self.min_damping
+            )
+            fields["preconditioner_factors"] = _factors_of(P)
+        return KFACState(curvature=K, **fields)
+
     def step(self, params, state, batch):
         """One K-FAC step on ``batch``; returns ``(new params, new state)``.
 
@@ -208,13 +340,19 @@ class KFAC:
         K = state.curvature
         if state.step > 0 and state.step % self.update_every == 0:
             estimates = K.num_updates + 2  # the construction was the first estimate
-            K.update(batch, decay=min(1 - 1 / estimates, self.decay_max), params=params)
+            K.update(
+                window(batch, self.statistics_fraction, state.step),
+                decay=min(1 - 1 / estimates, self.decay_max),
+                params=params,
+            )
         shift = state.damping + self.weight_decay
         preconditioner = state.preconditioner
+        factors, used_shift = state.preconditioner_factors, state.preconditioner_shift
         if preconditioner is None or state.step % self.inverse_every == 0:
             preconditioner = K.factored_inverse(
                 shift, pi_damping=True, min_damping=self.min_damping
             )
+            factors, used_shift = _factors_of(K), shift
         objective = BatchObjective(
             self.model,
             self.loss,
@@ -225,10 +363,14 @@ class KFAC:
         )
         value, g = objective.value_and_gradient()
         proposal = -(preconditioner @ g)
-        delta, alpha, mu, model_change = self._combine(objective, g, proposal, state, shift)
+        adapt = k % self.damping_every == 0
+        products = self._products(objective, params, batch, state.step)
+        delta, alpha, mu, model_change = self._combine(
+            objective.xp, products, g, proposal, state, need_model=adapt
+        )
         theta = objective.theta
         rho, damping = None, state.damping
-        if k % self.damping_every == 0:
+        if adapt:
             rho = reduction_ratio(objective.value_at(theta + delta) - value, model_change)
             damping = levenberg_marquardt(damping, rho, factor=self.omega)
         new_params = as_params(theta + delta, param_shapes(params))
@@ -242,16 +384,42 @@ class KFAC:
             rho=rho,
             alpha=alpha,
             mu=mu,
+            preconditioner_factors=factors,
+            preconditioner_shift=used_shift,
         )
         return new_params, new_state
 
-    def _combine(self, objective, g, proposal, state, shift):
-        """``delta = alpha Delta + mu delta_prev`` and its undamped model change."""
-        xp = objective.xp
+    def _products(self, objective, params, batch, step):
+        """``D -> (C + eta I) D`` with ``C`` from the batch or its window (rescaled)."""
+        if self.products_fraction >= 1.0:
+            return objective.curvature_matmat
+        part = window(batch, self.products_fraction, step)
+        N, n = objective.num_data, int(part[0].shape[0])
+        sub = BatchObjective(self.model, self.loss, params, part, curvature=self.curvature)
+        # the window's reduction to the batch's: n/N for "mean" (times N/n), 1 for "sum"
+        loss = objective.loss
+        scale = (N / n) * loss.normalization(N, (N, 1)) / loss.normalization(n, (n, 1))
+        eta = self.weight_decay
+
+        def products(D):
+            return scale * (sub.operator @ D) + eta * D
+
+        return products
+
+    def _combine(self, xp, products, g, proposal, state, *, need_model=True):
+        """``delta = alpha Delta + mu delta_prev`` and its undamped model change.
+
+        With a fixed learning rate and momentum the curvature products are needed only
+        for the model change (``need_model``, when the damping is adapted).
+        """
         previous = state.velocity
         use_previous = previous is not None and self.momentum != 0.0
         D = xp.stack([proposal, previous], axis=1) if use_previous else proposal[:, None]
-        CD = objective.curvature_matmat(D)  # (C + eta I) D: exact products
+        if self.learning_rate is not None and not need_model:
+            coefficients = [self.learning_rate] + ([self.momentum] if use_previous else [])
+            delta = D @ xp.asarray(coefficients, dtype=D.dtype)
+            return delta, coefficients[0], coefficients[-1] if use_previous else 0.0, None
+        CD = products(D)  # (C + eta I) D: exact products
         Cn = [[dot(xp, D[:, i], CD[:, j]) for j in range(D.shape[1])] for i in range(D.shape[1])]
         Dn = [[dot(xp, D[:, i], D[:, j]) for j in range(D.shape[1])] for i in range(D.shape[1])]
         b = [dot(xp, D[:, i], g) for i in range(D.shape[1])]

@@ -16,7 +16,14 @@ from dataclasses import dataclass, replace
 
 from ..models import param_shapes
 from ..solvers import cg
-from ._common import CURVATURES, BatchObjective, as_params, check_positive
+from ._common import (
+    CURVATURES,
+    BatchObjective,
+    as_params,
+    check_positive,
+    load_fields,
+    save_fields,
+)
 
 __all__ = ["NaturalGradient", "NaturalGradientState"]
 
@@ -42,6 +49,27 @@ class NaturalGradientState:
     step: int = 0
     loss: float | None = None
     cg_iterations: int | None = None
+
+    def state_dict(self):
+        """The state as plain NumPy arrays (for ``numpy.savez``; no pickle).
+
+        Restore with :meth:`NaturalGradient.load_state_dict`.
+
+        Returns
+        -------
+        dict
+            ``str`` to NumPy arrays; fields that are None are left out.
+
+        Examples
+        --------
+        >>> sorted(NaturalGradientState(step=2, loss=0.5).state_dict())
+        ['loss', 'optimizer', 'step']
+        """
+        return save_fields(self, "NaturalGradient", _SCALARS, _ARRAYS)
+
+
+_SCALARS = {"step": int, "loss": float, "cg_iterations": int}
+_ARRAYS = ("previous", "velocity")
 
 
 class NaturalGradient:
@@ -124,6 +152,38 @@ class NaturalGradient:
         NaturalGradientState
         """
         return NaturalGradientState()
+
+    def load_state_dict(self, state, params):
+        """The state saved by :meth:`NaturalGradientState.state_dict`, to continue from.
+
+        Parameters
+        ----------
+        state : dict
+            The saved arrays (e.g. ``dict(numpy.load(file, allow_pickle=False))``).
+        params : list of arrays
+            The current parameters: the warm start and velocity are put on their
+            backend, dtype and device.
+
+        Returns
+        -------
+        NaturalGradientState
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops import MSELoss, nn
+        >>> model = nn.Sequential(nn.Linear(2, 1))
+        >>> params = model.init(0, xp=xp, dtype=xp.float64)
+        >>> opt = NaturalGradient(model, MSELoss(), momentum=0.5)
+        >>> params, state = opt.step(params, opt.init(params), (np.eye(2), np.ones((2, 1))))
+        >>> restored = opt.load_state_dict(state.state_dict(), params)
+        >>> bool(np.array_equal(restored.velocity, state.velocity)), restored.step
+        (True, 1)
+        """
+        return NaturalGradientState(
+            **load_fields(state, "NaturalGradient", _SCALARS, _ARRAYS, params)
+        )
 
     def step(self, params, state, batch):
         """One natural-gradient step on ``batch``; returns ``(new params, new state)``.

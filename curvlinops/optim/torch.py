@@ -23,6 +23,22 @@ from .natural_gradient import NaturalGradient
 
 __all__ = ["TorchOptimizer"]
 
+
+def _to_torch(saved):
+    """NumPy arrays as tensors (bit for bit), string arrays as ``str`` or lists of them."""
+    return {k: v.tolist() if v.dtype.kind == "U" else torch.from_numpy(v) for k, v in saved.items()}
+
+
+def _to_numpy(saved):
+    """The inverse of :func:`_to_torch`: NumPy arrays (strings as 0-d or 1-d arrays)."""
+    import numpy as np
+
+    return {
+        k: np.asarray(v) if not isinstance(v, torch.Tensor) else v.detach().cpu().numpy()
+        for k, v in saved.items()
+    }
+
+
 METHODS = {"kfac": KFAC, "hessian_free": HessianFree, "natural_gradient": NaturalGradient}
 
 
@@ -103,6 +119,60 @@ class TorchOptimizer(torch.optim.Optimizer):
             for p, value in zip(params, new, strict=True):
                 p.copy_(value)
         return self.method_state.loss
+
+    def state_dict(self):
+        """``torch.optim.Optimizer.state_dict()`` plus the method's state.
+
+        The method's state (:meth:`KFACState.state_dict
+        <curvlinops.optim.KFACState.state_dict>` and the like: damping, velocity, step
+        count, warm start, curvature factors) is under ``"method_state"`` as tensors,
+        strings and numbers only, so that ``torch.save`` writes it and
+        ``torch.load(..., weights_only=True)`` reads it; None before the first step.
+
+        Returns
+        -------
+        dict
+
+        Examples
+        --------
+        >>> import io
+        >>> import torch
+        >>> from curvlinops.optim.torch import TorchOptimizer
+        >>> net = torch.nn.Linear(2, 1).double()
+        >>> X = torch.eye(2, dtype=torch.float64)
+        >>> opt = TorchOptimizer(net, torch.nn.MSELoss(), "hessian_free", damping=0.1)
+        >>> _ = opt.step((X, torch.ones(2, 1, dtype=torch.float64)))
+        >>> file = io.BytesIO()
+        >>> torch.save(opt.state_dict(), file)
+        >>> _ = file.seek(0)
+        >>> other = TorchOptimizer(net, torch.nn.MSELoss(), "hessian_free", damping=0.1)
+        >>> other.load_state_dict(torch.load(file, weights_only=True))
+        >>> restored = other.method_state
+        >>> restored.step, torch.equal(restored.previous, opt.method_state.previous)
+        (1, True)
+        """
+        out = super().state_dict()
+        saved = None if self.method_state is None else self.method_state.state_dict()
+        out["method_state"] = None if saved is None else _to_torch(saved)
+        return out
+
+    def load_state_dict(self, state_dict):
+        """Restore what :meth:`state_dict` saved; the module's parameters must already hold
+        the values of the saved run (``module.load_state_dict``), since the method's
+        state is put on their device and dtype.
+
+        Parameters
+        ----------
+        state_dict : dict
+        """
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("method_state", None)
+        super().load_state_dict(state_dict)
+        if saved is None:
+            self.method_state = None
+            return
+        values = [p.detach().clone() for group in self.param_groups for p in group["params"]]
+        self.method_state = self.method.load_state_dict(_to_numpy(saved), values)
 
     def _init(self, values, batch):
         if isinstance(self.method, KFAC):

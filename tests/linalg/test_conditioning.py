@@ -1,8 +1,9 @@
 """The conditioning rule of every exact inverse (``curvlinops.conditioning``).
 
-An inverse is refused when ``cond > tolerance / (sqrt(n) eps)`` (default tolerance 0.01) for the spectrum of the matrix
-it inverts (damping included), with a message naming the matrix, its condition number
-and a damping that suffices; ``conditioning("warn")`` returns the same inverse with a
+An inverse is refused when ``cond > tolerance / (sqrt(n) eps)`` (default tolerance
+0.01) for the spectrum of the matrix it inverts (damping included), with a message
+naming the matrix, its condition number and a damping that suffices;
+``conditioning("warn")`` returns the same inverse with a
 :class:`ConditioningWarning`. References: condition numbers from ``numpy.linalg.cond``
 and ``eigvalsh`` of dense float64 matrices assembled here (``np.kron``,
 ``scipy.linalg.block_diag``), inverses from ``numpy.linalg.inv``, and the minimal
