@@ -65,8 +65,8 @@ class IllConditionedError(FactorizationError):
     ...     D.inverse()
     ... except IllConditionedError as err:
     ...     print(f"{err.condition_number:.0e}", err.suggested_damping)
-    1e+17 3.2e-15
-    >>> float(D.inverse(3.2e-15).diagonal()[0]) < 1.0
+    1e+17 3.2e-14
+    >>> float(D.inverse(3.2e-14).diagonal()[0]) < 1.0
     True
     """
 
@@ -234,7 +234,7 @@ class conditioning(contextlib.ContextDecorator):  # noqa: N801 (used like a func
     ...     D.inverse()
     ... except IllConditionedError as err:
     ...     print(str(err).split(";")[0])
-    The diagonal matrix is ill-conditioned for float32: condition number 1e+06 > 5.9e+05
+    The diagonal matrix is ill-conditioned for float32: condition number 1e+06 > 5.9e+04
     >>> with conditioning(tolerance=0.5):  # accept a predicted error of up to 50 %
     ...     print(D.inverse().diagonal().tolist())
     [1.0, 1000000.0]
@@ -266,7 +266,7 @@ def condition_limit(dtype, size: int, tolerance: float | None = None) -> float:
     Examples
     --------
     >>> import numpy as np
-    >>> round(condition_limit(np.float32, 100) / 1e4, 1)
+    >>> round(condition_limit(np.float32, 100) / 1e3, 1)
     8.4
     """
     if tolerance is None:

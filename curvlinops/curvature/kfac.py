@@ -481,7 +481,7 @@ class KFACLinearOperator(_KroneckerCurvature):
         ... except IllConditionedError as err:
         ...     print(str(err)[:73])
         ...     damping = err.suggested_damping
-        KFACLinearOperator: The damped input factor A of layer '0' is singular to
+        KFACLinearOperator: The damped output factor B of layer '0' is ill-condit
         >>> K32.factored_inverse(damping).shape
         (31, 31)
         """
