@@ -232,7 +232,8 @@ class JaxModel(Model):
         >>> model = JaxModel.from_flax(net, variables)
         >>> [tuple(p.shape) for p in model.params]
         [(4,), (3, 4), (2,), (4, 2)]
-        >>> taps = model.linearize(model.params, jnp.ones((5, 3), jnp.float32)).layer_taps()
+        >>> X = jnp.ones((5, 3), model.params[0].dtype)  # the parameters' dtype (x64 or not)
+        >>> taps = model.linearize(model.params, X).layer_taps()
         >>> [(t.name, t.weight_index, t.bias_index, t.transposed) for t in taps]
         [('layers_0', 1, 0, True), ('layers_2', 3, 2, True)]
         """
@@ -292,7 +293,8 @@ class JaxModel(Model):
         ...     def __call__(self, x):
         ...         return self.out(jnp.tanh(self.hidden(x)))
         >>> model = JaxModel.from_nnx(MLP(nnx.Rngs(0)))
-        >>> taps = model.linearize(model.params, jnp.ones((5, 3), jnp.float32)).layer_taps()
+        >>> X = jnp.ones((5, 3), model.params[0].dtype)  # the parameters' dtype (x64 or not)
+        >>> taps = model.linearize(model.params, X).layer_taps()
         >>> [(t.name, t.matrix_shape, t.transposed) for t in taps]
         [('hidden', (4, 3), True), ('out', (2, 4), True)]
         """
@@ -354,7 +356,8 @@ class JaxModel(Model):
         >>> model = JaxModel.from_equinox(net)
         >>> model(model.params, jnp.ones((5, 3))).shape
         (5, 2)
-        >>> taps = model.linearize(model.params, jnp.ones((5, 3), jnp.float32)).layer_taps()
+        >>> X = jnp.ones((5, 3), model.params[0].dtype)  # the parameters' dtype (x64 or not)
+        >>> taps = model.linearize(model.params, X).layer_taps()
         >>> [(t.name, t.weight_index, t.bias_index, t.transposed) for t in taps]
         [('.layers[0]', 0, 1, False), ('.layers[2]', 2, 3, False)]
         """
