@@ -10,12 +10,15 @@ test_ekfac.py and test_kfac_hessian.py.
 
 from __future__ import annotations
 
+import array_api_compat.numpy as np_xp
 import numpy as np
 import pytest
 import scipy.linalg
 from test_exact import problem
 from test_kfac import assert_close
 
+import curvlinops as cl
+import curvlinops.nn as cnn
 from curvlinops import (
     BlockDiagonalLinearOperator,
     DenseLinearOperator,
@@ -222,3 +225,21 @@ def test_former_inverse_keywords_still_work_with_a_warning():
         np.testing.assert_array_equal(old, new)
     with pytest.raises(TypeError):
         K.inverse(0.1, not_a_keyword=True)
+
+
+def test_pi_damping_with_a_zero_input_factor_falls_back_to_pi_one():
+    # inputs of zero: A = 0 for both layers, so pi = 1 (the trace rule is undefined)
+    model = cnn.Sequential(cnn.Linear(3, 4, bias=False), cnn.Tanh(), cnn.Linear(4, 2, bias=False))
+    params = model.init(0, xp=np_xp, dtype=np_xp.float64)
+    data = [(np.zeros((5, 3)), np.random.default_rng(0).normal(size=(5, 2)))]
+    K = KFACLinearOperator(model, cl.MSELoss(), params, data)
+    damping = 0.04
+    r = np.sqrt(damping)
+    blocks = []
+    for name in K.input_factors:
+        A, B = K.input_factors[name], K.output_factors[name]
+        assert np.all(A == 0)
+        blocks.append(np.kron(np.linalg.inv(B + r * np.eye(len(B))), np.eye(len(A)) / r))
+    expected = scipy.linalg.block_diag(*blocks)
+    actual = K.factored_inverse(damping, pi_damping=True).to_dense()
+    np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-12)

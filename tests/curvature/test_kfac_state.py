@@ -224,3 +224,19 @@ def test_load_state_dict_refuses_another_class_or_layout():
     other = alone(KFACLinearOperator, wide, loss, wide_params, batches[0])
     with pytest.raises(ValueError, match="layers"):
         K.load_state_dict(other.state_dict())
+
+
+def test_kfac_ema_of_an_elementwise_layer_averages_its_exact_block():
+    # LayerNorm's affine parameters have an exact block (no input factor): averaged too
+    model = cnn.Sequential(cnn.Linear(3, 4), cnn.LayerNorm(4), cnn.Tanh(), cnn.Linear(4, 3))
+    params = model.init(3, xp=np_xp, dtype=np_xp.float64)
+    rng = np.random.default_rng(3)
+    batches = [(rng.normal(size=(n, 3)), rng.integers(0, 3, size=n)) for n in (6, 5)]
+    loss = LOSS("ce")
+    K = alone(KFACLinearOperator, model, loss, params, batches[0])
+    assert K.exact_blocks, "the LayerNorm block is exact"
+    expected = {k: 0.75 * v for k, v in K.exact_blocks.items()}
+    K.update(batches[1], 0.75)
+    single = alone(KFACLinearOperator, model, loss, params, batches[1])
+    for name, block in single.exact_blocks.items():
+        np.testing.assert_allclose(K.exact_blocks[name], expected[name] + 0.25 * block, rtol=1e-13)
