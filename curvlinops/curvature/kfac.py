@@ -419,8 +419,9 @@ class KFACLinearOperator(_KroneckerCurvature):
 
         Both use the factors' spectra (computed once per factor and cached; the
         factored inverse needs only the eigenvalues, then a Cholesky inverse of each
-        damped factor, unless the eigenvectors are already cached), and both apply the conditioning rule of :class:`~curvlinops.conditioning` to the
-        matrices they invert: here each damped factor, so that a float32 factor with a
+        damped factor, unless the eigenvectors are already cached), and both apply
+        the conditioning rule of :class:`~curvlinops.conditioning` to the matrices they
+        invert: here each damped factor, so that a float32 factor with a
         damping too small for its spectrum is refused (see the last example) instead of
         returning a preconditioner that is off by tens of percent.
 
