@@ -140,15 +140,13 @@ class HessianLinearOperator(CurvatureLinearOperator):
 
     def _batch_matmat(self, lin, y, tangents, scale, index):
         f = lin.outputs
-        # A bound method (the same function for every batch and product) with the
-        # batch's arrays as operands: autodiff frontends may trace and compile it.
+        # One function object per loss configuration (the same for every batch, product
+        # and operator) with the batch's arrays as operands: autodiff frontends may
+        # trace and compile it once (JAX: a static argument of jit).
         loss_hessian = TraceableLinearMap(
-            self._scaled_loss_hessian, operands=(scale, f, y), symmetric=True
+            _scaled_loss_hessian(self.loss), operands=(scale, f, y), symmetric=True
         )
         return lin.second_order_vjp(scale * self.loss.gradient(f, y), tangents, loss_hessian)
-
-    def _scaled_loss_hessian(self, scale, outputs, targets, V):
-        return scale * self.loss.hessian_matmat(outputs, targets, V)
 
 
 class GGNResidualLinearOperator(CurvatureLinearOperator):
@@ -382,3 +380,28 @@ class TransposedJacobianLinearOperator(_JacobianProducts):
 
     def adjoint(self):
         return self._as(JacobianLinearOperator)
+
+
+#: ``(type, attributes)`` of a loss -> its scaled Hessian map (see _scaled_loss_hessian)
+_LOSS_HESSIAN_MAPS: dict = {}
+
+
+def _scaled_loss_hessian(loss):
+    """``(scale, f, y, V) -> scale * loss.hessian_matmat(f, y, V)``, one function object
+    for all losses of the same type and attributes, so that a frontend that compiles
+    the map (JAX) does so once per batch shape, not once per operator or loss object.
+    A loss with unhashable attributes gets a map of its own."""
+    try:
+        key = (type(loss), tuple(sorted(vars(loss).items())))
+        hash(key)
+    except TypeError:
+        key = None
+    found = _LOSS_HESSIAN_MAPS.get(key) if key is not None else None
+    if found is None:
+
+        def found(scale, outputs, targets, V):
+            return scale * loss.hessian_matmat(outputs, targets, V)
+
+        if key is not None:
+            _LOSS_HESSIAN_MAPS[key] = found
+    return found
