@@ -108,8 +108,11 @@ class GGNLinearOperator(CurvatureLinearOperator):
         return bool(getattr(loss, "is_natural", False))
 
     def _batch_matmat(self, lin, y, tangents, scale, index):
-        Jv = lin.jvp(tangents)
-        return lin.vjp(scale * self.loss.hessian_matmat(lin.outputs, y, Jv))
+        # the loss Hessian as a traceable map: JAX runs J^T H_L J v in one compiled call
+        loss_hessian = TraceableLinearMap(
+            _scaled_loss_hessian(self.loss), operands=(scale, lin.outputs, y), symmetric=True
+        )
+        return lin.gauss_newton_vjp(tangents, loss_hessian)
 
 
 class HessianLinearOperator(CurvatureLinearOperator):

@@ -516,6 +516,18 @@ class _JaxLinearization(Linearization):
     def _vjp(self, cotangents):
         return self.model._compiled.pull(self._pullback, cotangents)
 
+    def _gauss_newton_vjp(self, tangents, cotangent_map):
+        if not isinstance(cotangent_map, TraceableLinearMap):
+            return super()._gauss_newton_vjp(tangents, cotangent_map)
+        # push, map and pull in one compiled call: no dispatch of the map's operations
+        return self.model._compiled.gauss_newton(
+            self._pullback,
+            self.outputs,
+            cotangent_map.function,
+            list(tangents),
+            cotangent_map.operands,
+        )
+
     def _second_order_vjp(self, cotangent, tangents, cotangent_tangent):
         model = self.model
         if isinstance(cotangent_tangent, TraceableLinearMap):
@@ -1348,6 +1360,11 @@ def _push(pullback, outputs, tangents):
     return jax.vmap(lambda v: push((v,))[0], in_axes=-1, out_axes=-1)(tangents)
 
 
+def _gauss_newton(pullback, outputs, map_function, tangents, operands):
+    """``J^T A(J V)`` with ``A = map_function(*operands, .)``: push, map and pull."""
+    return _pull(pullback, map_function(*operands, _push(pullback, outputs, tangents)))
+
+
 def _second_order(apply, params, x, u, tangents, w):
     """``sum u Hess(f) v + J^T w`` per column: the jvp of the vjp (forward over reverse)."""
 
@@ -1392,19 +1409,28 @@ class _Functions:
     linearize: object
     pull: object
     push: object
+    gauss_newton: object
     second_order: object
     second_order_traceable: object
     taps: object
 
 
 _EAGER = _Functions(
-    _forward, _linearize, _pull, _push, _second_order, _second_order_traceable, _taps
+    _forward,
+    _linearize,
+    _pull,
+    _push,
+    _gauss_newton,
+    _second_order,
+    _second_order_traceable,
+    _taps,
 )
 _COMPILED = _Functions(
     forward=jax.jit(_forward, static_argnums=0),
     linearize=jax.jit(_linearize, static_argnums=0),
     pull=jax.jit(_pull),
     push=jax.jit(_push),
+    gauss_newton=jax.jit(_gauss_newton, static_argnums=2),
     second_order=jax.jit(_second_order, static_argnums=0),
     second_order_traceable=jax.jit(_second_order_traceable, static_argnums=(0, 1)),
     taps=jax.jit(_taps, static_argnums=(0, 1, 2)),

@@ -284,3 +284,37 @@ def test_statistics_over_an_iterable_compile_once_per_batch_shape(name):
     assert set(first) == {(4, 5), (6, 5)}
     # per shape at most: forward, linearization, the taps' discovery and taps
     assert max(first.count((4, 5)), first.count((6, 5))) <= 4, first
+
+
+def _times_weights(w, v):
+    return w[..., None] * v
+
+
+def test_gauss_newton_vjp_in_one_compiled_call_against_jacobians(problem):
+    """``J^T A J v`` from the fused compiled call equals the explicit Jacobians' product
+    and the unfused route (a plain callable)."""
+    from curvlinops.models import TraceableLinearMap
+
+    model = JaxModel(jax_mlp, [jnp.asarray(p) for p in problem.params])
+    X = jnp.asarray(problem.X[:4])
+    lin = model.linearize(model.params, X)
+    rng = np.random.default_rng(3)
+    weights = jnp.asarray(rng.uniform(0.5, 2.0, size=lin.outputs.shape))
+    V = [jnp.asarray(rng.standard_normal((*p.shape, 2))) for p in model.params]
+    fused = lin.gauss_newton_vjp(V, TraceableLinearMap(_times_weights, operands=(weights,)))
+    unfused = lin.gauss_newton_vjp(V, lambda v: _times_weights(weights, v))
+    theta = jnp.asarray(flat(model.params))
+    sizes = [p.size for p in model.params]
+
+    def f(t):
+        parts = jnp.split(t, np.cumsum(sizes)[:-1])
+        return jax_mlp(
+            [q.reshape(p.shape) for q, p in zip(parts, model.params, strict=True)], X
+        ).reshape(-1)
+
+    J = np.asarray(jax.jacobian(f)(theta))
+    Vflat = np.concatenate([np.asarray(v).reshape(-1, 2) for v in V])
+    expected = J.T @ (np.asarray(weights).reshape(-1, 1) * (J @ Vflat))
+    for result in (fused, unfused):
+        got = np.concatenate([np.asarray(g).reshape(-1, 2) for g in result])
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
