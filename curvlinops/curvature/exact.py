@@ -25,7 +25,14 @@ from __future__ import annotations
 
 import math
 
-from ..models import Tier, TraceableLinearMap, flatten_params, unflatten_params
+from ..models import (
+    OUTPUTS,
+    OutputsFunction,
+    Tier,
+    TraceableLinearMap,
+    flatten_params,
+    unflatten_params,
+)
 from ._data import batch_seed, check_mc_samples
 from .base import CurvatureLinearOperator
 
@@ -142,14 +149,16 @@ class HessianLinearOperator(CurvatureLinearOperator):
     required_tier = Tier.SECOND_ORDER
 
     def _batch_matmat(self, lin, y, tangents, scale, index):
-        f = lin.outputs
         # One function object per loss configuration (the same for every batch, product
         # and operator) with the batch's arrays as operands: autodiff frontends may
-        # trace and compile it once (JAX: a static argument of jit).
+        # trace and compile it once (JAX: a static argument of jit). OUTPUTS stands for
+        # the outputs, so that JAX computes them inside its second-order pass.
+        operands = (scale, OUTPUTS, y)
+        loss_gradient = OutputsFunction(_scaled_loss_gradient(self.loss), operands=operands)
         loss_hessian = TraceableLinearMap(
-            _scaled_loss_hessian(self.loss), operands=(scale, f, y), symmetric=True
+            _scaled_loss_hessian(self.loss), operands=operands, symmetric=True
         )
-        return lin.second_order_vjp(scale * self.loss.gradient(f, y), tangents, loss_hessian)
+        return lin.second_order_vjp(loss_gradient, tangents, loss_hessian)
 
 
 class GGNResidualLinearOperator(CurvatureLinearOperator):
@@ -385,26 +394,45 @@ class TransposedJacobianLinearOperator(_JacobianProducts):
         return self._as(JacobianLinearOperator)
 
 
-#: ``(type, attributes)`` of a loss -> its scaled Hessian map (see _scaled_loss_hessian)
-_LOSS_HESSIAN_MAPS: dict = {}
+#: ``(kind, type, attributes)`` of a loss -> its function (see _loss_function)
+_LOSS_FUNCTIONS: dict = {}
+
+
+def _loss_function(loss, kind, make):
+    """One function object ``make(loss)`` per ``kind`` and loss configuration (type and
+    attributes), so that a frontend that compiles it (JAX) does so once per batch
+    shape, not once per operator or loss object. A loss with unhashable attributes
+    gets a function of its own."""
+    try:
+        key = (kind, type(loss), tuple(sorted(vars(loss).items())))
+        hash(key)
+    except TypeError:
+        return make(loss)
+    found = _LOSS_FUNCTIONS.get(key)
+    if found is None:
+        found = _LOSS_FUNCTIONS[key] = make(loss)
+    return found
 
 
 def _scaled_loss_hessian(loss):
-    """``(scale, f, y, V) -> scale * loss.hessian_matmat(f, y, V)``, one function object
-    for all losses of the same type and attributes, so that a frontend that compiles
-    the map (JAX) does so once per batch shape, not once per operator or loss object.
-    A loss with unhashable attributes gets a map of its own."""
-    try:
-        key = (type(loss), tuple(sorted(vars(loss).items())))
-        hash(key)
-    except TypeError:
-        key = None
-    found = _LOSS_HESSIAN_MAPS.get(key) if key is not None else None
-    if found is None:
+    """``(scale, f, y, V) -> scale * loss.hessian_matmat(f, y, V)`` (one per loss config)."""
 
-        def found(scale, outputs, targets, V):
+    def make(loss):
+        def scaled_hessian(scale, outputs, targets, V):
             return scale * loss.hessian_matmat(outputs, targets, V)
 
-        if key is not None:
-            _LOSS_HESSIAN_MAPS[key] = found
-    return found
+        return scaled_hessian
+
+    return _loss_function(loss, "hessian", make)
+
+
+def _scaled_loss_gradient(loss):
+    """``(scale, f, y) -> scale * loss.gradient(f, y)`` (one per loss configuration)."""
+
+    def make(loss):
+        def scaled_gradient(scale, outputs, targets):
+            return scale * loss.gradient(outputs, targets)
+
+        return scaled_gradient
+
+    return _loss_function(loss, "gradient", make)
