@@ -232,6 +232,71 @@ def checked_eigh(A, xp, *, name="matrix"):
     return w, Q
 
 
+def checked_eigvalsh(A, xp, *, name="matrix"):
+    """Eigenvalues (ascending) of a symmetric matrix, or a clear error.
+
+    Without eigenvectors: on NumPy, SciPy's LAPACK ``syevd`` without vectors (the
+    tridiagonal reduction alone, about 40 % of :func:`checked_eigh` on K-FAC-sized
+    factors).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import array_api_compat.numpy as xp
+    >>> checked_eigvalsh(np.array([[2.0, 1.0], [1.0, 2.0]]), xp).tolist()
+    [1.0, 3.0]
+    """
+    if not all_finite(A, xp):
+        raise FactorizationError(f"The {name} contains NaN or Inf; cannot eigendecompose it.")
+    try:
+        if is_numpy_namespace(xp) and A.ndim == 2:
+            import scipy.linalg
+
+            return scipy.linalg.eigh(A, eigvals_only=True, driver="evd", check_finite=False)
+        return xp.linalg.eigvalsh(A)
+    except Exception as err:
+        raise FactorizationError(f"Eigendecomposition of the {name} did not converge.") from err
+
+
+def spd_inverse(A, xp, *, name="matrix"):
+    """Inverse of a symmetric positive definite matrix, exactly symmetric, or a clear error.
+
+    From its Cholesky factor: on NumPy LAPACK's ``potrf`` and ``potri`` (about a sixth
+    of an eigendecomposition's time); elsewhere ``L^{-T} L^{-1}``, symmetrized. The caller
+    judges the conditioning (the inverse itself does not).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import array_api_compat.numpy as xp
+    >>> spd_inverse(np.array([[4.0, 2.0], [2.0, 2.0]]), xp).tolist()
+    [[0.5, -0.5], [-0.5, 1.0]]
+    """
+    failed = (
+        f"Cholesky factorization of the {name} failed: it is not positive definite "
+        "(singular or indefinite). Add damping (e.g. inverse(damping=1e-3))."
+    )
+    if is_numpy_namespace(xp) and A.ndim == 2:
+        import numpy as np
+        from scipy.linalg import lapack
+
+        potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (A,))
+        # A is symmetric: its transpose is the Fortran-ordered array LAPACK takes uncopied
+        factor, info = potrf(np.array(A.T, order="F"), lower=True, overwrite_a=True)
+        if info != 0:
+            raise FactorizationError(failed)
+        inv, info = potri(factor, lower=True, overwrite_c=True)
+        if info != 0:
+            raise FactorizationError(failed)
+        lower = np.tril(inv)  # potri fills one triangle
+        return lower + np.tril(inv, -1).T
+    L = checked_cholesky(A, xp, name=name)
+    eye = xp.eye(A.shape[0], dtype=A.dtype, device=_device(A))
+    L_inv = solve_triangular(L, eye, xp, lower=True)
+    inv = xp.matrix_transpose(L_inv) @ L_inv
+    return 0.5 * (inv + xp.matrix_transpose(inv))
+
+
 def index_update(x, index, value, xp):
     """Return a copy of ``x`` with ``x[index] = value`` (works on immutable JAX arrays).
 

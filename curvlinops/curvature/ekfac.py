@@ -36,7 +36,8 @@ class EKFACLinearOperator(_KroneckerCurvature):
     :class:`~curvlinops.curvature.kfac.KFACLinearOperator` for their definition, the
     ``fisher_type`` and ``kfac_approx`` options and the scalings), and the scalings are
     refitted from the per-item gradients in that basis (a second pass over the data, with
-    the same cotangents and Monte-Carlo draws as the first):
+    the same cotangents and Monte-Carlo draws as the first; the first pass's last batch
+    keeps its taps for it, so one-batch data are linearized once):
 
     ``s = c sum_t sum_m ((Q_B^T g_t,m) (Q_A^T a_t)^T)^2`` (elementwise),
 
@@ -120,13 +121,17 @@ class EKFACLinearOperator(_KroneckerCurvature):
     """
 
     fisher_types = FISHER_TYPES
+    _retain_taps = True  # the scalings' pass reuses the factors' last batch
     psd = True  # non-negative eigenvalues (sums of squares) in an orthogonal basis
 
     def _build(self):
-        factors = self._kfac_factors()
-        self._set_factor_dicts(factors)
-        bases = self._bases(factors)
-        weight_sums, bias_sums = self._scaling_sums(bases)
+        try:
+            factors = self._kfac_factors()
+            self._set_factor_dicts(factors)
+            bases = self._bases(factors)
+            weight_sums, bias_sums = self._scaling_sums(bases)
+        finally:  # retained taps belong to this build only
+            self._retained = None
         c = self._normalization()
         self._set_scalings(
             bases,
@@ -210,8 +215,8 @@ class EKFACLinearOperator(_KroneckerCurvature):
         the old operator (``(R_B * R_B) S (R_A * R_A)^T`` with ``R = Q_new^T Q_old``,
         the Frobenius-closest diagonal); without it the basis stays. Then the
         scalings become ``decay * old + (1 - decay) * s_batch`` with ``s_batch`` the
-        batch's second moments in the (new) basis. One forward and two backward passes
-        (the factor statistics and the scalings, with the same cotangents); no
+        batch's second moments in the (new) basis. One forward and one backward pass
+        (the factor statistics and the scalings share the batch's taps); no
         determinism check, no counting pass.
 
         Parameters
@@ -246,16 +251,19 @@ class EKFACLinearOperator(_KroneckerCurvature):
         >>> bool(np.allclose(E.update(second, decay=0.0).to_dense(), E1.to_dense()))
         True
         """
-        factors, decay, (triple, scale) = self._averaged_factors(batch, decay, params)
-        old_bases = self._current_bases()
-        old_w, old_b = self._current_scalings()
-        self._set_factor_dicts(factors)
-        if refresh_basis:
-            bases = self._bases(factors)
-            old_w, old_b = self._carried_scalings(old_bases, bases, old_w, old_b)
-        else:
-            bases = old_bases
-        batch_w, batch_b = self._scaling_sums(bases, [triple])
+        try:
+            factors, decay, (triple, scale) = self._averaged_factors(batch, decay, params)
+            old_bases = self._current_bases()
+            old_w, old_b = self._current_scalings()
+            self._set_factor_dicts(factors)
+            if refresh_basis:
+                bases = self._bases(factors)
+                old_w, old_b = self._carried_scalings(old_bases, bases, old_w, old_b)
+            else:
+                bases = old_bases
+            batch_w, batch_b = self._scaling_sums(bases, [triple])
+        finally:  # the batch's retained taps belong to this update only
+            self._retained = None
         weights = [_averaged(o, n, decay, scale) for o, n in zip(old_w, batch_w, strict=True)]
         biases = [_averaged(o, n, decay, scale) for o, n in zip(old_b, batch_b, strict=True)]
         self._set_scalings(bases, weights, biases)
@@ -369,8 +377,8 @@ class EKFACLinearOperator(_KroneckerCurvature):
         ``sum ((Q_B^T g)(Q_A^T a)^T)^2`` per layer."""
         weight_sums = [None] * len(self.layers)
         bias_sums = [None] * len(self.layers)
-        for index, X, y in self._batches() if batches is None else batches:
-            taps = self._matrix_taps(self._taps(index, X, y))
+        for raw_taps in self._second_pass_taps(batches):
+            taps = self._matrix_taps(raw_taps)
             for i, (layer, tap, basis) in enumerate(zip(self.layers, taps, bases, strict=True)):
                 if basis is None:  # an exact block: nothing to refit
                     continue
@@ -386,6 +394,20 @@ class EKFACLinearOperator(_KroneckerCurvature):
                 if s_b is not None:
                     bias_sums[i] = _add(bias_sums[i], s_b)
         return weight_sums, bias_sums
+
+    def _second_pass_taps(self, batches):
+        """The taps of each batch for the scalings: the batch that the factors' pass
+        retained first (the same cotangents and draws; not recomputed), then the others."""
+        retained, self._retained = self._retained, None
+        skip = None
+        if retained is not None:
+            skip, taps = retained
+            del retained
+            yield taps
+            del taps  # released before the next batch's taps are computed
+        for index, X, y in self._batches() if batches is None else batches:
+            if index != skip:
+                yield self._taps(index, X, y)
 
     def _item_sums(self, layer, tap, Q_B, Q_A):
         """Sums for a layer without shared axes: an item is a datum, gradients rank one."""

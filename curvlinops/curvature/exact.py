@@ -25,7 +25,14 @@ from __future__ import annotations
 
 import math
 
-from ..models import Tier, TraceableLinearMap, flatten_params, unflatten_params
+from ..models import (
+    OUTPUTS,
+    OutputsFunction,
+    Tier,
+    TraceableLinearMap,
+    flatten_params,
+    unflatten_params,
+)
 from ._data import batch_seed, check_mc_samples
 from .base import CurvatureLinearOperator
 
@@ -108,8 +115,11 @@ class GGNLinearOperator(CurvatureLinearOperator):
         return bool(getattr(loss, "is_natural", False))
 
     def _batch_matmat(self, lin, y, tangents, scale, index):
-        Jv = lin.jvp(tangents)
-        return lin.vjp(scale * self.loss.hessian_matmat(lin.outputs, y, Jv))
+        # the loss Hessian as a traceable map: JAX runs J^T H_L J v in one compiled call
+        loss_hessian = TraceableLinearMap(
+            _scaled_loss_hessian(self.loss), operands=(scale, lin.outputs, y), symmetric=True
+        )
+        return lin.gauss_newton_vjp(tangents, loss_hessian)
 
 
 class HessianLinearOperator(CurvatureLinearOperator):
@@ -139,16 +149,16 @@ class HessianLinearOperator(CurvatureLinearOperator):
     required_tier = Tier.SECOND_ORDER
 
     def _batch_matmat(self, lin, y, tangents, scale, index):
-        f = lin.outputs
-        # A bound method (the same function for every batch and product) with the
-        # batch's arrays as operands: autodiff frontends may trace and compile it.
+        # One function object per loss configuration (the same for every batch, product
+        # and operator) with the batch's arrays as operands: autodiff frontends may
+        # trace and compile it once (JAX: a static argument of jit). OUTPUTS stands for
+        # the outputs, so that JAX computes them inside its second-order pass.
+        operands = (scale, OUTPUTS, y)
+        loss_gradient = OutputsFunction(_scaled_loss_gradient(self.loss), operands=operands)
         loss_hessian = TraceableLinearMap(
-            self._scaled_loss_hessian, operands=(scale, f, y), symmetric=True
+            _scaled_loss_hessian(self.loss), operands=operands, symmetric=True
         )
-        return lin.second_order_vjp(scale * self.loss.gradient(f, y), tangents, loss_hessian)
-
-    def _scaled_loss_hessian(self, scale, outputs, targets, V):
-        return scale * self.loss.hessian_matmat(outputs, targets, V)
+        return lin.second_order_vjp(loss_gradient, tangents, loss_hessian)
 
 
 class GGNResidualLinearOperator(CurvatureLinearOperator):
@@ -382,3 +392,47 @@ class TransposedJacobianLinearOperator(_JacobianProducts):
 
     def adjoint(self):
         return self._as(JacobianLinearOperator)
+
+
+#: ``(kind, type, attributes)`` of a loss -> its function (see _loss_function)
+_LOSS_FUNCTIONS: dict = {}
+
+
+def _loss_function(loss, kind, make):
+    """One function object ``make(loss)`` per ``kind`` and loss configuration (type and
+    attributes), so that a frontend that compiles it (JAX) does so once per batch
+    shape, not once per operator or loss object. A loss with unhashable attributes
+    gets a function of its own."""
+    try:
+        key = (kind, type(loss), tuple(sorted(vars(loss).items())))
+        hash(key)
+    except TypeError:
+        return make(loss)
+    found = _LOSS_FUNCTIONS.get(key)
+    if found is None:
+        found = _LOSS_FUNCTIONS[key] = make(loss)
+    return found
+
+
+def _scaled_loss_hessian(loss):
+    """``(scale, f, y, V) -> scale * loss.hessian_matmat(f, y, V)`` (one per loss config)."""
+
+    def make(loss):
+        def scaled_hessian(scale, outputs, targets, V):
+            return scale * loss.hessian_matmat(outputs, targets, V)
+
+        return scaled_hessian
+
+    return _loss_function(loss, "hessian", make)
+
+
+def _scaled_loss_gradient(loss):
+    """``(scale, f, y) -> scale * loss.gradient(f, y)`` (one per loss configuration)."""
+
+    def make(loss):
+        def scaled_gradient(scale, outputs, targets):
+            return scale * loss.gradient(outputs, targets)
+
+        return scaled_gradient
+
+    return _loss_function(loss, "gradient", make)

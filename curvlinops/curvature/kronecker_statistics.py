@@ -174,6 +174,9 @@ class _KroneckerCurvature(CurvatureLinearOperator):
     """
 
     required_tier = Tier.LAYER_TAPS
+    #: keep the last batch's taps after a pass of :meth:`_accumulate` (in ``_retained``)
+    _retain_taps = False
+    _retained = None
     #: the ``fisher_type`` values a subclass accepts
     fisher_types: tuple = ()
 
@@ -494,10 +497,16 @@ class _KroneckerCurvature(CurvatureLinearOperator):
 
     def _accumulate(self, batches=None):
         """One pass over the data (or over ``batches``, ``(index, X, y)`` triples): input
-        statistics and ``sum G^T G`` per layer."""
+        statistics and ``sum G^T G`` per layer.
+
+        With ``_retain_taps`` the last batch's ``(index, taps)`` stay in ``_retained``
+        for a second pass (EKFAC's scalings), which then need not recompute them: one
+        batch's taps, which the pass held anyway, so the peak memory does not grow.
+        """
         xp = self.xp
         inputs, grads = None, None
         for index, X, y in self._batches() if batches is None else batches:
+            self._retained = None  # release the previous batch's taps before the next's
             taps = self._taps(index, X, y)
             if inputs is None:
                 inputs = [_InputStatistics() for _ in taps]
@@ -516,6 +525,8 @@ class _KroneckerCurvature(CurvatureLinearOperator):
                 if G is not None:
                     gg = xp.matrix_transpose(G) @ G
                     grads[i] = gg if grads[i] is None else grads[i] + gg
+            if self._retain_taps:
+                self._retained = (index, taps)
         if inputs is None:
             raise ValueError("The data contain no batches; K-FAC needs at least one.")
         return inputs, grads

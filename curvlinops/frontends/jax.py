@@ -63,10 +63,12 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on the enviro
     ) from error
 
 from ..models import (
+    OUTPUTS,
     LayerTap,
     Linearization,
     MissingTierError,
     Model,
+    OutputsFunction,
     Tier,
     TraceableLinearMap,
     param_shapes,
@@ -420,9 +422,9 @@ class JaxModel(Model):
 
     def linearize(self, params, x) -> Linearization:
         self._check_inputs(params, x)
-        params = list(params)
-        outputs, pullback = self._compiled.linearize(self._apply, params, x)
-        return _JaxLinearization(self, params, x, outputs, pullback)
+        # the forward pass runs when the outputs or a first-order product ask for it: a
+        # Hessian product recomputes the outputs inside its own compiled pass
+        return _JaxLinearization(self, list(params), x)
 
     # -- internals --------------------------------------------------------------------
 
@@ -509,9 +511,30 @@ def _check_committed_devices(name, params, x):
 class _JaxLinearization(Linearization):
     """Outputs of one compiled forward pass and the pullback that reuses it."""
 
-    def __init__(self, model, params, x, outputs, pullback):
-        super().__init__(model, params, x, outputs)
-        self._pullback = pullback
+    _traces_outputs = True
+
+    def __init__(self, model, params, x):
+        self._forward = None
+        super().__init__(model, params, x, None)
+
+    @property
+    def outputs(self):
+        return self._forward_pass()[0]
+
+    @outputs.setter
+    def outputs(self, value):  # the base class's assignment; the pass sets them
+        if value is not None:
+            raise AttributeError("The outputs of a JAX linearization come from its pass.")
+
+    @property
+    def _pullback(self):
+        return self._forward_pass()[1]
+
+    def _forward_pass(self):
+        if self._forward is None:
+            model = self.model
+            self._forward = model._compiled.linearize(model._apply, self.params, self.x)
+        return self._forward
 
     def _jvp(self, tangents):
         return self.model._compiled.push(self._pullback, self.outputs, list(tangents))
@@ -519,8 +542,38 @@ class _JaxLinearization(Linearization):
     def _vjp(self, cotangents):
         return self.model._compiled.pull(self._pullback, cotangents)
 
+    def _gauss_newton_vjp(self, tangents, cotangent_map):
+        if not isinstance(cotangent_map, TraceableLinearMap):
+            return super()._gauss_newton_vjp(tangents, cotangent_map)
+        # push, map and pull in one compiled call: no dispatch of the map's operations
+        return self.model._compiled.gauss_newton(
+            self._pullback,
+            self.outputs,
+            cotangent_map.function,
+            list(tangents),
+            cotangent_map.operands,
+        )
+
     def _second_order_vjp(self, cotangent, tangents, cotangent_tangent):
         model = self.model
+        fused = isinstance(cotangent, OutputsFunction)
+        if fused and isinstance(cotangent_tangent, TraceableLinearMap):
+            # u and A from the outputs of the compiled pass itself: no separate forward
+            where_u, u_operands = _split_outputs(cotangent.operands)
+            where_A, A_operands = _split_outputs(cotangent_tangent.operands)
+            return model._compiled.second_order_from_outputs(
+                model._apply,
+                (cotangent.function, where_u, cotangent_tangent.function, where_A),
+                self.params,
+                self.x,
+                list(tangents),
+                u_operands,
+                A_operands,
+            )
+        if fused:  # the placeholders resolved with this linearization's outputs
+            cotangent = cotangent.evaluate(self.outputs)
+        if isinstance(cotangent_tangent, TraceableLinearMap):
+            cotangent_tangent = cotangent_tangent.with_outputs(self.outputs)
         if isinstance(cotangent_tangent, TraceableLinearMap):
             # One compiled forward-over-reverse pass, w = A(J v) computed inside it.
             return model._compiled.second_order_traceable(
@@ -1351,6 +1404,11 @@ def _push(pullback, outputs, tangents):
     return jax.vmap(lambda v: push((v,))[0], in_axes=-1, out_axes=-1)(tangents)
 
 
+def _gauss_newton(pullback, outputs, map_function, tangents, operands):
+    """``J^T A(J V)`` with ``A = map_function(*operands, .)``: push, map and pull."""
+    return _pull(pullback, map_function(*operands, _push(pullback, outputs, tangents)))
+
+
 def _second_order(apply, params, x, u, tangents, w):
     """``sum u Hess(f) v + J^T w`` per column: the jvp of the vjp (forward over reverse)."""
 
@@ -1389,26 +1447,71 @@ def _second_order_traceable(apply, map_function, params, x, u, tangents, operand
     return jax.vmap(single, in_axes=-1, out_axes=-1)(tangents)
 
 
+def _split_outputs(operands):
+    """``(positions of OUTPUTS, the other operands)``: the positions are static."""
+    where = tuple(i for i, o in enumerate(operands) if o is OUTPUTS)
+    return where, tuple(o for o in operands if o is not OUTPUTS)
+
+
+def _with_outputs(where, operands, outputs):
+    """The operands with ``outputs`` put back at the positions ``where``."""
+    full, rest = [], iter(operands)
+    for i in range(len(where) + len(operands)):
+        full.append(outputs if i in where else next(rest))
+    return tuple(full)
+
+
+def _second_order_from_outputs(apply, maps, params, x, tangents, u_operands, A_operands):
+    """``sum u Hess(f) v + J^T A J v`` per column with ``u`` and ``A`` computed from the
+    outputs inside the pass (see :func:`_second_order_traceable`)."""
+    u_function, where_u, A_function, where_A = maps
+
+    def transposed_jacobian_product(p):
+        outputs, pullback = jax.vjp(lambda q: apply(q, x), p)
+        fixed = jax.lax.stop_gradient(outputs)  # u and A are evaluated at the outputs
+        u = u_function(*_with_outputs(where_u, u_operands, fixed))
+        carrier = (outputs - fixed)[..., None]  # zero, with tangent J v
+        w = A_function(*_with_outputs(where_A, A_operands, fixed), carrier)[..., 0]
+        return pullback(u + w)[0]
+
+    def single(v):
+        return jax.jvp(transposed_jacobian_product, (params,), (v,))[1]
+
+    return jax.vmap(single, in_axes=-1, out_axes=-1)(tangents)
+
+
 @dataclass(frozen=True)
 class _Functions:
     forward: object
     linearize: object
     pull: object
     push: object
+    gauss_newton: object
     second_order: object
     second_order_traceable: object
+    second_order_from_outputs: object
     taps: object
 
 
 _EAGER = _Functions(
-    _forward, _linearize, _pull, _push, _second_order, _second_order_traceable, _taps
+    _forward,
+    _linearize,
+    _pull,
+    _push,
+    _gauss_newton,
+    _second_order,
+    _second_order_traceable,
+    _second_order_from_outputs,
+    _taps,
 )
 _COMPILED = _Functions(
     forward=jax.jit(_forward, static_argnums=0),
     linearize=jax.jit(_linearize, static_argnums=0),
     pull=jax.jit(_pull),
     push=jax.jit(_push),
+    gauss_newton=jax.jit(_gauss_newton, static_argnums=2),
     second_order=jax.jit(_second_order, static_argnums=0),
     second_order_traceable=jax.jit(_second_order_traceable, static_argnums=(0, 1)),
+    second_order_from_outputs=jax.jit(_second_order_from_outputs, static_argnums=(0, 1)),
     taps=jax.jit(_taps, static_argnums=(0, 1, 2)),
 )

@@ -28,6 +28,7 @@ from .._backend import (
     array_namespace,
     check_invertible_spectrum,
     checked_eigh,
+    checked_eigvalsh,
     device as array_device,
     diag_matrix,
     dtype_name,
@@ -353,12 +354,27 @@ class DenseLinearOperator(LinearOperator):
         return cached
 
     def eigvalsh(self):
-        """Eigenvalues (ascending) of a matrix declared symmetric, via ``linalg.eigvalsh``."""
+        """Eigenvalues (ascending) of a matrix declared symmetric, cached.
+
+        Those of :meth:`eigh` when it has run; otherwise computed without eigenvectors
+        (a fraction of the cost) and kept.
+        """
         if not self.is_symmetric:
             raise NotImplementedError(
                 "eigvalsh needs a dense operator declared symmetric (symmetric=True)."
             )
-        return self.xp.linalg.eigvalsh(self.A)
+        cached = self._cached_eigh()
+        if cached is not None:
+            return cached[0]
+        values = getattr(self, "_eigvalsh", None)
+        if values is None:
+            values = checked_eigvalsh(self.A, self.xp, name="symmetric dense matrix")
+            self._eigvalsh = values
+        return values
+
+    def _cached_eigh(self):
+        """The ``(eigenvalues, eigenvectors)`` of :meth:`eigh` if computed, else None."""
+        return getattr(self, "_eigh", None)
 
     def _logdet(self, damping):
         xp = self.xp

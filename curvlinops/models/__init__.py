@@ -8,11 +8,13 @@ from .adapters import as_model, register_model_adapter
 from .layers import LinearizedLayer, MissingLayerRuleError
 from .params import check_params, flatten_params, num_params, param_shapes, unflatten_params
 from .protocol import (
+    OUTPUTS,
     Capability,
     LayerTap,
     Linearization,
     MissingTierError,
     Model,
+    OutputsFunction,
     Tier,
     TraceableLinearMap,
 )
@@ -25,6 +27,8 @@ __all__ = [
     "MissingLayerRuleError",
     "MissingTierError",
     "Model",
+    "OUTPUTS",
+    "OutputsFunction",
     "Tier",
     "TraceableLinearMap",
     "as_model",

@@ -179,6 +179,63 @@ class LayerTap:
             raise ValueError(f"LayerTap kind must be one of {TAP_KINDS}, got {self.kind!r}.")
 
 
+class _OutputsPlaceholder:
+    """The type of :data:`OUTPUTS`."""
+
+    def __repr__(self) -> str:
+        return "OUTPUTS"
+
+    def __reduce__(self):  # one instance, also after pickling
+        return "OUTPUTS"
+
+
+#: In the operands of an :class:`OutputsFunction` or a :class:`TraceableLinearMap`
+#: given to :meth:`Linearization.second_order_vjp`: the model's outputs at the
+#: linearization point. A frontend that recomputes the outputs inside its compiled
+#: second-order pass (JAX) then needs no separate forward pass; the others substitute
+#: ``Linearization.outputs``.
+OUTPUTS = _OutputsPlaceholder()
+
+
+def _resolved(operands, outputs):
+    return tuple(outputs if o is OUTPUTS else o for o in operands)
+
+
+class OutputsFunction:
+    """An array computed from the model's outputs with array-API calls: ``function(*operands)``.
+
+    The cotangent ``u`` of :meth:`Linearization.second_order_vjp` may be given this
+    way (e.g. a loss gradient), with :data:`OUTPUTS` among ``operands`` standing for
+    the outputs, so that a frontend may compute it inside its own transforms (JAX:
+    ``function`` is a static argument of ``jit``; pass the same function object every
+    time).
+
+    Parameters
+    ----------
+    function : callable
+        ``function(*operands)`` returns an array of the outputs' shape.
+    operands : tuple
+        Arrays, scalars and :data:`OUTPUTS`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> u = OutputsFunction(lambda c, f: c * f, operands=(2.0, OUTPUTS))
+    >>> u.evaluate(np.ones((1, 2))).tolist()
+    [[2.0, 2.0]]
+    """
+
+    def __init__(self, function, *, operands=()):
+        if not callable(function):
+            raise TypeError(f"OutputsFunction needs a callable, got {type(function).__name__}.")
+        self.function = function
+        self.operands = tuple(operands)
+
+    def evaluate(self, outputs):
+        """``function(*operands)`` with :data:`OUTPUTS` replaced by ``outputs``."""
+        return self.function(*_resolved(self.operands, outputs))
+
+
 class TraceableLinearMap:
     """A linear map ``w = A(J v)`` of output-space vectors, written with array-API calls.
 
@@ -228,6 +285,14 @@ class TraceableLinearMap:
     def __call__(self, v):
         return self.function(*self.operands, v)
 
+    def with_outputs(self, outputs):
+        """This map with :data:`OUTPUTS` among its operands replaced by ``outputs``."""
+        if not any(o is OUTPUTS for o in self.operands):
+            return self
+        return TraceableLinearMap(
+            self.function, operands=_resolved(self.operands, outputs), symmetric=self.symmetric
+        )
+
     def __repr__(self) -> str:
         return (
             f"TraceableLinearMap({self.function!r}, operands=<{len(self.operands)}>, "
@@ -246,6 +311,9 @@ class Linearization:
     outputs : array
         The model's outputs ``(N, C)`` (or ``(N, S, C)``).
     """
+
+    #: whether ``_second_order_vjp`` takes :data:`OUTPUTS` placeholders itself (JAX)
+    _traces_outputs = False
 
     def __init__(self, model: Model, params, x, outputs):
         self.model = model
@@ -271,13 +339,52 @@ class Linearization:
         grads = self._vjp(cotangents)
         return [g[..., 0] for g in grads] if squeeze else grads
 
+    def gauss_newton_vjp(self, tangents, cotangent_map):
+        """``J^T A(J v)``: a Gauss-Newton product through a linear map ``A`` of the outputs.
+
+        Parameters
+        ----------
+        tangents : list of arrays
+            ``v`` shaped like the parameters (plus trailing ``K``).
+        cotangent_map : callable
+            A *linear* function from ``J v`` (``outputs.shape + (K,)``) to cotangents of
+            the same shape (e.g. a loss Hessian). Wrapped in :class:`TraceableLinearMap`
+            a frontend may run the three steps in one compiled call (JAX); otherwise,
+            and by default, it is ``vjp(cotangent_map(jvp(v)))``.
+
+        Returns
+        -------
+        list of arrays
+            Shaped like the parameters (plus trailing ``K``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops import nn
+        >>> model = nn.Sequential(nn.Linear(3, 2))
+        >>> params = model.init(0, xp=xp, dtype=xp.float64)
+        >>> lin = model.linearize(params, np.ones((4, 3)))
+        >>> v = [np.ones_like(p) for p in params]
+        >>> double = TraceableLinearMap(lambda c, u: c * u, operands=(2.0,))
+        >>> all(np.allclose(a, 2 * b) for a, b in
+        ...     zip(lin.gauss_newton_vjp(v, double), lin.vjp(lin.jvp(v)), strict=True))
+        True
+        """
+        tangents, squeeze = self._batch_tangents(tangents)
+        out = self._gauss_newton_vjp(tangents, cotangent_map)
+        return [g[..., 0] for g in out] if squeeze else out
+
     def second_order_vjp(self, cotangent, tangents, cotangent_tangent=None):
         """``sum_nc u_nc Hess(f_nc) v + J^T w``: the derivative of ``J^T u`` along ``v``.
 
         Parameters
         ----------
-        cotangent : array
-            ``u`` of the outputs' shape (no ``K`` axis), e.g. the loss gradient.
+        cotangent : array or OutputsFunction
+            ``u`` of the outputs' shape (no ``K`` axis), e.g. the loss gradient; an
+            :class:`OutputsFunction` of the outputs lets a frontend compute it inside
+            its compiled pass (and :data:`OUTPUTS` may then stand for the outputs in
+            the operands of a :class:`TraceableLinearMap` ``cotangent_tangent``).
         tangents : list of arrays
             ``v`` shaped like the parameters (plus trailing ``K``).
         cotangent_tangent : None, array or callable
@@ -288,6 +395,11 @@ class Linearization:
             :class:`TraceableLinearMap` when it is written with array-API calls only.
         """
         self.model.require(Tier.SECOND_ORDER, "second_order_vjp (Hessian products)")
+        if not self._traces_outputs:  # OUTPUTS stands for the outputs computed here
+            if isinstance(cotangent, OutputsFunction):
+                cotangent = cotangent.evaluate(self.outputs)
+            if isinstance(cotangent_tangent, TraceableLinearMap):
+                cotangent_tangent = cotangent_tangent.with_outputs(self.outputs)
         tangents, squeeze = self._batch_tangents(tangents)
         if cotangent_tangent is not None and not callable(cotangent_tangent):
             w = cotangent_tangent
@@ -337,6 +449,9 @@ class Linearization:
 
     def _second_order_vjp(self, cotangent, tangents, cotangent_tangent):
         raise NotImplementedError
+
+    def _gauss_newton_vjp(self, tangents, cotangent_map):
+        return self._vjp(cotangent_map(self._jvp(tangents)))
 
     def _layer_taps(self, cotangents):
         raise NotImplementedError

@@ -25,6 +25,7 @@ from curvlinops._backend import (
     can_cast_losslessly,
     checked_cholesky,
     checked_eigh,
+    checked_eigvalsh,
     default_float_dtype,
     device,
     diag_matrix,
@@ -36,6 +37,7 @@ from curvlinops._backend import (
     normal,
     rademacher,
     solve_triangular,
+    spd_inverse,
     to_numpy,
     uniform,
 )
@@ -201,6 +203,34 @@ def test_checked_eigh(backend, dtype_name):
     bad = backend.asarray(np.array([[1.0, np.nan], [np.nan, 1.0]]), dtype_name)
     with pytest.raises(FactorizationError, match="NaN"):
         checked_eigh(bad, backend.xp)
+
+
+def test_checked_eigvalsh(backend, dtype_name):
+    rng = np.random.default_rng(4)
+    G = rng.normal(size=(5, 5))
+    A = ((G + G.T) / 2).astype(dtype_name).astype(np.float64)
+    w = checked_eigvalsh(backend.asarray(A, dtype_name), backend.xp)
+    check_native(backend, w, (5,), dtype_name)
+    close(backend, w, np.linalg.eigvalsh(A), dtype_name)  # ascending, as NumPy's
+    bad = backend.asarray(np.array([[1.0, np.inf], [np.inf, 1.0]]), dtype_name)
+    with pytest.raises(FactorizationError, match="NaN or Inf"):
+        checked_eigvalsh(bad, backend.xp)
+
+
+def test_spd_inverse(backend, dtype_name):
+    rng = np.random.default_rng(5)
+    G = rng.normal(size=(6, 6))
+    A = (G @ G.T + 0.5 * np.eye(6)).astype(dtype_name).astype(np.float64)
+    inv = spd_inverse(backend.asarray(A, dtype_name), backend.xp)
+    check_native(backend, inv, (6, 6), dtype_name)
+    expected = np.linalg.inv(A)
+    rtol, _ = tolerances(dtype_name)
+    scale = np.abs(expected).max() * np.linalg.cond(A)  # forward error ~ cond * eps
+    np.testing.assert_allclose(backend.to_numpy(inv), expected, rtol=0, atol=rtol * scale)
+    np.testing.assert_array_equal(backend.to_numpy(inv), backend.to_numpy(inv).T)
+    indefinite = backend.asarray(np.diag([1.0, -1.0, 2.0]), dtype_name)
+    with pytest.raises(FactorizationError, match="not positive definite"):
+        spd_inverse(indefinite, backend.xp)
 
 
 def test_index_update(backend):

@@ -161,3 +161,31 @@ def test_products_on_every_backend(backend):
     d = 0.2
     expected = np.linalg.inv(reference + d * np.eye(len(reference))) @ V
     assert_close(backend.to_numpy(E.inverse(d) @ to(V)), expected, 1e-8)
+
+
+def test_scalings_pass_reuses_the_last_batch_of_the_factors_pass(monkeypatch):
+    """Each batch is linearized once for the factors and once more for the scalings,
+    except the last, whose taps the factors' pass keeps; an update linearizes once.
+    The scalings stay the diagonal of the exact block in the eigenbasis."""
+    model, _, params, data, *_, loss = problem("ce", widths=(3, 4, 3), N=9, splits=(3, 6), seed=8)
+    calls = []
+    linearize = model.linearize
+    monkeypatch.setattr(
+        model, "linearize", lambda p, X: calls.append(X.shape[0]) or linearize(p, X)
+    )
+    E = EKFACLinearOperator(
+        model, loss, params, data, separate_weight_and_bias=False, check_deterministic=False
+    )
+    assert calls == [3, 3, 3, 3, 3]  # three batches for the factors, two for the scalings
+    G = ggn(model, loss, params, data)
+    for layer, group in zip(E.layers, layer_groups(model, False), strict=True):
+        Q = np.kron(E.output_eigenvectors[layer.name], E.input_eigenvectors[layer.name])
+        flat = joint_order((layer.d_out, layer.d_in))
+        G_block = np.zeros((len(flat),) * 2)
+        G_block[np.ix_(flat, flat)] = block(G, params, group)
+        expected = np.diag(Q.T @ G_block @ Q).reshape(layer.d_out, layer.d_in + 1)
+        assert_close(E.scalings[layer.name], expected)
+    calls.clear()
+    E.update(data[0], decay=0.5)
+    assert calls == [3]
+    assert E._retained is None  # the kept taps are released after each use

@@ -473,6 +473,34 @@ def test_factored_inverse_reuses_the_cached_eigendecompositions(monkeypatch):
     assert first == 2 * len(K.layers) and len(calls) == first
 
 
+@pytest.mark.parametrize("separate", [True, False])
+def test_factored_inverse_without_eigenvectors(separate, monkeypatch):
+    """Fresh factors: the factored inverse takes only eigenvalues (for the conditioning
+    rule) and Cholesky inverses, and equals the formula; after the exact inverse has
+    cached the eigenvectors it uses them and gives the same matrix."""
+    K, params = _tanh_problem(separate, name="ce")
+    import curvlinops.linalg.structured as structured
+
+    calls = []
+    real = structured.checked_eigh
+    monkeypatch.setattr(
+        structured, "checked_eigh", lambda A, *a, **k: calls.append(A.shape) or real(A, *a, **k)
+    )
+    d = 0.3
+
+    def pi_shift(A, B):
+        pi = np.sqrt((np.trace(A) / len(A)) / (np.trace(B) / len(B)))
+        return pi * np.sqrt(d), np.sqrt(d) / pi, d
+
+    expected = _factored_reference(K, params, pi_shift, separate)
+    fresh = K.factored_inverse(d, pi_damping=True).to_dense()
+    assert calls == []
+    assert_close(fresh, expected, 1e-12)
+    K.inverse(d)
+    assert len(calls) == 2 * len(K.layers)
+    assert_close(K.factored_inverse(d, pi_damping=True).to_dense(), expected, 1e-12)
+
+
 # -- backends, other models, errors ----------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import pytest
 from frontends_mlp import BATCH_SIZES, flat, jax_mlp, mlp_problem, torch_mlp, unflat_torch
 
 from curvlinops import (
+    OUTPUTS,
     CrossEntropyLoss,
     EFLinearOperator,
     FisherLinearOperator,
@@ -22,6 +23,7 @@ from curvlinops import (
     HessianLinearOperator,
     JacobianLinearOperator,
     MSELoss,
+    OutputsFunction,
     TraceableLinearMap,
     to_numpy,
 )
@@ -350,3 +352,29 @@ def test_jax_model_refuses_tap_based_operators(problem):
     data = problem.batches(problem.y_class, convert)
     with pytest.raises(MissingTierError, match="tier 3"):
         GGNDiagonalLinearOperator(model, CrossEntropyLoss(), params, data)
+
+
+def _scaled(c, f):
+    return c * f
+
+
+def _outputs_squared_times(f, Jv):
+    """``diag(f^2)`` applied to each datum's output vectors (symmetric)."""
+    return (f * f)[..., None] * Jv
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_second_order_vjp_from_outputs_placeholders(problem, linearizations, frontend):
+    """``u = c f`` and ``A = diag(f^2)`` given through OUTPUTS (JAX computes them inside
+    its compiled pass, the others from the linearization's outputs) equal the same
+    product with the native outputs' arrays."""
+    native, lin = linearizations["native"], linearizations[frontend]
+    V, _ = _vectors(problem, 2, seed=5)
+    f = native.outputs
+    u = OutputsFunction(_scaled, operands=(0.7, OUTPUTS))
+    A = TraceableLinearMap(_outputs_squared_times, operands=(OUTPUTS,), symmetric=True)
+    tangents = V if frontend == "native" else [_to(frontend, v) for v in V]
+    got = lin.second_order_vjp(u, tangents, A)
+    want = native.second_order_vjp(0.7 * f, V, lambda Jv: (f * f)[..., None] * Jv)
+    for g, w in zip(got, want, strict=True):
+        assert_close(to_numpy(g), w)

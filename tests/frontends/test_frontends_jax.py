@@ -187,3 +187,134 @@ def test_float32_parameters_give_float32_products(problem):
     np.testing.assert_allclose(
         to_numpy(result), expected @ np.ones(G.shape[1]), rtol=2e-4, atol=2e-5
     )
+
+
+def _counted_marked_mlp():
+    """A fresh two-layer function with marked layers (so that no compiled function of an
+    earlier test is reused) and the list of input shapes it was traced with."""
+    from curvlinops.frontends.jax import dense
+
+    traces = []
+
+    def marked(p, x):
+        traces.append(tuple(x.shape))  # runs only while JAX traces the function
+        return dense(jnp.tanh(dense(x, p[0], p[1])), p[2], p[3])
+
+    return marked, traces
+
+
+def _marked_problem(marked):
+    rng = np.random.default_rng(7)
+    shapes = [(4, 5), (4,), (3, 4), (3,)]
+    params = [jnp.asarray(rng.standard_normal(s)) for s in shapes]
+    X = jnp.asarray(rng.standard_normal((10, 5)))
+    y = jnp.asarray(rng.integers(0, 3, size=10))
+    data = [(X[:4], y[:4]), (X[4:], y[4:])]  # two batch shapes: 4 and 6
+    return JaxModel(marked, params, layer_taps=True), params, data
+
+
+def _products(op):
+    P = op.shape[1]
+    for _ in range(2):
+        op @ jnp.ones(P)
+        op @ jnp.ones((P, 2))
+
+
+_PRODUCT_OPERATORS = {
+    "GGN": lambda m, p, d: GGNLinearOperator(m, CrossEntropyLoss(), p, d),
+    "GGN cached": lambda m, p, d: GGNLinearOperator(m, CrossEntropyLoss(), p, d, cache=True),
+    "Hessian": lambda m, p, d: HessianLinearOperator(m, CrossEntropyLoss(), p, d),
+    "EF": lambda m, p, d: _exact("EFLinearOperator", m, p, d),
+    "Fisher": lambda m, p, d: _exact("FisherLinearOperator", m, p, d),
+}
+
+
+def _exact(name, model, params, data):
+    import curvlinops
+
+    return getattr(curvlinops, name)(model, CrossEntropyLoss(), params, data)
+
+
+@pytest.mark.parametrize("name", list(_PRODUCT_OPERATORS))
+def test_products_over_an_iterable_compile_once_per_batch_shape(name):
+    marked, traces = _counted_marked_mlp()
+    model, params, data = _marked_problem(marked)
+    op = _PRODUCT_OPERATORS[name](model, params, data)
+    _products(op)  # matvecs and matmats over both batches
+    first = list(traces)
+    _products(op)
+    _products(_PRODUCT_OPERATORS[name](model, params, data))  # a new operator too
+    assert traces == first  # no call after the first of each kind traces again
+    assert set(first) == {(4, 5), (6, 5)}
+    # per shape at most: forward, linearization, second order for 1 and for 2 columns
+    assert max(first.count((4, 5)), first.count((6, 5))) <= 4, first
+
+
+_DATA_OPERATORS = {
+    "K-FAC type-2": lambda m, p, d: _kfac("KFACLinearOperator", m, p, d),
+    "K-FAC mc": lambda m, p, d: _kfac("KFACLinearOperator", m, p, d, fisher_type="mc"),
+    "K-FAC empirical": lambda m, p, d: _kfac(
+        "KFACLinearOperator", m, p, d, fisher_type="empirical"
+    ),
+    "EKFAC": lambda m, p, d: _kfac("EKFACLinearOperator", m, p, d),
+    "GGN diagonal": lambda m, p, d: _kfac("GGNDiagonalLinearOperator", m, p, d),
+    "EF diagonal": lambda m, p, d: _kfac("EFDiagonalLinearOperator", m, p, d),
+}
+
+
+def _kfac(name, model, params, data, **kwargs):
+    import curvlinops
+    from curvlinops.curvature.ekfac import EKFACLinearOperator
+
+    cls = EKFACLinearOperator if name == "EKFACLinearOperator" else getattr(curvlinops, name)
+    return cls(model, CrossEntropyLoss(), params, data, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(_DATA_OPERATORS))
+def test_statistics_over_an_iterable_compile_once_per_batch_shape(name):
+    marked, traces = _counted_marked_mlp()
+    model, params, data = _marked_problem(marked)
+    op = _DATA_OPERATORS[name](model, params, data)
+    first = list(traces)
+    _DATA_OPERATORS[name](model, params, data)  # the same passes again: nothing traced
+    if hasattr(op, "update"):  # an update of the same batch shape neither
+        op.update(data[0], decay=0.5)
+        op.update(data[1], decay=0.5)
+    assert traces == first
+    assert set(first) == {(4, 5), (6, 5)}
+    # per shape at most: forward, linearization, the taps' discovery and taps
+    assert max(first.count((4, 5)), first.count((6, 5))) <= 4, first
+
+
+def _times_weights(w, v):
+    return w[..., None] * v
+
+
+def test_gauss_newton_vjp_in_one_compiled_call_against_jacobians(problem):
+    """``J^T A J v`` from the fused compiled call equals the explicit Jacobians' product
+    and the unfused route (a plain callable)."""
+    from curvlinops.models import TraceableLinearMap
+
+    model = JaxModel(jax_mlp, [jnp.asarray(p) for p in problem.params])
+    X = jnp.asarray(problem.X[:4])
+    lin = model.linearize(model.params, X)
+    rng = np.random.default_rng(3)
+    weights = jnp.asarray(rng.uniform(0.5, 2.0, size=lin.outputs.shape))
+    V = [jnp.asarray(rng.standard_normal((*p.shape, 2))) for p in model.params]
+    fused = lin.gauss_newton_vjp(V, TraceableLinearMap(_times_weights, operands=(weights,)))
+    unfused = lin.gauss_newton_vjp(V, lambda v: _times_weights(weights, v))
+    theta = jnp.asarray(flat(model.params))
+    sizes = [p.size for p in model.params]
+
+    def f(t):
+        parts = jnp.split(t, np.cumsum(sizes)[:-1])
+        return jax_mlp(
+            [q.reshape(p.shape) for q, p in zip(parts, model.params, strict=True)], X
+        ).reshape(-1)
+
+    J = np.asarray(jax.jacobian(f)(theta))
+    Vflat = np.concatenate([np.asarray(v).reshape(-1, 2) for v in V])
+    expected = J.T @ (np.asarray(weights).reshape(-1, 1) * (J @ Vflat))
+    for result in (fused, unfused):
+        got = np.concatenate([np.asarray(g).reshape(-1, 2) for g in result])
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
