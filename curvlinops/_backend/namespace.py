@@ -181,8 +181,8 @@ def to_numpy(x) -> np.ndarray:
     if is_cupy_namespace(xp):
         return x.get()
     if is_array_api_strict_namespace(xp):
-        # array-api-strict supports the buffer protocol only on the CPU device;
-        # to_device to its CPU device first.
+        # array-api-strict supports the buffer protocol only on its CPU device
+        x = x.to_device(xp.Device("CPU_DEVICE"))
         return np.asarray(x.__array__() if hasattr(x, "__array__") else x)
     return np.asarray(x)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .namespace import (
+    device,
     dtype_name,
     is_array_api_strict_namespace,
     is_cupy_namespace,
@@ -100,7 +101,9 @@ class RandomGenerator:
         """Draws of +1 and -1 with equal probability."""
         u = self.uniform(shape, dtype)
         xp = self.xp
-        return xp.where(u < 0.5, xp.asarray(-1.0, dtype=dtype), xp.asarray(1.0, dtype=dtype))
+        dev = device(u)
+        minus, plus = (xp.asarray(v, dtype=dtype, device=dev) for v in (-1.0, 1.0))
+        return xp.where(u < 0.5, minus, plus)
 
     # -- internals -----------------------------------------------------------------
 

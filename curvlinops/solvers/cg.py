@@ -14,6 +14,7 @@ May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``._common``, ``._va
 
 from __future__ import annotations
 
+from .._backend import device
 from ._common import (
     BREAKDOWN,
     CONVERGED,
@@ -194,8 +195,8 @@ def _batched_cg(system, callback):
     """The CG iteration on all columns of ``system.B`` at once."""
     xp = system.xp
     B = system.B
-    zero = xp.zeros((), dtype=B.dtype)
-    one = xp.ones((), dtype=B.dtype)
+    zero = xp.zeros((), dtype=B.dtype, device=device(B))
+    one = xp.ones((), dtype=B.dtype, device=device(B))
     preconditioned = system.M is not None
 
     if system.X0 is None:

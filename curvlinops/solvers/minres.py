@@ -11,7 +11,7 @@ May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``._common``, ``._va
 
 from __future__ import annotations
 
-from .._backend import dtype_eps
+from .._backend import device, dtype_eps
 from ._common import BREAKDOWN, CONVERGED, NONFINITE, BatchProgress, coldot, prepare_system, to_host
 from ._validation import SYMMETRIC
 
@@ -143,8 +143,8 @@ def _batched_minres(system, callback):
     """The MINRES iteration on all columns of ``system.B`` at once."""
     xp = system.xp
     B = system.B
-    zero = xp.zeros((), dtype=B.dtype)
-    one = xp.ones((), dtype=B.dtype)
+    zero = xp.zeros((), dtype=B.dtype, device=device(B))
+    one = xp.ones((), dtype=B.dtype, device=device(B))
     eps = dtype_eps(B.dtype)
     least_squares_tol = eps**0.5
     preconditioned = system.M is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -126,3 +128,13 @@ def test_mixed_libraries_and_bad_arguments():
         MSELoss().sample(np.zeros((2, 3)), 0, seed=0)
     with pytest.raises(TypeError, match="seed must be an int"):
         MSELoss().sample(np.zeros((2, 3)), 2, seed=None)
+
+
+@pytest.mark.parametrize(
+    "bad_rows, listed", [(5, "[0, 1, 2, 3, 4] of"), (6, "[0, 1, 2, 3, 4], ... of")]
+)
+def test_non_finite_message_lists_five_data_points_then_an_ellipsis(bad_rows, listed):
+    f = np.zeros((8, 3))
+    f[:bad_rows, 1] = np.nan
+    with pytest.raises(ValueError, match=f"data points {re.escape(listed)} the batch"):
+        MSELoss()(f, np.zeros((8, 3)))

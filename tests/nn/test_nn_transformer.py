@@ -738,6 +738,13 @@ def test_embedding_init_and_errors():
         layer(layer.init(0), np.ones((1, 4, 2)))
     with pytest.raises(ValueError, match=r"expects inputs of shape \(N, ..., 4\)"):
         nn.LayerNorm(4)(nn.LayerNorm(4).init(0), np.ones((2, 3)))
+    emb = nn.Embedding(3, 2)
+    for ids in ([[3]], [[-1]]):  # a single id is checked too
+        with pytest.raises(ValueError, match=r"takes ids in \[0, 3\)"):
+            emb(emb.init(0), np.asarray(ids))
+    assert emb(emb.init(0), np.zeros((0, 1), dtype=np.int64)).shape == (0, 1, 2)
+    assert repr(nn.SinusoidalPositions()) == "SinusoidalPositions()"
+    assert repr(nn.SinusoidalPositions(100.0)) == "SinusoidalPositions(100.0)"
 
 
 @pytest.mark.parametrize("causal", [True, False])

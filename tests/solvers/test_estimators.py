@@ -221,3 +221,12 @@ def test_estimator_errors(numpy_backend):
         hutchinson_squared_frobenius(aslinearoperator(np.ones((3, 4))), 3)
     with pytest.raises(ValueError, match="batch_size"):
         hutchinson_trace(op, 3, batch_size=0)
+
+
+def test_default_seeds_are_zero():
+    # the documented default seed=0: a call without seed reproduces seed=0 exactly
+    A = np.random.default_rng(1).normal(size=(20, 20))
+    op = aslinearoperator(A @ A.T, symmetric=True)
+    for estimator in (hutchinson_trace, hutchpp_trace, xtrace, hutchinson_diagonal, xdiag):
+        np.testing.assert_array_equal(estimator(op, 8), estimator(op, 8, seed=0))
+        assert not np.array_equal(estimator(op, 8), estimator(op, 8, seed=1)), estimator
