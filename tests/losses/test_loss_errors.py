@@ -97,6 +97,7 @@ def test_non_finite_outputs(backend, loss_cls):
             r"targets with Inf entries \(1 of 2; data points \[0\]",
         ),
         (MSELoss, np.array([[1, 2]]), "real floating"),
+        (GaussianNLLLoss, np.array([[1]]), "real floating"),
     ],
 )
 def test_bad_target_values_and_dtypes(loss_cls, targets, message):

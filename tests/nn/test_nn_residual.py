@@ -568,13 +568,13 @@ def test_curvature_walks_refuse_residual_blocks(operator, position):
 def test_the_residuals_own_rules_refuse_with_the_reason():
     layer = nn.Residual(nn.Linear(2, 2))
     bound = layer.linearized(layer.init(0, xp=npx), {"input": np.ones((3, 2))}, npx, name="7")
-    for call in (
-        lambda: bound.backward_curvature(np.ones((3, 2, 2)), np.ones((3, 2))),
-        lambda: bound.curvature_statistics(np.ones((3, 2))),
-        lambda: bound.backward_mean_curvature(np.eye(2), None),
-        lambda: bound.tap(),
+    for rule, call in (
+        ("per-datum", lambda: bound.backward_curvature(np.ones((3, 2, 2)), np.ones((3, 2)))),
+        ("batch-averaged", lambda: bound.curvature_statistics(np.ones((3, 2)))),
+        ("batch-averaged", lambda: bound.backward_mean_curvature(np.eye(2), None)),
+        ("", lambda: bound.tap()),
     ):
-        with pytest.raises(MissingLayerRuleError, match="residual connections"):
+        with pytest.raises(MissingLayerRuleError, match=f"{rule}.*residual connections"):
             call()
 
 

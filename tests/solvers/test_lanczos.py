@@ -156,6 +156,8 @@ def test_eigsh_errors(numpy_backend):
     # API change (issue #11): one message format for counts in every solver.
     with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
         eigsh(op, k=0)
+    with pytest.raises(ValueError, match=r"eigsh: tol must be finite and >= 0, got -1.0"):
+        eigsh(op, k=2, tol=-1.0)
 
 
 def test_eigsh_maxiter_reached(numpy_backend):
