@@ -217,3 +217,21 @@ def test_hessian_diagonal_with_shared_axes_equals_dense_hessian_diagonal(name):
     H = cl.HessianLinearOperator(model, loss, params, shared).to_dense()
     D = cl.HessianDiagonalLinearOperator(model, loss, params, shared)
     np.testing.assert_allclose(D.diagonal(), np.diag(H), rtol=1e-10, atol=1e-13)
+
+
+def test_kfac_exact_blocks_of_elementwise_layers_on_every_backend(backend):
+    # LayerNorm's affine parameters get an exact GGN block, on every array library
+    model = cl.nn.Sequential(
+        cl.nn.Linear(3, 4), cl.nn.LayerNorm(4), cl.nn.Tanh(), cl.nn.Linear(4, 3)
+    )
+    params = model.init(5)
+    rng = np.random.default_rng(5)
+    data = [(rng.normal(size=(6, 3)), rng.normal(size=(6, 3)))]
+    G = cl.GGNLinearOperator(model, cl.MSELoss(), params, data).to_dense()
+    p_b = [backend.asarray(np.asarray(p)) for p in params]
+    data_b = [(backend.asarray(a), backend.asarray(b)) for a, b in data]
+    K = cl.KFACLinearOperator(model, cl.MSELoss(), p_b, data_b)
+    (block,) = K.exact_blocks.values()
+    start = 3 * 4 + 4  # after the first Linear's weight and bias: LayerNorm's weight, bias
+    expected = G[start : start + 8, start : start + 8]
+    np.testing.assert_allclose(backend.to_numpy(block), expected, rtol=1e-10, atol=1e-12)
