@@ -148,7 +148,9 @@ def _data_doc_comment(app, what, name, obj, options, lines):
     from sphinx.pycode import ModuleAnalyzer
     from sphinx.util.docstrings import prepare_docstring
 
-    type_doc = prepare_docstring(type(obj).__doc__ or "")
+    type_doc = type(obj).__doc__
+    # (a NamedTuple field's descriptor type has a descriptor, not a string, as __doc__)
+    type_doc = prepare_docstring(type_doc if isinstance(type_doc, str) else "")
     text = [line for line in lines if line.strip()]
     if what != "data" or (text and text != [line for line in type_doc if line.strip()]):
         return
