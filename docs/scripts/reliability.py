@@ -203,7 +203,7 @@ def table(quick=False):
 
 def _cells(error):
     if isinstance(error, Exception):
-        return f"refused: {type(error).__name__}", "-"
+        return f"refused: {type(error).__name__}", "n/a"  # ("-" would be a bullet)
     return f"{error:.1e}", f"{error / EPS32:.1f}"
 
 
