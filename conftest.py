@@ -20,6 +20,7 @@ for module, library in [
     ("curvlinops/frontends/torch.py", "torch"),
     ("curvlinops/frontends/_torch_params.py", "torch"),
     ("curvlinops/frontends/jax.py", "jax"),
+    ("curvlinops/optim/torch.py", "torch"),
 ]:
     if importlib.util.find_spec(library) is None:
         collect_ignore.append(module)

@@ -154,14 +154,21 @@ def test_adjoint_check_catches_wrong_rmatmat(backend):
 
     def make(rmatmat):
         return CallableLinearOperator(
-            (5, 7), matmat=lambda X: M @ X, rmatmat=rmatmat, dtype=M.dtype, xp=xp
+            (5, 7),
+            matmat=lambda X: M @ X,
+            rmatmat=rmatmat,
+            dtype=M.dtype,
+            xp=xp,
+            device=backend.device,
         )
 
     assert check_adjoint(make(lambda Y: xp.matrix_transpose(M) @ Y)).passed
     wrong = backend.asarray(M_np.T + 0.01 * rng.normal(size=(7, 5)))
     report = check_adjoint(make(lambda Y: wrong @ Y))
     assert not report.passed and report.name == "adjoint"
-    missing = CallableLinearOperator((5, 7), matmat=lambda X: M @ X, dtype=M.dtype, xp=xp)
+    missing = CallableLinearOperator(
+        (5, 7), matmat=lambda X: M @ X, dtype=M.dtype, xp=xp, device=backend.device
+    )
     report = check_adjoint(missing)
     assert not report.passed and "no adjoint product" in report.details
 
