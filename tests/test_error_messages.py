@@ -22,7 +22,6 @@ def _mlp(dtype=npx.float64):
 
 
 def test_non_finite_targets_say_to_clean_the_data():
-    model, params = _mlp()
     y = np.zeros((4, 2))
     y[2, 1] = np.nan
     with pytest.raises(ValueError, match=r"clean the data \(drop or impute the missing targets\)"):
