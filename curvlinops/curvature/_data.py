@@ -203,13 +203,15 @@ def check_mc_samples(mc_samples, *, allow_none=False):
     return int(mc_samples)
 
 
-def check_batch_values(loss, outputs, targets, index) -> None:
-    """``loss.check`` of one batch, its errors naming the batch.
+def check_batch_values(loss, outputs, targets, index):
+    """``loss.check`` of one batch, its errors naming the batch; returns its summed loss.
 
     Labels and targets (dtype, range, support), shapes, finite outputs and a finite
     batch loss (finite outputs can still overflow it, e.g. a Poisson log-rate of 100
     in float32); raises the loss's TypeError or ValueError with ``"Batch <index>: "``
     in front. Runs on the outputs the product computes anyway: no extra model pass.
+    The batch's ``loss.sum_value`` (an array) comes back, so that a caller that needs
+    the loss's value does not evaluate it a second time.
 
     Examples
     --------
@@ -225,13 +227,15 @@ labels in [0, 7].
         loss.check(outputs, targets)
     except (TypeError, ValueError) as error:
         raise type(error)(f"Batch {index}: {error}") from None
-    value = float(loss.sum_value(outputs, targets))
+    summed = loss.sum_value(outputs, targets)
+    value = float(summed)
     if not math.isfinite(value):
         raise ValueError(
             f"Batch {index}: the {loss.name} of the batch is {value} although outputs and "
             "targets are finite: the loss overflowed (outputs too large for the dtype). "
             "Use float64, or rescale the model's outputs."
         )
+    return summed
 
 
 def check_batch_outputs(loss, outputs, index) -> None:

@@ -209,8 +209,7 @@ class CurvatureLinearOperator(LinearOperator):
         grads, value = None, None
         for index, X, y in self._batches():
             lin = self._linearization(index, X)
-            check_batch_values(self.loss, lin.outputs, y, index)
-            batch_value = self.loss.sum_value(lin.outputs, y)
+            batch_value = check_batch_values(self.loss, lin.outputs, y, index)
             batch_grads = lin.vjp(self.loss.gradient(lin.outputs, y))
             value = batch_value if value is None else value + batch_value
             if grads is None:
