@@ -204,8 +204,12 @@ SGD_RATES = (0.1, 0.3, 1.0, 3.0)
 
 def run(quick: bool) -> list[dict]:
     """One row per problem and optimizer."""
+    import scipy.linalg  # noqa: F401
     from threadpoolctl import threadpool_limits
 
+    # threadpool_limits reaches only the libraries loaded when it is entered: SciPy's own
+    # OpenBLAS (K-FAC's Cholesky inverses) must be loaded first, or it keeps two threads,
+    # whose hand-offs cost tens of milliseconds per 32x32 inverse on a loaded machine
     with threadpool_limits(1):  # also when numpy was imported before this module
         return [row for name, problem in problems().items() for row in _rows(name, problem, quick)]
 

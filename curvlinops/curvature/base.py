@@ -150,10 +150,12 @@ class CurvatureLinearOperator(LinearOperator):
 
     def _matmat(self, V):
         tangents = unflatten_params(V, self.shapes)
-        scale = self._normalization()
-        total = None
+        scale = total = None
         for index, X, y in self._batches():
             lin = self._linearization(index, X)
+            if scale is None:  # the first outputs give the normalization's shape: no extra pass
+                self._set_output_shape(lin.outputs)
+                scale = self._normalization()
             if index not in self._checked_batches:
                 # labels, targets and outputs, once per batch (the data and parameters
                 # are fixed): the first product pays one check per batch, no more
@@ -182,6 +184,10 @@ class CurvatureLinearOperator(LinearOperator):
 
     def _normalization(self):
         return self.loss.normalization(self.num_data, self._output_shape())
+
+    def _set_output_shape(self, outputs):
+        if not hasattr(self, "_outputs_shape"):
+            self._outputs_shape = tuple(outputs.shape)
 
     def _output_shape(self):
         if not hasattr(self, "_outputs_shape") and getattr(self, "_cached", None):

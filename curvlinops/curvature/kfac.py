@@ -149,34 +149,58 @@ class KFACLinearOperator(_KroneckerCurvature):
         self._set_factors(self._kfac_factors())
 
     def _set_factors(self, factors):
-        """Store ``(B, A)`` per layer (in ``self.layers`` order) and build the operator.
+        """Store ``(B, A)`` per layer (in ``self.layers`` order); operators come on first use.
+
+        An optimizer updates the factors every step but multiplies or inverts with them
+        far less often, so the operators over them are assembled lazily
+        (:meth:`_assembly`).
+        """
+        self.input_factors, self.output_factors, self.exact_blocks = {}, {}, {}
+        for layer, (B, A) in zip(self.layers, factors, strict=True):
+            if layer.exact:  # an elementwise layer: its exact block (A is None)
+                self.exact_blocks[layer.name] = B
+            else:
+                self.output_factors[layer.name], self.input_factors[layer.name] = B, A
+        self._assembled = None
+
+    @property
+    def _factor_ops(self):
+        return self._assembly()[0]
+
+    @property
+    def _operator(self):
+        return self._assembly()[1]
+
+    def _assembly(self):
+        """``(factor operators per layer, the operator)`` over the current factors.
 
         Each layer's blocks are :class:`~curvlinops.linalg.KroneckerLinearOperator`
         ``B (x) A`` (and ``B (x) 1`` for a separate bias) sharing one
         :class:`~curvlinops.linalg.DenseLinearOperator` per factor, so that the weight
         and bias blocks share ``B``'s cached eigendecomposition.
         """
-        self.input_factors, self.output_factors, self._factor_ops = {}, {}, {}
-        self.exact_blocks = {}
-        blocks = []
-        for layer, (B, A) in zip(self.layers, factors, strict=True):
-            if layer.exact:  # an elementwise layer: its exact block (A is None)
-                self.exact_blocks[layer.name] = B
+        if self._assembled is not None:
+            return self._assembled
+        factor_ops, blocks = {}, []
+        for layer in self.layers:
+            if layer.exact:
+                B = self.exact_blocks[layer.name]
                 ops = [DenseLinearOperator(b, symmetric=True) for b in self._exact_blocks(layer, B)]
-                self._factor_ops[layer.name] = ops
+                factor_ops[layer.name] = ops
                 blocks += ops
                 continue
-            self.output_factors[layer.name], self.input_factors[layer.name] = B, A
+            B, A = self.output_factors[layer.name], self.input_factors[layer.name]
             B_op = DenseLinearOperator(B, symmetric=True)
             # an embedding's input factor is diagonal: stored and inverted as such
             A_op = (
                 DiagonalLinearOperator(A) if A.ndim == 1 else DenseLinearOperator(A, symmetric=True)
             )
-            self._factor_ops[layer.name] = (B_op, A_op)
+            factor_ops[layer.name] = (B_op, A_op)
             blocks.append(self._kronecker(layer, B_op, A_op))
             if layer.bias_index is not None and not self._joint(layer):
                 blocks.append(KroneckerLinearOperator(B_op, self._one()))
-        self._operator = self._make_operator(blocks)
+        self._assembled = (factor_ops, self._make_operator(blocks))
+        return self._assembled
 
     def update(self, batch, decay=0.95, *, params=None):
         """Average one batch's factors into the current ones (curvature across steps).

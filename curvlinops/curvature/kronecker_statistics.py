@@ -455,10 +455,6 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         """The input factor ``1`` of a separate bias block (``B (x) 1``)."""
         return IdentityLinearOperator(1, xp=self.xp, dtype=self.dtype, device=self.device)
 
-    def _set_output_shape(self, outputs):
-        if not hasattr(self, "_outputs_shape"):
-            self._outputs_shape = tuple(outputs.shape)
-
     # -- one pass over the data: statistics of the factors ------------------------------
 
     def _cotangents(self, outputs, y, index):
