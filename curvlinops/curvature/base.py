@@ -165,6 +165,61 @@ class CurvatureLinearOperator(LinearOperator):
             total = part if total is None else total + part
         return total
 
+    def quadratic_form(self, V):
+        """``V^T A V``, the ``(K, K)`` Gram matrix of the columns of ``V`` under ``A``.
+
+        What a quadratic model of the loss over a few directions needs (K-FAC's step
+        size and momentum, a subspace method's projected curvature). Operators of the
+        form ``J^T M J`` with an output-space ``M`` (GGN, Fisher, empirical Fisher)
+        compute it as ``(J V)^T M (J V)`` from one Jacobian-vector product per batch,
+        without the backward pass of a product; the others as ``V^T (A V)``.
+
+        Parameters
+        ----------
+        V : array
+            ``(P, K)`` directions (a vector ``(P,)`` is one column).
+
+        Returns
+        -------
+        array
+            ``(K, K)`` on the operator's backend; ``(1, 1)`` for a vector.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops import GGNLinearOperator, MSELoss, nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> params = model.init(0, xp=xp, dtype=xp.float64)
+        >>> rng = np.random.default_rng(0)
+        >>> data = [(rng.normal(size=(5, 3)), rng.normal(size=(5, 2)))]
+        >>> G = GGNLinearOperator(model, MSELoss(), params, data)
+        >>> V = rng.normal(size=(G.shape[1], 2))
+        >>> bool(np.allclose(G.quadratic_form(V), V.T @ (G @ V)))
+        True
+        """
+        V = self.check_input(V, what="directions V").array
+        V = V[:, None] if V.ndim == 1 else V
+        xp = self.xp
+        if not hasattr(self, "_batch_output_matmat"):
+            return xp.matrix_transpose(V) @ self._matmat(V)
+        tangents = unflatten_params(V, self.shapes)
+        scale = total = None
+        for index, X, y in self._batches():
+            lin = self._linearization(index, X)
+            if scale is None:
+                self._set_output_shape(lin.outputs)
+                scale = self._normalization()
+            if index not in self._checked_batches:
+                check_batch_values(self.loss, lin.outputs, y, index)
+                self._checked_batches.add(index)
+            Jv = lin.jvp(tangents)
+            MJv = self._batch_output_matmat(lin, y, Jv, scale, index)
+            K = Jv.shape[-1]
+            part = xp.matrix_transpose(xp.reshape(Jv, (-1, K))) @ xp.reshape(MJv, (-1, K))
+            total = part if total is None else total + part
+        return 0.5 * (total + xp.matrix_transpose(total))  # exactly symmetric
+
     def _batches(self):
         return iterate_batches(
             self.data,

@@ -121,6 +121,10 @@ class GGNLinearOperator(CurvatureLinearOperator):
         )
         return lin.gauss_newton_vjp(tangents, loss_hessian)
 
+    def _batch_output_matmat(self, lin, y, Jv, scale, index):
+        """``scale H_L (J v)``: the output-space half of a product (quadratic forms)."""
+        return _scaled_loss_hessian(self.loss)(scale, lin.outputs, y, Jv)
+
 
 class HessianLinearOperator(CurvatureLinearOperator):
     __doc__ = (
@@ -234,15 +238,19 @@ class FisherLinearOperator(CurvatureLinearOperator):
         super().__init__(model, loss, params, data, **kwargs)
 
     def _batch_matmat(self, lin, y, tangents, scale, index):
-        f = lin.outputs
         Jv = lin.jvp(tangents)
+        return lin.vjp(self._batch_output_matmat(lin, y, Jv, scale, index))
+
+    def _batch_output_matmat(self, lin, y, Jv, scale, index):
+        """``scale F_out (J v)`` with the output-space Fisher, exact or sampled."""
+        f = lin.outputs
         if self.mc_samples is None:
-            return lin.vjp(scale * self.loss.fisher_matmat(f, Jv))
+            return scale * self.loss.fisher_matmat(f, Jv)
         # Seeds depend on the batch index only, so products are reproducible.
         G = self.loss.sampled_gradients(f, self.mc_samples, seed=batch_seed(self.seed, index))
         xp, n = self.xp, f.shape[0]
         FJv = _per_datum_outer_product(_flat_outputs(G, n, xp), _flat_outputs(Jv, n, xp), xp)
-        return lin.vjp(scale * xp.reshape(FJv, Jv.shape))
+        return scale * xp.reshape(FJv, Jv.shape)
 
 
 class EFLinearOperator(CurvatureLinearOperator):
@@ -272,12 +280,16 @@ class EFLinearOperator(CurvatureLinearOperator):
     psd = True  # a sum of outer products
 
     def _batch_matmat(self, lin, y, tangents, scale, index):
+        Jv = lin.jvp(tangents)
+        return lin.vjp(self._batch_output_matmat(lin, y, Jv, scale, index))
+
+    def _batch_output_matmat(self, lin, y, Jv, scale, index):
+        """``scale g g^T (J v)`` per datum, ``g`` the loss gradient at the true label."""
         f = lin.outputs
         xp, n = self.xp, f.shape[0]
-        Jv = lin.jvp(tangents)
         g = _flat_outputs(self.loss.gradient(f, y)[..., None], n, xp)
         EJv = _per_datum_outer_product(g, _flat_outputs(Jv, n, xp), xp)
-        return lin.vjp(scale * xp.reshape(EJv, Jv.shape))
+        return scale * xp.reshape(EJv, Jv.shape)
 
 
 class _JacobianProducts(CurvatureLinearOperator):

@@ -104,7 +104,7 @@ class BatchObjective:
     ``L`` is the loss over the batch with its own reduction. The curvature
     (``"ggn"`` or ``"fisher"``) is built once at ``params`` with the batch's forward
     pass cached, so its gradient and products share one forward pass; the weight
-    decay adds ``weight_decay * I`` to the curvature in :meth:`curvature_matmat`.
+    decay adds ``weight_decay * I`` to the curvature in :meth:`curvature_quadratic`.
     """
 
     def __init__(self, model, loss, params, batch, *, weight_decay=0.0, curvature="ggn"):
@@ -140,9 +140,10 @@ class BatchObjective:
         c = self.loss.normalization(self.num_data, tuple(outputs.shape))
         return c * float(self.loss.sum_value(outputs, y)) + self._decay_value(theta)
 
-    def curvature_matmat(self, D):
-        """``(C + weight_decay I) D`` for flat directions ``(P,)`` or ``(P, K)``."""
-        return self.operator @ D + self.weight_decay * D
+    def curvature_quadratic(self, d):
+        """``d^T (C + weight_decay I) d`` for one flat direction (a float; JVPs only)."""
+        value = float(self.operator.quadratic_form(d)[0, 0])
+        return value + self.weight_decay * dot(self.xp, d, d)
 
     def _decay_value(self, theta):
         if not self.weight_decay:

@@ -288,8 +288,7 @@ class HessianFree:
         kept.append((iterations, last))
         theta = objective.theta
         chosen, best, last_value = self._backtrack(objective, theta, kept)
-        Gd = objective.curvature_matmat(last)
-        model_change = dot(objective.xp, g, last) + 0.5 * dot(objective.xp, last, Gd)
+        model_change = dot(objective.xp, g, last) + 0.5 * objective.curvature_quadratic(last)
         rho = reduction_ratio(last_value - value, model_change)
         damping = levenberg_marquardt(state.damping, rho, factor=self.lm_factor)
         accepted = best[1] < value

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .._backend import host_value
+from .._backend import host_value, to_numpy
 from ..curvature import KFACLinearOperator
 from ..models import param_shapes
 from ._common import (
@@ -25,7 +25,6 @@ from ._common import (
     check_every,
     check_fraction,
     check_positive,
-    dot,
     levenberg_marquardt,
     load_fields,
     reduction_ratio,
@@ -364,9 +363,9 @@ class KFAC:
         value, g = objective.value_and_gradient()
         proposal = -(preconditioner @ g)
         adapt = k % self.damping_every == 0
-        products = self._products(objective, params, batch, state.step)
+        gram = self._curvature_gram(objective, params, batch, state.step)
         delta, alpha, mu, model_change = self._combine(
-            objective.xp, products, g, proposal, state, need_model=adapt
+            objective.xp, gram, g, proposal, state, need_model=adapt
         )
         theta = objective.theta
         rho, damping = None, state.damping
@@ -389,28 +388,34 @@ class KFAC:
         )
         return new_params, new_state
 
-    def _products(self, objective, params, batch, step):
-        """``D -> (C + eta I) D`` with ``C`` from the batch or its window (rescaled)."""
-        if self.products_fraction >= 1.0:
-            return objective.curvature_matmat
-        part = window(batch, self.products_fraction, step)
-        N, n = objective.num_data, int(part[0].shape[0])
-        sub = BatchObjective(self.model, self.loss, params, part, curvature=self.curvature)
-        # the window's reduction to the batch's: n/N for "mean" (times N/n), 1 for "sum"
-        loss = objective.loss
-        scale = (N / n) * loss.normalization(N, (N, 1)) / loss.normalization(n, (n, 1))
-        eta = self.weight_decay
+    def _curvature_gram(self, objective, params, batch, step):
+        """``D -> D^T (C + eta I) D`` (host ``(k, k)``), ``C`` from the batch or its window.
 
-        def products(D):
-            return scale * (sub.operator @ D) + eta * D
+        A window's curvature is rescaled to the batch's reduction. The Gram matrix needs
+        only Jacobian-vector products (``quadratic_form``), not full products.
+        """
+        xp, eta = objective.xp, self.weight_decay
+        operator, scale = objective.operator, 1.0
+        if self.products_fraction < 1.0:
+            part = window(batch, self.products_fraction, step)
+            N, n = objective.num_data, int(part[0].shape[0])
+            operator = BatchObjective(
+                self.model, self.loss, params, part, curvature=self.curvature
+            ).operator
+            # the window's reduction to the batch's: n/N for "mean" (times N/n), 1 for "sum"
+            loss = objective.loss
+            scale = (N / n) * loss.normalization(N, (N, 1)) / loss.normalization(n, (n, 1))
 
-        return products
+        def gram(D):
+            return to_numpy(scale * operator.quadratic_form(D) + eta * (xp.matrix_transpose(D) @ D))
 
-    def _combine(self, xp, products, g, proposal, state, *, need_model=True):
+        return gram
+
+    def _combine(self, xp, gram, g, proposal, state, *, need_model=True):
         """``delta = alpha Delta + mu delta_prev`` and its undamped model change.
 
-        With a fixed learning rate and momentum the curvature products are needed only
-        for the model change (``need_model``, when the damping is adapted).
+        With a fixed learning rate and momentum the curvature is needed only for the
+        model change (``need_model``, when the damping is adapted).
         """
         previous = state.velocity
         use_previous = previous is not None and self.momentum != 0.0
@@ -419,10 +424,9 @@ class KFAC:
             coefficients = [self.learning_rate] + ([self.momentum] if use_previous else [])
             delta = D @ xp.asarray(coefficients, dtype=D.dtype)
             return delta, coefficients[0], coefficients[-1] if use_previous else 0.0, None
-        CD = products(D)  # (C + eta I) D: exact products
-        Cn = [[dot(xp, D[:, i], CD[:, j]) for j in range(D.shape[1])] for i in range(D.shape[1])]
-        Dn = [[dot(xp, D[:, i], D[:, j]) for j in range(D.shape[1])] for i in range(D.shape[1])]
-        b = [dot(xp, D[:, i], g) for i in range(D.shape[1])]
+        Cn = gram(D).tolist()  # D^T (C + eta I) D: exact curvature
+        Dn = to_numpy(xp.matrix_transpose(D) @ D).tolist()
+        b = to_numpy(xp.matrix_transpose(D) @ g).tolist()
         damped = [
             [c + state.damping * d for c, d in zip(rc, rd, strict=True)]
             for rc, rd in zip(Cn, Dn, strict=True)
