@@ -216,9 +216,10 @@ class BayesianLearningRule:
     """The Bayesian learning rule for a Gaussian posterior (shared by VOGN and noisy K-FAC).
 
     Subclasses implement :meth:`_new_curvature` (the curvature operator of the first
-    batch, with ``update(batch, decay, params=...)``), :meth:`_gaussian` (the
-    ``(precision, covariance, scale)`` operators of a state), :meth:`_refreshed` (a state
-    whose posterior form follows the updated curvature) and the state's class.
+    batch, with ``update(batch, decay, params=...)``), :meth:`_precision`,
+    :meth:`_covariance` and :meth:`_scale` (the posterior's operators of a state),
+    :meth:`_refreshed` (a state whose posterior form follows the updated curvature) and
+    the state's class.
     """
 
     #: name of the optimizer in saved states and messages
@@ -318,8 +319,7 @@ class BayesianLearningRule:
             momentum = (1.0 - self.beta1) * natural
         corrected = momentum / (1.0 - self.beta1**k) if self.beta1 else momentum
         state = self._refreshed(state, k)
-        _, covariance, _ = self._gaussian(state)
-        new_mean = mean - self.learning_rate * (covariance @ corrected)
+        new_mean = mean - self.learning_rate * (self._covariance(state) @ corrected)
         new_state = self._advanced(
             state,
             momentum=momentum if self.beta1 else None,
@@ -344,7 +344,8 @@ class BayesianLearningRule:
         VariationalPosterior
             The Gaussian the next step draws its weights from.
         """
-        precision, covariance, scale = self._gaussian(state)
+        precision, covariance = self._precision(state), self._covariance(state)
+        scale = self._scale(state)
         if covariance.shape[0] != flatten_params(params).shape[0]:
             raise ValueError(
                 f"The state's posterior has {covariance.shape[0]} parameters, the mean "
@@ -395,7 +396,7 @@ class BayesianLearningRule:
         if self.weight_samples == 0:
             return [mean]
         xp = array_namespace(mean)
-        _, _, scale = self._gaussian(state)
+        scale = self._scale(state)
         generator = RandomGenerator(step_seed(self.seed, step), xp, array_device(mean))
         eps = generator.normal((mean.shape[0], self.weight_samples), mean.dtype)
         thetas = mean[:, None] + scale @ eps
@@ -412,7 +413,13 @@ class BayesianLearningRule:
     def _first_state(self, params, curvature, scale):
         raise NotImplementedError
 
-    def _gaussian(self, state):
+    def _precision(self, state):
+        raise NotImplementedError
+
+    def _covariance(self, state):
+        raise NotImplementedError
+
+    def _scale(self, state):
         raise NotImplementedError
 
     def _refreshed(self, state, step):

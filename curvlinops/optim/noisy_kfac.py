@@ -72,6 +72,9 @@ class NoisyKFACState:
     loss : float or None
         The loss (with its reduction) of the last step's batch, averaged over its weight
         samples.
+    covariance, scale : LinearOperator
+        The posterior covariance and its symmetric square root, built from the spectra
+        (at each refresh and on loading; not saved).
     """
 
     curvature: object
@@ -82,6 +85,8 @@ class NoisyKFACState:
     estimates: int = 1
     step: int = 0
     loss: float | None = None
+    covariance: object = None
+    scale: object = None
 
     def state_dict(self):
         """The state as plain NumPy arrays (for ``numpy.savez``; no pickle).
@@ -300,7 +305,10 @@ class NoisyKFAC(BayesianLearningRule):
             spectra.append((values, tuple(vectors)))
             segments = state[f"posterior/layout:{i}"].tolist()
             layout.append(tuple((int(s), (int(r), int(c))) for s, r, c in segments))
-        return NoisyKFACState(curvature=K, spectra=tuple(spectra), layout=tuple(layout), **fields)
+        spectra, layout = tuple(spectra), tuple(layout)
+        return NoisyKFACState(
+            curvature=K, spectra=spectra, layout=layout, **fields, **_operators(spectra, layout)
+        )
 
     def _new_curvature(self, params, batch):
         return KFACLinearOperator(
@@ -318,14 +326,18 @@ class NoisyKFAC(BayesianLearningRule):
     def _first_state(self, params, curvature, scale):
         spectra, layout = self._spectra(curvature, scale)
         return NoisyKFACState(
-            curvature=curvature, curvature_scale=scale, spectra=spectra, layout=layout
+            curvature=curvature,
+            curvature_scale=scale,
+            spectra=spectra,
+            layout=layout,
+            **_operators(spectra, layout),
         )
 
     def _refreshed(self, state, step):
         if step % self.inverse_every != 0:
             return state
         spectra, layout = self._spectra(state.curvature, state.curvature_scale)
-        return replace(state, spectra=spectra, layout=layout)
+        return replace(state, spectra=spectra, layout=layout, **_operators(spectra, layout))
 
     def _spectra(self, K, scale):
         """The covariance's eigendecomposition per block, ``(tau / s) (K + shift I)^{-1}``
@@ -358,25 +370,33 @@ class NoisyKFAC(BayesianLearningRule):
         layout = tuple(tuple((s, (r, c)) for s, r, c in block) for block in inverse.blocks)
         return tuple(spectra), layout
 
-    def _gaussian(self, state):
-        """``(precision, covariance, scale)`` from the spectra: eigenvalues ``1 / lam``,
-        ``lam`` and ``lam^{1/2}`` in each block's Kronecker eigenbasis."""
-        xp = array_namespace(state.spectra[0][0])
+    def _precision(self, state):
+        """Eigenvalues ``1 / lam`` in each block's Kronecker eigenbasis."""
+        return _spectral_operator(state.spectra, state.layout, lambda v: 1.0 / v)
 
-        def operator(transform):
-            blocks = [KroneckerEighLinearOperator(transform(v), Q) for v, Q in state.spectra]
-            return ParameterLayoutLinearOperator(
-                BlockDiagonalLinearOperator(blocks), state.layout, psd=True
-            )
+    def _covariance(self, state):
+        return state.covariance
 
-        return (
-            operator(lambda v: 1.0 / v),
-            operator(lambda v: v),
-            operator(xp.sqrt),
-        )
+    def _scale(self, state):
+        return state.scale
 
     def _advanced(self, state, **fields):
         return replace(state, **fields)
+
+
+def _spectral_operator(spectra, layout, transform):
+    """The flat-parameter operator with eigenvalues ``transform(lam)`` per block."""
+    blocks = [KroneckerEighLinearOperator(transform(v), Q) for v, Q in spectra]
+    return ParameterLayoutLinearOperator(BlockDiagonalLinearOperator(blocks), layout, psd=True)
+
+
+def _operators(spectra, layout):
+    """The covariance (eigenvalues ``lam``) and its square root (``lam^{1/2}``)."""
+    xp = array_namespace(spectra[0][0])
+    return {
+        "covariance": _spectral_operator(spectra, layout, lambda v: v),
+        "scale": _spectral_operator(spectra, layout, xp.sqrt),
+    }
 
 
 def _row_major(Q):

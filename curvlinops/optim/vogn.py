@@ -268,18 +268,18 @@ class VOGN(BayesianLearningRule):
     def _first_state(self, params, curvature, scale):
         return VOGNState(curvature=curvature, curvature_scale=scale)
 
-    def _gaussian(self, state):
-        """``(precision, covariance, scale)``: ``diag(s)``, ``diag(1 / s)``, ``diag(s^{-1/2})``."""
-        s = state.curvature_scale / self.temperature
-        precision = s * state.curvature.diagonal() + s * self._precision_shift(
-            state.curvature_scale
-        )
+    def _precision(self, state):
+        """``diag(s)``, ``s = (N h + damping) / tau + delta``."""
+        c = state.curvature_scale / self.temperature
+        shift = c * self._precision_shift(state.curvature_scale)
+        return DiagonalLinearOperator(c * state.curvature.diagonal() + shift, psd=True)
+
+    def _covariance(self, state):
+        return DiagonalLinearOperator(1.0 / self._precision(state).diagonal(), psd=True)
+
+    def _scale(self, state):
         xp = state.curvature.xp
-        return (
-            DiagonalLinearOperator(precision, psd=True),
-            DiagonalLinearOperator(1.0 / precision, psd=True),
-            DiagonalLinearOperator(1.0 / xp.sqrt(precision), psd=True),
-        )
+        return DiagonalLinearOperator(1.0 / xp.sqrt(self._precision(state).diagonal()), psd=True)
 
     def _advanced(self, state, **fields):
         return replace(state, **fields)
