@@ -224,6 +224,8 @@ class BayesianLearningRule:
 
     #: name of the optimizer in saved states and messages
     name = "BayesianLearningRule"
+    #: the class of its states
+    state_class = object
 
     def __init__(
         self,
@@ -297,35 +299,19 @@ class BayesianLearningRule:
             The new mean (list of arrays of the same backend) and state.
         """
         X, y = check_pair(batch)
+        self._check_state(state)
         shapes = param_shapes(params)
         mean = flatten_params(params)
         k = state.step + 1
-        samples = self._weight_samples(mean, state, k)
-        decay = min(1.0 - 1.0 / (state.estimates + 1), self.beta2)
-        gradient, values = None, []
-        for theta, d in zip(samples, split_decay(decay, len(samples)), strict=True):
-            at = unflatten_params(theta, shapes)
-            state.curvature.update((X, y), decay=d, params=at)
-            g, value = data_gradient(self.model, self.loss, at, X, y)
-            gradient = g if gradient is None else gradient + g
-            values.append(value)
+        gradient, loss = self._sampled_gradient(mean, shapes, state, k, (X, y))
         # E_q[grad lbar] / tau + delta m, the data term estimated from the batch
-        scale = self.num_data / (int(X.shape[0]) * len(samples) * self.temperature)
-        natural = scale * gradient + self.prior_precision * mean
-        momentum = natural
-        if self.beta1 and state.momentum is not None:
-            momentum = self.beta1 * state.momentum + (1.0 - self.beta1) * natural
-        elif self.beta1:
-            momentum = (1.0 - self.beta1) * natural
-        corrected = momentum / (1.0 - self.beta1**k) if self.beta1 else momentum
+        natural = (self.num_data / (int(X.shape[0]) * self.temperature)) * gradient
+        natural = natural + self.prior_precision * mean
+        momentum, direction = self._momentum(state, natural, k)
         state = self._refreshed(state, k)
-        new_mean = mean - self.learning_rate * (self._covariance(state) @ corrected)
+        new_mean = mean - self.learning_rate * (self._covariance(state) @ direction)
         new_state = self._advanced(
-            state,
-            momentum=momentum if self.beta1 else None,
-            estimates=state.estimates + 1,
-            step=k,
-            loss=sum(values) / len(values),
+            state, momentum=momentum, estimates=state.estimates + 1, step=k, loss=loss
         )
         return unflatten_params(new_mean, shapes), new_state
 
@@ -344,6 +330,7 @@ class BayesianLearningRule:
         VariationalPosterior
             The Gaussian the next step draws its weights from.
         """
+        self._check_state(state)
         precision, covariance = self._precision(state), self._covariance(state)
         scale = self._scale(state)
         if covariance.shape[0] != flatten_params(params).shape[0]:
@@ -390,6 +377,42 @@ class BayesianLearningRule:
         return expected - self.temperature * posterior.kl_to_prior()
 
     # -- internals ------------------------------------------------------------------
+
+    def _check_state(self, state):
+        if not isinstance(state, self.state_class):
+            raise TypeError(
+                f"{self.name} needs a {self.state_class.__name__} (from init, step or "
+                f"load_state_dict), got a {type(state).__name__}."
+            )
+
+    def _sampled_gradient(self, mean, shapes, state, step, batch):
+        """The batch's ``sum_n grad l_n`` averaged over the weight samples, and the loss.
+
+        At each sample, the curvature's moving average takes the batch's estimate (one
+        step of decay ``min(1 - 1/k, beta2)`` split over the samples, see
+        :func:`split_decay`).
+        """
+        samples = self._weight_samples(mean, state, step)
+        decay = min(1.0 - 1.0 / (state.estimates + 1), self.beta2)
+        gradient, values = None, []
+        for theta, d in zip(samples, split_decay(decay, len(samples)), strict=True):
+            at = unflatten_params(theta, shapes)
+            state.curvature.update(batch, decay=d, params=at)
+            g, value = data_gradient(self.model, self.loss, at, *batch)
+            gradient = g if gradient is None else gradient + g
+            values.append(value)
+        return gradient / len(samples), sum(values) / len(values)
+
+    def _momentum(self, state, natural, step):
+        """``(moving average to keep, bias-corrected direction)``; ``(None, natural)`` for
+        ``beta1 = 0``."""
+        if not self.beta1:
+            return None, natural
+        previous = state.momentum
+        momentum = (1.0 - self.beta1) * natural
+        if previous is not None:
+            momentum = self.beta1 * previous + momentum
+        return momentum, momentum / (1.0 - self.beta1**step)
 
     def _weight_samples(self, mean, state, step):
         """The weights of this step: ``weight_samples`` draws from ``q``, or the mean."""

@@ -195,6 +195,7 @@ class NoisyKFAC(BayesianLearningRule):
     """
 
     name = "NoisyKFAC"
+    state_class = NoisyKFACState
 
     def __init__(
         self,

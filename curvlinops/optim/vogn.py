@@ -173,6 +173,7 @@ class VOGN(BayesianLearningRule):
     """
 
     name = "VOGN"
+    state_class = VOGNState
 
     def __init__(
         self,

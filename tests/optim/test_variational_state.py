@@ -381,6 +381,11 @@ def test_bad_calls():
     state = opt.init(params, batches[0])
     with pytest.raises(TypeError, match="A batch must be a pair"):
         opt.step(params, state, batches[0][0])
+    kfac_state = NoisyKFAC(model, loss, num_data=12).init(params, batches[0])
+    with pytest.raises(TypeError, match="VOGN needs a VOGNState .* got a NoisyKFACState"):
+        opt.step(params, kfac_state, batches[0])
+    with pytest.raises(TypeError, match="VOGN needs a VOGNState"):
+        opt.posterior(params, kfac_state)
     with pytest.raises(ValueError, match="expects 4 parameter arrays of shapes"):
         opt.step(params[:2] + [params[3], params[2]], state, batches[0])
     other = [np.zeros((2, 3)), np.zeros(2)]
