@@ -1,4 +1,6 @@
-"""Optimizers built on curvature: K-FAC, Hessian-free and natural gradient.
+"""Optimizers built on curvature: K-FAC, Hessian-free, natural gradient, and natural-gradient
+variational inference (VOGN, noisy K-FAC: the Bayesian learning rule with diagonal and
+Kronecker-factored Gaussian posteriors, which hand out a :class:`VariationalPosterior`).
 
 See docs/design.rst, layer 7. Each optimizer is a functional step on parameters as
 lists of arrays of any array-API backend (``opt.init(params, ...) -> state``,
@@ -12,9 +14,12 @@ May import every layer above: ``curvlinops._backend``, ``curvlinops.linalg``,
 """
 
 from ._common import levenberg_marquardt, reduction_ratio
+from ._variational import VariationalPosterior
 from .hessian_free import HessianFree, HessianFreeState
 from .kfac import KFAC, KFACState
 from .natural_gradient import NaturalGradient, NaturalGradientState
+from .noisy_kfac import NoisyKFAC, NoisyKFACState
+from .vogn import VOGN, VOGNState
 
 __all__ = [
     "KFAC",
@@ -23,6 +28,11 @@ __all__ = [
     "HessianFreeState",
     "NaturalGradient",
     "NaturalGradientState",
+    "NoisyKFAC",
+    "NoisyKFACState",
+    "VOGN",
+    "VOGNState",
+    "VariationalPosterior",
     "levenberg_marquardt",
     "reduction_ratio",
 ]

@@ -1,22 +1,29 @@
 """The optimizers of :mod:`curvlinops.optim` as an optax-style ``init``/``update`` pair.
 
 :func:`as_gradient_transformation` turns :class:`~curvlinops.optim.KFAC`,
-:class:`~curvlinops.optim.HessianFree` or :class:`~curvlinops.optim.NaturalGradient`
-(built on a :class:`~curvlinops.frontends.jax.JaxModel`) into a
+:class:`~curvlinops.optim.HessianFree`, :class:`~curvlinops.optim.NaturalGradient`,
+:class:`~curvlinops.optim.VOGN` or :class:`~curvlinops.optim.NoisyKFAC` (built on a
+:class:`~curvlinops.frontends.jax.JaxModel`) into a
 :class:`GradientTransformation`: ``init(params) -> state`` and
 ``update(updates, state, params, batch=...) -> (updates, state)`` on parameter pytrees,
 the updates to add with ``optax.apply_updates``. The method computes its own gradient
 on the batch (the incoming ``updates`` are ignored), and the state holds curvature
-operators, so ``update`` is not traced by ``jax.jit``. Needs no optax installed.
+operators, so ``update`` is not traced by ``jax.jit``. :func:`variational_posterior`
+hands out the posterior of the variational ones. Needs no optax installed.
 
-May import: ``jax``, ``.kfac``.
+May import: ``jax``, ``.kfac``, ``._variational``.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-__all__ = ["GradientTransformation", "OptaxState", "as_gradient_transformation"]
+__all__ = [
+    "GradientTransformation",
+    "OptaxState",
+    "as_gradient_transformation",
+    "variational_posterior",
+]
 
 
 class GradientTransformation(NamedTuple):
@@ -38,7 +45,7 @@ def as_gradient_transformation(method):
 
     Parameters
     ----------
-    method : KFAC or HessianFree or NaturalGradient
+    method : KFAC, HessianFree, NaturalGradient, VOGN or NoisyKFAC
         Built on a :class:`~curvlinops.frontends.jax.JaxModel` (its ``flatten`` and
         ``unflatten`` map pytrees to the lists the method steps on).
 
@@ -83,9 +90,56 @@ def as_gradient_transformation(method):
     return GradientTransformation(init, update)
 
 
+def variational_posterior(method, state, params):
+    """The posterior of a :class:`~curvlinops.optim.VOGN` or
+    :class:`~curvlinops.optim.NoisyKFAC` pair's state, with mean ``params`` (a pytree).
+
+    Parameters
+    ----------
+    method : VOGN or NoisyKFAC
+        The method the pair was made of (on a JaxModel).
+    state : OptaxState
+        The pair's state after an update.
+    params : pytree
+        The parameters after that update (the mean).
+
+    Returns
+    -------
+    VariationalPosterior
+        Its mean is the list of ``params``' leaves (the model's ``flatten`` order).
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> from curvlinops import MSELoss
+    >>> from curvlinops.frontends.jax import JaxModel, dense
+    >>> from curvlinops.optim import VOGN
+    >>> from curvlinops.optim.optax import as_gradient_transformation, variational_posterior
+    >>> params = {"w": jnp.zeros((1, 2))}
+    >>> model = JaxModel(lambda p, x: dense(x, p["w"]), params, layer_taps=True)
+    >>> method = VOGN(model, MSELoss(), num_data=2, weight_samples=0)
+    >>> tx = as_gradient_transformation(method)
+    >>> state = tx.init(params)
+    >>> X, y = jnp.eye(2), jnp.ones((2, 1))
+    >>> updates, state = tx.update(None, state, params, batch=(X, y))
+    >>> params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+    >>> q = variational_posterior(method, state, params)
+    >>> [round(float(v), 12) for v in q.precision.diagonal()]  # 2 x^2 + prior precision 1
+    [3.0, 3.0]
+    """
+    from ._variational import BayesianLearningRule
+
+    if not isinstance(method, BayesianLearningRule):
+        raise TypeError(f"{type(method).__name__} has no posterior; use VOGN or NoisyKFAC.")
+    if state.method_state is None:
+        raise ValueError("The posterior exists after the first update; call update first.")
+    return method.posterior(method.model.flatten(params), state.method_state)
+
+
 def _first_state(method, values, batch):
+    from ._variational import BayesianLearningRule
     from .kfac import KFAC
 
-    if isinstance(method, KFAC):
+    if isinstance(method, (KFAC, BayesianLearningRule)):
         return method.init(values, batch)
     return method.init(values)

@@ -1,14 +1,15 @@
 """The optimizers of :mod:`curvlinops.optim` as a ``torch.optim.Optimizer``.
 
 :class:`TorchOptimizer` wraps :class:`~curvlinops.optim.KFAC`,
-:class:`~curvlinops.optim.HessianFree` or :class:`~curvlinops.optim.NaturalGradient`
-for a ``torch.nn.Module``: the module becomes a
+:class:`~curvlinops.optim.HessianFree`, :class:`~curvlinops.optim.NaturalGradient`,
+:class:`~curvlinops.optim.VOGN` or :class:`~curvlinops.optim.NoisyKFAC` for a
+``torch.nn.Module``: the module becomes a
 :class:`~curvlinops.frontends.torch.TorchModel`, each :meth:`TorchOptimizer.step` takes
 the functional step on copies of the module's parameters and writes the result back.
 Imported on demand (it imports PyTorch).
 
 May import: ``torch``, ``curvlinops.frontends``, ``curvlinops.losses``, ``.kfac``,
-``.hessian_free``, ``.natural_gradient``.
+``.hessian_free``, ``.natural_gradient``, ``.vogn``, ``.noisy_kfac``, ``._variational``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import torch
 
 from ..frontends.torch import TorchModel
 from ..losses import as_loss
+from ._variational import BayesianLearningRule
 from .hessian_free import HessianFree
 from .kfac import KFAC
 from .natural_gradient import NaturalGradient
+from .noisy_kfac import NoisyKFAC
+from .vogn import VOGN
 
 __all__ = ["TorchOptimizer"]
 
@@ -39,7 +43,13 @@ def _to_numpy(saved):
     }
 
 
-METHODS = {"kfac": KFAC, "hessian_free": HessianFree, "natural_gradient": NaturalGradient}
+METHODS = {
+    "kfac": KFAC,
+    "hessian_free": HessianFree,
+    "natural_gradient": NaturalGradient,
+    "vogn": VOGN,
+    "noisy_kfac": NoisyKFAC,
+}
 
 
 class TorchOptimizer(torch.optim.Optimizer):
@@ -57,14 +67,15 @@ class TorchOptimizer(torch.optim.Optimizer):
     loss : curvlinops.losses.Loss or torch.nn.Module
         A curvlinops loss or a PyTorch loss it translates (``torch.nn.MSELoss``,
         ``torch.nn.CrossEntropyLoss``, ...).
-    method : {"kfac", "hessian_free", "natural_gradient"}
-        The functional optimizer.
+    method : {"kfac", "hessian_free", "natural_gradient", "vogn", "noisy_kfac"}
+        The functional optimizer (for the variational ones the module's parameters are
+        the posterior's mean; :meth:`posterior` hands out the posterior).
     **hyperparameters
         Passed to it (``damping``, ``weight_decay``, ...).
 
     Attributes
     ----------
-    method : KFAC or HessianFree or NaturalGradient
+    method : KFAC, HessianFree, NaturalGradient, VOGN or NoisyKFAC
         The functional optimizer (its ``model`` is a TorchModel of ``module``).
     method_state : object
         Its state after the last step (None before the first).
@@ -174,7 +185,35 @@ class TorchOptimizer(torch.optim.Optimizer):
         values = [p.detach().clone() for group in self.param_groups for p in group["params"]]
         self.method_state = self.method.load_state_dict(_to_numpy(saved), values)
 
+    def posterior(self):
+        """The variational posterior of the last step (methods ``"vogn"``, ``"noisy_kfac"``).
+
+        Returns
+        -------
+        VariationalPosterior
+            Its mean is (a copy of) the module's parameters, as tensors.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from curvlinops.optim.torch import TorchOptimizer
+        >>> net = torch.nn.Linear(2, 1, bias=False).double()
+        >>> X = torch.eye(2, dtype=torch.float64)
+        >>> opt = TorchOptimizer(net, torch.nn.MSELoss(), "vogn", num_data=2, weight_samples=0)
+        >>> _ = opt.step((X, torch.ones(2, 1, dtype=torch.float64)))
+        >>> [round(v, 12) for v in opt.posterior().precision.diagonal().tolist()]  # 2 x^2 + 1
+        [3.0, 3.0]
+        """
+        if not isinstance(self.method, BayesianLearningRule):
+            raise TypeError(
+                f"{type(self.method).__name__} has no posterior; use method 'vogn' or 'noisy_kfac'."
+            )
+        if self.method_state is None:
+            raise ValueError("The posterior exists after the first step; call step first.")
+        values = [p.detach().clone() for group in self.param_groups for p in group["params"]]
+        return self.method.posterior(values, self.method_state)
+
     def _init(self, values, batch):
-        if isinstance(self.method, KFAC):
+        if isinstance(self.method, (KFAC, BayesianLearningRule)):
             return self.method.init(values, batch)
         return self.method.init(values)
