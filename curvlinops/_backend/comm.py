@@ -196,9 +196,17 @@ class MPICommunicator(Communicator):
 
     Examples
     --------
-    >>> from mpi4py import MPI  # doctest: +SKIP
-    >>> comm = MPICommunicator(MPI.COMM_WORLD)  # doctest: +SKIP
-    >>> G = GGNLinearOperator(model, loss, params, my_shard, comm=comm)  # doctest: +SKIP
+    Under ``mpirun -n 2`` each rank holds its shard; run as one process, the world is
+    one rank:
+
+    >>> import numpy as np
+    >>> import pytest
+    >>> MPI = pytest.importorskip("mpi4py.MPI")
+    >>> comm = MPICommunicator(MPI.COMM_WORLD)
+    >>> comm.rank, comm.size
+    (0, 1)
+    >>> comm.allreduce_sum(np.arange(3.0)).tolist()
+    [0.0, 1.0, 2.0]
     """
 
     def __init__(self, comm, *, device_buffers=None):
@@ -272,10 +280,19 @@ class TorchCommunicator(Communicator):
 
     Examples
     --------
-    >>> import torch.distributed as dist  # doctest: +SKIP
-    >>> dist.init_process_group("gloo")  # doctest: +SKIP
-    >>> G = GGNLinearOperator(model, loss, params, my_shard,
-    ...                       comm=TorchCommunicator())  # doctest: +SKIP
+    Under ``torchrun`` the environment sets the rank and world size; here a world of
+    one process:
+
+    >>> import pytest
+    >>> torch = pytest.importorskip("torch")
+    >>> import torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> comm = TorchCommunicator()
+    >>> comm.rank, comm.size, comm.backend
+    (0, 1, 'gloo')
+    >>> comm.allreduce_sum(torch.ones(2)).tolist()
+    [1.0, 1.0]
+    >>> dist.destroy_process_group()
     """
 
     def __init__(self, group=None):
