@@ -91,7 +91,7 @@ def collective_sum(comm, compute, shapes, *, xp, dtype, device, what):
     error, parts = None, None
     try:
         parts = _checked_parts(compute(), shapes, what)
-    except Exception as err:  # noqa: BLE001 (every rank must learn of any failure)
+    except Exception as err:  # every rank must learn of any failure
         error = err
     if parts is None:
         parts = [None] * len(shapes)
@@ -144,14 +144,14 @@ def collective_tree_sum(comm, compute, *, xp, dtype, device, what):
     error, tree = None, None
     try:
         tree = compute()
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         error = err
     arrays, scalars = [], []
     structure = None
     if error is None and tree is not None:
         try:
             structure = _flatten(tree, arrays, scalars)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             error = err
     outcomes = comm.allgather_object((structure, _describe(error)))
     _raise_if_failed(comm, error, [info for _, info in outcomes], what)
@@ -220,7 +220,7 @@ def gather_outcomes(comm, compute, what) -> list:
     error, result = None, None
     try:
         result = compute()
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         error = err
     outcomes = comm.allgather_object((result, _describe(error)))
     _raise_if_failed(comm, error, [info for _, info in outcomes], what)

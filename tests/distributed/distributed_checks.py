@@ -1,7 +1,7 @@
 """What a distributed run must reproduce: every operator against its single-process twin.
 
 :func:`run_checks` runs on every rank of a communicator (MPI, torch.distributed, or the
-threads of :mod:`threads`). Each rank holds a shard of one data set (split unevenly, and
+threads of :mod:`thread_ranks`). Each rank holds a shard of one data set (split unevenly, and
 with a rank that holds no batch at all) and builds the distributed operators; the
 references are the same operators built in the same process on the whole data set
 with one process (``comm=None``), which the library computes without any

@@ -69,7 +69,10 @@ def run_ranks(size, work):
         t.start()
     for t in threads:
         t.join()
-    for err in errors:
-        if err is not None:
-            raise err
+    # the rank that failed first broke the barrier for the others: its error first
+    for err in sorted(
+        (e for e in errors if e is not None),
+        key=lambda e: isinstance(e, threading.BrokenBarrierError),
+    ):
+        raise err
     return results

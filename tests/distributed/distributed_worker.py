@@ -1,8 +1,8 @@
-"""One rank of a distributed test run: ``python worker.py {mpi,torch} OUT_DIR``.
+"""One rank of a distributed test run: ``python distributed_worker.py {mpi,torch} OUT_DIR``.
 
-Started by ``test_launch.py`` under ``mpirun -n 2`` (the ``mpi`` engine) or as two
+Started by ``test_distributed_launch.py`` under ``mpirun -n 2`` (the ``mpi`` engine) or as two
 processes with the environment of ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
-``MASTER_PORT``; the ``torch`` engine, gloo). Runs :func:`checks.run_checks` on several
+``MASTER_PORT``; the ``torch`` engine, gloo). Runs :func:`distributed_checks.run_checks` on several
 array backends and writes ``OUT_DIR/rank<r>.json``: per backend, the relative error of
 every check against its single-process reference and a digest of each result.
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from checks import run_checks  # noqa: E402
+from distributed_checks import run_checks  # noqa: E402
 
 
 def numpy_backend(dtype=np.float64):

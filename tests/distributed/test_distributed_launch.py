@@ -1,6 +1,6 @@
 """Distributed runs in CI: ``mpirun -n 2`` and two torch.distributed (gloo) processes.
 
-Each launch starts two processes of ``worker.py``, which build every curvature operator
+Each launch starts two processes of ``distributed_worker.py``, which build every curvature operator
 on their shards of one data set (split unevenly, and with a rank that holds no batch)
 and compare products, K-FAC factors, diagonals, solver and optimizer results with the
 single-process ones computed in the same process on the whole data (float64, relative
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-WORKER = HERE / "worker.py"
+WORKER = HERE / "distributed_worker.py"
 ROOT = HERE.parents[1]
 TOLERANCE = 1e-12
 #: the least number of checks per backend a report must hold (guards a vacuous pass)
