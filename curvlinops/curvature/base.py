@@ -246,7 +246,9 @@ class CurvatureLinearOperator(LinearOperator):
         """Gradient (list shaped like the parameters) and value of the loss over the data.
 
         Uses the loss's reduction over the whole data set, so the result equals the
-        loss of the concatenated data.
+        loss of the concatenated data. Distributed (``comm``), the data set is all
+        processes' shards: one all-reduce of the gradient and the loss, the same result
+        on every process.
         """
         grads, value = self._gradient_and_loss_unnormalized()
         c = self._normalization()

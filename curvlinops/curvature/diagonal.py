@@ -181,6 +181,8 @@ class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
         ``num_data / N_batch`` for ``"sum"``. One forward and one backward pass; no
         determinism check or counting pass. Monte-Carlo draws depend on ``seed`` and
         the update count, so a restored state continues with the same draws.
+        Distributed (``comm``), every process calls it with its shard of the batch, and
+        ``N_batch`` counts all shards.
 
         Parameters
         ----------

@@ -195,7 +195,9 @@ class KFACLinearOperator(_KroneckerCurvature):
         times ``num_data / N_batch``). One forward and one backward pass; no
         determinism check, no counting pass, the data given at construction are not
         touched. Monte-Carlo draws (``fisher_type="mc"``) depend on ``seed`` and the
-        update count, so a restored state continues with the same draws. Inverses
+        update count, so a restored state continues with the same draws. Distributed
+        (``comm``), every process calls it with its shard of the batch, and
+        ``N_batch`` counts all shards. Inverses
         computed before remain valid for the old factors (they are separate
         operators); new products, inverses and eigendecompositions use the new ones.
 

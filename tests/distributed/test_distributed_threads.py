@@ -125,3 +125,22 @@ def test_three_ranks_two_empty(numpy_backend, size):
             np.testing.assert_allclose(
                 got, expected, rtol=1e-12, atol=1e-14 * np.abs(expected).max()
             )
+
+
+def test_construction_refuses_no_data_anywhere_and_disagreeing_num_data(numpy_backend):
+    xp = numpy_backend.xp
+    pb = Problem(_converter(numpy_backend, "float64"), xp, xp.float64, "cpu")
+
+    def build(comm, shard, **options):
+        try:
+            return cl.GGNLinearOperator(pb.model, pb.loss, pb.params, shard, comm=comm, **options)
+        except ValueError as err:
+            return err
+
+    empty = run_ranks(2, lambda comm: build(comm, []))
+    assert all("without batches on all 2 ranks" in str(err) for err in empty)
+    differ = run_ranks(2, lambda comm: build(comm, pb.batches[:1], num_data=5 + comm.rank))
+    assert all("different num_data (5, 6)" in str(err) for err in differ)
+    given = run_ranks(2, lambda comm: build(comm, pb.shard("uneven", comm.rank), num_data=99))
+    counted = run_ranks(2, lambda comm: build(comm, pb.shard("uneven", comm.rank)))
+    assert [G.num_data for G in given + counted] == [99, 99, 13, 13]
