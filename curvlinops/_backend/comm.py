@@ -400,7 +400,8 @@ def _nbytes(x) -> int:
     size = 1
     for n in x.shape:
         size *= int(n)
-    return size * (xp.finfo(x.dtype).bits // 8)
+    info = xp.finfo if xp.isdtype(x.dtype, "real floating") else xp.iinfo
+    return size * (info(x.dtype).bits // 8)
 
 
 def _synchronized_contiguous(x, xp):

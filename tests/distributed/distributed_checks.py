@@ -170,8 +170,11 @@ def _kronecker(comm, pb, rec, quick, xp):
             D = cls(m, loss, params, shard, comm=comm, **options)
             S = pb.reference(cls, **options)
             name = f"{cls.__name__} {options.get('fisher_type', '')} ({split})"
-            rec.compare(f"{name} factors", D.to_dense(), S.to_dense())
+            rec.compare(f"{name} dense", D.to_dense(), S.to_dense())
             rec.compare(f"{name} product", D @ pb.V, S @ pb.V)
+            for layer in getattr(D, "input_factors", {}):
+                rec.compare(f"{name} A {layer}", D.input_factors[layer], S.input_factors[layer])
+                rec.compare(f"{name} B {layer}", D.output_factors[layer], S.output_factors[layer])
     if quick:
         return
     # update with each rank's shard of a batch (here: the uneven split of the data set)
