@@ -24,6 +24,14 @@ Every public name of the layers is re-exported here.
 # frontends registers the PyTorch adapters of as_model / as_loss (it imports no torch)
 from . import curvature, frontends, linalg, losses, models, nn, optim, solvers, testing, verify
 from ._backend import RandomGenerator, array_namespace, to_numpy
+from ._backend.comm import (
+    Communicator,
+    MPICommunicator,
+    RemoteRankError,
+    SingleProcess,
+    TorchCommunicator,
+    as_communicator,
+)
 from ._backend.conditioning import ConditioningWarning, IllConditionedError, conditioning
 from ._backend.linalg import FactorizationError
 from .curvature import *  # noqa: F403
@@ -42,6 +50,12 @@ __all__ = [
     "RandomGenerator",
     "array_namespace",
     "to_numpy",
+    "Communicator",
+    "MPICommunicator",
+    "TorchCommunicator",
+    "SingleProcess",
+    "RemoteRankError",
+    "as_communicator",
     *linalg.__all__,
     *solvers.__all__,
     *models.__all__,

@@ -1,8 +1,17 @@
 """Backend layer: array namespaces, dtypes, devices, random numbers, API gap fillers.
 
-The only layer that imports concrete array libraries. See docs/design.rst, layer 1.
+The only layer that imports concrete array libraries (and the communication engines,
+mpi4py and torch.distributed, lazily). See docs/design.rst, layer 1.
 """
 
+from .comm import (
+    Communicator,
+    MPICommunicator,
+    RemoteRankError,
+    SingleProcess,
+    TorchCommunicator,
+    as_communicator,
+)
 from .conditioning import (
     ConditioningWarning,
     IllConditionedError,
@@ -42,10 +51,28 @@ from .namespace import (
     to_numpy,
 )
 from .random import RandomGenerator, as_generator, normal, rademacher, uniform
+from .reduction import (
+    Static,
+    broadcast_tree,
+    collective_sum,
+    collective_tree_sum,
+    gather_outcomes,
+)
 from .special import erf
 from .state import from_host, host_int, host_str, host_value
 
 __all__ = [
+    "Communicator",
+    "MPICommunicator",
+    "RemoteRankError",
+    "SingleProcess",
+    "Static",
+    "TorchCommunicator",
+    "as_communicator",
+    "broadcast_tree",
+    "collective_sum",
+    "collective_tree_sum",
+    "gather_outcomes",
     "ConditioningWarning",
     "FactorizationError",
     "IllConditionedError",

@@ -4,6 +4,11 @@ Checks the parameters, the data iterable and each batch against the operator's
 backend; counts data points; runs the determinism check; wraps iteration in an
 optional progress bar; caches per-batch linearizations on request.
 
+With a distributed communicator, each process holds a shard of the data (any number of
+batches, none included): :func:`prepare_inputs` runs the local checks and counts on every
+rank and exchanges what they found in one collective (:class:`DataShards`: the global
+number of data points, which ranks hold data, the shape of one batch of outputs).
+
 May import: ``curvlinops._backend``, ``curvlinops.models``, ``curvlinops.losses``.
 """
 
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 from .._backend import (
     array_namespace,
@@ -20,10 +26,13 @@ from .._backend import (
     namespace_name,
     to_numpy,
 )
+from .._backend.comm import as_communicator
+from .._backend.reduction import gather_outcomes
 from ..losses import as_loss
 from ..models import as_model
 
 __all__ = [
+    "DataShards",
     "NonDeterministicDataError",
     "batch_seed",
     "check_batch_metadata",
@@ -258,9 +267,22 @@ def check_batch_outputs(loss, outputs, index) -> None:
         raise type(error)(f"Batch {index}: {error}") from None
 
 
-def batch_seed(seed: int, index: int) -> int:
-    """Seed of the Monte-Carlo draws of batch ``index``: fixed per operator and batch."""
-    return (int(seed) * 1_000_003 + int(index)) % (2**31 - 1)
+def batch_seed(seed: int, index: int, rank: int = 0) -> int:
+    """Seed of the Monte-Carlo draws of batch ``index`` of process ``rank``.
+
+    Fixed per operator, batch and rank, so that products are reproducible from one
+    seed; distinct across ranks (rank 0 keeps the single-process seeds), whose batch
+    indices count their own shards' batches.
+
+    Examples
+    --------
+    >>> batch_seed(0, 3) == batch_seed(0, 3, rank=0), batch_seed(0, 3) == batch_seed(0, 3, 1)
+    (True, False)
+    """
+    seed = (int(seed) * 1_000_003 + int(index)) % (2**31 - 1)
+    if rank:
+        seed = (seed * 1_000_033 + 7_919 * int(rank)) % (2**31 - 1)
+    return seed
 
 
 def assert_deterministic(model, loss, params, data, xp):
@@ -329,18 +351,66 @@ def _checked_num_data(num_data) -> int:
     return value
 
 
-def prepare_inputs(model, loss, params, data, *, tier, who, num_data, check_deterministic):
+@dataclass(frozen=True)
+class DataShards:
+    """How the data are spread over the processes of a communicator.
+
+    Attributes
+    ----------
+    comm : Communicator
+    has_data : tuple of bool
+        Per rank, whether it holds at least one batch.
+    outputs_shape : tuple of int or None
+        The outputs' shape of the first batch of the first rank with data (None with
+        one process, where the operator finds it lazily).
+    """
+
+    comm: object
+    has_data: tuple = (True,)
+    outputs_shape: tuple | None = None
+
+    @property
+    def first_with_data(self) -> int:
+        """The lowest rank that holds data."""
+        return self.has_data.index(True)
+
+    @property
+    def local(self) -> bool:
+        """Whether this rank holds data."""
+        return bool(self.has_data[self.comm.rank])
+
+
+def prepare_inputs(
+    model, loss, params, data, *, tier, who, num_data, check_deterministic, comm=None
+):
     """Validate what every curvature operator takes; return ``(loss, xp, dtype, device,
-    num_data)``.
+    num_data, shards)``.
 
     Checks the parameters' backend and shapes, translates a PyTorch loss, requires the
     model tier, refuses one-shot iterators, counts the data when ``num_data`` is None
-    and runs the determinism check on request.
+    and runs the determinism check on request. With a distributed ``comm`` the data are
+    this rank's shard, ``num_data`` (given or counted) is the global count, and the
+    checks run on every rank's shard: one collective at the end tells every rank the
+    count, which ranks hold data (:class:`DataShards`) and any rank's failure.
     """
     xp, dtype, dev = check_params_backend(params)
     loss = resolve_loss(loss)
     model.check_params(params)
     model.require(tier, who)
+    comm = as_communicator(comm)
+    if comm.distributed:
+        num_data, shards = _distributed_inputs(
+            model, loss, params, data, xp, who, num_data, check_deterministic, comm
+        )
+        return loss, xp, dtype, dev, num_data, shards
+    num_data = _single_process_inputs(model, loss, params, data, xp, who, num_data)
+    if check_deterministic:
+        assert_deterministic(model, loss, params, data, xp)
+    return loss, xp, dtype, dev, num_data, DataShards(comm)
+
+
+def _single_process_inputs(model, loss, params, data, xp, who, num_data):
+    """The count (or the checked ``num_data``) of data held by one process."""
     check_data_iterable(data)
     if num_data is None:
         num_data = count_data(data, xp, params, model.name)
@@ -354,6 +424,40 @@ def prepare_inputs(model, loss, params, data, *, tier, who, num_data, check_dete
             )
     if num_data <= 0:
         raise ValueError(f"num_data must be positive, got {num_data}.")
-    if check_deterministic:
-        assert_deterministic(model, loss, params, data, xp)
-    return loss, xp, dtype, dev, num_data
+    return num_data
+
+
+def _distributed_inputs(model, loss, params, data, xp, who, num_data, check_deterministic, comm):
+    """``(global num_data, DataShards)`` from every rank's shard, in one collective."""
+    if num_data is not None:
+        num_data = _checked_num_data(num_data)
+
+    def local():
+        check_data_iterable(data)
+        batches = iterate_batches(data, xp, params=params, model_name=model.name)
+        first = next(batches, None)
+        count = None if num_data is not None else count_data(data, xp, params, model.name)
+        if check_deterministic:
+            assert_deterministic(model, loss, params, data, xp)
+        shape = None if first is None else tuple(model(params, first[1]).shape)
+        return count, shape, num_data
+
+    outcomes = gather_outcomes(comm, local, f"{who} construction")
+    given = sorted({str(n) for _, _, n in outcomes})
+    if len(given) > 1:
+        raise ValueError(
+            f"{who}: the ranks passed different num_data ({', '.join(given)}); num_data is "
+            "the global number of data points, the same on every rank (or None to count)."
+        )
+    has_data = tuple(shape is not None for _, shape, _ in outcomes)
+    if not any(has_data):
+        raise ValueError(
+            f"{who} got data without batches on all {comm.size} ranks; pass each rank an "
+            "iterable of (X, y) batches (its shard), with at least one batch on some rank."
+        )
+    if num_data is None:
+        num_data = sum(count for count, _, _ in outcomes)
+    if num_data <= 0:
+        raise ValueError(f"num_data must be positive, got {num_data}.")
+    outputs_shape = next(shape for _, shape, _ in outcomes if shape is not None)
+    return num_data, DataShards(comm, has_data, outputs_shape)

@@ -9,6 +9,9 @@
 - :func:`diagonal_plus_low_rank`: a low-rank part plus the diagonal of the rest, with
   an exact Woodbury inverse.
 
+All three work on distributed operators (``comm=``): they run the same products and
+seeded algorithms on every rank, so every rank gets the same approximation.
+
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.solvers``,
 ``curvlinops.models``.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+from .._backend.reduction import gather_outcomes
 from ..linalg import (
     BlockDiagonalLinearOperator,
     DenseLinearOperator,
@@ -52,15 +56,28 @@ def default_partition(A) -> list[list[int]]:
         )
     model = getattr(A, "model", None)
     if model is not None and model.has_tier(Tier.LAYER_TAPS):
-        X = next(iter(A.data))[0]
-        taps = model.linearize(A.params, X).layer_taps(None)
-        groups = sorted(
-            [t.weight_index] + ([t.bias_index] if t.bias_index is not None else []) for t in taps
-        )
-        covered = {i for g in groups for i in g}
-        groups += [[i] for i in range(len(shapes)) if i not in covered]
-        return sorted(groups)
+        comm = getattr(A, "comm", None)
+        if comm is None or not comm.distributed:
+            return _tap_partition(model, A.params, next(iter(A.data))[0], len(shapes))
+
+        def local():  # a distributed operator: the first rank with data knows the taps
+            first = next(iter(A.data), None)
+            return None if first is None else _tap_partition(model, A.params, first[0], len(shapes))
+
+        found = gather_outcomes(comm, local, "default_partition")
+        return next(groups for groups in found if groups is not None)
     return [[i] for i in range(len(shapes))]
+
+
+def _tap_partition(model, params, X, num_arrays):
+    """One group per tapped layer of the model on inputs ``X``, one per other array."""
+    taps = model.linearize(params, X).layer_taps(None)
+    groups = sorted(
+        [t.weight_index] + ([t.bias_index] if t.bias_index is not None else []) for t in taps
+    )
+    covered = {i for g in groups for i in g}
+    groups += [[i] for i in range(num_arrays) if i not in covered]
+    return sorted(groups)
 
 
 def block_diagonal(A, partition=None, *, max_block_size=4096) -> BlockDiagonalLinearOperator:

@@ -3,10 +3,16 @@
 :class:`CurvatureLinearOperator` owns everything that curvature matrices share:
 parameters and their backend, the re-iterable data of ``(X, y)`` batches of any
 sizes, the number of data points, the loss's reduction over the whole data set,
-the determinism check, the optional progress bar and per-batch cache. A concrete
-operator implements only the product of one batch, :meth:`_batch_matmat`, on
-tangents shaped like the parameters with a trailing axis ``K``; the base class
-sums over batches and applies the loss's normalization.
+the determinism check, the optional progress bar and per-batch cache, and the
+communicator of a distributed operator. A concrete operator implements only the
+product of one batch, :meth:`_batch_matmat`, on tangents shaped like the parameters
+with a trailing axis ``K``; the base class sums over batches and applies the loss's
+normalization.
+
+Sums over data go through one reduction point, :meth:`CurvatureLinearOperator._summed`:
+the local sum over this process's batches, then (with a distributed ``comm``) one
+all-reduce over the processes of everything the quantity needs (a product's whole
+``(P, K)`` block, a gradient with the loss value).
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
 ``curvlinops.losses``, ``._data``.
@@ -14,9 +20,12 @@ May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models`
 
 from __future__ import annotations
 
+from .._backend.comm import as_communicator
+from .._backend.reduction import collective_sum
 from ..linalg import LinearOperator
 from ..models import Tier, flatten_params, num_params, param_shapes, unflatten_params
 from ._data import (
+    DataShards,
     NonDeterministicDataError,
     _checked_num_data as checked_num_data,
     check_batch_values,
@@ -62,6 +71,14 @@ class CurvatureLinearOperator(LinearOperator):
         ``N * sum(layer widths)`` numbers for the inputs of every layer plus the
         pre-activations), so use it when the data set's activations fit in memory;
         it makes each product skip the forward pass.
+    comm : optional
+        Distribute over processes: an mpi4py communicator, a ``torch.distributed``
+        process group or a :class:`~curvlinops.Communicator`. Then ``data`` is this
+        process's shard (any number of batches, none included), ``num_data`` the
+        global count (counted with one collective when omitted), and every product is
+        the curvature over all shards, computed with one all-reduce of its ``(P, K)``
+        block and returned on every process. Every process must call the same methods
+        in the same order (see :doc:`/distributed`).
     """
 
     #: tiers of the model protocol the operator needs
@@ -83,9 +100,10 @@ class CurvatureLinearOperator(LinearOperator):
         progressbar=False,
         check_deterministic=True,
         cache=False,
+        comm=None,
     ):
         model, params = resolve_model(model, params)  # a torch.nn.Module -> TorchModel
-        loss, xp, dtype, dev, self.num_data = prepare_inputs(
+        loss, xp, dtype, dev, self.num_data, shards = prepare_inputs(
             model,
             loss,
             params,
@@ -94,11 +112,18 @@ class CurvatureLinearOperator(LinearOperator):
             who=type(self).__name__,
             num_data=num_data,
             check_deterministic=check_deterministic,
+            comm=comm,
         )
+        self._set_shards(shards)
         self._init_fields(model, loss, params, data, xp, dtype, dev, progressbar, cache)
 
+    def _set_shards(self, shards):
+        self.shards, self.comm = shards, shards.comm
+        if shards.outputs_shape is not None:  # distributed: every rank knows it
+            self._outputs_shape = shards.outputs_shape
+
     @classmethod
-    def _without_data(cls, model, loss, params, num_data):
+    def _without_data(cls, model, loss, params, num_data, comm=None):
         """An instance over ``model``, ``loss`` and ``params`` but no data (``data`` is None):
         the start of restoring a saved state, which must then set everything a product
         needs. No pass over data, no determinism check."""
@@ -109,6 +134,8 @@ class CurvatureLinearOperator(LinearOperator):
         model.check_params(params)
         model.require(cls.required_tier, cls.__name__)
         self.num_data = checked_num_data(num_data)
+        comm = as_communicator(comm)
+        self._set_shards(DataShards(comm, (False,) * comm.size))
         self._init_fields(model, loss, params, None, xp, dtype, dev, False, False)
         return self
 
@@ -150,19 +177,25 @@ class CurvatureLinearOperator(LinearOperator):
 
     def _matmat(self, V):
         tangents = unflatten_params(V, self.shapes)
-        scale = total = None
-        for index, X, y in self._batches():
-            lin = self._linearization(index, X)
-            if scale is None:  # the first outputs give the normalization's shape: no extra pass
-                self._set_output_shape(lin.outputs)
-                scale = self._normalization()
-            if index not in self._checked_batches:
-                # labels, targets and outputs, once per batch (the data and parameters
-                # are fixed): the first product pays one check per batch, no more
-                check_batch_values(self.loss, lin.outputs, y, index)
-                self._checked_batches.add(index)
-            part = flatten_params(self._batch_matmat(lin, y, tangents, scale, index), self.shapes)
-            total = part if total is None else total + part
+
+        def local():
+            scale = total = None
+            for index, X, y in self._batches():
+                lin = self._linearization(index, X)
+                if scale is None:  # the first outputs give the normalization's shape
+                    self._set_output_shape(lin.outputs)
+                    scale = self._normalization()
+                if index not in self._checked_batches:
+                    # labels, targets and outputs, once per batch (the data and parameters
+                    # are fixed): the first product pays one check per batch, no more
+                    check_batch_values(self.loss, lin.outputs, y, index)
+                    self._checked_batches.add(index)
+                batch = self._batch_matmat(lin, y, tangents, scale, index)
+                part = flatten_params(batch, self.shapes)
+                total = part if total is None else total + part
+            return [total]
+
+        (total,) = self._summed(local, [(self.shape[0], V.shape[1])], "product")
         return total
 
     def quadratic_form(self, V):
@@ -204,21 +237,41 @@ class CurvatureLinearOperator(LinearOperator):
         if not hasattr(self, "_batch_output_matmat"):
             return xp.matrix_transpose(V) @ self._matmat(V)
         tangents = unflatten_params(V, self.shapes)
-        scale = total = None
-        for index, X, y in self._batches():
-            lin = self._linearization(index, X)
-            if scale is None:
-                self._set_output_shape(lin.outputs)
-                scale = self._normalization()
-            if index not in self._checked_batches:
-                check_batch_values(self.loss, lin.outputs, y, index)
-                self._checked_batches.add(index)
-            Jv = lin.jvp(tangents)
-            MJv = self._batch_output_matmat(lin, y, Jv, scale, index)
-            K = Jv.shape[-1]
-            part = xp.matrix_transpose(xp.reshape(Jv, (-1, K))) @ xp.reshape(MJv, (-1, K))
-            total = part if total is None else total + part
+
+        def local():
+            scale = total = None
+            for index, X, y in self._batches():
+                lin = self._linearization(index, X)
+                if scale is None:
+                    self._set_output_shape(lin.outputs)
+                    scale = self._normalization()
+                if index not in self._checked_batches:
+                    check_batch_values(self.loss, lin.outputs, y, index)
+                    self._checked_batches.add(index)
+                Jv = lin.jvp(tangents)
+                MJv = self._batch_output_matmat(lin, y, Jv, scale, index)
+                K = Jv.shape[-1]
+                part = xp.matrix_transpose(xp.reshape(Jv, (-1, K))) @ xp.reshape(MJv, (-1, K))
+                total = part if total is None else total + part
+            return [total]
+
+        K = V.shape[1]
+        (total,) = self._summed(local, [(K, K)], "quadratic form")
         return 0.5 * (total + xp.matrix_transpose(total))  # exactly symmetric
+
+    def _summed(self, local, shapes, what):
+        """The reduction point of sums over data: ``local()`` (this process's sums, a list
+        of arrays of ``shapes``, None for none) summed over the processes of ``comm`` in
+        one all-reduce; a rank's failure raises on every rank."""
+        return collective_sum(
+            self.comm,
+            local,
+            shapes,
+            xp=self.xp,
+            dtype=self.dtype,
+            device=self.device,
+            what=f"{type(self).__name__} {what}",
+        )
 
     def _batches(self):
         return iterate_batches(
@@ -260,21 +313,24 @@ class CurvatureLinearOperator(LinearOperator):
         """Gradient (list shaped like the parameters) and value of the loss over the data.
 
         Uses the loss's reduction over the whole data set, so the result equals the
-        loss of the concatenated data.
+        loss of the concatenated data. Distributed (``comm``), the data set is all
+        processes' shards: one all-reduce of the gradient and the loss, the same result
+        on every process.
         """
         grads, value = self._gradient_and_loss_unnormalized()
         c = self._normalization()
         return [c * g for g in grads], c * value
 
     def _gradient_and_loss_unnormalized(self):
-        grads, value = None, None
-        for index, X, y in self._batches():
-            lin = self._linearization(index, X)
-            batch_value = check_batch_values(self.loss, lin.outputs, y, index)
-            batch_grads = lin.vjp(self.loss.gradient(lin.outputs, y))
-            value = batch_value if value is None else value + batch_value
-            if grads is None:
-                grads = batch_grads
-            else:
-                grads = [g + b for g, b in zip(grads, batch_grads, strict=True)]
+        def local():
+            grads, value = [None] * len(self.shapes), None
+            for index, X, y in self._batches():
+                lin = self._linearization(index, X)
+                batch_value = check_batch_values(self.loss, lin.outputs, y, index)
+                batch_grads = lin.vjp(self.loss.gradient(lin.outputs, y))
+                value = batch_value if value is None else value + batch_value
+                grads = [b if g is None else g + b for g, b in zip(grads, batch_grads, strict=True)]
+            return [*grads, value]
+
+        *grads, value = self._summed(local, [*self.shapes, ()], "gradient and loss")
         return grads, value

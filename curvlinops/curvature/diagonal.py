@@ -17,6 +17,9 @@ The GGN and empirical-Fisher diagonals also live across steps: ``update(batch, d
 averages one batch's diagonal into the current one, and ``state_dict()`` /
 ``from_state_dict()`` save and restore them as plain arrays.
 
+Distributed (``comm``), each process sums over its shard and one all-reduce adds the
+shards' diagonals (and the batch's data count, for ``update``).
+
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
 ``curvlinops.losses``, ``._data``, ``._chain``, ``._elementwise``, ``._embedding``.
 """
@@ -26,6 +29,8 @@ from __future__ import annotations
 import math
 
 from .._backend import device as array_device, from_host, host_int, host_str, host_value
+from .._backend.comm import as_communicator
+from .._backend.reduction import collective_sum
 from ..linalg import DiagonalLinearOperator
 from ..models import Capability, Tier, flatten_params, param_shapes
 from ._chain import backpropagate
@@ -74,9 +79,10 @@ class _DataDiagonalLinearOperator(DiagonalLinearOperator):
         num_data=None,
         progressbar=False,
         check_deterministic=True,
+        comm=None,
     ):
         model, params = resolve_model(model, params)  # a torch.nn.Module -> TorchModel
-        loss, xp, _, _, self.num_data = prepare_inputs(
+        loss, xp, _, _, self.num_data, shards = prepare_inputs(
             model,
             loss,
             params,
@@ -85,8 +91,10 @@ class _DataDiagonalLinearOperator(DiagonalLinearOperator):
             who=type(self).__name__,
             num_data=num_data,
             check_deterministic=check_deterministic,
+            comm=comm,
         )
-        self.model, self.loss = model, loss
+        self.model, self.loss, self.comm = model, loss, shards.comm
+        self._outputs_shape = shards.outputs_shape
         diagonal = self._accumulate(model, loss, params, data, xp, progressbar)
         super().__init__(diagonal, psd=self.psd or None)
 
@@ -104,29 +112,54 @@ class _DataDiagonalLinearOperator(DiagonalLinearOperator):
             progressbar=progressbar,
             desc=type(self).__name__,
         )
-        sums, outputs_shape = self._sums(params, batches, xp)
+        sums, outputs_shape, _ = self._sums(params, batches, xp)
         return loss.normalization(self.num_data, outputs_shape) * sums
 
     def _sums(self, params, batches, xp):
-        """The unnormalized flat diagonal over ``(index, X, y)`` batches, and an output shape."""
+        """The unnormalized flat diagonal over ``(index, X, y)`` batches, an output shape
+        and the number of data points: this process's sums, added over the processes in
+        one all-reduce (the reduction point of the diagonals)."""
         shapes = param_shapes(params)
-        sums = [None] * len(params)
-        outputs_shape = None
-        for index, X, y in batches:
-            lin = self.model.linearize(params, X)
-            check_batch_values(self.loss, lin.outputs, y, index)
-            outputs_shape = outputs_shape or tuple(lin.outputs.shape)
-            for where, value in self._batch_contributions(lin, y, index, xp):
-                sums[where] = value if sums[where] is None else sums[where] + value
-        missing = [i for i, s in enumerate(sums) if s is None]
-        if missing:
-            raise ValueError(
-                f"{type(self).__name__} needs every parameter in a tapped layer (Linear, "
-                "convolution, normalization), "
-                f"but parameters {missing} (shapes {[shapes[i] for i in missing]}) are not."
-            )
-        flat = flatten_params([xp.reshape(s, shape) for s, shape in zip(sums, shapes, strict=True)])
-        return flat, outputs_shape
+        found = {"outputs_shape": None}
+
+        def local():
+            sums = [None] * len(params)
+            count = 0
+            for index, X, y in batches:
+                lin = self.model.linearize(params, X)
+                check_batch_values(self.loss, lin.outputs, y, index)
+                found["outputs_shape"] = found["outputs_shape"] or tuple(lin.outputs.shape)
+                count += int(X.shape[0])
+                for where, value in self._batch_contributions(lin, y, index, xp):
+                    sums[where] = value if sums[where] is None else sums[where] + value
+            missing = [i for i, s in enumerate(sums) if s is None]
+            if missing and found["outputs_shape"] is not None:  # a rank without data adds 0
+                raise ValueError(
+                    f"{type(self).__name__} needs every parameter in a tapped layer (Linear, "
+                    "convolution, normalization), "
+                    f"but parameters {missing} (shapes {[shapes[i] for i in missing]}) are not."
+                )
+            reshaped = [
+                None if s is None else xp.reshape(s, shape)
+                for s, shape in zip(sums, shapes, strict=True)
+            ]
+            dtype, dev = params[0].dtype, array_device(params[0])
+            return [*reshaped, xp.asarray(float(count), dtype=dtype, device=dev)]
+
+        *summed, count = collective_sum(
+            self.comm,
+            local,
+            [*shapes, ()],
+            xp=xp,
+            dtype=params[0].dtype,
+            device=array_device(params[0]),
+            what=f"{type(self).__name__} pass over the data",
+        )
+        # distributed, every rank takes the shape found at construction (its first batch
+        # may be missing or differ); one process, the first batch's as before
+        stored = getattr(self, "_outputs_shape", None)
+        outputs_shape = stored if stored and self.comm.distributed else found["outputs_shape"]
+        return flatten_params(summed), outputs_shape, round(float(count))
 
 
 class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
@@ -148,6 +181,8 @@ class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
         ``num_data / N_batch`` for ``"sum"``. One forward and one backward pass; no
         determinism check or counting pass. Monte-Carlo draws depend on ``seed`` and
         the update count, so a restored state continues with the same draws.
+        Distributed (``comm``), every process calls it with its shard of the batch, and
+        ``N_batch`` counts all shards.
 
         Parameters
         ----------
@@ -182,7 +217,6 @@ class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}.")
         xp = self.xp
-        X, y = check_batch(batch, xp, f"of update {self.num_updates}")
         if params is not None:
             params = list(params)
             self.model.check_params(params)
@@ -193,8 +227,7 @@ class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
                 )
             self.params = params
         index = _UPDATE_INDEX + self.num_updates
-        sums, outputs_shape = self._sums(self.params, [(index, X, y)], xp)
-        N = int(X.shape[0])
+        sums, outputs_shape, N = self._sums(self.params, _OneBatch(index, batch, xp), xp)
         scale = self.loss.normalization(self.num_data, outputs_shape) * self.num_data / N
         self.num_updates += 1
         self._diag = decay * self._diag + (1.0 - decay) * (scale * sums)
@@ -256,7 +289,7 @@ class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
         return self
 
     @classmethod
-    def from_state_dict(cls, state, model, loss, params):
+    def from_state_dict(cls, state, model, loss, params, *, comm=None):
         """An operator restored from a saved state, without data (no pass over data).
 
         Parameters
@@ -268,12 +301,17 @@ class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
         params : list of arrays
             Their backend, dtype and device are the restored operator's; later
             :meth:`update` calls take the batches' diagonals there.
+        comm : optional
+            The communicator of later :meth:`update` calls (each rank passes its shard
+            of the batch).
 
         Returns
         -------
         operator
         """
         self = cls.__new__(cls)
+        self.comm = as_communicator(comm)
+        self._outputs_shape = None
         model, params = resolve_model(model, params)
         xp, dtype, dev = check_params_backend(params)
         model.check_params(params)
@@ -313,6 +351,19 @@ class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
 
 #: index of the first update's Monte-Carlo draws (distinct from the construction's batches)
 _UPDATE_INDEX = 1 << 24
+
+
+class _OneBatch:
+    """One update's batch as re-iterable data of ``(index, X, y)``: the batch is checked
+    when iterated, inside the local work of a pass (so that a bad batch on one rank
+    raises on every rank)."""
+
+    def __init__(self, index, batch, xp):
+        self.index, self.batch, self.xp = index, batch, xp
+
+    def __iter__(self):
+        X, y = check_batch(self.batch, self.xp, f"of update {self.index - _UPDATE_INDEX}")
+        yield self.index, X, y
 
 
 def _as_matrix_tap(tap, lin, xp):
@@ -378,6 +429,11 @@ _DIAGONAL_PARAMETERS = """
         tqdm progress bar over the batches.
     check_deterministic : bool
         Run over the data twice first and raise if the passes differ.
+    comm : optional
+        Distribute over processes (an mpi4py communicator, a ``torch.distributed``
+        process group or a :class:`~curvlinops.Communicator`): ``data`` is this
+        process's shard, ``num_data`` the global count; one all-reduce adds the
+        shards' diagonals (see :doc:`/distributed`).
 """
 
 
@@ -430,9 +486,8 @@ class GGNDiagonalLinearOperator(_TapDiagonalLinearOperator):
     def _cotangents(self, outputs, y, index, xp):
         if self.mc_samples is None:
             return _per_datum_factor(self.loss.hessian_sqrt(outputs, y), xp)
-        return self.loss.sampled_gradients(
-            outputs, self.mc_samples, seed=batch_seed(self.seed, index)
-        )
+        seed = batch_seed(self.seed, index, self.comm.rank)
+        return self.loss.sampled_gradients(outputs, self.mc_samples, seed=seed)
 
 
 class EFDiagonalLinearOperator(_TapDiagonalLinearOperator):

@@ -19,6 +19,7 @@ so there is no ``(B + d_B I)^{-1} (x) (A + d_A I)^{-1}`` form; :meth:`inverse` i
 from __future__ import annotations
 
 from .._backend import checked_eigh, host_value
+from .._backend.reduction import broadcast_tree, collective_tree_sum
 from ..linalg import DenseLinearOperator, KroneckerEighLinearOperator
 from .kronecker_statistics import _KroneckerCurvature, flatten_tap
 
@@ -85,6 +86,11 @@ class EKFACLinearOperator(_KroneckerCurvature):
         tqdm progress bar over the batches.
     check_deterministic : bool
         Run over the data twice first and raise if the passes differ.
+    comm : optional
+        Distribute both passes over processes (as for
+        :class:`~curvlinops.curvature.kfac.KFACLinearOperator`): one all-reduce adds the
+        shards' factor statistics, rank 0's eigenbasis is shared with every rank, a
+        second all-reduce adds the scaling sums. See :doc:`/distributed`.
 
     Attributes
     ----------
@@ -126,7 +132,7 @@ class EKFACLinearOperator(_KroneckerCurvature):
 
     def _build(self):
         try:
-            factors = self._kfac_factors()
+            factors, _ = self._kfac_factors()
             self._set_factor_dicts(factors)
             bases = self._bases(factors)
             weight_sums, bias_sums = self._scaling_sums(bases)
@@ -149,7 +155,23 @@ class EKFACLinearOperator(_KroneckerCurvature):
                 self.output_factors[layer.name], self.input_factors[layer.name] = B, A
 
     def _bases(self, factors):
-        """``(Q_B, Q_A)`` per layer (None for exact blocks): the factors' eigenvectors."""
+        """``(Q_B, Q_A)`` per layer (None for exact blocks): the factors' eigenvectors.
+
+        Distributed, rank 0 computes them and every rank receives its bits: the scalings
+        of all ranks' data must be taken in one basis, and eigenvectors are unique only
+        up to signs and rotations within eigenspaces.
+        """
+        return broadcast_tree(
+            self.comm,
+            0,
+            lambda: self._local_bases(factors),
+            xp=self.xp,
+            dtype=self.dtype,
+            device=self.device,
+            what=f"{type(self).__name__} eigenbasis",
+        )
+
+    def _local_bases(self, factors):
         bases = []
         for layer, (B, A) in zip(self.layers, factors, strict=True):
             if layer.exact:
@@ -252,7 +274,7 @@ class EKFACLinearOperator(_KroneckerCurvature):
         True
         """
         try:
-            factors, decay, (triple, scale) = self._averaged_factors(batch, decay, params)
+            factors, decay, (batches, scale) = self._averaged_factors(batch, decay, params)
             old_bases = self._current_bases()
             old_w, old_b = self._current_scalings()
             self._set_factor_dicts(factors)
@@ -261,7 +283,7 @@ class EKFACLinearOperator(_KroneckerCurvature):
                 old_w, old_b = self._carried_scalings(old_bases, bases, old_w, old_b)
             else:
                 bases = old_bases
-            batch_w, batch_b = self._scaling_sums(bases, [triple])
+            batch_w, batch_b = self._scaling_sums(bases, batches)
         finally:  # the batch's retained taps belong to this update only
             self._retained = None
         weights = [_averaged(o, n, decay, scale) for o, n in zip(old_w, batch_w, strict=True)]
@@ -353,7 +375,7 @@ class EKFACLinearOperator(_KroneckerCurvature):
         return self
 
     @classmethod
-    def from_state_dict(cls, state, model, loss, params):
+    def from_state_dict(cls, state, model, loss, params, *, comm=None):
         """An operator restored from a saved state, without data (no pass over data).
 
         Parameters
@@ -364,20 +386,38 @@ class EKFACLinearOperator(_KroneckerCurvature):
             The model and loss the state was computed with.
         params : list of arrays
             The parameters (their backend, dtype and device are the restored operator's).
+        comm : optional
+            The communicator of later :meth:`update` calls.
 
         Returns
         -------
         EKFACLinearOperator
             Its ``data`` is None: products, inverses and :meth:`update` work.
         """
-        return cls._restore(state, model, loss, params)
+        return cls._restore(state, model, loss, params, comm)
 
     def _scaling_sums(self, bases, batches=None):
         """Second pass (over the data or ``batches``): unnormalized
-        ``sum ((Q_B^T g)(Q_A^T a)^T)^2`` per layer."""
+        ``sum ((Q_B^T g)(Q_A^T a)^T)^2`` per layer, summed over the processes."""
+        sums = collective_tree_sum(
+            self.comm,
+            lambda: self._local_scaling_sums(bases, batches),
+            xp=self.xp,
+            dtype=self.dtype,
+            device=self.device,
+            what=f"{type(self).__name__} pass for the scalings",
+        )
+        if sums is None:
+            raise ValueError("The data contain no batches; EKFAC needs at least one.")
+        return sums
+
+    def _local_scaling_sums(self, bases, batches):
+        """This process's scaling sums (None without batches)."""
         weight_sums = [None] * len(self.layers)
         bias_sums = [None] * len(self.layers)
+        seen = False
         for raw_taps in self._second_pass_taps(batches):
+            seen = True
             taps = self._matrix_taps(raw_taps)
             for i, (layer, tap, basis) in enumerate(zip(self.layers, taps, bases, strict=True)):
                 if basis is None:  # an exact block: nothing to refit
@@ -393,7 +433,7 @@ class EKFACLinearOperator(_KroneckerCurvature):
                 weight_sums[i] = _add(weight_sums[i], s_w)
                 if s_b is not None:
                     bias_sums[i] = _add(bias_sums[i], s_b)
-        return weight_sums, bias_sums
+        return (weight_sums, bias_sums) if seen else None
 
     def _second_pass_taps(self, batches):
         """The taps of each batch for the scalings: the batch that the factors' pass

@@ -31,6 +31,7 @@ from ..models import (
     Tier,
     TraceableLinearMap,
     flatten_params,
+    num_params,
     unflatten_params,
 )
 from ._data import batch_seed, check_mc_samples
@@ -70,6 +71,11 @@ _COMMON_PARAMETERS = """
     cache : bool
         Keep each batch's forward pass between products (memory: the model's
         activations over the whole data set).
+    comm : optional
+        Distribute over processes (an mpi4py communicator, a ``torch.distributed``
+        process group or a :class:`~curvlinops.Communicator`): ``data`` is this
+        process's shard, ``num_data`` the global count, and each product sums over all
+        shards with one all-reduce (see :doc:`/distributed`).
 """
 
 
@@ -204,8 +210,9 @@ class FisherLinearOperator(CurvatureLinearOperator):
     from the loss's predictive distribution itself: exactly (enumeration for
     categorical and Bernoulli outputs, closed forms for Gaussian and Poisson) when
     ``mc_samples`` is None, or by Monte-Carlo with ``mc_samples`` labels drawn per
-    datum. The draws depend only on ``seed`` and the batch index, so every product
-    of one operator uses the same samples (the operator is a fixed matrix).
+    datum. The draws depend only on ``seed`` and the batch index (and, distributed, the
+    rank), so every product of one operator uses the same samples (the operator is a
+    fixed matrix).
 """
         + _COMMON_PARAMETERS
         + """
@@ -246,8 +253,9 @@ class FisherLinearOperator(CurvatureLinearOperator):
         f = lin.outputs
         if self.mc_samples is None:
             return scale * self.loss.fisher_matmat(f, Jv)
-        # Seeds depend on the batch index only, so products are reproducible.
-        G = self.loss.sampled_gradients(f, self.mc_samples, seed=batch_seed(self.seed, index))
+        # Seeds depend on the batch index and rank only, so products are reproducible.
+        seed = batch_seed(self.seed, index, self.comm.rank)
+        G = self.loss.sampled_gradients(f, self.mc_samples, seed=seed)
         xp, n = self.xp, f.shape[0]
         FJv = _per_datum_outer_product(_flat_outputs(G, n, xp), _flat_outputs(Jv, n, xp), xp)
         return scale * xp.reshape(FJv, Jv.shape)
@@ -293,39 +301,69 @@ class EFLinearOperator(CurvatureLinearOperator):
 
 
 class _JacobianProducts(CurvatureLinearOperator):
-    """Shared products of the Jacobian and its transpose over the data."""
+    """Shared products of the Jacobian and its transpose over the data.
+
+    Distributed, the output space holds the outputs of all ranks' shards in rank
+    order: ``J V`` places this rank's rows at its offset and one all-reduce of the
+    whole ``(N * C, K)`` result fills in the others'; ``J^T U`` takes this rank's
+    rows of ``U`` and sums over ranks.
+    """
 
     symmetric = False
 
     def _output_size(self):
+        from .._backend.reduction import gather_outcomes
         from ._data import check_params_backend, iterate_batches
 
         xp, _, _ = check_params_backend(self.params)
-        batches = iterate_batches(self.data, xp)
-        self._batch_output_sizes = [
-            math.prod(self.model(self.params, X).shape) for _, X, _ in batches
-        ]
-        return sum(self._batch_output_sizes)
+
+        def local_sizes():
+            batches = iterate_batches(self.data, xp)
+            return [math.prod(self.model(self.params, X).shape) for _, X, _ in batches]
+
+        per_rank = gather_outcomes(self.comm, local_sizes, f"{type(self).__name__} sizes")
+        self._batch_output_sizes = per_rank[self.comm.rank]
+        self._rank_offset = sum(sum(sizes) for sizes in per_rank[: self.comm.rank])
+        self._num_outputs = sum(sum(sizes) for sizes in per_rank)
+        return self._num_outputs
 
     def _jacobian_matmat(self, V):
         tangents = unflatten_params(V, self.shapes)
-        parts = []
-        for index, X, _ in self._batches():
-            Jv = self._linearization(index, X).jvp(tangents)
-            parts.append(self.xp.reshape(Jv, (-1, V.shape[1])))
-        return self.xp.concat(parts, axis=0)
+        xp, K, total = self.xp, V.shape[1], self._num_outputs
+
+        def local():
+            parts = []
+            for index, X, _ in self._batches():
+                Jv = self._linearization(index, X).jvp(tangents)
+                parts.append(xp.reshape(Jv, (-1, K)))
+            if not self.comm.distributed:
+                return [xp.concat(parts, axis=0)]
+            mine = sum(self._batch_output_sizes)
+            before, after = self._rank_offset, total - self._rank_offset - mine
+            zeros = [
+                xp.zeros((n, K), dtype=self.dtype, device=self.device) for n in (before, after)
+            ]
+            return [xp.concat([zeros[0], *parts, zeros[1]], axis=0)]
+
+        (JV,) = self._summed(local, [(total, K)], "product")
+        return JV
 
     def _transposed_jacobian_matmat(self, U):
-        total, start = None, 0
-        for index, X, _ in self._batches():
-            lin = self._linearization(index, X)
-            size = self._batch_output_sizes[index]
-            u_shape = tuple(lin.outputs.shape) + (U.shape[1],)
-            u = self.xp.reshape(U[start : start + size, :], u_shape)
-            start += size
-            part = flatten_params(lin.vjp(u), self.shapes)
-            total = part if total is None else total + part
-        return total
+        def local():
+            total, start = None, self._rank_offset
+            for index, X, _ in self._batches():
+                lin = self._linearization(index, X)
+                size = self._batch_output_sizes[index]
+                u_shape = tuple(lin.outputs.shape) + (U.shape[1],)
+                u = self.xp.reshape(U[start : start + size, :], u_shape)
+                start += size
+                part = flatten_params(lin.vjp(u), self.shapes)
+                total = part if total is None else total + part
+            return [total]
+
+        P = num_params(self.shapes)
+        (JtU,) = self._summed(local, [(P, U.shape[1])], "transposed product")
+        return JtU
 
     def _as(self, cls):
         """The same operator data as ``cls`` (no new passes over the data)."""

@@ -99,6 +99,13 @@ class KFACLinearOperator(_KroneckerCurvature):
         tqdm progress bar over the batches.
     check_deterministic : bool
         Run over the data twice first and raise if the passes differ.
+    comm : optional
+        Distribute the pass over processes (an mpi4py communicator, a
+        ``torch.distributed`` process group or a :class:`~curvlinops.Communicator`):
+        ``data`` is this process's shard (Monte-Carlo draws differ per rank), one
+        all-reduce adds the shards' statistics, and every rank holds the same factors;
+        products then need no communication. :meth:`update` is collective too (each
+        rank passes its shard of the batch). See :doc:`/distributed`.
 
     Attributes
     ----------
@@ -146,7 +153,7 @@ class KFACLinearOperator(_KroneckerCurvature):
     psd = True  # B and A are sums of outer products for every fisher_type
 
     def _build(self):
-        self._set_factors(self._kfac_factors())
+        self._set_factors(self._kfac_factors()[0])
 
     def _set_factors(self, factors):
         """Store ``(B, A)`` per layer (in ``self.layers`` order); operators come on first use.
@@ -212,7 +219,9 @@ class KFACLinearOperator(_KroneckerCurvature):
         times ``num_data / N_batch``). One forward and one backward pass; no
         determinism check, no counting pass, the data given at construction are not
         touched. Monte-Carlo draws (``fisher_type="mc"``) depend on ``seed`` and the
-        update count, so a restored state continues with the same draws. Inverses
+        update count, so a restored state continues with the same draws. Distributed
+        (``comm``), every process calls it with its shard of the batch, and
+        ``N_batch`` counts all shards. Inverses
         computed before remain valid for the old factors (they are separate
         operators); new products, inverses and eigendecompositions use the new ones.
 
@@ -310,7 +319,7 @@ class KFACLinearOperator(_KroneckerCurvature):
         return self
 
     @classmethod
-    def from_state_dict(cls, state, model, loss, params):
+    def from_state_dict(cls, state, model, loss, params, *, comm=None):
         """An operator restored from a saved state, without data (no pass over data).
 
         Parameters
@@ -322,6 +331,8 @@ class KFACLinearOperator(_KroneckerCurvature):
         params : list of arrays
             The parameters (their backend, dtype and device are the restored
             operator's; later :meth:`update` calls take their factors there).
+        comm : optional
+            The communicator of later :meth:`update` calls.
 
         Returns
         -------
@@ -329,7 +340,7 @@ class KFACLinearOperator(_KroneckerCurvature):
             Its ``data`` is None: products, inverses and :meth:`update` work, methods
             that iterate over data (``gradient_and_loss``) do not.
         """
-        return cls._restore(state, model, loss, params)
+        return cls._restore(state, model, loss, params, comm)
 
     def inverse(self, damping=0.0, **deprecated):
         """Exact ``(K + damping I)^{-1}``, blockwise through the factors' eigendecompositions.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import warnings
 
 from .._backend import device as array_device
+from .._backend.reduction import Static, broadcast_tree, collective_tree_sum
 from ..models import Capability
 from ._chain import backpropagate
 from ._data import check_batch_values
@@ -89,6 +90,12 @@ class KFACHessianLinearOperator(KFACLinearOperator):
         tqdm progress bar over the batches.
     check_deterministic : bool
         Run over the data twice first and raise if the passes differ.
+    comm : optional
+        Distribute the pass over processes (as for
+        :class:`~curvlinops.curvature.kfac.KFACLinearOperator`): one all-reduce adds the
+        shards' sums (loss Hessians, the layers' statistics, the input moments); the
+        backward walk then runs on the sums (on the first rank with data, which shares
+        the factors with the ranks without data). See :doc:`/distributed`.
 
     Raises
     ------
@@ -127,6 +134,7 @@ class KFACHessianLinearOperator(KFACLinearOperator):
         num_data=None,
         progressbar=False,
         check_deterministic=True,
+        comm=None,
     ):
         _KroneckerCurvature.__init__(
             self,
@@ -140,6 +148,7 @@ class KFACHessianLinearOperator(KFACLinearOperator):
             num_data=num_data,
             progressbar=progressbar,
             check_deterministic=check_deterministic,
+            comm=comm,
         )
 
     # -- factors ---------------------------------------------------------------------------
@@ -160,7 +169,37 @@ class KFACHessianLinearOperator(KFACLinearOperator):
         self.layers = self._layout_from_taps(taps)
 
     def _hessian_factors(self):
-        """``(B, A)`` per tapped layer in order: one pass over the data, then one walk."""
+        """``(B, A)`` per tapped layer in order: one pass over the data, the sums over
+        the processes, then one walk."""
+        found = {}  # the linearized layers of this rank's last batch (for the walk)
+        sums = collective_tree_sum(
+            self.comm,
+            lambda: self._local_sums(found),
+            xp=self.xp,
+            dtype=self.dtype,
+            device=self.device,
+            what=f"{self._WHO} pass over the data",
+        )
+        if sums is None:
+            raise ValueError("The data contain no batches; K-FAC needs at least one.")
+        if self.layers is None:
+            self.layers = list(sums["layers"])
+        if all(self.shards.has_data):
+            return self._walk(found["layers"], sums)
+        # the walk needs a batch's linearized layers: ranks without data take its result
+        return broadcast_tree(
+            self.comm,
+            self.shards.first_with_data,
+            lambda: self._walk(found["layers"], sums),
+            xp=self.xp,
+            dtype=self.dtype,
+            device=self.device,
+            what=f"{self._WHO} factors",
+        )
+
+    def _local_sums(self, found):
+        """This rank's sums over its batches: the loss Hessians, the layers' statistics
+        and the tapped layers' input moments (None without batches)."""
         xp = self.xp
         statistics, inputs = {}, {}
         output_hessian, layers = None, None
@@ -185,28 +224,42 @@ class KFACHessianLinearOperator(KFACLinearOperator):
                 who=self._WHO,
                 instead=self._INSTEAD,
             )
-            found = []
+            found_taps = []
             for i, layer, _, _ in walk:
                 tap = layer.tap()
                 if tap is None:
                     continue
-                found.append((tap.name, tap.weight_index, tap.bias_index))
+                found_taps.append((tap.name, tap.weight_index, tap.bias_index))
                 statistics_of_inputs = inputs.setdefault(i, _InputStatistics())
                 if tap.kind == "embedding":  # the ids' counts: a diagonal input factor
                     V = self.shapes[tap.weight_index][0]
                     statistics_of_inputs.add_counts(tap.inputs, V, self.dtype, xp)
                 else:
                     statistics_of_inputs.add(xp.reshape(tap.inputs, (-1, tap.inputs.shape[-1])), xp)
-            if found[::-1] != expected:
+            if found_taps[::-1] != expected:
                 raise ValueError(
-                    f"Batch {index} exposed the layer taps {found[::-1]}, the first batch "
+                    f"Batch {index} exposed the layer taps {found_taps[::-1]}, the first batch "
                     f"{expected}; every batch must run through the same layers."
                 )
         if layers is None:
-            raise ValueError("The data contain no batches; K-FAC needs at least one.")
+            return None
+        found["layers"] = layers
+        return {
+            "layers": Static(tuple(self.layers)),
+            "output_hessian": output_hessian,
+            "statistics": statistics,
+            "inputs": {i: stats.sums() for i, stats in inputs.items()},
+        }
+
+    def _walk(self, layers, sums):
+        """The backward walk of the summed loss Hessian through ``layers`` (one batch's
+        linearized layers) with the summed statistics: ``(B, A)`` per tapped layer."""
+        xp = self.xp
+        statistics = sums["statistics"]
+        inputs = {i: _InputStatistics.from_sums(s) for i, s in sums["inputs"].items()}
         walk = backpropagate(
             layers,
-            curvature=self._normalization() * output_hessian,
+            curvature=self._normalization() * sums["output_hessian"],
             statistics=statistics,
             who=self._WHO,
             instead=self._INSTEAD,

@@ -42,6 +42,11 @@ loss, ``B (x) A`` equals the exact GGN block. The bias block is ``B (x) 1``; wit
 ``separate_weight_and_bias=False`` the joint block over ``[W | b]`` uses inputs
 augmented by a trailing one.
 
+Distributed (``comm``): a pass sums ``a a^T``, ``a``, the item counts and ``G^T G`` over
+this process's batches; one all-reduce adds the processes' sums (with the layer layout
+for ranks without data, which learn it from the others); the factors follow from the
+sums on every rank alike, so that products after construction need no communication.
+
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
 ``curvlinops.losses``, ``._data``, ``._elementwise``, ``._embedding``, ``.base``,
 ``.kronecker_factored``.
@@ -61,6 +66,7 @@ from .._backend import (  # noqa: F401 (re-exported)
     host_str,
     host_value,
 )
+from .._backend.reduction import Static, collective_tree_sum
 from ..linalg import IdentityLinearOperator, KroneckerLinearOperator
 from ..models import Tier, param_shapes
 from ._data import (
@@ -111,6 +117,16 @@ class _InputStatistics:
         self.sum_aa = None
         self.sum_a = None
         self.count = 0
+
+    def sums(self):
+        """``(sum a a^T, sum a, count)``: what a sum over processes adds."""
+        return (self.sum_aa, self.sum_a, self.count)
+
+    @classmethod
+    def from_sums(cls, sums):
+        self = cls()
+        self.sum_aa, self.sum_a, self.count = sums
+        return self
 
     def add(self, a, xp):
         aa = xp.matrix_transpose(a) @ a
@@ -195,6 +211,7 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         num_data=None,
         progressbar=False,
         check_deterministic=True,
+        comm=None,
     ):
         self._set_options(fisher_type, mc_samples, kfac_approx, separate_weight_and_bias, seed)
         super().__init__(
@@ -205,6 +222,7 @@ class _KroneckerCurvature(CurvatureLinearOperator):
             num_data=num_data,
             progressbar=progressbar,
             check_deterministic=check_deterministic,
+            comm=comm,
         )
         self.layers = None
         self.num_updates = 0
@@ -226,17 +244,15 @@ class _KroneckerCurvature(CurvatureLinearOperator):
     # -- curvature across steps: one-batch updates and saved states -------------------
 
     def _prepare_update(self, batch, decay, params):
-        """Check an update's arguments, move to ``params``; return ``(index, X, y, scale)``.
+        """Check an update's arguments, move to ``params``; return ``(decay, batches)``.
 
-        ``index`` numbers the update's Monte-Carlo draws (reproducible from the update
-        count, distinct from the construction's batches); ``scale`` makes the batch's
-        factors an estimate of the data set's: the batch mean for ``"mean"``, the batch
-        sum times ``num_data / N_batch`` for ``"sum"``.
+        ``batches`` is the update's batch as one-batch data, checked when a pass iterates
+        it; its index numbers the update's Monte-Carlo draws (reproducible from the update
+        count, distinct from the construction's batches).
         """
         decay = float(decay)
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}.")
-        X, y = check_batch(batch, self.xp, f"of update {self.num_updates}")
         if params is not None:
             params = list(params)
             self.model.check_params(params)
@@ -248,9 +264,13 @@ class _KroneckerCurvature(CurvatureLinearOperator):
             self.params = params
             self._cached = {}
         index = _UPDATE_INDEX + self.num_updates
-        N = int(X.shape[0])
-        scale = self._normalization() * self.num_data / N
-        return decay, index, X, y, scale
+        return decay, _OneBatch(index, batch, self.xp, f"of update {self.num_updates}")
+
+    def _batch_scale(self, count):
+        """The scale that makes a batch's factors an estimate of the data set's: the
+        batch mean for ``"mean"``, the batch sum times ``num_data / N_batch`` for
+        ``"sum"`` (``count``: the batch's data points over all processes)."""
+        return self._normalization() * self.num_data / count
 
     def _current_factors(self):
         """``(B, A)`` per layer as stored (``(exact block, None)`` for elementwise layers)."""
@@ -263,14 +283,14 @@ class _KroneckerCurvature(CurvatureLinearOperator):
 
     def _averaged_factors(self, batch, decay, params):
         """K-FAC's factors averaged with one batch's: ``decay old + (1 - decay) batch``."""
-        decay, index, X, y, scale = self._prepare_update(batch, decay, params)
-        new = self._kfac_factors([(index, X, y)], scale)
+        decay, batches = self._prepare_update(batch, decay, params)
+        new, scale = self._kfac_factors(batches)
         self.num_updates += 1
         factors = [
             (_ema(B0, B1, decay), None if A0 is None else _ema(A0, A1, decay))
             for (B0, A0), (B1, A1) in zip(self._current_factors(), new, strict=True)
         ]
-        return factors, decay, ((index, X, y), scale)
+        return factors, decay, (batches, scale)
 
     def _state_header(self):
         """The options, counts and layer layout of a saved state (host arrays)."""
@@ -334,9 +354,9 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         return from_host(a, self.xp, self.dtype, self.device)
 
     @classmethod
-    def _restore(cls, state, model, loss, params):
+    def _restore(cls, state, model, loss, params, comm=None):
         """An operator from a saved state: no data, no pass over data."""
-        self = cls._without_data(model, loss, params, host_int(state["num_data"]))
+        self = cls._without_data(model, loss, params, host_int(state["num_data"]), comm)
         self._set_options(
             host_str(state["fisher_type"]),
             host_int(state["mc_samples"]),
@@ -469,7 +489,7 @@ class _KroneckerCurvature(CurvatureLinearOperator):
         # MC and forward-only use no targets, but non-finite outputs would make NaN factors
         check_batch_outputs(self.loss, outputs, index)
         if kind == "mc":
-            seed = batch_seed(self.seed, index)
+            seed = batch_seed(self.seed, index, self.comm.rank)
             return self.loss.sampled_gradients(outputs, self.mc_samples, seed=seed)
         return None  # forward-only
 
@@ -493,17 +513,36 @@ class _KroneckerCurvature(CurvatureLinearOperator):
 
     def _accumulate(self, batches=None):
         """One pass over the data (or over ``batches``, ``(index, X, y)`` triples): input
-        statistics and ``sum G^T G`` per layer.
+        statistics, ``sum G^T G`` per layer and the number of data points, summed over
+        the processes (this rank's batches, then one all-reduce).
 
         With ``_retain_taps`` the last batch's ``(index, taps)`` stay in ``_retained``
         for a second pass (EKFAC's scalings), which then need not recompute them: one
         batch's taps, which the pass held anyway, so the peak memory does not grow.
         """
+        sums = collective_tree_sum(
+            self.comm,
+            lambda: self._local_statistics(batches),
+            xp=self.xp,
+            dtype=self.dtype,
+            device=self.device,
+            what=f"{type(self).__name__} pass over the data",
+        )
+        if sums is None:
+            raise ValueError("The data contain no batches; K-FAC needs at least one.")
+        if self.layers is None:  # a rank without data: the layout the others found
+            self.layers = list(sums["layers"])
+        inputs = [_InputStatistics.from_sums(s) for s in sums["inputs"]]
+        return inputs, list(sums["grads"]), sums["count"]
+
+    def _local_statistics(self, batches):
+        """This process's sums over its batches (None without batches)."""
         xp = self.xp
-        inputs, grads = None, None
+        inputs, grads, count = None, None, 0
         for index, X, y in self._batches() if batches is None else batches:
             self._retained = None  # release the previous batch's taps before the next's
             taps = self._taps(index, X, y)
+            count += int(X.shape[0])
             if inputs is None:
                 inputs = [_InputStatistics() for _ in taps]
                 grads = [None] * len(taps)
@@ -524,15 +563,21 @@ class _KroneckerCurvature(CurvatureLinearOperator):
             if self._retain_taps:
                 self._retained = (index, taps)
         if inputs is None:
-            raise ValueError("The data contain no batches; K-FAC needs at least one.")
-        return inputs, grads
+            return None
+        return {
+            "layers": Static(tuple(self.layers)),
+            "inputs": [stats.sums() for stats in inputs],
+            "grads": grads,
+            "count": count,
+        }
 
-    def _kfac_factors(self, batches=None, scale=None):
-        """K-FAC's ``(B, A)`` per layer (``A`` joint where weight and bias are joint),
-        over the data or over ``batches`` with the normalization ``scale``."""
+    def _kfac_factors(self, batches=None):
+        """K-FAC's ``(B, A)`` per layer (``A`` joint where weight and bias are joint) and
+        the normalization of ``B``: over the data, or over ``batches`` (an update's
+        batch) scaled as an estimate of the data set's (:meth:`_batch_scale`)."""
         xp = self.xp
-        inputs, grads = self._accumulate(batches)
-        c = self._normalization() if scale is None else scale
+        inputs, grads, count = self._accumulate(batches)
+        c = self._normalization() if batches is None else self._batch_scale(count)
         factors = []
         for layer, stats, gg in zip(self.layers, inputs, grads, strict=True):
             if layer.exact:
@@ -547,7 +592,7 @@ class _KroneckerCurvature(CurvatureLinearOperator):
             else:
                 B = symmetrized(c * gg, xp)
             factors.append((B, A))
-        return factors
+        return factors, c
 
     def _exact_block(self, layer, gg, c):
         """The exact block of an elementwise layer over ``[w, b]`` from ``sum G^T G``.
@@ -633,6 +678,19 @@ class _KroneckerCurvature(CurvatureLinearOperator):
 
 #: the Monte-Carlo index of update ``k`` is ``_UPDATE_INDEX + k`` (apart from data batches)
 _UPDATE_INDEX = 1 << 24
+
+
+class _OneBatch:
+    """An update's batch as re-iterable one-batch data of ``(index, X, y)``, checked when
+    iterated: inside a pass's local work, so that a bad batch on one rank raises on
+    every rank."""
+
+    def __init__(self, index, batch, xp, label):
+        self.index, self.batch, self.xp, self.label = index, batch, xp, label
+
+    def __iter__(self):
+        X, y = check_batch(self.batch, self.xp, self.label)
+        yield self.index, X, y
 
 
 def _ema(old, new, decay):

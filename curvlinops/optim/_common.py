@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 
 from .._backend import array_namespace, device as array_device, from_host, host_str, host_value
+from .._backend.comm import as_communicator
+from .._backend.reduction import collective_sum
 from ..curvature import FisherLinearOperator, GGNLinearOperator
 from ..models import flatten_params, param_shapes, unflatten_params
 
@@ -105,24 +107,30 @@ class BatchObjective:
     (``"ggn"`` or ``"fisher"``) is built once at ``params`` with the batch's forward
     pass cached, so its gradient and products share one forward pass; the weight
     decay adds ``weight_decay * I`` to the curvature in :meth:`curvature_quadratic`.
+
+    With a distributed ``comm`` the batch is this rank's shard of the step's batch:
+    the loss, gradient and products are over all shards (``num_data`` is the global
+    batch size), the same on every rank.
     """
 
-    def __init__(self, model, loss, params, batch, *, weight_decay=0.0, curvature="ggn"):
+    def __init__(self, model, loss, params, batch, *, weight_decay=0.0, curvature="ggn", comm=None):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}.")
         self.model, self.loss, self.batch = model, loss, batch
         self.shapes = param_shapes(params)
         self.weight_decay = float(weight_decay)
-        self.num_data = int(batch[0].shape[0])
+        self.comm = as_communicator(comm)
         self.operator = CURVATURES[curvature](
             model,
             loss,
             params,
             [batch],
-            num_data=self.num_data,
+            num_data=batch_size(batch, self.comm),
             check_deterministic=False,
             cache=True,
+            comm=self.comm,
         )
+        self.num_data = self.operator.num_data
         self.loss = self.operator.loss
         self.xp = self.operator.xp
         self.theta = flatten_params(params, self.shapes)
@@ -134,11 +142,23 @@ class BatchObjective:
         return float(value) + self._decay_value(self.theta), g + self.weight_decay * self.theta
 
     def value_at(self, theta):
-        """``h`` at other flat parameters (one forward pass on the batch)."""
+        """``h`` at other flat parameters (one forward pass on the batch; distributed,
+        on every shard, with one all-reduce of the loss)."""
         X, y = self.batch
-        outputs = self.model(unflatten_params(theta, self.shapes), X)
-        c = self.loss.normalization(self.num_data, tuple(outputs.shape))
-        return c * float(self.loss.sum_value(outputs, y)) + self._decay_value(theta)
+        params = unflatten_params(theta, self.shapes)
+        found = {}
+
+        def local():
+            outputs = self.model(params, X)
+            found["shape"] = tuple(outputs.shape)
+            return [self.loss.sum_value(outputs, y)]
+
+        op = self.operator
+        (value,) = collective_sum(
+            self.comm, local, [()], xp=op.xp, dtype=op.dtype, device=op.device, what="objective"
+        )
+        c = self.loss.normalization(self.num_data, op.shards.outputs_shape or found["shape"])
+        return c * float(value) + self._decay_value(theta)
 
     def curvature_quadratic(self, d):
         """``d^T (C + weight_decay I) d`` for one flat direction (a float; JVPs only)."""
@@ -149,6 +169,12 @@ class BatchObjective:
         if not self.weight_decay:
             return 0.0
         return 0.5 * self.weight_decay * float(self.xp.sum(theta * theta))
+
+
+def batch_size(batch, comm):
+    """``num_data`` for an operator over one batch: its size with one process, None
+    (counted over all shards at construction) with a distributed ``comm``."""
+    return None if comm.distributed else int(batch[0].shape[0])
 
 
 def as_params(theta, shapes):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from .._backend.comm import as_communicator
 from ..curvature import EFDiagonalLinearOperator, GGNDiagonalLinearOperator
 from ..linalg import DiagonalLinearOperator
 from ..models import param_shapes
@@ -23,6 +24,7 @@ from ..solvers import cg
 from ._common import (
     BatchObjective,
     as_params,
+    batch_size,
     check_positive,
     dot,
     levenberg_marquardt,
@@ -142,6 +144,12 @@ class HessianFree:
     lm_factor : float
         The Levenberg-Marquardt factor (2/3).
     curvature : {"ggn", "fisher"}
+    comm : optional
+        Data-parallel steps (an mpi4py communicator, a ``torch.distributed`` process
+        group or a :class:`~curvlinops.Communicator`): every rank calls :meth:`step` with
+        its shard of the step's batch; the gradient, the CG products (one all-reduce
+        each), the preconditioner and the objective are over all shards, so every rank
+        takes the same step (see :doc:`/distributed`).
 
     Examples
     --------
@@ -177,8 +185,10 @@ class HessianFree:
         weight_decay=0.0,
         lm_factor=2 / 3,
         curvature="ggn",
+        comm=None,
     ):
         self.model, self.loss = model, loss
+        self.comm = as_communicator(comm)
         self.damping = check_positive(damping, "damping")
         self.max_iterations = int(max_iterations)
         self.rtol = check_positive(rtol, "rtol", allow_zero=True)
@@ -267,6 +277,7 @@ class HessianFree:
             batch,
             weight_decay=self.weight_decay,
             curvature=self.curvature,
+            comm=self.comm,
         )
         value, g = objective.value_and_gradient()
         shift = state.damping + self.weight_decay
@@ -346,7 +357,8 @@ class HessianFree:
             self.loss,
             params,
             [batch],
-            num_data=int(batch[0].shape[0]),
+            num_data=batch_size(batch, self.comm),
             check_deterministic=False,
+            comm=self.comm,
         ).diagonal()
         return DiagonalLinearOperator((diag + shift) ** (-self.exponent))

@@ -17,11 +17,13 @@ import math
 from dataclasses import dataclass, replace
 
 from .._backend import host_value, to_numpy
+from .._backend.comm import as_communicator
 from ..curvature import KFACLinearOperator
 from ..models import param_shapes
 from ._common import (
     BatchObjective,
     as_params,
+    batch_size,
     check_every,
     check_fraction,
     check_positive,
@@ -179,6 +181,12 @@ class KFAC:
         digits benchmark (``benchmarks/bench_optim.py``) 1/8 keeps K-FAC's
         amortized step within about twice an Adam step, converging as with the
         whole batch.
+    comm : optional
+        Data-parallel steps (an mpi4py communicator, a ``torch.distributed`` process
+        group or a :class:`~curvlinops.Communicator`): every rank calls :meth:`init` and
+        :meth:`step` with its shard of the step's batch; factors, gradients, products and
+        the objective are over all shards, so every rank takes the same step (see
+        :doc:`/distributed`).
 
     Examples
     --------
@@ -218,8 +226,10 @@ class KFAC:
         seed=0,
         statistics_fraction=1.0,
         products_fraction=1.0,
+        comm=None,
     ):
         self.model, self.loss = model, loss
+        self.comm = as_communicator(comm)
         self.damping = check_positive(damping, "damping")
         self.weight_decay = check_positive(weight_decay, "weight_decay", allow_zero=True)
         self.learning_rate = None if learning_rate is None else float(learning_rate)
@@ -259,8 +269,9 @@ class KFAC:
                 [batch],
                 fisher_type=self.fisher_type,
                 seed=self.seed,
-                num_data=int(batch[0].shape[0]),
+                num_data=batch_size(batch, self.comm),
                 check_deterministic=False,
+                comm=self.comm,
             )
         return KFACState(curvature=curvature, damping=self.damping)
 
@@ -310,7 +321,9 @@ class KFAC:
         """
         fields = load_fields(state, "KFAC", _SCALARS, ("velocity",), params)
         curvature = _section(state, "curvature/")
-        K = KFACLinearOperator.from_state_dict(curvature, self.model, self.loss, params)
+        K = KFACLinearOperator.from_state_dict(
+            curvature, self.model, self.loss, params, comm=self.comm
+        )
         if "preconditioner_shift" in fields:
             # an operator holding the refresh's factors gives the same factored inverse
             at_refresh = {**curvature, **_section(state, "preconditioner/")}
@@ -359,6 +372,7 @@ class KFAC:
             batch,
             weight_decay=self.weight_decay,
             curvature=self.curvature,
+            comm=self.comm,
         )
         value, g = objective.value_and_gradient()
         proposal = -(preconditioner @ g)
@@ -398,10 +412,10 @@ class KFAC:
         operator, scale = objective.operator, 1.0
         if self.products_fraction < 1.0:
             part = window(batch, self.products_fraction, step)
-            N, n = objective.num_data, int(part[0].shape[0])
-            operator = BatchObjective(
-                self.model, self.loss, params, part, curvature=self.curvature
-            ).operator
+            sub = BatchObjective(
+                self.model, self.loss, params, part, curvature=self.curvature, comm=self.comm
+            )
+            operator, (N, n) = sub.operator, (objective.num_data, sub.num_data)  # all shards
             # the window's reduction to the batch's: n/N for "mean" (times N/n), 1 for "sum"
             loss = objective.loss
             scale = (N / n) * loss.normalization(N, (N, 1)) / loss.normalization(n, (n, 1))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .._backend.comm import as_communicator
 from ..models import param_shapes
 from ..solvers import cg
 from ._common import (
@@ -95,6 +96,14 @@ class NaturalGradient:
     rtol : float
     max_iterations : int, optional
     warm_start : bool
+    comm : optional
+        Data-parallel steps (an mpi4py communicator, a ``torch.distributed`` process
+        group or a :class:`~curvlinops.Communicator`): every rank calls :meth:`step` with
+        its shard of the step's batch; the gradient and the exact curvature's CG
+        products are over all shards, so every rank takes the same step. A callable
+        ``curvature`` builds its operator itself: pass it the communicator too
+        (``lambda m, l, p, b: KFACLinearOperator(m, l, p, [b], comm=comm)``). See
+        :doc:`/distributed`.
 
     Examples
     --------
@@ -129,8 +138,10 @@ class NaturalGradient:
         rtol=1e-6,
         max_iterations=None,
         warm_start=True,
+        comm=None,
     ):
         self.model, self.loss = model, loss
+        self.comm = as_communicator(comm)
         self.learning_rate = check_positive(learning_rate, "learning_rate")
         self.damping = check_positive(damping, "damping", allow_zero=True)
         if not callable(curvature) and curvature not in CURVATURES:
@@ -207,6 +218,7 @@ class NaturalGradient:
             batch,
             weight_decay=self.weight_decay,
             curvature=self.curvature if exact else "ggn",
+            comm=self.comm,
         )
         value, g = objective.value_and_gradient()
         iterations = None
