@@ -142,6 +142,11 @@ def _exact_products(comm, pb, rec):
         for cls in EXACT:
             D = cls(m, loss, params, shard, comm=comm)
             rec.compare(f"{cls.__name__} product ({split})", D @ pb.V, pb.reference(cls) @ pb.V)
+            rec.compare(
+                f"{cls.__name__} quadratic form ({split})",
+                D.quadratic_form(pb.V),
+                pb.reference(cls).quadratic_form(pb.V),
+            )
         (g, value) = D.gradient_and_loss()  # of the last one, EF
         (g_ref, value_ref) = pb.reference(cls).gradient_and_loss()
         for i, (a, b) in enumerate(zip(g, g_ref, strict=True)):
