@@ -28,7 +28,12 @@ from ._chain import backpropagate
 from ._data import check_batch_values
 from ._elementwise import hadamard_block
 from .kfac import KFACLinearOperator
-from .kronecker_statistics import _InputStatistics, _KroneckerCurvature, symmetrized
+from .kronecker_statistics import (
+    _InputStatistics,
+    _KroneckerCurvature,
+    group_rows,
+    symmetrized,
+)
 
 __all__ = ["KFACHessianLinearOperator"]
 
@@ -46,6 +51,8 @@ class KFACHessianLinearOperator(KFACLinearOperator):
 
     - at the outputs: ``H_L = c sum_t H_l,t`` (the loss Hessians, normalized by the
       loss's reduction ``c``);
+    - the output factor of a grouped convolution's group ``g`` (one block per group,
+      as in K-FAC): the diagonal block of ``H_s`` over that group's output channels;
     - through a Linear layer: ``H_a = W^T H_s W`` (exact);
     - through an elementwise activation ``b = phi(h)``:
       ``H_h = H_b * mean_t(phi'(h_t) phi'(h_t)^T) + diag(c sum_t phi''(h_t) * dl_t/db_t)``,
@@ -196,7 +203,8 @@ class KFACHessianLinearOperator(KFACLinearOperator):
                     V = self.shapes[tap.weight_index][0]
                     statistics_of_inputs.add_counts(tap.inputs, V, self.dtype, xp)
                 else:
-                    statistics_of_inputs.add(xp.reshape(tap.inputs, (-1, tap.inputs.shape[-1])), xp)
+                    rows = xp.reshape(tap.inputs, (-1, tap.inputs.shape[-1]))
+                    statistics_of_inputs.add(group_rows(rows, tap.groups, xp), xp)
             if found[::-1] != expected:
                 raise ValueError(
                     f"Batch {index} exposed the layer taps {found[::-1]}, the first batch "
@@ -226,7 +234,7 @@ class KFACHessianLinearOperator(KFACLinearOperator):
                 A = inputs[i].diagonal_factor()
             else:
                 A = symmetrized(inputs[i].factor(self._joint(info), xp), xp)
-            factors.append((symmetrized(H, xp), A))
+            factors.append((symmetrized(_group_blocks(H, info.groups, xp), xp), A))
         return factors[::-1]
 
     # -- inverse ------------------------------------------------------------------------
@@ -269,6 +277,16 @@ class KFACHessianLinearOperator(KFACLinearOperator):
                 stacklevel=2,
             )
         return inverse
+
+
+def _group_blocks(H, groups, xp):
+    """The groups' diagonal blocks ``(G, d, d)`` of an output factor ``(G d, G d)``: the
+    output factors of a grouped layer's groups (``H`` itself for one group)."""
+    if groups == 1:
+        return H
+    d = H.shape[0] // groups
+    blocks = xp.permute_dims(xp.reshape(H, (groups, d, groups, d)), (1, 3, 0, 2))
+    return xp.permute_dims(xp.linalg.diagonal(blocks), (2, 0, 1))
 
 
 def _summed_loss_hessian(loss, outputs, y, xp):

@@ -13,7 +13,11 @@ says, once:
   positions, convolution output pixels), the positions of its weight and bias in the
   parameter list and ``matrix_shape = (D_out, D_in)``, the shape of the weight reshaped
   (in C order) to the matrix that multiplies the inputs. The bias has ``D_out`` entries
-  and joins the matrix as a last column, ``[W | b]``, for inputs augmented by a one;
+  and joins the matrix as a last column, ``[W | b]``, for inputs augmented by a one. A
+  weight that is block diagonal over groups of inputs and outputs (a grouped or
+  depthwise convolution) says its number of groups ``G``
+  (:attr:`~curvlinops.models.LayerTap.groups`; ``matrix_shape = (D_out, D_in / G)``),
+  and the curvature operators treat each group as a layer of its own;
 - **how a gradient moves backwards through it** (:meth:`LinearizedLayer.backward_gradient`):
   the gradient of a scalar with respect to the layer's outputs, one per datum, to the
   gradient with respect to its inputs;
@@ -56,7 +60,8 @@ with a subclass of :class:`curvlinops.nn.Layer` that implements its forward pass
 derivative products (``tangent``, ``backward``, ``r_backward``), its layouts, and the
 layer protocol (``tap`` returning its inputs ``(N, S, D_in)``, its output gradients
 ``(N, S, D_out, M)`` and ``matrix_shape``, with ``tap_kind`` if it is not a matrix
-tap; ``backward_curvature`` (:func:`curvlinops.nn.pull_back_curvature` is ``J^T H J``
+tap and ``tap_groups`` if its weight is block diagonal over groups;
+``backward_curvature`` (:func:`curvlinops.nn.pull_back_curvature` is ``J^T H J``
 for any layer linear in its inputs), ``curvature_statistics`` and
 ``backward_mean_curvature`` where they exist), with its tests in ``tests/nn``; then add
 one entry per frontend that maps the framework's layer to it
