@@ -11,7 +11,8 @@ With shared axes (inputs ``(N, S, D)``) the per-datum gradient sums over ``S`` b
 it is squared, so those layers form per-datum gradients explicitly.
 
 The exact Hessian diagonal walks the model's layers backwards through the layer
-protocol (:func:`._chain.backpropagate`), per datum.
+protocol (:func:`._chain.backpropagate`), per datum, down both paths of residual
+blocks (with the exact terms that couple the paths at a block's input).
 
 The GGN and empirical-Fisher diagonals also live across steps: ``update(batch, decay)``
 averages one batch's diagonal into the current one, and ``state_dict()`` /
@@ -487,8 +488,13 @@ class HessianDiagonalLinearOperator(_DataDiagonalLinearOperator):
 
     Works for every model that offers the layer protocol
     (:attr:`~curvlinops.models.Capability.LAYER_PROTOCOL`): ``curvlinops.nn`` models and
-    PyTorch models (:class:`~curvlinops.frontends.torch.TorchModel`) made of layers the
-    protocol knows (Linear, elementwise activations, Identity, Flatten).
+    PyTorch models (:class:`~curvlinops.frontends.torch.TorchModel`, a chain of modules)
+    made of layers the protocol knows (Linear, convolutions, grouped ones included,
+    elementwise activations, batch normalization in evaluation mode, pooling, Identity,
+    Flatten), and in ``curvlinops.nn`` residual blocks (:class:`~curvlinops.nn.Residual`,
+    with an identity or a projection shortcut): the walk goes down both paths, and at a
+    block's input adds the paths' pulled-back Hessians and the exact terms that couple
+    them (``J_b^T H J_s + J_s^T H J_b``).
 """
         + _DIAGONAL_PARAMETERS
         + """

@@ -24,7 +24,7 @@ import warnings
 
 from .._backend import device as array_device
 from ..models import Capability
-from ._chain import backpropagate
+from ._chain import backpropagate, flat_layers
 from ._data import check_batch_values
 from ._elementwise import hadamard_block
 from .kfac import KFACLinearOperator
@@ -59,10 +59,19 @@ class KFACHessianLinearOperator(KFACLinearOperator):
       i.e. ``mean_t diag(phi'_t) H_b diag(phi'_t)`` with ``H_b`` the averaged matrix,
       plus the (summed) activation curvature;
 
+    - through a residual block ``y = S x + F(x)`` (:class:`~curvlinops.nn.Residual`,
+      ``S`` the identity or a projection): down both paths (the block's layers give
+      their own factors), and at the input the sum of the paths' pulled-back factors
+      plus ``M_F^T H_y M_S + M_S^T H_y M_F``, with ``M_p`` path ``p``'s Jacobian in
+      feature space averaged over the items (``M_S = I`` for the identity; see
+      :mod:`curvlinops.nn.residual`);
+
     where ``t`` runs over the items of the data set (data points; every position with
     shared axes, as "expand"), sums and means are over the whole data set (all batches),
     and ``dl_t/db_t`` is the gradient of the item's unnormalized loss. For deep linear
-    networks with squared loss this equals K-FAC (and the exact Hessian blocks).
+    networks with squared loss this equals K-FAC (and the exact Hessian blocks); for a
+    single datum through residual blocks whose paths do not mix positions (Linear
+    layers, 1 x 1 convolutions, one pixel) every block is the exact Hessian block.
 
     **Indefinite.** With curved activations (tanh, sigmoid, softplus, ...) the output
     factors, hence the operator, can have negative eigenvalues. ``logdet`` raises for a
@@ -79,9 +88,10 @@ class KFACHessianLinearOperator(KFACLinearOperator):
         (:attr:`~curvlinops.models.Capability.LAYER_PROTOCOL`): a ``curvlinops.nn`` model or
         a :class:`~curvlinops.frontends.torch.TorchModel`, whose layers from the first
         one with parameters on have the batch-averaged curvature rule (Linear layers,
-        elementwise activations, Identity; parameter-free layers such as Flatten may
-        come before the first Linear layer). Every parameter must belong to a tapped
-        (Linear) layer.
+        convolutions, elementwise activations, batch normalization, pooling, Identity,
+        residual blocks of ``curvlinops.nn`` made of such layers; parameter-free layers
+        such as Flatten may come before the first Linear layer). Every parameter must
+        belong to a tapped layer.
     loss : curvlinops.losses.Loss
         Its reduction applies over the whole data set.
     params : list of arrays
@@ -159,7 +169,8 @@ class KFACHessianLinearOperator(KFACLinearOperator):
 
     def _layout(self, layers):
         """Lay out ``self.layers`` (a LayerInfo per tapped layer) from the first batch."""
-        taps = [tap for tap in (layer.tap() for layer in layers) if tap is not None]
+        # the taps in forward order, those inside residual blocks' branches included
+        taps = [tap for tap in (layer.tap() for layer in flat_layers(layers)) if tap is not None]
         if not taps:
             raise ValueError(
                 "KFACHessianLinearOperator needs a model with at least one Linear layer."

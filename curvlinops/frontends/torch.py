@@ -803,7 +803,9 @@ class _TorchLinearization(Linearization):
                     f"{records[i][0]!r} is not the output of the module before it "
                     f"({records[i - 1][0]!r}): the forward pass combines tensors outside "
                     "modules (a residual connection, a functional call). Use "
-                    "HessianLinearOperator or KFACLinearOperator for this model."
+                    "HessianLinearOperator or KFACLinearOperator for this model, or build it "
+                    "from curvlinops.nn layers (curvlinops.nn.Residual for a skip "
+                    "connection, which the layer protocol walks through)."
                 )
         if records and first < len(records) and outputs is not records[-1][4]:
             raise ValueError(
