@@ -460,8 +460,9 @@ class EKFACLinearOperator(_KroneckerCurvature):
         chunk = max(1, _CHUNK_ENTRIES // per_datum)
         s_w = s_b = None
         for start in range(0, N, chunk):  # chunks of data bound the memory, not a loop per datum
-            ra = _rotated_inputs(a[start : start + chunk], Q_A, joint, d_in)  # (n, G, S, D_A)
-            rg = g[start : start + chunk] @ Q_B  # (n, M, G, S, D_B)
+            stop = min(start + chunk, N)  # (the standard takes no slice past the end)
+            ra = _rotated_inputs(a[start:stop, ...], Q_A, joint, d_in)  # (n, G, S, D_A)
+            rg = g[start:stop, ...] @ Q_B  # (n, M, G, S, D_B)
             rotated = xp.matrix_transpose(rg) @ ra[:, None, ...]  # (n, M, G, D_B, D_A)
             s_w = _add(s_w, xp.sum(rotated * rotated, axis=(0, 1)))
             if layer.bias_index is not None and not joint:

@@ -137,6 +137,37 @@ def test_expand_exact_for_grouped_convolutions_whose_outputs_each_enter_the_loss
         assert approx.input_factors["0"].shape == (G, D_g, D_g)
 
 
+def test_ekfac_scalings_with_an_output_per_position_follow_their_definition():
+    """Outputs ``(N, C_out, L)`` read as ``(N, S, C)``, a loss term per position: EKFAC's
+    items are the positions, and group g's scalings are
+    ``c sum_t sum_m ((Q_B,g^T g_t,m,g) (Q_A,g^T [a_t,g; 1])^T)^2``, here from the patches
+    by ``F.unfold`` and the loss factor's columns (the model's outputs are the layer's)."""
+    model = nn.Conv1d(4, 6, 2, padding=1, groups=2)
+    params = model.init(0, xp=xp, dtype=xp.float64)
+    rng = np.random.default_rng(15)
+    X = rng.standard_normal((5, 4, 4))
+    f = model(params, X)  # (5, 6, 5): 6 "positions" of 5 classes
+    y = rng.integers(0, 5, (5, 6))
+    loss = cl.CrossEntropyLoss()
+    E = EKFACLinearOperator(model, loss, params, [(X, y)], separate_weight_and_bias=False)
+    S = np.asarray(loss.hessian_sqrt(f, y))  # (N, 6, 5, R)
+    patches = F.unfold(F.pad(torch.from_numpy(X)[:, :, None, :], (1, 1)), (1, 2)).numpy()
+    a = np.swapaxes(patches, 1, 2).reshape(-1, 8)  # items (n, l), entries (channel, k)
+    g = np.moveaxis(S, 2, 1).reshape(-1, 6, S.shape[-1])  # (items, C_out, R)
+    c = loss.normalization(5, f.shape)
+    (name,) = E.scalings
+    Q_B, Q_A = E.output_eigenvectors[name], E.input_eigenvectors[name]
+    for group in range(2):
+        a_g = np.concatenate([a[:, 4 * group : 4 * group + 4], np.ones((len(a), 1))], axis=1)
+        g_g = g[:, 3 * group : 3 * group + 3, :]
+        rotated = (
+            np.einsum("ji,tjm->tmi", Q_B[group], g_g)[..., None]
+            * (a_g @ Q_A[group])[:, None, None, :]
+        )
+        assert_close(E.scalings[name][group], c * np.sum(rotated**2, axis=(0, 1)))
+    assert E.scalings[name].shape == (2, 3, 5)
+
+
 @needs_pool
 @pytest.mark.parametrize("operator", [KFACLinearOperator, EKFACLinearOperator])
 def test_reduce_exact_for_a_grouped_convolution_averaged_over_pixels(operator):
@@ -402,26 +433,29 @@ def test_block_diagonal_of_a_grouped_cnn_has_one_exact_block_per_layer():
     assert_close(B.to_dense(), expected)
 
 
-def test_kfac_products_on_every_backend(backend):
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_kfac_and_ekfac_products_on_every_backend(backend, dtype):
+    """An exact case ("expand", each output on its own), so the reference is the GGN."""
     model = nn.Sequential(nn.Conv2d(2, 4, 2, groups=2), nn.Flatten())
     params = model.init(0, xp=xp, dtype=xp.float64)
     data = regression_data(model, params, (2, 3, 3), 13)
     ggn = cl.GGNLinearOperator(model, cl.MSELoss(), params, data).to_dense()
     to = backend.asarray
-    K = KFACLinearOperator(
-        model,
-        cl.MSELoss(),
-        [to(p) for p in params],
-        [(to(X), to(y)) for X, y in data],
-        separate_weight_and_bias=False,
-        check_deterministic=False,
-    )
-    V = np.random.default_rng(1).normal(size=(K.shape[1], 3))
-    assert_close(backend.to_numpy(K @ to(V)), ggn @ V)
-    d = 0.1
-    assert_close(
-        backend.to_numpy(K.inverse(d) @ to(V)), np.linalg.solve(ggn + d * np.eye(len(ggn)), V), 1e-8
-    )
+    rtol = 1e-10 if dtype == "float64" else 1e-4
+    V = np.random.default_rng(1).normal(size=(ggn.shape[1], 3))
+    for cls in (KFACLinearOperator, EKFACLinearOperator):
+        K = cls(
+            model,
+            cl.MSELoss(),
+            [to(p, dtype) for p in params],
+            [(to(X, dtype), to(y, dtype)) for X, y in data],
+            separate_weight_and_bias=False,
+            check_deterministic=False,
+        )
+        assert_close(backend.to_numpy(K @ to(V, dtype)), ggn @ V, rtol)
+        d = 0.1
+        expected = np.linalg.solve(ggn + d * np.eye(len(ggn)), V)
+        assert_close(backend.to_numpy(K.inverse(d) @ to(V, dtype)), expected, max(rtol, 1e-8))
 
 
 # -- the Kronecker-factored Hessian ------------------------------------------------------
@@ -545,6 +579,11 @@ def test_torch_model_diagonals_and_kronecker_factored_hessian_of_a_grouped_cnn()
         reference = torch.diagonal(dense(model, loss, model.params, data).to_dense())
         ours = diagonal(model, loss, model.params, data).diagonal()
         assert_close(ours.numpy(), reference.numpy())
+    # one exact block per layer (the default partition reads the grouped taps)
+    G = cl.GGNLinearOperator(model, loss, model.params, data)
+    blocks = cl.block_diagonal(G).blocks
+    assert [b.shape[0] for b in blocks] == [114, 60, 75]
+    assert_close(blocks[0].to_dense().numpy(), G.to_dense()[:114, :114].numpy())
     # one datum of one pixel: the Kronecker-factored Hessian's group blocks are exact
     native, params = one_pixel_model(4)
     tnet = torch.nn.Sequential(
