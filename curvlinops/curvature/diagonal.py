@@ -11,7 +11,8 @@ With shared axes (inputs ``(N, S, D)``) the per-datum gradient sums over ``S`` b
 it is squared, so those layers form per-datum gradients explicitly.
 
 The exact Hessian diagonal walks the model's layers backwards through the layer
-protocol (:func:`._chain.backpropagate`), per datum.
+protocol (:func:`._chain.backpropagate`), per datum, down both paths of residual
+blocks (with the exact terms that couple the paths at a block's input).
 
 The GGN and empirical-Fisher diagonals also live across steps: ``update(batch, decay)``
 averages one batch's diagonal into the current one, and ``state_dict()`` /
@@ -343,7 +344,9 @@ class _TapDiagonalLinearOperator(_DataDiagonalLinearOperator):
                 if tap.bias_index is not None:
                     yield tap.bias_index, xp.sum(rows[1] * rows[1], axis=0)
                 continue
-            d_weight, d_bias = _squared_gradient_sums(tap.inputs, tap.output_grads, xp)
+            d_weight, d_bias = _squared_gradient_sums(
+                tap.inputs, tap.output_grads, xp, groups=tap.groups
+            )
             yield tap.weight_index, xp.matrix_transpose(d_weight) if tap.transposed else d_weight
             if tap.bias_index is not None:
                 yield tap.bias_index, d_bias
@@ -394,22 +397,27 @@ def _per_datum_factor(S, xp):
     return xp.reshape(blocks, (N, *positions, C, P * R))
 
 
-def _squared_gradient_sums(a, g, xp):
+def _squared_gradient_sums(a, g, xp, *, groups=1):
     """``sum_{n,m} (grad of datum n, column m)^2`` for a Linear layer's weight and bias.
 
-    ``a`` is ``(N, [S...,] D_in)``, ``g`` is ``(N, [S...,] D_out, M)``.
+    ``a`` is ``(N, [S...,] D_in)``, ``g`` is ``(N, [S...,] D_out, M)``. With ``groups =
+    G`` (a grouped convolution) group ``g``'s weight rows meet only group ``g``'s
+    inputs: the groups are a batch axis of the products, and the weight's entries come
+    out as its matrix ``(D_out, D_in / G)``.
     """
+    N, d_in, d_out, M = a.shape[0], a.shape[-1], g.shape[-2], g.shape[-1]
+    G = groups
     if a.ndim == 2:
         g2 = xp.sum(g * g, axis=-1)  # (N, D_out)
-        return xp.matrix_transpose(g2) @ (a * a), xp.sum(g2, axis=0)
+        return _grouped_products(g2, a * a, G, xp), xp.sum(g2, axis=0)
     # Shared axes: the per-datum gradient sums over them before it is squared.
-    N, d_in, d_out, M = a.shape[0], a.shape[-1], g.shape[-2], g.shape[-1]
-    a3 = xp.reshape(a, (N, -1, d_in))
-    g4 = xp.reshape(g, (N, -1, d_out, M))
-    per_datum = xp.permute_dims(g4, (0, 3, 2, 1)) @ a3[:, None, :, :]  # (N, M, D_out, D_in)
+    a4 = xp.permute_dims(xp.reshape(a, (N, -1, G, d_in // G)), (0, 2, 1, 3))  # (N, G, S, d)
+    g5 = xp.reshape(g, (N, -1, G, d_out // G, M))
+    g5 = xp.permute_dims(g5, (0, 4, 2, 3, 1))  # (N, M, G, D_out / G, S)
+    per_datum = g5 @ a4[:, None, ...]  # (N, M, G, D_out / G, D_in / G)
     d_weight = xp.sum(per_datum * per_datum, axis=(0, 1))
-    g_bias = xp.sum(g4, axis=1)  # (N, D_out, M)
-    return d_weight, xp.sum(g_bias * g_bias, axis=(0, 2))
+    g_bias = xp.sum(xp.reshape(g, (N, -1, d_out, M)), axis=1)  # (N, D_out, M)
+    return xp.reshape(d_weight, (d_out, d_in // G)), xp.sum(g_bias * g_bias, axis=(0, 2))
 
 
 _DIAGONAL_PARAMETERS = """
@@ -535,8 +543,13 @@ class HessianDiagonalLinearOperator(_DataDiagonalLinearOperator):
 
     Works for every model that offers the layer protocol
     (:attr:`~curvlinops.models.Capability.LAYER_PROTOCOL`): ``curvlinops.nn`` models and
-    PyTorch models (:class:`~curvlinops.frontends.torch.TorchModel`) made of layers the
-    protocol knows (Linear, elementwise activations, Identity, Flatten).
+    PyTorch models (:class:`~curvlinops.frontends.torch.TorchModel`, a chain of modules)
+    made of layers the protocol knows (Linear, convolutions, grouped ones included,
+    elementwise activations, batch normalization in evaluation mode, pooling, Identity,
+    Flatten), and in ``curvlinops.nn`` residual blocks (:class:`~curvlinops.nn.Residual`,
+    with an identity or a projection shortcut): the walk goes down both paths, and at a
+    block's input adds the paths' pulled-back Hessians and the exact terms that couple
+    them (``J_b^T H J_s + J_s^T H J_b``).
 """
         + _DIAGONAL_PARAMETERS
         + """
@@ -591,11 +604,23 @@ class HessianDiagonalLinearOperator(_DataDiagonalLinearOperator):
                 yield where, xp.matrix_transpose(value) if transpose else value
 
 
+def _grouped_products(left, right, groups, xp):
+    """``left^T right`` ``(D_out, D_in)`` for rows ``(N, D_out)`` and ``(N, D_in)``; with
+    ``groups`` only each group's block, as the weight's matrix ``(D_out, D_in / G)``."""
+    if groups == 1:
+        return xp.matrix_transpose(left) @ right
+    N, d_out, d_in = left.shape[0], left.shape[-1], right.shape[-1]
+    left_groups = xp.permute_dims(xp.reshape(left, (N, groups, d_out // groups)), (1, 2, 0))
+    right_groups = xp.permute_dims(xp.reshape(right, (N, groups, d_in // groups)), (1, 0, 2))
+    return xp.reshape(left_groups @ right_groups, (d_out, d_in // groups))
+
+
 def _hessian_diagonal_of_tap(tap, H, xp):
     """``(index, diagonal)`` of a tapped layer's weight and bias from the outputs' Hessians.
 
     ``H`` is per datum over the layer's outputs, ``(N, S D_out, S D_out)``; the weight
-    entry ``(i, j)`` is ``sum_n sum_{s,t} H_n[(s, i), (t, i)] a_n,s,j a_n,t,j``.
+    entry ``(i, j)`` is ``sum_n sum_{s,t} H_n[(s, i), (t, i)] a_n,s,j a_n,t,j``. With
+    groups (a grouped convolution), ``j`` runs over the entries of the group of ``i``.
     """
     a = tap.inputs
     N, d_in = a.shape[0], a.shape[-1]
@@ -604,7 +629,7 @@ def _hessian_diagonal_of_tap(tap, H, xp):
         if tap.kind == "elementwise":  # w * a + b: the weight entry i is h_i a_i^2
             yield tap.weight_index, xp.sum(h * a * a, axis=0)
         else:
-            yield tap.weight_index, xp.matrix_transpose(h) @ (a * a)
+            yield tap.weight_index, _grouped_products(h, a * a, tap.groups, xp)
         if tap.bias_index is not None:
             yield tap.bias_index, xp.sum(h, axis=0)
         return
@@ -622,8 +647,13 @@ def _hessian_diagonal_of_tap(tap, H, xp):
         if tap.bias_index is not None:
             yield tap.bias_index, xp.sum(h, axis=(0, 1, 2))
         return
-    # sum_s h[n, s, t, i] a[n, s, j] for every (n, t), then times a[n, t, j], summed
-    mixed = xp.permute_dims(h, (0, 2, 3, 1)) @ a3[:, None, :, :]  # (N, S, D_out, D_in)
-    yield tap.weight_index, xp.sum(mixed * a3[:, :, None, :], axis=(0, 1))
+    # sum_s h[n, s, t, i] a[n, s, j] for every (n, t), then times a[n, t, j], summed;
+    # the groups (one for a layer without) are a batch axis: i and j of the same group
+    G = tap.groups
+    h5 = xp.reshape(h, (N, S, S, G, d_out // G))
+    a4 = xp.permute_dims(xp.reshape(a3, (N, S, G, d_in // G)), (0, 2, 1, 3))  # (N, G, S, d)
+    mixed = xp.permute_dims(h5, (0, 3, 2, 4, 1)) @ a4[:, :, None, :, :]  # (N, G, t, i, j)
+    weight = xp.sum(mixed * a4[:, :, :, None, :], axis=(0, 2))  # (G, D_out / G, D_in / G)
+    yield tap.weight_index, xp.reshape(weight, (d_out, d_in // G))
     if tap.bias_index is not None:
         yield tap.bias_index, xp.sum(h, axis=(0, 1, 2))

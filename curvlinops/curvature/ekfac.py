@@ -21,7 +21,7 @@ from __future__ import annotations
 from .._backend import checked_eigh, host_value
 from .._backend.reduction import broadcast_tree, collective_tree_sum
 from ..linalg import DenseLinearOperator, KroneckerEighLinearOperator
-from .kronecker_statistics import _KroneckerCurvature, flatten_tap
+from .kronecker_statistics import _KroneckerCurvature, flatten_tap, per_group
 
 __all__ = ["EKFACLinearOperator"]
 
@@ -101,9 +101,12 @@ class EKFACLinearOperator(_KroneckerCurvature):
         diagonal, ``Q_A`` is the int ``V``: the standard basis, never formed).
     scalings : dict
         ``s`` of the weight (or joint) block per layer name, shape ``(D_out, D_in)``
-        (``(D_out, D_in + 1)`` when joint), ordered like the flattened weight.
+        (``(D_out, D_in + 1)`` when joint), ordered like the flattened weight; for a
+        grouped convolution a stack ``(G, D_out / G, d_in)`` of its groups' (with the
+        stacked eigenvectors ``(G, d, d)`` of their factors).
     bias_scalings : dict
-        ``s`` of a separate bias block, ``(D_out,)``, per layer name that has one.
+        ``s`` of a separate bias block, ``(D_out,)`` (``(G, D_out / G)`` with groups),
+        per layer name that has one.
     exact_blocks : dict
         The exact block of each elementwise layer (batch normalization), as in K-FAC:
         its eigenvalues need no correction, so EKFAC keeps it.
@@ -204,14 +207,21 @@ class EKFACLinearOperator(_KroneckerCurvature):
             Q_B, Q_A = basis
             self.output_eigenvectors[layer.name], self.input_eigenvectors[layer.name] = Q_B, Q_A
             self.scalings[layer.name] = s_w
-            if layer.transposed:  # A (x) B on W^T: the scalings transposed
-                s_t = xp.reshape(xp.matrix_transpose(s_w), (-1,))
-                blocks.append(KroneckerEighLinearOperator(s_t, [Q_A, Q_B]))
-            else:
-                blocks.append(KroneckerEighLinearOperator(xp.reshape(s_w, (-1,)), [Q_B, Q_A]))
             if s_b is not None:
                 self.bias_scalings[layer.name] = s_b
-                blocks.append(KroneckerEighLinearOperator(s_b, [Q_B]))
+            G = layer.groups
+            biases = per_group(s_b, G) if s_b is not None else [None] * G
+            for Q_Bg, Q_Ag, s_wg, s_bg in zip(
+                per_group(Q_B, G), per_group(Q_A, G), per_group(s_w, G), biases, strict=True
+            ):
+                if layer.transposed:  # A (x) B on W^T: the scalings transposed
+                    s_t = xp.reshape(xp.matrix_transpose(s_wg), (-1,))
+                    blocks.append(KroneckerEighLinearOperator(s_t, [Q_Ag, Q_Bg]))
+                else:
+                    s_flat = xp.reshape(s_wg, (-1,))
+                    blocks.append(KroneckerEighLinearOperator(s_flat, [Q_Bg, Q_Ag]))
+                if s_bg is not None:
+                    blocks.append(KroneckerEighLinearOperator(s_bg, [Q_Bg]))
         self._operator = self._make_operator(blocks)
 
     def _current_bases(self):
@@ -308,7 +318,7 @@ class EKFACLinearOperator(_KroneckerCurvature):
                 R_A = xp.matrix_transpose(new[1]) @ old[1]
                 s = R_B @ s_w @ xp.matrix_transpose(R_A * R_A)
             new_w.append(s)
-            new_b.append(None if s_b is None else R_B @ s_b)
+            new_b.append(None if s_b is None else (R_B @ s_b[..., None])[..., 0])
         return new_w, new_b
 
     def state_dict(self):
@@ -450,42 +460,56 @@ class EKFACLinearOperator(_KroneckerCurvature):
                 yield self._taps(index, X, y)
 
     def _item_sums(self, layer, tap, Q_B, Q_A):
-        """Sums for a layer without shared axes: an item is a datum, gradients rank one."""
+        """Sums for a layer without shared axes: an item is a datum, gradients rank one.
+
+        For a grouped layer every array has a leading group axis (batched products).
+        """
         xp = self.xp
-        a, G, M = flatten_tap(tap, self.kfac_approx, xp)
+        a, G, M = flatten_tap(tap, self.kfac_approx, xp)  # (G,) (T, d_in), (T * M, d_out)
         rotated_g = G @ Q_B
-        g2 = xp.sum(xp.reshape(rotated_g * rotated_g, (a.shape[0], M, layer.d_out)), axis=1)
+        lead, T = tuple(a.shape[:-2]), a.shape[-2]
+        g2 = xp.sum(xp.reshape(rotated_g * rotated_g, lead + (T, M, layer.d_out)), axis=-2)
         rotated_a = _rotated_inputs(a, Q_A, self._joint(layer), layer.d_in)
         s_w = xp.matrix_transpose(g2) @ (rotated_a * rotated_a)
         separate_bias = layer.bias_index is not None and not self._joint(layer)
-        return s_w, (xp.sum(g2, axis=0) if separate_bias else None)
+        return s_w, (xp.sum(g2, axis=-2) if separate_bias else None)
 
     def _shared_axes_sums(self, layer, tap, Q_B, Q_A):
         """Sums from each datum's gradient ``sum_s g_s a_s^T`` rotated into the eigenbasis.
 
         With shared axes (positions, pixels) a datum's gradient is a sum of rank-one
         terms, rotated as ``sum_s (Q_B^T g_s) (Q_A^T a_s)^T``: one batched matrix
-        product per layer, in chunks of data that bound its memory.
+        product per layer, in chunks of data that bound its memory. A grouped layer's
+        groups go through the same products as a batch axis ``G`` (``G = 1`` for a
+        layer without groups, dropped at the end).
         """
         xp = self.xp
         a, g = tap.inputs, tap.output_grads
-        N, d_in, d_out, M = a.shape[0], a.shape[-1], g.shape[-2], g.shape[-1]
-        a = xp.reshape(a, (N, -1, d_in))
-        g = xp.reshape(g, (N, -1, d_out, M))
-        S = a.shape[1]
+        N, M = a.shape[0], g.shape[-1]
+        G, d_in, d_out = layer.groups, layer.d_in, layer.d_out
+        # (n, G, S, d_in) and (n, M, G, S, d_out): each group's own columns
+        a = xp.permute_dims(xp.reshape(a, (N, -1, G, d_in)), (0, 2, 1, 3))
+        g = xp.permute_dims(xp.reshape(g, (N, -1, G, d_out, M)), (0, 4, 2, 1, 3))
+        S = a.shape[2]
+        Q_B = xp.reshape(Q_B, (G, d_out, d_out))
+        if not isinstance(Q_A, int):
+            Q_A = xp.reshape(Q_A, (G, Q_A.shape[-2], Q_A.shape[-1]))
         joint = self._joint(layer)
-        rotated_inputs = Q_A if isinstance(Q_A, int) else Q_A.shape[1]
-        per_datum = M * d_out * (rotated_inputs + S)
+        rotated_inputs = Q_A if isinstance(Q_A, int) else Q_A.shape[-1]
+        per_datum = M * G * d_out * (rotated_inputs + S)
         chunk = max(1, _CHUNK_ENTRIES // per_datum)
         s_w = s_b = None
         for start in range(0, N, chunk):  # chunks of data bound the memory, not a loop per datum
-            ra = _rotated_inputs(a[start : start + chunk], Q_A, joint, d_in)  # (n, S, D_A)
-            rg = xp.permute_dims(g[start : start + chunk], (0, 3, 1, 2)) @ Q_B  # (n, M, S, D_B)
-            rotated = xp.matrix_transpose(rg) @ ra[:, None, :, :]  # (n, M, D_B, D_A)
+            stop = min(start + chunk, N)  # (the standard takes no slice past the end)
+            ra = _rotated_inputs(a[start:stop, ...], Q_A, joint, d_in)  # (n, G, S, D_A)
+            rg = g[start:stop, ...] @ Q_B  # (n, M, G, S, D_B)
+            rotated = xp.matrix_transpose(rg) @ ra[:, None, ...]  # (n, M, G, D_B, D_A)
             s_w = _add(s_w, xp.sum(rotated * rotated, axis=(0, 1)))
             if layer.bias_index is not None and not joint:
-                rb = xp.sum(rg, axis=2)  # (n, M, D_B)
+                rb = xp.sum(rg, axis=-2)  # (n, M, G, D_B)
                 s_b = _add(s_b, xp.sum(rb * rb, axis=(0, 1)))
+        if G == 1:
+            return s_w[0, ...], None if s_b is None else s_b[0, ...]
         return s_w, s_b
 
     def inverse(self, damping=0.0):
@@ -526,8 +550,8 @@ def _rotated_inputs(a, Q_A, joint, d_in):
     multiplies the one); an int ``Q_A`` is the identity (an embedding's basis)."""
     if isinstance(Q_A, int):
         return a
-    if joint:
-        return a @ Q_A[:d_in, :] + Q_A[d_in:, :]
+    if joint:  # (for stacks of groups too)
+        return a @ Q_A[..., :d_in, :] + Q_A[..., d_in:, :]
     return a @ Q_A
 
 

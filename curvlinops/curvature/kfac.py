@@ -25,7 +25,7 @@ from .._backend import FactorizationError, check_invertible_spectrum, device, sp
 from .._backend.conditioning import invert_all
 from ..linalg import DenseLinearOperator, DiagonalLinearOperator, KroneckerLinearOperator
 from .kronecker_factored import KroneckerFactoredLinearOperator
-from .kronecker_statistics import _KroneckerCurvature, check_damping
+from .kronecker_statistics import _KroneckerCurvature, check_damping, per_group
 
 __all__ = ["KFACLinearOperator", "KroneckerFactoredLinearOperator"]
 
@@ -38,8 +38,10 @@ class KFACLinearOperator(_KroneckerCurvature):
     Works for every model that offers tier-3 layer taps (``curvlinops.nn`` models, the
     PyTorch frontend); every parameter must belong to a tapped layer: a linear map of
     its inputs (Linear; a convolution, whose inputs are its unfolded patches, after
-    Grosse & Martens, 2016) or an elementwise affine map (the weight and bias of batch
-    normalization), which gets its exact block instead of Kronecker factors (see
+    Grosse & Martens, 2016; a grouped convolution, whose weight is block diagonal over
+    its ``G`` groups, gets one block ``B_g (x) A_g`` per group, from that group's
+    patches and output gradients) or an elementwise affine map (the weight and bias of
+    batch normalization), which gets its exact block instead of Kronecker factors (see
     ``exact_blocks`` below). The factors come from **one** pass over the data per
     batch: one forward pass and one backward pass of ``M`` output-space cotangents,
     chosen by ``fisher_type``:
@@ -111,8 +113,11 @@ class KFACLinearOperator(_KroneckerCurvature):
     ----------
     input_factors : dict
         ``A`` per layer name, ``(D_in, D_in)`` (``(D_in + 1, D_in + 1)`` when joint).
+        For a grouped convolution (``G`` groups) a stack ``(G, d_in, d_in)`` of each
+        group's factor (``d_in = C_in / G * kh * kw``).
     output_factors : dict
-        ``B`` per layer name, ``(D_out, D_out)``.
+        ``B`` per layer name, ``(D_out, D_out)``; for ``G`` groups a stack
+        ``(G, D_out / G, D_out / G)``.
     exact_blocks : dict
         Per elementwise layer (normalization: a tap of kind ``"elementwise"``), its
         exact block over ``[weight, bias]`` (``2 D x 2 D``; ``D x D`` without bias),
@@ -184,7 +189,8 @@ class KFACLinearOperator(_KroneckerCurvature):
         Each layer's blocks are :class:`~curvlinops.linalg.KroneckerLinearOperator`
         ``B (x) A`` (and ``B (x) 1`` for a separate bias) sharing one
         :class:`~curvlinops.linalg.DenseLinearOperator` per factor, so that the weight
-        and bias blocks share ``B``'s cached eigendecomposition.
+        and bias blocks share ``B``'s cached eigendecomposition; a grouped layer (stacked
+        factors ``(G, d, d)``) has these blocks for each group.
         """
         if self._assembled is not None:
             return self._assembled
@@ -197,15 +203,20 @@ class KFACLinearOperator(_KroneckerCurvature):
                 blocks += ops
                 continue
             B, A = self.output_factors[layer.name], self.input_factors[layer.name]
-            B_op = DenseLinearOperator(B, symmetric=True)
-            # an embedding's input factor is diagonal: stored and inverted as such
-            A_op = (
-                DiagonalLinearOperator(A) if A.ndim == 1 else DenseLinearOperator(A, symmetric=True)
-            )
-            factor_ops[layer.name] = (B_op, A_op)
-            blocks.append(self._kronecker(layer, B_op, A_op))
-            if layer.bias_index is not None and not self._joint(layer):
-                blocks.append(KroneckerLinearOperator(B_op, self._one()))
+            pairs, G = [], layer.groups  # (B_op, A_op) of each group (one for G = 1)
+            for B_g, A_g in zip(per_group(B, G), per_group(A, G), strict=True):
+                B_op = DenseLinearOperator(B_g, symmetric=True)
+                # an embedding's input factor is diagonal: stored and inverted as such
+                A_op = (
+                    DiagonalLinearOperator(A_g)
+                    if A_g.ndim == 1
+                    else DenseLinearOperator(A_g, symmetric=True)
+                )
+                pairs.append((B_op, A_op))
+                blocks.append(self._kronecker(layer, B_op, A_op))
+                if layer.bias_index is not None and not self._joint(layer):
+                    blocks.append(KroneckerLinearOperator(B_op, self._one()))
+            factor_ops[layer.name] = pairs
         self._assembled = (factor_ops, self._make_operator(blocks))
         return self._assembled
 
@@ -545,18 +556,20 @@ class KFACLinearOperator(_KroneckerCurvature):
                     calls.append(_factor_call(op, plain, f"exact block {where}"))
                     shapes.append(None)
                 continue
-            B_op, A_op = self._factor_ops[layer.name]
-            pi = _pi(A_op, B_op) if pi_damping else 1.0
-            shift_A, shift_B = root, root
-            if pi_damping:
-                shift_A, shift_B = max(pi * root, min_damping), max(root / pi, min_damping)
-            # a factor shifted by scale * sqrt(damping) needs damping (t / scale)^2 for t
-            calls.append(_factor_call(B_op, shift_B, f"output factor B {where}", 1 / pi))
-            calls.append(_factor_call(A_op, shift_A, f"input factor A {where}", pi))
-            shapes.append(layer)
-            if layer.bias_index is not None and not self._joint(layer):
-                calls.append(_factor_call(B_op, plain, f"output factor B {where} (bias)"))
-                shapes.append("bias")
+            pairs = self._factor_ops[layer.name]
+            for g, (B_op, A_op) in enumerate(pairs):
+                at = f"{where}, group {g}" if len(pairs) > 1 else where
+                pi = _pi(A_op, B_op) if pi_damping else 1.0
+                shift_A, shift_B = root, root
+                if pi_damping:
+                    shift_A, shift_B = max(pi * root, min_damping), max(root / pi, min_damping)
+                # a factor shifted by scale * sqrt(damping) needs damping (t / scale)^2 for t
+                calls.append(_factor_call(B_op, shift_B, f"output factor B {at}", 1 / pi))
+                calls.append(_factor_call(A_op, shift_A, f"input factor A {at}", pi))
+                shapes.append(layer)
+                if layer.bias_index is not None and not self._joint(layer):
+                    calls.append(_factor_call(B_op, plain, f"output factor B {at} (bias)"))
+                    shapes.append("bias")
         inverses = iter(invert_all(calls))
         blocks = []
         for shape in shapes:

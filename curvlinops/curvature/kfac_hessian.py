@@ -25,11 +25,16 @@ import warnings
 from .._backend import device as array_device
 from .._backend.reduction import Static, broadcast_tree, collective_tree_sum
 from ..models import Capability
-from ._chain import backpropagate
+from ._chain import backpropagate, flat_layers
 from ._data import check_batch_values
 from ._elementwise import hadamard_block
 from .kfac import KFACLinearOperator
-from .kronecker_statistics import _InputStatistics, _KroneckerCurvature, symmetrized
+from .kronecker_statistics import (
+    _InputStatistics,
+    _KroneckerCurvature,
+    group_rows,
+    symmetrized,
+)
 
 __all__ = ["KFACHessianLinearOperator"]
 
@@ -47,16 +52,27 @@ class KFACHessianLinearOperator(KFACLinearOperator):
 
     - at the outputs: ``H_L = c sum_t H_l,t`` (the loss Hessians, normalized by the
       loss's reduction ``c``);
+    - the output factor of a grouped convolution's group ``g`` (one block per group,
+      as in K-FAC): the diagonal block of ``H_s`` over that group's output channels;
     - through a Linear layer: ``H_a = W^T H_s W`` (exact);
     - through an elementwise activation ``b = phi(h)``:
       ``H_h = H_b * mean_t(phi'(h_t) phi'(h_t)^T) + diag(c sum_t phi''(h_t) * dl_t/db_t)``,
       i.e. ``mean_t diag(phi'_t) H_b diag(phi'_t)`` with ``H_b`` the averaged matrix,
       plus the (summed) activation curvature;
 
+    - through a residual block ``y = S x + F(x)`` (:class:`~curvlinops.nn.Residual`,
+      ``S`` the identity or a projection): down both paths (the block's layers give
+      their own factors), and at the input the sum of the paths' pulled-back factors
+      plus ``M_F^T H_y M_S + M_S^T H_y M_F``, with ``M_p`` path ``p``'s Jacobian in
+      feature space averaged over the items (``M_S = I`` for the identity; see
+      :mod:`curvlinops.nn.residual`);
+
     where ``t`` runs over the items of the data set (data points; every position with
     shared axes, as "expand"), sums and means are over the whole data set (all batches),
     and ``dl_t/db_t`` is the gradient of the item's unnormalized loss. For deep linear
-    networks with squared loss this equals K-FAC (and the exact Hessian blocks).
+    networks with squared loss this equals K-FAC (and the exact Hessian blocks); for a
+    single datum through residual blocks whose paths do not mix positions (Linear
+    layers, 1 x 1 convolutions, one pixel) every block is the exact Hessian block.
 
     **Indefinite.** With curved activations (tanh, sigmoid, softplus, ...) the output
     factors, hence the operator, can have negative eigenvalues. ``logdet`` raises for a
@@ -73,9 +89,10 @@ class KFACHessianLinearOperator(KFACLinearOperator):
         (:attr:`~curvlinops.models.Capability.LAYER_PROTOCOL`): a ``curvlinops.nn`` model or
         a :class:`~curvlinops.frontends.torch.TorchModel`, whose layers from the first
         one with parameters on have the batch-averaged curvature rule (Linear layers,
-        elementwise activations, Identity; parameter-free layers such as Flatten may
-        come before the first Linear layer). Every parameter must belong to a tapped
-        (Linear) layer.
+        convolutions, elementwise activations, batch normalization, pooling, Identity,
+        residual blocks of ``curvlinops.nn`` made of such layers; parameter-free layers
+        such as Flatten may come before the first Linear layer). Every parameter must
+        belong to a tapped layer.
     loss : curvlinops.losses.Loss
         Its reduction applies over the whole data set.
     params : list of arrays
@@ -161,7 +178,8 @@ class KFACHessianLinearOperator(KFACLinearOperator):
 
     def _layout(self, layers):
         """Lay out ``self.layers`` (a LayerInfo per tapped layer) from the first batch."""
-        taps = [tap for tap in (layer.tap() for layer in layers) if tap is not None]
+        # the taps in forward order, those inside residual blocks' branches included
+        taps = [tap for tap in (layer.tap() for layer in flat_layers(layers)) if tap is not None]
         if not taps:
             raise ValueError(
                 "KFACHessianLinearOperator needs a model with at least one Linear layer."
@@ -235,7 +253,8 @@ class KFACHessianLinearOperator(KFACLinearOperator):
                     V = self.shapes[tap.weight_index][0]
                     statistics_of_inputs.add_counts(tap.inputs, V, self.dtype, xp)
                 else:
-                    statistics_of_inputs.add(xp.reshape(tap.inputs, (-1, tap.inputs.shape[-1])), xp)
+                    rows = xp.reshape(tap.inputs, (-1, tap.inputs.shape[-1]))
+                    statistics_of_inputs.add(group_rows(rows, tap.groups, xp), xp)
             if found_taps[::-1] != expected:
                 raise ValueError(
                     f"Batch {index} exposed the layer taps {found_taps[::-1]}, the first batch "
@@ -279,7 +298,7 @@ class KFACHessianLinearOperator(KFACLinearOperator):
                 A = inputs[i].diagonal_factor()
             else:
                 A = symmetrized(inputs[i].factor(self._joint(info), xp), xp)
-            factors.append((symmetrized(H, xp), A))
+            factors.append((symmetrized(_group_blocks(H, info.groups, xp), xp), A))
         return factors[::-1]
 
     # -- inverse ------------------------------------------------------------------------
@@ -322,6 +341,16 @@ class KFACHessianLinearOperator(KFACLinearOperator):
                 stacklevel=2,
             )
         return inverse
+
+
+def _group_blocks(H, groups, xp):
+    """The groups' diagonal blocks ``(G, d, d)`` of an output factor ``(G d, G d)``: the
+    output factors of a grouped layer's groups (``H`` itself for one group)."""
+    if groups == 1:
+        return H
+    d = H.shape[0] // groups
+    blocks = xp.permute_dims(xp.reshape(H, (groups, d, groups, d)), (1, 3, 0, 2))
+    return xp.permute_dims(xp.linalg.diagonal(blocks), (2, 0, 1))
 
 
 def _summed_loss_hessian(loss, outputs, y, xp):

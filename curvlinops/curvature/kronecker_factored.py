@@ -12,7 +12,8 @@ What lives here:
   this class only names the blocks in error messages.
 - :func:`layer_layout`: the segments of the flat parameter vector that form each
   layer's blocks (a weight ``(D_out, D_in)``; its bias; or both side by side as
-  ``[W | b]``), from the layers' :class:`~.kronecker_statistics.LayerInfo`.
+  ``[W | b]``; for a grouped layer the same per group, each group's weight rows and
+  bias entries being contiguous), from the layers' :class:`~.kronecker_statistics.LayerInfo`.
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``.
 """
@@ -127,7 +128,9 @@ def layer_layout(layers, shapes, joint):
     -------
     layout : list
         Segments of every block, layer by layer (weight or joint block first, then a
-        separate bias block).
+        separate bias block; a layer with groups has these blocks for each group in
+        turn: group ``g``'s rows ``g d_out ... (g + 1) d_out - 1`` of the weight
+        ``(G d_out, d_in)`` and its ``d_out`` bias entries).
     names : list of str
         The blocks' names.
     """
@@ -164,15 +167,19 @@ def layer_layout(layers, shapes, joint):
                 layout += [[weight], [(offsets[layer.bias_index], layer.d_out)]]
                 names += [f"weight block {where}", f"bias block {where}"]
             continue
-        if layer.bias_index is None:
-            layout.append([(w, (layer.d_out, layer.d_in))])
-            names.append(f"weight block {where}")
-            continue
-        b = offsets[layer.bias_index]
-        if joint(layer):
-            layout.append([(w, (layer.d_out, layer.d_in)), (b, (layer.d_out, 1))])
-            names.append(f"joint weight and bias block {where}")
-        else:
-            layout += [[(w, (layer.d_out, layer.d_in))], [(b, (layer.d_out, 1))]]
-            names += [f"weight block {where}", f"bias block {where}"]
+        groups = getattr(layer, "groups", 1)
+        for g in range(groups):
+            group = f"{where}, group {g}" if groups > 1 else where
+            weight = (w + g * layer.d_out * layer.d_in, (layer.d_out, layer.d_in))
+            if layer.bias_index is None:
+                layout.append([weight])
+                names.append(f"weight block {group}")
+                continue
+            bias = (offsets[layer.bias_index] + g * layer.d_out, (layer.d_out, 1))
+            if joint(layer):
+                layout.append([weight, bias])
+                names.append(f"joint weight and bias block {group}")
+            else:
+                layout += [[weight], [bias]]
+                names += [f"weight block {group}", f"bias block {group}"]
     return layout, names

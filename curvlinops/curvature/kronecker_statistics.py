@@ -8,7 +8,8 @@ What lives here (the statistics, apart from the operators they end up in):
   one layer's inputs, and the input factor ``A`` (or the joint ``[a; 1]`` factor) from
   them;
 - :func:`flatten_tap`: one tap's inputs and output gradients as item matrices
-  (``kfac_approx`` "expand" / "reduce");
+  (``kfac_approx`` "expand" / "reduce"), with a leading group axis for a tap whose
+  weight is block diagonal over groups (a grouped convolution);
 - :class:`_KroneckerCurvature`: the curvature-operator base of
   :class:`~curvlinops.curvature.kfac.KFACLinearOperator`,
   :class:`~curvlinops.curvature.ekfac.EKFACLinearOperator` and
@@ -38,7 +39,15 @@ weight block ``B (x) A`` with
   ``c = loss.normalization(num_data, outputs_shape)``.
 
 For a single datum, for linear regression and for deep linear networks with squared
-loss, ``B (x) A`` equals the exact GGN block. The bias block is ``B (x) 1``; with
+loss, ``B (x) A`` equals the exact GGN block.
+
+Groups. A tap with ``groups = G > 1`` (a grouped convolution: its weight is block
+diagonal over groups of inputs and outputs) is ``G`` layers in one: group ``g``'s
+weight rows ``(D_out / G, D_in / G)`` (and bias entries) get their own block
+``B_g (x) A_g`` from group ``g``'s inputs and output gradients. Its
+:class:`LayerInfo` holds the sizes of one group; its factors are stacks
+``(G, d, d)``, accumulated for all groups at once (batched matrix products, no loop
+over groups in the pass over the data). The bias block is ``B (x) 1``; with
 ``separate_weight_and_bias=False`` the joint block over ``[W | b]`` uses inputs
 augmented by a trailing one.
 
@@ -93,7 +102,8 @@ class LayerInfo:
     """A tapped layer of the model as the Kronecker operators see it.
 
     ``kind`` is the tap's: ``"matrix"`` (Kronecker blocks) or ``"elementwise"`` (an
-    exact block over its ``D = d_in = d_out`` weight and bias entries).
+    exact block over its ``D = d_in = d_out`` weight and bias entries). With
+    ``groups > 1``, ``d_in`` and ``d_out`` are the sizes of one group.
     """
 
     name: str
@@ -103,6 +113,7 @@ class LayerInfo:
     d_out: int
     kind: str = "matrix"
     transposed: bool = False
+    groups: int = 1
 
     @property
     def exact(self) -> bool:
@@ -111,7 +122,11 @@ class LayerInfo:
 
 
 class _InputStatistics:
-    """Running sums for one layer's input factor: ``sum a a^T``, ``sum a``, item count."""
+    """Running sums for one layer's input factor: ``sum a a^T``, ``sum a``, item count.
+
+    Items ``a`` are ``(T, D)``, or ``(G, T, D)`` for the groups of a grouped layer
+    (then the sums are stacks over the groups).
+    """
 
     def __init__(self):
         self.sum_aa = None
@@ -130,10 +145,10 @@ class _InputStatistics:
 
     def add(self, a, xp):
         aa = xp.matrix_transpose(a) @ a
-        s = xp.sum(a, axis=0)
+        s = xp.sum(a, axis=-2)
         self.sum_aa = aa if self.sum_aa is None else self.sum_aa + aa
         self.sum_a = s if self.sum_a is None else self.sum_a + s
-        self.count += int(a.shape[0])
+        self.count += int(a.shape[-2])
 
     def add_counts(self, ids, V, dtype, xp):
         """An embedding's items: their one-hot inputs' sums (``sum a a^T`` is diagonal)."""
@@ -151,10 +166,11 @@ class _InputStatistics:
             return self.sum_aa / self.count
         A = self.sum_aa
         s = self.sum_a
-        corner = xp.full((1, 1), float(self.count), dtype=A.dtype, device=array_device(A))
-        top = xp.concat([A, s[:, None]], axis=1)
-        bottom = xp.concat([s[None, :], corner], axis=1)
-        return xp.concat([top, bottom], axis=0) / self.count
+        lead = tuple(A.shape[:-2])  # the groups, if any
+        corner = xp.full(lead + (1, 1), float(self.count), dtype=A.dtype, device=array_device(A))
+        top = xp.concat([A, s[..., :, None]], axis=-1)
+        bottom = xp.concat([s[..., None, :], corner], axis=-1)
+        return xp.concat([top, bottom], axis=-2) / self.count
 
 
 def flatten_tap(tap, kfac_approx, xp):
@@ -165,6 +181,9 @@ def flatten_tap(tap, kfac_approx, xp):
     sums the output gradients over the shared axes (Eschenhagen et al., 2023). Rows of
     the gradient matrix are item-major: rows ``t * M ... t * M + M - 1`` belong to item
     ``t``. The gradients are None for a tap taken without cotangents.
+
+    For a tap with ``groups = G > 1`` both come with a leading group axis, ``(G, T,
+    D_in / G)`` and ``(G, T * M, D_out / G)``: each group's own items.
     """
     a, g = tap.inputs, tap.output_grads
     d_in = a.shape[-1]
@@ -172,12 +191,12 @@ def flatten_tap(tap, kfac_approx, xp):
         a = xp.mean(a, axis=tuple(range(1, a.ndim - 1)))
         if g is not None:
             g = xp.sum(g, axis=tuple(range(1, g.ndim - 2)))
-    a = xp.reshape(a, (-1, d_in))
+    a = group_rows(xp.reshape(a, (-1, d_in)), tap.groups, xp)
     if g is None:
         return a, None, 0
     d_out, M = g.shape[-2], g.shape[-1]
     order = tuple(range(g.ndim - 2)) + (g.ndim - 1, g.ndim - 2)
-    G = xp.reshape(xp.permute_dims(g, order), (-1, d_out))
+    G = group_rows(xp.reshape(xp.permute_dims(g, order), (-1, d_out)), tap.groups, xp)
     return a, G, M
 
 
@@ -313,6 +332,7 @@ class _KroneckerCurvature(CurvatureLinearOperator):
             "layer_indices": host_value(ints),
             "layer_kinds": host_value([la.kind for la in layers]),
             "layer_transposed": host_value([la.transposed for la in layers]),
+            "layer_groups": host_value([la.groups for la in layers]),
         }
 
     def _factor_state(self):
@@ -392,11 +412,15 @@ class _KroneckerCurvature(CurvatureLinearOperator):
                         f"{d_in} features, got {self.shapes[tap.weight_index]}."
                     )
             # the weight as the matrix that multiplies the inputs (a convolution's kernel
-            # (C_out, C_in, kh, kw) reshaped in C order), as the tap says
+            # (C_out, C_in / G, kh, kw) reshaped in C order), as the tap says
             elif tap.matrix_shape is not None and math.prod(tap.matrix_shape) == math.prod(shape):
                 shape = tuple(tap.matrix_shape)
             elif tap.transposed and len(shape) == 2:
                 shape = (shape[1], shape[0])
+            groups = tap.groups
+            if groups > 1:
+                _check_groups(tap, shape, d_in)
+                d_in //= groups  # one group's inputs
             if len(shape) != 2 or shape[1] != d_in:
                 raise ValueError(
                     f"Layer {tap.name!r}: its weight (parameter {tap.weight_index}) must have "
@@ -424,9 +448,10 @@ class _KroneckerCurvature(CurvatureLinearOperator):
                     tap.weight_index,
                     tap.bias_index,
                     d_in,
-                    shape[0],
+                    shape[0] // groups,
                     tap.kind,
                     bool(tap.transposed) or tap.kind == "embedding",
+                    groups,
                 )
             )
         missing = [i for i in range(len(self.shapes)) if i not in owner]
@@ -587,8 +612,10 @@ class _KroneckerCurvature(CurvatureLinearOperator):
                 A = stats.diagonal_factor()  # 1-D: the diagonal input factor
             else:
                 A = symmetrized(stats.factor(self._joint(layer), xp), xp)
-            if gg is None:  # forward-only: the output factor is the identity
+            if gg is None:  # forward-only: the output factor is the identity (of each group)
                 B = xp.eye(layer.d_out, dtype=self.dtype, device=self.device)
+                if layer.groups > 1:
+                    B = xp.stack([B] * layer.groups)
             else:
                 B = symmetrized(c * gg, xp)
             factors.append((B, A))
@@ -699,9 +726,11 @@ def _ema(old, new, decay):
 
 
 def _layers_from_state(state):
-    """The :class:`LayerInfo` list of a saved state."""
+    """The :class:`LayerInfo` list of a saved state (states saved before groups existed
+    have none: one group per layer)."""
     names, kinds = state["layer_names"], state["layer_kinds"]
     ints, transposed = state["layer_indices"], state["layer_transposed"]
+    groups = state.get("layer_groups", [1] * len(names))
     return [
         LayerInfo(
             str(names[i]),
@@ -711,9 +740,36 @@ def _layers_from_state(state):
             int(ints[i][3]),
             str(kinds[i]),
             bool(transposed[i]),
+            int(groups[i]),
         )
         for i in range(len(names))
     ]
+
+
+def _check_groups(tap, shape, d_in):
+    """A grouped tap's sizes: ``D_in`` and ``D_out`` divisible by its groups, the weight
+    ``(D_out, D_in / G)``."""
+    G = tap.groups
+    if d_in % G or len(shape) != 2 or shape[0] % G or shape[1] * G != d_in:
+        raise ValueError(
+            f"Layer {tap.name!r} has groups={G}: its inputs' {d_in} features and its "
+            f"weight's rows must split into {G} groups, with the weight (parameter "
+            f"{tap.weight_index}) of shape (D_out, {d_in} / {G}); got the weight as {shape}."
+        )
+
+
+def group_rows(rows, groups, xp):
+    """Item rows ``(T, G * d)`` as ``(G, T, d)``: each group's own columns (``G = 1``:
+    unchanged)."""
+    if groups == 1:
+        return rows
+    T, D = rows.shape
+    return xp.permute_dims(xp.reshape(rows, (T, groups, D // groups)), (1, 0, 2))
+
+
+def per_group(stack, groups):
+    """The groups' matrices of a stack ``(G, ...)`` (``[stack]`` for one group)."""
+    return [stack] if groups == 1 else [stack[g, ...] for g in range(groups)]
 
 
 def check_damping(damping, what="damping", *, negative=False, negative_reason=None) -> float:

@@ -157,8 +157,9 @@ class TorchModel(Model):
     ``torch.nn.MultiheadAttention`` in self-attention, functional calls), every
     ``torch.nn.Embedding``/``F.embedding`` table (an embedding tap) and every
     ``torch.nn.LayerNorm``/``F.layer_norm`` weight over the last axis (an elementwise
-    tap), plus ``Conv1d`` and ``Conv2d`` (``groups=1``; a grouped convolution's tap
-    raises :class:`~curvlinops.MissingLayerRuleError` naming the module) and, where
+    tap), plus ``Conv1d`` and ``Conv2d`` (grouped and depthwise ones included: their
+    taps say their groups, and the curvature operators give each group its own
+    block) and, where
     ``curvlinops.nn`` has them, ``BatchNorm1d``/``BatchNorm2d`` (an elementwise tap)
     whose weight is among the parameters, in any module graph (residual connections
     included); each parameter must enter one tapped call once per forward pass (a
@@ -705,10 +706,18 @@ class _TorchLinearization(Linearization):
         fresh = _native_layer(layer)
         equivalent = equivalent if fresh is None else fresh
         a = record.inputs
-        if isinstance(equivalent, (native.Conv1d, native.Conv2d)) and equivalent.groups == 1:
+        if isinstance(equivalent, (native.Conv1d, native.Conv2d)):
             inputs, output_grads, shape = _unfolded_conv_tap(equivalent, a, columns)
-            kind = equivalent.tap_kind
-            return LayerTap(name, weight_index, bias_index, inputs, output_grads, shape, kind=kind)
+            return LayerTap(
+                name,
+                weight_index,
+                bias_index,
+                inputs,
+                output_grads,
+                shape,
+                kind=equivalent.tap_kind,
+                groups=equivalent.tap_groups,
+            )
         g = None
         if columns is not None:
             # (M, N, ..., D_out) to the native layers' internal layout (N, ..., M, D_out)
@@ -794,7 +803,9 @@ class _TorchLinearization(Linearization):
                     f"{records[i][0]!r} is not the output of the module before it "
                     f"({records[i - 1][0]!r}): the forward pass combines tensors outside "
                     "modules (a residual connection, a functional call). Use "
-                    "HessianLinearOperator or KFACLinearOperator for this model."
+                    "HessianLinearOperator or KFACLinearOperator for this model, or build it "
+                    "from curvlinops.nn layers (curvlinops.nn.Residual for a skip "
+                    "connection, which the layer protocol walks through)."
                 )
         if records and first < len(records) and outputs is not records[-1][4]:
             raise ValueError(
@@ -1571,7 +1582,7 @@ def _probe_gradients(outputs, probes, cotangents):
 
 
 def _unfolded_conv_tap(conv, a, columns):
-    """A convolution's tap (``groups=1``) from strided views of torch tensors.
+    """A convolution's tap from strided views of torch tensors.
 
     The same arrays as the native layer's tap (``conv.tap``, the reference): inputs
     ``(N, S, C_in * kh * kw)``, entries in ``(channel, kh, kw)`` order per output
@@ -1582,7 +1593,9 @@ def _unfolded_conv_tap(conv, a, columns):
     once into their layout, and each column's gradients are copied once, transposed,
     into theirs. A ``Conv1d`` is a ``Conv2d`` with an image height of one. The output
     gradients are a view whose last two axes swapped are contiguous (``(N, S, M,
-    C_out)``, the rows K-FAC multiplies).
+    C_out)``, the rows K-FAC multiplies). With groups the channels of each group are
+    contiguous in the patches (group-major), and the weight's matrix is
+    ``(C_out, C_in / groups * kh * kw)``.
     """
     (kh, kw), (sh, sw), (dh, dw), ((pt, pb), (pl, pr)) = conv._geometry()
     x = a if a.ndim == 4 else a[:, :, None, :]
@@ -1603,7 +1616,7 @@ def _unfolded_conv_tap(conv, a, columns):
         C = conv.out_channels
         rows = torch.stack([c.reshape(N, C, S).transpose(1, 2) for c in columns], dim=2)
         grads = rows.transpose(2, 3)  # (N, S, C_out, M), a view of (N, S, M, C_out)
-    return inputs, grads, (conv.out_channels, D)
+    return inputs, grads, (conv.out_channels, D // conv.groups)
 
 
 def _columns_or_zeros(grad, param, K, batched):

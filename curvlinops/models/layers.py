@@ -13,7 +13,11 @@ says, once:
   positions, convolution output pixels), the positions of its weight and bias in the
   parameter list and ``matrix_shape = (D_out, D_in)``, the shape of the weight reshaped
   (in C order) to the matrix that multiplies the inputs. The bias has ``D_out`` entries
-  and joins the matrix as a last column, ``[W | b]``, for inputs augmented by a one;
+  and joins the matrix as a last column, ``[W | b]``, for inputs augmented by a one. A
+  weight that is block diagonal over groups of inputs and outputs (a grouped or
+  depthwise convolution) says its number of groups ``G``
+  (:attr:`~curvlinops.models.LayerTap.groups`; ``matrix_shape = (D_out, D_in / G)``),
+  and the curvature operators treat each group as a layer of its own;
 - **how a gradient moves backwards through it** (:meth:`LinearizedLayer.backward_gradient`):
   the gradient of a scalar with respect to the layer's outputs, one per datum, to the
   gradient with respect to its inputs;
@@ -28,6 +32,16 @@ says, once:
   for an elementwise activation ``a = phi(s)``:
   ``H_s = diag(phi') H_a diag(phi') + diag(phi'' * g_a)`` and ``g_s = phi' * g_a``
   (averaged: ``H_s = H_a * mean(phi' phi'^T) + diag(sum phi'' * g_a)``).
+- **its branches**, for a layer whose output is the sum of parallel chains of layers,
+  ``y = sum_p b_p(x)`` (a residual connection ``y = x + F(x)`` or ``P x + F(x)``):
+  :meth:`LinearizedLayer.branches` gives each branch's layers (None for the identity),
+  and the walks go down every branch, so that the branches' own taps get the curvature
+  of their outputs. At the input the pulled-back factors of the branches add up, plus
+  the terms that couple two branches, which the layer gives:
+  :meth:`LinearizedLayer.cross_curvature` per datum (``sum_{p != q} J_p^T H J_q``,
+  exact), :meth:`LinearizedLayer.cross_curvature_statistics` and
+  :meth:`LinearizedLayer.backward_mean_cross_curvature` averaged over the data. The
+  gradients of the branches add up too.
 
 A layer that lacks a rule raises :class:`MissingLayerRuleError` (a
 :class:`~curvlinops.models.MissingTierError` and a ``TypeError``) naming itself and
@@ -56,7 +70,8 @@ with a subclass of :class:`curvlinops.nn.Layer` that implements its forward pass
 derivative products (``tangent``, ``backward``, ``r_backward``), its layouts, and the
 layer protocol (``tap`` returning its inputs ``(N, S, D_in)``, its output gradients
 ``(N, S, D_out, M)`` and ``matrix_shape``, with ``tap_kind`` if it is not a matrix
-tap; ``backward_curvature`` (:func:`curvlinops.nn.pull_back_curvature` is ``J^T H J``
+tap and ``tap_groups`` if its weight is block diagonal over groups;
+``backward_curvature`` (:func:`curvlinops.nn.pull_back_curvature` is ``J^T H J``
 for any layer linear in its inputs), ``curvature_statistics`` and
 ``backward_mean_curvature`` where they exist), with its tests in ``tests/nn``; then add
 one entry per frontend that maps the framework's layer to it
@@ -170,6 +185,34 @@ not implement the backward gradient rule of the layer protocol.
         ``statistics`` is what :meth:`curvature_statistics` accumulated over the data.
         """
         raise self.missing("the batch-averaged curvature rule")
+
+    def branches(self):
+        """The parallel branches whose outputs add up to this layer's, or None (the default).
+
+        A tuple with, per branch, its layers in forward order (a list of
+        :class:`LinearizedLayer`) or None for the identity. A layer with branches is
+        walked through them (their layers' rules and taps), plus its cross terms
+        (:meth:`cross_curvature`); its own :meth:`tap` is None.
+        """
+        return None
+
+    def cross_curvature(self, H, g):
+        """Per datum, the input Hessian's terms that couple two branches ``(N, F_in, F_in)``.
+
+        ``sum_{p != q} J_p^T H J_q`` with ``J_p`` the Jacobian of branch ``p`` (the
+        identity for a skip connection) and ``H`` ``(N, F_out, F_out)`` the Hessian with
+        respect to the outputs; ``g`` is the gradient with respect to the outputs. The
+        input Hessian is this plus the branches' own pulled-back Hessians.
+        """
+        raise self.missing("the per-datum cross-curvature rule of its branches")
+
+    def cross_curvature_statistics(self, g, statistics=None):
+        """Add one batch to what :meth:`backward_mean_cross_curvature` needs; return the sums."""
+        return None
+
+    def backward_mean_cross_curvature(self, H, statistics):
+        """Averaged cross terms of the branches ``(D_in, D_in)`` from the outputs' factor."""
+        raise self.missing("the batch-averaged cross-curvature rule of its branches")
 
     def missing(self, rule: str, detail: str = "") -> MissingLayerRuleError:
         """The error for a rule this layer does not implement (to be raised)."""

@@ -129,7 +129,8 @@ class LayerTap:
         convolution ``(C_out, C_in * kh * kw)``). The bias, if any, has ``D_out``
         entries and joins the matrix as a last column ``[W | b]``. None when the model
         does not say (taps written by hand): then the weight itself is
-        ``(D_out, D_in)``. Ignored for ``kind="elementwise"``.
+        ``(D_out, D_in)``. Ignored for ``kind="elementwise"``. With ``groups = G > 1``
+        it is ``(D_out, D_in / G)``: the rows of all groups stacked (see ``groups``).
     kind : {"matrix", "elementwise"}
         How the weight acts on the inputs. ``"matrix"`` (the default): ``s = W a + b``
         over the last axis, the case of Kronecker factors. ``"elementwise"``: ``s = w *
@@ -155,6 +156,15 @@ class LayerTap:
         stays ``(D_out, D_in)``; the curvature operators swap the Kronecker factors of
         such a weight (``A (x) B`` instead of ``B (x) A``) and lay out its bias as a last
         row.
+    groups : int
+        ``G``: the weight is block diagonal over ``G`` groups (a grouped convolution,
+        ``G = C_in`` for a depthwise one). The inputs' last axis ``D_in`` and the
+        outputs' ``D_out`` split into ``G`` contiguous groups of ``D_in / G`` and
+        ``D_out / G`` entries, and group ``g``'s outputs are its weight rows
+        ``g D_out / G ... (g + 1) D_out / G - 1`` of the ``(D_out, D_in / G)`` matrix
+        times group ``g``'s inputs, plus its bias entries. Kind ``"matrix"`` only, not
+        ``transposed``; the curvature operators treat each group as a layer of its own
+        (K-FAC: one Kronecker block per group). Default 1.
 
     Examples
     --------
@@ -173,10 +183,19 @@ class LayerTap:
     kind: str = "matrix"
     channels_first: bool = False
     transposed: bool = False
+    groups: int = 1
 
     def __post_init__(self):
         if self.kind not in TAP_KINDS:
             raise ValueError(f"LayerTap kind must be one of {TAP_KINDS}, got {self.kind!r}.")
+        groups = self.groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"LayerTap groups must be a positive integer, got {groups!r}.")
+        if groups > 1 and (self.kind != "matrix" or self.transposed):
+            raise ValueError(
+                f"LayerTap {self.name!r} has groups={groups}: groups are for matrix taps with "
+                f"an untransposed weight, got kind={self.kind!r}, transposed={self.transposed}."
+            )
 
 
 class _OutputsPlaceholder:

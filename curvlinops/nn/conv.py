@@ -33,12 +33,15 @@ image). A linearization keeps the forward input's grid in its state
 ``D_g = C_in / G * kh * kw`` entries is ordered ``(channel, kh, kw)``; only the tap
 builds such patches.
 
-Layer protocol. The tap (``groups == 1``) gives the patches ``(N, S, D_in)`` (``S =
+Layer protocol. The tap gives the patches ``(N, S, C_in * kh * kw)`` (``S =
 H_out * W_out`` output pixels, row-major), output
-gradients ``(N, S, C_out, M)`` and ``matrix_shape = (C_out, C_in * kh * kw)``: what
-K-FAC and per-example gradients read (Grosse & Martens, 2016). With ``groups > 1`` the
-weight is block diagonal in that layout and the tap raises
-:class:`~curvlinops.models.MissingLayerRuleError`. The per-datum curvature rule is
+gradients ``(N, S, C_out, M)`` and ``matrix_shape = (C_out, D_g)``: what
+K-FAC and per-example gradients read (Grosse & Martens, 2016). With ``groups = G > 1``
+the weight is block diagonal over the groups in that layout: the tap says so
+(:attr:`~curvlinops.models.LayerTap.groups`), group ``g``'s patch being the contiguous
+``D_g`` entries of its channels and its outputs the ``C_out / G`` channels of its
+weight rows, and the curvature operators treat each group as a layer of its own (a
+depthwise convolution, ``G = C_in``, included). The per-datum curvature rule is
 exact, ``J^T H J`` through two backward passes (:func:`~curvlinops.nn.module.pull_back_curvature`);
 the batch-averaged rule maps the outputs' ``(C_out, C_out)`` factor to the inputs'
 ``(C_in, C_in)``: ``W^T H W`` over the patch entries, whose per-offset diagonal blocks
@@ -54,7 +57,6 @@ from __future__ import annotations
 import math
 
 from .._backend import device
-from ..models import MissingLayerRuleError
 from .module import Layer, pull_back_curvature
 
 __all__ = ["Conv2d", "Conv1d"]
@@ -401,20 +403,25 @@ class _Conv(Layer):
         )
 
     def _tap_patches(self, state, xp):
-        """The patches ``(N, Ho Wo, C_in kh kw)`` (entries ``(channel, kh, kw)``; cached)."""
+        """The patches ``(N, Ho Wo, C_in kh kw)`` (entries ``(channel, kh, kw)``; cached).
+
+        The channels are group-major, so group ``g``'s patch is the contiguous slice of
+        its ``D_g`` entries (the tap's ``groups``).
+        """
         if "patches" not in state:
             hw = self._in_hw(state)
             Ho, Wo, Hq, Wq, offsets = self._plan(hw)
-            X = self._grid(state, xp)  # (1, P, (Hq + 1) Wq N, C_in): groups == 1
-            N, C = self._image(state["input"], xp).shape[:2]
+            X = self._grid(state, xp)  # (G, P, (Hq + 1) Wq N, C_in / G)
+            G, Cg = X.shape[0], X.shape[-1]
+            N = self._image(state["input"], xp).shape[0]
             rows = Ho * Wq * N
             slices = [
-                xp.reshape(X[0, phase, shift * N : shift * N + rows, ...], (Ho, Wq, N, C))
+                xp.reshape(X[:, phase, shift * N : shift * N + rows, ...], (G, Ho, Wq, N, Cg))
                 for phase, shift in offsets
             ]
-            P = xp.stack([p[:, :Wo, ...] for p in slices], axis=-1)  # (Ho, Wo, N, C, kk)
-            P = xp.permute_dims(P, (2, 0, 1, 3, 4))
-            state["patches"] = xp.reshape(P, (N, Ho * Wo, C * len(offsets)))
+            P = xp.stack([p[:, :, :Wo, ...] for p in slices], axis=-1)  # (G, Ho, Wo, N, Cg, kk)
+            P = xp.permute_dims(P, (3, 1, 2, 0, 4, 5))
+            state["patches"] = xp.reshape(P, (N, Ho * Wo, G * Cg * len(offsets)))
         return state["patches"]
 
     # -- forward and derivatives -------------------------------------------------------
@@ -522,22 +529,20 @@ class _Conv(Layer):
 
     # -- the layer protocol ------------------------------------------------------------
 
+    @property
+    def tap_groups(self):
+        """The tap's groups: the convolution's (its weight is block diagonal over them)."""
+        return self.groups
+
     def tap(self, state, output_grads=None, xp=None):
-        if self.groups != 1:
-            raise MissingLayerRuleError(
-                f"{self!r} has groups={self.groups}: its weight is block diagonal in the "
-                "(N, S, D) tap layout, which the layer protocol cannot express; curvlinops.nn "
-                "gives taps for convolutions with groups=1 only. Use an exact operator (e.g. "
-                "GGNLinearOperator) for this model."
-            )
         P = self._tap_patches(state, xp)
-        N, S, D = P.shape
+        N, S, _ = P.shape
         grads = None
         if output_grads is not None:
             g = self._image(output_grads, xp)  # (N, C_out, Ho, M, Wo)
             M = g.shape[3]
             grads = xp.reshape(xp.permute_dims(g, (0, 2, 4, 1, 3)), (N, S, self.out_channels, M))
-        return P, grads, (self.out_channels, D)
+        return P, grads, (self.out_channels, self._group_in)
 
     def backward_curvature(self, params, state, H, g, xp):
         return pull_back_curvature(self, params, state, H, g, xp)
@@ -595,7 +600,7 @@ class Conv2d(_Conv):
     ``[weight (C_out, C_in / groups, kh, kw), bias (C_out,)]`` (or ``[weight]``), so
     PyTorch weights copy across. Built from shifted row ranges and matrix products (see
     :mod:`curvlinops.nn.conv`); every tier, and the tap ``(N, H_out * W_out,
-    C_in * kh * kw)`` for ``groups=1``.
+    C_in * kh * kw)`` with ``groups`` blocks of the weight.
 
     Parameters
     ----------
@@ -646,7 +651,7 @@ class Conv1d(_Conv):
     Inputs ``(N, C_in, L)``, outputs ``(N, C_out, L_out)``, parameters
     ``[weight (C_out, C_in / groups, k), bias (C_out,)]``. The same rules as
     :class:`Conv2d` (it is one with an image height of one); the tap is
-    ``(N, L_out, C_in * k)`` for ``groups=1``. Arguments as :class:`Conv2d`, each an
+    ``(N, L_out, C_in * k)``. Arguments as :class:`Conv2d`, each an
     int (or a 1-tuple).
 
     Examples

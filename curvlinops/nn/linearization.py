@@ -138,7 +138,15 @@ def _tap(name, layer, state, xp, aligned, output_grads):
         channels_first = bool(state.get("channels_first"))
     channels_first = channels_first and inputs.ndim > 2
     return LayerTap(
-        name, weight, bias, inputs, grads, shape, kind=layer.tap_kind, channels_first=channels_first
+        name,
+        weight,
+        bias,
+        inputs,
+        grads,
+        shape,
+        kind=layer.tap_kind,
+        channels_first=channels_first,
+        groups=layer.tap_groups,
     )
 
 

@@ -421,6 +421,9 @@ class Layer(Module):
     #: the :class:`~curvlinops.models.LayerTap` kind of the tap: ``"matrix"``,
     #: ``"elementwise"`` or ``"embedding"``
     tap_kind = "matrix"
+    #: the :class:`~curvlinops.models.LayerTap` groups of the tap: a weight block
+    #: diagonal over that many groups of inputs and outputs (a grouped convolution)
+    tap_groups = 1
     #: layout of the layer's inputs and outputs in the batch-averaged curvature rules:
     #: ``"channels_first"`` (features on axis 1, ``(N, C, ...)``, as convolutions),
     #: ``"features_last"`` (``(N, S..., D)``), or None: the same as the layer before

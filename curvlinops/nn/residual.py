@@ -27,11 +27,33 @@ gradients from the one backward pass; K-FAC, EKFAC and the taps' diagonals work 
 residual networks unchanged.
 
 The layer protocol: a Residual is one :class:`~curvlinops.LinearizedLayer` with an
-exact :meth:`~curvlinops.LinearizedLayer.backward_gradient` (both paths) and the
-positions of all its inner parameters. The curvature walks (the Hessian diagonal and the
-Kronecker-factored Hessian) follow one chain of layers and do not go through residual
-connections: its curvature rules and its tap in such a walk raise
-:class:`~curvlinops.models.MissingLayerRuleError` saying what to use instead.
+exact :meth:`~curvlinops.LinearizedLayer.backward_gradient` (both paths), the positions
+of all its inner parameters, no tap of its own, and its two paths as
+:meth:`~curvlinops.LinearizedLayer.branches` (the block's inner layers, and the
+shortcut's or None for the identity), which the curvature walks (the Hessian diagonal,
+the Kronecker-factored Hessian) go down, so that every inner layer's tap gets the
+curvature of its own outputs. At the Residual's input the walk adds the two paths'
+pulled-back factors and the terms that couple them, which the Residual gives:
+
+- per datum, exactly (:meth:`Residual.cross_curvature`): ``J_b^T H J_s + J_s^T H J_b``
+  with ``J_b``, ``J_s`` the paths' Jacobians (``J_s = I`` for the identity), from two
+  backward passes of the per-datum factor's columns (``J_s^T H``, then ``J_b^T`` of
+  its transpose). With the paths' own pulled-back Hessians ``J_p^T H J_p + R_p``
+  (``R_p`` the curvature of the activations inside path ``p``) the sum is the exact
+  Hessian with respect to the input, ``(J_b + J_s)^T H (J_b + J_s) + R_b + R_s``; the
+  same is :meth:`Residual.backward_curvature`, the Residual's per-datum rule as one
+  layer;
+- averaged over the data (the Kronecker-factored Hessian's scheme, where a factor is
+  the sum over the items of each item's block, :mod:`curvlinops.models.layers`):
+  ``M_b^T H M_s + M_s^T H M_b`` with ``M_p`` path ``p``'s Jacobian in feature space
+  averaged over the output items, ``M_p = (1 / T) sum_t sum_p' J_p[t, p']`` (the
+  response of an output item's features to a perturbation of the same input feature
+  at every input item; ``M_s = I`` for the identity), accumulated by
+  :meth:`Residual.cross_curvature_statistics` from ``D_in`` forward tangents through
+  each path per batch. It is exact for a single datum whose paths do not mix positions
+  (Linear layers, elementwise layers, 1 x 1 convolutions, a single pixel), as the
+  per-datum rule; beyond that it replaces the mean of the products of the paths'
+  Jacobians by the product of their means, as the scheme does through each layer.
 
 May import: ``curvlinops._backend``, ``curvlinops.models``, ``.module``,
 ``.linearization``, ``.sequential``.
@@ -39,15 +61,18 @@ May import: ``curvlinops._backend``, ``curvlinops.models``, ``.module``,
 
 from __future__ import annotations
 
+from .._backend import device
 from .linearization import LinearizedNativeLayer
 from .module import Layer, Module, channels_first_inputs
 
 __all__ = ["Residual"]
 
-_NO_WALK = (
-    " (the Hessian diagonal and the Kronecker-factored Hessian walk one chain of layers "
-    "and do not go through residual connections; use HessianLinearOperator, K-FAC "
-    "(KFACLinearOperator, EKFACLinearOperator) or curvlinops.hutchinson_diagonal instead)"
+#: entries of the forward tangents held at once by the averaged cross terms' statistics
+_CHUNK_ENTRIES = 2**24
+
+_BRANCHES = (
+    " as one layer (its batch-averaged rules are those of its paths' layers and its "
+    "cross terms: a curvature walk goes down its branches(), as curvlinops.curvature's do)"
 )
 
 
@@ -422,21 +447,132 @@ class Residual(Layer):
     # -- the layer protocol ------------------------------------------------------------------
 
     def backward_curvature(self, params, state, H, g, xp):
-        raise NotImplementedError("the per-datum curvature rule", _NO_WALK)
+        """Per datum, the exact Hessian with respect to the inputs: both paths and their
+        cross terms.
+
+        Each path pulls ``H`` back through its layers' own rules (their activations'
+        curvature included); :meth:`cross_curvature` adds the terms that couple them.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import Linear
+        >>> layer = Residual(Linear(1, 1, bias=False))  # y = x + w x
+        >>> state = {"input": xp.ones((1, 1))}
+        >>> H = layer.backward_curvature([xp.asarray([[2.0]])], state, xp.ones((1, 1, 1)),
+        ...                              xp.zeros((1, 1)), xp)
+        >>> H.tolist()  # (1 + w)^2
+        [[[9.0]]]
+        """
+        total = self.cross_curvature(params, state, H, g, xp)
+        paths = zip(self._paths(), self._states(params, state, xp), strict=True)
+        for entries, states in paths:
+            total = total + _path_curvature(entries, states, params, H, g, xp)
+        return total
+
+    def cross_curvature(self, params, state, H, g, xp):
+        """Per datum, ``J_b^T H J_s + J_s^T H J_b`` ``(N, F_in, F_in)`` (exact).
+
+        ``H`` is ``(N, F_out, F_out)`` (symmetric), ``g`` the gradient with respect to
+        the outputs (it gives their shape). Two backward passes of ``F`` columns: the
+        shortcut's ``J_s^T H`` (none for the identity), then the block's ``J_b^T`` of
+        its transpose.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import Linear
+        >>> layer = Residual(Linear(1, 1, bias=False))  # J_b = w, J_s = 1
+        >>> state = {"input": xp.ones((1, 1))}
+        >>> layer.cross_curvature([xp.asarray([[2.0]])], state, xp.ones((1, 1, 1)),
+        ...                       xp.zeros((1, 1)), xp).tolist()
+        [[[4.0]]]
+        """
+        (block, shortcut), (block_states, shortcut_states) = (
+            self._paths(),
+            self._states(params, state, xp),
+        )
+        out_shape = tuple(g.shape[1:])
+        left = _pull_columns(shortcut, shortcut_states, params, H, out_shape, xp)  # J_s^T H
+        mixed = _pull_columns(
+            block, block_states, params, xp.matrix_transpose(left), out_shape, xp
+        )  # J_b^T H J_s
+        return mixed + xp.matrix_transpose(mixed)
 
     def curvature_statistics(self, params, state, g, statistics, xp):
-        raise NotImplementedError("the batch-averaged curvature rule", _NO_WALK)
+        raise NotImplementedError("the batch-averaged curvature rule", _BRANCHES)
 
     def backward_mean_curvature(self, params, H, statistics, xp):
-        raise NotImplementedError("the batch-averaged curvature rule", _NO_WALK)
+        raise NotImplementedError("the batch-averaged curvature rule", _BRANCHES)
+
+    def cross_curvature_statistics(self, params, state, g, statistics, xp):
+        """Add one batch to the sums of the paths' feature-space Jacobians (averaged cross terms).
+
+        Returns ``(sums, items)``: per path the sum over the batch's output items of
+        its output features' response to each input feature, ``(D_out, D_in)`` (None for
+        the identity), and the number of output items seen. ``D_in`` forward tangents
+        through each path (in chunks that bound their memory).
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import Linear
+        >>> layer = Residual(Linear(2, 2, bias=False))
+        >>> W = xp.asarray([[1.0, 2.0], [3.0, 4.0]])
+        >>> state = {"input": xp.ones((3, 2)), "channels_first": False}
+        >>> (block, shortcut), items = layer.cross_curvature_statistics(
+        ...     [W], state, xp.zeros((3, 2)), None, xp)
+        >>> block.tolist(), shortcut, items  # 3 data, each with the Jacobian W
+        ([[3.0, 6.0], [9.0, 12.0]], None, 3)
+        """
+        paths = zip(self._paths(), self._states(params, state, xp), strict=True)
+        sums = [
+            None if entries is None else _feature_response(self, entries, states, params, state, xp)
+            for entries, states in paths
+        ]
+        items = _output_items(self, state, g)
+        if statistics is not None:
+            old, old_items = statistics
+            sums = [None if s is None else s + o for s, o in zip(sums, old, strict=True)]
+            items += old_items
+        return sums, items
+
+    def backward_mean_cross_curvature(self, params, H, statistics, xp):
+        """Averaged cross terms ``M_b^T H M_s + M_s^T H M_b`` ``(D_in, D_in)``.
+
+        ``M_p`` is path ``p``'s accumulated feature-space Jacobian over the output items
+        (:meth:`cross_curvature_statistics`), ``I`` for the identity.
+
+        Examples
+        --------
+        >>> import array_api_compat.numpy as xp
+        >>> from curvlinops.nn import Linear
+        >>> layer = Residual(Linear(2, 2, bias=False))
+        >>> W = xp.asarray([[1.0, 2.0], [3.0, 4.0]])
+        >>> statistics = ([3 * W, None], 3)  # M_b = W, the identity shortcut
+        >>> layer.backward_mean_cross_curvature([W], xp.eye(2), statistics, xp).tolist()
+        [[2.0, 5.0], [5.0, 8.0]]
+        """
+        if statistics is None:
+            raise NotImplementedError(
+                "the batch-averaged cross-curvature rule without statistics",
+                " (pass what cross_curvature_statistics accumulated over the data)",
+            )
+        (block, shortcut), items = statistics
+        M_b = block / items
+        left = xp.matrix_transpose(M_b) @ H  # M_b^T H
+        mixed = left if shortcut is None else left @ (shortcut / items)
+        return mixed + xp.matrix_transpose(mixed)
 
     def linearized(self, params, state, xp, *, name=None, param_indices=None):
         """The Residual bound to a forward pass: one :class:`~curvlinops.LinearizedLayer`.
 
-        Its ``backward_gradient`` is exact (both paths) and its ``param_indices`` list
-        every inner parameter; its curvature rules and its tap in a curvature walk raise
-        :class:`~curvlinops.models.MissingLayerRuleError` (the walks do not go through
-        residual connections).
+        Its ``backward_gradient`` and ``backward_curvature`` are exact (both paths), its
+        ``param_indices`` list every inner parameter, it has no tap of its own, and its
+        ``branches()`` are its paths' inner layers, bound to the same forward pass and
+        named as their taps (``"<name>.block.<i>"``, ``"<name>.shortcut[.<i>]"``), with
+        the cross terms of :meth:`cross_curvature` and
+        :meth:`backward_mean_cross_curvature`.
 
         Examples
         --------
@@ -446,6 +582,10 @@ class Residual(Layer):
         >>> bound = layer.linearized(layer.init(0, xp=xp), {"input": xp.ones((3, 2))}, xp)
         >>> bound.param_indices, bound.backward_gradient(xp.ones((3, 2))).shape
         ((0, 1), (3, 2))
+        >>> bound.tap() is None, [(la.name, la.param_indices) for la in bound.branches()[0]]
+        (True, [('Residual.block', (0, 1))])
+        >>> bound.branches()[1] is None  # the identity shortcut
+        True
         """
         if param_indices is None:
             param_indices = tuple(range(len(self.param_shapes())))
@@ -456,12 +596,159 @@ class Residual(Layer):
 
 
 class _LinearizedResidual(LinearizedNativeLayer):
-    """A Residual in a curvature walk: it refuses its tap there.
+    """A Residual in a curvature walk: no tap of its own, its paths as branches.
 
-    The walks read the taps of the layers of one chain and pull curvature back through
-    each; the inner layers of a residual block are not in that chain, so a walk that
-    reaches the block refuses (rather than leave the inner parameters out silently).
+    The walks go down the branches (the inner layers, with their taps and rules) and
+    add the Residual's cross terms at its input.
     """
 
     def tap(self, output_grads=None):
-        raise self.missing("the tap in a curvature walk", _NO_WALK)
+        return None
+
+    def branches(self):
+        if getattr(self, "_branches", None) is None:
+            layer, xp = self.layer, self.xp
+            paths = zip(layer._paths(), layer._states(self.params, self.state, xp), strict=True)
+            self._branches = tuple(
+                None
+                if entries is None
+                else [
+                    inner.linearized(
+                        self.params[where],
+                        states[j],
+                        xp,
+                        name=f"{self.name}.{inner_name}",
+                        param_indices=self._aligned[where],
+                    )
+                    for j, (inner_name, inner, where) in enumerate(entries)
+                ]
+                for entries, states in paths
+            )
+        return self._branches
+
+    def cross_curvature(self, H, g):
+        return self._rule(
+            "the per-datum cross-curvature rule",
+            self.layer.cross_curvature,
+            self.params,
+            self.state,
+            H,
+            g,
+            self.xp,
+        )
+
+    def cross_curvature_statistics(self, g, statistics=None):
+        return self.layer.cross_curvature_statistics(
+            self.params, self.state, g, statistics, self.xp
+        )
+
+    def backward_mean_cross_curvature(self, H, statistics):
+        return self._rule(
+            "the batch-averaged cross-curvature rule",
+            self.layer.backward_mean_cross_curvature,
+            self.params,
+            H,
+            statistics,
+            self.xp,
+        )
+
+
+def _backward_gradient(layer, params, state, g, xp):
+    """One gradient per datum (protocol layout) pulled back through a native layer."""
+    _, g_in = layer.backward(params, state, xp.expand_dims(g, axis=-2), xp, need_params=False)
+    return g_in[..., 0, :]
+
+
+def _path_curvature(entries, states, params, H, g, xp):
+    """Per datum, ``H`` pulled back through a path's layers by their own rules."""
+    if entries is None:  # the identity
+        return H
+    for j in range(len(entries) - 1, -1, -1):
+        _, layer, where = entries[j]
+        H = layer.backward_curvature(params[where], states[j], H, g, xp)
+        if j:
+            g = _backward_gradient(layer, params[where], states[j], g, xp)
+    return H
+
+
+def _pull_columns(entries, states, params, columns, out_shape, xp):
+    """``J^T columns`` of a path, per datum: ``(N, F_out, K)`` -> ``(N, F_in, K)``.
+
+    The ``K`` columns are ``K`` cotangents of the path's outputs (of shape
+    ``out_shape``) in one backward pass; the identity leaves them.
+    """
+    if entries is None:
+        return columns
+    N, K = columns.shape[0], columns.shape[-1]
+    h = xp.moveaxis(xp.reshape(columns, (N, *out_shape, K)), -1, -2)  # internal layout
+    for j in range(len(entries) - 1, -1, -1):
+        _, layer, where = entries[j]
+        _, h = layer.backward(params[where], states[j], h, xp, need_params=False)
+    return xp.reshape(xp.moveaxis(h, -2, -1), (N, -1, K))
+
+
+def _channels_first_outputs(residual, state) -> bool:
+    """Whether the Residual's outputs are channels-first (as its inputs, unless stated)."""
+    layout = residual.output_layout
+    if layout is not None:
+        return layout == "channels_first"
+    return bool(state.get("channels_first"))
+
+
+def _output_items(residual, state, g) -> int:
+    """The number of output items (data and positions) of a batch: outputs like ``g``."""
+    n = 1
+    for size in g.shape:
+        n *= int(size)
+    features = (
+        g.shape[1] if _channels_first_outputs(residual, state) and g.ndim > 2 else g.shape[-1]
+    )
+    return n // int(features)
+
+
+def _feature_response(residual, entries, states, params, state, xp):
+    """``sum_t sum_p J[t, p]`` over the batch's output items ``t``: ``(D_out, D_in)``.
+
+    Column ``i`` is the path's output tangent for the unit tangent of input feature
+    ``i`` at every input item, summed over the output items: one forward-tangent pass
+    of ``D_in`` tangents (in chunks of features that bound the memory; parameter
+    tangents zero).
+    """
+    a = state["input"]
+    first_in = bool(state.get("channels_first")) and a.ndim > 2
+    first_out = _channels_first_outputs(residual, state)
+    D = int(a.shape[1] if first_in else a.shape[-1])
+    size = 1
+    for n in a.shape:
+        size *= int(n)
+    chunk = max(1, _CHUNK_ENTRIES // size)
+    columns = []
+    for start in range(0, D, chunk):  # chunks of features bound the memory
+        k = min(chunk, D - start)
+        t = _unit_tangents(a, first_in, start, k, xp)
+        for j, (_, layer, where) in enumerate(entries):
+            zero = [
+                xp.zeros(tuple(p.shape) + (k,), dtype=p.dtype, device=device(p))
+                for p in params[where]
+            ]
+            t = layer.tangent(params[where], zero, states[j], t, xp)
+        t = xp.moveaxis(t, -2, -1)  # the outputs' shape + (k,)
+        features = 1 if first_out and t.ndim > 3 else t.ndim - 2
+        axes = tuple(i for i in range(t.ndim - 1) if i != features)
+        columns.append(xp.sum(t, axis=axes))  # (D_out, k)
+    return xp.concat(columns, axis=1)
+
+
+def _unit_tangents(a, channels_first, start, k, xp):
+    """``k`` tangents of ``a`` in the internal layout ``(N, ..., k, last)``: tangent ``j``
+    is one at feature ``start + j`` of every item, zero elsewhere."""
+    D = a.shape[1] if channels_first else a.shape[-1]
+    features = xp.arange(D, device=device(a))[:, None]
+    chosen = start + xp.arange(k, device=device(a))[None, :]
+    E = xp.astype(features == chosen, a.dtype)  # (D, k)
+    shape = tuple(a.shape[:-1]) + (k, a.shape[-1])
+    if channels_first:  # (N, C, ..., k, W): C on axis 1, k before the last axis
+        E = xp.reshape(E, (1, D) + (1,) * (a.ndim - 3) + (k, 1))
+    else:  # (N, S..., k, D)
+        E = xp.reshape(xp.matrix_transpose(E), (1,) * (a.ndim - 1) + (k, D))
+    return xp.zeros(shape, dtype=a.dtype, device=device(a)) + E

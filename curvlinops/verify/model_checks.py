@@ -44,7 +44,8 @@ def tap_gradients(tap, output_grads, xp, *, vocabulary=None):
 
     ``output_grads`` is ``(N, S..., D_out, M)``; the weight gradient has the weight's
     matrix layout (``(D_out, D_in)``, ``(D_in, D_out)`` when transposed, ``(D,)`` for an
-    elementwise tap, ``(V, D)`` for an embedding), each with a trailing ``M``.
+    elementwise tap, ``(V, D)`` for an embedding, ``(D_out, D_in / G)`` for a tap with
+    ``G`` groups), each with a trailing ``M``.
     """
     M = output_grads.shape[-1]
     d_out = output_grads.shape[-2]
@@ -58,6 +59,14 @@ def tap_gradients(tap, output_grads, xp, *, vocabulary=None):
         a = xp.astype(ids[:, None] == xp.arange(vocabulary, device=device(ids)), g.dtype)
     else:
         a = xp.reshape(tap.inputs, (-1, tap.inputs.shape[-1]))
+    if tap.groups > 1:  # group g's rows of the weight meet group g's inputs only
+        G = tap.groups
+        T = a.shape[0]
+        a_groups = xp.permute_dims(xp.reshape(a, (T, G, -1)), (1, 0, 2))  # (G, T, d_in)
+        g_groups = xp.permute_dims(xp.reshape(g, (T, G, d_out // G, M)), (1, 3, 2, 0))
+        weight = g_groups @ a_groups[:, None, :, :]  # (G, M, d_out, d_in)
+        weight = xp.permute_dims(weight, (0, 2, 3, 1))
+        return xp.reshape(weight, (d_out, -1, M)), bias
     by_probe = xp.reshape(xp.permute_dims(g, (2, 1, 0)), (M * d_out, -1))
     weight = xp.permute_dims(xp.reshape(by_probe @ a, (M, d_out, -1)), (1, 2, 0))
     if tap.transposed or tap.kind == "embedding":
@@ -403,7 +412,7 @@ def check_layer_protocol(model, params, x, *, seed=0, rtol=None, num_probes=2):
             if tap.bias_index is not None:
                 bias = xp.reshape(grads[tap.bias_index], (-1,))
                 error = max(error, relative_error(xp, xp.reshape(bias_grad, (-1,)), bias))
-            if curvature is not None and tap.inputs.ndim == 2:
+            if curvature is not None and tap.inputs.ndim == 2 and tap.groups == 1:
                 error = max(
                     error,
                     _curvature_error(

@@ -129,7 +129,7 @@ def test_embedding_input_factor_is_the_diagonal_of_the_id_counts():
     ids = np.concatenate([X for X, _ in data]).ravel()
     counts = np.bincount(ids, minlength=V)
     np.testing.assert_allclose(K.input_factors["0"], counts / ids.size, rtol=1e-14)
-    assert isinstance(K._factor_ops["0"][1], DiagonalLinearOperator)
+    assert isinstance(K._factor_ops["0"][0][1], DiagonalLinearOperator)
     # the factored inverse keeps it diagonal: (A + d I)^{-1} = diag(1 / (counts / T + d))
     factored = K.factored_inverse(0.04)
     np.testing.assert_allclose(

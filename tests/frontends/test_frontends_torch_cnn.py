@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import curvlinops as cl
-from curvlinops import MissingLayerRuleError, nn, to_numpy
+from curvlinops import nn, to_numpy
 
 torch = pytest.importorskip("torch")
 
@@ -531,28 +531,44 @@ def test_batch_norm_without_running_statistics_is_refused_in_evaluation_mode():
         TorchModel(net.to(DTYPE).eval())
 
 
-def test_grouped_convolution_in_kfac_raises_a_clear_error():
-    net = _seeded(
-        torch.nn.Sequential(
-            torch.nn.Conv2d(2, 4, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(36, 3)
-        ),
-        11,
-    )
-    _, _, data = _batches((2, 5, 5), "ce")
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+        lambda: torch.nn.Conv2d(4, 4, 3, padding="same", groups=4, bias=False),  # depthwise
+        lambda: torch.nn.Conv1d(4, 6, 2, dilation=2, groups=2),
+    ],
+    ids=["2d-grouped", "2d-depthwise", "1d-grouped"],
+)
+def test_grouped_convolution_taps_are_unfolded_inputs_with_their_groups(conv):
+    """A grouped convolution's tap: all channels' patches (group-major), the autograd
+    output gradients, its groups and the weight as (C_out, C_in / G * prod(kernel))."""
+    conv = _seeded(conv(), 11)
+    net = torch.nn.Sequential(conv, torch.nn.Flatten())
+    shape = (4, 5, 6) if isinstance(conv, torch.nn.Conv2d) else (4, 7)
+    X = torch.randn((3, *shape), generator=torch.Generator().manual_seed(12), dtype=DTYPE)
     model = TorchModel(net)
-    loss = cl.CrossEntropyLoss()
-    cl.GGNLinearOperator(model, loss, model.params, data)  # exact operators are fine
-    with pytest.raises(
-        MissingLayerRuleError,
-        match=r"module '0' \(torch.nn.Conv2d\) has no layer tap.*groups=2.*GGNLinearOperator"
-        r".*param_names",
-    ):
-        cl.KFACLinearOperator(model, loss, model.params, data)
-    # without the grouped convolution's parameters, K-FAC covers the others
-    names = ["2.weight", "2.bias"]
-    model = TorchModel(net, param_names=names)
-    K = cl.KFACLinearOperator(model, loss, model.params, data)
-    assert sorted(K.input_factors) == ["2"]
+    with torch.no_grad():
+        F_out = net(X).shape[1]
+    generator = torch.Generator().manual_seed(13)
+    cotangents = torch.randn((3, F_out, 2), generator=generator, dtype=DTYPE)
+    (tap,) = model.linearize(model.params, X).layer_taps(cotangents)
+    patches = _unfold(conv, X)
+    G, C_out = conv.groups, conv.out_channels
+    assert tap.groups == G and tap.matrix_shape == (C_out, patches.shape[-1] // G)
+    torch.testing.assert_close(tap.inputs, patches, rtol=1e-12, atol=1e-12)
+    # group g's rows of the weight times group g's patches are the module's outputs
+    W = conv.weight.detach().reshape(G, C_out // G, -1)
+    d = tap.matrix_shape[1]
+    rows = torch.cat([patches[..., g * d : (g + 1) * d] @ W[g].T for g in range(G)], dim=-1)
+    if conv.bias is not None:
+        rows = rows + conv.bias.detach()
+    with torch.no_grad():
+        out = conv(X)
+    torch.testing.assert_close(rows.transpose(1, 2).reshape(out.shape), out)
+    # output gradients: the cotangents pulled back through Flatten by autograd
+    expected = cotangents.reshape(*out.shape, 2).reshape(3, C_out, -1, 2).transpose(1, 2)
+    torch.testing.assert_close(tap.output_grads, expected, rtol=1e-12, atol=1e-12)
 
 
 # -- the native layers other workers add ---------------------------------------------------

@@ -21,7 +21,6 @@ import pytest
 from nn_reference import HAS_TORCH, flat_k, ours_on_backend, random_problem
 
 from curvlinops import GGNLinearOperator, HessianLinearOperator, MSELoss, nn
-from curvlinops.models import MissingLayerRuleError
 
 torch = pytest.importorskip("torch") if HAS_TORCH else None
 pytestmark = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
@@ -243,9 +242,7 @@ def test_float32_smoke():
 # -- the tap -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("name", "dims", "kwargs"), [g for g in GEOMETRIES if g[2].get("groups", 1) == 1]
-)
+@pytest.mark.parametrize(("name", "dims", "kwargs"), GEOMETRIES, ids=IDS)
 def test_tap_matches_torch_unfold_and_autograd(name, dims, kwargs):
     conv = make_conv(dims, kwargs)
     model = nn.Sequential(conv, nn.Flatten())
@@ -270,7 +267,9 @@ def test_tap_matches_torch_unfold_and_autograd(name, dims, kwargs):
     unfolded = torch.nn.functional.unfold(xt, kernel, dilation=dilation, stride=stride)
     expected_inputs = unfolded.permute(0, 2, 1).numpy()  # (N, S, C_in kh kw)
     d_in = expected_inputs.shape[-1]
-    assert tap.matrix_shape == (conv.out_channels, d_in)
+    G = conv.groups
+    assert tap.groups == G
+    assert tap.matrix_shape == (conv.out_channels, d_in // G)
     assert_close(tap.inputs, expected_inputs)
 
     # output gradients: the cotangents pulled back through Flatten, channels last
@@ -282,17 +281,18 @@ def test_tap_matches_torch_unfold_and_autograd(name, dims, kwargs):
     assert tap.output_grads.shape == (x.shape[0], S, conv.out_channels, M)
     assert_close(tap.output_grads, grads)
 
-    # the weight as the matrix multiplying the taps' inputs reproduces the outputs
+    # the weight as the matrix multiplying the taps' inputs reproduces the outputs: group
+    # g's rows of the (C_out, D_in / G) matrix times group g's slice of the patches
     matrix = np.reshape(params[0], tap.matrix_shape)
-    recomputed = tap.inputs @ matrix.T + (params[1] if conv.bias else 0.0)
+    rows, cols = conv.out_channels // G, d_in // G
+    recomputed = np.concatenate(
+        [
+            tap.inputs[..., g * cols : (g + 1) * cols] @ matrix[g * rows : (g + 1) * rows].T
+            for g in range(G)
+        ],
+        axis=-1,
+    ) + (params[1] if conv.bias else 0.0)
     assert_close(np.moveaxis(recomputed, 1, 2).reshape(out.shape), out.numpy())
-
-
-def test_tap_with_groups_is_refused_with_the_layer_named():
-    model = nn.Sequential(nn.Conv2d(4, 4, 2, groups=2), nn.Flatten())
-    lin = model.linearize(model.init(0, xp=npx, dtype=npx.float64), np.ones((1, 4, 3, 3)))
-    with pytest.raises(MissingLayerRuleError, match=r"Conv2d\(4, 4.*groups=2"):
-        lin.layer_taps(None)
 
 
 @pytest.mark.parametrize("name", ["stride_padding", "asymmetric", "dilation", "conv1d"])

@@ -8,7 +8,8 @@ and inside the blocks) with K > 1 vectors; the dense GGN and Hessian operators a
 ``jacrev``/``hessian``; the layer taps (names, parameter indices, inputs and output
 gradients) against torch hooks and autograd; K-FAC, EKFAC and the GGN diagonal on the
 ResNet, exactness of K-FAC where it provably holds (one datum, one pixel per layer);
-the layer protocol (exact backward gradient, refusal of the curvature walks); shape and
+the layer protocol (exact backward gradient, the Hessian diagonal through the blocks
+against torch.func, the per-datum rule against the exact input Hessian); shape and
 type errors.
 """
 
@@ -540,42 +541,80 @@ def test_layers_bind_the_residual_as_one_layer_with_an_exact_backward_gradient()
     assert_close(residual.backward_gradient(g), expected.numpy())
 
 
-@pytest.mark.parametrize("operator", ["HessianDiagonalLinearOperator", "KFACHessianLinearOperator"])
-@pytest.mark.parametrize("position", ["middle", "first"])
-def test_curvature_walks_refuse_residual_blocks(operator, position):
-    from curvlinops.curvature.diagonal import HessianDiagonalLinearOperator
-    from curvlinops.curvature.kfac_hessian import KFACHessianLinearOperator
+@needs_torch
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_hessian_diagonal_through_residual_blocks_matches_torch_func(name):
+    """The walk goes down both paths and adds their cross terms: against ``hessian`` of
+    the torch twin (identity and strided 1x1 shortcuts, a nested block)."""
+    import torch
 
-    cls = {
-        "HessianDiagonalLinearOperator": HessianDiagonalLinearOperator,
-        "KFACHessianLinearOperator": KFACHessianLinearOperator,
-    }[operator]
-    block = nn.Residual(nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)))
-    if position == "middle":
-        model, name = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), block, nn.Linear(3, 2)), "2"
-    else:  # the walk would stop at the block: it must refuse, not leave it out
-        model, name = nn.Sequential(block, nn.Tanh(), nn.Linear(3, 2)), "0"
-    params = model.init(0, xp=npx, dtype=npx.float64)
-    data = [(np.ones((2, 3)), np.zeros((2, 2)))]
-    match = (
-        rf"layer '{name}' is Residual\(Sequential\(Linear.*do not go through residual "
-        r"connections; use HessianLinearOperator, K-FAC.*curvlinops.hutchinson_diagonal"
+    from curvlinops import HessianDiagonalLinearOperator
+
+    ours, theirs, prob = problem(name, seed=12)
+    data = _data(name, 13)
+    diagonal = HessianDiagonalLinearOperator(ours, MSELoss(), prob["params"], data).diagonal()
+    call = _functional(theirs, [tuple(p.shape) for p in prob["params"]])
+    X, Y = (torch.from_numpy(np.concatenate(a)) for a in zip(*data, strict=True))
+
+    def loss(theta):
+        return torch.mean((call(theta, X) - Y) ** 2)
+
+    theta = torch.from_numpy(flat(prob["params"]))
+    reference = torch.diagonal(torch.func.hessian(loss)(theta)).numpy()
+    assert_close(np.asarray(diagonal), reference, rtol=1e-9)
+
+
+@needs_torch
+def test_the_residuals_per_datum_curvature_rule_is_the_exact_input_hessian():
+    """``backward_curvature`` of a block with a projection: the Hessian with respect to
+    its inputs of ``psi(y) = g.(y - y0) + (y - y0)^T H (y - y0) / 2`` at ``y0``, per datum,
+    against ``torch.func.hessian`` of the torch twin."""
+    import torch
+
+    t = _Twin("tanh")
+    block = t.residual(
+        t.seq(t.linear(3, 4), t.act(), t.linear(4, 2)), shortcut=t.linear(3, 2, bias=False)
     )
-    with pytest.raises(MissingLayerRuleError, match=match):
-        cls(model, MSELoss(), params, data).to_dense()
+    rng = np.random.default_rng(14)
+    params = [0.8 * rng.standard_normal(s) for s in block[0].expected_param_shapes()]
+    x = rng.standard_normal((3, 3))
+    M = rng.standard_normal((3, 2, 2))
+    H, g = M + np.swapaxes(M, 1, 2), rng.standard_normal((3, 2))
+    bound = block[0].linearized(params, {"input": x, "channels_first": False}, npx, name="5")
+    ours = bound.backward_curvature(H, g)
+    names = [n for n, _ in block[1].named_parameters()]
+    weights = dict(zip(names, (torch.from_numpy(p) for p in params), strict=True))
+    y0 = torch.func.functional_call(block[1], weights, (torch.from_numpy(x),)).detach()
+
+    def psi(xn, n):
+        dy = torch.func.functional_call(block[1], weights, (xn[None, :],))[0] - y0[n]
+        return torch.dot(torch.from_numpy(g[n]), dy) + 0.5 * dy @ torch.from_numpy(H[n]) @ dy
+
+    expected = np.stack(
+        [torch.func.hessian(psi)(torch.from_numpy(x[n]), n).numpy() for n in range(3)]
+    )
+    assert_close(ours, expected)
+    # the cross terms alone are J_b^T H J_s + J_s^T H J_b (not vacuous: they are not zero)
+    cross = bound.cross_curvature(H, g)
+    assert np.abs(cross).max() > 1e-2
+    assert bound.tap() is None
+    block_layers, shortcut_layers = bound.branches()
+    assert [la.name for la in block_layers] == ["5.block.0", "5.block.1", "5.block.2"]
+    assert [la.name for la in shortcut_layers] == ["5.shortcut"]
+    assert [la.param_indices for la in block_layers] == [(0, 1), (), (2, 3)]
 
 
-def test_the_residuals_own_rules_refuse_with_the_reason():
+def test_the_residuals_batch_averaged_rules_as_one_layer_refuse_with_the_reason():
     layer = nn.Residual(nn.Linear(2, 2))
     bound = layer.linearized(layer.init(0, xp=npx), {"input": np.ones((3, 2))}, npx, name="7")
-    for rule, call in (
-        ("per-datum", lambda: bound.backward_curvature(np.ones((3, 2, 2)), np.ones((3, 2)))),
-        ("batch-averaged", lambda: bound.curvature_statistics(np.ones((3, 2)))),
-        ("batch-averaged", lambda: bound.backward_mean_curvature(np.eye(2), None)),
-        ("", lambda: bound.tap()),
+    for call in (
+        lambda: bound.curvature_statistics(np.ones((3, 2))),
+        lambda: bound.backward_mean_curvature(np.eye(2), None),
     ):
-        with pytest.raises(MissingLayerRuleError, match=f"{rule}.*residual connections"):
+        with pytest.raises(MissingLayerRuleError, match="batch-averaged.*walk goes down its"):
             call()
+    with pytest.raises(MissingLayerRuleError, match="cross-curvature rule without statistics"):
+        bound.backward_mean_cross_curvature(np.eye(2), None)
 
 
 # -- construction, parameters, errors -------------------------------------------------------
@@ -657,3 +696,21 @@ def test_the_verify_checks_pass_on_a_native_resnet():
     for check in (check_jvp, check_vjp, check_second_order, check_layer_taps):
         report = check(model, params, x)
         assert report.passed, report
+
+
+def test_the_layer_protocol_check_passes_through_a_block_with_a_projection():
+    """The per-datum curvature pulled back through the block (its own rule) against the
+    second-order product at the first layer (curvlinops.verify, no torch needed)."""
+    from curvlinops.verify import check_layer_protocol
+
+    block = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    model = nn.Sequential(
+        nn.Linear(2, 3),
+        nn.Tanh(),
+        nn.Residual(block, shortcut=nn.Linear(3, 3, bias=False)),
+        nn.Sigmoid(),
+        nn.Linear(3, 2),
+    )
+    params = model.init(0, xp=npx, dtype=npx.float64)
+    report = check_layer_protocol(model, params, np.random.default_rng(1).standard_normal((4, 2)))
+    assert report.passed and "per-datum curvature at 2" in report.details, report
