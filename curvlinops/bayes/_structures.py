@@ -1,0 +1,427 @@
+"""The structures of a Laplace posterior precision: the curvature, then the prior on top.
+
+What lives here: :func:`fit_structure` builds, once, the curvature of the negative
+log-likelihood in one of the structures of :data:`STRUCTURES` (from the operators of
+:mod:`curvlinops.curvature`); the object it returns then forms the posterior precision
+``s * H + diag(prior)`` for any likelihood scale ``s`` and prior precision, in a form
+whose inverse and log-determinant are exact (:meth:`_Structure.precision`), and, where
+the structure's spectrum is known per prior group, the log-determinant and the traces
+of the posterior covariance per group without forming anything
+(:meth:`_Structure.spectral_terms`, what the marginal-likelihood tuning iterates on).
+
+The prior is diagonal: one precision per parameter array (a scalar repeated, or one per
+"layer"), or one per parameter entry (:class:`Prior`).
+
+Internal to :mod:`curvlinops.bayes`. May import: ``curvlinops._backend``,
+``curvlinops.linalg``, ``curvlinops.models``, ``curvlinops.curvature``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .._backend import to_numpy
+from ..curvature import (
+    EFDiagonalLinearOperator,
+    EFLinearOperator,
+    EKFACLinearOperator,
+    GGNDiagonalLinearOperator,
+    GGNLinearOperator,
+    HessianDiagonalLinearOperator,
+    HessianLinearOperator,
+    KFACHessianLinearOperator,
+    KFACLinearOperator,
+    diagonal_plus_low_rank,
+    low_rank,
+)
+from ..linalg import (
+    BlockDiagonalLinearOperator,
+    DenseLinearOperator,
+    DiagonalLinearOperator,
+    DiagonalPlusLowRankLinearOperator,
+    ParameterLayoutLinearOperator,
+)
+
+__all__: list[str] = []
+
+STRUCTURES = ("full", "diag", "kron", "ekfac", "lowrank", "diag_lowrank")
+CURVATURES = ("ggn", "hessian", "ef")
+
+#: the largest number of parameters ``structure="full"`` materializes by default
+MAX_FULL = 8192
+
+_EXACT = {"ggn": GGNLinearOperator, "hessian": HessianLinearOperator, "ef": EFLinearOperator}
+_DIAGONAL = {
+    "ggn": GGNDiagonalLinearOperator,
+    "hessian": HessianDiagonalLinearOperator,
+    "ef": EFDiagonalLinearOperator,
+}
+_FISHER_TYPE = {"ggn": "type-2", "ef": "empirical"}
+
+
+class Prior:
+    """A diagonal prior precision over the flat parameters, by group or by entry.
+
+    ``per_array`` holds one precision per parameter array (then ``diagonal`` repeats
+    it over the array's entries), or is None when the precision is given per entry.
+    """
+
+    def __init__(self, value, sizes, xp, dtype, device):
+        self.sizes = list(sizes)
+        total = sum(self.sizes)
+        values = _as_floats(value)
+        if values is None:  # an array
+            values = to_numpy(value).reshape(-1).tolist()
+        if len(values) == 1:
+            values = values * len(self.sizes)
+        if len(values) == len(self.sizes):
+            self.per_array = tuple(_positive(v) for v in values)
+            entries = [xp.full((n,), v, dtype=dtype, device=device) for v, n in self._pairs()]
+            self.diagonal = xp.concat(entries) if len(entries) > 1 else entries[0]
+        elif len(values) == total:
+            self.per_array = None
+            checked = [_positive(v) for v in values]
+            self.diagonal = xp.asarray(checked, dtype=dtype, device=device)
+        else:
+            raise ValueError(
+                f"prior_precision must be a scalar, one value per parameter array "
+                f"({len(self.sizes)}) or one per parameter ({total}); got {len(values)} values."
+            )
+
+    def _pairs(self):
+        return zip(self.per_array, self.sizes, strict=True)
+
+    @property
+    def is_scalar(self) -> bool:
+        return self.per_array is not None and len(set(self.per_array)) == 1
+
+    def values(self):
+        """The per-array values (a tuple), or the per-entry diagonal (an array)."""
+        return self.per_array if self.per_array is not None else self.diagonal
+
+    def log_det(self, xp):
+        """``sum_i log prior_i`` (a float)."""
+        if self.per_array is not None:
+            return sum(n * math.log(v) for v, n in self._pairs())
+        return float(xp.sum(xp.log(self.diagonal)))
+
+
+def _as_floats(value):
+    """A list of floats from a number or a list/tuple of numbers; None for an array."""
+    if isinstance(value, bool):
+        raise TypeError(f"prior_precision must be a number or an array, got {value!r}.")
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    if getattr(value, "ndim", None) is None:
+        raise TypeError(
+            f"prior_precision must be a number, a sequence or an array, got {type(value).__name__}."
+        )
+    return None
+
+
+def _positive(v):
+    v = float(v)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(
+            f"Prior precisions must be positive and finite, got {v}. (A zero prior precision "
+            "is an improper prior: the posterior precision may be singular.)"
+        )
+    return v
+
+
+def fit_structure(structure, curvature, model, loss, params, data, *, settings, options):
+    """The curvature of ``loss`` (a sum over the data) in the chosen structure.
+
+    ``settings``: a dict with ``num_data``, ``check_deterministic``, ``seed``, ``rank``,
+    ``low_rank_method`` and ``max_full``; ``options``: keywords passed on to the
+    curvature operator (``mc_samples``, ``kfac_approx``, ``cache``, ...).
+    """
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}.")
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+    cls = {
+        "full": _Full,
+        "diag": _Diagonal,
+        "kron": _Kronecker,
+        "ekfac": _Kronecker,
+        "lowrank": _LowRank,
+        "diag_lowrank": _DiagonalPlusLowRank,
+    }[structure]
+    return cls(structure, curvature, model, loss, params, data, settings, dict(options))
+
+
+class _Structure:
+    """The curvature ``H`` of the sum loss in one structure, and the precisions on it."""
+
+    def __init__(self, structure, curvature, model, loss, params, data, settings, options):
+        self.structure, self.curvature_type = structure, curvature
+        self.sizes = [math.prod(p.shape) for p in params]
+        self.settings = settings
+        self._common = {
+            "num_data": settings["num_data"],
+            "check_deterministic": settings["check_deterministic"],
+        }
+        self._fit(model, loss, params, data, options)
+
+    def _fit(self, model, loss, params, data, options):
+        raise NotImplementedError
+
+    def precision(self, scale, prior):
+        """``scale * H + diag(prior)`` with an exact inverse and log-determinant."""
+        raise NotImplementedError
+
+    def spectral_terms(self, scale, prior):
+        """``(log det(scale H + prior), traces of its inverse)``, or None.
+
+        Only where the structure knows the spectrum for this prior (then no operator is
+        formed): the traces are a list with one entry per parameter array, or a float
+        (their total) where the structure knows no more; None means: form
+        :meth:`precision` and ask it.
+        """
+        return None
+
+    def _low_rank_settings(self):
+        rank = self.settings["rank"]
+        if rank is None:
+            raise ValueError(
+                f"structure={self.structure!r} needs rank= (the number of eigenpairs kept)."
+            )
+        method = self.settings["low_rank_method"]
+        if method is None:
+            method = "lanczos" if self.structure == "lowrank" else "nystrom"
+        return rank, method, self.settings["seed"]
+
+    def _exact_operator(self, model, loss, params, data, options):
+        return _EXACT[self.curvature_type](model, loss, params, data, **self._common, **options)
+
+    def _diagonal_operator(self, model, loss, params, data, options):
+        if self.curvature_type == "ggn":
+            options = {"seed": self.settings["seed"], **options}
+        return _DIAGONAL[self.curvature_type](model, loss, params, data, **self._common, **options)
+
+
+class _Full(_Structure):
+    """The dense ``P x P`` curvature."""
+
+    def _fit(self, model, loss, params, data, options):
+        limit = self.settings["max_full"]
+        P = sum(self.sizes)
+        if P > limit:
+            raise ValueError(
+                f"structure='full' would materialize a {P} x {P} matrix (more than "
+                f"max_full={limit} parameters). Use 'kron', 'diag' or a low-rank structure, a "
+                "subset of the parameters (subset='last_layer'), or raise max_full."
+            )
+        op = self._exact_operator(model, loss, params, data, options)
+        H = op.to_dense()
+        xp = op.xp
+        self.H = 0.5 * (H + xp.matrix_transpose(H))
+        self.xp = xp
+        self._eigenvalues = None
+
+    def precision(self, scale, prior):
+        xp = self.xp
+        return DenseLinearOperator(
+            scale * self.H + _diag_matrix(prior.diagonal, xp), symmetric=True
+        )
+
+    def spectral_terms(self, scale, prior):
+        if not prior.is_scalar:
+            return None
+        if self._eigenvalues is None:
+            self._eigenvalues = DenseLinearOperator(self.H, symmetric=True).eigvalsh()
+        delta = prior.per_array[0]
+        shifted = scale * self._eigenvalues + delta
+        _require_positive(shifted, self.xp, self.structure)
+        xp = self.xp
+        # the covariance's trace per array needs its diagonal: only the total is spectral
+        return float(xp.sum(xp.log(shifted))), float(xp.sum(1.0 / shifted))
+
+
+def _diag_matrix(d, xp):
+    return d[:, None] * xp.eye(d.shape[0], dtype=d.dtype, device=_device_of(d))
+
+
+def _device_of(a):
+    from .._backend import device
+
+    return device(a)
+
+
+def _require_positive(shifted, xp, structure):
+    smallest = float(xp.min(shifted))
+    if not smallest > 0:
+        raise ValueError(
+            f"The posterior precision (structure={structure!r}) is not positive definite: "
+            f"its smallest eigenvalue is {smallest:.3g}. The curvature has negative "
+            "eigenvalues larger than the prior precision (a Hessian away from a minimum, "
+            "or a low-rank Hessian); use curvature='ggn', a larger prior precision, or "
+            "parameters at a minimum of the loss."
+        )
+
+
+class _Diagonal(_Structure):
+    """The diagonal of the curvature."""
+
+    def _fit(self, model, loss, params, data, options):
+        op = self._diagonal_operator(model, loss, params, data, options)
+        self.h = op.diagonal()
+        self.xp = op.xp
+
+    def precision(self, scale, prior):
+        return DiagonalLinearOperator(scale * self.h + prior.diagonal)
+
+    def spectral_terms(self, scale, prior):
+        xp = self.xp
+        shifted = scale * self.h + prior.diagonal
+        _require_positive(shifted, xp, self.structure)
+        inverse = 1.0 / shifted
+        return float(xp.sum(xp.log(shifted))), _group_sums(inverse, self.sizes, xp)
+
+
+def _group_sums(values, sizes, xp):
+    """Sums of ``values`` over consecutive groups of ``sizes`` entries (a list of floats)."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(float(xp.sum(values[start : start + n])))
+        start += n
+    return out
+
+
+class _Kronecker(_Structure):
+    """K-FAC or EKFAC: one block per parameter array (weights and biases apart)."""
+
+    def _fit(self, model, loss, params, data, options):
+        if not options.pop("separate_weight_and_bias", True):
+            raise ValueError(
+                "A Laplace posterior with structure 'kron' or 'ekfac' keeps weights and biases "
+                "in separate blocks (its prior precision may differ between them); "
+                "separate_weight_and_bias=False is not supported."
+            )
+        op = self._operator(model, loss, params, data, options)
+        factored = op.kronecker_factored
+        self.xp = op.xp
+        self.blocks = list(factored.operator.blocks)
+        self.layout = [[(s, (r, c)) for s, r, c in block] for block in factored.blocks]
+        self.block_array = _block_arrays(factored.blocks, self.sizes)
+        self._eigenvalues = [None] * len(self.blocks)
+
+    def _operator(self, model, loss, params, data, options):
+        common = self._common
+        if self.structure == "ekfac":
+            if self.curvature_type == "hessian":
+                raise ValueError(
+                    "structure='ekfac' has no Hessian variant; use curvature='ggn' or 'ef', "
+                    "or structure='kron' with curvature='hessian' (the Kronecker-factored "
+                    "Hessian)."
+                )
+            cls = EKFACLinearOperator
+        elif self.curvature_type == "hessian":
+            return KFACHessianLinearOperator(model, loss, params, data, **common, **options)
+        else:
+            cls = KFACLinearOperator
+        fisher_type = _FISHER_TYPE[self.curvature_type]
+        options = {"seed": self.settings["seed"], **options}
+        return cls(model, loss, params, data, fisher_type=fisher_type, **common, **options)
+
+    def _block_priors(self, prior):
+        if prior.per_array is None:
+            raise ValueError(
+                f"structure={self.structure!r} takes a prior precision per parameter array "
+                "(a scalar or one value per array), not one per parameter: its blocks stay "
+                "exact only with one prior value per block."
+            )
+        return [prior.per_array[i] for i in self.block_array]
+
+    def precision(self, scale, prior):
+        damped = [
+            (scale * block).damped(delta)
+            for block, delta in zip(self.blocks, self._block_priors(prior), strict=True)
+        ]
+        return ParameterLayoutLinearOperator(BlockDiagonalLinearOperator(damped), self.layout)
+
+    def _block_eigenvalues(self, b):
+        if self._eigenvalues[b] is None:
+            self._eigenvalues[b] = self.blocks[b].eigvalsh()
+        return self._eigenvalues[b]
+
+    def spectral_terms(self, scale, prior):
+        xp = self.xp
+        logdet, traces = 0.0, [0.0] * len(self.sizes)
+        for b, delta in enumerate(self._block_priors(prior)):
+            shifted = scale * self._block_eigenvalues(b) + delta
+            _require_positive(shifted, xp, self.structure)
+            logdet += float(xp.sum(xp.log(shifted)))
+            traces[self.block_array[b]] += float(xp.sum(1.0 / shifted))
+        return logdet, traces
+
+
+def _block_arrays(layout, sizes):
+    """The parameter array each block of a Kronecker-factored layout covers."""
+    starts, offset = {}, 0
+    for i, n in enumerate(sizes):
+        starts[offset] = i
+        offset += n
+    out = []
+    for block in layout:
+        arrays = {starts.get(s) for s, _, _ in block}
+        if len(block) != 1 or None in arrays:
+            raise ValueError(
+                "Each block of the Kronecker-factored curvature must cover exactly one "
+                "parameter array for a Laplace posterior (separate weight and bias blocks)."
+            )
+        out.append(arrays.pop())
+    return out
+
+
+class _LowRank(_Structure):
+    """The top of the spectrum (Lanczos or Nystrom), ``U diag(lam) U^T``."""
+
+    def _fit(self, model, loss, params, data, options):
+        rank, method, seed = self._low_rank_settings()
+        op = self._exact_operator(model, loss, params, data, options)
+        L = low_rank(op, rank, method=method, seed=seed)
+        self.eigenvalues, self.eigenvectors = L.eigenvalues, L.eigenvectors
+        self.xp = op.xp
+
+    def precision(self, scale, prior):
+        from ..linalg import EighLinearOperator
+
+        if prior.is_scalar:
+            return (scale * EighLinearOperator(self.eigenvalues, self.eigenvectors)).damped(
+                prior.per_array[0]
+            )
+        return DiagonalPlusLowRankLinearOperator(
+            prior.diagonal, scale * self.eigenvalues, self.eigenvectors
+        )
+
+    def spectral_terms(self, scale, prior):
+        if not prior.is_scalar:
+            return None
+        xp, delta = self.xp, prior.per_array[0]
+        shifted = scale * self.eigenvalues + delta
+        _require_positive(shifted, xp, self.structure)
+        missing = sum(self.sizes) - int(shifted.shape[0])  # eigenvalues 0 + delta
+        logdet = float(xp.sum(xp.log(shifted))) + missing * math.log(delta)
+        return logdet, float(xp.sum(1.0 / shifted)) + missing / delta
+
+
+class _DiagonalPlusLowRank(_Structure):
+    """A low-rank part plus the exact diagonal of the rest, ``diag(d) + U diag(lam) U^T``."""
+
+    def _fit(self, model, loss, params, data, options):
+        rank, method, seed = self._low_rank_settings()
+        op = self._exact_operator(model, loss, params, data, options)
+        diagonal = self._diagonal_operator(model, loss, params, data, {})
+        A = diagonal_plus_low_rank(op, rank, diagonal=diagonal, method=method, seed=seed)
+        self.rest, self.eigenvalues = A.diagonal_values, A.low_rank_values
+        self.eigenvectors = A.low_rank_vectors
+        self.xp = op.xp
+
+    def precision(self, scale, prior):
+        return DiagonalPlusLowRankLinearOperator(
+            scale * self.rest + prior.diagonal, scale * self.eigenvalues, self.eigenvectors
+        )
