@@ -79,8 +79,8 @@ class Prior:
             entries = [xp.full((n,), v, dtype=dtype, device=device) for v, n in self._pairs()]
             self.diagonal = xp.concat(entries) if len(entries) > 1 else entries[0]
         elif len(values) == total:
-            self.per_array = None
             checked = [_positive(v) for v in values]
+            self.per_array = _constant_per_array(checked, self.sizes)
             self.diagonal = xp.asarray(checked, dtype=dtype, device=device)
         else:
             raise ValueError(
@@ -104,6 +104,18 @@ class Prior:
         if self.per_array is not None:
             return sum(n * math.log(v) for v, n in self._pairs())
         return float(xp.sum(xp.log(self.diagonal)))
+
+
+def _constant_per_array(values, sizes):
+    """The per-array values of a per-entry prior that is constant on every array, or None."""
+    out, start = [], 0
+    for n in sizes:
+        part = values[start : start + n]
+        if any(v != part[0] for v in part):
+            return None
+        out.append(part[0])
+        start += n
+    return tuple(out)
 
 
 def _as_floats(value):
@@ -168,6 +180,9 @@ class _Structure:
 
     def _fit(self, model, loss, params, data, options):
         raise NotImplementedError
+
+    def check_prior(self, prior):
+        """Raise a clear error for a prior the structure cannot take (all can, by default)."""
 
     def precision(self, scale, prior):
         """``scale * H + diag(prior)`` with an exact inverse and log-determinant."""
@@ -326,6 +341,9 @@ class _Kronecker(_Structure):
         fisher_type = _FISHER_TYPE[self.curvature_type]
         options = {"seed": self.settings["seed"], **options}
         return cls(model, loss, params, data, fisher_type=fisher_type, **common, **options)
+
+    def check_prior(self, prior):
+        self._block_priors(prior)
 
     def _block_priors(self, prior):
         if prior.per_array is None:

@@ -220,7 +220,7 @@ class Laplace:
 
     @prior_precision.setter
     def prior_precision(self, value):
-        self._prior = Prior(value, self._sizes, self.xp, self.dtype, self.device)
+        self._prior = self._prior_for(value)
 
     @property
     def prior_mean(self):
@@ -235,10 +235,12 @@ class Laplace:
                 (self.num_params,), float(value), dtype=self.dtype, device=self.device
             )
             return
-        if getattr(value, "shape", None) != (self.num_params,):
+        shape = getattr(value, "shape", None)
+        if shape is None or tuple(shape) != (self.num_params,):
+            found = type(value).__name__ if shape is None else f"shape {tuple(shape)}"
             raise ValueError(
                 f"prior_mean must be a scalar or an array of shape ({self.num_params},), got "
-                f"{value!r}."
+                f"{found}."
             )
         self._prior_mean = value
 
@@ -307,7 +309,9 @@ class Laplace:
     def _prior_for(self, prior_precision):
         if prior_precision is None:
             return self._prior
-        return Prior(prior_precision, self._sizes, self.xp, self.dtype, self.device)
+        prior = Prior(prior_precision, self._sizes, self.xp, self.dtype, self.device)
+        self._structure.check_prior(prior)
+        return prior
 
     def _log_det_precision(self, prior):
         terms = self._structure.spectral_terms(self._scale, prior)
