@@ -165,9 +165,7 @@ def agreement(likelihood="classification", tune_steps=100, sigma=0.7):
         for name in ("tuned_scalar", "tuned_layerwise"):
             if name in mine:
                 row[f"{name} ours"] = " ".join(f"{v:.4g}" for v in mine[name])
-                row[f"{name} laplace-torch"] = " ".join(
-                    f"{v:.4g}" for v in theirs[f"{key}/{name}"]
-                )
+                row[f"{name} laplace-torch"] = " ".join(f"{v:.4g}" for v in theirs[f"{key}/{name}"])
                 row[f"{name} rel"] = relative(theirs[f"{key}/{name}"], mine[name])
                 # ours maximizes the evidence (which both compute alike): by how much
                 # ours is higher than at laplace-torch's values (>= 0)

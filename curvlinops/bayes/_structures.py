@@ -13,14 +13,15 @@ The prior is diagonal: one precision per parameter array (a scalar repeated, or 
 "layer"), or one per parameter entry (:class:`Prior`).
 
 Internal to :mod:`curvlinops.bayes`. May import: ``curvlinops._backend``,
-``curvlinops.linalg``, ``curvlinops.models``, ``curvlinops.curvature``.
+``curvlinops.linalg``, ``curvlinops.models``, ``curvlinops.curvature``, ``.predictive``
+(its per-datum Jacobians).
 """
 
 from __future__ import annotations
 
 import math
 
-from .._backend import to_numpy
+from .._backend import array_namespace, checked_eigh, to_numpy
 from ..curvature import (
     EFDiagonalLinearOperator,
     EFLinearOperator,
@@ -230,9 +231,14 @@ class _Full(_Structure):
                 f"max_full={limit} parameters). Use 'kron', 'diag' or a low-rank structure, a "
                 "subset of the parameters (subset='last_layer'), or raise max_full."
             )
-        op = self._exact_operator(model, loss, params, data, options)
-        H = op.to_dense()
-        xp = op.xp
+        H = None
+        if not options and self.curvature_type in ("ggn", "ef"):
+            H = _dense_from_jacobians(
+                self.curvature_type, model, loss, params, data, self.settings["num_data"]
+            )
+        if H is None:  # P products of the exact operator
+            H = self._exact_operator(model, loss, params, data, options).to_dense()
+        xp = array_namespace(H)
         self.H = 0.5 * (H + xp.matrix_transpose(H))
         self.xp = xp
         self._eigenvalues = None
@@ -244,16 +250,70 @@ class _Full(_Structure):
         )
 
     def spectral_terms(self, scale, prior):
+        xp = self.xp
         if not prior.is_scalar:
-            return None
+            # one eigendecomposition gives both: diag(A^{-1}) = (V * V) (1 / w)
+            w, V = checked_eigh(
+                self.precision(scale, prior).A, xp, name="dense posterior precision"
+            )
+            _require_positive(w, xp, self.structure)
+            return float(xp.sum(xp.log(w))), _group_sums((V * V) @ (1.0 / w), self.sizes, xp)
         if self._eigenvalues is None:
             self._eigenvalues = DenseLinearOperator(self.H, symmetric=True).eigvalsh()
-        delta = prior.per_array[0]
-        shifted = scale * self._eigenvalues + delta
-        _require_positive(shifted, self.xp, self.structure)
-        xp = self.xp
-        # the covariance's trace per array needs its diagonal: only the total is spectral
+        shifted = scale * self._eigenvalues + prior.per_array[0]
+        _require_positive(shifted, xp, self.structure)
+        # a shift of the spectrum: the trace per array would need the eigenvectors
         return float(xp.sum(xp.log(shifted))), float(xp.sum(1.0 / shifted))
+
+
+def _dense_from_jacobians(curvature, model, loss, params, data, num_data):
+    """The dense GGN or empirical Fisher from per-datum Jacobians, or None.
+
+    ``G = sum_n J_n^T H_n J_n`` and ``EF = sum_n (J_n^T g_n) (J_n^T g_n)^T`` with the
+    Jacobians from the layer taps (``C`` backward columns per datum) instead of ``P``
+    products of the exact operator: the route of the full structure when the taps cover
+    every parameter (else None: the caller falls back to the operator). Data are taken
+    in chunks whose Jacobians hold at most ``MAX_JACOBIAN_ENTRIES`` entries.
+    """
+    from ..curvature._data import iterate_batches
+    from ..models import Tier
+    from .predictive import MAX_JACOBIAN_ENTRIES, _tap_jacobians
+
+    if not model.has_tier(Tier.LAYER_TAPS):
+        return None
+    xp = array_namespace(*params)
+    P = sum(math.prod(p.shape) for p in params)
+    total, shape = None, None
+    for _, X, y in iterate_batches(data, xp, params=params):
+        N = int(X.shape[0])
+        first = model(params, X[:1, ...])
+        if first.ndim != 2:
+            return None
+        C = int(first.shape[1])
+        chunk = max(1, MAX_JACOBIAN_ENTRIES // (C * P))
+        for start in range(0, N, chunk):
+            stop = min(start + chunk, N)
+            X_part, y_part = X[start:stop, ...], y[start:stop, ...]
+            lin = model.linearize(params, X_part)
+            J = _tap_jacobians(lin, params)
+            if J is None:
+                return None
+            f = lin.outputs
+            loss.check(f, y_part)
+            part = _outer_sum(curvature, loss, f, y_part, J, xp)
+            total = part if total is None else total + part
+        shape = (N, C)
+    return total * loss.normalization(num_data, shape)
+
+
+def _outer_sum(curvature, loss, f, y, J, xp):
+    """``sum_n J_n^T H_n J_n`` (GGN) or ``sum_n J_n^T g_n g_n^T J_n`` (EF) of one chunk."""
+    N, C, P = J.shape
+    if curvature == "ggn":
+        HJ = loss.hessian_matmat(f, y, J)
+        return xp.matrix_transpose(xp.reshape(J, (N * C, P))) @ xp.reshape(HJ, (N * C, P))
+    grads = xp.sum(J * loss.gradient(f, y)[:, :, None], axis=1)  # (N, P)
+    return xp.matrix_transpose(grads) @ grads
 
 
 def _diag_matrix(d, xp):

@@ -273,17 +273,27 @@ class Laplace:
     @property
     def precision(self):
         """The posterior precision ``s H + diag(delta)`` (a structured operator)."""
-        return self._structure.precision(self._scale, self._prior)
+        return self.posterior.precision
 
     @property
     def posterior(self) -> GaussianPosterior:
-        """The posterior ``N(mean, precision^{-1})`` (covariance, samples)."""
-        return GaussianPosterior(self.mean, self.precision)
+        """The posterior ``N(mean, precision^{-1})`` (covariance, samples).
+
+        Kept until the prior, its mean or the noise change, so that its covariance (the
+        precision's inverse) and covariance factor are formed once.
+        """
+        key = (self._prior, self._sigma)
+        cached = getattr(self, "_posterior", None)
+        if cached is None or cached[0] != key:
+            precision = self._structure.precision(self._scale, self._prior)
+            cached = (key, GaussianPosterior(self.mean, precision))
+            self._posterior = cached
+        return cached[1]
 
     @property
     def covariance(self):
         """The posterior covariance, the precision's exact inverse."""
-        return self.precision.inverse()
+        return self.posterior.covariance
 
     def sample(self, num_samples, seed=0):
         """Posterior samples of the flat parameters, ``(num_samples, P)``."""
@@ -462,13 +472,13 @@ class Laplace:
 
     # -- predictive -------------------------------------------------------------------
 
-    def functional_variance(self, X, *, batch_size=256):
+    def functional_variance(self, X, *, batch_size=None):
         """The linearized outputs' mean ``(N, C)`` and covariance ``(N, C, C)`` at ``X``."""
         return glm_predictive_moments(
             self.model, self.params, X, self.covariance, batch_size=batch_size
         )
 
-    def predictive(self, X, *, link_approx="probit", num_samples=1000, seed=0, batch_size=256):
+    def predictive(self, X, *, link_approx="probit", num_samples=1000, seed=0, batch_size=None):
         """The linearized (GLM) predictive at test inputs ``X``.
 
         Parameters
@@ -480,8 +490,9 @@ class Laplace:
             draws of the outputs (ignored for regression).
         num_samples : int
         seed : int or generator
-        batch_size : int
-            Test points per pass.
+        batch_size : int, optional
+            Test points per pass (default: as many as keep their Jacobians within
+            ``2**24`` entries).
 
         Returns
         -------

@@ -45,6 +45,10 @@ __all__ = [
 
 LINKS = ("classification", "binary")
 
+#: entries of the per-datum Jacobians ``(N, C, P)`` one pass of the predictive holds at most
+#: when no batch size is given (128 MiB in float64)
+MAX_JACOBIAN_ENTRIES = 2**24
+
 
 def per_datum_jacobians(model, params, X):
     """The outputs and every datum's Jacobian, ``(N, C)`` and ``(N, C, P)``.
@@ -158,7 +162,7 @@ def _matrix_tap_gradients(a, g, xp):
     return weight, bias
 
 
-def glm_predictive_moments(model, params, X, covariance, *, batch_size=256):
+def glm_predictive_moments(model, params, X, covariance, *, batch_size=None):
     """Mean and covariance of the linearized model's outputs, ``(N, C)`` and ``(N, C, C)``.
 
     ``f(theta, x) + J (theta' - theta)`` with ``theta' ~ N(theta, Sigma)`` has mean
@@ -175,8 +179,9 @@ def glm_predictive_moments(model, params, X, covariance, *, batch_size=256):
         Test inputs.
     covariance : LinearOperator
         ``Sigma``, ``(P, P)`` (e.g. ``posterior.covariance``).
-    batch_size : int
-        Test points per pass; memory ``batch_size * C * P`` for the Jacobians.
+    batch_size : int, optional
+        Test points per pass; memory ``batch_size * C * P`` for the Jacobians. Default:
+        as many as keep them within ``2**24`` entries (at least one).
 
     Returns
     -------
@@ -198,9 +203,12 @@ def glm_predictive_moments(model, params, X, covariance, *, batch_size=256):
         raise TypeError(
             f"covariance must be a curvlinops LinearOperator, got {type(covariance).__name__}."
         )
-    batch_size = _check_count(batch_size, "batch_size")
     xp = array_namespace(X)
     N = int(X.shape[0])
+    if batch_size is None:
+        C = int(model(params, X[:1, ...]).shape[-1])
+        batch_size = max(1, MAX_JACOBIAN_ENTRIES // (C * covariance.shape[0]))
+    batch_size = _check_count(batch_size, "batch_size")
     means, covariances = [], []
     for start in range(0, N, batch_size):  # batches of test points, each in one pass
         f, J = per_datum_jacobians(model, params, X[start : min(start + batch_size, N), ...])
