@@ -4,10 +4,11 @@ What lives here: :func:`fit_structure` builds, once, the curvature of the negati
 log-likelihood in one of the structures of :data:`STRUCTURES` (from the operators of
 :mod:`curvlinops.curvature`); the object it returns then forms the posterior precision
 ``s * H + diag(prior)`` for any likelihood scale ``s`` and prior precision, in a form
-whose inverse and log-determinant are exact (:meth:`_Structure.precision`), and, where
-the structure's spectrum is known per prior group, the log-determinant and the traces
-of the posterior covariance per group without forming anything
-(:meth:`_Structure.spectral_terms`, what the marginal-likelihood tuning iterates on).
+whose inverse and log-determinant are exact (:meth:`_Structure.precision`), and the
+log-determinant with the traces and squared norms of the posterior covariance's blocks
+per parameter array (:class:`EvidenceTerms`, from :meth:`_Structure.evidence_terms`:
+what the marginal likelihood and its Newton iteration in ``log delta`` need), from the
+structure's spectrum or the Woodbury identity, without forming a dense matrix.
 
 The prior is diagonal: one precision per parameter array (a scalar repeated, or one per
 "layer"), or one per parameter entry (:class:`Prior`).
@@ -20,8 +21,15 @@ Internal to :mod:`curvlinops.bayes`. May import: ``curvlinops._backend``,
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from .._backend import array_namespace, checked_eigh, to_numpy
+from .._backend import (
+    array_namespace,
+    checked_cholesky,
+    checked_eigh,
+    solve_triangular,
+    to_numpy,
+)
 from ..curvature import (
     EFDiagonalLinearOperator,
     EFLinearOperator,
@@ -58,6 +66,42 @@ _DIAGONAL = {
     "ef": EFDiagonalLinearOperator,
 }
 _FISHER_TYPE = {"ggn": "type-2", "ef": "empirical"}
+
+
+@dataclass(frozen=True)
+class EvidenceTerms:
+    """What the marginal likelihood and its derivatives in ``log delta`` need of ``A``.
+
+    ``logdet``: ``log det A``. ``traces[g]``: ``tr`` of the covariance ``A^{-1}`` over
+    parameter array ``g``; ``coupling[g][h]``: ``||(A^{-1})_{gh}||_F^2``, the squared
+    Frobenius norm of the covariance's block between arrays ``g`` and ``h`` (the second
+    derivatives of ``log det A`` in ``log delta``). For a scalar prior some structures
+    know only the totals (``total_trace``, ``total_coupling``; the per-array fields None).
+    """
+
+    logdet: float
+    traces: list | None = None
+    coupling: list | None = None
+    total_trace: float | None = None
+    total_coupling: float | None = None
+
+    def trace(self, group):
+        """The covariance's trace over the arrays of ``group``, or None."""
+        if self.traces is not None:
+            return sum(self.traces[g] for g in group)
+        return self.total_trace if group is None else None
+
+    def block_coupling(self, group, other):
+        """``sum_{g in group, h in other} coupling[g][h]``, or None."""
+        if self.coupling is not None:
+            return sum(self.coupling[g][h] for g in group for h in other)
+        return self.total_coupling if group is None and other is None else None
+
+
+def _diagonal_coupling(values):
+    """A coupling matrix with ``values`` on the diagonal (blocks that do not interact)."""
+    n = len(values)
+    return [[values[g] if g == h else 0.0 for h in range(n)] for g in range(n)]
 
 
 class Prior:
@@ -189,15 +233,15 @@ class _Structure:
         """``scale * H + diag(prior)`` with an exact inverse and log-determinant."""
         raise NotImplementedError
 
-    def spectral_terms(self, scale, prior):
-        """``(log det(scale H + prior), traces of its inverse)``, or None.
+    def evidence_terms(self, scale, prior, per_array=False):
+        """:class:`EvidenceTerms` of ``A = scale * H + diag(prior)`` from the structure.
 
-        Only where the structure knows the spectrum for this prior (then no operator is
-        formed): the traces are a list with one entry per parameter array, or a float
-        (their total) where the structure knows no more; None means: form
-        :meth:`precision` and ask it.
+        Every structure gives them exactly without forming ``A`` densely (except the
+        dense one): from its spectrum per block, or through the Woodbury identity. For a
+        scalar prior the dense and low-rank structures give only the totals (from a
+        spectrum computed once) unless ``per_array``.
         """
-        return None
+        raise NotImplementedError
 
     def _low_rank_settings(self):
         rank = self.settings["rank"]
@@ -249,21 +293,45 @@ class _Full(_Structure):
             scale * self.H + _diag_matrix(prior.diagonal, xp), symmetric=True
         )
 
-    def spectral_terms(self, scale, prior):
+    def evidence_terms(self, scale, prior, per_array=False):
         xp = self.xp
-        if not prior.is_scalar:
-            # one eigendecomposition gives both: diag(A^{-1}) = (V * V) (1 / w)
-            w, V = checked_eigh(
-                self.precision(scale, prior).A, xp, name="dense posterior precision"
+        if prior.is_scalar and not per_array:  # a shift of the spectrum of H, computed once
+            if self._eigenvalues is None:
+                self._eigenvalues = DenseLinearOperator(self.H, symmetric=True).eigvalsh()
+            shifted = scale * self._eigenvalues + prior.per_array[0]
+            _require_positive(shifted, xp, self.structure)
+            inverse = 1.0 / shifted
+            return EvidenceTerms(
+                float(xp.sum(xp.log(shifted))),
+                total_trace=float(xp.sum(inverse)),
+                total_coupling=float(xp.sum(inverse * inverse)),
             )
-            _require_positive(w, xp, self.structure)
-            return float(xp.sum(xp.log(w))), _group_sums((V * V) @ (1.0 / w), self.sizes, xp)
-        if self._eigenvalues is None:
-            self._eigenvalues = DenseLinearOperator(self.H, symmetric=True).eigvalsh()
-        shifted = scale * self._eigenvalues + prior.per_array[0]
-        _require_positive(shifted, xp, self.structure)
-        # a shift of the spectrum: the trace per array would need the eigenvectors
-        return float(xp.sum(xp.log(shifted))), float(xp.sum(1.0 / shifted))
+        # one eigendecomposition of A gives all: A^{-1} = V diag(1 / w) V^T
+        w, V = checked_eigh(self.precision(scale, prior).A, xp, name="dense posterior precision")
+        _require_positive(w, xp, self.structure)
+        covariance = (V * (1.0 / w)[None, :]) @ xp.matrix_transpose(V)
+        squares = _group_matrix(
+            _group_matrix(covariance * covariance, self.sizes, xp).T, self.sizes, xp
+        )
+        return EvidenceTerms(
+            float(xp.sum(xp.log(w))),
+            traces=_group_sums(xp.linalg.diagonal(covariance), self.sizes, xp),
+            coupling=[[float(v) for v in row] for row in _rows(squares)],
+        )
+
+
+def _group_matrix(M, sizes, xp):
+    """Sums of the rows of ``M`` over consecutive groups of ``sizes`` rows: ``(G, cols)``."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(xp.sum(M[start : start + n, ...], axis=0))
+        start += n
+    return xp.stack(out, axis=0)
+
+
+def _rows(M):
+    """A small 2-D array as nested lists of floats (one host transfer)."""
+    return to_numpy(M).tolist()
 
 
 def _dense_from_jacobians(curvature, model, loss, params, data, num_data):
@@ -349,12 +417,16 @@ class _Diagonal(_Structure):
     def precision(self, scale, prior):
         return DiagonalLinearOperator(scale * self.h + prior.diagonal)
 
-    def spectral_terms(self, scale, prior):
+    def evidence_terms(self, scale, prior, per_array=False):
         xp = self.xp
         shifted = scale * self.h + prior.diagonal
         _require_positive(shifted, xp, self.structure)
         inverse = 1.0 / shifted
-        return float(xp.sum(xp.log(shifted))), _group_sums(inverse, self.sizes, xp)
+        return EvidenceTerms(
+            float(xp.sum(xp.log(shifted))),
+            traces=_group_sums(inverse, self.sizes, xp),
+            coupling=_diagonal_coupling(_group_sums(inverse * inverse, self.sizes, xp)),
+        )
 
 
 def _group_sums(values, sizes, xp):
@@ -426,15 +498,17 @@ class _Kronecker(_Structure):
             self._eigenvalues[b] = self.blocks[b].eigvalsh()
         return self._eigenvalues[b]
 
-    def spectral_terms(self, scale, prior):
+    def evidence_terms(self, scale, prior, per_array=False):
         xp = self.xp
-        logdet, traces = 0.0, [0.0] * len(self.sizes)
+        logdet, traces, squares = 0.0, [0.0] * len(self.sizes), [0.0] * len(self.sizes)
         for b, delta in enumerate(self._block_priors(prior)):
             shifted = scale * self._block_eigenvalues(b) + delta
             _require_positive(shifted, xp, self.structure)
+            inverse = 1.0 / shifted
             logdet += float(xp.sum(xp.log(shifted)))
-            traces[self.block_array[b]] += float(xp.sum(1.0 / shifted))
-        return logdet, traces
+            traces[self.block_array[b]] += float(xp.sum(inverse))
+            squares[self.block_array[b]] += float(xp.sum(inverse * inverse))
+        return EvidenceTerms(logdet, traces=traces, coupling=_diagonal_coupling(squares))
 
 
 def _block_arrays(layout, sizes):
@@ -476,15 +550,22 @@ class _LowRank(_Structure):
             prior.diagonal, scale * self.eigenvalues, self.eigenvectors
         )
 
-    def spectral_terms(self, scale, prior):
-        if not prior.is_scalar:
-            return None
-        xp, delta = self.xp, prior.per_array[0]
+    def evidence_terms(self, scale, prior, per_array=False):
+        xp = self.xp
+        if not prior.is_scalar or per_array:
+            return _woodbury_terms(
+                prior.diagonal, scale * self.eigenvalues, self.eigenvectors, self.sizes, xp
+            )
+        delta = prior.per_array[0]
         shifted = scale * self.eigenvalues + delta
         _require_positive(shifted, xp, self.structure)
         missing = sum(self.sizes) - int(shifted.shape[0])  # eigenvalues 0 + delta
-        logdet = float(xp.sum(xp.log(shifted))) + missing * math.log(delta)
-        return logdet, float(xp.sum(1.0 / shifted)) + missing / delta
+        inverse = 1.0 / shifted
+        return EvidenceTerms(
+            float(xp.sum(xp.log(shifted))) + missing * math.log(delta),
+            total_trace=float(xp.sum(inverse)) + missing / delta,
+            total_coupling=float(xp.sum(inverse * inverse)) + missing / delta**2,
+        )
 
 
 class _DiagonalPlusLowRank(_Structure):
@@ -503,3 +584,52 @@ class _DiagonalPlusLowRank(_Structure):
         return DiagonalPlusLowRankLinearOperator(
             scale * self.rest + prior.diagonal, scale * self.eigenvalues, self.eigenvectors
         )
+
+    def evidence_terms(self, scale, prior, per_array=False):
+        return _woodbury_terms(
+            scale * self.rest + prior.diagonal,
+            scale * self.eigenvalues,
+            self.eigenvectors,
+            self.sizes,
+            self.xp,
+        )
+
+
+def _woodbury_terms(d, s, U, sizes, xp):
+    """:class:`EvidenceTerms` of ``D + U diag(s) U^T`` through the Woodbury identity.
+
+    ``A^{-1} = D^{-1} - W W^T`` with ``W = D^{-1} U L^{-T}`` and ``L L^T = diag(1/s) +
+    U^T D^{-1} U``; ``log det A = sum log d + sum log s + 2 sum log diag L`` (the matrix
+    determinant lemma). The covariance's block between arrays ``g`` and ``h`` is
+    ``[g = h] D_g^{-1} - W_g W_h^T``, whose squared Frobenius norm is
+    ``[g = h] (sum d_g^{-2} - 2 sum d_g^{-1} |w_i|^2) + <W_g^T W_g, W_h^T W_h>``.
+    Costs ``O(P k^2)``.
+    """
+    if not bool(xp.all(d > 0)) or not bool(xp.all(s > 0)):
+        raise ValueError(
+            "A low-rank posterior precision with a prior per parameter array needs positive "
+            "eigenvalues of the curvature's low-rank part and a positive diagonal; use a "
+            "scalar prior (the damped eigendecomposition), or curvature='ggn'."
+        )
+    k = int(s.shape[0])
+    d_inv = 1.0 / d
+    eye = xp.eye(k, dtype=d.dtype, device=_device_of(d))
+    C = xp.matrix_transpose(U) @ (d_inv[:, None] * U) + eye * (1.0 / s)[None, :]
+    L = checked_cholesky(C, xp, name="Woodbury capacitance matrix")
+    W = xp.matrix_transpose(solve_triangular(L, xp.matrix_transpose(d_inv[:, None] * U), xp))
+    logdet = xp.sum(xp.log(d)) + xp.sum(xp.log(s)) + 2 * xp.sum(xp.log(xp.linalg.diagonal(L)))
+    row_squares = xp.sum(W * W, axis=1)
+    traces = _group_sums(d_inv - row_squares, sizes, xp)
+    own = _group_sums(d_inv * d_inv - 2 * d_inv * row_squares, sizes, xp)
+    grams, start = [], 0
+    for n in sizes:
+        part = W[start : start + n, ...]
+        grams.append(xp.matrix_transpose(part) @ part)
+        start += n
+    G = xp.stack([xp.reshape(g, (-1,)) for g in grams], axis=0)
+    cross = _rows(G @ xp.matrix_transpose(G))
+    coupling = [
+        [cross[g][h] + (own[g] if g == h else 0.0) for h in range(len(sizes))]
+        for g in range(len(sizes))
+    ]
+    return EvidenceTerms(float(logdet), traces=traces, coupling=coupling)

@@ -12,8 +12,8 @@ Laplace log marginal likelihood and the tuning of the prior precision by maximiz
 (:meth:`Laplace.optimize_prior_precision`), and the linearized predictive.
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``,
-``curvlinops.losses``, ``curvlinops.curvature``, ``._structures``, ``.posterior``,
-``.predictive``.
+``curvlinops.losses``, ``curvlinops.curvature``, ``._structures``, ``._tuning``,
+``.posterior``, ``.predictive``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..curvature._data import check_params_backend, iterate_batches
 from ..losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss, as_loss
 from ..models import ParameterSubsetModel, Tier, as_model, flatten_params
 from ._structures import MAX_FULL, Prior, fit_structure
+from ._tuning import maximize_evidence
 from .posterior import GaussianPosterior
 from .predictive import (
     glm_predictive_moments,
@@ -324,10 +325,7 @@ class Laplace:
         return prior
 
     def _log_det_precision(self, prior):
-        terms = self._structure.spectral_terms(self._scale, prior)
-        if terms is not None:
-            return terms[0]
-        return float(self._structure.precision(self._scale, prior).logdet())
+        return self._structure.evidence_terms(self._scale, prior).logdet
 
     def _scatter(self, prior):
         xp = self.xp
@@ -354,19 +352,20 @@ class Laplace:
     def _log_marginal(self, prior):
         return self.log_likelihood - 0.5 * (self._log_det_ratio(prior) + self._scatter(prior))
 
-    def optimize_prior_precision(self, mode="scalar", *, max_iterations=1000, tol=1e-10):
+    def optimize_prior_precision(self, mode="scalar", *, max_iterations=100, tol=1e-10):
         """Tune ``delta`` to maximize the log marginal likelihood; set and return it.
 
-        MacKay's fixed point: at a maximum, ``delta_g ||theta_g - mu_0,g||^2 = gamma_g``
-        for every prior group ``g`` (all parameters for ``"scalar"``, each parameter
-        array for ``"layerwise"``), with ``gamma_g = n_g - delta_g tr_g(Sigma)`` the
-        group's effective number of parameters (``tr_g`` the trace of the posterior
-        covariance over the group). The iteration ``delta_g <- gamma_g / ||theta_g -
-        mu_0,g||^2`` is repeated (with the step in ``log delta`` halved whenever the
-        evidence would decrease) until ``log delta`` changes by less than ``tol``. The
-        traces come from the structure's spectrum where it is known per group (K-FAC,
-        EKFAC, diagonal; dense and low rank for a scalar), else from the exact
-        diagonal of the covariance.
+        Over one precision for all parameters (``"scalar"``) or one per parameter array
+        (``"layerwise"``), by Newton's method in ``log delta`` with exact first and second
+        derivatives (the traces of the posterior covariance over each group and the
+        squared norms of its blocks between groups, from the structure: its spectrum per
+        block for K-FAC, EKFAC and the diagonal, an eigendecomposition for the dense one,
+        the Woodbury identity for the low-rank ones), falling back to MacKay's fixed
+        point ``delta_g <- gamma_g / ||theta_g - mu_0,g||^2`` (``gamma_g = n_g - delta_g
+        tr_g(Sigma)``, the group's effective number of parameters) where the Hessian is
+        not negative definite, and halving each step until the evidence does not
+        decrease. It stops when ``log delta`` changes by less than ``tol``; at the
+        maximum ``delta_g ||theta_g - mu_0,g||^2 = gamma_g`` for every group.
 
         Parameters
         ----------
@@ -387,36 +386,24 @@ class Laplace:
         """
         if mode not in ("scalar", "layerwise"):
             raise ValueError(f"mode must be 'scalar' or 'layerwise', got {mode!r}.")
-        groups = (
-            [list(range(len(self._sizes)))]
-            if mode == "scalar"
-            else [[i] for i in range(len(self._sizes))]
-        )
+        arrays = list(range(len(self._sizes)))
+        groups = [arrays] if mode == "scalar" else [[i] for i in arrays]
         squares = self._group_squares(groups)
         counts = [sum(self._sizes[i] for i in g) for g in groups]
-        log_delta = [math.log(v) for v in self._initial_values(groups)]
-        objective = self._objective(groups, log_delta)
-        for _ in range(max_iterations):
-            traces = self._group_traces(groups, log_delta)
-            target = [
-                math.log(max(n - math.exp(ld) * t, 1e-300) / q)
-                for n, t, q, ld in zip(counts, traces, squares, log_delta, strict=True)
-            ]
-            step = [t - ld for t, ld in zip(target, log_delta, strict=True)]
-            for _halving in range(60):
-                candidate = [ld + s for ld, s in zip(log_delta, step, strict=True)]
-                value = self._objective(groups, candidate)
-                if value >= objective - 1e-12 * abs(objective):
-                    break
-                step = [0.5 * s for s in step]
-            log_delta, objective = candidate, value
-            if max(abs(s) for s in step) < tol:
-                break
-        else:
-            raise ValueError(
-                f"The prior precision did not converge in {max_iterations} iterations (last "
-                f"change of log delta: {max(abs(s) for s in step):.3g}); raise max_iterations."
-            )
+        start = [math.log(v) for v in self._initial_values(groups)]
+
+        def terms_at(log_delta):
+            prior = self._prior_for(self._per_array(groups, log_delta))
+            terms = self._structure.evidence_terms(self._scale, prior, per_array=len(groups) > 1)
+            if terms.traces is None:  # totals only (a scalar prior): the one group
+                return terms.logdet, [terms.total_trace], [[terms.total_coupling]]
+            traces = [terms.trace(g) for g in groups]
+            coupling = [[terms.block_coupling(g, h) for h in groups] for g in groups]
+            return terms.logdet, traces, coupling
+
+        log_delta, _ = maximize_evidence(
+            terms_at, start, squares, counts, max_iterations=max_iterations, tol=tol
+        )
         self.prior_precision = self._per_array(groups, log_delta)
         values = [math.exp(v) for v in log_delta]
         return values[0] if mode == "scalar" else tuple(values)
@@ -450,25 +437,6 @@ class Laplace:
             for i in g:
                 values[i] = math.exp(ld)
         return values
-
-    def _objective(self, groups, log_delta):
-        return self._log_marginal(self._prior_for(self._per_array(groups, log_delta)))
-
-    def _group_traces(self, groups, log_delta):
-        prior = self._prior_for(self._per_array(groups, log_delta))
-        terms = self._structure.spectral_terms(self._scale, prior)
-        if terms is not None and not (isinstance(terms[1], float) and len(groups) > 1):
-            traces = terms[1]
-            if isinstance(traces, float):
-                return [traces]
-            return [sum(traces[i] for i in g) for g in groups]
-        diagonal = self._structure.precision(self._scale, prior).inverse().diagonal()
-        per_array = []
-        start = 0
-        for n in self._sizes:
-            per_array.append(float(self.xp.sum(diagonal[start : start + n])))
-            start += n
-        return [sum(per_array[i] for i in g) for g in groups]
 
     # -- predictive -------------------------------------------------------------------
 
