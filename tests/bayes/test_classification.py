@@ -225,3 +225,33 @@ def test_float32_is_close_to_float64(backend, mlp):
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+ALL_STRUCTURES = [("full", {}), ("diag", {}), ("kron", {}), ("ekfac", {}),
+                  ("lowrank", {"rank": 5}), ("diag_lowrank", {"rank": 5})]  # fmt: skip
+
+
+@pytest.mark.parametrize("per_array", [False, True])
+@pytest.mark.parametrize("prior", [0.7, [0.5, 1.0, 2.0, 4.0]], ids=["scalar", "layerwise"])
+@pytest.mark.parametrize("structure, kwargs", ALL_STRUCTURES)
+def test_evidence_terms_are_the_dense_covariance_blocks(
+    numpy_backend, mlp, structure, kwargs, prior, per_array
+):
+    # what the Newton iteration in log delta needs: log det A, the covariance's trace per
+    # parameter array and the squared Frobenius norms of its blocks, against dense inv(A)
+    la = laplace(numpy_backend, mlp, structure=structure, prior_precision=prior, **kwargs)
+    A = la.precision.to_dense()
+    Sigma = np.linalg.inv(A)
+    starts = np.cumsum([0, *la._sizes])
+    blocks = [slice(starts[g], starts[g + 1]) for g in range(4)]
+    terms = la._structure.evidence_terms(la._scale, la._prior, per_array=per_array)
+    np.testing.assert_allclose(terms.logdet, np.linalg.slogdet(A)[1], rtol=1e-12)
+    if terms.traces is None:  # a scalar prior: the totals
+        assert not per_array and np.isscalar(prior)
+        np.testing.assert_allclose(terms.total_trace, np.trace(Sigma), rtol=1e-10)
+        np.testing.assert_allclose(terms.total_coupling, np.sum(Sigma**2), rtol=1e-10)
+        return
+    traces = [np.trace(Sigma[b, b]) for b in blocks]
+    coupling = [[np.sum(Sigma[b, c] ** 2) for c in blocks] for b in blocks]
+    np.testing.assert_allclose(terms.traces, traces, rtol=1e-10)
+    np.testing.assert_allclose(terms.coupling, coupling, rtol=1e-9, atol=1e-14)
