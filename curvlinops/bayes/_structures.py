@@ -48,6 +48,8 @@ from ..linalg import (
     DenseLinearOperator,
     DiagonalLinearOperator,
     DiagonalPlusLowRankLinearOperator,
+    KroneckerEighLinearOperator,
+    KroneckerLinearOperator,
     ParameterLayoutLinearOperator,
 )
 
@@ -509,6 +511,77 @@ class _Kronecker(_Structure):
             traces[self.block_array[b]] += float(xp.sum(inverse))
             squares[self.block_array[b]] += float(xp.sum(inverse * inverse))
         return EvidenceTerms(logdet, traces=traces, coupling=_diagonal_coupling(squares))
+
+    def output_covariance(self, scale, prior, lin):
+        """``J_n Sigma J_n^T`` of every datum of a linearization, ``(N, C, C)``, or None.
+
+        Without forming the Jacobians: for a Linear layer without shared axes the
+        Jacobian of output ``c`` is ``g_c a^T`` (its output gradient and input), so in
+        a block's eigenbasis ``Q_B (x) Q_A`` with covariance eigenvalues ``nu`` it is
+        ``u_c v^T`` (``u_c = Q_B^T g_c``, ``v = Q_A^T a``) and its share of the covariance
+        is ``sum_i u_ci u_di sum_j nu_ij v_j^2``: per datum ``O(C D_out^2 + D_in^2 + C^2
+        D_out + D_out D_in)`` instead of a product with ``C`` columns of ``P`` entries.
+        None (use the Jacobians) for outputs other than ``(N, C)``, other taps (shared
+        axes, transposed weights, embeddings, elementwise layers) or blocks.
+        """
+        xp = self.xp
+        outputs = lin.outputs
+        if outputs.ndim != 2:
+            return None
+        N, C = outputs.shape
+        eye = xp.eye(C, dtype=outputs.dtype, device=_device_of(outputs))
+        roles = {}
+        for tap in lin.layer_taps(xp.broadcast_to(eye[None, :, :], (N, C, C))):
+            if tap.kind != "matrix" or tap.transposed or tap.inputs.ndim != 2:
+                return None
+            roles[tap.weight_index] = (tap, True)
+            if tap.bias_index is not None:
+                roles[tap.bias_index] = (tap, False)
+        total = None
+        for b, delta in enumerate(self._block_priors(prior)):
+            role, basis = roles.get(self.block_array[b]), _eigenbasis(self.blocks[b])
+            if role is None or basis is None:
+                return None
+            (tap, is_weight), (Q_out, Q_in, lam) = role, basis
+            if tuple(lam.shape) != ((tap.output_grads.shape[1], tap.inputs.shape[1])
+                                    if is_weight else (tap.output_grads.shape[1], 1)):  # fmt: skip
+                return None
+            nu = 1.0 / (scale * lam + delta)  # the block's covariance eigenvalues
+            U = xp.permute_dims(_rotated(Q_out, tap.output_grads, xp), (0, 2, 1))  # (N, C, D_out)
+            if is_weight:
+                V = tap.inputs if isinstance(Q_in, int) else tap.inputs @ Q_in
+                w = (V * V) @ xp.matrix_transpose(nu)  # (N, D_out)
+            else:
+                w = xp.broadcast_to(nu[:, 0][None, :], (N, nu.shape[0]))
+            part = (U * w[:, None, :]) @ xp.matrix_transpose(U)
+            total = part if total is None else total + part
+        return 0.5 * (total + xp.matrix_transpose(total))
+
+
+def _eigenbasis(block):
+    """``(Q_out, Q_in, lam)`` of a two-factor Kronecker(-eigendecomposed) block, or None.
+
+    ``lam`` is ``(D_out, D_in)``, ordered like the flattened weight; an int ``Q`` stands
+    for the identity.
+    """
+    if isinstance(block, KroneckerLinearOperator) and len(block.factors) in (1, 2):
+        eigh = block.factor_eigh()
+        (lam_out, Q_out), (lam_in, Q_in) = eigh if len(eigh) == 2 else (eigh[0], (None, 1))
+        lam_in = block.xp.ones_like(lam_out[:1]) if lam_in is None else lam_in
+        return Q_out, Q_in, lam_out[:, None] * lam_in[None, :]
+    if isinstance(block, KroneckerEighLinearOperator) and len(block.eigenvectors) in (1, 2):
+        Q_out, Q_in = (*block.eigenvectors, 1)[:2]  # one factor: a bias, D_in = 1
+        n_out = Q_out if isinstance(Q_out, int) else int(Q_out.shape[0])
+        lam = block.xp.reshape(block.eigenvalues, (n_out, -1))
+        return Q_out, Q_in, lam
+    return None
+
+
+def _rotated(Q, g, xp):
+    """``Q^T g`` for output gradients ``g`` ``(N, D, C)`` (``Q`` an int: the identity)."""
+    if isinstance(Q, int):
+        return g
+    return xp.matrix_transpose(Q)[None, :, :] @ g
 
 
 def _block_arrays(layout, sizes):

@@ -441,10 +441,35 @@ class Laplace:
     # -- predictive -------------------------------------------------------------------
 
     def functional_variance(self, X, *, batch_size=None):
-        """The linearized outputs' mean ``(N, C)`` and covariance ``(N, C, C)`` at ``X``."""
+        """The linearized outputs' mean ``(N, C)`` and covariance ``(N, C, C)`` at ``X``.
+
+        ``J Sigma J^T`` per test point. For K-FAC and EKFAC over Linear layers without
+        shared axes it comes from the layer taps and the blocks' eigenbases without
+        forming the Jacobians (``batch_size`` test points per pass, default 1024);
+        otherwise from :func:`~curvlinops.bayes.glm_predictive_moments`.
+        """
+        fast = getattr(self._structure, "output_covariance", None)
+        if fast is not None:
+            moments = self._tap_moments(fast, X, 1024 if batch_size is None else batch_size)
+            if moments is not None:
+                return moments
         return glm_predictive_moments(
             self.model, self.params, X, self.covariance, batch_size=batch_size
         )
+
+    def _tap_moments(self, output_covariance, X, batch_size):
+        xp, N = self.xp, int(X.shape[0])
+        means, covariances = [], []
+        for start in range(0, N, batch_size):  # batches of test points, one pass each
+            lin = self.model.linearize(self.params, X[start : min(start + batch_size, N), ...])
+            cov = output_covariance(self._scale, self._prior, lin)
+            if cov is None:
+                return None
+            means.append(lin.outputs)
+            covariances.append(cov)
+        if len(means) == 1:
+            return means[0], covariances[0]
+        return xp.concat(means, axis=0), xp.concat(covariances, axis=0)
 
     def predictive(self, X, *, link_approx="probit", num_samples=1000, seed=0, batch_size=None):
         """The linearized (GLM) predictive at test inputs ``X``.

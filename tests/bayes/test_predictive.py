@@ -239,3 +239,46 @@ def test_predictive_errors(numpy_backend):
         glm_predictive_moments(model, params, np.ones((2, 2)), np.eye(3))
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         glm_predictive_moments(model, params, np.ones((2, 2)), eye, batch_size=0)
+
+
+@pytest.mark.parametrize("structure", ["kron", "ekfac"])
+@pytest.mark.parametrize("subset", [None, "last_layer"])
+def test_kronecker_predictive_without_jacobians_equals_the_sandwich(
+    backend, mlp, structure, subset
+):
+    # the taps' eigenbasis route of K-FAC/EKFAC against J Sigma J^T with the Jacobians
+    # from torch.func and the covariance densely
+    from curvlinops import CrossEntropyLoss
+    from curvlinops.bayes import Laplace
+
+    model, params, X, y, ref = mlp
+    ps = [backend.asarray(p) for p in params]
+    data = [(backend.asarray(X), backend.asarray(y))]
+    prior = [0.5, 2.0] if subset else [0.5, 1.0, 2.0, 4.0]
+    la = Laplace(model, CrossEntropyLoss(), ps, data, structure=structure, subset=subset,
+                 prior_precision=prior)  # fmt: skip
+    X_test = np.random.default_rng(4).normal(size=(7, 3))
+    lin = la.model.linearize(la.params, backend.asarray(X_test))
+    assert la._structure.output_covariance(la._scale, la._prior, lin) is not None  # the route
+    mean, cov = la.functional_variance(backend.asarray(X_test), batch_size=3)
+    J = ref.jacobians(params, X_test)
+    if subset:
+        J = J[:, :, -sum(p.size for p in params[2:]) :]
+    Sigma = np.linalg.inv(to_numpy(la.precision.to_dense()))
+    np.testing.assert_allclose(to_numpy(cov), np.einsum("ncp,pq,ndq->ncd", J, Sigma, J),
+                               rtol=1e-9, atol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(to_numpy(mean), ref.outputs(params, X_test), rtol=1e-12)
+
+
+def test_kronecker_predictive_of_a_cnn_falls_back_to_the_jacobians(numpy_backend):
+    from curvlinops import CrossEntropyLoss
+    from curvlinops.bayes import Laplace
+
+    model, params, X, _ = conv_classifier(seed=1, N=6)
+    y = np.arange(6) % 3
+    la = Laplace(model, CrossEntropyLoss(), params, [(X, y)], structure="kron")
+    lin = model.linearize(params, X[:2])
+    assert la._structure.output_covariance(la._scale, la._prior, lin) is None  # shared axes
+    _, cov = la.functional_variance(X[:2])
+    _, expected = glm_predictive_moments(model, params, X[:2], la.covariance)
+    np.testing.assert_allclose(cov, expected, rtol=1e-12)
