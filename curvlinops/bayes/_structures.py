@@ -117,23 +117,42 @@ class Prior:
         self.sizes = list(sizes)
         total = sum(self.sizes)
         values = _as_floats(value)
-        if values is None:  # an array
-            values = to_numpy(value).reshape(-1).tolist()
+        if values is not None and len(values) == total and total != len(self.sizes):
+            value, values = xp.asarray(values, dtype=dtype, device=device), None
+        if values is None:  # an array: one value per array, or per entry
+            array = xp.reshape(xp.asarray(value, dtype=dtype, device=device), (-1,))
+            if array.shape[0] == total and total != len(self.sizes):
+                self._per_entry(array, xp)
+                return
+            values = [float(v) for v in to_numpy(array).tolist()]
         if len(values) == 1:
             values = values * len(self.sizes)
-        if len(values) == len(self.sizes):
-            self.per_array = tuple(_positive(v) for v in values)
-            entries = [xp.full((n,), v, dtype=dtype, device=device) for v, n in self._pairs()]
-            self.diagonal = xp.concat(entries) if len(entries) > 1 else entries[0]
-        elif len(values) == total:
-            checked = [_positive(v) for v in values]
-            self.per_array = _constant_per_array(checked, self.sizes)
-            self.diagonal = xp.asarray(checked, dtype=dtype, device=device)
-        else:
+        if len(values) != len(self.sizes):
             raise ValueError(
                 f"prior_precision must be a scalar, one value per parameter array "
                 f"({len(self.sizes)}) or one per parameter ({total}); got {len(values)} values."
             )
+        self.per_array = tuple(_positive(v) for v in values)
+        entries = [xp.full((n,), v, dtype=dtype, device=device) for v, n in self._pairs()]
+        self.diagonal = xp.concat(entries) if len(entries) > 1 else entries[0]
+
+    def _per_entry(self, array, xp):
+        """A prior per parameter entry (kept as an array: one reduction per check)."""
+        smallest = float(xp.min(array))
+        if not (smallest > 0 and bool(xp.all(xp.isfinite(array)))):
+            raise ValueError(
+                f"Prior precisions must be positive and finite, got a smallest value of "
+                f"{smallest} (or a non-finite one)."
+            )
+        self.diagonal = array
+        # constant on every array: then also one value per array (as K-FAC needs)
+        per_array, start = [], 0
+        for n in self.sizes:
+            part = array[start : start + n]
+            low, high = float(xp.min(part)), float(xp.max(part))
+            per_array.append(low if low == high else None)
+            start += n
+        self.per_array = None if None in per_array else tuple(per_array)
 
     def _pairs(self):
         return zip(self.per_array, self.sizes, strict=True)
@@ -151,18 +170,6 @@ class Prior:
         if self.per_array is not None:
             return sum(n * math.log(v) for v, n in self._pairs())
         return float(xp.sum(xp.log(self.diagonal)))
-
-
-def _constant_per_array(values, sizes):
-    """The per-array values of a per-entry prior that is constant on every array, or None."""
-    out, start = [], 0
-    for n in sizes:
-        part = values[start : start + n]
-        if any(v != part[0] for v in part):
-            return None
-        out.append(part[0])
-        start += n
-    return tuple(out)
 
 
 def _as_floats(value):

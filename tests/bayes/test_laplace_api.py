@@ -165,3 +165,26 @@ def test_bad_calls_are_refused_clearly(numpy_backend):
                       curvature="hessian", prior_precision=1e-3)  # fmt: skip
     with pytest.raises(ValueError, match="not positive definite"):
         hessian.log_marginal_likelihood()
+
+
+@pytest.mark.parametrize("structure, kwargs", [("full", {}), ("diag", {}), ("lowrank", {"rank": 5}),
+                                               ("diag_lowrank", {"rank": 5})])  # fmt: skip
+def test_a_prior_per_parameter_is_its_diagonal(backend, structure, kwargs):
+    model, params, data, X, y = small_problem()
+    ps = [backend.asarray(p) for p in params]
+    bdata = [(backend.asarray(X), backend.asarray(y))]
+    d = np.random.default_rng(3).uniform(0.5, 3.0, size=17)
+    la = Laplace(model, CrossEntropyLoss(), ps, bdata, structure=structure, prior_precision=1.0,
+                 **kwargs)  # fmt: skip
+    H = to_numpy(la.precision.to_dense()) - np.eye(17)  # the structure's own curvature
+    for prior in (backend.asarray(d), list(d)):
+        la.prior_precision = prior
+        np.testing.assert_allclose(to_numpy(la.precision.to_dense()), H + np.diag(d), atol=1e-12)
+        expected = np.linalg.slogdet(H + np.diag(d))[1] - np.sum(np.log(d))
+        np.testing.assert_allclose(la.log_det_ratio(), expected, rtol=1e-10)
+    # constant on every array: also one value per array (what K-FAC takes)
+    kron = Laplace(model, CrossEntropyLoss(), params, data, structure="kron",
+                   prior_precision=np.repeat([1.0, 2.0, 3.0, 4.0], [6, 3, 6, 2]))  # fmt: skip
+    assert kron.prior_precision == (1.0, 2.0, 3.0, 4.0)
+    with pytest.raises(ValueError, match="positive and finite"):
+        la.prior_precision = backend.asarray(-d)
