@@ -167,12 +167,17 @@ class Laplace:
         self.likelihood = _likelihood_of(loss)
         self.xp, self.dtype, self.device = check_params_backend(params)
         self.model, self.params = _restricted(model, list(params), subset, data)
+        self.mean = flatten_params(self.params)
+        self._sizes = [math.prod(p.shape) for p in self.params]
+        # the cheap arguments first: a wrong one fails before the curvature is computed
+        self._structure = None
+        self.sigma_noise = sigma_noise
+        self.prior_precision = prior_precision
+        self.prior_mean = prior_mean
         self._sum_loss = type(loss)(reduction="sum")
         self._sum_value, self._num_outputs, counted = self._data_pass(data)
         self.num_data = counted if num_data is None else int(num_data)
         self.structure, self.curvature = structure, curvature
-        self.mean = flatten_params(self.params)
-        self._sizes = [math.prod(p.shape) for p in self.params]
         settings = {
             "num_data": self.num_data,
             "check_deterministic": check_deterministic,
@@ -191,9 +196,7 @@ class Laplace:
             settings=settings,
             options=curvature_options,
         )
-        self.sigma_noise = sigma_noise
-        self.prior_precision = prior_precision
-        self.prior_mean = prior_mean
+        self._structure.check_prior(self._prior)
 
     # -- setup ----------------------------------------------------------------------
 
@@ -321,7 +324,8 @@ class Laplace:
         if prior_precision is None:
             return self._prior
         prior = Prior(prior_precision, self._sizes, self.xp, self.dtype, self.device)
-        self._structure.check_prior(prior)
+        if self._structure is not None:
+            self._structure.check_prior(prior)
         return prior
 
     def _log_det_precision(self, prior):
