@@ -30,7 +30,28 @@ PEERS = {
     "curvlinops-for-pytorch": {
         "requirements": ["torch==2.13.0", "curvlinops-for-pytorch==3.0.1"],
         "script": HERE / "peers" / "curvlinops_for_pytorch.py",
-    }
+    },
+    # laplace-torch 0.3 requires torchvision, whose wheel here is a CUDA build that
+    # breaks torch's CPU operators on import (``operator torchvision::nms does not
+    # exist``); laplace itself never imports it. So laplace-torch and asdfghjkl (which
+    # provides the ``asdl`` module laplace imports) are installed without their
+    # requirements, the others with theirs, and the torchvision that backpack-for-pytorch
+    # pulls in is uninstalled again.
+    "laplace-torch": {
+        "requirements": [
+            "torch==2.13.0",
+            "curvlinops-for-pytorch==3.0.1",
+            "numpy",
+            "scipy>=1.12",
+            "tqdm>=4.66",
+            "opt-einsum",
+            "torchmetrics",
+        ],
+        "no_deps": ["laplace-torch==0.3", "asdfghjkl==0.1a4"],
+        "uninstall": ["torchvision"],
+        "check": "from laplace import Laplace",
+        "script": HERE / "peers" / "laplace_torch.py",
+    },
 }
 
 
@@ -62,6 +83,31 @@ def peer_python(name: str) -> Path:
         subprocess.run(
             pip + spec["requirements"], check=True, capture_output=True, text=True, timeout=1800
         )
+        if spec.get("no_deps"):
+            subprocess.run(
+                pip + ["--no-deps", *spec["no_deps"]],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
+        if spec.get("uninstall"):
+            subprocess.run(
+                [str(python), "-m", "pip", "uninstall", "-y", "-q", *spec["uninstall"]],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+        if spec.get("check"):  # the peer imports in its own environment
+            subprocess.run(
+                [str(python), "-c", spec["check"]],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env=_peer_environment(),
+            )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
         detail = getattr(err, "stderr", "") or ""
         raise PeerUnavailable(f"could not install {name}: {detail[-500:]}") from err

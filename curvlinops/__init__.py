@@ -11,6 +11,7 @@ listed before it:
 6. ``curvlinops.curvature``: curvature operators over data;
 7. ``curvlinops.optim``: optimizers built on curvature (K-FAC, Hessian-free, natural
    gradient; their torch and optax adapters are imported on demand);
+   ``curvlinops.bayes``: the Laplace approximation and Gaussian predictives;
 8. ``curvlinops.verify``: checks users run on their own models and operators;
    ``curvlinops.testing``: the shared operator test case, for users' own operators.
 
@@ -22,7 +23,19 @@ Every public name of the layers is re-exported here.
 """
 
 # frontends registers the PyTorch adapters of as_model / as_loss (it imports no torch)
-from . import curvature, frontends, linalg, losses, models, nn, optim, solvers, testing, verify
+from . import (
+    bayes,
+    curvature,
+    frontends,
+    linalg,
+    losses,
+    models,
+    nn,
+    optim,
+    solvers,
+    testing,
+    verify,
+)
 from ._backend import RandomGenerator, array_namespace, to_numpy
 from ._backend.comm import (
     Communicator,
@@ -61,6 +74,7 @@ __all__ = [
     *models.__all__,
     *losses.__all__,
     *curvature.__all__,
+    "bayes",
     "frontends",
     "nn",
     "optim",

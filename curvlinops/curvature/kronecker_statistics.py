@@ -642,6 +642,19 @@ class _KroneckerCurvature(CurvatureLinearOperator):
 
     # -- delegation ----------------------------------------------------------------------
 
+    @property
+    def kronecker_factored(self) -> KroneckerFactoredLinearOperator:
+        """The operator the products and exact queries delegate to, block by block.
+
+        A :class:`~curvlinops.KroneckerFactoredLinearOperator`: its ``operator.blocks``
+        are the blocks (``B (x) A``, a bias's ``B (x) 1``, EKFAC's eigendecomposed blocks,
+        exact blocks of elementwise layers) and its ``blocks`` their segments of the flat
+        parameter vector, so that a caller can treat each block on its own (a prior
+        precision per layer, :mod:`curvlinops.bayes`). Replaced, not changed, by
+        :meth:`update` and ``load_state_dict``.
+        """
+        return self._operator
+
     def _matmat(self, X):
         return self._operator._matmat(X)
 

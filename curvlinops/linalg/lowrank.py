@@ -171,5 +171,13 @@ class _LowRankOuter(LinearOperator):
     def _matmat(self, X):
         return self.W @ (self.xp.matrix_transpose(self.W) @ X)
 
+    def diagonal(self):
+        # the diagonal of the Woodbury inverse D^{-1} - W W^T needs it (marginal
+        # likelihood gradients of a Laplace posterior)
+        return self.xp.sum(self.W * self.W, axis=1)
+
+    def trace(self):
+        return self.xp.sum(self.W * self.W)
+
     def to_dense(self):
         return self.W @ self.xp.matrix_transpose(self.W)

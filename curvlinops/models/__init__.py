@@ -18,6 +18,7 @@ from .protocol import (
     Tier,
     TraceableLinearMap,
 )
+from .subset import ParameterSubsetModel
 
 __all__ = [
     "Capability",
@@ -29,6 +30,7 @@ __all__ = [
     "Model",
     "OUTPUTS",
     "OutputsFunction",
+    "ParameterSubsetModel",
     "Tier",
     "TraceableLinearMap",
     "as_model",
