@@ -426,6 +426,12 @@ class _Diagonal(_Structure):
     def precision(self, scale, prior):
         return DiagonalLinearOperator(scale * self.h + prior.diagonal)
 
+    def output_covariance(self, scale, prior, lin):
+        """``J_n Sigma J_n^T`` per datum from the taps, ``Sigma`` diagonal (or None)."""
+        nu = 1.0 / (scale * self.h + prior.diagonal)
+        bases = _diagonal_bases(nu, self.sizes, lin, self.xp)
+        return None if bases is None else _tap_output_covariance(lin, bases, self.xp)
+
     def evidence_terms(self, scale, prior, per_array=False):
         xp = self.xp
         shifted = scale * self.h + prior.diagonal
@@ -520,49 +526,108 @@ class _Kronecker(_Structure):
         return EvidenceTerms(logdet, traces=traces, coupling=_diagonal_coupling(squares))
 
     def output_covariance(self, scale, prior, lin):
-        """``J_n Sigma J_n^T`` of every datum of a linearization, ``(N, C, C)``, or None.
+        """``J_n Sigma J_n^T`` of every datum, ``(N, C, C)``, from the taps (or None).
 
-        Without forming the Jacobians: for a Linear layer without shared axes the
-        Jacobian of output ``c`` is ``g_c a^T`` (its output gradient and input), so in
-        a block's eigenbasis ``Q_B (x) Q_A`` with covariance eigenvalues ``nu`` it is
-        ``u_c v^T`` (``u_c = Q_B^T g_c``, ``v = Q_A^T a``) and its share of the covariance
-        is ``sum_i u_ci u_di sum_j nu_ij v_j^2``: per datum ``O(C D_out^2 + D_in^2 + C^2
-        D_out + D_out D_in)`` instead of a product with ``C`` columns of ``P`` entries.
-        None (use the Jacobians) for outputs other than ``(N, C)``, other taps (shared
-        axes, transposed weights, embeddings, elementwise layers) or blocks.
+        Each block in its eigenbasis ``Q_B (x) Q_A`` with the covariance's eigenvalues
+        ``1 / (scale lam + delta)`` (:func:`_tap_output_covariance`).
         """
-        xp = self.xp
-        outputs = lin.outputs
-        if outputs.ndim != 2:
-            return None
-        N, C = outputs.shape
-        eye = xp.eye(C, dtype=outputs.dtype, device=_device_of(outputs))
-        roles = {}
-        for tap in lin.layer_taps(xp.broadcast_to(eye[None, :, :], (N, C, C))):
-            if tap.kind != "matrix" or tap.transposed or tap.inputs.ndim != 2:
-                return None
-            roles[tap.weight_index] = (tap, True)
-            if tap.bias_index is not None:
-                roles[tap.bias_index] = (tap, False)
-        total = None
+        bases = {}
         for b, delta in enumerate(self._block_priors(prior)):
-            role, basis = roles.get(self.block_array[b]), _eigenbasis(self.blocks[b])
-            if role is None or basis is None:
+            basis = _eigenbasis(self.blocks[b])
+            if basis is None:
                 return None
-            (tap, is_weight), (Q_out, Q_in, lam) = role, basis
-            if tuple(lam.shape) != ((tap.output_grads.shape[1], tap.inputs.shape[1])
-                                    if is_weight else (tap.output_grads.shape[1], 1)):  # fmt: skip
-                return None
-            nu = 1.0 / (scale * lam + delta)  # the block's covariance eigenvalues
-            U = xp.permute_dims(_rotated(Q_out, tap.output_grads, xp), (0, 2, 1))  # (N, C, D_out)
-            if is_weight:
-                V = tap.inputs if isinstance(Q_in, int) else tap.inputs @ Q_in
-                w = (V * V) @ xp.matrix_transpose(nu)  # (N, D_out)
-            else:
-                w = xp.broadcast_to(nu[:, 0][None, :], (N, nu.shape[0]))
-            part = (U * w[:, None, :]) @ xp.matrix_transpose(U)
-            total = part if total is None else total + part
-        return 0.5 * (total + xp.matrix_transpose(total))
+            Q_out, Q_in, lam = basis
+            bases[self.block_array[b]] = (Q_out, Q_in, 1.0 / (scale * lam + delta))
+        return _tap_output_covariance(lin, bases, self.xp)
+
+
+def _unit_taps(lin, xp):
+    """``{array: (tap, is_weight)}`` of the layer taps for the ``C`` unit cotangents, or
+    None unless every tap is a Linear one without shared axes (``s = W a + b``)."""
+    outputs = lin.outputs
+    N, C = outputs.shape
+    eye = xp.eye(C, dtype=outputs.dtype, device=_device_of(outputs))
+    roles = {}
+    for tap in lin.layer_taps(xp.broadcast_to(eye[None, :, :], (N, C, C))):
+        if tap.kind != "matrix" or tap.transposed or tap.inputs.ndim != 2:
+            return None
+        roles[tap.weight_index] = (tap, True)
+        if tap.bias_index is not None:
+            roles[tap.bias_index] = (tap, False)
+    return roles
+
+
+def _tap_output_covariance(lin, bases, xp):
+    """``sum_l J_n,l Sigma_l J_n,l^T`` per datum for a block-diagonal covariance, or None.
+
+    ``bases[array] = (Q_out, Q_in, nu)``: the array's block of the covariance is
+    ``(Q_out (x) Q_in) diag(nu) (Q_out (x) Q_in)^T`` with ``nu`` of the weight's shape
+    ``(D_out, D_in)`` (``(D_out, 1)`` for a bias; an int ``Q`` is the identity, e.g. a
+    diagonal covariance). For a Linear layer without shared axes the Jacobian of output
+    ``c`` is ``g_c a^T`` (its output gradient and input), in the eigenbasis ``u_c v^T``
+    (``u_c = Q_out^T g_c``, ``v = Q_in^T a``), and its share of ``J Sigma J^T`` is
+    ``sum_i u_ci u_di sum_j nu_ij v_j^2``: per datum ``O(C D_out^2 + D_in^2 + C^2 D_out +
+    D_out D_in)`` instead of a product with ``C`` columns of ``P`` entries. None (use the
+    Jacobians) for outputs other than ``(N, C)``, other taps (shared axes, transposed
+    weights, embeddings, elementwise layers) or an array without a basis.
+    """
+    if lin.outputs.ndim != 2:
+        return None
+    roles = _unit_taps(lin, xp)
+    if roles is None or set(roles) != set(bases):
+        return None
+    N = lin.outputs.shape[0]
+    total = None
+    for array, (Q_out, Q_in, nu) in bases.items():
+        tap, is_weight = roles[array]
+        d_out, d_in = tap.output_grads.shape[1], tap.inputs.shape[1]
+        if tuple(nu.shape) != ((d_out, d_in) if is_weight else (d_out, 1)):
+            return None
+        U = xp.permute_dims(_rotated(Q_out, tap.output_grads, xp), (0, 2, 1))  # (N, C, D_out)
+        if is_weight:
+            V = tap.inputs if isinstance(Q_in, int) else tap.inputs @ Q_in
+            w = (V * V) @ xp.matrix_transpose(nu)  # (N, D_out)
+        else:
+            w = xp.broadcast_to(nu[:, 0][None, :], (N, d_out))
+        part = (U * w[:, None, :]) @ xp.matrix_transpose(U)
+        total = part if total is None else total + part
+    return 0.5 * (total + xp.matrix_transpose(total))
+
+
+def _diagonal_bases(nu, sizes, lin, xp):
+    """Identity bases for a diagonal covariance ``diag(nu)``, shaped by the taps (or None)."""
+    if lin.outputs.ndim != 2:
+        return None
+    roles = _unit_taps(lin, xp)
+    if roles is None or set(roles) != set(range(len(sizes))):
+        return None
+    bases, start = {}, 0
+    for array, n in enumerate(sizes):
+        tap, is_weight = roles[array]
+        d_out = tap.output_grads.shape[1]
+        bases[array] = (1, 1, xp.reshape(nu[start : start + n], (d_out, -1)))
+        start += n
+    return bases
+
+
+def _low_rank_output_covariance(lin, base_nu, vectors, values, sizes, xp):
+    """``J (diag(base_nu) + U diag(values) U^T) J^T`` per datum, or None.
+
+    The diagonal part from the taps; the low-rank part from one Jacobian-vector product
+    with the ``k`` columns of ``U``: ``(J U) diag(values) (J U)^T``.
+    """
+    bases = _diagonal_bases(base_nu, sizes, lin, xp)
+    if bases is None:
+        return None
+    diagonal = _tap_output_covariance(lin, bases, xp)
+    if diagonal is None:
+        return None
+    from ..models import unflatten_params
+
+    JU = lin.jvp(unflatten_params(vectors, [tuple(p.shape) for p in lin.params]))  # (N, C, k)
+    low_rank = (JU * values[None, None, :]) @ xp.matrix_transpose(JU)
+    out = diagonal + low_rank
+    return 0.5 * (out + xp.matrix_transpose(out))
 
 
 def _eigenbasis(block):
@@ -630,6 +695,20 @@ class _LowRank(_Structure):
             prior.diagonal, scale * self.eigenvalues, self.eigenvectors
         )
 
+    def output_covariance(self, scale, prior, lin):
+        """``J_n Sigma J_n^T`` per datum from the taps and one Jacobian-vector product
+        with the ``rank`` eigenvectors (or None)."""
+        xp, Q = self.xp, self.eigenvectors
+        if not prior.is_scalar:
+            return _woodbury_output_covariance(
+                prior.diagonal, scale * self.eigenvalues, Q, self.sizes, lin, xp
+            )
+        # (Q diag(s lam) Q^T + delta I)^{-1} = Q diag(1/(s lam + delta) - 1/delta) Q^T + I/delta
+        delta = prior.per_array[0]
+        values = 1.0 / (scale * self.eigenvalues + delta) - 1.0 / delta
+        base = xp.full((Q.shape[0],), 1.0 / delta, dtype=Q.dtype, device=_device_of(Q))
+        return _low_rank_output_covariance(lin, base, Q, values, self.sizes, xp)
+
     def evidence_terms(self, scale, prior, per_array=False):
         xp = self.xp
         if not prior.is_scalar or per_array:
@@ -665,6 +744,17 @@ class _DiagonalPlusLowRank(_Structure):
             scale * self.rest + prior.diagonal, scale * self.eigenvalues, self.eigenvectors
         )
 
+    def output_covariance(self, scale, prior, lin):
+        """``J_n Sigma J_n^T`` per datum through the Woodbury identity (or None)."""
+        return _woodbury_output_covariance(
+            scale * self.rest + prior.diagonal,
+            scale * self.eigenvalues,
+            self.eigenvectors,
+            self.sizes,
+            lin,
+            self.xp,
+        )
+
     def evidence_terms(self, scale, prior, per_array=False):
         return _woodbury_terms(
             scale * self.rest + prior.diagonal,
@@ -673,6 +763,27 @@ class _DiagonalPlusLowRank(_Structure):
             self.sizes,
             self.xp,
         )
+
+
+def _woodbury_factor(d, s, U, xp):
+    """``(1/d, W, L)`` with ``(D + U diag(s) U^T)^{-1} = D^{-1} - W W^T``,
+    ``W = D^{-1} U L^{-T}`` and ``L L^T = diag(1/s) + U^T D^{-1} U`` (Cholesky)."""
+    k = int(s.shape[0])
+    d_inv = 1.0 / d
+    eye = xp.eye(k, dtype=d.dtype, device=_device_of(d))
+    C = xp.matrix_transpose(U) @ (d_inv[:, None] * U) + eye * (1.0 / s)[None, :]
+    L = checked_cholesky(C, xp, name="Woodbury capacitance matrix")
+    W = xp.matrix_transpose(solve_triangular(L, xp.matrix_transpose(d_inv[:, None] * U), xp))
+    return d_inv, W, L
+
+
+def _woodbury_output_covariance(d, s, U, sizes, lin, xp):
+    """``J (D + U diag(s) U^T)^{-1} J^T`` per datum: ``J D^{-1} J^T - (J W)(J W)^T``."""
+    if not bool(xp.all(d > 0)) or not bool(xp.all(s > 0)):
+        return None
+    d_inv, W, _ = _woodbury_factor(d, s, U, xp)
+    minus = -xp.ones((W.shape[1],), dtype=W.dtype, device=_device_of(W))
+    return _low_rank_output_covariance(lin, d_inv, W, minus, sizes, xp)
 
 
 def _woodbury_terms(d, s, U, sizes, xp):
@@ -691,12 +802,7 @@ def _woodbury_terms(d, s, U, sizes, xp):
             "eigenvalues of the curvature's low-rank part and a positive diagonal; use a "
             "scalar prior (the damped eigendecomposition), or curvature='ggn'."
         )
-    k = int(s.shape[0])
-    d_inv = 1.0 / d
-    eye = xp.eye(k, dtype=d.dtype, device=_device_of(d))
-    C = xp.matrix_transpose(U) @ (d_inv[:, None] * U) + eye * (1.0 / s)[None, :]
-    L = checked_cholesky(C, xp, name="Woodbury capacitance matrix")
-    W = xp.matrix_transpose(solve_triangular(L, xp.matrix_transpose(d_inv[:, None] * U), xp))
+    d_inv, W, L = _woodbury_factor(d, s, U, xp)
     logdet = xp.sum(xp.log(d)) + xp.sum(xp.log(s)) + 2 * xp.sum(xp.log(xp.linalg.diagonal(L)))
     row_squares = xp.sum(W * W, axis=1)
     traces = _group_sums(d_inv - row_squares, sizes, xp)

@@ -447,10 +447,13 @@ class Laplace:
     def functional_variance(self, X, *, batch_size=None):
         """The linearized outputs' mean ``(N, C)`` and covariance ``(N, C, C)`` at ``X``.
 
-        ``J Sigma J^T`` per test point. For K-FAC and EKFAC over Linear layers without
-        shared axes it comes from the layer taps and the blocks' eigenbases without
-        forming the Jacobians (``batch_size`` test points per pass, default 1024);
-        otherwise from :func:`~curvlinops.bayes.glm_predictive_moments`.
+        ``J Sigma J^T`` per test point. For models of Linear layers without shared axes
+        and every structure but the dense one it comes from the layer taps without
+        forming the Jacobians (``batch_size`` test points per pass, default 1024): a
+        layer's Jacobian is ``g a^T``, so K-FAC's and EKFAC's blocks act on it in their
+        eigenbases and a diagonal entrywise, and a low-rank part adds one
+        Jacobian-vector product with its ``rank`` columns. Otherwise from
+        :func:`~curvlinops.bayes.glm_predictive_moments`.
         """
         fast = getattr(self._structure, "output_covariance", None)
         if fast is not None:

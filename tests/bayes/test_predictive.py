@@ -241,22 +241,22 @@ def test_predictive_errors(numpy_backend):
         glm_predictive_moments(model, params, np.ones((2, 2)), eye, batch_size=0)
 
 
-@pytest.mark.parametrize("structure", ["kron", "ekfac"])
+@pytest.mark.parametrize("layerwise", [False, True])
+@pytest.mark.parametrize("structure", ["kron", "ekfac", "diag", "lowrank", "diag_lowrank"])
 @pytest.mark.parametrize("subset", [None, "last_layer"])
-def test_kronecker_predictive_without_jacobians_equals_the_sandwich(
-    backend, mlp, structure, subset
-):
-    # the taps' eigenbasis route of K-FAC/EKFAC against J Sigma J^T with the Jacobians
-    # from torch.func and the covariance densely
+def test_predictive_from_the_taps_equals_the_sandwich(backend, mlp, structure, subset, layerwise):
+    # the route without Jacobians (K-FAC/EKFAC in their eigenbases, the diagonal
+    # entrywise, low rank with one Jacobian-vector product) against J Sigma J^T with the
+    # Jacobians from torch.func and the covariance densely
     from curvlinops import CrossEntropyLoss
     from curvlinops.bayes import Laplace
 
     model, params, X, y, ref = mlp
     ps = [backend.asarray(p) for p in params]
     data = [(backend.asarray(X), backend.asarray(y))]
-    prior = [0.5, 2.0] if subset else [0.5, 1.0, 2.0, 4.0]
+    prior = ([0.5, 2.0] if subset else [0.5, 1.0, 2.0, 4.0]) if layerwise else 1.5
     la = Laplace(model, CrossEntropyLoss(), ps, data, structure=structure, subset=subset,
-                 prior_precision=prior)  # fmt: skip
+                 prior_precision=prior, rank=4)  # fmt: skip
     X_test = np.random.default_rng(4).normal(size=(7, 3))
     lin = la.model.linearize(la.params, backend.asarray(X_test))
     assert la._structure.output_covariance(la._scale, la._prior, lin) is not None  # the route
@@ -270,7 +270,7 @@ def test_kronecker_predictive_without_jacobians_equals_the_sandwich(
     np.testing.assert_allclose(to_numpy(mean), ref.outputs(params, X_test), rtol=1e-12)
 
 
-def test_kronecker_predictive_of_a_cnn_falls_back_to_the_jacobians(numpy_backend):
+def test_predictive_of_a_cnn_falls_back_to_the_jacobians(numpy_backend):
     from curvlinops import CrossEntropyLoss
     from curvlinops.bayes import Laplace
 
