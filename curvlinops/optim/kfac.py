@@ -178,9 +178,9 @@ class KFAC:
         The products are rescaled to the batch's reduction. The gradient and the
         objective always use the whole batch. Smaller fractions make a step cheaper
         (both are estimates that a part of the batch gives nearly as well); on the
-        digits benchmark (``benchmarks/bench_optim.py``) 1/8 keeps K-FAC's
-        amortized step within about twice an Adam step, converging as with the
-        whole batch.
+        digits benchmark (``benchmarks/bench_optim.py``) 1/8, with the factors
+        updated every second step, keeps K-FAC's amortized step within twice an
+        Adam step, converging as with the whole batch.
     comm : optional
         Data-parallel steps (an mpi4py communicator, a ``torch.distributed`` process
         group or a :class:`~curvlinops.Communicator`): every rank calls :meth:`init` and
