@@ -18,9 +18,11 @@ def classifier(widths=(2, 4, 3), seed=0, N=40, prior=1.0):
     """A tanh MLP classifier, its data and its MAP under the prior ``N(0, I / prior)``.
 
     Returns ``(model, params, X, y, reference)`` with NumPy float64 arrays and the
-    :class:`Reference` of the network.
+    :class:`Reference` of the network. Skips the calling test without PyTorch.
     """
-    import torch
+    import pytest
+
+    torch = pytest.importorskip("torch")
 
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(N, widths[0]))
