@@ -179,17 +179,8 @@ class CurvatureLinearOperator(LinearOperator):
         tangents = unflatten_params(V, self.shapes)
 
         def local():
-            scale = total = None
-            for index, X, y in self._batches():
-                lin = self._linearization(index, X)
-                if scale is None:  # the first outputs give the normalization's shape
-                    self._set_output_shape(lin.outputs)
-                    scale = self._normalization()
-                if index not in self._checked_batches:
-                    # labels, targets and outputs, once per batch (the data and parameters
-                    # are fixed): the first product pays one check per batch, no more
-                    check_batch_values(self.loss, lin.outputs, y, index)
-                    self._checked_batches.add(index)
+            total = None
+            for index, lin, y, scale in self._checked_linearizations():
                 batch = self._batch_matmat(lin, y, tangents, scale, index)
                 part = flatten_params(batch, self.shapes)
                 total = part if total is None else total + part
@@ -239,15 +230,8 @@ class CurvatureLinearOperator(LinearOperator):
         tangents = unflatten_params(V, self.shapes)
 
         def local():
-            scale = total = None
-            for index, X, y in self._batches():
-                lin = self._linearization(index, X)
-                if scale is None:
-                    self._set_output_shape(lin.outputs)
-                    scale = self._normalization()
-                if index not in self._checked_batches:
-                    check_batch_values(self.loss, lin.outputs, y, index)
-                    self._checked_batches.add(index)
+            total = None
+            for index, lin, y, scale in self._checked_linearizations():
                 Jv = lin.jvp(tangents)
                 MJv = self._batch_output_matmat(lin, y, Jv, scale, index)
                 K = Jv.shape[-1]
@@ -258,6 +242,24 @@ class CurvatureLinearOperator(LinearOperator):
         K = V.shape[1]
         (total,) = self._summed(local, [(K, K)], "quadratic form")
         return 0.5 * (total + xp.matrix_transpose(total))  # exactly symmetric
+
+    def _checked_linearizations(self):
+        """``(index, linearization, y, scale)`` of this process's batches, for products.
+
+        ``scale`` is the loss's normalization, from the first batch's output shape (no
+        extra forward pass); each batch's labels, targets and outputs are checked once
+        (the data and parameters are fixed: the first product pays one check per batch).
+        """
+        scale = None
+        for index, X, y in self._batches():
+            lin = self._linearization(index, X)
+            if scale is None:
+                self._set_output_shape(lin.outputs)
+                scale = self._normalization()
+            if index not in self._checked_batches:
+                check_batch_values(self.loss, lin.outputs, y, index)
+                self._checked_batches.add(index)
+            yield index, lin, y, scale
 
     def _summed(self, local, shapes, what):
         """The reduction point of sums over data: ``local()`` (this process's sums, a list
