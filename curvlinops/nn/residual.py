@@ -112,10 +112,21 @@ def _shift(entries, offset):
 
 
 class _Memo:
-    """What the forward-tangent pass keeps for :meth:`Residual.r_backward`."""
+    """What the forward-tangent pass keeps for :meth:`Residual.r_backward` (used once)."""
 
     def __init__(self, block, shortcut):
         self.block, self.shortcut = block, shortcut
+        self.used = False
+
+    def use(self):
+        """Mark the memo used; refuse a second use (its inner tangents are freed by then)."""
+        if self.used:
+            raise ValueError(
+                "Residual.r_backward got a memo of tangent_with_memo that an earlier "
+                "r_backward already used (it frees the inner tangents as it goes); call "
+                "tangent_with_memo again for each r_backward, or pass the plain input tangent."
+            )
+        self.used = True
 
 
 class Residual(Layer):
@@ -357,11 +368,13 @@ class Residual(Layer):
 
         ``ta`` is the memo of :meth:`tangent_with_memo` (the inner layers' tangents of
         the forward-tangent pass) or a plain input tangent (None: zero), whose inner
-        tangents are then pushed here.
+        tangents are then pushed here. A memo serves one call: this frees its inner
+        tangents as it goes, and a second call with it raises a ValueError.
         """
         memo = ta
         if not isinstance(memo, _Memo):
             _, memo = self._tangents(params, dparams, state, ta, xp, keep=True)
+        memo.use()
         rgrads, g_in, rg_in = [], None, None
         paths = zip(
             self._paths(),

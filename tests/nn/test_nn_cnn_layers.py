@@ -583,15 +583,6 @@ def test_cnn_curvature_operators_match_torch():
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: nn.AvgPool2d(3, padding=2), "at most half the kernel size"),
-        (lambda: nn.MaxPool2d(2, padding=(0, 2)), "at most half the kernel size"),
-        (lambda: nn.AvgPool2d(2, ceil_mode=True), "ceil_mode=False only"),
-        (lambda: nn.MaxPool1d(2, ceil_mode=True), "ceil_mode=False only"),
-        (lambda: nn.AvgPool2d(2, count_include_pad=False), "count_include_pad=True only"),
-        (lambda: nn.AvgPool2d(2, divisor_override=3), "divisor_override"),
-        (lambda: nn.MaxPool2d(2, return_indices=True), "return_indices"),
-        (lambda: nn.AvgPool2d(0), "kernel_size as a positive"),
-        (lambda: nn.MaxPool2d(2, stride=(1, 1, 1)), "tuple of 2"),
         (lambda: nn.BatchNorm2d(0), "positive integer num_features"),
         (lambda: nn.BatchNorm2d(3, running_mean=[0.0, 1.0]), r"num_features=3 entries.*\(2,\)"),
         (lambda: nn.BatchNorm1d(2, running_var=np.ones((2, 1))), "num_features=2 entries"),
@@ -606,6 +597,81 @@ def test_cnn_curvature_operators_match_torch():
 def test_bad_arguments_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: nn.AvgPool2d(3, padding=2),
+         "AvgPool2d needs padding at most half the kernel size (as in PyTorch), got padding=2 "
+         "for kernel_size=3."),
+        (lambda: nn.MaxPool2d(2, padding=(0, 2)),
+         "MaxPool2d needs padding at most half the kernel size (as in PyTorch), got "
+         "padding=(0, 2) for kernel_size=2."),
+        (lambda: nn.AvgPool2d(2, ceil_mode=True),
+         "AvgPool2d supports ceil_mode=False only (the output size rounds down, as PyTorch's "
+         "default); drop ceil_mode=True or pad the inputs instead."),
+        (lambda: nn.MaxPool1d(2, ceil_mode=True),
+         "MaxPool1d supports ceil_mode=False only (the output size rounds down, as PyTorch's "
+         "default); drop ceil_mode=True or pad the inputs instead."),
+        (lambda: nn.AvgPool2d(2, count_include_pad=False),
+         "AvgPool2d supports count_include_pad=True only (the divisor is always the kernel "
+         "size, padded zeros included, as PyTorch's default)."),
+        (lambda: nn.AvgPool1d(2, divisor_override=3),
+         "AvgPool1d does not support divisor_override (got 3); the divisor is the kernel size."),
+        (lambda: nn.MaxPool2d(2, return_indices=True),
+         "MaxPool2d does not support return_indices=True (its output is the pooled array only)."),
+        (lambda: nn.AvgPool2d(0),
+         "AvgPool2d needs kernel_size as a positive integer or a tuple of 2 such integers, "
+         "got 0."),
+        (lambda: nn.MaxPool2d(2, stride=(1, 1, 1)),
+         "MaxPool2d needs stride as a positive integer or a tuple of 2 such integers, got "
+         "(1, 1, 1)."),
+        (lambda: nn.MaxPool1d(2, padding=-1),
+         "MaxPool1d needs padding as a non-negative integer or a tuple of 1 such integers, "
+         "got -1."),
+        (lambda: nn.MaxPool2d(2, dilation=0),
+         "MaxPool2d needs dilation as a positive integer or a tuple of 2 such integers, got 0."),
+    ],
+)  # fmt: skip
+def test_bad_pooling_arguments_raise_with_the_whole_message(make, message):
+    with pytest.raises(ValueError) as err:
+        make()
+    assert str(err.value) == message
+
+
+def test_bad_pooling_inputs_and_missing_statistics_raise_with_the_whole_message():
+    def raised(error, call):
+        with pytest.raises(error) as err:
+            call()
+        return str(err.value)
+
+    assert raised(ValueError, lambda: nn.AvgPool2d(2)([], np.ones((2, 3, 4)))) == (
+        "AvgPool2d(kernel_size=(2, 2), stride=(2, 2), padding=(0, 0)) expects channels-first "
+        "inputs of shape (N, C, H, W), got shape (2, 3, 4)."
+    )
+    assert raised(ValueError, lambda: nn.MaxPool1d(2)([], np.ones((2, 3, 4, 4)))) == (
+        "MaxPool1d(kernel_size=2, stride=2, padding=0, dilation=1) expects channels-first "
+        "inputs of shape (N, C, L), got shape (2, 3, 4, 4)."
+    )
+    assert raised(ValueError, lambda: nn.MaxPool2d(3)([], np.ones((1, 1, 2, 5)))) == (
+        "MaxPool2d(kernel_size=(3, 3), stride=(3, 3), padding=(0, 0), dilation=(1, 1)) gets "
+        "inputs of spatial size (2, 5), smaller than its (dilated) kernel plus padding: the "
+        "output would be empty."
+    )
+    assert raised(ValueError, lambda: nn.GlobalAvgPool2d()([], np.ones((2, 3)))) == (
+        "GlobalAvgPool2d(keepdim=False) expects channels-first inputs of shape (N, C, H, W), "
+        "got shape (2, 3)."
+    )
+    state = {"input": np.ones((1, 2, 4, 4)), "channels_first": True}
+    for layer in (nn.AvgPool2d(2), nn.MaxPool2d(2), nn.GlobalAvgPool2d()):
+        bound = layer.linearized([], dict(state), npx)
+        assert raised(MissingLayerRuleError, lambda b=bound: b.backward_mean_curvature(
+            np.eye(2), None)) == (
+            f"layer {type(layer).__name__!r} is {layer!r}, which does not implement the "
+            "batch-averaged curvature rule without statistics of the layer protocol (pass "
+            "what curvature_statistics accumulated over the data)."
+        )  # fmt: skip
 
 
 def test_bad_inputs_raise():

@@ -9,8 +9,9 @@ and inside the blocks) with K > 1 vectors; the dense GGN and Hessian operators a
 gradients) against torch hooks and autograd; K-FAC, EKFAC and the GGN diagonal on the
 ResNet, exactness of K-FAC where it provably holds (one datum, one pixel per layer);
 the layer protocol (exact backward gradient, the Hessian diagonal through the blocks
-against torch.func, the per-datum rule against the exact input Hessian); shape and
-type errors.
+against torch.func, the per-datum rule against the exact input Hessian); the
+``need_input`` the inner layers are asked for (against finite differences); a memo
+serves one ``r_backward``; shape and type errors.
 """
 
 from __future__ import annotations
@@ -714,3 +715,125 @@ def test_the_layer_protocol_check_passes_through_a_block_with_a_projection():
     params = model.init(0, xp=npx, dtype=npx.float64)
     report = check_layer_protocol(model, params, np.random.default_rng(1).standard_normal((4, 2)))
     assert report.passed and "per-datum curvature at 2" in report.details, report
+
+
+# -- what the Residual asks of its inner layers ---------------------------------------------
+
+
+def _spied_residual(log):
+    """``Res(Tanh, Linear, Tanh, Linear; shortcut Linear)`` whose inner layers log the
+    ``need_input`` each of their backward rules is asked for (a user's own layer sees it)."""
+    layers = {
+        "act0": nn.Tanh(),
+        "lin1": nn.Linear(3, 3),
+        "act2": nn.Tanh(),
+        "lin3": nn.Linear(3, 3),
+        "skip": nn.Linear(3, 3),
+    }
+    for label, layer in layers.items():
+        for method in ("backward", "r_backward", "backward_taps"):
+            rule = getattr(layer, method)
+
+            def spy(*args, _rule=rule, _call=(label, method), **kwargs):
+                log.append((*_call, kwargs.get("need_input", True)))  # True: the default
+                return _rule(*args, **kwargs)
+
+            setattr(layer, method, spy)
+    block = nn.Sequential(layers["act0"], layers["lin1"], layers["act2"], layers["lin3"])
+    return nn.Residual(block, shortcut=layers["skip"])
+
+
+def _fd_gradient(f, arrays, eps=1e-6):
+    """Central differences of the scalar ``f(arrays)`` with respect to every entry."""
+    grads = []
+    for i, a in enumerate(arrays):
+        g = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            shifted = [b.copy() for b in arrays]
+            shifted[i][idx] += eps
+            up = f(shifted)
+            shifted[i][idx] -= 2 * eps
+            g[idx] = (up - f(shifted)) / (2 * eps)
+        grads.append(g)
+    return grads
+
+
+@pytest.mark.parametrize("need_input", [False, True])
+def test_inner_layers_are_asked_only_for_the_cotangents_the_residual_needs(need_input):
+    """Without input cotangents the walk stops at the block's first layer with
+    parameters and asks it (and the shortcut) for none; the values do not change."""
+    log = []
+    layer = _spied_residual(log)
+    rng = np.random.default_rng(2)
+    params = [rng.standard_normal(s) for s in layer.expected_param_shapes()]
+    a = rng.standard_normal((4, 3))
+    g = rng.standard_normal((4, 1, 3))
+    state = {"input": a, "channels_first": False}
+    layer.forward_with_state(params, a, npx, state)
+    # the block's walk from its last layer, then the shortcut's
+    if need_input:
+        asked = [("lin3", True), ("act2", True), ("lin1", True), ("act0", True), ("skip", True)]
+    else:
+        asked = [("lin3", True), ("act2", True), ("lin1", False), ("skip", False)]
+
+    def calls(method):
+        return [(label, flag) for label, m, flag in log if m == method]
+
+    grads, g_in = layer.backward(params, state, g, npx, need_input=need_input)
+    assert calls("backward") == asked
+    reference = _fd_gradient(
+        lambda ps: float(np.sum(g[:, 0] * layer(ps[:-1], ps[-1]))), [*params, a]
+    )
+    for grad, expected in zip(grads, reference[:-1], strict=True):
+        assert_close(grad[..., 0], expected, rtol=1e-7)
+    if need_input:
+        assert_close(g_in[:, 0], reference[-1], rtol=1e-7)
+    else:
+        assert g_in is None
+
+    log.clear()
+    dparams = [rng.standard_normal(p.shape + (2,)) for p in params]
+    ta, rg = rng.standard_normal((4, 2, 3)), rng.standard_normal((4, 2, 3))
+    rgrads, g_r, rg_in = layer.r_backward(
+        params, dparams, state, ta, g, rg, npx, need_input=need_input
+    )
+    assert calls("r_backward") == asked
+    full = layer.r_backward(params, dparams, state, ta, g, rg, npx)
+    for x, y in zip(rgrads, full[0], strict=True):
+        assert_close(x, y)
+    assert (g_r is None and rg_in is None) != need_input
+
+    log.clear()
+    taps, g_t = layer.backward_taps(
+        params, state, g, npx, name="r", param_indices=range(6), need_input=need_input
+    )
+    assert calls("backward_taps") == asked
+    assert [t.name for t in taps] == ["r.block.1", "r.block.3", "r.shortcut"]
+    assert (g_t is None) != need_input
+
+
+def test_a_memo_serves_one_r_backward_and_a_second_use_raises():
+    """The Residual frees a memo's inner tangents as its backward pass goes: reusing the
+    memo would give the products without them, so it is refused."""
+    layer = nn.Residual(nn.Sequential(nn.Linear(3, 3), nn.Tanh()), shortcut=nn.Linear(3, 3))
+    rng = np.random.default_rng(1)
+    params = layer.init(0, xp=npx, dtype=npx.float64)
+    dparams = [rng.standard_normal(p.shape + (2,)) for p in params]
+    a = rng.standard_normal((4, 3))
+    state = {"input": a, "channels_first": False}
+    ta, g, rg = (rng.standard_normal(s) for s in ((4, 2, 3), (4, 1, 3), (4, 2, 3)))
+    _, memo = layer.tangent_with_memo(params, dparams, state, ta, npx)
+    layer.r_backward(params, dparams, state, memo, g, rg, npx)
+    expected = (
+        "Residual.r_backward got a memo of tangent_with_memo that an earlier r_backward "
+        "already used (it frees the inner tangents as it goes); call tangent_with_memo "
+        "again for each r_backward, or pass the plain input tangent."
+    )
+    with pytest.raises(ValueError) as err:
+        layer.r_backward(params, dparams, state, memo, g, rg, npx)
+    assert str(err.value) == expected
+    # a plain input tangent can be passed any number of times
+    once = layer.r_backward(params, dparams, state, ta, g, rg, npx)
+    twice = layer.r_backward(params, dparams, state, ta, g, rg, npx)
+    for x, y in zip(once[0], twice[0], strict=True):
+        assert_close(x, y)

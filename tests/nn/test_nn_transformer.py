@@ -9,7 +9,9 @@ VJP and the second-order product (the R-operator) with K > 1 vectors against tor
 second-order product; the dense GGN and Hessian of a tiny GPT against
 ``jacrev``/``hessian``; K-FAC, EKFAC and the GGN diagonal over every parameter of a GPT;
 K-FAC exact where it provably is; the taps; the layer protocol (LayerNorm's exact
-per-datum rule, refusals); integer inputs; causal masking; other backends.
+per-datum rule, refusals); attention's rules on a state without a forward pass (against
+finite differences); integer inputs; the whole error messages; causal masking; other
+backends.
 """
 
 from __future__ import annotations
@@ -395,6 +397,64 @@ def test_attention_k_vectors_equal_k_separate_products_and_the_memo_path():
         assert_close(with_memo[1], one[1])
 
 
+def test_attention_rules_on_a_state_without_a_forward_pass():
+    """Every rule called on a fresh state ``{"input": a}`` runs the forward pass itself:
+    the tangent against central differences of the forward pass, the backward pass by
+    the dot-product test against them, the rest as on a forwarded state."""
+    layer = nn.MultiheadSelfAttention(4, 2, causal=True)
+    rng = np.random.default_rng(3)
+    params = [rng.standard_normal(p.shape) for p in layer.init(1, xp=npx, dtype=npx.float64)]
+    dparams = [rng.standard_normal(p.shape + (2,)) for p in params]
+    a = rng.standard_normal((2, 3, 4))
+    ta, g, rg = (rng.standard_normal(s) for s in ((2, 3, 2, 4), (2, 3, 1, 4), (2, 3, 2, 4)))
+
+    def fresh():
+        return {"input": a, "channels_first": False}
+
+    h = 1e-6
+    fd = np.stack(
+        [
+            (
+                layer([p + h * d[..., k] for p, d in zip(params, dparams, strict=True)],
+                      a + h * ta[:, :, k])
+                - layer([p - h * d[..., k] for p, d in zip(params, dparams, strict=True)],
+                        a - h * ta[:, :, k])
+            ) / (2 * h)
+            for k in range(2)
+        ],
+        axis=2,
+    )  # fmt: skip
+    assert_close(layer.tangent(params, dparams, fresh(), ta, npx), fd, rtol=1e-7)
+    out, memo = layer.tangent_with_memo(params, dparams, fresh(), ta, npx)
+    assert_close(out, fd, rtol=1e-7)
+    grads, g_in = layer.backward(params, fresh(), g, npx)
+    for k in range(2):  # <J^T g, (dparams, ta)> = <g, J (dparams, ta)>
+        pairs = zip(grads, dparams, strict=True)
+        pulled = sum(float(np.sum(gp[..., 0] * d[..., k])) for gp, d in pairs)
+        pulled += float(np.sum(g_in[:, :, 0] * ta[:, :, k]))
+        np.testing.assert_allclose(pulled, np.sum(g[:, :, 0] * fd[:, :, k]), rtol=1e-7)
+
+    forwarded = fresh()
+    layer.forward_with_state(params, a, npx, forwarded)
+    expected = layer.r_backward(params, dparams, forwarded, memo, g, rg, npx)
+    plain = layer.r_backward(params, dparams, fresh(), ta, g, rg, npx)
+    for x, y in zip(plain[0], expected[0], strict=True):
+        assert_close(x, y)
+    assert_close(plain[1], expected[1])
+    assert_close(plain[2], expected[2])
+    taps, g_taps = layer.backward_taps(params, fresh(), g, npx, name="att", param_indices=range(4))
+    assert_close(g_taps, g_in)
+    reference_taps, _ = layer.backward_taps(
+        params, forwarded, g, npx, name="att", param_indices=range(4)
+    )
+    assert [t.name for t in taps] == ["att.in_proj", "att.out_proj"]
+    for tap, reference in zip(taps, reference_taps, strict=True):
+        assert_close(tap.inputs, reference.inputs)
+        assert_close(tap.output_grads, reference.output_grads)
+    bound = layer.linearized(params, fresh(), npx)
+    assert_close(bound.backward_gradient(g[:, :, 0]), g_in[:, :, 0])
+
+
 # -- dense curvature of a tiny GPT -----------------------------------------------------------
 
 
@@ -745,6 +805,66 @@ def test_embedding_init_and_errors():
     assert emb(emb.init(0), np.zeros((0, 1), dtype=np.int64)).shape == (0, 1, 2)
     assert repr(nn.SinusoidalPositions()) == "SinusoidalPositions()"
     assert repr(nn.SinusoidalPositions(100.0)) == "SinusoidalPositions(100.0)"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: nn.Embedding(0, 2), "Embedding needs a positive integer num_embeddings, got 0."),
+        (lambda: nn.Embedding(3, 2.0),
+         "Embedding needs a positive integer embedding_dim, got 2.0."),
+        (lambda: nn.PositionalEmbedding(0, 2),
+         "PositionalEmbedding needs a positive integer max_len, got 0."),
+        (lambda: nn.PositionalEmbedding(3, True),
+         "PositionalEmbedding needs a positive integer embedding_dim, got True."),
+        (lambda: nn.SinusoidalPositions(0.0),
+         "SinusoidalPositions needs a positive base, got 0.0."),
+        (lambda: nn.SinusoidalPositions(float("nan")),
+         "SinusoidalPositions needs a positive base, got nan."),
+        (lambda: nn.MultiheadSelfAttention(0, 2),
+         "MultiheadSelfAttention needs a positive integer embed_dim, got 0."),
+        (lambda: nn.MultiheadSelfAttention(4, False),
+         "MultiheadSelfAttention needs a positive integer num_heads, got False."),
+        (lambda: nn.MultiheadSelfAttention(6, 4),
+         "MultiheadSelfAttention needs num_heads to divide embed_dim, got embed_dim=6 and "
+         "num_heads=4."),
+    ],
+)  # fmt: skip
+def test_transformer_layer_arguments_raise_with_the_whole_message(make, message):
+    with pytest.raises(ValueError) as err:
+        make()
+    assert str(err.value) == message
+
+
+def test_transformer_layer_inputs_raise_with_the_whole_message():
+    def raised(error, call):
+        with pytest.raises(error) as err:
+            call()
+        return str(err.value)
+
+    attention = nn.MultiheadSelfAttention(4, 2)
+    assert raised(ValueError, lambda: attention(attention.init(0), np.ones((2, 3, 5)))) == (
+        "MultiheadSelfAttention(4, 2, causal=False, bias=True) expects inputs of shape "
+        "(N, S, 4), got shape (2, 3, 5)."
+    )
+    positions = nn.PositionalEmbedding(3, 2)
+    assert raised(ValueError, lambda: positions(positions.init(0), np.ones((1, 4, 2)))) == (
+        "PositionalEmbedding(3, 2) expects inputs of shape (N, S, 2) with S <= 3, got shape "
+        "(1, 4, 2)."
+    )
+    sinusoidal = nn.SinusoidalPositions()
+    assert raised(ValueError, lambda: sinusoidal.forward([], np.ones((2, 3)), npx)) == (
+        "SinusoidalPositions() expects inputs of shape (N, S, 3), got shape (2, 3)."
+    )
+    emb = nn.Embedding(3, 2)
+    table = emb.init(0, xp=npx, dtype=npx.float64)
+    assert raised(ValueError, lambda: emb(table, np.asarray([[0, 5], [1, 2]]))) == (
+        "Embedding(3, 2) takes ids in [0, 3), got ids from 0 to 5. Map the tokens to a "
+        "vocabulary of 3 ids (or enlarge num_embeddings)."
+    )
+    assert raised(TypeError, lambda: emb.forward(table, np.ones((1, 2)), npx)) == (
+        "Embedding(3, 2) takes integer ids, got float64 inputs."
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False])
