@@ -72,6 +72,26 @@ class _Scale(nn.Layer):
         return grads, (g * params[0] if need_input else None)
 
 
+class _Square(nn.Layer):
+    """A user's parameter-free layer ``a ** 2`` without the curvature rules."""
+
+    def __repr__(self):
+        return "_Square()"
+
+    def forward(self, params, a, xp):
+        return a**2
+
+    def backward(self, params, state, g, xp, *, need_input=True, need_params=True):
+        return [], (2 * g * state["input"][..., None, :] if need_input else None)
+
+
+def _without_rules(operator):
+    """``operator`` of Linear -> :class:`_Square` -> Linear (no rules to walk back)."""
+    model = nn.Sequential(nn.Linear(3, 3), _Square(), nn.Linear(3, 2))
+    params = model.init(0, xp=npx, dtype=npx.float64)
+    return operator(model, cl.MSELoss(), params, _data())
+
+
 def _untapped(operator, *layers):
     """``operator`` of a model with an untapped parameter (:class:`_Scale`) on 3 features."""
     model = nn.Sequential(_Scale(3), *layers)
@@ -307,6 +327,26 @@ CASES = [
         "normalization), but parameters [0] (shapes [(3,)]) belong to no tapped layer. "
         "Use a model made of such layers (and parameter-free layers), or another curvature "
         "approximation for these parameters.",
+    ),
+    # _chain.py, with what diagonal.py and kfac_hessian.py say to use instead
+    (
+        "Hessian diagonal through a layer without the per-datum rule",
+        lambda: _without_rules(cl.HessianDiagonalLinearOperator),
+        cl.MissingLayerRuleError,
+        "HessianDiagonalLinearOperator propagates the curvature backwards through every "
+        "layer after the first one with parameters, but layer '1' is _Square(), which "
+        "does not implement the per-datum curvature rule of the layer protocol. Use "
+        "HessianLinearOperator(...).to_dense() or a stochastic diagonal estimate "
+        "(curvlinops.hutchinson_diagonal) for this model.",
+    ),
+    (
+        "Kronecker-factored Hessian through a layer without the averaged rule",
+        lambda: _without_rules(KFACHessianLinearOperator),
+        cl.MissingLayerRuleError,
+        "KFACHessianLinearOperator propagates the curvature backwards through every "
+        "layer after the first one with parameters, but layer '1' is _Square(), which "
+        "does not implement the batch-averaged curvature rule of the layer protocol. Use "
+        "KFACLinearOperator (GGN / Fisher) or HessianLinearOperator for this model.",
     ),
     # kfac.py
     (
