@@ -101,16 +101,17 @@ def _untapped(operator, *layers):
 
 
 class _Reshuffled:
-    """Data that come in another order on every pass (a shuffling loader)."""
+    """Data that differ on every other pass: inputs and targets reordered (a shuffling
+    loader), or the targets alone (a random augmentation of the labels)."""
 
-    def __init__(self):
-        self.passes = 0
+    def __init__(self, inputs=True):
+        self.passes, self.inputs = 0, inputs
 
     def __iter__(self):
         self.passes += 1
         X, y = _data()[0]
         if self.passes % 2 == 0:
-            X, y = X[::-1], y[::-1]
+            X, y = (X[::-1] if self.inputs else X), y[::-1]
         return iter([(X, y)])
 
 
@@ -222,6 +223,21 @@ CASES = [
         "X.astype(np.float64), or the parameters to the data's dtype.",
     ),
     (
+        "complex targets",
+        lambda: _ggn([(_data()[0][0], _data()[0][1] + 1j)]),
+        TypeError,
+        "Batch 0: the targets y are complex (complex128); curvature operators take real "
+        "data. Split real and imaginary parts into features.",
+    ),
+    (
+        "float32 targets for float64 parameters",
+        lambda: _ggn([(_data()[0][0], _data()[0][1].astype(np.float32))]),
+        TypeError,
+        "Batch 0: the targets y are float32 but the parameters of Sequential are float64. "
+        "The operator computes in the parameters' dtype; cast the data, "
+        "y.astype(np.float64), or the parameters to the data's dtype.",
+    ),
+    (
         "data on another device",
         _on_other_device,
         ValueError,
@@ -258,6 +274,15 @@ CASES = [
         lambda: _ggn(_Reshuffled()),
         cl.NonDeterministicDataError,
         "Two passes over the data differ in the inputs X of batch 0. Curvature operators "
+        "iterate over the data in every product, so the data must come in the same order "
+        "every time (no shuffling) and the model must be deterministic (no dropout). Fix "
+        "the data loader or pass check_deterministic=False if the difference is intended.",
+    ),
+    (
+        "augmented targets",
+        lambda: _ggn(_Reshuffled(inputs=False)),
+        cl.NonDeterministicDataError,
+        "Two passes over the data differ in the targets y of batch 0. Curvature operators "
         "iterate over the data in every product, so the data must come in the same order "
         "every time (no shuffling) and the model must be deterministic (no dropout). Fix "
         "the data loader or pass check_deterministic=False if the difference is intended.",
@@ -363,6 +388,18 @@ CASES = [
         lambda: _kfac().factored_inverse(-1.0),
         ValueError,
         _DAMPING_NEGATIVE,
+    ),
+    (
+        "negative min_damping",
+        lambda: _kfac().factored_inverse(0.1, min_damping=-1),
+        ValueError,
+        "min_damping must be a finite number >= 0, got -1.",
+    ),
+    (
+        "infinite damping of the exact inverse",
+        lambda: _kfac().inverse(float("inf")),
+        ValueError,
+        "damping must be a finite number, got inf.",
     ),
     (
         "factored inverse of an indefinite factor",
