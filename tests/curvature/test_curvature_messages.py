@@ -414,10 +414,12 @@ CASES = [
     ),
     # kfac_hessian.py
     (
-        "Kronecker-factored Hessian without Linear layers",
+        "Kronecker-factored Hessian without tapped layers",
         lambda: _untapped(KFACHessianLinearOperator),
         ValueError,
-        "KFACHessianLinearOperator needs a model with at least one Linear layer.",
+        "KFACHessianLinearOperator needs a model with at least one tapped layer (Linear, "
+        "a convolution, an embedding, or a normalization's affine map); this model has "
+        "none.",
     ),
     (
         "inverse of an indefinite Kronecker-factored Hessian",
