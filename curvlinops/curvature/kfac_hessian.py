@@ -182,7 +182,9 @@ class KFACHessianLinearOperator(KFACLinearOperator):
         taps = [tap for tap in (layer.tap() for layer in flat_layers(layers)) if tap is not None]
         if not taps:
             raise ValueError(
-                "KFACHessianLinearOperator needs a model with at least one Linear layer."
+                "KFACHessianLinearOperator needs a model with at least one tapped layer "
+                "(Linear, a convolution, an embedding, or a normalization's affine map); "
+                "this model has none."
             )
         self.layers = self._layout_from_taps(taps)
 
