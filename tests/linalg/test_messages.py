@@ -22,10 +22,12 @@ from curvlinops import (
     CallableLinearOperator,
     ConditioningWarning,
     DenseLinearOperator,
+    DiagonalLinearOperator,
     DiagonalPlusLowRankLinearOperator,
     EighLinearOperator,
     FactorizationError,
     IdentityLinearOperator,
+    IllConditionedError,
     KroneckerEighLinearOperator,
     KroneckerLinearOperator,
     LinearOperator,
@@ -33,6 +35,14 @@ from curvlinops import (
     aslinearoperator,
     conditioning,
 )
+
+_NUMBER = "[-+0-9.einf]+"  # a number formatted with :g or :.2g (``inf`` included)
+
+
+def _pattern(template):
+    """A full-match regex: ``template`` literally, each ``{}`` a formatted number."""
+    return re.compile(_NUMBER.join(re.escape(part) for part in template.split("{}")))
+
 
 # -- builders of tiny operators ---------------------------------------------------------
 
@@ -95,8 +105,15 @@ _SINGULAR = np.array([[1.0, 2.0], [2.0, 4.0]])  # rank one, not declared symmetr
 
 
 # -- the cases: (id, trigger, exception type, complete message) -------------------------
+# The message is a str (compared exactly) or a compiled regex (full match).
 
 _DAMPING_HINT = "Add damping, e.g. A.inverse(damping=1e-3) or A.damped(1e-3).logdet()."
+_ILL_CONDITIONED = (
+    "The {what} is singular to working precision in float64: condition number {{}} (an "
+    "eigenvalue is zero up to rounding; the limit is {{}}). {hint}Add damping: a total "
+    "damping of {{}} brings its condition number within the limit; or accept the result "
+    "with curvlinops.conditioning('warn') (or a larger tolerance)."
+)
 _SPECTRUM_HINT = "logdet is defined here for matrices of positive determinant only."
 
 CASES = [
@@ -365,6 +382,54 @@ CASES = [
         ValueError,
         "Expected eigenvectors of shape (n, k) with k <= n, got shape (2, 3).",
     ),
+    # names and hints that the operators hand to the conditioning rule and factorizations
+    (
+        "diagonal-singular-logdet",
+        lambda: DiagonalLinearOperator(np.array([1.0, 0.0])).logdet(),
+        IllConditionedError,
+        _pattern(
+            _ILL_CONDITIONED.format(
+                what="diagonal matrix",
+                hint="Its log-determinant would be -inf or dominated by rounding. ",
+            )
+        ),
+    ),
+    (
+        "low-rank-singular-diagonal-part",
+        lambda: DiagonalPlusLowRankLinearOperator(
+            np.array([1.0, 0.0]), np.array([1.0]), np.array([[1.0], [0.0]])
+        ).inverse(),
+        IllConditionedError,
+        _pattern(_ILL_CONDITIONED.format(what="diagonal part (plus damping)", hint="")),
+    ),
+    (
+        "woodbury-capacitance-not-positive-definite",
+        lambda: DiagonalPlusLowRankLinearOperator(
+            -np.ones(2), np.array([1.0]), np.array([[2.0], [0.0]])
+        ).inverse(),  # 1/s + U^T D^{-1} U = 1 - 4 < 0
+        FactorizationError,
+        "Cholesky factorization of the Woodbury capacitance matrix failed: it is not "
+        "positive definite (singular or indefinite). Add damping (e.g. inverse(damping=1e-3)).",
+    ),
+    (
+        "dense-eigh-not-finite",
+        lambda: DenseLinearOperator(np.full((2, 2), np.nan), symmetric=True).eigh(),
+        FactorizationError,
+        "The symmetric dense matrix contains NaN or Inf; cannot eigendecompose it.",
+    ),
+    (
+        "matmat-wrong-shape",
+        lambda: _dense() @ np.ones((3, 2)),
+        ValueError,
+        "DenseLinearOperator of shape (2, 2) expected a matrix of shape (2, k), got shape (3, 2).",
+    ),
+    (
+        "to-block-order-wrong-shape",
+        lambda: ParameterLayoutLinearOperator(_dense(), [[(0, 2)]]).to_block_order(np.ones(3)),
+        ValueError,
+        "ParameterLayoutLinearOperator of shape (2, 2) expected an array of shape (2,) or "
+        "(2, k), got shape (3,).",
+    ),
 ]
 
 
@@ -377,7 +442,10 @@ def test_message_is_complete(trigger, error, expected):
     with pytest.raises(error) as excinfo:
         trigger()
     assert type(excinfo.value) is error
-    assert str(excinfo.value) == expected
+    if isinstance(expected, str):
+        assert str(excinfo.value) == expected
+    else:
+        assert expected.fullmatch(str(excinfo.value)), str(excinfo.value)
 
 
 def test_device_message_is_complete():
