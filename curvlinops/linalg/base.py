@@ -377,7 +377,7 @@ class LinearOperator:
         allowed = (1, 2) if ndim is None else (ndim,)
         if X.ndim not in allowed or X.shape[0] != n:
             raise ValueError(
-                f"{type(self).__name__} of shape {self.shape} expected a {what} of shape "
+                f"{type(self).__name__} of shape {self.shape} expected {_a(what)} {what} of shape "
                 f"{expected}, got shape {tuple(X.shape)}."
             )
         if X.dtype != self.dtype:
@@ -621,6 +621,11 @@ def _same_device(a, b) -> bool:
     # PyTorch reports 'cuda:0' for arrays while users may say 'cuda': same device.
     sa, sb = str(a), str(b)
     return sa + ":0" == sb or sb + ":0" == sa
+
+
+def _a(word: str) -> str:
+    """The indefinite article for ``word`` ("an array", "a vector")."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def _common_backend(ops, what):

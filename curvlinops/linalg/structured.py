@@ -308,17 +308,19 @@ class DenseLinearOperator(LinearOperator):
         shifted = self._shifted(damping)
         values, what = self._spectrum(shifted, damping)
         _check_invertible_spectrum(values, xp, what, shift=damping)
-        message = (
-            f"The {self.shape[0]}x{self.shape[1]} dense matrix"
-            + _plus(damping)
-            + f" is singular and has no inverse. {_DAMPING_HINT}"
-        )
+        matrix = f"The {self.shape[0]}x{self.shape[1]} dense matrix" + _plus(damping)
         try:
             inv = xp.linalg.inv(shifted)
         except Exception as err:  # each library raises its own error type
-            raise FactorizationError(message) from err
+            raise FactorizationError(
+                f"{matrix} is singular and has no inverse. {_DAMPING_HINT}"
+            ) from err
         if not bool(xp.all(xp.isfinite(inv))):
-            raise FactorizationError(message)
+            # a well-conditioned matrix of tiny entries passes the rule; 1 / entry overflows
+            raise FactorizationError(
+                f"{matrix} has no finite inverse in {dtype_name(self.dtype)}: its entries "
+                f"overflow. Rescale the matrix. {_DAMPING_HINT}"
+            )
         # The inverse of a PSD matrix plus damping >= 0 (when it exists) is PSD.
         return DenseLinearOperator(
             inv, symmetric=self.is_symmetric, psd=self.is_psd and damping >= 0
