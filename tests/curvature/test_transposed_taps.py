@@ -59,6 +59,41 @@ class _TransposedLinearization(Linearization):
         return [dataclasses.replace(t, transposed=True) for t in self.inner.layer_taps(cotangents)]
 
 
+class HandWrittenTaps(Model):
+    """A model whose taps do not say ``matrix_shape`` (taps written by hand): the
+    weight parameter itself must then be read as the matrix (or its transpose)."""
+
+    tiers = frozenset({Tier.FIRST_ORDER, Tier.LAYER_TAPS})
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def expected_param_shapes(self):
+        return self.inner.expected_param_shapes()
+
+    def __call__(self, params, x):
+        return self.inner(params, x)
+
+    def linearize(self, params, x):
+        return _HandWrittenLinearization(self, params, x)
+
+
+class _HandWrittenLinearization(Linearization):
+    def __init__(self, model, params, x):
+        self.wrapped = model.inner.linearize(params, x)
+        super().__init__(model, params, x, self.wrapped.outputs)
+
+    def _jvp(self, tangents):
+        return self.wrapped.jvp(tangents)
+
+    def _vjp(self, cotangents):
+        return self.wrapped.vjp(cotangents)
+
+    def _layer_taps(self, cotangents):
+        taps = self.wrapped.layer_taps(cotangents)
+        return [dataclasses.replace(t, matrix_shape=None) for t in taps]
+
+
 def permutation(native_params):
     """Indices ``P`` with ``flat_transposed = flat_native[P]``."""
     index, start = [], 0
@@ -114,3 +149,25 @@ def test_transposed_taps_diagonals(diagonal):
     ours = diagonal(transposed, loss, t_params, data).diagonal()
     reference = diagonal(native, loss, params, data).diagonal()
     np.testing.assert_allclose(ours, reference[permutation(params)], rtol=1e-12)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["native", "transposed"])
+@pytest.mark.parametrize("separate", [True, False])
+def test_taps_without_matrix_shape_read_the_weight_as_stored(transposed, separate):
+    """Hand-written taps (no ``matrix_shape``) of non-square Linear layers: the weight is
+    ``(D_out, D_in)``, or ``(D_in, D_out)`` where the tap says ``transposed``."""
+    native, params, _, t_params, data = problem()
+    loss = cl.CrossEntropyLoss()
+    inner = TransposedWeights(native) if transposed else native
+    hand = HandWrittenTaps(inner)
+    used = t_params if transposed else params
+    P = permutation(params) if transposed else np.arange(sum(p.size for p in params))
+    for make in (KFACLinearOperator, EKFACLinearOperator):
+        ours = make(hand, loss, used, data, separate_weight_and_bias=separate)
+        reference = make(native, loss, params, data, separate_weight_and_bias=separate)
+        np.testing.assert_allclose(
+            ours.to_dense(), reference.to_dense()[np.ix_(P, P)], rtol=1e-12, atol=1e-14
+        )
+    ours = cl.GGNDiagonalLinearOperator(hand, loss, used, data).diagonal()
+    reference = cl.GGNDiagonalLinearOperator(native, loss, params, data).diagonal()
+    np.testing.assert_allclose(ours, reference[P], rtol=1e-12)
