@@ -5,11 +5,16 @@ its taps (``LayerTap.transposed``) must get the same curvature as the native mod
 the weights ``(D_out, D_in)``, up to the permutation of the flat parameter vector that
 transposes each weight. References: the native operators (tested against dense exact
 blocks elsewhere) and that permutation, built with NumPy.
+
+Hand-written taps (no ``matrix_shape``) must read the weight as stored, native or
+transposed; taps that contradict the parameters, and data that run dry before the
+factors are accumulated, get errors that name the layer or the data (asserted in full).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import array_api_compat.numpy as xp
 import numpy as np
@@ -65,8 +70,9 @@ class HandWrittenTaps(Model):
 
     tiers = frozenset({Tier.FIRST_ORDER, Tier.LAYER_TAPS})
 
-    def __init__(self, inner):
+    def __init__(self, inner, rewrite=None):
         self.inner = inner
+        self.rewrite = rewrite or (lambda taps: taps)
 
     def expected_param_shapes(self):
         return self.inner.expected_param_shapes()
@@ -91,7 +97,7 @@ class _HandWrittenLinearization(Linearization):
 
     def _layer_taps(self, cotangents):
         taps = self.wrapped.layer_taps(cotangents)
-        return [dataclasses.replace(t, matrix_shape=None) for t in taps]
+        return self.model.rewrite([dataclasses.replace(t, matrix_shape=None) for t in taps])
 
 
 def permutation(native_params):
@@ -171,3 +177,86 @@ def test_taps_without_matrix_shape_read_the_weight_as_stored(transposed, separat
     ours = cl.GGNDiagonalLinearOperator(hand, loss, used, data).diagonal()
     reference = cl.GGNDiagonalLinearOperator(native, loss, params, data).diagonal()
     np.testing.assert_allclose(ours, reference[P], rtol=1e-12)
+
+
+def _exactly(text):
+    """A ``pytest.raises`` pattern that matches ``text`` and nothing else."""
+    return "^" + re.escape(text) + "$"
+
+
+def _replace(i, **changes):
+    """A rewrite of the taps that changes tap ``i`` only."""
+    return lambda taps: [
+        dataclasses.replace(t, **changes) if j == i else t for j, t in enumerate(taps)
+    ]
+
+
+def test_taps_that_contradict_the_parameters_are_refused_with_the_layer_named():
+    native, params, *_ = problem()
+    square = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    square_params = square.init(0, xp=xp, dtype=xp.float64)
+    data = problem()[-1]
+    cases = [
+        (  # a (3, 4) weight said to be transposed reads as (4, 3): 3 columns, not 4
+            native,
+            params,
+            _replace(1, transposed=True),
+            "Layer '2': its weight (parameter 2) must have shape (D_out, 4) for inputs with 4 "
+            "features, got (4, 3).",
+        ),
+        (
+            native,
+            params,
+            _replace(0, bias_index=3),
+            "Layer '0': its bias (parameter 3) must have shape (4,), got (3,).",
+        ),
+        (
+            square,
+            square_params,
+            _replace(1, bias_index=1),
+            "Parameter 1 belongs to two tapped layers, '0' and '2'; Kronecker factors need "
+            "each layer's parameters to be its own.",
+        ),
+        (
+            native,
+            params,
+            lambda taps: taps[:1],
+            "KFACLinearOperator covers the parameters of the layers the model exposes through "
+            "layer taps (linear maps: Linear, convolutions; elementwise affine maps: "
+            "normalization), but parameters [2, 3] (shapes [(3, 4), (3,)]) belong to no "
+            "tapped layer. Use a model made of such layers (and parameter-free layers), or "
+            "another curvature approximation for these parameters.",
+        ),
+    ]
+    for model, p, rewrite, message in cases:
+        with pytest.raises(ValueError, match=_exactly(message)):
+            KFACLinearOperator(HandWrittenTaps(model, rewrite), cl.CrossEntropyLoss(), p, data)
+
+
+class _EmptyAfterFirstPass:
+    """Data whose batches exist on the first pass only (a loader that runs dry)."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        yield from self.batches if self.passes == 1 else []
+
+
+@pytest.mark.parametrize("make", [KFACLinearOperator, EKFACLinearOperator])
+def test_data_that_run_dry_before_the_factors_are_refused(make):
+    """With ``num_data`` given and no determinism check, construction peeks at one batch;
+    the pass that accumulates the factors must not build them from no data."""
+    native, params, *_, data = problem()
+    with pytest.raises(
+        ValueError, match=_exactly("The data contain no batches; K-FAC needs at least one.")
+    ):
+        make(
+            native,
+            cl.CrossEntropyLoss(),
+            params,
+            _EmptyAfterFirstPass(data),
+            num_data=10,
+            check_deterministic=False,
+        )
