@@ -166,7 +166,9 @@ def test_python_lists_and_complex_vectors_get_messages_that_say_what_to_do():
 def test_block_diagonal_refuses_a_max_block_size_that_is_not_a_positive_integer(size):
     model, params, X = problem()
     G = cl.GGNLinearOperator(model, cl.CrossEntropyLoss(), params, [(X, np.zeros(10, dtype=int))])
-    with pytest.raises(ValueError, match="max_block_size must be a positive integer"):
+    with pytest.raises(
+        ValueError, match=_exactly(f"max_block_size must be a positive integer, got {size!r}.")
+    ):
         cl.block_diagonal(G, max_block_size=size)
 
 
