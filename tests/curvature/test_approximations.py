@@ -6,6 +6,8 @@ and closed forms in test_exact.py) and numpy.linalg on them.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from monte_carlo import assert_unbiased
@@ -13,6 +15,7 @@ from reference import build_mlp
 from test_exact import problem
 
 import curvlinops as cl
+from curvlinops.curvature.approximations import default_partition
 
 
 @pytest.mark.parametrize("name", ["mse", "ce", "bce", "poisson"])
@@ -98,15 +101,85 @@ def test_block_diagonal_equals_dense_blocks_and_inverts_blockwise(Op):
     assert [b.shape[0] for b in B2.blocks] == [12, 4, 8, 2]
 
 
+def _exactly(text):
+    """A ``pytest.raises`` pattern that matches ``text`` and nothing else."""
+    return "^" + re.escape(text) + "$"
+
+
 def test_block_diagonal_refuses_large_blocks_and_bad_partitions():
     model, spec, params, data, X, y, theta, loss = problem("mse", seed=26)
     G = cl.GGNLinearOperator(model, loss, params, data)
-    with pytest.raises(ValueError, match="max_block_size"):
-        cl.block_diagonal(G, max_block_size=10)
-    with pytest.raises(ValueError, match="contiguous"):
-        cl.block_diagonal(G, partition=[[0, 2], [1, 3]])
-    with pytest.raises(ValueError, match="contiguous"):
-        cl.block_diagonal(G, partition=[[0, 1]])
+    assert [p.shape for p in params] == [(4, 3), (4,), (3, 4), (3,)]  # blocks of 16 and 15
+    assert [b.shape[0] for b in cl.block_diagonal(G, max_block_size=16).blocks] == [16, 15]
+    with pytest.raises(
+        ValueError,
+        match=_exactly(
+            "The block of parameters [0, 1] has 16 rows, more than max_block_size=15. Split it "
+            "with a finer partition, raise max_block_size if memory allows, or use a "
+            "Kronecker-factored approximation (KFACLinearOperator)."
+        ),
+    ):
+        cl.block_diagonal(G, max_block_size=15)
+    for partition in ([[0, 2], [1, 3]], [[0, 1]], [[0, 1], [], [2, 3]], [[1, 0], [2, 3]]):
+        with pytest.raises(
+            ValueError,
+            match=_exactly(
+                "partition must split the parameter indices 0..3 into non-empty, contiguous "
+                f"groups in order (e.g. [[0, 1], [2, 3]]); got {partition}."
+            ),
+        ):
+            cl.block_diagonal(G, partition=partition)
+
+
+def test_block_diagonal_of_one_entry_blocks_is_the_diagonal():
+    """``max_block_size=1`` is a valid size: blocks of single parameters (a network of
+    scalar weights and biases) give the dense matrix's diagonal."""
+    import array_api_compat.numpy as xp
+
+    from curvlinops import nn
+
+    model = nn.Sequential(nn.Linear(1, 1), nn.Tanh(), nn.Linear(1, 1))
+    params = model.init(3, xp=xp, dtype=xp.float64)
+    rng = np.random.default_rng(4)
+    data = [(rng.normal(size=(6, 1)), rng.normal(size=(6, 1)))]
+    G = cl.GGNLinearOperator(model, cl.MSELoss(), params, data)
+    dense = np.asarray(G.to_dense())
+    B = cl.block_diagonal(G, partition=[[0], [1], [2], [3]], max_block_size=1)
+    np.testing.assert_allclose(B.to_dense(), np.diag(np.diag(dense)), rtol=1e-13, atol=1e-15)
+    with pytest.raises(
+        ValueError,
+        match=_exactly(
+            "The block of parameters [0, 1] has 2 rows, more than max_block_size=1. Split it "
+            "with a finer partition, raise max_block_size if memory allows, or use a "
+            "Kronecker-factored approximation (KFACLinearOperator)."
+        ),
+    ):
+        cl.block_diagonal(G, max_block_size=1)  # the default partition: one block per layer
+
+
+def test_block_diagonal_and_default_partition_need_a_square_curvature_operator():
+    square = cl.aslinearoperator(np.eye(3))
+    with pytest.raises(
+        TypeError,
+        match=_exactly("block_diagonal needs a curvature operator that knows its parameters."),
+    ):
+        cl.block_diagonal(square)
+    with pytest.raises(
+        TypeError,
+        match=_exactly(
+            "block_diagonal needs a square curvature operator, got <3x2 DenseLinearOperator "
+            "dtype=float64 namespace=numpy>."
+        ),
+    ):
+        cl.block_diagonal(cl.aslinearoperator(np.ones((3, 2))))
+    with pytest.raises(
+        TypeError,
+        match=_exactly(
+            "The default partition needs a curvature operator (with parameter shapes); pass "
+            "partition= for other operators."
+        ),
+    ):
+        default_partition(square)
 
 
 def test_low_rank_lanczos_and_nystrom_against_eigh():

@@ -9,6 +9,8 @@ counting spy that shows the check runs once per batch, not once per product.
 
 from __future__ import annotations
 
+import re
+
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
@@ -164,5 +166,180 @@ def test_python_lists_and_complex_vectors_get_messages_that_say_what_to_do():
 def test_block_diagonal_refuses_a_max_block_size_that_is_not_a_positive_integer(size):
     model, params, X = problem()
     G = cl.GGNLinearOperator(model, cl.CrossEntropyLoss(), params, [(X, np.zeros(10, dtype=int))])
-    with pytest.raises(ValueError, match="max_block_size must be a positive integer"):
+    with pytest.raises(
+        ValueError, match=_exactly(f"max_block_size must be a positive integer, got {size!r}.")
+    ):
         cl.block_diagonal(G, max_block_size=size)
+
+
+# -- the data's errors, in full: the message is the contract ------------------------------
+
+
+def _exactly(text):
+    """A ``pytest.raises`` pattern that matches ``text`` and nothing else."""
+    return "^" + re.escape(text) + "$"
+
+
+CONSTRUCTED = [
+    cl.GGNDiagonalLinearOperator,
+    cl.EFDiagonalLinearOperator,
+    cl.HessianDiagonalLinearOperator,
+    cl.KFACLinearOperator,
+    cl.EKFACLinearOperator,
+    cl.KFACHessianLinearOperator,
+]
+
+_DTYPE_MESSAGE = (
+    "Batch 1: the inputs X are float32 but the parameters of Sequential are float64. The "
+    "operator computes in the parameters' dtype; cast the data, X.astype(np.float64), or "
+    "the parameters to the data's dtype."
+)
+
+
+def _second_batch_float32(X):
+    labels = np.array([0, 1, 2, 1, 0])
+    return [(X[:5], labels), (X[5:].astype(np.float32), labels)]
+
+
+@pytest.mark.parametrize("operator", CONSTRUCTED, ids=lambda c: c.__name__)
+def test_a_batch_of_another_dtype_is_named_with_the_model_at_construction(operator):
+    """With ``num_data`` given and no determinism check, construction looks at the first
+    batch only; the pass that accumulates the approximation checks the others."""
+    model, params, X = problem()
+    data = _second_batch_float32(X)
+    for kwargs in ({}, {"num_data": 10, "check_deterministic": False}):
+        with pytest.raises(TypeError, match=_exactly(_DTYPE_MESSAGE)):
+            operator(model, cl.CrossEntropyLoss(), params, data, **kwargs)
+
+
+@pytest.mark.parametrize("operator", OPERATORS, ids=lambda c: c.__name__)
+def test_a_batch_of_another_dtype_is_named_with_the_model_in_the_product(operator):
+    model, params, X = problem()
+    data = _second_batch_float32(X)
+    op = operator(
+        model, cl.CrossEntropyLoss(), params, data, num_data=10, check_deterministic=False
+    )
+    with pytest.raises(TypeError, match=_exactly(_DTYPE_MESSAGE)):
+        op @ np.ones(op.shape[1])
+
+
+def test_batches_that_are_not_pairs_of_matching_arrays():
+    model, params, X = problem()
+    y = np.zeros(10, dtype=np.int64)
+    loss = cl.CrossEntropyLoss()
+    cases = [
+        ([(X, y, y)], TypeError, "Each batch must be a pair (X, y); batch 0 is a tuple."),
+        ([(X, y), 5], TypeError, "Each batch must be a pair (X, y); batch 1 is a int."),
+        ([(X, y), [X]], TypeError, "Each batch must be a pair (X, y); batch 1 is a list."),
+        ([(X, y[:9])], ValueError, "Batch 0: X has 10 data points but y has 9."),
+        (
+            [(X, y.astype(np.complex128))],
+            TypeError,
+            "Batch 0: the targets y are complex (complex128); curvature operators take real "
+            "data. Split real and imaginary parts into features.",
+        ),
+    ]
+    for data, error, message in cases:
+        with pytest.raises(error, match=_exactly(message)):
+            cl.GGNLinearOperator(model, loss, params, data)
+
+
+def test_bad_params_and_one_shot_data_are_refused_with_what_to_pass():
+    model, params, X = problem()
+    y = np.zeros(10, dtype=np.int64)
+    loss, data = cl.CrossEntropyLoss(), [(X, y)]
+    cases = [
+        (params[0], data, "params must be a non-empty list of arrays, got ndarray."),
+        ([], data, "params must be a non-empty list of arrays, got list."),
+        (
+            None,
+            data,
+            "params must be a non-empty list of arrays (for a PyTorch module: a list of its "
+            "parameters), got None.",
+        ),
+        (
+            [params[0].astype(np.float32), *params[1:]],
+            data,
+            "All parameters must share one dtype; found ['float32', 'float64'].",
+        ),
+        (
+            [p.astype(np.int64) for p in params],
+            data,
+            "Parameters must be real floating, got int64.",
+        ),
+        (
+            params,
+            ((X, y) for _ in range(1)),
+            "data must be re-iterable (a list of (X, y) batches or a data loader), but a "
+            "one-shot iterator/generator was given: it would be empty on the second "
+            "product. Pass list(data) instead.",
+        ),
+    ]
+    for p, d, message in cases:
+        with pytest.raises(TypeError, match=_exactly(message)):
+            cl.GGNLinearOperator(model, loss, p, d)
+
+
+def test_num_data_and_empty_data_messages():
+    model, params, X = problem()
+    loss, data = cl.CrossEntropyLoss(), [(X, np.zeros(10, dtype=np.int64))]
+    with pytest.raises(
+        TypeError,
+        match=_exactly("num_data must be a positive integer (the number of data points), got 2.5."),
+    ):
+        cl.GGNLinearOperator(model, loss, params, data, num_data=2.5)
+    for num_data, d in ((0, data), (-3, data), (None, [])):
+        found = 0 if num_data is None else num_data
+        with pytest.raises(ValueError, match=_exactly(f"num_data must be positive, got {found}.")):
+            cl.GGNLinearOperator(model, loss, params, d, num_data=num_data)
+    with pytest.raises(
+        ValueError,
+        match=_exactly(
+            "KFACLinearOperator got data without batches (num_data=8); pass an iterable of "
+            "(X, y) batches with at least one batch."
+        ),
+    ):
+        cl.KFACLinearOperator(model, loss, params, [], num_data=8)
+
+
+class _ChangingLoader:
+    """Re-iterable data that give ``first`` on the first two passes, then ``later``.
+
+    A pass counts once its first batch is asked for (``iter(data) is data`` alone, the
+    one-shot check, is no pass): the count (or peek), then the two determinism passes.
+    """
+
+    def __init__(self, first, later):
+        self.first, self.later, self.passes = first, later, 0
+
+    def __iter__(self):
+        self.passes += 1
+        yield from self.first if self.passes <= 2 else self.later
+
+
+def _differ_message(what, index):
+    return (
+        f"Two passes over the data differ in the {what} of batch {index}. Curvature "
+        "operators iterate over the data in every product, so the data must come in the "
+        "same order every time (no shuffling) and the model must be deterministic (no "
+        "dropout). Fix the data loader or pass check_deterministic=False if the "
+        "difference is intended."
+    )
+
+
+@pytest.mark.parametrize("operator", [cl.GGNLinearOperator, cl.GGNDiagonalLinearOperator])
+def test_non_deterministic_data_are_named_by_batch_and_what_differs(operator):
+    model, params, X = problem()
+    loss = cl.CrossEntropyLoss()
+    a, b = np.array([0, 1, 2, 1, 0]), np.array([2, 1, 0, 1, 2])
+    batches = [(X[:5], a), (X[5:], b)]
+    cases = [
+        ([batches[1], batches[0]], _differ_message("inputs X", 0)),  # shuffled
+        ([batches[0], (X[5:], a)], _differ_message("targets y", 1)),  # relabelled
+        (batches[:1], "The data gave 2 batches on one pass and 1 on the next."),
+    ]
+    for later, message in cases:
+        with pytest.raises(cl.NonDeterministicDataError, match=_exactly(message)):
+            operator(model, loss, params, _ChangingLoader(batches, later))
+        # the check is what raises: without it, the same data build an operator
+        operator(model, loss, params, _ChangingLoader(batches, later), check_deterministic=False)

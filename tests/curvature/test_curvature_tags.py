@@ -69,3 +69,35 @@ def test_a_loss_is_not_natural_unless_it_says_so():
     for cls in (cl.MSELoss, cl.CrossEntropyLoss, cl.BCEWithLogitsLoss, cl.PoissonNLLLoss):
         assert vars(cls)["is_natural"] is True, cls.__name__
     assert vars(cl.GaussianNLLLoss)["is_natural"] is False
+
+
+@pytest.mark.parametrize(
+    "cls, declared",
+    [
+        (cl.GGNDiagonalLinearOperator, True),
+        (cl.EFDiagonalLinearOperator, True),
+        (cl.HessianDiagonalLinearOperator, False),
+    ],
+    ids=lambda c: getattr(c, "__name__", str(c)),
+)
+def test_diagonals_declare_psd_only_when_it_holds_by_construction(cls, declared, monkeypatch):
+    """The GGN and EF diagonals are sums of squares: they declare ``is_psd`` (no look at
+    the entries, no host sync); the Hessian diagonal's tag comes from its entries, which
+    are those of the dense Hessian's diagonal (tested in test_approximations.py)."""
+    model, _, params, data, *_, loss = problem("mse")
+    inspected = []
+    infer = cl.DiagonalLinearOperator._infer_psd
+    monkeypatch.setattr(
+        cl.DiagonalLinearOperator,
+        "_infer_psd",
+        lambda self: inspected.append(type(self).__name__) or infer(self),
+    )
+    ops = [cls(model, loss, params, data)]
+    if declared:  # a restored state keeps the declared tag
+        ops.append(cls.from_state_dict(ops[0].state_dict(), model, loss, params))
+        assert all(op.is_psd for op in ops)
+    else:
+        H = np.asarray(cl.HessianLinearOperator(model, loss, params, data).to_dense())
+        assert np.diag(H).min() < 0  # tanh: an indefinite diagonal, so the tag must say no
+        assert not ops[0].is_psd
+    assert inspected == ([] if declared else [cls.__name__])
