@@ -265,6 +265,8 @@ def prepare_system(who, A, b, x0, *, M, damping, rtol, atol, maxiter, maxiter_pe
         atol=check_real(atol, "atol", who, minimum=0.0),
         maxiter=check_count(maxiter, "maxiter", who, minimum=0),
     )
+    if b.ndim == 2 and b.shape[1] == 0:
+        system.maxiter = 0  # no right-hand side, b of shape (n, 0): nothing to iterate on
     if assumes is not None:
         require_structure(A, who, assumes, damping=system.damping)
     return system

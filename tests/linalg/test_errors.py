@@ -202,3 +202,132 @@ def test_mismatched_algebra(backend):
     C = DenseLinearOperator(backend.asarray(np.eye(2), "float32"))
     with pytest.raises(TypeError, match="float64.*float32"):
         A + C
+
+
+# -- whole messages (NumPy): a changed word or case is a changed message ------------------
+
+
+def _raises_exactly(error, expected, call):
+    """``call()`` raises ``error`` whose message is exactly ``expected``."""
+    with pytest.raises(error) as info:
+        call()
+    assert str(info.value) == expected
+
+
+def test_product_messages_in_full():
+    A = DenseLinearOperator(np.ones((3, 4)))
+    where = "DenseLinearOperator of shape (3, 4) expected a"
+    cases = [
+        (lambda: A.matvec(np.ones(3)), f"{where} vector of shape (4,), got shape (3,)."),
+        (lambda: A.matmat(np.ones((3, 2))), f"{where} matrix of shape (4, k), got shape (3, 2)."),
+        (lambda: A.rmatvec(np.ones(4)), f"{where} vector of shape (3,), got shape (4,)."),
+        (lambda: A.rmatmat(np.ones((4, 2))), f"{where} matrix of shape (3, k), got shape (4, 2)."),
+        (lambda: A.matmat(np.ones(4)), f"{where} matrix of shape (4, k), got shape (4,)."),
+        (lambda: A.rmatvec(np.ones((3, 1))), f"{where} vector of shape (3,), got shape (3, 1)."),
+    ]
+    for call, expected in cases:
+        _raises_exactly(ValueError, expected, call)
+    _raises_exactly(
+        ValueError,
+        "A @ x needs x of shape (4,) or (4, k); got an array with 3 dimensions, shape (4, 2, 1).",
+        lambda: A @ np.ones((4, 2, 1)),
+    )
+    for python_object, kind in (([1.0, 2.0, 3.0, 4.0], "list"), ((1.0, 2.0, 3.0, 4.0), "tuple")):
+        _raises_exactly(
+            TypeError,
+            "A @ x needs x as an array of the operator's library (numpy), got a Python "
+            f"{kind}. Convert it first, e.g. A @ xp.asarray(x, dtype=A.dtype).",
+            lambda obj=python_object: A @ obj,
+        )
+    _raises_exactly(
+        TypeError,
+        "DenseLinearOperator expected the vector to be an array of its library (numpy), got "
+        "a list.",
+        lambda: A.matvec([1.0, 2.0, 3.0, 4.0]),
+    )
+
+
+def test_dtype_and_device_messages_in_full():
+    A = DenseLinearOperator(np.ones((2, 2)))
+    _raises_exactly(
+        TypeError,
+        "DenseLinearOperator is a real (float64) operator and takes real vectors; got a "
+        "complex128 one. Apply it to the real and imaginary parts separately: "
+        "A @ x.real + 1j * (A @ x.imag).",
+        lambda: A.matvec(np.ones(2) * 1j),
+    )
+    A32 = DenseLinearOperator(np.ones((2, 2), dtype=np.float32))
+    _raises_exactly(
+        TypeError,
+        "DenseLinearOperator has dtype float32 and cannot take a float64 matrix without "
+        "losing precision. Convert the matrix to float32, or build the operator in float64.",
+        lambda: A32.matmat(np.ones((2, 3))),
+    )
+    import array_api_strict as xs
+
+    on_device1 = DenseLinearOperator(xs.asarray(np.ones((2, 2)), device=xs.Device("device1")))
+    x = xs.asarray(np.ones(2))  # the default device
+    _raises_exactly(
+        ValueError,
+        f"The vector is on device {x.device}, the operator on {xs.Device('device1')}. Move it "
+        "first; curvlinops never copies between devices inside a product.",
+        lambda: on_device1 @ x,
+    )
+
+
+def test_repr_names_the_class_shape_dtype_and_library():
+    import array_api_strict as xs
+
+    assert repr(DenseLinearOperator(np.ones((3, 4)))) == (
+        "<3x4 DenseLinearOperator dtype=float64 namespace=numpy>"
+    )
+    D = DiagonalLinearOperator(xs.asarray(np.ones(2), dtype=xs.float32))
+    assert repr(D) == "<2x2 DiagonalLinearOperator dtype=float32 namespace=array_api_strict>"
+    assert repr(D + D) == "<2x2 SumLinearOperator dtype=float32 namespace=array_api_strict>"
+
+
+def test_block_diagonal_queries_need_square_blocks():
+    B = BlockDiagonalLinearOperator([np.ones((2, 3)), np.ones((3, 2))])  # 5 x 5, blocks not
+    queries = {
+        "inverse": B.inverse,
+        "trace": B.trace,
+        "diagonal": B.diagonal,
+        "logdet": B.logdet,
+        "eigvalsh": B.eigvalsh,
+    }
+    for query, call in queries.items():
+        _raises_exactly(
+            NotImplementedError,
+            f"{query} of a block-diagonal operator needs square blocks; block 0 has shape (2, 3).",
+            call,
+        )
+    tall = BlockDiagonalLinearOperator([np.eye(2), np.ones((2, 1))])  # 4 x 3
+    _raises_exactly(
+        ValueError,
+        "trace needs a square operator; BlockDiagonalLinearOperator has shape (4, 3).",
+        tall.trace,
+    )
+    square_then_not = BlockDiagonalLinearOperator([np.eye(2), np.ones((1, 2)), np.ones((2, 1))])
+    _raises_exactly(
+        NotImplementedError,
+        "diagonal of a block-diagonal operator needs square blocks; block 1 has shape (1, 2).",
+        square_then_not.diagonal,
+    )
+
+
+def test_dense_spectra_need_a_symmetric_declaration():
+    A = DenseLinearOperator(np.eye(2))  # symmetric in fact, not declared
+    for query in ("eigh", "eigvalsh"):
+        _raises_exactly(
+            NotImplementedError,
+            f"{query} needs a dense operator declared symmetric (symmetric=True).",
+            getattr(A, query),
+        )
+
+
+def test_kronecker_names_must_match_the_factors():
+    _raises_exactly(
+        ValueError,
+        "Expected 2 factor names, got 1.",
+        lambda: KroneckerLinearOperator(np.eye(2), np.eye(2), names=["A"]),
+    )

@@ -146,24 +146,89 @@ def test_to_and_from_block_order_invert_each_other():
 
 def test_invalid_layouts_are_refused():
     A = DenseLinearOperator(np.eye(6), symmetric=True)
+    cover = "they must cover the {} entries of the flat vector exactly once."
     cases = [
-        ([[(0, 4)], [(3, 3)]], "overlap"),
-        ([[(0, 2)], [(3, 3)]], "gap"),
-        ([[(0, (2, 2)), (4, (1, 2))]], "same number of rows"),
-        ([[]], "no segments"),
-        ([], "at least one block"),
-        ([[(0, (2, -3))]], "non-negative"),
-        ([[("a", 6)]], "start >= 0"),
-        ([[6]], "pair"),
+        ([[(0, 4)], [(3, 3)]], "The layout's segments overlap at index 3: " + cover.format(7)),
+        ([[(0, 2)], [(3, 3)]], "The layout's segments leave a gap at index 2: " + cover.format(5)),
+        (
+            [[(0, (2, 2)), (4, (1, 2))]],
+            "The segments of block 0 are placed side by side and need the same number of "
+            "rows; got shapes [(2, 2), (1, 2)].",
+        ),
+        ([[]], "Block 0 of the layout has no segments."),
+        ([], "A layout needs at least one block, got none."),
+        (
+            [[(0, 6)], [(6, (2, -3))]],
+            "Segment 0 of block 1 must be (start >= 0, (rows, cols)) with non-negative sizes, "
+            "got (6, (2, -3)).",
+        ),
+        (
+            [[(0, 3), ("a", 3)]],
+            "Segment 1 of block 0 must be (start >= 0, (rows, cols)) with non-negative sizes, "
+            "got ('a', 3).",
+        ),
+        (
+            [[6]],
+            "Segment 0 of block 0 must be a pair (start, (rows, cols)) or (start, size), got 6.",
+        ),
     ]
-    for layout, match in cases:
-        with pytest.raises(ValueError, match=match):
+    for layout, message in cases:
+        with pytest.raises(ValueError) as info:
             ParameterLayoutLinearOperator(A, layout)
-    with pytest.raises(ValueError, match="cover 2 entries, the flat vector has 6"):
-        ParameterLayoutLinearOperator(A, [[(0, 2)]], size=6)
-    with pytest.raises(ValueError, match="square"):
-        ParameterLayoutLinearOperator(DenseLinearOperator(np.ones((6, 5))), [[(0, 6)]])
-    with pytest.raises(ValueError, match="has 6 entries but the operator"):
-        ParameterLayoutLinearOperator(DenseLinearOperator(np.eye(5)), [[(0, 6)]])
-    with pytest.raises(TypeError, match="wraps a LinearOperator"):
-        ParameterLayoutLinearOperator(np.eye(6), [[(0, 6)]])
+        assert str(info.value) == message
+    calls = [
+        (
+            ValueError,
+            lambda: ParameterLayoutLinearOperator(A, [[(0, 2)]], size=6),
+            "The layout's segments cover 2 entries, the flat vector has 6.",
+        ),
+        (
+            ValueError,
+            lambda: ParameterLayoutLinearOperator(DenseLinearOperator(np.ones((6, 5))), [[(0, 6)]]),
+            "ParameterLayoutLinearOperator needs a square operator, got shape (6, 5).",
+        ),
+        (
+            ValueError,
+            lambda: ParameterLayoutLinearOperator(DenseLinearOperator(np.eye(5)), [[(0, 6)]]),
+            "The layout has 6 entries but the operator has shape (5, 5).",
+        ),
+        (
+            TypeError,
+            lambda: ParameterLayoutLinearOperator(np.eye(6), [[(0, 6)]]),
+            "ParameterLayoutLinearOperator wraps a LinearOperator, got a ndarray.",
+        ),
+    ]
+    for error, call, message in calls:
+        with pytest.raises(error) as info:
+            call()
+        assert str(info.value) == message
+
+
+def test_tags_follow_the_wrapped_operator_or_the_declaration():
+    """``P^T A P`` (``P`` a permutation) is symmetric exactly when ``A`` is, and PSD when
+    ``A`` is; ``psd=True`` declares both for an ``A`` not declared symmetric."""
+    rng = np.random.default_rng(7)
+    G = rng.standard_normal((6, 6))
+    layout = [[(0, (2, 2)), (4, (2, 1))]]
+    dense = {
+        "symmetric": DenseLinearOperator(G + G.T, symmetric=True),
+        "psd": DenseLinearOperator(G @ G.T, psd=True),
+        "undeclared": DenseLinearOperator(G @ G.T),
+        "general": DenseLinearOperator(G),
+    }
+    expected = {
+        "symmetric": (True, False),
+        "psd": (True, True),
+        "undeclared": (False, False),
+        "general": (False, False),
+    }
+    for name, A in dense.items():
+        op = ParameterLayoutLinearOperator(A, layout)
+        assert (op.is_symmetric, op.is_psd) == expected[name], name
+        assert (op.adjoint() is op) == expected[name][0], name
+        np.testing.assert_allclose(op.adjoint().to_dense(), conjugated(A.A, layout).T)
+    declared = ParameterLayoutLinearOperator(dense["undeclared"], layout, psd=True)
+    assert (declared.is_symmetric, declared.is_psd) == (True, True)
+    assert declared.adjoint() is declared
+    symmetric_declared = ParameterLayoutLinearOperator(dense["symmetric"], layout, psd=True)
+    assert (symmetric_declared.is_symmetric, symmetric_declared.is_psd) == (True, True)

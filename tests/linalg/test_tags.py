@@ -167,3 +167,23 @@ def test_a_copy_of_an_adjoint_is_not_known_to_be_the_adjoint():
     np.testing.assert_allclose(clone.to_dense(), M.T)
     assert tags(clone @ A) == (False, False)  # only AT itself carries the mark
     assert tags(AT @ A) == (True, True)
+
+
+def test_nested_sums_and_products_are_flat():
+    """A sum of sums (a product of products) keeps one flat tuple of terms (factors), in
+    order, so that the tags are derived from all terms at once and the algebra's depth
+    does not grow with each ``+``."""
+    P = DenseLinearOperator(spd(3), psd=True)
+    S = DenseLinearOperator(np.diag([1.0, -1.0, 2.0]), symmetric=True)
+    D = DiagonalLinearOperator(np.ones(3))
+    for total in ((P + S) + D, P + (S + D), (P + S) + (D + P)):
+        assert all(type(op) is not type(total) for op in total.operators)
+    assert ((P + S) + D).operators == (P, S, D)
+    assert (P + (S + D)).operators == (P, S, D)
+    assert ((P + S) + (D + P)).operators == (P, S, D, P)
+    np.testing.assert_allclose(((P + S) + (D + P)).to_dense(), 2 * spd(3) + S.A + np.eye(3))
+    B = DenseLinearOperator(np.random.default_rng(4).standard_normal((3, 3)))
+    BT = B.T
+    nested = BT @ (P @ B)  # B^T (P B): a Gram product only once flattened
+    assert nested.operators == (BT, P, B)
+    assert tags(nested) == (True, True)

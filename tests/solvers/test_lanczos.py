@@ -222,3 +222,16 @@ def test_power_iteration_no_gap_raises(numpy_backend):
     A = aslinearoperator(np.diag([1.0, -1.0, 0.5]), symmetric=True)
     with pytest.raises(ConvergenceError, match="eigsh"):
         power_iteration(A, maxiter=50, seed=0)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_eigsh_with_the_smallest_basis(numpy_backend, k):
+    """``ncv = k + 1`` (the smallest allowed basis): each thick restart keeps all ``k``
+    wanted Ritz vectors and extends them by one Lanczos step; with well separated extreme
+    eigenvalues that converges to the pairs of numpy.linalg.eigh."""
+    spectrum = np.concatenate([[-40.0, -30.0, -20.0], np.linspace(-3.0, 3.0, 34), [19, 29, 39]])
+    A = _symmetric(spectrum, seed=3)
+    for which in ("LA", "SA", "LM"):
+        lam, Q = eigsh(aslinearoperator(A, symmetric=True), k=k, ncv=k + 1, which=which, tol=1e-12)
+        lam_ref, Q_ref = _reference(A, k, which)
+        _check_pairs(A, lam, Q, lam_ref, Q_ref, rtol=1e-9)

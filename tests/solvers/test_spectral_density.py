@@ -202,3 +202,40 @@ def test_spectral_density_refuses_non_finite_boundaries_and_grids(numpy_backend)
         with pytest.raises(ValueError, match="at least 2 points"):
             fn(op, grid=np.zeros(1))
     assert not calls
+
+
+def _gaussian_mixture(grid, centers, sigma):
+    """``mean_j N(grid; centers_j, sigma^2)``, normalized by the trapezoid rule on ``grid``."""
+    bumps = np.exp(-0.5 * ((grid[:, None] - centers[None, :]) / sigma) ** 2)
+    density = bumps.mean(axis=1) / (sigma * np.sqrt(2.0 * np.pi))
+    return density / np.trapezoid(density, grid)
+
+
+def test_closed_form_for_a_diagonal_operator_with_every_option(numpy_backend):
+    """With as many Lanczos steps as the dimension, the Ritz values are the eigenvalues
+    and a normalized Rademacher probe gives each the weight ``1/n`` exactly, so the
+    density is a Gaussian mixture written here in NumPy: nodes at the eigenvalues (at
+    ``log(lam + epsilon)``), width ``spacing / sqrt(8 log kappa)`` with the node spacing
+    ``(high - low) / (n - 1)`` of the padded boundaries. Every option is non-default, and
+    ``spectral_density(log=True)`` must pass each of them on."""
+    lam = np.array([0.7, 1.5, 3.0, 6.0, 11.0, 19.0])
+    n = len(lam)
+    op = aslinearoperator(np.diag(lam), symmetric=True)
+    opts = dict(num_probes=3, lanczos_steps=n, num_points=101, kappa=7.0, margin=0.2, seed=4)
+    low, high, eps = 0.5, 20.0, 1e-2
+    linear = spectral_density(op, boundaries=(low, high), **opts)
+    logs = [
+        spectral_density(op, boundaries=(low, high), log=True, epsilon=eps, **opts),
+        log_spectral_density(op, boundaries=(low, high), epsilon=eps, **opts),
+    ]
+    for results, centers, lo, hi in (
+        ([linear], lam, low, high),
+        (logs, np.log(lam + eps), np.log(low + eps), np.log(high + eps)),
+    ):
+        lo, hi = lo - 0.2 * (hi - lo), hi + 0.2 * (hi - lo)
+        expected_grid = np.linspace(lo, hi, 101)
+        sigma = (hi - lo) / (n - 1) / np.sqrt(8.0 * np.log(7.0))
+        expected = _gaussian_mixture(expected_grid, centers, sigma)
+        for grid, density in results:
+            np.testing.assert_allclose(grid, expected_grid, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(density, expected, rtol=1e-8, atol=1e-10)

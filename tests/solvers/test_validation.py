@@ -349,3 +349,154 @@ def test_check_input_reports_what_callers_need():
     f32 = aslinearoperator(np.ones((2, 2), dtype=np.float32))
     with pytest.raises(TypeError, match="float32 and cannot take a float64"):
         f32.check_input(np.ones(2))
+
+
+# -- whole messages: a changed word or letter case is a changed message ---------------------
+
+_DECLARE_TEXT = (
+    "Declare it to skip this check: aslinearoperator(A, {tag}=True), {tag}=True in the "
+    "operator's constructor, or a class-level tag on your operator class."
+)
+_PSD_REMEDY_TEXT = {
+    "cg": (
+        "If it is indefinite, CG stops with StopReason.NEGATIVE_CURVATURE: add damping "
+        "or use minres. "
+    ),
+    "nystrom": "If it is indefinite, the sketch fails: use eigsh instead. ",
+}
+
+
+def _assumption_messages(call, A):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call(A)
+    return [str(w.message) for w in caught if issubclass(w.category, AssumptionWarning)]
+
+
+@pytest.mark.parametrize("name", sorted(ASSUMES))
+def test_structure_warnings_in_full(name):
+    call, _ = SOLVERS[name]
+    ops = _operators()
+    psd = ASSUMES[name] == "psd"
+    needs = "symmetric positive semi-definite" if psd else "symmetric"
+    probed = (
+        f"{name} assumes a {needs} operator, but the DenseLinearOperator is not declared "
+        "symmetric; a random symmetry probe passed (one extra product), so it runs. "
+        + _DECLARE_TEXT.format(tag="psd" if psd else "symmetric")
+    )
+    assert _assumption_messages(call, ops["undeclared"]) == [probed]
+    if psd:
+        only_symmetric = (
+            f"{name} assumes a positive semi-definite operator, but the DenseLinearOperator "
+            "is only declared symmetric. "
+            + _PSD_REMEDY_TEXT.get(name, "")
+            + _DECLARE_TEXT.format(tag="psd")
+        )
+        assert _assumption_messages(call, ops["symmetric"]) == [only_symmetric]
+    with pytest.raises(ValueError) as info:
+        call(ops["nonsymmetric"])
+    number = r"-?[0-9.]+(e[-+][0-9]+)?"
+    assert re.fullmatch(
+        rf"{name} needs a symmetric operator, but the DenseLinearOperator is not: for random "
+        rf"x, y, y\^T A x = {number} and x\^T A y = {number} \(relative difference {number} "
+        rf"> {number}\)\. Symmetrize it \(0\.5 \* \(A \+ A\.T\)\), solve the normal equations "
+        r"\(A\.T @ A\) for a linear system, or declare symmetric=True if it is symmetric in "
+        r"exact arithmetic\.",
+        str(info.value),
+    )
+
+
+PRECONDITIONED = {
+    "cg": lambda A, M: cg(A, B, M=M),
+    "minres": lambda A, M: minres(A, B, M=M),
+    "CGInverseLinearOperator": lambda A, M: CGInverseLinearOperator(A, M=M),
+    "MINRESInverseLinearOperator": lambda A, M: MINRESInverseLinearOperator(A, M=M),
+    "NeumannInverseLinearOperator": lambda A, M: NeumannInverseLinearOperator(A, 3, 0.1, M=M),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRECONDITIONED))
+def test_preconditioner_errors_in_full(name):
+    call = PRECONDITIONED[name]
+    A = aslinearoperator(spd(), psd=True)
+    cases = [
+        (
+            TypeError,
+            [[1.0]],
+            f"{name} needs a LinearOperator or a 2-D array as preconditioner M, got a list.",
+        ),
+        (
+            ValueError,
+            np.eye(3),
+            f"{name}: the preconditioner M must have the operator's shape ({N}, {N}); got "
+            "shape (3, 3).",
+        ),
+        (
+            TypeError,
+            array_api_strict.asarray(np.eye(N)),
+            f"{name}: the preconditioner works on array_api_strict arrays but the operator on "
+            "numpy arrays; build both in one library.",
+        ),
+        (
+            TypeError,
+            np.eye(N, dtype=np.float32),
+            f"{name}: the preconditioner has dtype float32 but the operator float64; build "
+            "both in one dtype.",
+        ),
+    ]
+    for error, M, expected in cases:
+        with pytest.raises(error) as info:
+            call(A, M)
+        assert str(info.value) == expected
+
+
+@pytest.mark.parametrize("make", [CGInverseLinearOperator, MINRESInverseLinearOperator])
+def test_krylov_inverse_options_in_full(make):
+    who = make.__name__
+    A = aslinearoperator(spd(), psd=True)
+    cases = [
+        (ValueError, {"rtol": -1.0}, f"{who}: rtol must be finite and >= 0.0, got -1.0."),
+        (ValueError, {"atol": -2}, f"{who}: atol must be finite and >= 0.0, got -2.0."),
+        (ValueError, {"rtol": float("inf")}, f"{who}: rtol must be finite and >= 0.0, got inf."),
+        (TypeError, {"atol": "0"}, f"{who}: atol must be a real number, got '0'."),
+        (TypeError, {"rtol": True}, f"{who}: rtol must be a real number, got True."),
+        (ValueError, {"maxiter": -1}, f"{who}: maxiter must be an integer >= 0, got -1."),
+        (TypeError, {"maxiter": 2.0}, f"{who}: maxiter must be an integer >= 0, got 2.0."),
+        (ValueError, {"damping": float("nan")}, f"{who}: damping must be finite, got nan."),
+        (TypeError, {"damping": None}, f"{who}: damping must be a real number, got None."),
+    ]
+    for error, options, expected in cases:
+        with pytest.raises(error) as info:
+            make(A, **options)
+        assert str(info.value) == expected
+    if make is CGInverseLinearOperator:
+        with pytest.raises(ValueError) as info:
+            make(A, damping=-1.0)
+        assert str(info.value) == (
+            "CGInverseLinearOperator: damping must be >= 0, got -1.0. CG needs A + damping I "
+            "positive definite, which a negative damping can break without notice (CG then "
+            "stops at the first direction of negative curvature and returns a partial solve, "
+            "e.g. zeros). For an indefinite shift use MINRESInverseLinearOperator, or the "
+            "exact inverse(damping) of a structured operator."
+        )
+    else:
+        assert make(A, damping=-1.0).options["damping"] == -1.0
+
+
+@pytest.mark.parametrize("make", [CGInverseLinearOperator, MINRESInverseLinearOperator])
+def test_krylov_inverse_lives_on_the_operators_device(make):
+    device = array_api_strict.Device("device1")
+    A = aslinearoperator(array_api_strict.asarray(spd(), device=device), psd=True)
+    Ainv = make(A, rtol=1e-12)
+    assert Ainv.device == device and A.device == device
+    x = array_api_strict.asarray(np.ones(N))  # the default device
+    with pytest.raises(ValueError) as info:
+        Ainv @ x
+    assert str(info.value) == (
+        f"The vector is on device {x.device}, the operator on {device}. Move it first; "
+        "curvlinops never copies between devices inside a product."
+    )
+    y = Ainv @ array_api_strict.asarray(np.ones(N), device=device)
+    assert y.device == device
+    y = np.asarray(y.to_device(array_api_strict.Device("CPU_DEVICE")))
+    np.testing.assert_allclose(y, np.linalg.solve(spd(), np.ones(N)), rtol=1e-9)
