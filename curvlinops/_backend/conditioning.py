@@ -369,7 +369,8 @@ def check_invertible_spectrum(
         if damping_for is not None:  # a shift t >= 0 of a factor, as the user's damping
             total = damping_for(total)
         suggested = _round_toward(total, s) or None
-    message = _message(what, cond, limit, size, values.dtype, hint, suggested)
+    all_zero = float(xp.max(xp.abs(base))) == 0.0
+    message = _message(what, cond, limit, size, values.dtype, hint, suggested, all_zero)
     if action == "warn" and math.isfinite(cond):
         warnings.warn(message, ConditioningWarning, stacklevel=3)
         return
@@ -378,7 +379,7 @@ def check_invertible_spectrum(
     )
 
 
-def _message(what, cond, limit, size, dtype, hint, suggested):
+def _message(what, cond, limit, size, dtype, hint, suggested, all_zero=False):
     eps = dtype_eps(dtype)
     name = dtype_name(dtype)
     if cond >= 1.0 / (max(int(size), 1) * eps):
@@ -392,12 +393,16 @@ def _message(what, cond, limit, size, dtype, hint, suggested):
             f"{limit:.2g}; its inverse may be off by up to about "
             f"{math.sqrt(max(int(size), 1)) * eps * cond:.0%}"
         )
-    fix = (
-        f"Add damping: a total damping of {suggested:.2g} brings its condition number "
-        "within the limit"
-        if suggested is not None
-        else "No damping makes it well-conditioned"
-    )
+    if suggested is not None:
+        fix = (
+            f"Add damping: a total damping of {suggested:.2g} brings its condition number "
+            "within the limit"
+        )
+    elif all_zero:  # the infimum 0 of the sufficient shifts is not one of them
+        fix = "Every eigenvalue is zero: any positive damping makes its condition number 1"
+    else:
+        fix = "No damping brings its condition number within the limit"
+
     wider = "compute in float64, or " if eps > dtype_eps_float64() else ""
     return (
         f"{head}. {hint + ' ' if hint else ''}{fix}; or {wider}accept the result with "

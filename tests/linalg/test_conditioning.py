@@ -303,3 +303,25 @@ def test_several_refused_blocks_get_one_damping_for_all():
     ref = scipy.linalg.block_diag(small, np.eye(2), large)
     expected = np.linalg.inv(ref + suggested * np.eye(7))
     np.testing.assert_allclose(op.inverse(suggested).to_dense(), expected, rtol=1e-3)
+
+
+def test_a_zero_operator_is_told_that_any_positive_damping_works():
+    """Every shift s > 0 makes 0 + s I perfectly conditioned, but no shift is the
+    smallest: the message says so rather than suggesting a number (or none at all)."""
+    zero = DiagonalLinearOperator(np.zeros(3))
+    with pytest.raises(IllConditionedError) as err:
+        zero.inverse()
+    assert err.value.suggested_damping is None
+    assert "Every eigenvalue is zero: any positive damping makes its condition number 1" in (
+        str(err.value)
+    )
+    assert np.array_equal(zero.inverse(1e-300).to_dense(), np.eye(3) / 1e-300)
+
+
+def test_no_shift_helps_when_the_limit_is_one():
+    """With a tolerance that leaves a limit at or below 1, only an exactly flat spectrum
+    passes; the message says no damping suffices instead of suggesting one."""
+    with conditioning(tolerance=1e-30), pytest.raises(IllConditionedError) as err:
+        DiagonalLinearOperator(np.array([1.0, 2.0])).inverse()
+    assert err.value.suggested_damping is None
+    assert "No damping brings its condition number within the limit" in str(err.value)
