@@ -185,6 +185,22 @@ def test_neumann_nonsymmetric_adjoint(backend):
     )
 
 
+def test_neumann_nonsymmetric_without_preconditioner(backend):
+    """Without ``M`` the adjoint is the series of ``A^T`` alone, on ``A``'s device."""
+    rng = np.random.default_rng(14)
+    A = np.eye(N) + 0.2 * rng.standard_normal((N, N)) / np.sqrt(N)
+    op = aslinearoperator(backend.asarray(A))
+    Ainv = NeumannInverseLinearOperator(op, 5, 0.7)
+    assert not Ainv.is_symmetric
+    assert Ainv.device == op.device
+    dense = truncated_series(A, np.eye(N), 5, 0.7)
+    B = rng.standard_normal((N, K))
+    Xt = backend.to_numpy(Ainv.rmatmat(backend.asarray(B)))
+    np.testing.assert_allclose(Xt, dense.T @ B, rtol=1e-11, atol=1e-13)
+    xt = backend.to_numpy(Ainv.rmatvec(backend.asarray(B[:, 0])))
+    np.testing.assert_allclose(xt, dense.T @ B[:, 0], rtol=1e-11, atol=1e-13)
+
+
 @pytest.mark.parametrize(
     "make",
     [
