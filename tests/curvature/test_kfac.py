@@ -531,6 +531,28 @@ def test_products_on_every_backend(backend):
     assert_close(backend.to_numpy(K.trace()), np.trace(reference))
 
 
+def test_forward_only_exact_blocks_are_the_identity_on_the_operators_device(backend):
+    """Forward-only K-FAC gives an elementwise layer's ``[w, b]`` the identity as its
+    exact block (its output factor), created on the parameters' device."""
+    if backend.name not in ("numpy", "array_api_strict"):
+        pytest.skip("the device rule is the same for every library; strict checks it")
+    model = cnn.Sequential(cnn.Linear(3, 4), cnn.LayerNorm(4), cnn.Linear(4, 2))
+    rng = np.random.default_rng(5)
+    params = [rng.standard_normal(s) for s in model.expected_param_shapes()]
+    X, y = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    to = backend.asarray
+    K = KFACLinearOperator(
+        model, cl.MSELoss(), [to(p) for p in params], [(to(X), to(y))],
+        fisher_type="forward-only", check_deterministic=False,
+    )  # fmt: skip
+    dense = backend.to_numpy(K @ to(np.eye(K.shape[1])))
+    start = params[0].size + params[1].size  # LayerNorm's weight and bias follow Linear's
+    block = dense[start : start + 8, start : start + 8]
+    assert_close(block, np.eye(8))
+    assert np.all(dense[start : start + 8, :start] == 0)
+    assert np.all(dense[start : start + 8, start + 8 :] == 0)
+
+
 def backend_problem():
     """Linear regression, where K-FAC is exact; small, since JAX compiles every new shape."""
     return problem("mse", widths=(3, 2), N=6, splits=(), seed=8)

@@ -185,6 +185,18 @@ def test_neumann_nonsymmetric_adjoint(backend):
     )
 
 
+@pytest.mark.parametrize("cls", [CGInverseLinearOperator, MINRESInverseLinearOperator])
+def test_krylov_inverse_is_psd_exactly_when_its_damped_operator_is(cls):
+    """``(A + d I)^{-1}`` is PSD for a PSD ``A`` and ``d >= 0`` (``d = 0`` included),
+    not declared so for a negative shift (MINRES allows one) or an undeclared ``A``."""
+    A = sym_from_spectrum(np.linspace(1.0, 2.0, N), seed=3)
+    psd = aslinearoperator(A, psd=True)
+    assert cls(psd).is_psd and cls(psd, damping=0.0).is_psd and cls(psd, damping=0.5).is_psd
+    assert not cls(aslinearoperator(A, symmetric=True), damping=0.5).is_psd
+    if cls is MINRESInverseLinearOperator:
+        assert not cls(psd, damping=-0.5).is_psd
+
+
 def test_neumann_nonsymmetric_without_preconditioner(backend):
     """Without ``M`` the adjoint is the series of ``A^T`` alone, on ``A``'s device."""
     rng = np.random.default_rng(14)
