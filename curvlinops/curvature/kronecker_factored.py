@@ -13,7 +13,8 @@ What lives here:
 - :func:`layer_layout`: the segments of the flat parameter vector that form each
   layer's blocks (a weight ``(D_out, D_in)``; its bias; or both side by side as
   ``[W | b]``; for a grouped layer the same per group, each group's weight rows and
-  bias entries being contiguous), from the layers' :class:`~.kronecker_statistics.LayerInfo`.
+  bias entries being contiguous, or, for a grouped weight stored transposed, a segment
+  per row of ``W^T``), from the layers' :class:`~.kronecker_statistics.LayerInfo`.
 
 May import: ``curvlinops._backend``, ``curvlinops.linalg``, ``curvlinops.models``.
 """
@@ -153,21 +154,10 @@ def layer_layout(layers, shapes, joint):
                 layout += [[segment] for segment in segments]
                 names += [f"exact weight block {where}", f"exact bias block {where}"]
             continue
-        if layer.transposed:
-            # W^T (D_in, D_out) in C order, and the joint [W^T; b^T]: the bias is a
-            # last row, i.e. the two flat segments one after the other
-            weight = (w, layer.d_in * layer.d_out)
-            if layer.bias_index is None:
-                layout.append([weight])
-                names.append(f"weight block {where}")
-            elif joint(layer):
-                layout.append([weight, (offsets[layer.bias_index], layer.d_out)])
-                names.append(f"joint weight and bias block {where}")
-            else:
-                layout += [[weight], [(offsets[layer.bias_index], layer.d_out)]]
-                names += [f"weight block {where}", f"bias block {where}"]
-            continue
         groups = getattr(layer, "groups", 1)
+        if layer.transposed:
+            _transposed_layout(layer, w, offsets, joint(layer), where, layout, names)
+            continue
         for g in range(groups):
             group = f"{where}, group {g}" if groups > 1 else where
             weight = (w + g * layer.d_out * layer.d_in, (layer.d_out, layer.d_in))
@@ -183,3 +173,33 @@ def layer_layout(layers, shapes, joint):
                 layout += [[weight], [bias]]
                 names += [f"weight block {group}", f"bias block {group}"]
     return layout, names
+
+
+def _transposed_layout(layer, w, offsets, joint, where, layout, names):
+    """The blocks of a layer whose weight is stored transposed, ``W^T (D_in, D_out)``.
+
+    Without groups the weight block is the flat segment of ``W^T`` (C order) and the
+    joint block ``[W^T; b^T]`` appends the bias as a last row: the two flat segments one
+    after the other. With ``G`` groups, group ``g``'s entries are the columns
+    ``g d_out ... (g + 1) d_out - 1`` of ``W^T (d_in, G d_out)``: one segment of
+    ``d_out`` entries per row of ``W^T``, ``[W_g^T; b_g^T]`` flat row by row.
+    """
+    groups = getattr(layer, "groups", 1)
+    row = groups * layer.d_out  # entries of one row of W^T
+    for g in range(groups):
+        group = f"{where}, group {g}" if groups > 1 else where
+        if groups == 1:
+            weight = [(w, layer.d_in * layer.d_out)]
+        else:
+            weight = [(w + i * row + g * layer.d_out, layer.d_out) for i in range(layer.d_in)]
+        if layer.bias_index is None:
+            layout.append(weight)
+            names.append(f"weight block {group}")
+            continue
+        bias = (offsets[layer.bias_index] + g * layer.d_out, layer.d_out)
+        if joint:
+            layout.append([*weight, bias])
+            names.append(f"joint weight and bias block {group}")
+        else:
+            layout += [weight, [bias]]
+            names += [f"weight block {group}", f"bias block {group}"]

@@ -39,7 +39,12 @@ and output gradients ``(N, S..., D_out, M)``; a convolution's inputs are its pat
 ``(N, S, D_in)`` over the ``S`` output pixels, ordered as the weight flattens
 (``(C_in, kh, kw)`` for PyTorch's ``(C_out, C_in, kh, kw)``, ``(kh, kw, C_in)`` for
 Flax's kernel ``(kh, kw, C_in, C_out)``); weights stored ``(D_in, D_out)`` (Flax
-kernels, embedding tables) are taps with ``transposed=True``.
+kernels, embedding tables) are taps with ``transposed=True``. A grouped convolution
+(``G`` groups, depthwise for ``G = C_in``: ``conv2d(groups=G)``, Flax's
+``feature_group_count``, Equinox's ``groups``) gives a tap with ``groups=G`` whose
+patches are group-major, each group's ``D_in / G`` entries contiguous and ordered as
+its kernel flattens (``(C_in / G, kh, kw)``, or ``(kh, kw, C_in / G)`` for Flax's
+``(kh, kw, C_in / G, C_out)``).
 
 Importing this module imports JAX; Flax and Equinox are imported only by the functions
 that need them. May import: jax, flax, equinox (lazily, inside functions),
@@ -206,10 +211,12 @@ class JaxModel(Model):
         through ``flax.linen.intercept_methods``: a ``Dense`` kernel ``(D_in, D_out)``
         and an embedding table ``(V, D)`` give taps with ``transposed=True``; a
         ``Conv`` (channels-last inputs ``(N, *spatial, C_in)``, kernel
-        ``(*kernel_size, C_in, C_out)``, ``feature_group_count=1``, zero padding given
-        as ``"SAME"``, ``"VALID"`` or integers) gives its patches ordered
-        ``(*kernel_size, C_in)`` with ``transposed=True, channels_first=False``. Each
-        such layer must run once per forward pass (a layer called twice is refused).
+        ``(*kernel_size, C_in / G, C_out)`` for ``feature_group_count=G``, zero padding
+        given as ``"SAME"``, ``"VALID"`` or integers; a kernel mask or another padding
+        is refused by name) gives its patches ordered ``(*kernel_size, C_in)`` (with
+        ``G > 1``: group-major, ``(G, *kernel_size, C_in / G)``, and ``groups=G``) with
+        ``transposed=True, channels_first=False``. Each such layer must run once per
+        forward pass (a layer called twice is refused).
 
         Parameters
         ----------
@@ -269,8 +276,8 @@ class JaxModel(Model):
         rest constants. The module itself is not modified. During a tap pass (only
         while it is traced) the ``__call__`` of ``nnx.Linear``, ``nnx.Conv`` and
         ``nnx.Embed`` is wrapped to take their taps, laid out as for
-        :meth:`from_flax` (kernels ``(D_in, D_out)`` and ``(*kernel_size, C_in,
-        C_out)``: ``transposed=True``).
+        :meth:`from_flax` (kernels ``(D_in, D_out)`` and ``(*kernel_size, C_in / G,
+        C_out)``: ``transposed=True``; grouped convolutions with ``groups=G``).
 
         Parameters
         ----------
@@ -326,8 +333,9 @@ class JaxModel(Model):
         (:attr:`params`, in ``jax.tree_util.tree_leaves`` order); the other leaves stay
         constants. Tier 3 finds the layers by walking the module's pytree:
         ``eqx.nn.Linear`` (weight ``(D_out, D_in)``, as PyTorch), ``eqx.nn.Conv``
-        (``Conv1d/2d/3d``: channels first, weight ``(C_out, C_in, *kernel)``, patches
-        ordered ``(C_in, *kernel)``, ``groups=1``, ``padding_mode="ZEROS"``) and
+        (``Conv1d/2d/3d``: channels first, weight ``(C_out, C_in / G, *kernel)`` for
+        ``groups=G``, patches ordered ``(C_in, *kernel)`` and the tap's ``groups=G``;
+        ``padding_mode="ZEROS"`` only, other padding modes are refused by name) and
         ``eqx.nn.Embedding`` (table ``(V, D)``: ``transposed=True``). Their names are the
         pytree paths (e.g. ``".layers[0]"``).
 
@@ -617,6 +625,7 @@ class _JaxLinearization(Linearization):
                 kind=_TAP_KINDS.get(spec.kind, "matrix"),
                 channels_first=spec.channels_first,
                 transposed=spec.transposed,
+                groups=spec.groups,
             )
             for spec, (inputs, grads) in zip(specs, laid_out, strict=True)
         ]
@@ -713,7 +722,9 @@ def layer_norm(x, weight=None, bias=None, *, eps=1e-5, name=None):
     return _mark(_NORM, normalized, out, weight, bias, name=name)
 
 
-def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, layout="NCHW", name=None):
+def conv2d(
+    x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, layout="NCHW", name=None
+):
     """A 2d convolution, marked for layer taps (``jax.lax.conv_general_dilated``).
 
     Layout ``"NCHW"`` (default): inputs ``(N, C_in, H, W)``, weight
@@ -722,7 +733,10 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, layout="NCH
     ``(C_in, kh, kw)`` as the weight flattens. Layout ``"NHWC"``: inputs
     ``(N, H, W, C_in)``, weight ``(kh, kw, C_in, C_out)`` (Flax's kernel) and outputs
     ``(N, H_out, W_out, C_out)``; the patches are ordered ``(kh, kw, C_in)`` and the
-    tap says ``transposed=True``. No groups.
+    tap says ``transposed=True``. With ``groups = G`` (a grouped convolution; depthwise
+    for ``G = C_in``) the weight's input-channel axis has ``C_in / G`` entries, the tap
+    says ``groups=G``, and its patches are group-major: ``(G, C_in / G, kh, kw)``, or
+    ``(G, kh, kw, C_in / G)`` for ``"NHWC"``.
 
     Parameters
     ----------
@@ -734,6 +748,9 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, layout="NCH
         ``(C_out,)``.
     stride, dilation : int or pair of int
         Stride and kernel dilation per spatial axis.
+    groups : int
+        Number of groups of input and output channels (``feature_group_count``), each
+        dividing ``C_in`` and ``C_out``.
     padding : int, pair of int, pair of pairs, "SAME" or "VALID"
         Zero padding: ``p`` on every side, ``(ph, pw)`` on both sides of each axis,
         ``((top, bottom), (left, right))``, or ``jax.lax``'s ``"SAME"`` (as
@@ -755,6 +772,8 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, layout="NCH
     (2, 4, 5, 5)
     >>> conv2d(jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 3, 4)), stride=2, layout="NHWC").shape
     (2, 2, 2, 4)
+    >>> conv2d(jnp.ones((2, 4, 5, 5)), jnp.ones((6, 2, 3, 3)), groups=2).shape  # C_in / G = 2
+    (2, 6, 3, 3)
     """
     if layout not in ("NCHW", "NHWC"):
         raise ValueError(f"conv2d takes layout 'NCHW' or 'NHWC', got {layout!r}.")
@@ -762,6 +781,7 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, layout="NCH
     if x.ndim != 4:
         raise ValueError(f"conv2d expects inputs of 4 axes ({layout}), got shape {x.shape}.")
     kernel = tuple(weight.shape[2:]) if channels_first else tuple(weight.shape[:2])
+    _check_conv_groups(x, weight, _int_tuple(groups, 1, "groups")[0], channels_first)
     geometry = _ConvGeometry(
         kernel,
         _int_tuple(stride, 2, "stride"),
@@ -769,6 +789,7 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, layout="NCH
         (1, 1),
         _int_tuple(dilation, 2, "dilation"),
         channels_first,
+        _int_tuple(groups, 1, "groups")[0],
     )
     out = jax.lax.conv_general_dilated(
         x,
@@ -777,6 +798,7 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, layout="NCH
         padding=geometry.padding,
         rhs_dilation=geometry.rhs_dilation,
         dimension_numbers=geometry.dimension_numbers(),
+        feature_group_count=geometry.groups,
     )
     if bias is not None:
         out = out + (bias[:, None, None] if channels_first else bias)
@@ -791,6 +813,19 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, layout="NCH
         channels_first=channels_first,
         geometry=geometry,
     )
+
+
+def _check_conv_groups(x, weight, groups, channels_first):
+    """A clear error unless ``groups`` splits the input and output channels of conv2d."""
+    c_in = x.shape[1] if channels_first else x.shape[-1]
+    c_group = weight.shape[1] if channels_first else weight.shape[-2]
+    c_out = weight.shape[0] if channels_first else weight.shape[-1]
+    if c_group * groups != c_in or c_out % groups:
+        where = "weight.shape[1]" if channels_first else "weight.shape[-2]"
+        raise ValueError(
+            f"conv2d with groups={groups} needs C_in = {where} * groups and C_out divisible "
+            f"by groups; got C_in={c_in}, {where}={c_group}, C_out={c_out}."
+        )
 
 
 def embed(ids, table, *, name=None):
@@ -842,6 +877,7 @@ class _ConvGeometry:
     lhs_dilation: tuple
     rhs_dilation: tuple
     channels_first: bool
+    groups: int = 1  # jax.lax's feature_group_count
 
     def dimension_numbers(self):
         spatial = "DHW"[3 - len(self.kernel) :] if len(self.kernel) <= 3 else None
@@ -865,6 +901,7 @@ class _LayerSpec:
     channels_first: bool = False
     geometry: _ConvGeometry | None = None
     dtype: object = None  # of the weight (one-hot inputs of an embedding)
+    groups: int = 1  # a grouped convolution's
 
 
 def _int_tuple(value, n, what):
@@ -999,6 +1036,7 @@ class _TapContext:
             bool(channels_first),
             geometry,
             weight.dtype if kind == _EMBED else None,
+            geometry.groups if kind == _CONV else 1,
         )
         self.specs.append(spec)
         self.inputs.append(x)
@@ -1136,11 +1174,6 @@ def _flax_conv_geometry(module, x, label):
     """The ``_ConvGeometry`` of a linen or nnx ``Conv`` (channels last), or a clear error."""
     kernel = tuple(int(k) for k in module.kernel_size)
     n = len(kernel)
-    if module.feature_group_count != 1:
-        raise ValueError(
-            f"The Conv {label!r} has feature_group_count={module.feature_group_count}; layer "
-            "taps cover convolutions without groups. Use an exact operator."
-        )
     if getattr(module, "mask", None) is not None:
         raise ValueError(f"The Conv {label!r} has a kernel mask; masked kernels are not tapped.")
     if x.ndim != n + 2:
@@ -1155,6 +1188,7 @@ def _flax_conv_geometry(module, x, label):
         _int_tuple(module.input_dilation or 1, n, "input_dilation"),
         _int_tuple(module.kernel_dilation or 1, n, "kernel_dilation"),
         False,
+        int(module.feature_group_count),
     )
 
 
@@ -1281,11 +1315,12 @@ def _equinox_tapped(module):
                     return _mark(_DENSE, x, out, layer.weight, layer.bias, name=label)
                 if isinstance(layer, eqx.nn.Embedding):
                     return _mark(_EMBED, x, out, layer.weight, None, name=label, transposed=True)
-                if layer.groups != 1 or layer.padding_mode != "ZEROS":
+                if layer.padding_mode != "ZEROS":
                     raise ValueError(
-                        f"The eqx.nn.Conv {self.name!r} has groups={layer.groups}, "
-                        f"padding_mode={layer.padding_mode!r}; layer taps cover convolutions "
-                        "without groups and with zero padding."
+                        f"The eqx.nn.Conv {self.name!r} has padding_mode="
+                        f"{layer.padding_mode!r}; layer taps cover convolutions with zero "
+                        "padding (padding_mode='ZEROS'). Use an exact operator (e.g. "
+                        "GGNLinearOperator) for this model."
                     )
                 n = layer.num_spatial_dims
                 geometry = _ConvGeometry(
@@ -1295,6 +1330,7 @@ def _equinox_tapped(module):
                     (1,) * n,
                     _int_tuple(layer.dilation, n, "dilation"),
                     True,
+                    int(layer.groups),
                 )
                 return _mark(
                     _CONV,
@@ -1343,14 +1379,15 @@ def _lay_out(spec, a, g):
         dimension_numbers=(lhs, rhs, "N" + spatial + "C"),
         precision=jax.lax.Precision.HIGHEST,
     )
-    # patches (N, *S, C_in * k) with entries ordered (C_in, *kernel)
+    # patches (N, *S, C_in * k) with entries ordered (C_in, *kernel): with G groups the
+    # channels of each group are contiguous, (G, C_in / G, *kernel), as LayerTap wants
     N, S, D = patches.shape[0], math.prod(patches.shape[1:-1]), patches.shape[-1]
-    k = math.prod(geometry.kernel)
+    k, G = math.prod(geometry.kernel), geometry.groups
     if geometry.channels_first:
         patches = jnp.reshape(patches, (N, S, D))
-    else:  # as the kernel's leading axes (*kernel, C_in) flatten
+    else:  # each group's as the kernel's leading axes (*kernel, C_in / G) flatten
         patches = jnp.reshape(
-            jnp.swapaxes(jnp.reshape(patches, (N, S, D // k, k)), 2, 3), (N, S, D)
+            jnp.swapaxes(jnp.reshape(patches, (N, S, G, D // (G * k), k)), 3, 4), (N, S, D)
         )
     if g is not None:
         if geometry.channels_first:  # (N, C_out, *S, M) -> (N, *S, C_out, M)

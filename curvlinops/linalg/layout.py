@@ -56,7 +56,9 @@ class ParameterLayoutLinearOperator(LinearOperator):
     order of ``B (x) A``), or two blocks. ``(start, size)`` is a contiguous slice taken
     as it is. The segments must cover ``x`` exactly once, so ``P`` is a permutation;
     it is applied by slicing, reshaping and concatenating (one pass over the rows, for
-    all columns of a matrix at once), never formed.
+    all columns of a matrix at once), never formed; a layout with a block of more than
+    two segments (e.g. a grouped weight stored transposed: a segment per row) is
+    applied as one gather of rows by an index array built once, ``xp.take``.
 
     Because ``P`` is orthogonal, ``(P^T A P + d I)^{-1} = P^T (A + d I)^{-1} P``: the
     inverse (with damping), trace, log-determinant, eigenvalues and Frobenius norm are
@@ -168,6 +170,22 @@ class ParameterLayoutLinearOperator(LinearOperator):
             (b, 0) for b in range(len(layout))
         ]
         self._blockwise = self._aligned(operator)
+        # many segments: one gather by precomputed indices instead of a slice per segment
+        self._gather = None
+        if max(len(block) for block in layout) > 2:
+            self._gather = self._gather_indices()
+
+    def _gather_indices(self):
+        """``(P, P^{-1})`` as index arrays: ``(P x)_k = x[P[k]]``, on the operator's device."""
+        xp, device = self.xp, self.device
+        parts = []
+        for block in self.blocks:
+            columns = [
+                xp.reshape(xp.arange(s, s + r * c, device=device), (r, c)) for s, r, c in block
+            ]
+            parts.append(xp.reshape(xp.concat(columns, axis=1), (-1,)))
+        forward = xp.concat(parts, axis=0)
+        return forward, xp.argsort(forward)
 
     def _infer_psd(self):
         return self.operator.is_psd  # P^T A P with P orthogonal keeps A's definiteness
@@ -216,11 +234,15 @@ class ParameterLayoutLinearOperator(LinearOperator):
     def _to_blocks(self, X):
         if self._identity:
             return X
+        if self._gather is not None:
+            return self.xp.take(X, self._gather[0], axis=0)
         return self.xp.concat([self._gather_block(X, block) for block in self.blocks], axis=0)
 
     def _from_blocks(self, Y):
         if self._identity:
             return Y
+        if self._gather is not None:
+            return self.xp.take(Y, self._gather[1], axis=0)
         pieces, start = [], 0
         for block, m in zip(self.blocks, self._block_sizes, strict=True):
             pieces.append(self._split_block(Y[start : start + m, ...], block))
@@ -240,6 +262,13 @@ class ParameterLayoutLinearOperator(LinearOperator):
     # -- products --------------------------------------------------------------------
 
     def _apply(self, X, adjoint):
+        if self._blockwise and self._gather is not None:
+            Xb, pieces, start = self._to_blocks(X), [], 0
+            for op, m in zip(self.operator.blocks, self._block_sizes, strict=True):
+                block = Xb[start : start + m, ...]
+                pieces.append(op._rmatmat(block) if adjoint else op._matmat(block))
+                start += m
+            return self._from_blocks(self.xp.concat(pieces, axis=0))
         if self._blockwise:
             pieces = []
             for op, block in zip(self.operator.blocks, self.blocks, strict=True):
@@ -290,6 +319,9 @@ class ParameterLayoutLinearOperator(LinearOperator):
         return self.operator.trace()
 
     def diagonal(self):
+        if self._blockwise and self._gather is not None:
+            d = self.xp.concat([op.diagonal() for op in self.operator.blocks], axis=0)
+            return self._from_blocks(d[:, None])[:, 0]
         if self._blockwise:
             pieces = [
                 self._split_block(op.diagonal()[:, None], block)

@@ -162,9 +162,12 @@ class LayerTap:
         outputs' ``D_out`` split into ``G`` contiguous groups of ``D_in / G`` and
         ``D_out / G`` entries, and group ``g``'s outputs are its weight rows
         ``g D_out / G ... (g + 1) D_out / G - 1`` of the ``(D_out, D_in / G)`` matrix
-        times group ``g``'s inputs, plus its bias entries. Kind ``"matrix"`` only, not
-        ``transposed``; the curvature operators treat each group as a layer of its own
-        (K-FAC: one Kronecker block per group). Default 1.
+        times group ``g``'s inputs, plus its bias entries. With ``transposed`` the weight
+        holds that matrix transposed, ``(D_in / G, D_out)`` (a Flax grouped ``Conv``
+        kernel ``(*kernel, C_in / G, C_out)``), and group ``g``'s entries are its columns
+        ``g D_out / G ... (g + 1) D_out / G - 1``. Kind ``"matrix"`` only; the curvature
+        operators treat each group as a layer of its own (K-FAC: one Kronecker block per
+        group). Default 1.
 
     Examples
     --------
@@ -191,10 +194,10 @@ class LayerTap:
         groups = self.groups
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
             raise ValueError(f"LayerTap groups must be a positive integer, got {groups!r}.")
-        if groups > 1 and (self.kind != "matrix" or self.transposed):
+        if groups > 1 and self.kind != "matrix":
             raise ValueError(
-                f"LayerTap {self.name!r} has groups={groups}: groups are for matrix taps with "
-                f"an untransposed weight, got kind={self.kind!r}, transposed={self.transposed}."
+                f"LayerTap {self.name!r} has groups={groups}: groups are for matrix taps "
+                f"(kind='matrix'), got kind={self.kind!r}."
             )
 
 

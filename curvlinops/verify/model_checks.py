@@ -45,7 +45,8 @@ def tap_gradients(tap, output_grads, xp, *, vocabulary=None):
     ``output_grads`` is ``(N, S..., D_out, M)``; the weight gradient has the weight's
     matrix layout (``(D_out, D_in)``, ``(D_in, D_out)`` when transposed, ``(D,)`` for an
     elementwise tap, ``(V, D)`` for an embedding, ``(D_out, D_in / G)`` for a tap with
-    ``G`` groups), each with a trailing ``M``.
+    ``G`` groups, ``(D_in / G, D_out)`` for one also transposed), each with a trailing
+    ``M``.
     """
     M = output_grads.shape[-1]
     d_out = output_grads.shape[-2]
@@ -65,8 +66,10 @@ def tap_gradients(tap, output_grads, xp, *, vocabulary=None):
         a_groups = xp.permute_dims(xp.reshape(a, (T, G, -1)), (1, 0, 2))  # (G, T, d_in)
         g_groups = xp.permute_dims(xp.reshape(g, (T, G, d_out // G, M)), (1, 3, 2, 0))
         weight = g_groups @ a_groups[:, None, :, :]  # (G, M, d_out, d_in)
-        weight = xp.permute_dims(weight, (0, 2, 3, 1))
-        return xp.reshape(weight, (d_out, -1, M)), bias
+        weight = xp.reshape(xp.permute_dims(weight, (0, 2, 3, 1)), (d_out, -1, M))
+        if tap.transposed:  # (D_in / G, D_out), as a Flax grouped kernel
+            weight = xp.permute_dims(weight, (1, 0, 2))
+        return weight, bias
     by_probe = xp.reshape(xp.permute_dims(g, (2, 1, 0)), (M * d_out, -1))
     weight = xp.permute_dims(xp.reshape(by_probe @ a, (M, d_out, -1)), (1, 2, 0))
     if tap.transposed or tap.kind == "embedding":

@@ -618,8 +618,10 @@ def test_layer_tap_groups_are_checked():
         LayerTap("0", 0, None, np.ones((2, 4)), groups=0)
     with pytest.raises(ValueError, match="groups are for matrix taps.*elementwise"):
         LayerTap("0", 0, None, np.ones((2, 4)), kind="elementwise", groups=2)
-    with pytest.raises(ValueError, match="groups are for matrix taps.*transposed=True"):
-        LayerTap("0", 0, None, np.ones((2, 4)), transposed=True, groups=2)
+    with pytest.raises(ValueError, match="groups are for matrix taps.*'embedding'"):
+        LayerTap("0", 0, None, np.ones((2, 4), int), kind="embedding", groups=2)
+    # a transposed grouped weight (a Flax grouped Conv kernel) is a matrix tap
+    assert LayerTap("0", 0, None, np.ones((2, 4)), transposed=True, groups=2).groups == 2
 
 
 def test_a_hand_written_tap_whose_groups_do_not_divide_the_weight_is_refused():

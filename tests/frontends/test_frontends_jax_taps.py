@@ -10,6 +10,9 @@ built with NumPy by matching the copied weight values to the native ones (every 
 is a distinct random number, and the match is checked to be exact). The taps themselves
 are checked against ``jax.vjp`` of the network cut at each layer and against patches
 unfolded with NumPy; float64 throughout (``tests/conftest.py`` enables JAX's x64).
+A grouped CNN (grouped and depthwise convolutions) in Flax and Equinox is compared with
+the native one the same way; a single Flax depthwise convolution with K-FAC "expand"
+against the exact GGN from JAX autodiff; grouped ``conv2d`` marks against ``jax.vjp``.
 """
 
 from __future__ import annotations
@@ -651,12 +654,181 @@ def test_unsupported_convolutions_are_refused_with_the_reason():
         conv2d(jnp.ones((1, 2, 4, 4)), jnp.ones((2, 2, 3, 3)), layout="CHWN")
     with pytest.raises(ValueError, match="circular, causal or reflecting"):
         conv2d(jnp.ones((1, 2, 4, 4)), jnp.ones((2, 2, 3, 3)), padding="circular")
-    grouped = linen.Conv(4, (3, 3), feature_group_count=2)
-    variables = grouped.init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))
-    model = JaxModel.from_flax(grouped, variables)
-    with pytest.raises(ValueError, match="feature_group_count=2"):
+    circular = linen.Conv(4, (3, 3), padding="CIRCULAR", feature_group_count=2)
+    variables = circular.init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))
+    model = JaxModel.from_flax(circular, variables)
+    with pytest.raises(ValueError, match="got 'CIRCULAR' \\(circular, causal or reflecting"):
         # Flax's parameters are float32 (its default) whatever x64 says: inputs too
         model.linearize(model.params, jnp.ones((2, 5, 5, 2), jnp.float32)).layer_taps(None)
+    with pytest.raises(ValueError, match=r"groups=2 needs C_in = weight.shape\[1\] \* groups"):
+        conv2d(jnp.ones((1, 3, 4, 4)), jnp.ones((2, 2, 3, 3)), groups=2)  # C_in 3, not 2 * 2
+    with pytest.raises(ValueError, match="groups must be a positive integer"):
+        conv2d(jnp.ones((1, 2, 4, 4)), jnp.ones((2, 2, 3, 3)), groups=0)
+    eqx = pytest.importorskip("equinox")
+    reflect = eqx.nn.Conv2d(2, 2, 3, padding=1, padding_mode="REFLECT", key=jax.random.key(0))
+    model = JaxModel.from_equinox(reflect)
+    X = jnp.ones((2, 2, 5, 5), model.params[0].dtype)
+    with pytest.raises(ValueError, match="padding_mode='REFLECT'; layer taps cover.*'ZEROS'"):
+        model.linearize(model.params, X).layer_taps(None)
+
+
+# -- grouped and depthwise convolutions ----------------------------------------------------
+
+
+def _grouped_native():
+    """A grouped convolution (2 groups), a strided depthwise one (6 groups), a Linear."""
+    return nn.Sequential(
+        nn.Conv2d(4, 6, 3, padding=1, groups=2),
+        nn.Tanh(),
+        nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(24, 3),
+    )
+
+
+def _grouped_flax(w):
+    linen = pytest.importorskip("flax.linen")
+
+    class Net(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            x = jnp.tanh(linen.Conv(6, (3, 3), padding=1, feature_group_count=2)(x))
+            x = linen.Conv(6, (3, 3), strides=2, padding=1, feature_group_count=6)(x)
+            return linen.Dense(3)(linen.relu(x).reshape(x.shape[0], -1))
+
+    kernels = [_hwio(w[0]), _hwio(w[2]), _nhwc_dense(w[4], 6, 2, 2)]
+    params = {
+        name: {"kernel": jnp.asarray(k), "bias": jnp.asarray(b)}
+        for name, k, b in zip(["Conv_0", "Conv_1", "Dense_0"], kernels, w[1::2], strict=True)
+    }
+    return JaxModel.from_flax(Net(), {"params": params}), _to_nhwc
+
+
+def _grouped_equinox(w):
+    eqx = pytest.importorskip("equinox")
+    keys = jax.random.split(jax.random.key(0), 3)
+    net = eqx.nn.Sequential(
+        [
+            eqx.nn.Conv2d(4, 6, 3, padding=1, groups=2, key=keys[0]),
+            eqx.nn.Lambda(jnp.tanh),
+            eqx.nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, key=keys[1]),
+            eqx.nn.Lambda(jax.nn.relu),
+            eqx.nn.Lambda(jnp.ravel),
+            eqx.nn.Linear(24, 3, key=keys[2]),
+        ]
+    )
+    biases = [w[1][:, None, None], w[3][:, None, None], w[5]]  # eqx conv bias (C, 1, 1)
+    for i, weight, bias in zip([0, 2, 5], w[0::2], biases, strict=True):
+        net = eqx.tree_at(
+            lambda m, i=i: (m.layers[i].weight, m.layers[i].bias),
+            net,
+            (jnp.asarray(weight), jnp.asarray(bias)),
+        )
+    return JaxModel.from_equinox(net), None
+
+
+GROUPED_BUILDERS = {"flax": _grouped_flax, "equinox": _grouped_equinox}
+GROUPED_OPERATORS = ["kfac-expand", "kfac-reduce", "ekfac", "ggn-diagonal"]
+_GROUPED = {}
+
+
+def grouped_setup(framework):
+    """(native, params, data, model, model params, model data, P) of the grouped CNN."""
+    if "native" not in _GROUPED:
+        native = _grouped_native()
+        params = native.init(0, xp=npx, dtype=npx.float64)
+        rng = np.random.default_rng(1)
+        # two batches of one size: one compilation per JAX function
+        data = [(rng.standard_normal((3, 4, 4, 4)), rng.integers(0, 3, 3)) for _ in range(2)]
+        _GROUPED["native"] = native, params, data
+    native, params, data = _GROUPED["native"]
+    if framework not in _GROUPED:
+        model, convert = GROUPED_BUILDERS[framework](params)
+        convert = convert or (lambda X: X)
+        model_data = [(jnp.asarray(convert(X)), jnp.asarray(y)) for X, y in data]
+        P = permutation(params, model.params)
+        _GROUPED[framework] = model, model.params, model_data, P
+    return (native, params, data, *_GROUPED[framework])
+
+
+@pytest.mark.parametrize("name", GROUPED_OPERATORS)
+@pytest.mark.parametrize("framework", list(GROUPED_BUILDERS))
+def test_grouped_cnn_operators_equal_the_native_ones_permuted(framework, name):
+    """Flax's transposed grouped kernels (a group's entries strided in the flat vector)
+    and Equinox's grouped weights give the native grouped operators, permuted."""
+    native, w, data, model, params, model_data, P = grouped_setup(framework)
+    key = ("grouped", name)
+    if key not in _REFERENCES:
+        op = OPERATORS[name](native, cl.CrossEntropyLoss(), w, data)
+        _REFERENCES[key] = _dense(op)
+    ours = OPERATORS[name](model, cl.CrossEntropyLoss(), params, model_data)
+    np.testing.assert_allclose(_dense(ours), _REFERENCES[key][np.ix_(P, P)], rtol=RTOL, atol=ATOL)
+    if name == "kfac-expand":  # the taps' groups, and a Kronecker block per group
+        assert [layer.groups for layer in ours.layers] == [2, 6, 1]
+        assert ours.input_factors[ours.layers[1].name].shape == (6, 9, 9)  # a 3 x 3 patch
+
+
+def test_expand_is_the_exact_ggn_of_a_flax_depthwise_convolution():
+    """Conv -> flatten with squared error: every output pixel enters the loss on its own,
+    so K-FAC "expand" and EKFAC with joint weight and bias blocks (``[W_g^T; b_g^T]`` of
+    strided kernel columns) are the exact GGN, here from JAX autodiff (no taps). The
+    taps' weight gradients equal the vjp's (curvlinops.verify), the kernel's transposed."""
+    linen = pytest.importorskip("flax.linen")
+    from curvlinops.verify import check_layer_taps
+
+    conv = linen.Conv(6, (2, 3), strides=(1, 2), padding=1, feature_group_count=3)
+    net = linen.Sequential([conv, lambda x: x.reshape(x.shape[0], -1)])
+    variables = net.init(jax.random.key(1), jnp.ones((1, 4, 5, 3), jnp.float64))
+    model = JaxModel.from_flax(net, jax.tree_util.tree_map(jnp.float64, variables))
+    params = model.params
+    rng = np.random.default_rng(4)
+    X = jnp.asarray(rng.standard_normal((4, 4, 5, 3)))
+    Y = jnp.asarray(rng.standard_normal(model(params, X).shape))
+    data = [(X[:2], Y[:2]), (X[2:], Y[2:])]  # one size: one compilation
+    ggn = cl.to_numpy(cl.GGNLinearOperator(model, cl.MSELoss(), params, data).to_dense())
+    for operator in (KFACLinearOperator, EKFACLinearOperator):
+        approx = operator(
+            model, cl.MSELoss(), params, data, kfac_approx="expand", separate_weight_and_bias=False
+        )
+        np.testing.assert_allclose(cl.to_numpy(approx.to_dense()), ggn, rtol=RTOL, atol=ATOL)
+    assert approx.layers[0].groups == 3
+    assert check_layer_taps(model, params, data[0][0]).passed
+
+
+def test_marked_grouped_convolutions_give_the_weight_gradients_of_vjp():
+    """conv2d(groups=2) in both layouts: the taps' implied weight and bias gradients
+    against jax.vjp (curvlinops.verify.check_layer_taps), and the forward pass against
+    jax.lax with each group convolved on its own."""
+    from curvlinops.verify import check_layer_taps
+
+    rng = np.random.default_rng(3)
+    shapes = [(4, 2, 2, 3), (4,), (3, 3, 2, 6), (6,)]
+    params = [jnp.asarray(rng.standard_normal(shape)) for shape in shapes]
+
+    def fn(p, x):
+        h = jnp.tanh(conv2d(x, p[0], p[1], padding=1, stride=(2, 1), groups=2))
+        h = conv2d(
+            jnp.transpose(h, (0, 2, 3, 1)), p[2], p[3], padding="SAME", groups=2, layout="NHWC"
+        )
+        return h.reshape(x.shape[0], -1)
+
+    model = JaxModel(fn, params, layer_taps=True)
+    X = jnp.asarray(rng.standard_normal((3, 4, 3, 4)))
+    taps = model.linearize(params, X).layer_taps()
+    assert [(t.groups, t.transposed, t.matrix_shape) for t in taps] == [
+        (2, False, (4, 12)),
+        (2, True, (6, 18)),
+    ]
+    assert check_layer_taps(model, params, X).passed
+    # group 1 of the first layer: its input channels 2, 3 and its filters 2, 3 alone
+    alone = jax.lax.conv_general_dilated(X[:, 2:], params[0][2:], (2, 1), ((1, 1), (1, 1)))
+    np.testing.assert_allclose(
+        np.asarray(conv2d(X, params[0], padding=1, stride=(2, 1), groups=2)[:, 2:]),
+        np.asarray(alone),
+        rtol=1e-13,
+        atol=1e-13,
+    )
 
 
 # -- layer normalization: an elementwise tap ----------------------------------------------

@@ -102,7 +102,34 @@ def _identity_layout(backend, dtype, rng):
     return suite.Case(ParameterLayoutLinearOperator(inner, layout), np.diag(d64), suite.ALL_QUERIES)
 
 
+# A grouped weight stored transposed, W^T (3, 4) with 2 groups of 2 columns, and a bias
+# (4,), flat as [W^T, b]: group g's joint block [W_g^T; b_g^T] is a segment per row of W^T
+# plus its bias entries (more than two segments: the gather path).
+GROUPED_TRANSPOSED = [[(i * 4 + 2 * g, 2) for i in range(3)] + [(12 + 2 * g, 2)] for g in (0, 1)]
+
+
+def _grouped_transposed_blocks(backend, dtype, rng):
+    blocks, refs = [], []
+    for _ in GROUPED_TRANSPOSED:
+        A, A64 = suite.put(backend, dtype, suite.spd(rng, 4))
+        B, B64 = suite.put(backend, dtype, suite.spd(rng, 2))
+        blocks.append(KroneckerLinearOperator(A, B))
+        refs.append(np.kron(A64, B64))
+    inner = BlockDiagonalLinearOperator(blocks)
+    ref = scipy.linalg.block_diag(*refs)
+    op = ParameterLayoutLinearOperator(inner, GROUPED_TRANSPOSED)
+    return suite.Case(op, conjugated(ref, GROUPED_TRANSPOSED), suite.ALL_QUERIES)
+
+
+def _grouped_transposed_nonsymmetric(backend, dtype, rng):
+    A, A64 = suite.put(backend, dtype, suite.dominant(rng, 16))
+    op = ParameterLayoutLinearOperator(DenseLinearOperator(A), GROUPED_TRANSPOSED)
+    return suite.Case(op, conjugated(A64, GROUPED_TRANSPOSED), suite.ALL_QUERIES)
+
+
 CASES = {
+    "layout_grouped_transposed": _grouped_transposed_blocks,
+    "layout_grouped_transposed_nonsymmetric": _grouped_transposed_nonsymmetric,
     "layout_kronecker_blocks": _kronecker_blocks,
     "layout_kronecker_eigh_joint": _kronecker_eigh_joint,
     "layout_reversed_nonsymmetric": _reversed_nonsymmetric,
@@ -138,6 +165,14 @@ def test_to_and_from_block_order_invert_each_other():
     np.testing.assert_array_equal(op.from_block_order(X[perm, 1]), X[:, 1])
     # the joint block is [W0 | b0] row by row: W0[0, :], b0[0], W0[1, :], b0[1]
     np.testing.assert_array_equal(perm[:8], [0, 1, 2, 6, 3, 4, 5, 7])
+    grouped = ParameterLayoutLinearOperator(
+        DenseLinearOperator(np.eye(16), symmetric=True), GROUPED_TRANSPOSED
+    )
+    Y = rng.normal(size=(16, 2))
+    np.testing.assert_array_equal(grouped.to_block_order(Y), Y[permutation(GROUPED_TRANSPOSED)])
+    np.testing.assert_array_equal(grouped.from_block_order(grouped.to_block_order(Y)), Y)
+    # group 0: the first two entries of each row of W^T (3, 4), then b[0:2]
+    np.testing.assert_array_equal(permutation(GROUPED_TRANSPOSED)[:8], [0, 1, 4, 5, 8, 9, 12, 13])
     with pytest.raises(ValueError, match=r"\(17, k\)"):
         op.to_block_order(np.ones((17, 2, 2)))
     with pytest.raises(ValueError, match=r"\(17,\)"):
