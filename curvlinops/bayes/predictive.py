@@ -123,11 +123,14 @@ def _vjp_jacobians(lin, params):
 
 
 def _tap_jacobians(lin, params):
-    """Per-datum Jacobians from the layer taps, or None if a parameter has no tap."""
+    """Per-datum Jacobians from the layer taps, or None if a parameter has no tap (or
+    a tap is grouped)."""
     xp = array_namespace(lin.outputs)
     N, C = lin.outputs.shape
     pieces = [None] * len(params)
     for tap in lin.layer_taps(_unit_cotangents(lin.outputs, C)):
+        if tap.groups > 1:  # a grouped weight holds only its groups' blocks: the VJP route
+            return None
         if tap.kind == "embedding":
             table = params[tap.weight_index]
             tap = as_matrix_tap(tap, table.shape[0], table.dtype, xp)

@@ -63,6 +63,35 @@ def test_per_datum_jacobians_of_a_convolutional_network_equal_finite_differences
     np.testing.assert_allclose(_vjp_jacobians(lin, params), J, rtol=1e-10, atol=1e-12)
 
 
+def test_per_datum_jacobians_of_a_grouped_convolution_equal_finite_differences():
+    """A grouped weight holds only its groups' blocks; the taps' dense per-datum
+    gradient would hold every group pair, so grouped taps take the VJP route."""
+    import array_api_compat.numpy as npx
+
+    from curvlinops import nn
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3))
+    params = model.init(0, xp=npx, dtype=npx.float64)
+    X = np.random.default_rng(0).standard_normal((2, 4, 4, 4))
+    shapes = [p.shape for p in params]
+    theta = np.concatenate([p.ravel() for p in params])
+
+    def forward(t):
+        sizes = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+        ps = [t[a:b].reshape(s) for a, b, s in zip(sizes[:-1], sizes[1:], shapes, strict=True)]
+        return np.asarray(model(ps, X))
+
+    h = 1e-6
+    expected = np.stack(
+        [(forward(theta + h * e) - forward(theta - h * e)) / (2 * h) for e in np.eye(theta.size)],
+        axis=-1,
+    )
+    assert _tap_jacobians(model.linearize(params, X), params) is None
+    _, J = per_datum_jacobians(model, params, X)
+    assert J.shape == (2, 3, theta.size)
+    np.testing.assert_allclose(J, expected, rtol=1e-6, atol=1e-8)
+
+
 def test_per_datum_jacobians_of_torch_and_jax_models(mlp):
     torch = pytest.importorskip("torch")
     from curvlinops.frontends.torch import TorchModel
