@@ -987,8 +987,8 @@ class _ResidualBinder:
             return LinearizedLayer(
                 element.name,
                 tuple(i for i in aligned if i is not None),
-                description=f"a residual connection around {', '.join(missing)}, which the "
-                "PyTorch frontend has no layer-protocol rules for",
+                description=f"a residual connection around {', '.join(missing)} (a module "
+                "without layer-protocol rules in the PyTorch frontend)",
             )
         bound = layer.linearized(values, state, xp, name=element.name, param_indices=aligned)
         _name_branches(bound, element, self.calls)
