@@ -56,26 +56,43 @@
   calls (weight tying, a layer called twice) is refused: Kronecker factors need each
   parameter in one layer. Hooks and the mode see any module graph, so residual
   networks and transformers get taps too;
-- the layer protocol (:mod:`curvlinops.models.layers`) for modules that form a chain
-  (each leaf module takes the previous one's output, as in ``torch.nn.Sequential``):
-  every leaf module is mapped to the ``curvlinops.nn`` layer that computes the same
-  function (``_NATIVE_EQUIVALENTS``: ``Linear``, ``Conv1d``, ``Conv2d``, the
-  elementwise activations ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``,
-  ``Softplus``, ``GELU``, ``ELU``, and ``Identity``, ``Flatten``, dropout in evaluation
-  mode; where ``curvlinops.nn`` has them, ``BatchNorm1d``/``BatchNorm2d`` in
-  evaluation mode, ``AvgPool2d``, ``MaxPool2d`` and ``AdaptiveAvgPool2d`` to a single
-  pixel) and bound to its inputs of one forward pass (with the channels-first layout
-  of its inputs, as a native chain records it), so that the Hessian diagonal and the
-  Kronecker-factored Hessian use the native layers' rules on torch tensors. Other
-  modules are layers without rules: an operator that needs to walk through one says
-  so, naming it.
+- the layer protocol (:mod:`curvlinops.models.layers`): every leaf module is mapped to
+  the ``curvlinops.nn`` layer that computes the same function (``_NATIVE_EQUIVALENTS``:
+  ``Linear``, ``Conv1d``, ``Conv2d``, the elementwise activations ``ReLU``,
+  ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``Softplus``, ``GELU``, ``ELU``, and
+  ``Identity``, ``Flatten``, dropout in evaluation mode; where ``curvlinops.nn`` has
+  them, ``BatchNorm1d``/``BatchNorm2d`` in evaluation mode, ``AvgPool2d``,
+  ``MaxPool2d`` and ``AdaptiveAvgPool2d`` to a single pixel) and bound to its inputs of
+  one forward pass recorded with hooks (with the channels-first layout of its inputs,
+  as a native chain records it), so that the Hessian diagonal and the
+  Kronecker-factored Hessian use the native layers' rules on torch tensors. Modules
+  that form a chain (each leaf module takes the previous one's output, as in
+  ``torch.nn.Sequential``) are the layers in call order. Otherwise the forward pass is
+  read with ``torch.fx`` (:mod:`._torch_graph`, leaf modules kept as calls): a graph
+  that nests chains and **residual sums** ``out = body(x) + shortcut(x)`` (a ResNet's
+  blocks, ``out += identity`` included, the shortcut the identity or a projection such
+  as conv1x1-BN), with the functional ``relu`` and ``flatten(x, 1)`` between modules,
+  is mapped sum by sum to :class:`curvlinops.nn.Residual` over the native layers of its
+  two paths, bound to the sum's input; the walks then use the native Residual's rules
+  (both paths, their cross terms), and its inner layers carry the torch modules' names
+  (``"layer1.0.conv1"``; a sum is named after the module that holds it,
+  ``"layer1.0"``). A module without children called several times is one layer per
+  call if it has no trainable parameters (torchvision's ``BasicBlock`` calls its
+  ``relu`` twice) and refused otherwise. Outputs that an in-place operation overwrites
+  later are recorded again, copied as they are made. Anything else between modules (a
+  concatenation, a product, a scaled sum, a tensor attribute read in ``forward``,
+  paths that do not meet at one addition, control flow that ``torch.fx`` cannot trace)
+  is refused with a ValueError naming it. Other modules are layers without rules (a
+  residual sum around one too): an operator that needs to walk through one says so,
+  naming it.
 
 :func:`translate_loss` turns ``torch.nn.MSELoss``, ``CrossEntropyLoss``,
 ``BCEWithLogitsLoss`` and ``PoissonNLLLoss`` into the curvlinops loss of the same value.
 
 Importing this module imports PyTorch. May import: torch, ``curvlinops._backend``,
 ``curvlinops.models``, ``curvlinops.losses``, ``curvlinops.nn`` (the native layers'
-rules of the layer protocol; ``curvlinops.nn`` never imports a frontend).
+rules of the layer protocol; ``curvlinops.nn`` never imports a frontend),
+``._torch_graph``.
 """
 
 from __future__ import annotations
@@ -175,9 +192,13 @@ class TorchModel(Model):
     derivatives, or mutate the table, or give sparse gradients).
     The layer protocol (:meth:`Linearization.layers
     <curvlinops.Linearization.layers>`; the Hessian diagonal and the
-    Kronecker-factored Hessian) needs the leaf modules to form a chain, each called
-    once: the input of each is the output of the one before, and the last one's output
-    is the model's. It knows ``Linear``, ``Conv1d``, ``Conv2d``, ``ReLU``,
+    Kronecker-factored Hessian) needs the leaf modules to form a chain (the input of
+    each is the output of the one before, and the last one's output is the model's) or
+    a nesting of chains and residual sums ``body(x) + shortcut(x)`` in ``forward`` (a
+    ResNet: read with ``torch.fx``, each sum mapped to :class:`curvlinops.nn.Residual`;
+    ``relu`` and ``flatten(x, 1)`` may be functional), each module with trainable
+    parameters called once; another graph is refused, naming the operation that does
+    not fit. It knows ``Linear``, ``Conv1d``, ``Conv2d``, ``ReLU``,
     ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``Softplus``, ``GELU``, ``ELU``,
     ``Identity``, ``Flatten`` and dropout (in evaluation mode), and the batch
     normalization and pooling layers ``curvlinops.nn`` has; an operator that walks
