@@ -134,7 +134,9 @@ def trace_structure(module) -> Structure:
     except Exception as error:  # noqa: BLE001 - any failure of the trace: say why
         raise ValueError(
             f"torch.fx could not trace the forward pass of {type(module).__name__} to find "
-            f"its residual structure ({type(error).__name__}: {error})."
+            f"its residual structure ({type(error).__name__}: {error}). Use "
+            "HessianLinearOperator or KFACLinearOperator for this model, or build it from "
+            "curvlinops.nn layers (curvlinops.nn.Residual for a skip connection)."
         ) from error
     return _Parser(graph).structure()
 

@@ -889,7 +889,7 @@ class _TorchLinearization(Linearization):
                 f"forward pass ran {found} (control flow that depends on the data?). Use "
                 "HessianLinearOperator or KFACLinearOperator for this model."
             )
-        if any(c.output is not None and c.output._version != c.version for c in calls):
+        if any(torch.is_tensor(c.output) and c.output._version != c.version for c in calls):
             calls, _ = self._record_calls(clone=True)  # outputs changed in place later
         binder = _ResidualBinder(self, calls, index)
         elements = structure.elements
@@ -954,7 +954,7 @@ def _chain_problem(calls, outputs, index):
     if calls and first < len(calls) and outputs is not calls[-1].output:
         return (
             f"the model's output is not the output of its last module ({calls[-1].name!r}): "
-            "the forward pass computes outside modules."
+            "the forward pass computes its output outside modules."
         )
     return None
 

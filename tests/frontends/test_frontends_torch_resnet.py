@@ -34,10 +34,12 @@ DTYPE = torch.float64
 
 
 class _BasicBlock(torch.nn.Module):
-    """torchvision's ``BasicBlock`` forward, with a conv1x1-BN projection where needed."""
+    """torchvision's ``BasicBlock`` forward, with a conv1x1-BN projection where needed
+    (``inplace=False``: no in-place operation, ``out = out + identity``)."""
 
     def __init__(self, c_in, c_out, stride, inplace):
         super().__init__()
+        self.inplace = inplace
         self.conv1 = torch.nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn1 = torch.nn.BatchNorm2d(c_out)
         self.relu = torch.nn.ReLU(inplace=inplace)
@@ -56,7 +58,10 @@ class _BasicBlock(torch.nn.Module):
         out = self.bn2(self.conv2(out))
         if self.downsample is not None:
             identity = self.downsample(x)
-        out += identity
+        if self.inplace:
+            out += identity  # as torchvision's
+        else:
+            out = out + identity
         return self.relu(out)
 
 
@@ -137,7 +142,8 @@ def _reference_diagonal():
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "out-of-place"])
 def test_hessian_diagonal_of_a_torch_resnet_is_the_dense_hessians(inplace):
     """In place (as torchvision's): the outputs that ``out += identity`` and the ReLU
-    overwrite later are recorded again, copied as they are made."""
+    overwrite later are recorded again, copied as they are made; out of place: the
+    outputs of the first recording."""
     net = _seeded(_ResNet(inplace), 0)
     _, _, data = _data()
     model = TorchModel(net)
@@ -165,8 +171,10 @@ def test_hessian_diagonal_of_a_torch_resnet_in_float32():
 
 
 class _Nested(torch.nn.Module):
-    """A residual block inside another (identity first in the sum), a projection
-    shortcut, the functional ReLU between modules, and a Tanh module called twice."""
+    """A residual block inside another (the identity first in the sum), a projection
+    first in the outer sum (so that the native Residual's parameter order, its first
+    path's and then its second's, is not the module's), the functional ReLU between
+    modules, and a Tanh module called twice."""
 
     def __init__(self):
         super().__init__()
@@ -178,7 +186,7 @@ class _Nested(torch.nn.Module):
     def forward(self, x):
         h = self.fc0(x)
         inner = h + self.act(self.fc1(h))
-        outer = self.fc2(torch.relu(inner)) + self.proj(h)
+        outer = self.proj(h) + self.fc2(torch.relu(inner))  # the projection first
         return self.head(self.act(outer))
 
 
@@ -197,9 +205,12 @@ def test_hessian_diagonal_through_nested_residual_sums_and_functional_relu():
     torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
     layers = model.linearize(model.params, X).layers()
     assert [la.name for la in layers] == ["fc0", "add_1", "act", "head"]
-    assert [la.name for la in flat_layers(layers)[1:7]] == [
-        "add_1", "add", "fc1", "act", "relu", "fc2"
+    assert [la.name for la in flat_layers(layers)[1:8]] == [
+        "add_1", "proj", "add", "fc1", "act", "relu", "fc2"
     ]  # fmt: skip
+    index = {n: i for i, n in enumerate(model.param_names)}
+    inner = ["proj.weight", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    assert layers[1].param_indices == tuple(index[n] for n in inner)
 
 
 # -- the Kronecker-factored Hessian ------------------------------------------------------
