@@ -543,13 +543,14 @@ class HessianDiagonalLinearOperator(_DataDiagonalLinearOperator):
 
     Works for every model that offers the layer protocol
     (:attr:`~curvlinops.models.Capability.LAYER_PROTOCOL`): ``curvlinops.nn`` models and
-    PyTorch models (:class:`~curvlinops.frontends.torch.TorchModel`, a chain of modules)
-    made of layers the protocol knows (Linear, convolutions, grouped ones included,
-    elementwise activations, batch normalization in evaluation mode, pooling, Identity,
-    Flatten), and in ``curvlinops.nn`` residual blocks (:class:`~curvlinops.nn.Residual`,
-    with an identity or a projection shortcut): the walk goes down both paths, and at a
-    block's input adds the paths' pulled-back Hessians and the exact terms that couple
-    them (``J_b^T H J_s + J_s^T H J_b``).
+    PyTorch models (:class:`~curvlinops.frontends.torch.TorchModel`: a chain of modules,
+    or a ResNet whose ``forward`` adds two paths) made of layers the protocol knows
+    (Linear, convolutions, grouped ones included, elementwise activations, batch
+    normalization in evaluation mode, pooling, Identity, Flatten), and residual blocks
+    (:class:`~curvlinops.nn.Residual` in ``curvlinops.nn``, which the PyTorch frontend
+    maps a torch residual sum to; an identity or a projection shortcut): the walk goes
+    down both paths, and at a block's input adds the paths' pulled-back Hessians and the
+    exact terms that couple them (``J_b^T H J_s + J_s^T H J_b``).
 """
         + _DIAGONAL_PARAMETERS
         + """

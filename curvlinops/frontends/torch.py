@@ -56,26 +56,43 @@
   calls (weight tying, a layer called twice) is refused: Kronecker factors need each
   parameter in one layer. Hooks and the mode see any module graph, so residual
   networks and transformers get taps too;
-- the layer protocol (:mod:`curvlinops.models.layers`) for modules that form a chain
-  (each leaf module takes the previous one's output, as in ``torch.nn.Sequential``):
-  every leaf module is mapped to the ``curvlinops.nn`` layer that computes the same
-  function (``_NATIVE_EQUIVALENTS``: ``Linear``, ``Conv1d``, ``Conv2d``, the
-  elementwise activations ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``,
-  ``Softplus``, ``GELU``, ``ELU``, and ``Identity``, ``Flatten``, dropout in evaluation
-  mode; where ``curvlinops.nn`` has them, ``BatchNorm1d``/``BatchNorm2d`` in
-  evaluation mode, ``AvgPool2d``, ``MaxPool2d`` and ``AdaptiveAvgPool2d`` to a single
-  pixel) and bound to its inputs of one forward pass (with the channels-first layout
-  of its inputs, as a native chain records it), so that the Hessian diagonal and the
-  Kronecker-factored Hessian use the native layers' rules on torch tensors. Other
-  modules are layers without rules: an operator that needs to walk through one says
-  so, naming it.
+- the layer protocol (:mod:`curvlinops.models.layers`): every leaf module is mapped to
+  the ``curvlinops.nn`` layer that computes the same function (``_NATIVE_EQUIVALENTS``:
+  ``Linear``, ``Conv1d``, ``Conv2d``, the elementwise activations ``ReLU``,
+  ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``Softplus``, ``GELU``, ``ELU``, and
+  ``Identity``, ``Flatten``, dropout in evaluation mode; where ``curvlinops.nn`` has
+  them, ``BatchNorm1d``/``BatchNorm2d`` in evaluation mode, ``AvgPool2d``,
+  ``MaxPool2d`` and ``AdaptiveAvgPool2d`` to a single pixel) and bound to its inputs of
+  one forward pass recorded with hooks (with the channels-first layout of its inputs,
+  as a native chain records it), so that the Hessian diagonal and the
+  Kronecker-factored Hessian use the native layers' rules on torch tensors. Modules
+  that form a chain (each leaf module takes the previous one's output, as in
+  ``torch.nn.Sequential``) are the layers in call order. Otherwise the forward pass is
+  read with ``torch.fx`` (:mod:`._torch_graph`, leaf modules kept as calls): a graph
+  that nests chains and **residual sums** ``out = body(x) + shortcut(x)`` (a ResNet's
+  blocks, ``out += identity`` included, the shortcut the identity or a projection such
+  as conv1x1-BN), with the functional ``relu`` and ``flatten(x, 1)`` between modules,
+  is mapped sum by sum to :class:`curvlinops.nn.Residual` over the native layers of its
+  two paths, bound to the sum's input; the walks then use the native Residual's rules
+  (both paths, their cross terms), and its inner layers carry the torch modules' names
+  (``"layer1.0.conv1"``; a sum is named after the module that holds it,
+  ``"layer1.0"``). A module without children called several times is one layer per
+  call if it has no trainable parameters (torchvision's ``BasicBlock`` calls its
+  ``relu`` twice) and refused otherwise. Outputs that an in-place operation overwrites
+  later are recorded again, copied as they are made. Anything else between modules (a
+  concatenation, a product, a scaled sum, a tensor attribute read in ``forward``,
+  paths that do not meet at one addition, control flow that ``torch.fx`` cannot trace)
+  is refused with a ValueError naming it. Other modules are layers without rules (a
+  residual sum around one too): an operator that needs to walk through one says so,
+  naming it.
 
 :func:`translate_loss` turns ``torch.nn.MSELoss``, ``CrossEntropyLoss``,
 ``BCEWithLogitsLoss`` and ``PoissonNLLLoss`` into the curvlinops loss of the same value.
 
 Importing this module imports PyTorch. May import: torch, ``curvlinops._backend``,
 ``curvlinops.models``, ``curvlinops.losses``, ``curvlinops.nn`` (the native layers'
-rules of the layer protocol; ``curvlinops.nn`` never imports a frontend).
+rules of the layer protocol; ``curvlinops.nn`` never imports a frontend),
+``._torch_graph``.
 """
 
 from __future__ import annotations
@@ -108,6 +125,7 @@ from ..models import (
     TraceableLinearMap,
 )
 from ..nn.module import channels_first_inputs
+from . import _torch_graph as _graph
 
 __all__ = ["TorchModel", "translate_loss"]
 
@@ -174,9 +192,13 @@ class TorchModel(Model):
     derivatives, or mutate the table, or give sparse gradients).
     The layer protocol (:meth:`Linearization.layers
     <curvlinops.Linearization.layers>`; the Hessian diagonal and the
-    Kronecker-factored Hessian) needs the leaf modules to form a chain, each called
-    once: the input of each is the output of the one before, and the last one's output
-    is the model's. It knows ``Linear``, ``Conv1d``, ``Conv2d``, ``ReLU``,
+    Kronecker-factored Hessian) needs the leaf modules to form a chain (the input of
+    each is the output of the one before, and the last one's output is the model's) or
+    a nesting of chains and residual sums ``body(x) + shortcut(x)`` in ``forward`` (a
+    ResNet: read with ``torch.fx``, each sum mapped to :class:`curvlinops.nn.Residual`;
+    ``relu`` and ``flatten(x, 1)`` may be functional), each module with trainable
+    parameters called once; another graph is refused, naming the operation that does
+    not fit. It knows ``Linear``, ``Conv1d``, ``Conv2d``, ``ReLU``,
     ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``Softplus``, ``GELU``, ``ELU``,
     ``Identity``, ``Flatten`` and dropout (in evaluation mode), and the batch
     normalization and pooling layers ``curvlinops.nn`` has; an operator that walks
@@ -271,6 +293,9 @@ class TorchModel(Model):
         # how the inputs of a functional linear map are laid out, per weight name (the
         # projections inside MultiheadAttention see sequence-first inputs)
         self._layouts = _linear_layouts(module, self.param_names)
+        # the forward pass's torch.fx structure, for the layer protocol of a module graph
+        # that is no chain (traced when first needed)
+        self._structure = None
         # whether forward mode works through the module (False after it first failed:
         # Jacobian-vector products then go through reverse-over-reverse)
         self._forward_mode = True
@@ -320,6 +345,22 @@ class TorchModel(Model):
                     "first layer takes integer ids (nn.Embedding)."
                 ) from error
             raise
+
+    def _traced_structure(self, problem):
+        """The forward pass as nested chains and residual sums (traced once).
+
+        ``problem`` says why the hooks found no chain; it leads the message of a graph
+        that cannot be mapped.
+        """
+        if self._structure is None:
+            try:
+                self._structure = _graph.trace_structure(self.module)
+            except ValueError as error:
+                raise ValueError(
+                    "The layer protocol maps the module calls of the forward pass to layers, "
+                    f"in a chain or in residual connections; {problem} {error}"
+                ) from None
+        return self._structure
 
     def _vmap(self, fn):
         """``fn`` mapped over the trailing axis of its inputs and outputs."""
@@ -742,86 +783,69 @@ class _TorchLinearization(Linearization):
 
     def _layers(self):
         if self._protocol_layers is None:
-            self._protocol_layers = self._record_chain()
+            self._protocol_layers = self._protocol_chain()
         return list(self._protocol_layers)
 
-    def _record_chain(self):
-        """One forward pass with hooks on the leaf modules: the layer protocol's chain."""
-        model = self.model
-        index = {n: i for i, n in enumerate(model.param_names)}
-        records, handles = [], []
-        seen = {}
+    def _protocol_chain(self):
+        """The layer protocol's layers from one hooked forward pass (and, for a module
+        graph that is no chain, its torch.fx trace)."""
+        index = {n: i for i, n in enumerate(self.model.param_names)}
+        calls, outputs = self._record_calls()
+        _refuse_shared_modules(calls, index)
+        problem = _chain_problem(calls, outputs, index)
+        if problem is None:
+            natives = [None if c.value is None else _native_layer(c.module) for c in calls]
+            layouts = channels_first_inputs([_NO_LAYOUT if n is None else n for n in natives])
+            return [
+                self._protocol_layer(call.name, call.module, call.value, equivalent, first, index)
+                for call, equivalent, first in zip(calls, natives, layouts, strict=True)
+            ]
+        return self._traced_layers(calls, problem, index)
+
+    def _record_calls(self, *, clone=False):
+        """One forward pass with hooks on the leaf modules: each call, in order.
+
+        With ``clone`` every output is copied when it is made, so that later in-place
+        operations (``ReLU(inplace=True)``, ``out += identity``) leave it as it was.
+        """
+        calls, handles, running = [], [], {}
 
         def pre_hook(name, module):
             def hook(_module, args):
-                if name in seen:
-                    raise ValueError(
-                        f"The module {name!r} ran more than once in one forward pass; the "
-                        "layer protocol needs each module to be called once (use "
-                        "HessianLinearOperator or KFACLinearOperator for this model)."
-                    )
-                seen[name] = len(records)
                 given = args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
                 value = given
                 if given is not None and getattr(module, "inplace", False):
                     value = given.clone()  # the module overwrites its input
-                records.append([name, module, given, value, None])
+                running[name] = len(calls)
+                calls.append(_Call(name, module, given, value))
 
             return hook
 
         def post_hook(name):
             def hook(_module, _args, output):
-                records[seen[name]][4] = output
+                call = calls[running.pop(name)]
+                call.output = output.clone() if clone and torch.is_tensor(output) else output
+                call.version = getattr(output, "_version", None)
 
             return hook
 
         try:
-            for name, module in model.module.named_modules():
+            for name, module in self.model.module.named_modules():
                 if next(module.children(), None) is not None:
                     continue
                 handles.append(module.register_forward_pre_hook(pre_hook(name, module)))
                 handles.append(module.register_forward_hook(post_hook(name)))
             with torch.no_grad():
-                outputs = model._forward(self.params, self.x)
+                outputs = self.model._forward(self.params, self.x)
         finally:
             for handle in handles:
                 handle.remove()
-        # each module's native equivalent, and whether its inputs are channels-first
-        # (as curvlinops.nn.Module.linearize records it); a module without an
-        # equivalent states no layout
-        natives = [None if r[3] is None else _native_layer(r[1]) for r in records]
-        layouts = channels_first_inputs([_NO_LAYOUT if n is None else n for n in natives])
-        layers = [
-            self._protocol_layer(record, equivalent, channels_first, index)
-            for record, equivalent, channels_first in zip(records, natives, layouts, strict=True)
-        ]
-        first = next((i for i, la in enumerate(layers) if la.param_indices), len(layers))
-        for i in range(max(first, 1), len(records)):
-            if records[i][2] is None or records[i][2] is not records[i - 1][4]:
-                raise ValueError(
-                    f"The layer protocol walks a chain of modules, but the input of module "
-                    f"{records[i][0]!r} is not the output of the module before it "
-                    f"({records[i - 1][0]!r}): the forward pass combines tensors outside "
-                    "modules (a residual connection, a functional call). Use "
-                    "HessianLinearOperator or KFACLinearOperator for this model, or build it "
-                    "from curvlinops.nn layers (curvlinops.nn.Residual for a skip "
-                    "connection, which the layer protocol walks through)."
-                )
-        if records and first < len(records) and outputs is not records[-1][4]:
-            raise ValueError(
-                "The layer protocol walks a chain of modules, but the model's output is not "
-                f"the output of its last module ({records[-1][0]!r}). Use "
-                "HessianLinearOperator or KFACLinearOperator for this model."
-            )
-        return layers
+        return calls, outputs
 
-    def _protocol_layer(self, record, layer, channels_first, index):
+    def _protocol_layer(self, name, module, value, layer, channels_first, index):
         """The layer protocol for one leaf module: its native equivalent ``layer`` (or
-        None), bound to its input."""
-        name, module, _, value, _ = record
-        prefix = f"{name}." if name else ""
-        own = [(n, p) for n, p in module.named_parameters(recurse=False)]
-        aligned = [index.get(prefix + n) for n, _ in own]
+        None), bound to its input ``value``."""
+        values, aligned = self._own_params(name, module, index)
         if layer is None:
             return LinearizedLayer(
                 name,
@@ -829,14 +853,204 @@ class _TorchLinearization(Linearization):
                 description=f"torch.nn.{type(module).__name__} (a module the PyTorch "
                 "frontend has no layer-protocol rules for)",
             )
-        values = [
-            p.detach() if i is None else self.params[i]
-            for (_, p), i in zip(own, aligned, strict=True)
-        ]
         state = {"input": value, "channels_first": channels_first}
         return layer.linearized(
             values, state, array_namespace(value), name=name, param_indices=aligned
         )
+
+    def _own_params(self, name, module, index):
+        """A module's own parameters: their values (the linearization's where trainable)
+        and their positions among the model's parameters (None: a constant)."""
+        prefix = f"{name}." if name else ""
+        own = list(module.named_parameters(recurse=False))
+        aligned = [index.get(prefix + n) for n, _ in own]
+        values = [
+            p.detach() if i is None else self.params[i]
+            for (_, p), i in zip(own, aligned, strict=True)
+        ]
+        return values, aligned
+
+    # -- residual networks: the structure from torch.fx --------------------------------------
+
+    def _traced_layers(self, calls, problem, index):
+        """The layers of a module graph that is no chain: chains of module calls and
+        residual sums (:mod:`._torch_graph`), each bound to its input of one forward pass.
+
+        A residual sum is the native :class:`curvlinops.nn.Residual` of its paths'
+        native layers, whose rules (both paths, their cross terms) the curvature walks
+        use; its inner layers are named after the torch modules.
+        """
+        structure = self.model._traced_structure(problem)
+        found = [c.name for c in calls]
+        if structure.calls != found:
+            raise ValueError(
+                "The layer protocol maps a module graph that is no chain by its torch.fx "
+                f"trace, whose forward pass calls the modules {structure.calls}, but the "
+                f"forward pass ran {found} (control flow that depends on the data?). Use "
+                "HessianLinearOperator or KFACLinearOperator for this model."
+            )
+        if any(torch.is_tensor(c.output) and c.output._version != c.version for c in calls):
+            calls, _ = self._record_calls(clone=True)  # outputs changed in place later
+        binder = _ResidualBinder(self, calls, index)
+        elements = structure.elements
+        natives = [binder.native(e) for e in elements]
+        layouts = channels_first_inputs([_NO_LAYOUT if n is None else n for n in natives])
+        layers, value = [], self.x
+        for element, equivalent, channels_first in zip(elements, natives, layouts, strict=True):
+            layers.append(binder.bind(element, equivalent, channels_first, value))
+            value = binder.output(element, value)
+        return layers
+
+
+@dataclass(eq=False)
+class _Call:
+    """One call of a leaf module in a hooked forward pass.
+
+    ``given`` is its input tensor (None if it took other arguments), ``value`` that
+    input as it was at the call (copied for a module that overwrites it), ``output``
+    its output and ``version`` the output's version counter when it was made (a later
+    in-place change increments it).
+    """
+
+    name: str
+    module: object
+    given: object
+    value: object
+    output: object = None
+    version: int | None = None
+
+
+def _refuse_shared_modules(calls, index):
+    """A module with trainable parameters called twice has no layer of its own: refused."""
+    seen = set()
+    for call in calls:
+        prefix = f"{call.name}." if call.name else ""
+        trainable = any(prefix + n in index for n, _ in call.module.named_parameters(recurse=False))
+        if trainable and call.name in seen:
+            raise ValueError(
+                f"The module {call.name!r} ran more than once in one forward pass; the "
+                "layer protocol needs each module with parameters to be called once (use "
+                "HessianLinearOperator or KFACLinearOperator for this model)."
+            )
+        seen.add(call.name)
+
+
+def _chain_problem(calls, outputs, index):
+    """Why the calls are no chain (each taking the one before's output, the last one's
+    the model's) from the first with trainable parameters on; None for a chain."""
+
+    def trainable(call):
+        prefix = f"{call.name}." if call.name else ""
+        return any(prefix + n in index for n, _ in call.module.named_parameters(recurse=False))
+
+    first = next((i for i, c in enumerate(calls) if trainable(c)), len(calls))
+    for i in range(max(first, 1), len(calls)):
+        if calls[i].given is None or calls[i].given is not calls[i - 1].output:
+            return (
+                f"the input of module {calls[i].name!r} is not the output of the module "
+                f"before it ({calls[i - 1].name!r}): the forward pass combines tensors "
+                "outside modules."
+            )
+    if calls and first < len(calls) and outputs is not calls[-1].output:
+        return (
+            f"the model's output is not the output of its last module ({calls[-1].name!r}): "
+            "the forward pass computes its output outside modules."
+        )
+    return None
+
+
+class _ResidualBinder:
+    """Maps the elements of a traced forward pass (:mod:`._torch_graph`) to native layers
+    and binds them to their inputs: module calls by ``_NATIVE_EQUIVALENTS``, the
+    functional ReLU and flatten by ``curvlinops.nn``'s, residual sums by
+    :class:`curvlinops.nn.Residual` over their paths' native layers."""
+
+    def __init__(self, linearization, calls, index):
+        self.lin, self.calls, self.index = linearization, calls, index
+
+    def native(self, element):
+        """The native layer of an element (None: a module without an equivalent inside)."""
+        if isinstance(element, _graph.Call):
+            return _native_layer(self.calls[element.index].module)
+        if isinstance(element, _graph.Functional):
+            return native.ReLU() if element.kind == "relu" else native.Flatten()
+        paths = [
+            None if path is None else [self.native(e) for e in path]
+            for path in (element.block, element.shortcut)
+        ]
+        if any(la is None for path in paths if path is not None for la in path):
+            return None
+        block, shortcut = (None if p is None else native.Sequential(*p) for p in paths)
+        return native.Residual(block, shortcut)
+
+    def bind(self, element, layer, channels_first, value):
+        """The element bound to its input ``value``: a LinearizedLayer."""
+        if isinstance(element, _graph.Call):
+            call = self.calls[element.index]
+            return self.lin._protocol_layer(
+                call.name, call.module, value, layer, channels_first, self.index
+            )
+        xp = array_namespace(value)
+        state = {"input": value, "channels_first": channels_first}
+        if isinstance(element, _graph.Functional):
+            return layer.linearized([], state, xp, name=element.name, param_indices=())
+        values, aligned = [], []
+        for call in _calls_in(element, self.calls):
+            v, a = self.lin._own_params(call.name, call.module, self.index)
+            values += v
+            aligned += a
+        if layer is None:
+            missing = [
+                f"{c.name!r} (torch.nn.{type(c.module).__name__})"
+                for c in _calls_in(element, self.calls)
+                if _native_layer(c.module) is None
+            ]
+            return LinearizedLayer(
+                element.name,
+                tuple(i for i in aligned if i is not None),
+                description=f"a residual connection around {', '.join(missing)} (a module "
+                "without layer-protocol rules in the PyTorch frontend)",
+            )
+        bound = layer.linearized(values, state, xp, name=element.name, param_indices=aligned)
+        _name_branches(bound, element, self.calls)
+        return bound
+
+    def output(self, element, value):
+        """The element's output for its input ``value``: recorded for module calls,
+        computed (out of place) for the functional layers and the sums."""
+        if isinstance(element, _graph.Call):
+            return self.calls[element.index].output
+        if isinstance(element, _graph.Functional):
+            return _graph.evaluate(element, value)
+        total = value
+        if element.shortcut is not None:
+            total = self._chain_output(element.shortcut, value)
+        return self._chain_output(element.block, value) + total
+
+    def _chain_output(self, elements, value):
+        for element in elements:
+            value = self.output(element, value)
+        return value
+
+
+def _calls_in(element, calls):
+    """The recorded module calls inside a residual sum, in the native Residual's
+    parameter order (the block's, then the shortcut's)."""
+    for inner in element.block + (element.shortcut or []):
+        if isinstance(inner, _graph.Call):
+            yield calls[inner.index]
+        elif isinstance(inner, _graph.Sum):
+            yield from _calls_in(inner, calls)
+
+
+def _name_branches(bound, element, calls):
+    """Name the layers of a bound Residual's branches after the torch modules (the native
+    Residual names them ``"<name>.block.<i>"``), recursively for nested sums."""
+    for layers, path in zip(bound.branches(), (element.block, element.shortcut), strict=True):
+        for layer, inner in zip(layers or [], path or [], strict=True):
+            layer.name = calls[inner.index].name if isinstance(inner, _graph.Call) else inner.name
+            if isinstance(inner, _graph.Sum):
+                _name_branches(layer, inner, calls)
 
 
 # -- tier 3 from functional calls ---------------------------------------------------------

@@ -747,12 +747,24 @@ def test_resnet_with_fixed_batch_norm_gets_kfac_ekfac_and_exact_diagonals():
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-13)
 
 
-def test_resnet_is_no_chain_for_the_layer_protocol():
+def test_resnet_layer_protocol_has_the_skip_connection_as_one_layer_with_two_branches():
+    """The block's ``out + proj(x)`` is one layer whose branches are its two paths (the
+    walks of the Hessian diagonal and the Kronecker-factored Hessian go down both; see
+    test_frontends_torch_resnet.py for their values)."""
     net = _resnet()
     model = TorchModel(net)
     X = torch.ones(2, 3, 6, 6, dtype=DTYPE)
-    with pytest.raises(ValueError, match="residual connection"):
-        model.linearize(model.params, X).layers()
+    layers = model.linearize(model.params, X).layers()
+    names = ["stem", "bn", "relu", "block", "block.relu2", "pool", "flatten", "fc"]
+    assert [la.name for la in layers] == names
+    body, shortcut = layers[3].branches()
+    assert [la.name for la in body] == [
+        f"block.{n}" for n in ("conv1", "bn1", "relu1", "conv2", "bn2")
+    ]
+    assert [la.name for la in shortcut] == ["block.proj"]
+    index = {n: i for i, n in enumerate(model.param_names)}
+    inner = [n for n in model.param_names if n.startswith("block.")]
+    assert layers[3].param_indices == tuple(index[n] for n in inner)
 
 
 def test_resnet_with_trainable_batch_norm_gets_kfac_and_diagonals_over_every_parameter():
