@@ -198,3 +198,17 @@ def test_product_on_every_backend(backend):
         reference[np.ix_(ix, ix)] = H[np.ix_(ix, ix)]
     V = np.random.default_rng(3).normal(size=(K.shape[1], 2))
     assert_close(backend.to_numpy(K @ to(V)), reference @ V)
+
+
+def test_an_embedding_alone_with_squared_loss_is_exact():
+    """An embedding is a linear layer on one-hot ids, and the squared loss's Hessian is
+    the same for every item, so its Hessian is exactly ``diag(counts) / T kron B``:
+    the dense Hessian, over two batches."""
+    model = cnn.Sequential(cnn.Embedding(5, 3))
+    rng = np.random.default_rng(1)
+    params = [rng.standard_normal((5, 3))]
+    X, y = rng.integers(0, 5, size=(6, 2)), rng.standard_normal((6, 2, 3))
+    data = [(X[:4], y[:4]), (X[4:], y[4:])]
+    K = KFACHessianLinearOperator(model, cl.MSELoss(), params, data)
+    H = cl.HessianLinearOperator(model, cl.MSELoss(), params, data).to_dense()
+    np.testing.assert_allclose(K.to_dense(), H, rtol=1e-13, atol=1e-15)

@@ -85,6 +85,39 @@ def test_to_scipy_on_every_backend(backend):
         np.testing.assert_allclose(result, want, rtol=1e-12)
 
 
+class _CountingDense(DenseLinearOperator):
+    """A dense operator that records how many products it ran and of which kind."""
+
+    def __init__(self, A):
+        super().__init__(A)
+        self.calls = []
+
+    def _matmat(self, X):
+        self.calls.append(("matmat", X.shape[1]))
+        return super()._matmat(X)
+
+    def _rmatmat(self, X):
+        self.calls.append(("rmatmat", X.shape[1]))
+        return super()._rmatmat(X)
+
+
+@pytest.mark.parametrize("name", ["numpy", "array_api_strict"])
+def test_to_scipy_runs_no_product_to_find_its_dtype_and_one_per_block(name, backend):
+    """Building the SciPy operator runs no product (SciPy would probe one to infer a
+    missing dtype), keeps float32, and a block of K vectors is one fused product."""
+    if backend.name != name:
+        pytest.skip("one backend per case")
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(4, 3)).astype(np.float32)
+    op = _CountingDense(backend.asarray(A))
+    S = op.to_scipy()
+    assert op.calls == [] and S.dtype == np.float32
+    X, Y = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(4, 2)).astype(np.float32)
+    np.testing.assert_allclose(S.matmat(X), A @ X, rtol=1e-6)
+    np.testing.assert_allclose(S.rmatmat(Y), A.T @ Y, rtol=1e-6)
+    assert op.calls == [("matmat", 5), ("rmatmat", 2)]
+
+
 def test_to_cupyx(backend):
     A = np.random.default_rng(4).normal(size=(3, 3))
     op = DenseLinearOperator(backend.asarray(A))

@@ -837,3 +837,17 @@ def test_a_memo_serves_one_r_backward_and_a_second_use_raises():
     twice = layer.r_backward(params, dparams, state, ta, g, rg, npx)
     for x, y in zip(once[0], twice[0], strict=True):
         assert_close(x, y)
+
+
+def test_cross_curvature_statistics_count_positions_of_channels_last_sequences():
+    """Through ``Residual(Linear)`` every datum and position has the Jacobian ``W``: on
+    channels-last ``(N, S, D)`` inputs the statistics are ``N S W`` over ``N S`` items
+    (positions are items; the features are the last axis)."""
+    layer = nn.Residual(nn.Linear(2, 2, bias=False))
+    W = npx.asarray([[1.0, 2.0], [3.0, 4.0]])
+    state = {"input": npx.ones((3, 4, 2)), "channels_first": False}
+    (block, shortcut), items = layer.cross_curvature_statistics(
+        [W], state, npx.zeros((3, 4, 2)), None, npx
+    )
+    assert items == 12 and shortcut is None
+    np.testing.assert_array_equal(block, 12 * np.asarray(W))
