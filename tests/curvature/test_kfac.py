@@ -553,6 +553,19 @@ def test_forward_only_exact_blocks_are_the_identity_on_the_operators_device(back
     assert np.all(dense[start : start + 8, start + 8 :] == 0)
 
 
+def test_an_embedding_alone_with_squared_loss_is_the_exact_ggn():
+    """An embedding is a linear layer on one-hot ids with a per-item loss Hessian that
+    is the same for every item: K-FAC (type-2, expand) is its GGN exactly."""
+    model = cnn.Sequential(cnn.Embedding(5, 3))
+    rng = np.random.default_rng(2)
+    params = [rng.standard_normal((5, 3))]
+    X, y = rng.integers(0, 5, size=(6, 2)), rng.standard_normal((6, 2, 3))
+    data = [(X[:4], y[:4]), (X[4:], y[4:])]
+    K = KFACLinearOperator(model, cl.MSELoss(), params, data)
+    G = cl.GGNLinearOperator(model, cl.MSELoss(), params, data).to_dense()
+    assert_close(K.to_dense(), G, 1e-13)
+
+
 def backend_problem():
     """Linear regression, where K-FAC is exact; small, since JAX compiles every new shape."""
     return problem("mse", widths=(3, 2), N=6, splits=(), seed=8)

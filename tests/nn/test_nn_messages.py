@@ -339,6 +339,44 @@ CASES = [
         "to one floating dtype.",
     ),
     (
+        "float inputs for a model that starts with an embedding",
+        _forward(nn.Sequential(nn.Embedding(3, 2), nn.Linear(2, 1)), np.asarray([[0.0, 2.0]])),
+        TypeError,
+        "Sequential starts with Embedding(3, 2), which takes integer inputs, but the inputs "
+        "are float64; pass integer ids (e.g. int64).",
+    ),
+    (
+        "integer inputs without a batch axis",
+        _forward(nn.Sequential(nn.Embedding(3, 2), nn.Linear(2, 1)), np.asarray(1)),
+        ValueError,
+        "Sequential expects integer inputs with a batch axis, shape (N, ...), got shape (). "
+        "Add a batch axis (e.g. x[None]).",
+    ),
+    (
+        "integer parameters after integer inputs",
+        _forward(
+            nn.Sequential(nn.Embedding(3, 2), nn.Linear(2, 1)),
+            np.asarray([[0, 2]]),
+            [
+                np.zeros((3, 2), dtype=np.int64),
+                np.zeros((1, 2), dtype=np.int64),
+                np.zeros(1, dtype=np.int64),
+            ],
+        ),
+        TypeError,
+        "Sequential expects real floating parameters, got int64.",
+    ),  # fmt: skip
+    (
+        "integer parameters",
+        _forward(
+            nn.Sequential(nn.Linear(2, 1)),
+            np.ones((4, 2)),
+            [np.zeros((1, 2), dtype=np.int64), np.zeros(1, dtype=np.int64)],
+        ),
+        TypeError,
+        "Sequential expects real floating parameters, got int64.",
+    ),
+    (
         "complex inputs for real parameters",
         _forward(nn.Sequential(nn.Linear(3, 2)), np.ones((4, 3)) + 1j),
         TypeError,
