@@ -229,6 +229,21 @@ def _failing_operator(backend, A, calls_before_nan, column=None, value=float("na
     return op, calls
 
 
+def test_cg_breaks_down_when_a_singular_preconditioner_zeroes_the_residual(numpy_backend):
+    """``A = I``, ``b = (1, 1)``, ``M = diag(1, 0)``: the first step gives ``x = (1, 0)``
+    and ``r = (0, 1)`` with ``M r = 0``, so ``r^T M r = 0`` after a good step and CG
+    has no new direction. It stops there with the step kept (breakdown); a second
+    column that converges in that step is unaffected."""
+    A = aslinearoperator(np.eye(2), psd=True)
+    M = aslinearoperator(np.diag([1.0, 0.0]), psd=True)
+    x, info = cg(A, np.ones(2), M=M, maxiter=10)
+    assert info.reason == "breakdown" and info.iterations == 1
+    np.testing.assert_array_equal(x, [1.0, 0.0])
+    X, info = cg(A, np.array([[1.0, 1.0], [1.0, 0.0]]), M=M, maxiter=10)
+    assert [str(r) for r in info.reason] == ["breakdown", "converged"]
+    np.testing.assert_array_equal(X, [[1.0, 1.0], [0.0, 0.0]])
+
+
 def test_cg_stops_on_nan_from_operator(backend):
     A = sym_from_spectrum(np.linspace(1.0, 10.0, N), seed=13)
     b = np.random.default_rng(14).standard_normal(N)
