@@ -325,3 +325,16 @@ def test_no_shift_helps_when_the_limit_is_one():
         DiagonalLinearOperator(np.array([1.0, 2.0])).inverse()
     assert err.value.suggested_damping is None
     assert "No damping brings its condition number within the limit" in str(err.value)
+
+
+def test_kronecker_eigh_logdet_is_judged_at_the_size_of_its_largest_factor():
+    """A Kronecker eigendecomposition factorizes ``2 x 2`` factors, not the ``4 x 4``
+    product: a condition number between the two sizes' limits is accepted, and its
+    log-determinant is the sum of the logs of the eigenvalues."""
+    cond = np.sqrt(limit(np.float64, 2) * limit(np.float64, 4))  # inside (limit 4, limit 2)
+    lam = np.geomspace(1.0 / cond, 1.0, 4)
+    op = KroneckerEighLinearOperator(lam, [orthogonal(2, 7), orthogonal(2, 8)])
+    np.testing.assert_allclose(float(op.logdet()), np.sum(np.log(lam)), rtol=1e-13)
+    too_wide = np.geomspace(1.0 / (1.1 * limit(np.float64, 2)), 1.0, 4)
+    with pytest.raises(IllConditionedError):
+        KroneckerEighLinearOperator(too_wide, [orthogonal(2, 7), orthogonal(2, 8)]).logdet()
