@@ -566,6 +566,20 @@ def test_an_embedding_alone_with_squared_loss_is_the_exact_ggn():
     assert_close(K.to_dense(), G, 1e-13)
 
 
+def test_an_exact_block_without_bias_is_one_block_when_weight_and_bias_are_separate():
+    """A LayerNorm without bias has one exact block (its weight's) even with
+    ``separate_weight_and_bias=True``: the blockwise inverse pairs every block with its
+    name and equals the dense inverse."""
+    model = cnn.Sequential(cnn.Linear(3, 4), cnn.LayerNorm(4, bias=False), cnn.Linear(4, 2))
+    rng = np.random.default_rng(6)
+    params = [rng.standard_normal(s) for s in model.expected_param_shapes()]
+    data = [(rng.standard_normal((7, 3)), rng.standard_normal((7, 2)))]
+    K = KFACLinearOperator(model, cl.MSELoss(), params, data, separate_weight_and_bias=True)
+    dense = K.to_dense()
+    expected = np.linalg.inv(dense + 0.1 * np.eye(len(dense)))
+    assert_close(K.inverse(0.1).to_dense(), expected, 1e-10)
+
+
 def backend_problem():
     """Linear regression, where K-FAC is exact; small, since JAX compiles every new shape."""
     return problem("mse", widths=(3, 2), N=6, splits=(), seed=8)
