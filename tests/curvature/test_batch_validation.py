@@ -327,7 +327,17 @@ def _differ_message(what, index):
     )
 
 
-@pytest.mark.parametrize("operator", [cl.GGNLinearOperator, cl.GGNDiagonalLinearOperator])
+@pytest.mark.parametrize(
+    "operator",
+    [
+        cl.GGNLinearOperator,
+        cl.GGNDiagonalLinearOperator,
+        cl.KFACLinearOperator,
+        cl.EKFACLinearOperator,
+        cl.KFACHessianLinearOperator,
+    ],
+    ids=lambda c: c.__name__,
+)
 def test_non_deterministic_data_are_named_by_batch_and_what_differs(operator):
     model, params, X = problem()
     loss = cl.CrossEntropyLoss()
