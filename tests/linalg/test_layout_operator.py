@@ -179,6 +179,20 @@ def test_to_and_from_block_order_invert_each_other():
         op.from_block_order(np.ones(16))
 
 
+def test_a_layout_already_in_block_order_copies_nothing():
+    """Blocks of one segment each, in the flat order: ``P = I``, so the reorderings hand
+    the arrays through (no copy inside a product), and products are the wrapped ones."""
+    layout = [[(0, (2, 3))], [(6, (4, 1))]]  # W (2, 3) then b (4,): already in block order
+    A = np.random.default_rng(1).normal(size=(10, 10))
+    op = ParameterLayoutLinearOperator(DenseLinearOperator(A), layout)
+    X = np.random.default_rng(2).normal(size=(10, 3))
+    assert np.shares_memory(op.to_block_order(X), X)
+    assert np.shares_memory(op.from_block_order(X), X)
+    np.testing.assert_allclose(op @ X, A @ X, rtol=1e-14)
+    shuffled = ParameterLayoutLinearOperator(DenseLinearOperator(A), layout[::-1])
+    assert not np.shares_memory(shuffled.to_block_order(X), X)  # a real permutation copies
+
+
 def test_invalid_layouts_are_refused():
     A = DenseLinearOperator(np.eye(6), symmetric=True)
     cover = "they must cover the {} entries of the flat vector exactly once."
