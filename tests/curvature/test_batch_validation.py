@@ -223,6 +223,19 @@ def test_a_batch_of_another_dtype_is_named_with_the_model_in_the_product(operato
         op @ np.ones(op.shape[1])
 
 
+@pytest.mark.parametrize(
+    "operator",
+    [cl.GGNLinearOperator, cl.HessianLinearOperator, cl.EFLinearOperator],
+    ids=lambda c: c.__name__,
+)
+def test_the_determinism_check_names_a_later_batch_of_another_dtype(operator):
+    """With ``num_data`` given, construction looks at the first batch only; the
+    determinism check's passes then name a later batch's dtype, before any product."""
+    model, params, X = problem()
+    with pytest.raises(TypeError, match=_exactly(_DTYPE_MESSAGE)):
+        operator(model, cl.CrossEntropyLoss(), params, _second_batch_float32(X), num_data=10)
+
+
 def test_batches_that_are_not_pairs_of_matching_arrays():
     model, params, X = problem()
     y = np.zeros(10, dtype=np.int64)
