@@ -236,6 +236,23 @@ def test_matmat_equals_columnwise_matvecs_and_cache_gives_same_results():
         np.testing.assert_allclose(A_cached @ V, cols, rtol=1e-12, atol=1e-14)
 
 
+def test_products_linearize_every_batch_again_unless_cached(monkeypatch):
+    """By default a product linearizes each batch anew (nothing kept between products,
+    so memory stays at one batch); ``cache=True`` linearizes each batch once."""
+    model, spec, params, data, X, y, theta, loss = problem("ce", seed=9)
+    calls = []
+    linearize = model.linearize
+    monkeypatch.setattr(model, "linearize", lambda p, x: calls.append(1) or linearize(p, x))
+    v = np.ones(theta.size)
+    for kwargs, per_product in (({}, len(data)), ({"cache": True}, 0)):
+        A = cl.GGNLinearOperator(model, loss, params, data, check_deterministic=False, **kwargs)
+        assert A.cache is bool(kwargs)
+        A @ v
+        before = len(calls)
+        A @ v
+        assert len(calls) - before == per_product
+
+
 @given(
     splits=st.lists(st.integers(1, 10), min_size=0, max_size=3, unique=True),
     name=st.sampled_from(["mse", "ce", "bce"]),
