@@ -618,9 +618,10 @@ def _is_gram_product(ops) -> bool:
 def _same_device(a, b) -> bool:
     if a == b:
         return True
-    # PyTorch reports 'cuda:0' for arrays while users may say 'cuda': same device.
+    # Devices match by name: torch.device("cpu") != "cpu", and PyTorch reports 'cuda:0'
+    # for arrays while users may say 'cuda' (or 'cpu:0' for 'cpu').
     sa, sb = str(a), str(b)
-    return sa + ":0" == sb or sb + ":0" == sa
+    return sa == sb or sa + ":0" == sb or sb + ":0" == sa
 
 
 def _a(word: str) -> str:

@@ -241,6 +241,21 @@ def _torch_hessian_reference(torch, net, X, y):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", "torch.device('cpu')", "torch.device('cpu:0')"])
+def test_a_torch_device_given_by_name_or_with_an_index_is_the_tensors_device(device):
+    """PyTorch tensors report ``cpu`` (``cuda:0``); an operator's device given as the
+    string ``"cpu"``, as ``"cpu:0"`` or as a ``torch.device`` is the same device."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as tx
+
+    dev = eval(device, {"torch": torch}) if device.startswith("torch") else device
+    op = CallableLinearOperator(
+        (3, 3), matmat=lambda X: 2 * X, dtype=torch.float64, xp=tx, device=dev
+    )
+    x = torch.arange(3.0, dtype=torch.float64)
+    np.testing.assert_array_equal((op @ x).numpy(), [0.0, 2.0, 4.0])
+
+
 def test_to_scipy_torch_hessian_products_eigsh_and_cg():
     pytest.importorskip("torch")
     from curvlinops import HessianLinearOperator, MSELoss
