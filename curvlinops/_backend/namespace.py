@@ -143,9 +143,11 @@ def assert_same_namespace(expected, x, what: str = "input") -> None:
     >>> assert_same_namespace(array_namespace(np.ones(1)), np.ones(2))
     """
     found = array_namespace(x)
-    if namespace_name(found) != namespace_name(expected):
+    name = namespace_name(found)
+    if name != namespace_name(expected):
+        article = "an" if name[:1] in "aeiou" else "a"
         raise TypeError(
-            f"The {what} is a {namespace_name(found)} array, but the operator works on "
+            f"The {what} is {article} {name} array, but the operator works on "
             f"{namespace_name(expected)} arrays. Convert it first (same library and device)."
         )
 

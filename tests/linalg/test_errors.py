@@ -331,3 +331,22 @@ def test_kronecker_names_must_match_the_factors():
         "Expected 2 factor names, got 1.",
         lambda: KroneckerLinearOperator(np.eye(2), np.eye(2), names=["A"]),
     )
+
+
+def test_arrays_of_another_library_are_named_with_the_argument_and_both_libraries():
+    xps = pytest.importorskip("array_api_strict")
+    A = DenseLinearOperator(np.eye(2))
+    cases = [
+        (lambda: A @ xps.ones(2), "vector", "an array_api_strict", "numpy"),
+        (lambda: A @ xps.ones((2, 3)), "matrix", "an array_api_strict", "numpy"),
+        (lambda: A.rmatvec(xps.ones(2)), "vector", "an array_api_strict", "numpy"),
+        (lambda: DenseLinearOperator(xps.eye(2)) @ np.ones(2), "vector", "a numpy",
+         "array_api_strict"),
+    ]  # fmt: skip
+    for call, what, found, expected in cases:
+        with pytest.raises(TypeError) as err:
+            call()
+        assert str(err.value) == (
+            f"The {what} is {found} array, but the operator works on {expected} arrays. "
+            "Convert it first (same library and device)."
+        )
