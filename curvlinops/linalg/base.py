@@ -634,9 +634,10 @@ def _common_backend(ops, what):
     first = ops[0]
     for op in ops[1:]:
         if namespace_name(op.xp) != namespace_name(first.xp):
+            mine, theirs = namespace_name(first.xp), namespace_name(op.xp)
             raise TypeError(
-                f"Cannot form the {what} of a {namespace_name(first.xp)} operator and a "
-                f"{namespace_name(op.xp)} operator."
+                f"Cannot form the {what} of {_a(mine)} {mine} operator and "
+                f"{_a(theirs)} {theirs} operator."
             )
         if op.dtype != first.dtype:
             raise TypeError(

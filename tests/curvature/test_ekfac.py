@@ -189,3 +189,24 @@ def test_scalings_pass_reuses_the_last_batch_of_the_factors_pass(monkeypatch):
     E.update(data[0], decay=0.5)
     assert calls == [3]
     assert E._retained is None  # the kept taps are released after each use
+
+
+def test_scalings_over_shared_axes_do_not_depend_on_the_memory_chunks(monkeypatch):
+    """With shared axes (positions) the scalings are summed in chunks of data that bound
+    the memory; chunks of one datum give the same scalings as one chunk for the batch."""
+    import curvlinops.curvature.ekfac as ekfac_module
+
+    # the first layer sees 6 positions per datum, the outputs (N, 2) have none
+    model = cnn.Sequential(cnn.Linear(3, 4), cnn.Tanh(), cnn.Flatten(), cnn.Linear(24, 2))
+    rng = np.random.default_rng(3)
+    params = [rng.standard_normal(s) for s in model.expected_param_shapes()]
+    data = [(rng.standard_normal((5, 6, 3)), rng.standard_normal((5, 2)))]
+
+    def scalings():
+        E = EKFACLinearOperator(model, cl.MSELoss(), params, data, kfac_approx="expand")
+        return [np.asarray(E.scalings[la.name]) for la in E.layers]
+
+    whole = scalings()
+    monkeypatch.setattr(ekfac_module, "_CHUNK_ENTRIES", 1)  # one datum per chunk
+    for chunked, reference in zip(scalings(), whole, strict=True):
+        np.testing.assert_allclose(chunked, reference, rtol=1e-12)

@@ -350,3 +350,21 @@ def test_arrays_of_another_library_are_named_with_the_argument_and_both_librarie
             f"The {what} is {found} array, but the operator works on {expected} arrays. "
             "Convert it first (same library and device)."
         )
+
+
+def test_sums_and_products_of_mixed_operators_name_both_sides():
+    xps = pytest.importorskip("array_api_strict")
+    A, A32 = DenseLinearOperator(np.eye(2)), DenseLinearOperator(np.eye(2, dtype=np.float32))
+    strict = DenseLinearOperator(xps.eye(2, dtype=xps.float64))
+    for kind, combine in (("sum", lambda a, b: a + b), ("product", lambda a, b: a @ b)):
+        with pytest.raises(TypeError) as err:
+            combine(A, A32)
+        assert str(err.value) == (
+            f"Cannot form the {kind} of operators of dtypes float64 and float32; build both "
+            "in one dtype."
+        )
+        with pytest.raises(TypeError) as err:
+            combine(A, strict)
+        assert str(err.value) == (
+            f"Cannot form the {kind} of a numpy operator and an array_api_strict operator."
+        )

@@ -981,3 +981,21 @@ def test_curvature_walks_take_an_embedding_as_the_first_layer(operator):
     else:
         op = KFACHessianLinearOperator(model, MSELoss(), params, data)
         assert op.to_dense().shape == dense.shape
+
+
+@pytest.mark.parametrize("name", ["numpy", "array_api_strict"])
+def test_embedding_r_backward_without_a_second_cotangent_is_zero(name, backend):
+    """``rg = None`` (nothing after the layer depends on the tangent): the R-gradients of
+    the tables are zeros ``(rows, D, K)`` for ``K`` tangents, on the cotangents' device."""
+    if backend.name != name:
+        pytest.skip("one backend per case")
+    xp, to = backend.xp, backend.asarray
+    g = to(np.ones((2, 3, 5)))  # (N, S, D) cotangents, D = 5
+    for layer, rows in ((nn.Embedding(4, 5), 4), (nn.PositionalEmbedding(7, 5), 7)):
+        dparams = [to(np.ones((rows, 5, 2)))]  # K = 2 tangents
+        state = {"input": to(np.zeros((2, 3), dtype=np.int64))}
+        if isinstance(layer, nn.PositionalEmbedding):
+            state = {"input": to(np.zeros((2, 3, 5)))}
+        rgrads, *_ = layer.r_backward([to(np.zeros((rows, 5)))], dparams, state, None, g, None, xp)
+        assert rgrads[0].shape == (rows, 5, 2) and rgrads[0].device == g.device
+        assert not np.any(backend.to_numpy(rgrads[0]))

@@ -6,6 +6,8 @@ explicitly with dense NumPy matrix powers.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -195,6 +197,20 @@ def test_krylov_inverse_is_psd_exactly_when_its_damped_operator_is(cls):
     assert not cls(aslinearoperator(A, symmetric=True), damping=0.5).is_psd
     if cls is MINRESInverseLinearOperator:
         assert not cls(psd, damping=-0.5).is_psd
+
+
+def test_cg_inverse_names_itself_when_a_psd_declaration_is_wrong():
+    A = aslinearoperator(np.diag([1.0, -1.0]), psd=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CGInverseLinearOperator(A) @ np.ones(2)
+    assert str(caught[0].message) == (
+        "CGInverseLinearOperator: the DenseLinearOperator is declared positive "
+        "semi-definite, but CG met a direction p with p^T (A + damping I) p <= 0. Either the "
+        "declaration is wrong (check it with curvlinops.verify.check_psd), or A is singular "
+        "and rounding made it look indefinite: add damping > 0."
+    )
+    assert str(caught[1].message).startswith("CGInverseLinearOperator: CG did not converge")
 
 
 def test_neumann_nonsymmetric_without_preconditioner(backend):
