@@ -77,6 +77,22 @@ def test_diagonals_on_every_backend(backend):
     np.testing.assert_allclose(backend.to_numpy(D.diagonal()), np.diag(G), rtol=1e-10)
 
 
+def test_block_diagonal_on_the_operators_device(backend):
+    """The unit vectors that extract the blocks live on the operator's device (strict
+    refuses a product across devices)."""
+    if backend.name not in ("numpy", "array_api_strict"):
+        pytest.skip("the device rule is the same for every library; strict checks it")
+    model, spec, params, data, X, y, theta, loss = problem("mse", widths=(3, 2, 2), seed=25)
+    dense = cl.GGNLinearOperator(model, loss, params, data).to_dense()  # layers of 8 and 6
+    p_b = [backend.asarray(np.asarray(p)) for p in params]
+    data_b = [(backend.asarray(a), backend.asarray(b)) for a, b in data]
+    B = cl.block_diagonal(cl.GGNLinearOperator(model, loss, p_b, data_b))
+    expected = np.zeros_like(dense)
+    expected[:8, :8], expected[8:, 8:] = dense[:8, :8], dense[8:, 8:]
+    got = backend.to_numpy(B @ backend.asarray(np.eye(len(dense))))
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("Op", [cl.GGNLinearOperator, cl.HessianLinearOperator])
 def test_block_diagonal_equals_dense_blocks_and_inverts_blockwise(Op):
     model, spec, params, data, X, y, theta, loss = problem("mse", widths=(3, 4, 2), seed=25)
