@@ -851,3 +851,20 @@ def test_cross_curvature_statistics_count_positions_of_channels_last_sequences()
     )
     assert items == 12 and shortcut is None
     np.testing.assert_array_equal(block, 12 * np.asarray(W))
+
+
+def test_backward_taps_without_the_input_cotangent_return_none_for_it():
+    """``need_input=False``: the taps only, for an identity shortcut too (its path would
+    otherwise hand the output cotangent through as the input's)."""
+    layer = nn.Residual(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
+    params = layer.init(0, xp=npx, dtype=npx.float64)
+    g = np.ones((4, 1, 2))  # (N, M, D)
+    taps, g_in = layer.backward_taps(
+        params, {"input": np.ones((4, 2))}, g, npx, name="5", param_indices=(0, 1),
+        need_input=False,
+    )  # fmt: skip
+    assert g_in is None and [t.name for t in taps] == ["5.block.0"]
+    _, g_in = layer.backward_taps(
+        params, {"input": np.ones((4, 2))}, g, npx, name="5", param_indices=(0, 1)
+    )
+    assert g_in.shape == (4, 1, 2)

@@ -197,6 +197,9 @@ def test_one_matmat_per_batch(backend):
     hutchinson_diagonal(op, 6, seed=0)
     assert calls == [6]
     calls.clear()
+    hutchinson_diagonal(op, 7, seed=0, batch_size=3)
+    assert calls == [3, 3, 1]
+    calls.clear()
     hutchpp_trace(op, 12, seed=0)
     assert calls == [4, 8]
     calls.clear()
@@ -219,8 +222,9 @@ def test_estimator_errors(numpy_backend):
         hutchinson_diagonal(op, 3, distribution="uniform")
     with pytest.raises(ValueError, match="square"):
         hutchinson_squared_frobenius(aslinearoperator(np.ones((3, 4))), 3)
-    with pytest.raises(ValueError, match="batch_size"):
-        hutchinson_trace(op, 3, batch_size=0)
+    for estimator in (hutchinson_trace, hutchinson_diagonal):
+        with pytest.raises(ValueError, match="batch_size"):
+            estimator(op, 3, batch_size=0)
 
 
 def test_default_seeds_are_zero():

@@ -239,3 +239,12 @@ def test_closed_form_for_a_diagonal_operator_with_every_option(numpy_backend):
         for grid, density in results:
             np.testing.assert_allclose(grid, expected_grid, rtol=1e-12, atol=1e-12)
             np.testing.assert_allclose(density, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("c, pad", [(0.5, 0.1 * 1.0), (3.0, 0.1 * 3.0), (0.0, 0.1)])
+def test_a_flat_spectrum_gets_a_margin_relative_to_its_value_or_to_one(c, pad):
+    """A spectrum of one value ``c`` has no width to pad by: the grid spans
+    ``c +- margin max(|c|, 1)``."""
+    A = aslinearoperator(c * np.eye(4), psd=c >= 0, symmetric=True)
+    grid, _ = spectral_density(A, num_probes=2, lanczos_steps=2, num_points=5, margin=0.1)
+    np.testing.assert_allclose(np.asarray(grid)[[0, -1]], [c - pad, c + pad], atol=1e-12)
