@@ -18,6 +18,7 @@ from curvlinops import (
     IdentityLinearOperator,
     KroneckerEighLinearOperator,
     KroneckerLinearOperator,
+    aslinearoperator,
 )
 
 
@@ -368,3 +369,22 @@ def test_sums_and_products_of_mixed_operators_name_both_sides():
         assert str(err.value) == (
             f"Cannot form the {kind} of a numpy operator and an array_api_strict operator."
         )
+
+
+def test_kronecker_queries_of_non_square_factors_name_the_query():
+    K = KroneckerLinearOperator(np.ones((2, 3)), np.eye(2))
+    for query, call in (("inverse", K.inverse), ("An eigendecomposition", K.factor_eigh)):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == (
+            f"{query} needs a square operator; KroneckerLinearOperator has shape (4, 6)."
+        )
+
+
+def test_a_scipy_operator_keeps_the_declared_symmetry():
+    import scipy.sparse.linalg
+
+    wrapped = scipy.sparse.linalg.aslinearoperator(np.eye(3))
+    assert aslinearoperator(wrapped, symmetric=True).is_symmetric
+    assert not aslinearoperator(wrapped).is_symmetric
+    assert aslinearoperator(wrapped, psd=True).is_psd
