@@ -14,7 +14,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from curvlinops import GaussianNLLLoss, MSELoss, as_loss, register_loss_adapter
+from curvlinops import GaussianNLLLoss, Loss, MSELoss, as_loss, register_loss_adapter
 from curvlinops.losses import adapters
 
 # -- builders ---------------------------------------------------------------------------
@@ -121,3 +121,32 @@ def test_adapters_are_restored():
     with pytest.raises(TypeError):
         _as_loss_with_two_adapters()
     assert adapters._ADAPTERS == before
+
+
+class _Quartic(Loss):
+    """A user's loss ``sum (f - y)^4 / 4`` that has neither a diagonal Hessian hook nor a
+    diagonal Fisher hook (the base class's defaults then speak)."""
+
+    def _per_datum_count(self, outputs_shape):
+        return outputs_shape[-1]
+
+    def _prepare_targets(self, xp, outputs, targets):
+        return targets
+
+    def _loss_terms(self, xp, outputs, targets):
+        return (outputs - targets) ** 4 / 4
+
+    def _gradient(self, xp, outputs, targets):
+        return (outputs - targets) ** 3
+
+
+def test_a_user_loss_without_diagonal_hooks_says_which_one_it_lacks():
+    loss, f, y = _Quartic(), np.ones((2, 3)), np.zeros((2, 3))
+    V = np.ones((2, 3, 1))
+    for call, what in (
+        (lambda: loss.hessian_matmat(f, y, V), "Hessian"),
+        (lambda: loss.fisher_matmat(f, V), "Fisher"),
+    ):
+        with pytest.raises(NotImplementedError) as err:
+            call()
+        assert str(err.value) == f"_Quartic has no diagonal {what}."

@@ -549,3 +549,16 @@ def test_message_is_spelled_out(trigger, kind, expected):
         trigger()
     assert type(excinfo.value) is kind
     assert str(excinfo.value) == expected
+
+
+def test_a_second_order_cotangent_tangent_of_another_library_is_named():
+    xps = pytest.importorskip("array_api_strict")
+    model = nn.Sequential(nn.Linear(2, 2))
+    lin = model.linearize(_params(model), np.ones((3, 2)))
+    tangents = [np.ones(p.shape + (1,)) for p in _params(model)]
+    with pytest.raises(TypeError) as err:
+        lin.second_order_vjp(np.ones((3, 2)), tangents, xps.ones((3, 2, 1), dtype=xps.float64))
+    assert str(err.value) == (
+        "The cotangent_tangent is an array_api_strict array, but the operator works on numpy "
+        "arrays. Convert it first (same library and device)."
+    )
