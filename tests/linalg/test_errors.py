@@ -388,3 +388,14 @@ def test_a_scipy_operator_keeps_the_declared_symmetry():
     assert aslinearoperator(wrapped, symmetric=True).is_symmetric
     assert not aslinearoperator(wrapped).is_symmetric
     assert aslinearoperator(wrapped, psd=True).is_psd
+
+
+@pytest.mark.parametrize("shape", [(-1, 2), (2, -3), (2.0, 2), (2,), (2, 2, 2)])
+def test_operator_shapes_must_be_pairs_of_non_negative_integers(shape):
+    import array_api_compat.numpy as npx
+
+    from curvlinops import CallableLinearOperator
+
+    with pytest.raises(ValueError) as err:
+        CallableLinearOperator(shape, matmat=lambda X: X, dtype=npx.float64, xp=npx)
+    assert str(err.value) == f"shape must be a pair of non-negative integers, got {shape}."
