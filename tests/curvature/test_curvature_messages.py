@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import re
 import sys
-import warnings
 from unittest import mock
 
 import array_api_compat.numpy as npx
 import array_api_strict
 import numpy as np
-import pytest
+from message_cases import assert_message, message_cases
 
 import curvlinops as cl
 from curvlinops import nn
@@ -432,29 +431,6 @@ CASES = [
 ]
 
 
-def _message(trigger, kind):
-    """The message of the exception or warning of type ``kind`` that ``trigger`` raises."""
-    if issubclass(kind, Warning):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            trigger()
-        found = [w for w in caught if w.category is kind]
-        assert len(found) == 1, [str(w.message) for w in caught]
-        return str(found[0].message)
-    with pytest.raises(kind) as excinfo:
-        trigger()
-    assert type(excinfo.value) is kind
-    return str(excinfo.value)
-
-
-@pytest.mark.parametrize(
-    ("trigger", "kind", "expected"),
-    [case[1:] for case in CASES],
-    ids=[case[0] for case in CASES],
-)
+@message_cases(CASES)
 def test_message_is_spelled_out(trigger, kind, expected):
-    message = _message(trigger, kind)
-    if isinstance(expected, re.Pattern):
-        assert expected.fullmatch(message), message
-    else:
-        assert message == expected
+    assert_message(trigger, kind, expected)

@@ -13,6 +13,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from message_cases import assert_message, message_cases
 
 from curvlinops import GaussianNLLLoss, Loss, MSELoss, as_loss, register_loss_adapter
 from curvlinops.losses import adapters
@@ -103,16 +104,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("trigger", "error", "expected"),
-    [case[1:] for case in CASES],
-    ids=[case[0] for case in CASES],
-)
-def test_message_is_complete(trigger, error, expected):
-    with pytest.raises(error) as excinfo:
-        trigger()
-    assert type(excinfo.value) is error
-    assert str(excinfo.value) == expected
+@message_cases(CASES)
+def test_message_is_complete(trigger, kind, expected):
+    assert_message(trigger, kind, expected)
 
 
 def test_adapters_are_restored():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import array_api_compat.numpy as npx
 import numpy as np
 import pytest
+from message_cases import assert_message, message_cases
 
 from curvlinops import nn
 from curvlinops.models import MissingLayerRuleError
@@ -539,16 +540,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("trigger", "kind", "expected"),
-    [case[1:] for case in CASES],
-    ids=[case[0] for case in CASES],
-)
+@message_cases(CASES)
 def test_message_is_spelled_out(trigger, kind, expected):
-    with pytest.raises(kind) as excinfo:
-        trigger()
-    assert type(excinfo.value) is kind
-    assert str(excinfo.value) == expected
+    assert_message(trigger, kind, expected)
 
 
 def test_a_second_order_cotangent_tangent_of_another_library_is_named():

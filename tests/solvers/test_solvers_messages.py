@@ -11,10 +11,10 @@ its case; these cases do (mutation testing, issue #14).
 from __future__ import annotations
 
 import re
-import warnings
 
 import numpy as np
 import pytest
+from message_cases import assert_message, message_cases
 
 from curvlinops import (
     AssumptionWarning,
@@ -204,36 +204,9 @@ CASES = [
 ]
 
 
-def _raised_message(trigger, error):
-    with pytest.raises(error) as excinfo:
-        trigger()
-    assert type(excinfo.value) is error
-    return str(excinfo.value)
-
-
-def _warned_message(trigger, category):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trigger()
-    messages = [str(w.message) for w in caught if w.category is category]
-    assert len(messages) == 1, messages
-    return messages[0]
-
-
-@pytest.mark.parametrize(
-    ("trigger", "kind", "expected"),
-    [case[1:] for case in CASES],
-    ids=[case[0] for case in CASES],
-)
+@message_cases(CASES)
 def test_message_is_complete(trigger, kind, expected):
-    if issubclass(kind, Warning):
-        message = _warned_message(trigger, kind)
-    else:
-        message = _raised_message(trigger, kind)
-    if isinstance(expected, str):
-        assert message == expected
-    else:
-        assert expected.fullmatch(message), message
+    assert_message(trigger, kind, expected)
 
 
 def test_number_pattern_is_strict():
