@@ -999,3 +999,18 @@ def test_embedding_r_backward_without_a_second_cotangent_is_zero(name, backend):
         rgrads, *_ = layer.r_backward([to(np.zeros((rows, 5)))], dparams, state, None, g, None, xp)
         assert rgrads[0].shape == (rows, 5, 2) and rgrads[0].device == g.device
         assert not np.any(backend.to_numpy(rgrads[0]))
+
+
+def test_sinusoidal_encodings_are_cached_per_device():
+    """The cache holds one copy per device: inputs on another device get encodings
+    on that device, not the first device's copy."""
+    xps = pytest.importorskip("array_api_strict")
+    layer = nn.SinusoidalPositions()
+    first, second = xps.Device("device1"), xps.Device("device2")
+    a = layer.encodings(3, 4, xps.zeros(1, dtype=xps.float64, device=first), xps)
+    b = layer.encodings(3, 4, xps.zeros(1, dtype=xps.float64, device=second), xps)
+    assert a.device == first and b.device == second
+    np.testing.assert_array_equal(
+        np.asarray(xps.asarray(b, device=xps.Device("CPU_DEVICE"))),
+        np.asarray(xps.asarray(a, device=xps.Device("CPU_DEVICE"))),
+    )

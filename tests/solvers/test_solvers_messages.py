@@ -24,10 +24,12 @@ from curvlinops import (
     EighLinearOperator,
     FactorizationError,
     NystromPreconditioner,
+    aslinearoperator,
     cg,
     eigsh,
     nystrom,
     power_iteration,
+    spectral_density,
 )
 
 # -- builders ---------------------------------------------------------------------------
@@ -216,3 +218,17 @@ def test_number_pattern_is_strict():
     assert pattern.fullmatch("residual -1.2e-05 > tol")
     assert not pattern.fullmatch("residual 0.707 > TOL")
     assert not pattern.fullmatch("residual nan or more > tol")
+
+
+def test_unknown_choices_and_bad_margins_are_spelled_out():
+    A = aslinearoperator(np.eye(3), symmetric=True)
+    assert_message(
+        lambda: eigsh(A, k=1, which="XX"),
+        ValueError,
+        "eigsh: unknown which='XX'; use one of 'LA', 'SA', 'LM'.",
+    )
+    assert_message(
+        lambda: spectral_density(A, margin=-1.0),
+        ValueError,
+        "spectral_density: margin must be finite and >= 0.0, got -1.0.",
+    )
