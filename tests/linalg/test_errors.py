@@ -399,3 +399,15 @@ def test_operator_shapes_must_be_pairs_of_non_negative_integers(shape):
     with pytest.raises(ValueError) as err:
         CallableLinearOperator(shape, matmat=lambda X: X, dtype=npx.float64, xp=npx)
     assert str(err.value) == f"shape must be a pair of non-negative integers, got {shape}."
+
+
+def test_bad_kronecker_factors_are_named_by_position():
+    for factors, error, expected in (
+        (("x", np.eye(2)), TypeError,
+         "The Kronecker factor 0 must be a LinearOperator or a 2-D array, got a str."),
+        ((np.eye(2), np.ones(3)), ValueError,
+         "The Kronecker factor 1 must be a 2-D array of shape (m, n), got shape (3,)."),
+    ):  # fmt: skip
+        with pytest.raises(error) as err:
+            KroneckerLinearOperator(*factors)
+        assert str(err.value) == expected
