@@ -13,7 +13,14 @@ import scipy.sparse.linalg
 from hypothesis import given, strategies as st
 
 import curvlinops
-from curvlinops import AssumptionWarning, CallableLinearOperator, SolveInfo, aslinearoperator, cg
+from curvlinops import (
+    AssumptionWarning,
+    CallableLinearOperator,
+    SolveInfo,
+    aslinearoperator,
+    cg,
+    minres,
+)
 
 
 def sym_from_spectrum(w, seed):
@@ -424,9 +431,11 @@ def test_cg_is_invariant_to_scaling(numpy_backend, scale_A, scale_b):
         assert np.linalg.norm(x - exact) <= 1e-8 * np.linalg.norm(exact)
 
 
-def test_cg_empty_batch_returns_at_once(numpy_backend):
+@pytest.mark.parametrize("solver", [cg, minres], ids=["cg", "minres"])
+def test_an_empty_batch_returns_at_once(numpy_backend, solver):
     """``b`` of shape ``(n, 0)``: nothing to solve, so no product with the operator, no
-    callback, and an empty (n, 0) solution and empty per-column info."""
+    callback, and an empty (n, 0) solution and empty per-column info (the shared
+    ``prepare_system`` stops both Krylov solvers before their loops)."""
     A = np.diag([1.0, 2.0, 3.0])
     products, calls = [], []
     op = CallableLinearOperator(
@@ -436,7 +445,7 @@ def test_cg_empty_batch_returns_at_once(numpy_backend):
         xp=np,
         psd=True,
     )
-    x, info = cg(op, np.zeros((3, 0)), callback=calls.append)
+    x, info = solver(op, np.zeros((3, 0)), callback=calls.append)
     assert x.shape == (3, 0) and products == [] and calls == []
     assert info.iterations.shape == (0,) and info.converged.shape == (0,)
     assert info.reason == [] and info.residual_norms == []

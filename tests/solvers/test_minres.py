@@ -311,21 +311,3 @@ def test_minres_is_invariant_to_scaling(numpy_backend, scale_A, scale_b):
         x, info = minres(scale_A * A, scale_b * b, rtol=1e-10, M=M)
         assert info.reason == "converged"
         assert np.linalg.norm(x - exact) <= 1e-8 * np.linalg.norm(exact)
-
-
-def test_minres_empty_batch_returns_at_once(numpy_backend):
-    """``b`` of shape ``(n, 0)``: nothing to solve, so no product with the operator, no
-    callback, and an empty (n, 0) solution and empty per-column info."""
-    A = np.diag([1.0, 2.0, 3.0])
-    products, calls = [], []
-    op = CallableLinearOperator(
-        (3, 3),
-        matmat=lambda X: products.append(X.shape) or A @ X,
-        dtype=np.float64,
-        xp=np,
-        psd=True,
-    )
-    x, info = minres(op, np.zeros((3, 0)), callback=calls.append)
-    assert x.shape == (3, 0) and products == [] and calls == []
-    assert info.iterations.shape == (0,) and info.converged.shape == (0,)
-    assert info.reason == [] and info.residual_norms == []
