@@ -31,6 +31,7 @@ __all__ = [
     "default_float_dtype",
     "dtype_eps",
     "dtype_name",
+    "indefinite_article",
 ]
 
 
@@ -145,11 +146,21 @@ def assert_same_namespace(expected, x, what: str = "input") -> None:
     found = array_namespace(x)
     name = namespace_name(found)
     if name != namespace_name(expected):
-        article = "an" if name[:1] in "aeiou" else "a"
         raise TypeError(
-            f"The {what} is {article} {name} array, but the operator works on "
+            f"The {what} is {indefinite_article(name)} {name} array, but the operator works on "
             f"{namespace_name(expected)} arrays. Convert it first (same library and device)."
         )
+
+
+def indefinite_article(word: str) -> str:
+    """The indefinite article for ``word`` in messages ("an array", "a vector").
+
+    Examples
+    --------
+    >>> indefinite_article("array_api_strict"), indefinite_article("numpy")
+    ('an', 'a')
+    """
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def device(x):

@@ -31,6 +31,7 @@ from .._backend import (
     can_cast_losslessly,
     device as array_device,
     dtype_name,
+    indefinite_article as _a,
     is_cupy_namespace,
     is_numpy_namespace,
     namespace_name,
@@ -622,11 +623,6 @@ def _same_device(a, b) -> bool:
     # for arrays while users may say 'cuda' (or 'cpu:0' for 'cpu').
     sa, sb = str(a), str(b)
     return sa == sb or sa + ":0" == sb or sb + ":0" == sa
-
-
-def _a(word: str) -> str:
-    """The indefinite article for ``word`` ("an array", "a vector")."""
-    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def _common_backend(ops, what):
