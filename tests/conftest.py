@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from backend_matrix import BACKENDS
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -111,9 +112,6 @@ def _make_backend(name):
 
         return Backend("cupy", xp, cupy.cuda.Device(0))
     raise ValueError(name)
-
-
-BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "cupy"]
 
 
 def _available(name):

@@ -19,6 +19,7 @@ import io
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
+from backend_matrix import backends_and_dtypes
 from monte_carlo import assert_unbiased
 
 import curvlinops as cl
@@ -433,7 +434,7 @@ def test_block_diagonal_of_a_grouped_cnn_has_one_exact_block_per_layer():
     assert_close(B.to_dense(), expected)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@backends_and_dtypes()
 def test_kfac_and_ekfac_products_on_every_backend(backend, dtype):
     """An exact case ("expand", each output on its own), so the reference is the GGN."""
     model = nn.Sequential(nn.Conv2d(2, 4, 2, groups=2), nn.Flatten())

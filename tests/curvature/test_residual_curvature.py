@@ -15,6 +15,7 @@ from __future__ import annotations
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
+from backend_matrix import backends_and_dtypes
 
 import curvlinops as cl
 from curvlinops import nn
@@ -163,7 +164,7 @@ _REFERENCES: dict = {}
 
 
 @needs_layers
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@backends_and_dtypes()
 def test_hessian_diagonal_through_residual_blocks_on_every_backend(backend, dtype):
     """One-pixel images keep it small (JAX compiles every new shape)."""
     model = resnet(5, pixels=False)
@@ -314,7 +315,7 @@ def test_kronecker_factored_hessian_of_a_resnet_with_pixels_is_symmetric_and_cov
 
 
 @needs_layers
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@backends_and_dtypes()
 def test_kronecker_factored_hessian_through_blocks_on_every_backend(backend, dtype):
     """A single datum: the operator is the exact Hessian's block diagonal over the layers."""
     model = resnet(17, pixels=False)
