@@ -94,8 +94,8 @@ def _check_arrays_agree(arrays, names):
     for name, a in zip(names[1:], arrays[1:], strict=True):
         if a.dtype != first.dtype:
             raise TypeError(
-                f"The {names[0]} have dtype {dtype_name(first.dtype)} but the {name} have "
-                f"dtype {dtype_name(a.dtype)}; convert both to one dtype."
+                f"The arrays {names[0]} and {name} must share one dtype, got "
+                f"{dtype_name(first.dtype)} and {dtype_name(a.dtype)}; convert both to one dtype."
             )
     return xp
 

@@ -338,3 +338,22 @@ def test_kronecker_eigh_logdet_is_judged_at_the_size_of_its_largest_factor():
     too_wide = np.geomspace(1.0 / (1.1 * limit(np.float64, 2)), 1.0, 4)
     with pytest.raises(IllConditionedError):
         KroneckerEighLinearOperator(too_wide, [orthogonal(2, 7), orthogonal(2, 8)]).logdet()
+
+
+def test_kronecker_logdet_is_judged_factor_by_factor():
+    """The undamped log-determinant of a Kronecker product factorizes its factors, so the
+    rule applies to each factor at its own size (as for the undamped inverse), not to
+    the product's spectrum: two 4 x 4 float32 factors whose condition numbers are within
+    the 4 x 4 limit but whose product's (their product) exceeds the 16 x 16 limit."""
+    cond = np.sqrt(limit(np.float32, 4))  # cond^2 = limit(4) > limit(16)
+    assert cond**2 > limit(np.float32, 16)
+    factors = [
+        (orthogonal(4, seed) * np.geomspace(1.0 / cond, 1.0, 4)) @ orthogonal(4, seed).T
+        for seed in (3, 4)
+    ]
+    factors = [0.5 * (F + F.T) for F in factors]
+    op = KroneckerLinearOperator(
+        *[DenseLinearOperator(F.astype(np.float32), psd=True) for F in factors]
+    )
+    expected = sum(4 * np.linalg.slogdet(F)[1] for F in factors)  # det(A x B) = |A|^4 |B|^4
+    np.testing.assert_allclose(float(op.logdet()), expected, rtol=1e-4)

@@ -281,3 +281,39 @@ def test_tags_follow_the_wrapped_operator_or_the_declaration():
     assert declared.adjoint() is declared
     symmetric_declared = ParameterLayoutLinearOperator(dense["symmetric"], layout, psd=True)
     assert (symmetric_declared.is_symmetric, symmetric_declared.is_psd) == (True, True)
+
+
+@pytest.mark.parametrize("sizes", [[8, 9], [2, 6, 4, 5]], ids=["fewer", "more"])
+def test_block_diagonal_operators_with_other_blocks_than_the_layout(sizes):
+    """A block-diagonal operator whose blocks do not match the layout's three blocks (8,
+    6 and 3 entries) is applied as one operator: ``P^T B P`` as for any other."""
+    rng = np.random.default_rng(5)
+    blocks = []
+    for m in sizes:
+        G = rng.standard_normal((m, m))
+        blocks.append(G @ G.T)
+    B = BlockDiagonalLinearOperator([DenseLinearOperator(M) for M in blocks])
+    op = ParameterLayoutLinearOperator(B, LAYERS)
+    V = rng.standard_normal((17, 2))
+    expected = conjugated(scipy.linalg.block_diag(*blocks), LAYERS)
+    np.testing.assert_allclose(op @ V, expected @ V, rtol=1e-12)
+    np.testing.assert_allclose(op.to_dense(), expected, rtol=1e-12)
+
+
+def test_aligned_block_diagonal_operators_are_applied_block_by_block(monkeypatch):
+    """Blocks of the layout's sizes (8, 6 and 3 entries): each block multiplies its own
+    rows, without the permutation of the whole vector into block order and back."""
+    rng = np.random.default_rng(6)
+    blocks = [rng.standard_normal((m, m)) for m in (8, 6, 3)]
+    B = BlockDiagonalLinearOperator([DenseLinearOperator(M) for M in blocks])
+    op = ParameterLayoutLinearOperator(B, LAYERS)
+
+    def whole(*_):
+        raise AssertionError("the block-diagonal operator was applied as a whole")
+
+    monkeypatch.setattr(B, "_matmat", whole)
+    monkeypatch.setattr(B, "_rmatmat", whole)
+    V = rng.standard_normal((17, 2))
+    expected = conjugated(scipy.linalg.block_diag(*blocks), LAYERS)
+    np.testing.assert_allclose(op @ V, expected @ V, rtol=1e-12)
+    np.testing.assert_allclose(op.T @ V, expected.T @ V, rtol=1e-12)

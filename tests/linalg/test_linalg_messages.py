@@ -413,6 +413,39 @@ CASES = [
         "positive definite (singular or indefinite). Add damping (e.g. inverse(damping=1e-3)).",
     ),
     (
+        "dense-eigvalsh-not-finite",
+        lambda: DenseLinearOperator(np.full((2, 2), np.nan), symmetric=True).eigvalsh(),
+        FactorizationError,
+        "The symmetric dense matrix contains NaN or Inf; cannot eigendecompose it.",
+    ),
+    (
+        "low-rank-diagonal-part-negative-determinant",
+        lambda: DiagonalPlusLowRankLinearOperator(
+            np.array([-1.0, 2.0]), np.array([3.0]), np.array([[0.0], [1.0]])
+        ).logdet(),  # the capacitance 1/3 + 1/2 is positive, det(D) = -2 is not
+        ValueError,
+        "The diagonal part (plus damping) has a negative determinant (it is not positive "
+        "definite); logdet is defined here for matrices of positive determinant only.",
+    ),
+    (
+        "low-rank-dtypes-differ",
+        lambda: DiagonalPlusLowRankLinearOperator(
+            np.ones(2), np.ones(1, dtype=np.float32), np.ones((2, 1))
+        ),
+        TypeError,
+        "The arrays diagonal and low_rank_values must share one dtype, got float64 and "
+        "float32; convert both to one dtype.",
+    ),
+    (
+        "low-rank-vectors-dtype-differs",
+        lambda: DiagonalPlusLowRankLinearOperator(
+            np.ones(2), np.ones(1), np.ones((2, 1), dtype=np.float32)
+        ),
+        TypeError,
+        "The arrays diagonal and low_rank_vectors must share one dtype, got float64 and "
+        "float32; convert both to one dtype.",
+    ),
+    (
         "dense-eigh-not-finite",
         lambda: DenseLinearOperator(np.full((2, 2), np.nan), symmetric=True).eigh(),
         FactorizationError,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.special
 from hypothesis import given, strategies as st
 from loss_cases import (
     KINDS,
@@ -14,6 +15,8 @@ from loss_cases import (
     torch_loss_fn,
     torch_targets,
 )
+
+import curvlinops as cl
 
 RTOL, ATOL = 1e-10, 1e-12
 
@@ -140,3 +143,15 @@ def test_float32_value_and_gradient(kind):
     np.testing.assert_allclose(float(loss(f32, y32)), value, rtol=1e-5)
     scale = loss.normalization(f32.shape[0], f32.shape)
     np.testing.assert_allclose(scale * loss.gradient(f32, y32), grad, rtol=1e-4, atol=1e-6)
+
+
+def test_cross_entropy_is_stable_per_row_for_logits_of_different_scales():
+    """Each row is shifted by its own maximum: a row of logits near -2000 next to one
+    near 0 keeps its probabilities (a shift by the batch maximum would underflow it)."""
+    f = np.array([[0.0, 1.0, -0.5], [-2000.0, -1999.0, -2000.5]])
+    y = np.array([2, 0])
+    loss = cl.CrossEntropyLoss(reduction="sum")
+    expected = -scipy.special.log_softmax(f, axis=-1)[np.arange(2), y].sum()
+    np.testing.assert_allclose(float(loss(f, y)), expected, rtol=1e-14)
+    p = scipy.special.softmax(f, axis=-1)
+    np.testing.assert_allclose(loss.gradient(f, y), p - np.eye(3)[y], rtol=1e-12, atol=1e-15)

@@ -235,3 +235,13 @@ def test_eigsh_with_the_smallest_basis(numpy_backend, k):
         lam, Q = eigsh(aslinearoperator(A, symmetric=True), k=k, ncv=k + 1, which=which, tol=1e-12)
         lam_ref, Q_ref = _reference(A, k, which)
         _check_pairs(A, lam, Q, lam_ref, Q_ref, rtol=1e-9)
+
+
+def test_power_iteration_with_an_explicit_tolerance(numpy_backend):
+    """A tighter ``tol`` than the default (sqrt(eps)) gives a more accurate eigenpair."""
+    spectrum = np.concatenate([np.linspace(-1.0, 1.0, 29), [3.0]])
+    A = _symmetric(spectrum, seed=13)
+    op = aslinearoperator(A, symmetric=True)
+    lam, v = power_iteration(op, tol=1e-13, seed=0)
+    assert abs(float(lam) - 3.0) <= 1e-12
+    assert np.linalg.norm(A @ v - float(lam) * v) <= 1e-11

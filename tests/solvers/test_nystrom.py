@@ -11,6 +11,7 @@ import pytest
 
 from curvlinops import (
     AssumptionWarning,
+    DiagonalLinearOperator,
     EighLinearOperator,
     FactorizationError,
     NystromPreconditioner,
@@ -146,3 +147,23 @@ def test_nystrom_errors(numpy_backend):
         NystromPreconditioner(op, 1.0)
     with pytest.raises(ValueError, match="damping"):
         NystromPreconditioner(nystrom(op, 2, seed=0), 0.0)
+
+
+def test_nystrom_default_seed_is_zero(numpy_backend):
+    """The documented default ``seed=0``: a sketch that depends on its draw (rank below
+    the operator's) equals the one drawn with ``seed=0`` and differs from ``seed=1``."""
+    A = aslinearoperator(_psd(np.linspace(1.0, 2.0, 12), seed=3), psd=True)
+    default = nystrom(A, rank=3, oversampling=1).to_dense()
+    np.testing.assert_array_equal(default, nystrom(A, rank=3, oversampling=1, seed=0).to_dense())
+    assert np.abs(default - nystrom(A, rank=3, oversampling=1, seed=1).to_dense()).max() > 1e-3
+
+
+def test_nystrom_memory_is_linear_in_the_dimension(numpy_backend):
+    """n = 200 000: an ``n x n`` intermediate (320 GB) would not fit; the sketch's
+    ``n x l`` arrays (l = rank + oversampling) do, and a rank-2 operator is recovered."""
+    n = 200_000
+    d = np.zeros(n)
+    d[:2] = [5.0, 3.0]
+    A = DiagonalLinearOperator(d, psd=True)
+    approx = nystrom(A, rank=2, oversampling=4, seed=0)
+    np.testing.assert_allclose(np.sort(approx.eigenvalues), [3.0, 5.0], rtol=1e-10)

@@ -197,6 +197,12 @@ CASES = [
         "got a DenseLinearOperator.",
     ),
     (
+        "spectral-density-num-points",
+        lambda: spectral_density(_dense(np.eye(3), symmetric=True), num_points=1),
+        ValueError,
+        "spectral_density: num_points must be an integer >= 2, got 1.",
+    ),
+    (
         "nystrom-preconditioner-negative-eigenvalue",
         lambda: NystromPreconditioner(EighLinearOperator(np.array([-1.0, 2.0]), np.eye(2)), 1.0),
         ValueError,

@@ -500,3 +500,14 @@ def test_krylov_inverse_lives_on_the_operators_device(make):
     assert y.device == device
     y = np.asarray(y.to_device(array_api_strict.Device("CPU_DEVICE")))
     np.testing.assert_allclose(y, np.linalg.solve(spd(), np.ones(N)), rtol=1e-9)
+
+
+def test_the_symmetry_probe_runs_on_the_operators_device(backend):
+    """The probe's random vectors are drawn on the operator's device (array-api-strict's
+    second device here; an array on another device would be refused by the product)."""
+    A = np.array([[4.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 2.0]])
+    b = np.array([1.0, -2.0, 0.5])
+    op = aslinearoperator(backend.asarray(A))  # symmetry not declared: probed
+    with pytest.warns(AssumptionWarning, match="a random symmetry probe passed"):
+        x, info = cg(op, backend.asarray(b), rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(x), np.linalg.solve(A, b), rtol=1e-10)
