@@ -345,12 +345,16 @@ def _failures(comm, pb, rec, convert):
             return "own", type(err).__name__, str(err)
         return "none", None, ""
 
-    def check(name, fn, failing_rank, error_type):
+    def check(name, fn, failing_rank, error_type, computation="rank"):
+        """``computation``: the words the other ranks' message starts with."""
         kind, detail, message = outcome(fn)
         if comm.rank == failing_rank:
             rec.expect(name, kind == "own" and detail == error_type)
         else:
-            rec.expect(name, kind == "remote" and detail == [failing_rank] and "rank" in message)
+            rec.expect(
+                name,
+                kind == "remote" and detail == [failing_rank] and computation in message,
+            )
 
     check(
         "bad batch on rank 1: construction raises everywhere",
@@ -359,7 +363,13 @@ def _failures(comm, pb, rec, convert):
         "ValueError",
     )
     G = cl.GGNLinearOperator(m, loss, params, shard, comm=comm, check_deterministic=False)
-    check("bad batch on rank 1: a product raises everywhere", lambda: G @ pb.V, 1, "ValueError")
+    check(
+        "bad batch on rank 1: a product raises everywhere",
+        lambda: G @ pb.V,
+        1,
+        "ValueError",
+        "GGNLinearOperator product failed on rank 1 of",
+    )
     check(
         "bad batch on rank 1: K-FAC raises everywhere",
         lambda: cl.KFACLinearOperator(m, loss, params, shard, comm=comm, check_deterministic=False),

@@ -317,3 +317,14 @@ def test_aligned_block_diagonal_operators_are_applied_block_by_block(monkeypatch
     expected = conjugated(scipy.linalg.block_diag(*blocks), LAYERS)
     np.testing.assert_allclose(op @ V, expected @ V, rtol=1e-12)
     np.testing.assert_allclose(op.T @ V, expected.T @ V, rtol=1e-12)
+
+
+def test_a_zero_size_segment_is_accepted_and_moves_nothing():
+    """A segment of shape (2, 0) (a parameter without entries, e.g. a bias of a layer with
+    no outputs) covers no entries: the layout equals the one without it."""
+    rng = np.random.default_rng(8)
+    G = rng.standard_normal((17, 17))
+    A = DenseLinearOperator(G @ G.T)
+    with_empty = [[(0, (2, 3)), (6, (2, 0)), (6, (2, 1))], [(8, 6)], [(14, (3, 1))]]
+    op = ParameterLayoutLinearOperator(A, with_empty)
+    np.testing.assert_allclose(op.to_dense(), conjugated(G @ G.T, LAYERS), rtol=1e-12)
