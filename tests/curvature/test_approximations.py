@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import array_api_compat.numpy as npx
 import numpy as np
 import pytest
 from monte_carlo import assert_unbiased
@@ -324,3 +325,43 @@ def test_kfac_exact_blocks_of_elementwise_layers_on_every_backend(backend):
     start = 3 * 4 + 4  # after the first Linear's weight and bias: LayerNorm's weight, bias
     expected = G[start : start + 8, start : start + 8]
     np.testing.assert_allclose(backend.to_numpy(block), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_block_diagonal_default_limit_is_4096_rows():
+    """The documented default ``max_block_size=4096``: a layer of 4096 weights and one
+    bias (one block of 4097 rows) is refused before any product."""
+    model = cl.nn.Sequential(cl.nn.Linear(4096, 1))
+    params = model.init(0, xp=npx, dtype=npx.float64)
+    rng = np.random.default_rng(3)
+    data = [(rng.standard_normal((2, 4096)), rng.standard_normal((2, 1)))]
+    G = cl.GGNLinearOperator(model, cl.MSELoss(), params, data, check_deterministic=False)
+    with pytest.raises(
+        ValueError, match=re.escape("has 4097 rows, more than max_block_size=4096.")
+    ):
+        cl.block_diagonal(G)
+
+
+def test_low_rank_default_seed_is_zero():
+    """``seed=0`` by default: the randomized Nystrom sketch of a rank-deficient draw
+    depends on the seed, and the default one is seed 0's."""
+    rng = np.random.default_rng(4)
+    Q, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    A = cl.aslinearoperator((Q * np.linspace(1.0, 2.0, 12)) @ Q.T, psd=True)
+    default = cl.low_rank(A, 3, method="nystrom", oversampling=1).to_dense()
+    np.testing.assert_array_equal(
+        default, cl.low_rank(A, 3, method="nystrom", oversampling=1, seed=0).to_dense()
+    )
+    other = cl.low_rank(A, 3, method="nystrom", oversampling=1, seed=1).to_dense()
+    assert np.abs(default - other).max() > 1e-3
+
+
+def test_an_integral_float_num_data_counts_as_that_integer():
+    """``num_data=8.0`` (e.g. computed by a division) is the integer 8; 8.5 is refused."""
+    model, spec, params, data, X, y, theta, loss = problem("mse", seed=27)
+    n = sum(int(Xb.shape[0]) for Xb, _ in data)
+    as_float = cl.GGNLinearOperator(model, loss, params, data, num_data=float(n))
+    assert as_float.num_data == n and isinstance(as_float.num_data, int)
+    reference = cl.GGNLinearOperator(model, loss, params, data, num_data=n).to_dense()
+    np.testing.assert_array_equal(as_float.to_dense(), reference)
+    with pytest.raises(TypeError, match=re.escape("got 8.5.")):
+        cl.GGNLinearOperator(model, loss, params, data, num_data=8.5)

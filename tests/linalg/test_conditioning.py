@@ -357,3 +357,15 @@ def test_kronecker_logdet_is_judged_factor_by_factor():
     )
     expected = sum(4 * np.linalg.slogdet(F)[1] for F in factors)  # det(A x B) = |A|^4 |B|^4
     np.testing.assert_allclose(float(op.logdet()), expected, rtol=1e-4)
+
+
+def test_damped_kronecker_logdet_judges_the_damped_spectrum():
+    """A singular factor is fine once damped: ``log det(B x A + I)`` with ``B`` of rank
+    one is finite and is judged on the damped spectrum (not factor by factor)."""
+    B = DenseLinearOperator(np.diag([1.0, 0.0]), psd=True)
+    A = DenseLinearOperator(2.0 * np.eye(2), psd=True)
+    K = KroneckerLinearOperator(B, A)
+    expected = np.linalg.slogdet(np.kron(np.diag([1.0, 0.0]), 2.0 * np.eye(2)) + np.eye(4))[1]
+    np.testing.assert_allclose(float(K.damped(1.0).logdet()), expected, rtol=1e-14)
+    with pytest.raises(IllConditionedError):
+        K.logdet()

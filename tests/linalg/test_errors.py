@@ -411,3 +411,13 @@ def test_bad_kronecker_factors_are_named_by_position():
         with pytest.raises(error) as err:
             KroneckerLinearOperator(*factors)
         assert str(err.value) == expected
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 3), (0, 0)])
+def test_operators_of_zero_size_apply_to_empty_vectors(shape):
+    """Shapes with a zero dimension are valid: ``(m, 0) @ (0,)`` is ``m`` zeros."""
+    A = np.zeros(shape)
+    op = DenseLinearOperator(A)
+    assert op.shape == shape
+    np.testing.assert_array_equal(op @ np.ones(shape[1]), A @ np.ones(shape[1]))
+    np.testing.assert_array_equal(op.T @ np.ones(shape[0]), A.T @ np.ones(shape[0]))

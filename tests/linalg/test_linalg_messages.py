@@ -413,6 +413,42 @@ CASES = [
         "positive definite (singular or indefinite). Add damping (e.g. inverse(damping=1e-3)).",
     ),
     (
+        "kronecker-damped-names-the-worst-factor",
+        lambda: (
+            KroneckerLinearOperator(
+                DenseLinearOperator(np.diag([1e4, 1e-10]), psd=True),
+                DenseLinearOperator(np.diag([1e-8, 1.0]), psd=True),
+            )
+            .damped(1e-30)
+            .logdet()
+        ),  # factor 0's ratio 1e-14 is below factor 1's 1e-8
+        IllConditionedError,
+        _pattern(
+            "The Kronecker factor 0 has the smallest eigenvalue relative to its largest ({}): "
+            + _ILL_CONDITIONED.format(what="Kronecker product plus {} I", hint="")
+        ),
+    ),
+    (
+        "kronecker-eigh-damped-inverse-ill-conditioned",
+        lambda: KroneckerEighLinearOperator(
+            np.array([1.0, 1e-300, 1.0, 1.0]), [np.eye(2), np.eye(2)]
+        ).inverse(damping=1e-300),
+        IllConditionedError,
+        _pattern(
+            _ILL_CONDITIONED.format(what="Kronecker-eigendecomposed operator plus {} I", hint="")
+        ),
+    ),
+    (
+        "kronecker-factor-not-finite",
+        lambda: KroneckerLinearOperator(
+            DenseLinearOperator(np.full((2, 2), np.nan), symmetric=True),
+            DenseLinearOperator(np.eye(2), psd=True),
+        ).inverse(damping=1.0),
+        FactorizationError,
+        "The Kronecker factor 0: The symmetric dense matrix contains NaN or Inf; cannot "
+        "eigendecompose it.",
+    ),
+    (
         "dense-eigvalsh-not-finite",
         lambda: DenseLinearOperator(np.full((2, 2), np.nan), symmetric=True).eigvalsh(),
         FactorizationError,

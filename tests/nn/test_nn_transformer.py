@@ -1014,3 +1014,19 @@ def test_sinusoidal_encodings_are_cached_per_device():
         np.asarray(xps.asarray(b, device=xps.Device("CPU_DEVICE"))),
         np.asarray(xps.asarray(a, device=xps.Device("CPU_DEVICE"))),
     )
+
+
+def test_ggn_of_positional_embeddings_on_raw_inputs_has_its_closed_form():
+    """``f = x + P[:S]`` with the mean squared error over ``N x S x E`` outputs: the GGN
+    of the table ``P`` is ``2 / (S E)`` on its first ``S`` rows and zero on the rest
+    (the N data each contribute ``2 / (N S E)``). The layer's inputs are data (no
+    incoming tangent), and N = 2 differs from S = 3."""
+    N, S, E, max_len = 2, 3, 2, 5
+    model = nn.Sequential(nn.PositionalEmbedding(max_len, E))
+    params = model.init(0, xp=npx, dtype=npx.float64)
+    rng = np.random.default_rng(9)
+    data = [(rng.standard_normal((N, S, E)), rng.standard_normal((N, S, E)))]
+    G = GGNLinearOperator(model, MSELoss(), params, data).to_dense()
+    expected = np.zeros(max_len * E)
+    expected[: S * E] = 2.0 / (S * E)
+    np.testing.assert_allclose(G, np.diag(expected), rtol=1e-13, atol=1e-15)
