@@ -178,3 +178,26 @@ def test_the_exact_inverse_keeps_the_embedding_basis_unformed():
     )
     E = EKFACLinearOperator(model, cl.CrossEntropyLoss(), params, data)
     assert E.input_eigenvectors["0"] == V
+
+
+@pytest.mark.parametrize("Op", [KFACLinearOperator, EKFACLinearOperator])
+def test_embedding_statistics_keep_float32(backend, Op):
+    """The one-hot rows and id counts of an embedding are built in the operator's dtype:
+    float32 operators stay float32 on every backend (array-api-strict refuses a dtype of
+    None) and agree with float64 to float32 precision."""
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2))
+    rng = np.random.default_rng(11)
+    data = [(rng.integers(0, 5, (6, 2)), rng.integers(0, 2, 6))]
+    params = model.init(0, xp=xp, dtype=xp.float64)
+    reference = Op(model, cl.CrossEntropyLoss(), params, data).to_dense()
+    to = backend.asarray
+    op = Op(
+        model,
+        cl.CrossEntropyLoss(),
+        [to(p, "float32") for p in params],
+        [(to(X), to(y)) for X, y in data],
+        check_deterministic=False,
+    )
+    dense = op.to_dense()
+    assert str(dense.dtype).endswith("float32")
+    np.testing.assert_allclose(backend.to_numpy(dense), reference, rtol=1e-4, atol=1e-6)
