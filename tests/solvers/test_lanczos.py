@@ -245,3 +245,14 @@ def test_power_iteration_with_an_explicit_tolerance(numpy_backend):
     lam, v = power_iteration(op, tol=1e-13, seed=0)
     assert abs(float(lam) - 3.0) <= 1e-12
     assert np.linalg.norm(A @ v - float(lam) * v) <= 1e-11
+
+
+def test_eigsh_stops_when_maxiter_products_are_used(numpy_backend):
+    """``maxiter`` counts products with A: with ``maxiter = ncv`` the first Lanczos
+    cycle uses them all, so an unconverged run raises after exactly ``ncv`` products
+    instead of restarting."""
+    A = _symmetric(np.linspace(1.0, 1.01, 40), seed=14)  # clustered: slow convergence
+    op, calls = _counting_operator(numpy_backend, A)
+    with pytest.raises(ConvergenceError, match="within maxiter = 5 products"):
+        eigsh(op, k=1, ncv=5, maxiter=5, seed=0)
+    assert sum(calls) == 5
