@@ -343,8 +343,9 @@ def test_kronecker_eigh_logdet_is_judged_at_the_size_of_its_largest_factor():
 def test_kronecker_logdet_is_judged_factor_by_factor():
     """The undamped log-determinant of a Kronecker product factorizes its factors, so the
     rule applies to each factor at its own size (as for the undamped inverse), not to
-    the product's spectrum: two 4 x 4 float32 factors whose condition numbers are within
-    the 4 x 4 limit but whose product's (their product) exceeds the 16 x 16 limit."""
+    the product's spectrum: two 4 x 4 float32 factors, each conditioned within the 4 x 4
+    limit, whose product's condition number (the product of theirs) exceeds the 16 x 16
+    limit."""
     cond = np.sqrt(limit(np.float32, 4))  # cond^2 = limit(4) > limit(16)
     assert cond**2 > limit(np.float32, 16)
     factors = [
