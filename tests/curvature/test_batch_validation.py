@@ -366,3 +366,47 @@ def test_non_deterministic_data_are_named_by_batch_and_what_differs(operator):
             operator(model, loss, params, _ChangingLoader(batches, later))
         # the check is what raises: without it, the same data build an operator
         operator(model, loss, params, _ChangingLoader(batches, later), check_deterministic=False)
+
+
+class _RenamesTapsOnSmallBatches(nn.Sequential):
+    """A model whose layer taps take another name on batches of fewer than 5 data."""
+
+    def linearize(self, params, x):
+        import dataclasses
+
+        def renamed(tap):
+            return None if tap is None else dataclasses.replace(tap, name="other." + tap.name)
+
+        class Renamed:  # a layer of the linearization whose tap is renamed
+            def __init__(self, layer):
+                self.layer = layer
+
+            def __getattr__(self, attribute):
+                return getattr(self.layer, attribute)
+
+            def tap(self):
+                return renamed(self.layer.tap())
+
+        lin = super().linearize(params, x)
+        if x.shape[0] < 5:  # what K-FAC reads (layer_taps) and the Kronecker Hessian (layers)
+            taps, layers = lin._layer_taps, lin.layers
+            lin._layer_taps = lambda cotangents: [renamed(t) for t in taps(cotangents)]
+            lin.layers = lambda: [Renamed(layer) for layer in layers()]
+        return lin
+
+
+@pytest.mark.parametrize("cls", [cl.KFACLinearOperator, cl.KFACHessianLinearOperator])
+def test_a_batch_through_other_layers_is_named(cls):
+    model = _RenamesTapsOnSmallBatches(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    params = model.init(0, xp=xp, dtype=xp.float64)
+    X = np.random.default_rng(0).normal(size=(12, 3))
+    y = np.array([0, 1, 2] * 4)
+    data = [(X[:5], y[:5]), (X[5:10], y[5:10]), (X[10:], y[10:])]
+    first = [("0", 0, 1), ("2", 2, 3)]
+    got = [("other.0", 0, 1), ("other.2", 2, 3)]
+    message = (
+        f"Batch 2 exposed the layer taps {got}, the first batch {first}; every batch must "
+        "run through the same layers."
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cls(model, cl.CrossEntropyLoss(), params, data, check_deterministic=False)

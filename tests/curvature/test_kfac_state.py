@@ -240,3 +240,16 @@ def test_kfac_ema_of_an_elementwise_layer_averages_its_exact_block():
     single = alone(KFACLinearOperator, model, loss, params, batches[1])
     for name, block in single.exact_blocks.items():
         np.testing.assert_allclose(K.exact_blocks[name], expected[name] + 0.25 * block, rtol=1e-13)
+
+
+@pytest.mark.parametrize("cls", [KFACLinearOperator, EKFACLinearOperator])
+def test_round_trip_keeps_an_embeddings_transposed_layout(cls):
+    """An embedding's weight (V, D) is transposed against a linear layer's (D_out, D_in):
+    its block is A (x) B, not B (x) A. The restored operator must lay it out the same."""
+    model = cnn.Sequential(cnn.Embedding(5, 4), cnn.Tanh(), cnn.Linear(4, 3))
+    params = model.init(9, xp=np_xp, dtype=np_xp.float64)
+    rng = np.random.default_rng(9)
+    batch = (rng.integers(0, 5, size=(6, 2)), rng.integers(0, 3, size=(6, 2)))
+    op = alone(cls, model, LOSS("ce"), params, batch)
+    restored = cls.from_state_dict(npz_round_trip(op.state_dict()), model, LOSS("ce"), params)
+    np.testing.assert_array_equal(restored.to_dense(), op.to_dense())

@@ -226,3 +226,22 @@ def test_non_finite_targets_name_what_and_where():
     )
     with pytest.raises(ValueError, match=match):
         op @ np.ones(op.shape[1])
+
+
+@pytest.mark.parametrize(
+    "library, hint",
+    [
+        ("numpy", "X.astype(np.float32)"),
+        ("jax.numpy", "X.astype(jnp.float32)"),
+        ("cupy", "X.astype(cp.float32)"),
+        ("torch", "X.to(torch.float32)"),
+        ("array_api_strict", "X.astype(xp.float32)"),
+    ],
+)
+def test_the_cast_hint_is_written_in_the_datas_own_library(library, hint):
+    """The hint names each library's own alias (stand-in namespaces: CuPy needs a GPU)."""
+    from types import ModuleType
+
+    from curvlinops.curvature._data import _cast_hint
+
+    assert _cast_hint(ModuleType(library), "X", np.float32) == hint

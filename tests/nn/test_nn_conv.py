@@ -211,6 +211,12 @@ def test_cross_term_between_two_convolutions():
     reference = torch_products(theirs, prob)
     for key in ("outputs", "JV", "JtU", "second"):
         assert_close(mine[key], reference[key])
+    # without a cotangent tangent (w = 0): the last convolution's bias gets a zero block
+    lin = ours.linearize(prob["params"], prob["x"])
+    second = lin.second_order_vjp(prob["u"], prob["V"], None)
+    assert [tuple(g.shape) for g in second] == [tuple(v.shape) for v in prob["V"]]
+    without_w = torch_products(theirs, dict(prob, w=np.zeros_like(prob["w"])))["second"]
+    assert_close(flat_k(second), without_w)
 
 
 @pytest.mark.parametrize("name", ["groups_stride", "conv1d"])

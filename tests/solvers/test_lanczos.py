@@ -256,3 +256,27 @@ def test_eigsh_stops_when_maxiter_products_are_used(numpy_backend):
     with pytest.raises(ConvergenceError, match="within maxiter = 5 products"):
         eigsh(op, k=1, ncv=5, maxiter=5, seed=0)
     assert sum(calls) == 5
+
+
+@pytest.mark.parametrize(
+    "squared_norm, passes", [(1.2, 4), (1.6, 2)], ids=["all-passes", "stops-after-two"]
+)
+def test_gram_schmidt_repeats_only_while_a_pass_halves_a_row(squared_norm, passes):
+    """With a basis column b of squared norm s, one pass maps W = b to (1 - s) b.
+
+    So each pass shrinks the row by |1 - s|: by 0.2 (< 1/2, keep going, up to
+    ``max_passes`` = 4 passes) or by 0.6 (not below 1/2: stop after the second pass).
+    A row orthogonal to b is left alone, and the norms returned are the final ones.
+    """
+    from curvlinops.solvers.lanczos import _orthogonalize
+
+    b = np.array([1.0, 2.0, 2.0]) / 3.0 * np.sqrt(squared_norm)
+    orthogonal = np.array([2.0, -1.0, 0.0])
+    basis = np.stack([b[:, None], b[:, None]])  # (rows, n, one column)
+    W, coeffs, norms = _orthogonalize(basis, np.stack([b, orthogonal]), np, max_passes=4)
+    shrink = 1.0 - squared_norm
+    np.testing.assert_allclose(W, np.stack([shrink**passes * b, orthogonal]), atol=1e-15)
+    # the coefficients add up over the passes: b^T W_k = s (1 - s)^k
+    expected = sum(squared_norm * shrink**k for k in range(passes))
+    np.testing.assert_allclose(coeffs, [[expected], [0.0]], atol=1e-15)
+    np.testing.assert_allclose(norms, [abs(shrink) ** passes * np.sqrt(squared_norm), np.sqrt(5)])

@@ -113,6 +113,25 @@ def test_not_an_operator_is_a_type_error(name):
         call([[1.0, 0.0], [0.0, 1.0]])
 
 
+class _PartArray:
+    """An object with only some of an array's attributes (``ndim``, ``shape``, ``dtype``)."""
+
+    def __init__(self, **attributes):
+        self.__dict__.update(attributes)
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [{"ndim": 2}, {"ndim": 2, "shape": (N, N)}, {"dtype": np.float64}, {"shape": (N, N)}],
+    ids=["ndim", "ndim+shape", "dtype", "shape"],
+)
+def test_an_object_with_part_of_an_arrays_attributes_is_no_array(attributes):
+    """Only an object with ``ndim``, ``shape`` and ``dtype`` together is taken as an array."""
+    call, _ = SOLVERS["cg"]
+    with pytest.raises(TypeError, match=r"LinearOperator or a 2-D array.*got a _PartArray"):
+        call(_PartArray(**attributes))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_non_square_operator_is_a_value_error(name):
     call, _ = SOLVERS[name]
@@ -222,6 +241,32 @@ def test_cg_with_damping_does_not_ask_for_psd():
 def test_estimators_and_neumann_take_any_square_operator_silently(name):
     call, _ = SOLVERS[name]
     _run_silently(call, _operators()["nonsymmetric"])
+
+
+def _probed_relative_difference(A) -> float:
+    with pytest.raises(ValueError, match="minres needs a symmetric operator") as info:
+        minres(aslinearoperator(A), B)
+    return float(re.search(r"relative difference ([-+.0-9e]+) >", str(info.value)).group(1))
+
+
+def test_the_symmetry_probe_measures_asymmetry_relative_to_the_operators_scale():
+    """The probe's relative difference |y^T A x - x^T A y| / (|y| |Ax| + |x| |Ay|).
+
+    It lies in [0, 1] (Cauchy-Schwarz), is the same for A and c A whatever the scale c,
+    and is this formula evaluated at the probe's two seeded random vectors.
+    """
+    from curvlinops._backend.random import as_generator
+
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((N, N))
+    measured = [_probed_relative_difference(c * A) for c in (1e-3, 1.0, 1e3)]
+    assert 0.0 < measured[1] < 1.0
+    np.testing.assert_allclose(measured, measured[1], rtol=0.05)  # printed to 2 digits
+    V = as_generator(0, np).normal((N, 2), np.float64)
+    x, y = V[:, 0], V[:, 1]
+    norm = np.linalg.norm
+    expected = abs(y @ A @ x - x @ A @ y) / (norm(y) * norm(A @ x) + norm(x) * norm(A @ y))
+    assert measured[1] == pytest.approx(expected, rel=0.03)  # printed to 2 digits
 
 
 def test_a_dense_array_is_symmetric_when_it_is():
