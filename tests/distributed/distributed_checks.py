@@ -295,7 +295,7 @@ def _optimizers(comm, pb, rec, xp):
             m, loss, damping=1.0, preconditioner="ggn", comm=c
         ),
         "KFAC": lambda c: KFAC(m, loss, damping=1.0, inverse_every=1, comm=c),
-        "NaturalGradient": lambda c: NaturalGradient(m, loss, damping=0.1, rtol=1e-10, comm=c),
+        "NaturalGradient": lambda c: NaturalGradient(m, loss, damping=0.1, rtol=1e-13, comm=c),
     }
     for name, make in cases.items():
         results = []
