@@ -871,7 +871,9 @@ def test_torchvision_resnet18_kfac_factors_equal_the_factors_from_unfold_and_aut
     names = _conv_and_linear_names(net)
     model = TorchModel(net, param_names=names)
     data = _torchvision_data((1, 1))
-    K = cl.KFACLinearOperator(model, cl.CrossEntropyLoss(), model.params, data)
+    K = cl.KFACLinearOperator(
+        model, cl.CrossEntropyLoss(), model.params, data, check_deterministic=False
+    )
     assert K.shape[0] == sum(net.get_parameter(n).numel() for n in names)
     refs = _reference_kfac_factors(net, data, "ce", "type-2", "expand")
     assert len(refs) == 21 and sum(".downsample." in n for n in refs) == 3
