@@ -9,6 +9,14 @@ Dense GGN and empirical Fisher matrices come from the tier-1 operators (autograd
 products, not taps). The native ``curvlinops.nn`` network with the same weights must
 give the same K-FAC and diagonals.
 
+torchvision's ``resnet18`` (float64, evaluation mode; the tests skip where torchvision
+is not importable, as in CI): K-FAC's factors of its 20 convolutions and ``fc`` by the
+same ``F.unfold`` and autograd definitions, and over all its parameters on one image
+K-FAC's ``fc`` and batch normalization blocks and the GGN diagonal against
+``J^T H J`` from autograd Jacobians of the logits and ``torch.func.hessian`` of the
+cross-entropy (never a dense 11M x 11M matrix: blocks, a few products, some tensors'
+diagonals).
+
 Tests of native layers other workers add (batch normalization, pooling) skip while
 ``curvlinops.nn`` lacks them; the ResNet tests that need K-FAC on batch normalization's
 elementwise taps skip while the curvature operators do not cover those taps (a probe
@@ -32,6 +40,8 @@ from curvlinops.frontends.torch import TorchModel  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+    # torch.func.hessian's jvp in torch >= 2.14 (the venv with torchvision)
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
     # PyTorch's own note on padding="same" with an even kernel
     pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning"),
 ]
@@ -790,40 +800,153 @@ def test_resnet_with_trainable_batch_norm_gets_kfac_and_diagonals_over_every_par
 
 
 def _torchvision_resnet18():
+    """torchvision's ``resnet18`` (10 classes) in float64 and evaluation mode, its batch
+    normalizations with random affine parameters and running statistics (torchvision's
+    ``1, 0`` and ``0, 1`` would make them almost the identity), of scales that keep the
+    logits of order one (the softmax not saturated)."""
     try:
         import torchvision
     except (ImportError, RuntimeError) as error:  # a build for another torch fails to load
         pytest.skip(f"torchvision is not importable here: {type(error).__name__}: {error}")
-    return torchvision.models.resnet18(num_classes=10).eval()
+    torch.manual_seed(18)  # torchvision's initialization draws from the global generator
+    net = torchvision.models.resnet18(num_classes=10).to(DTYPE).eval()
+    generator = torch.Generator().manual_seed(19)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(1 + 0.3 * torch.randn(c, generator=generator, dtype=DTYPE))
+                m.bias.copy_(0.3 * torch.randn(c, generator=generator, dtype=DTYPE))
+                m.running_mean.copy_(0.3 * torch.randn(c, generator=generator, dtype=DTYPE))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=generator, dtype=DTYPE))
+    return net
 
 
-def _torchvision_data():
+def _torchvision_data(sizes):
+    """Batches of ``sizes`` images ``3 x 32 x 32`` (float64) with labels of 10 classes."""
     generator = torch.Generator().manual_seed(18)
-    X = torch.randn((2, 3, 32, 32), generator=generator)
-    return [(X, torch.tensor([1, 7]))]
+    X = torch.randn((sum(sizes), 3, 32, 32), generator=generator, dtype=DTYPE)
+    y = torch.randint(0, 10, (sum(sizes),), generator=generator)
+    starts = np.cumsum([0, *sizes])
+    return [(X[a:b], y[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
-def test_torchvision_resnet18_convolutions_and_fc_are_tapped():
+def _jacobians_and_loss_hessians(net, data, names):
+    """Per datum ``(J_n, H_n)``: the Jacobian ``(C, P_S)`` of the logits with respect to
+    the parameters ``names`` (flattened and concatenated in that order), one
+    ``torch.autograd.grad`` per logit, and the Hessian ``(C, C)`` of the datum's
+    cross-entropy with respect to its logits by ``torch.func.hessian``. The GGN block of
+    the mean cross-entropy over ``names`` is ``(1 / N) sum_n J_n^T H_n J_n``."""
+    params = [net.get_parameter(n) for n in names]
+    pairs = []
+    for X, y in data:
+        with torch.enable_grad():
+            outputs = net(X)
+        for n in range(X.shape[0]):
+            rows = [
+                torch.cat(
+                    [g.reshape(-1) for g in torch.autograd.grad(f, params, retain_graph=True)]
+                )
+                for f in outputs[n]
+            ]
+            H = torch.func.hessian(
+                lambda f, t=y[n : n + 1]: F.cross_entropy(f[None], t, reduction="sum")
+            )(outputs[n].detach())
+            pairs.append((torch.stack(rows), H))
+    return pairs
+
+
+def _flat_slices(model):
+    """``{parameter name: slice}`` of the model's flat parameter vector."""
+    sizes = [int(np.prod(shape)) for shape in model.expected_param_shapes()]
+    starts = np.cumsum([0, *sizes])
+    return {n: slice(int(starts[i]), int(starts[i + 1])) for i, n in enumerate(model.param_names)}
+
+
+def test_torchvision_resnet18_kfac_factors_equal_the_factors_from_unfold_and_autograd():
+    """All 20 convolutions (3 of them downsampling projections) and ``fc``, over two
+    batches of one image: the factors by the definitions, from ``F.unfold`` patches and
+    autograd output gradients of the type-2 cotangents (``_reference_kfac_factors``)."""
     net = _torchvision_resnet18()
     names = _conv_and_linear_names(net)
     model = TorchModel(net, param_names=names)
+    data = _torchvision_data((1, 1))
     K = cl.KFACLinearOperator(
-        model, cl.CrossEntropyLoss(), model.params, _torchvision_data(), check_deterministic=False
+        model, cl.CrossEntropyLoss(), model.params, data, check_deterministic=False
     )
-    assert len(K.input_factors) == 21  # 20 convolutions (3 of them projections) and fc
     assert K.shape[0] == sum(net.get_parameter(n).numel() for n in names)
+    refs = _reference_kfac_factors(net, data, "ce", "type-2", "expand")
+    assert len(refs) == 21 and sum(".downsample." in n for n in refs) == 3
+    assert sorted(K.input_factors) == sorted(K.output_factors) == sorted(refs)
+    for name, (B, A) in refs.items():
+        torch.testing.assert_close(K.input_factors[name], A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(K.output_factors[name], B, rtol=1e-10, atol=1e-12)
 
 
-def test_torchvision_resnet18_in_evaluation_mode_gets_kfac_over_every_parameter():
+def test_torchvision_resnet18_in_evaluation_mode_gets_kfac_and_ggn_diagonal_over_every_parameter():
+    """Over all 11M parameters on one image (type-2, joint weight and bias blocks): K-FAC's
+    ``fc`` block is the GGN's (exact for the last Linear layer on one datum), its batch
+    normalization blocks are the GGN's (exact for elementwise layers), K-FAC has no
+    blocks between layers, and the GGN diagonal is the GGN's, against
+    ``J^T H J`` from autograd Jacobians (``_jacobians_and_loss_hessians``)."""
     net = _torchvision_resnet18()
     reason = _elementwise_curvature_missing()
     if reason is not None:
         pytest.skip(reason)
     model = TorchModel(net)
-    K = cl.KFACLinearOperator(
-        model, cl.CrossEntropyLoss(), model.params, _torchvision_data(), check_deterministic=False
-    )
+    loss = cl.CrossEntropyLoss()
+    data = _torchvision_data((1,))
     P = sum(p.numel() for p in net.parameters())
+    assert model.param_names == [n for n, _ in net.named_parameters()]
+    slices = _flat_slices(model)
+    bns = ["bn1", "layer2.0.downsample.1", "layer4.1.bn2"]
+    exact = ["fc.weight", "fc.bias", *(f"{m}.{p}" for m in bns for p in ("weight", "bias"))]
+    diag_names = ["conv1.weight", "layer3.0.downsample.0.weight", "layer1.1.bn2.bias", *exact]
+    [(J, H)] = _jacobians_and_loss_hessians(net, data, diag_names)
+    offsets = np.cumsum([0, *(net.get_parameter(n).numel() for n in diag_names)])
+    columns = {
+        n: slice(int(a), int(b))
+        for n, a, b in zip(diag_names, offsets[:-1], offsets[1:], strict=True)
+    }
+
+    K = cl.KFACLinearOperator(
+        model, loss, model.params, data, separate_weight_and_bias=False, check_deterministic=False
+    )
     assert K.shape == (P, P)
-    v = torch.ones(P)
-    assert bool(torch.isfinite(K @ v).all())
+    assert len(K.input_factors) == 21 and len(K.exact_blocks) == 20
+    for m in bns:  # the stored exact block over [weight, bias]
+        index = (
+            torch.cat([torch.arange(P)[slices[f"{m}.{p}"]] for p in ("weight", "bias")])
+            - slices[f"{m}.weight"].start
+        )
+        Jm = torch.cat([J[:, columns[f"{m}.weight"]], J[:, columns[f"{m}.bias"]]], dim=1)
+        assert index.tolist() == list(range(Jm.shape[1]))  # weight then bias
+        torch.testing.assert_close(K.exact_blocks[m], Jm.T @ H @ Jm, rtol=1e-10, atol=1e-12)
+    # K @ V for V supported on fc and the three batch normalizations: there it is the
+    # GGN's block-diagonal part times V, everywhere else zero
+    generator = torch.Generator().manual_seed(21)
+    V = torch.zeros((P, 2), dtype=DTYPE)
+    for n in exact:
+        V[slices[n]] = torch.randn(
+            (slices[n].stop - slices[n].start, 2), generator=generator, dtype=DTYPE
+        )
+    KV = K @ V
+    expected = torch.zeros_like(V)
+    for layer in [["fc.weight", "fc.bias"], *([f"{m}.weight", f"{m}.bias"] for m in bns)]:
+        Jl = torch.cat([J[:, columns[n]] for n in layer], dim=1)
+        Vl = torch.cat([V[slices[n]] for n in layer])
+        out = Jl.T @ (H @ (Jl @ Vl))
+        start = 0
+        for n in layer:
+            size = slices[n].stop - slices[n].start
+            expected[slices[n]] = out[start : start + size]
+            start += size
+    scale = float(expected.abs().max())
+    assert scale > 1e-3  # the softmax is not saturated
+    torch.testing.assert_close(KV, expected, rtol=1e-10, atol=1e-12 * scale)
+
+    D = cl.GGNDiagonalLinearOperator(model, loss, model.params, data).diagonal()
+    assert D.shape == (P,)
+    reference = torch.einsum("ci,cd,di->i", J, H, J)
+    for n in diag_names:
+        torch.testing.assert_close(D[slices[n]], reference[columns[n]], rtol=1e-10, atol=1e-14)

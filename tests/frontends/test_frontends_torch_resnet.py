@@ -1,14 +1,18 @@
-"""TorchModel's layer protocol on residual networks: the Hessian diagonal and the
-Kronecker-factored Hessian of torch ResNets, and the graphs it refuses.
+"""TorchModel's layer protocol on residual networks: the Hessian diagonal, the GGN, K-FAC
+and the Kronecker-factored Hessian of torch ResNets, and the graphs it refuses.
 
-The ResNet is built as torchvision's (``BasicBlock``: conv-BN-ReLU-conv-BN,
-``out += identity`` with ``identity = downsample(x)`` where the shape changes, then the
-same in-place ``ReLU`` module again; ``torch.flatten(x, 1)`` before the classifier),
-from ``torch.nn`` modules (torchvision is not needed). References, independent of the
-layer protocol: the dense Hessian of PyTorch's own loss by ``torch.func.hessian`` (for
-the diagonal), and for the Kronecker-factored Hessian the native ``curvlinops.nn``
-network with the same weights, whose operator is tested against its definition in
-``tests/curvature/test_residual_curvature.py``.
+The ResNets are built as torchvision's, from ``torch.nn`` modules (torchvision is not
+needed), with either block: ``BasicBlock`` (conv-BN-ReLU-conv-BN) or ``Bottleneck``
+(conv1x1-BN-ReLU, conv3x3(stride)-BN-ReLU, conv1x1-BN), then ``out += identity`` with
+``identity = downsample(x)`` (conv1x1-BN) where the shape changes, then the same
+in-place ``ReLU`` module again; ``torch.flatten(x, 1)`` before the classifier. Both
+in place (as torchvision's) and out of place. References, independent of the layer
+protocol: the dense Hessian of PyTorch's own loss by ``torch.func.hessian`` (for the
+diagonal); the dense GGN ``J^T H J`` from ``torch.func.jacrev`` of the logits and
+``torch.func.hessian`` of the cross-entropy (for the GGN, its diagonal and K-FAC's
+exact batch normalization blocks); and for K-FAC and the Kronecker-factored Hessian the
+native ``curvlinops.nn`` network with the same weights, whose operators are tested
+against their definitions in ``tests/curvature/``.
 """
 
 from __future__ import annotations
@@ -65,18 +69,71 @@ class _BasicBlock(torch.nn.Module):
         return self.relu(out)
 
 
-class _ResNet(torch.nn.Module):
-    """Stem conv-BN-ReLU, an identity block, a downsampling block, pooling, Linear."""
+class _Bottleneck(torch.nn.Module):
+    """torchvision's ``Bottleneck`` forward (expansion 4): conv1x1-BN-ReLU,
+    conv3x3(stride)-BN-ReLU, conv1x1-BN, ``out += identity`` with a conv1x1-BN projection
+    ``identity = downsample(x)`` where the shape changes, then the same ReLU module a third
+    time (``inplace=False``: no in-place operation, ``out = out + identity``)."""
 
-    def __init__(self, inplace=True):
+    expansion = 4
+
+    def __init__(self, c_in, width, stride, inplace):
         super().__init__()
-        self.conv1 = torch.nn.Conv2d(2, 2, 3, padding=1, bias=False)
-        self.bn1 = torch.nn.BatchNorm2d(2)
+        self.inplace = inplace
+        c_out = width * self.expansion
+        self.conv1 = torch.nn.Conv2d(c_in, width, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(width)
+        self.conv2 = torch.nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(width)
+        self.conv3 = torch.nn.Conv2d(width, c_out, 1, bias=False)
+        self.bn3 = torch.nn.BatchNorm2d(c_out)
         self.relu = torch.nn.ReLU(inplace=inplace)
-        self.layer1 = torch.nn.Sequential(_BasicBlock(2, 2, 1, inplace))
-        self.layer2 = torch.nn.Sequential(_BasicBlock(2, 3, 2, inplace))
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = torch.nn.Sequential(
+                torch.nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                torch.nn.BatchNorm2d(c_out),
+            )
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        if self.inplace:
+            out += identity  # as torchvision's
+        else:
+            out = out + identity
+        return self.relu(out)
+
+
+BLOCKS = ("basic", "bottleneck")
+
+
+class _ResNet(torch.nn.Module):
+    """Stem conv-BN-ReLU, an identity block, a downsampling block, pooling, Linear.
+
+    ``block="basic"``: ``_BasicBlock`` 2 -> 2 and 2 -> 3 (stride 2); ``"bottleneck"``:
+    ``_Bottleneck`` 4 -> 4 (width 1) and 4 -> 8 (width 2, stride 2) after a stem of 4
+    channels.
+    """
+
+    def __init__(self, inplace=True, block="basic"):
+        super().__init__()
+        stem, c_out = (2, 3) if block == "basic" else (4, 8)
+        self.conv1 = torch.nn.Conv2d(2, stem, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(stem)
+        self.relu = torch.nn.ReLU(inplace=inplace)
+        if block == "basic":
+            self.layer1 = torch.nn.Sequential(_BasicBlock(2, 2, 1, inplace))
+            self.layer2 = torch.nn.Sequential(_BasicBlock(2, 3, 2, inplace))
+        else:
+            self.layer1 = torch.nn.Sequential(_Bottleneck(4, 1, 1, inplace))
+            self.layer2 = torch.nn.Sequential(_Bottleneck(4, 2, 2, inplace))
         self.avgpool = torch.nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = torch.nn.Linear(3, 3)
+        self.fc = torch.nn.Linear(c_out, 3)
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
@@ -130,26 +187,27 @@ def _torch_hessian(net, X, y, loss_fn):
 _REFERENCE: dict = {}
 
 
-def _reference_diagonal():
+def _reference_diagonal(block="basic"):
     """The diagonal of the dense Hessian of ``_ResNet`` (seed 0) on ``_data()`` (once)."""
-    if "diagonal" not in _REFERENCE:
+    if block not in _REFERENCE:
         X, y, _ = _data()
-        H = _torch_hessian(_seeded(_ResNet(inplace=False), 0), X, y, F.cross_entropy)
-        _REFERENCE["diagonal"] = torch.diagonal(H)
-    return _REFERENCE["diagonal"]
+        net = _seeded(_ResNet(inplace=False, block=block), 0)
+        _REFERENCE[block] = torch.diagonal(_torch_hessian(net, X, y, F.cross_entropy))
+    return _REFERENCE[block]
 
 
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "out-of-place"])
-def test_hessian_diagonal_of_a_torch_resnet_is_the_dense_hessians(inplace):
+def test_hessian_diagonal_of_a_torch_resnet_is_the_dense_hessians(inplace, block):
     """In place (as torchvision's): the outputs that ``out += identity`` and the ReLU
     overwrite later are recorded again, copied as they are made; out of place: the
     outputs of the first recording."""
-    net = _seeded(_ResNet(inplace), 0)
+    net = _seeded(_ResNet(inplace, block), 0)
     _, _, data = _data()
     model = TorchModel(net)
     loss = cl.CrossEntropyLoss()
     ours = cl.HessianDiagonalLinearOperator(model, loss, model.params, data).diagonal()
-    reference = _reference_diagonal()
+    reference = _reference_diagonal(block)
     assert ours.shape == reference.shape == (sum(p.numel() for p in net.parameters()),)
     scale = float(reference.abs().max())
     torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12 * scale)
@@ -234,8 +292,10 @@ def _native_resnet(net):
         )
 
     def block(b):
-        body = nn.Sequential(conv(b.conv1), bn(b.bn1), nn.ReLU(), conv(b.conv2), bn(b.bn2))
-        shortcut = None
+        body = [conv(b.conv1), bn(b.bn1), nn.ReLU(), conv(b.conv2), bn(b.bn2)]
+        if isinstance(b, _Bottleneck):
+            body += [nn.ReLU(), conv(b.conv3), bn(b.bn3)]
+        body, shortcut = nn.Sequential(*body), None
         if b.downsample is not None:
             shortcut = nn.Sequential(conv(b.downsample[0]), bn(b.downsample[1]))
         return nn.Residual(body, shortcut)
@@ -243,12 +303,13 @@ def _native_resnet(net):
     return nn.Sequential(
         conv(net.conv1), bn(net.bn1), nn.ReLU(),
         block(net.layer1[0]), nn.ReLU(), block(net.layer2[0]), nn.ReLU(),
-        nn.GlobalAvgPool2d(), nn.Linear(3, 3),
+        nn.GlobalAvgPool2d(), nn.Linear(net.fc.in_features, net.fc.out_features),
     )  # fmt: skip
 
 
-def test_kfac_hessian_of_a_torch_resnet_is_the_native_networks():
-    net = _seeded(_ResNet(), 4)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_kfac_hessian_of_a_torch_resnet_is_the_native_networks(block):
+    net = _seeded(_ResNet(block=block), 4)
     X, y, data = _data(seed=4)
     model = TorchModel(net)
     loss = cl.CrossEntropyLoss()
@@ -271,8 +332,117 @@ def test_kfac_hessian_of_a_torch_resnet_is_the_native_networks():
     assert npx.all(npx.isfinite(reference.to_dense()))
 
 
-def test_resnet_protocol_layers_tap_what_the_hooks_tap():
-    net = _seeded(_ResNet(inplace=False), 5)
+def _torch_ggn(net, X, y):
+    """The dense GGN of the mean cross-entropy, ``(1 / N) sum_n J_n^T H_n J_n``: the
+    Jacobians of the logits by ``torch.func.jacrev``, the loss Hessians ``H_n`` of each
+    datum's cross-entropy by ``torch.func.hessian``."""
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for _, p in net.named_parameters()]
+    sizes = [p.numel() for _, p in net.named_parameters()]
+
+    def logits(theta):
+        pieces = torch.split(theta, sizes)
+        params = {n: t.reshape(s) for n, t, s in zip(names, pieces, shapes, strict=True)}
+        return torch.func.functional_call(net, params, (X,))
+
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    J = torch.func.jacrev(logits)(theta)  # (N, C, P)
+    H = torch.stack(
+        [
+            torch.func.hessian(lambda f, t=t: F.cross_entropy(f[None], t[None], reduction="sum"))(f)
+            for f, t in zip(logits(theta).detach(), y, strict=True)
+        ]
+    )
+    return torch.einsum("ncp,ncd,ndq->pq", J, H, J) / X.shape[0]
+
+
+def _indices(net, names):
+    """The entries of the flat parameter vector (``named_parameters`` order) of ``names``."""
+    sizes = [p.numel() for _, p in net.named_parameters()]
+    starts = np.cumsum([0, *sizes])
+    return torch.cat(
+        [
+            torch.arange(int(starts[i]), int(starts[i + 1]))
+            for i, (n, _) in enumerate(net.named_parameters())
+            if n in names
+        ]
+    )
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_ggn_kfac_and_diagonal_of_a_torch_resnet_are_the_dense_and_native_ones(block):
+    """In place, as torchvision's: the GGN and its diagonal are the dense GGN's by
+    ``torch.func``; K-FAC's batch normalization blocks are the GGN's (exact for
+    elementwise layers); K-FAC (type-2 "expand", empirical "reduce") is the native
+    network's with the same weights."""
+    net = _seeded(_ResNet(block=block), 6)
+    X, y, data = _data(seed=6)
+    model = TorchModel(net)
+    loss = cl.CrossEntropyLoss()
+    G = _torch_ggn(net, X, y)
+    P = sum(p.numel() for p in net.parameters())
+    assert G.shape == (P, P) and model.param_names == [n for n, _ in net.named_parameters()]
+    scale = float(G.abs().max())
+    ours = cl.GGNLinearOperator(model, loss, model.params, data).to_dense()
+    torch.testing.assert_close(ours, G, rtol=1e-10, atol=1e-12 * scale)
+    D = cl.GGNDiagonalLinearOperator(model, loss, model.params, data).diagonal()
+    torch.testing.assert_close(D, torch.diagonal(G), rtol=1e-10, atol=1e-12 * scale)
+
+    native = _native_resnet(net)
+    params = [p.detach().numpy() for p in net.parameters()]
+    native_data = [(X_.numpy(), y_.numpy()) for X_, y_ in data]
+    bns = [n for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for options in (
+        {"fisher_type": "type-2", "separate_weight_and_bias": False},
+        {"fisher_type": "empirical", "kfac_approx": "reduce"},
+    ):
+        K = cl.KFACLinearOperator(model, loss, model.params, data, **options)
+        reference = cl.KFACLinearOperator(native, loss, params, native_data, **options)
+        dense = K.to_dense()
+        np.testing.assert_allclose(dense.numpy(), reference.to_dense(), rtol=1e-10, atol=1e-12)
+        if options["fisher_type"] == "type-2":
+            assert sorted(K.exact_blocks) == sorted(bns)
+            for m in bns:
+                index = _indices(net, [f"{m}.weight", f"{m}.bias"])
+                block_G = G[index][:, index]
+                torch.testing.assert_close(
+                    dense[index][:, index], block_G, rtol=1e-10, atol=1e-12 * scale
+                )
+                torch.testing.assert_close(
+                    K.exact_blocks[m], block_G, rtol=1e-10, atol=1e-12 * scale
+                )
+
+
+def test_bottleneck_blocks_are_one_layer_each_with_the_body_and_the_projection_as_branches():
+    """Each ``out += identity`` is one layer whose branches are the body (the one ReLU
+    module run twice in it) and the projection, or None (the identity) where the shape
+    stays; the third run of the ReLU follows the block."""
+    net = _seeded(_ResNet(block="bottleneck"), 7)
+    model = TorchModel(net)
+    X, _, _ = _data(seed=7)
+    layers = model.linearize(model.params, X).layers()
+    assert [la.name for la in layers] == [
+        "conv1", "bn1", "relu", "layer1.0", "layer1.0.relu", "layer2.0", "layer2.0.relu",
+        "avgpool", "flatten", "fc",
+    ]  # fmt: skip
+    body = ["conv1", "bn1", "relu", "conv2", "bn2", "relu", "conv3", "bn3"]
+    index = {n: i for i, n in enumerate(model.param_names)}
+    for residual, shortcut in ((layers[3], None), (layers[5], ["downsample.0", "downsample.1"])):
+        prefix = residual.name
+        path, skip = residual.branches()
+        assert [la.name for la in path] == [f"{prefix}.{n}" for n in body]
+        if shortcut is None:
+            assert skip is None  # the identity
+        else:
+            assert [la.name for la in skip] == [f"{prefix}.{n}" for n in shortcut]
+        inner = [n for n in model.param_names if n.startswith(f"{prefix}.")]
+        assert len(inner) == (9 if shortcut is None else 12)
+        assert residual.param_indices == tuple(index[n] for n in inner)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_resnet_protocol_layers_tap_what_the_hooks_tap(block):
+    net = _seeded(_ResNet(inplace=False, block=block), 5)
     X, _, _ = _data(seed=5)
     model = TorchModel(net)
     lin = model.linearize(model.params, X)
