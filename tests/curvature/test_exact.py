@@ -83,6 +83,11 @@ def test_ggn_fisher_ef_jacobian_against_dense_references(name, reduction):
     JT = cl.TransposedJacobianLinearOperator(model, loss, params, data)
     np.testing.assert_allclose(JT.to_dense(), ref["J"].T, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(J.T.to_dense(), ref["J"].T, rtol=1e-6, atol=1e-8)
+    # ... whose own adjoint is the Jacobian again, and whose rmatmat is J's matmat
+    assert isinstance(JT.T, cl.JacobianLinearOperator)
+    np.testing.assert_allclose(JT.T.to_dense(), ref["J"], rtol=1e-6, atol=1e-8)
+    V = np.random.default_rng(1).normal(size=(JT.shape[0], 2))
+    np.testing.assert_allclose(JT.rmatmat(V), ref["J"] @ V, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("name", ["mse", "ce", "poisson", "gaussian"])

@@ -32,6 +32,11 @@ def _exactly(text):
 
 
 @pytest.mark.parametrize("loss_cls", ALL)
+def test_repr_names_the_class_and_reduction(loss_cls):
+    assert repr(loss_cls(reduction="sum")) == f"{loss_cls.__name__}(reduction='sum')"
+
+
+@pytest.mark.parametrize("loss_cls", ALL)
 def test_unknown_reduction(loss_cls):
     with pytest.raises(
         ValueError,

@@ -691,6 +691,12 @@ def test_bad_inputs_raise():
         nn.BatchNorm1d(3)(params, np.ones((2, 3, 2, 2)))
 
 
+def test_sequential_iterates_over_its_layers():
+    layers = [nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)]
+    model = nn.Sequential(*layers)
+    assert list(model) == layers and [model[i] for i in range(3)] == layers
+
+
 def test_repr():
     assert repr(nn.MaxPool2d(3, stride=2, padding=1)) == (
         "MaxPool2d(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1))"
