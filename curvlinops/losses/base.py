@@ -476,7 +476,7 @@ def _non_finite(xp, a) -> str:
     nan = xp.isnan(a)
     kinds = [k for k, m in (("NaN", nan), ("Inf", xp.isinf(a))) if bool(xp.any(m))]
     bad = ~xp.isfinite(a)
-    per_datum = xp.reshape(bad, (a.shape[0], -1)) if a.ndim > 1 else xp.reshape(bad, (-1, 1))
+    per_datum = xp.reshape(bad, (a.shape[0], -1))  # 1-D: (N, 1)
     rows = [int(i) for i in to_numpy(xp.nonzero(xp.any(per_datum, axis=1))[0])[:5]]
     more = ", ..." if int(xp.sum(xp.astype(xp.any(per_datum, axis=1), xp.int64))) > 5 else ""
     count = int(xp.sum(xp.astype(bad, xp.int64)))

@@ -120,6 +120,27 @@ def test_float32_factored_inverse_with_tiny_damping_is_refused():
     assert spectral_error(accepted, reference(suggested)) < 0.1
 
 
+def test_float32_pi_damped_factored_inverse_suggests_the_users_damping():
+    """Under pi-damping A is shifted by pi sqrt(d) and B by sqrt(d) / pi, so the shift t
+    a factor needs is the damping (t / pi)^2 or (t pi)^2 (pi from NumPy's traces)."""
+    K = _kfac(np.float32, scale=10.0, n_data=3)
+    A = K.input_factors["0"].astype(np.float64)
+    B = K.output_factors["0"].astype(np.float64)
+    pi = np.sqrt((np.trace(A) / 6) / (np.trace(B) / 2))
+    assert pi > 3  # far enough from 1 that (t / pi)^2 and (t pi)^2 differ
+
+    def needed_shift(F):
+        w, lim = np.linalg.eigvalsh(F), limit(np.float32, F.shape[0])
+        return max((w.max() - lim * w.min()) / (lim - 1), 0.0)
+
+    needed = max((needed_shift(A) / pi) ** 2, (needed_shift(B) * pi) ** 2)
+    with pytest.raises(IllConditionedError, match="input factor A") as caught:
+        K.factored_inverse(1e-7, pi_damping=True)
+    suggested = caught.value.suggested_damping
+    assert 0.9 * needed <= suggested <= 100 * needed
+    K.factored_inverse(suggested, pi_damping=True)  # accepted
+
+
 def test_float32_factor_with_damping_below_its_resolution():
     """lambda_max(A) ~ 1e2, damping 1e-9 < eps32 lambda_max: float32 refuses the exact
     inverse; the float64 operator from the same data inverts it as NumPy does."""
