@@ -66,6 +66,10 @@ def test_structured_operators_derive_psd_from_their_data():
     U = np.ones((3, 1))
     assert DiagonalPlusLowRankLinearOperator(np.ones(3), np.ones(1), U).is_psd
     assert not DiagonalPlusLowRankLinearOperator(-np.ones(3), np.ones(1), U).is_psd
+    # zeros are allowed on both sides (a PSD diagonal plus a PSD low-rank term)
+    U2 = np.ones((3, 2))
+    assert DiagonalPlusLowRankLinearOperator(np.zeros(3), np.array([1.0, 0.0]), U2).is_psd
+    assert not DiagonalPlusLowRankLinearOperator(np.ones(3), np.array([1.0, -1e-30]), U2).is_psd
     assert DiagonalLinearOperator(np.array([1.0, -1.0]), psd=True).is_psd  # declared: trusted
 
 

@@ -495,6 +495,28 @@ def test_preconditioner_errors_in_full(name):
         assert str(info.value) == expected
 
 
+@pytest.mark.parametrize("call", [spectral_density, log_spectral_density])
+def test_spectral_density_options_in_full(call):
+    """Each option is named in its own message (the shared check of both densities)."""
+    who = call.__name__
+    A = aslinearoperator(spd(), psd=True)
+    cases = [
+        ({"num_probes": 0}, f"{who}: num_probes must be an integer >= 1, got 0."),
+        ({"lanczos_steps": 0}, f"{who}: lanczos_steps must be an integer >= 1, got 0."),
+        ({"num_points": 1}, f"{who}: num_points must be an integer >= 2, got 1."),
+        ({"kappa": 1.0}, f"{who}: kappa must be finite and > 1.0, got 1.0."),
+        ({"margin": -0.5}, f"{who}: margin must be finite and >= 0.0, got -0.5."),
+        (
+            {"distribution": "x"},
+            f"{who}: unknown distribution='x'; use one of 'rademacher', 'normal'.",
+        ),
+    ]
+    for options, expected in cases:
+        with pytest.raises(ValueError) as info:
+            call(A, **options)
+        assert str(info.value) == expected
+
+
 @pytest.mark.parametrize("make", [CGInverseLinearOperator, MINRESInverseLinearOperator])
 def test_krylov_inverse_options_in_full(make):
     who = make.__name__
