@@ -61,6 +61,16 @@ def test_mc_ggn_diagonal_converges_in_expectation():
     assert_unbiased(draws, exact)  # with the power to see a 0.9 or 1.1 scale error
 
 
+def test_mc_ggn_diagonal_draws_afresh_for_every_batch():
+    """Two copies of one batch get their own draws: the diagonal over [b, b] is the mean of
+    two independent estimates, not the one-batch estimate again (and not exact)."""
+    model, spec, params, data, X, y, theta, loss = problem("ce", widths=(3, 4), N=6, seed=22)
+    kw = dict(mc_samples=1, seed=3, check_deterministic=False)
+    one = cl.GGNDiagonalLinearOperator(model, loss, params, data[:1], **kw).diagonal()
+    twice = cl.GGNDiagonalLinearOperator(model, loss, params, data[:1] * 2, **kw).diagonal()
+    assert np.max(np.abs(twice - one)) > 1e-3 * np.max(np.abs(one))
+
+
 def test_diagonal_errors():
     model, spec, params, data, X, y, theta, loss = problem("gaussian", seed=23)
     with pytest.raises(NotImplementedError, match="Fisher"):

@@ -449,6 +449,15 @@ CASES = [
         "eigendecompose it.",
     ),
     (
+        "kronecker-scaled-factor-not-finite",  # a symmetric factor that is not dense
+        lambda: KroneckerLinearOperator(
+            2.0 * DenseLinearOperator(np.full((2, 2), np.nan), symmetric=True),
+            DenseLinearOperator(np.eye(2), psd=True),
+        ).inverse(damping=1.0),
+        FactorizationError,
+        "The Kronecker factor 0 contains NaN or Inf; cannot eigendecompose it.",
+    ),
+    (
         "dense-eigvalsh-not-finite",
         lambda: DenseLinearOperator(np.full((2, 2), np.nan), symmetric=True).eigvalsh(),
         FactorizationError,

@@ -948,6 +948,20 @@ def test_float32_follows_float64():
         assert_close(a, b, rtol=2e-4)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_first_layer_norm_without_cotangent_tangent_has_zero_second_order_terms(dtype):
+    """w * xhat + b is linear in (w, b) and the inputs have no tangent, so without w the
+    second-order product is zero: blocks of the parameters' shapes and dtype."""
+    model = nn.Sequential(nn.LayerNorm(4))
+    params = model.init(0, xp=npx, dtype=dtype)
+    rng = np.random.default_rng(6)
+    lin = model.linearize(params, rng.standard_normal((3, 4)).astype(dtype))
+    V = [rng.standard_normal((4, 2)).astype(dtype) for _ in params]
+    second = lin.second_order_vjp(rng.standard_normal((3, 4)).astype(dtype), V, None)
+    for s in second:
+        assert s.shape == (4, 2) and s.dtype == dtype and not np.any(s)
+
+
 def test_repr_and_parameter_order():
     block = nn.TransformerBlock(8, 2, mlp_ratio=2)
     assert [name for name, _ in block.chain()] == ["0", "1"]
