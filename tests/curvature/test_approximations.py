@@ -248,6 +248,20 @@ def test_diagonal_plus_low_rank_with_exact_woodbury_inverse():
     np.testing.assert_allclose(float(A.trace()), np.trace(A.to_dense()), rtol=1e-12)
 
 
+def test_diagonal_plus_low_rank_defaults_are_the_documented_ones():
+    """method="nystrom" and seed=0 by default: the same operator as passing them (with a
+    rank below the operator's, so that the sketch depends on the method and the draw)."""
+    model, spec, params, data, X, y, theta, loss = problem("mse", widths=(3, 4, 2), seed=28)
+    G = cl.GGNLinearOperator(model, loss, params, data)
+    D = cl.GGNDiagonalLinearOperator(model, loss, params, data)
+    default = cl.diagonal_plus_low_rank(G, 2, diagonal=D).to_dense()
+    explicit = cl.diagonal_plus_low_rank(G, 2, diagonal=D, method="nystrom", seed=0)
+    np.testing.assert_array_equal(default, explicit.to_dense())
+    for other in ({"method": "lanczos"}, {"seed": 1}):
+        changed = cl.diagonal_plus_low_rank(G, 2, diagonal=D, **other).to_dense()
+        assert not np.allclose(default, changed), other
+
+
 def test_diagonal_plus_low_rank_operator_on_backends(backend, dtype_name):
     from conftest import tolerances
 

@@ -107,6 +107,18 @@ def test_inverse_is_exact_under_the_algebra(kind, separate):
         assert_close(op.damped(0.2).logdet(), logdet, TIGHT)
 
 
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_inverse_of_a_psd_operator_is_psd_for_non_negative_damping(kind):
+    """K-FAC and EKFAC are PSD (positive definite here: numpy's eigenvalues), so their
+    inverse at damping 0 is too, and is tagged so."""
+    K = _operator(kind, separate=True)
+    assert K.is_psd and np.linalg.eigvalsh(K.to_dense()).min() > 0
+    for damping in (0.0, 0.3):
+        inverse = K.inverse(damping)
+        assert inverse.is_psd
+        assert np.linalg.eigvalsh(inverse.to_dense()).min() > 0
+
+
 @pytest.mark.parametrize("separate", [True, False])
 @pytest.mark.parametrize("kind", ["kfac", "ekfac", "kfac_hessian"])
 @pytest.mark.filterwarnings("ignore:The Kronecker-factored Hessian plus")

@@ -133,6 +133,70 @@ def test_to_cupyx(backend):
     np.testing.assert_allclose(cupy.asnumpy(C.rmatvec(x)), A.T @ np.arange(3.0), rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_to_cupyx_wiring_without_a_gpu(monkeypatch, dtype):
+    """``to_cupyx``'s products and dtype, with SciPy standing in for cupyx and NumPy for
+    CuPy (the CuPy run above needs a GPU): (2-D) vectors are flattened before matvec."""
+    import sys
+    import types
+
+    import curvlinops.linalg.base as base
+
+    cupy = types.ModuleType("cupy")
+    cupy.ravel, cupy.dtype = np.ravel, np.dtype
+    cupyx = types.ModuleType("cupyx")
+    cupyx.scipy = types.ModuleType("cupyx.scipy")
+    cupyx.scipy.sparse = types.ModuleType("cupyx.scipy.sparse")
+    cupyx.scipy.sparse.linalg = scipy.sparse.linalg
+    for name, module in [
+        ("cupy", cupy),
+        ("cupyx", cupyx),
+        ("cupyx.scipy", cupyx.scipy),
+        ("cupyx.scipy.sparse", cupyx.scipy.sparse),
+        ("cupyx.scipy.sparse.linalg", scipy.sparse.linalg),
+    ]:
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(base, "is_cupy_namespace", lambda xp: True)
+    rng = np.random.default_rng(7)
+    A = rng.normal(size=(3, 4)).astype(dtype)
+    C = DenseLinearOperator(A).to_cupyx()
+    x, y, X = rng.normal(size=(4, 1)), rng.normal(size=(3, 1)), rng.normal(size=(4, 2))
+    x, y, X = x.astype(dtype), y.astype(dtype), X.astype(dtype)
+    assert C.shape == (3, 4) and C.dtype == np.dtype(dtype)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(C.matvec(x).ravel(), (A @ x).ravel(), rtol=rtol)
+    np.testing.assert_allclose(C.rmatvec(y).ravel(), (A.T @ y).ravel(), rtol=rtol)
+    np.testing.assert_allclose(C.matmat(X), A @ X, rtol=rtol)
+
+
+_READ_ONLY_INPUTS = """
+import warnings
+import numpy as np
+import torch
+from curvlinops import DenseLinearOperator
+warnings.simplefilter("error")
+S = DenseLinearOperator(torch.eye(3, dtype=torch.float64)).to_scipy()
+x = np.arange(3.0)
+x.setflags(write=False)
+X = np.asfortranarray(np.ones((3, 2)))
+X.setflags(write=False)
+assert S.matvec(x).tolist() == [0.0, 1.0, 2.0] and S.matmat(X).tolist() == [[1.0, 1.0]] * 3
+"""
+
+
+def test_to_scipy_of_a_torch_operator_takes_read_only_arrays_without_a_warning():
+    """SciPy may hand read-only arrays to a product; PyTorch warns about wrapping them
+    (once per process: hence a fresh interpreter, with warnings as errors)."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_ONLY_INPUTS], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_aslinearoperator_dense(backend, dtype_name):
     rng = np.random.default_rng(5)
     A = rng.normal(size=(4, 3)).astype(dtype_name)

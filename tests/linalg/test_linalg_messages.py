@@ -296,6 +296,18 @@ CASES = [
         f"definite); {_SPECTRUM_HINT}",
     ),
     (
+        "dense-ill-conditioned-inverse",  # the rule, before any factorization
+        lambda: DenseLinearOperator(np.diag([1.0, 1e-17]), symmetric=True).inverse(),
+        IllConditionedError,
+        _pattern(_ILL_CONDITIONED.format(what="2x2 dense matrix", hint="")),
+    ),
+    (
+        "kronecker-trace-of-non-square-factors",
+        lambda: KroneckerLinearOperator(np.ones((2, 3)), np.eye(2)).trace(),
+        ValueError,
+        "trace needs a square operator; KroneckerLinearOperator has shape (4, 6).",
+    ),
+    (
         "dense-singular-inverse",
         _past_the_rule(lambda: DenseLinearOperator(_SINGULAR).inverse()),
         FactorizationError,

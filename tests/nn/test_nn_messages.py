@@ -140,7 +140,21 @@ _MAXPOOL = "MaxPool2d(kernel_size=(3, 3), stride=(3, 3), padding=(0, 0), dilatio
 
 # -- the cases: (id, trigger, exception type, full message) ------------------------------
 
+
+def _embedding_model_with_a_nan_parameter():
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2))
+    params = model.init(0, xp=npx, dtype=npx.float64)
+    params[0][1, 1] = np.nan
+    return model(params, np.array([[0, 1]]))
+
+
 CASES = [
+    (
+        "integer inputs with a NaN parameter",
+        _embedding_model_with_a_nan_parameter,
+        ValueError,
+        "Parameter 0 of Sequential contains NaN or Inf (numpy array of shape (5, 3)).",
+    ),
     # constructors
     (
         "Conv2d padding='same' with a stride",

@@ -247,6 +247,17 @@ def test_power_iteration_with_an_explicit_tolerance(numpy_backend):
     assert np.linalg.norm(A @ v - float(lam) * v) <= 1e-11
 
 
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
+def test_power_iteration_tolerance_is_relative_to_the_eigenvalue(numpy_backend, scale):
+    """The stopping rule ||A v - lam v|| <= tol |lam| does not depend on the scale of A:
+    the same accuracy, relative to the eigenvalue, for 1e-8 A and 1e8 A."""
+    spectrum = np.concatenate([np.linspace(-1.0, 1.0, 29), [3.0]])
+    A = scale * _symmetric(spectrum, seed=13)
+    lam, v = power_iteration(aslinearoperator(A, symmetric=True), seed=0)
+    assert abs(float(lam) - 3.0 * scale) <= 1e-8 * 3.0 * scale
+    assert np.linalg.norm(A @ v - float(lam) * v) <= np.sqrt(np.finfo(float).eps) * 3.0 * scale
+
+
 def test_eigsh_stops_when_maxiter_products_are_used(numpy_backend):
     """``maxiter`` counts products with A: with ``maxiter = ncv`` the first Lanczos
     cycle uses them all, so an unconverged run raises after exactly ``ncv`` products

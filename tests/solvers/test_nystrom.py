@@ -149,6 +149,21 @@ def test_nystrom_errors(numpy_backend):
         NystromPreconditioner(nystrom(op, 2, seed=0), 0.0)
 
 
+def test_preconditioner_of_a_rank_deficient_approximation(numpy_backend):
+    """A zero eigenvalue is allowed (a PSD approximation); -1e-12 is not. With
+    lam = (4, 0), mu = 1: P^{-1} = (lam_r + mu) U (Lam + mu I)^{-1} U^T + (I - U U^T)
+    scales u_1 by 1/5 and leaves u_2 and the complement alone."""
+    from curvlinops import EighLinearOperator
+
+    Q = np.linalg.qr(np.random.default_rng(2).standard_normal((4, 4)))[0]
+    U = Q[:, :2]
+    P_inv = NystromPreconditioner(EighLinearOperator(np.array([4.0, 0.0]), U), 1.0)
+    expected = np.eye(4) - 0.8 * np.outer(U[:, 0], U[:, 0])
+    np.testing.assert_allclose(P_inv.to_dense(), expected, atol=1e-14)
+    with pytest.raises(ValueError, match="smallest eigenvalue of -1e-12"):
+        NystromPreconditioner(EighLinearOperator(np.array([4.0, -1e-12]), U), 1.0)
+
+
 def test_nystrom_default_seed_is_zero(numpy_backend):
     """The documented default ``seed=0``: a sketch that depends on its draw (rank below
     the operator's) equals the one drawn with ``seed=0`` and differs from ``seed=1``."""

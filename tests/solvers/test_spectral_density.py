@@ -248,3 +248,24 @@ def test_a_flat_spectrum_gets_a_margin_relative_to_its_value_or_to_one(c, pad):
     A = aslinearoperator(c * np.eye(4), psd=c >= 0, symmetric=True)
     grid, _ = spectral_density(A, num_probes=2, lanczos_steps=2, num_points=5, margin=0.1)
     np.testing.assert_allclose(np.asarray(grid)[[0, -1]], [c - pad, c + pad], atol=1e-12)
+
+
+def test_the_defaults_are_the_documented_ones():
+    """num_probes=10, lanczos_steps=50, num_points=1024, kappa=3, seed=0, margin=0.05,
+    Rademacher probes (and epsilon=1e-5 for the log density): the same densities as
+    passing them, each of which changes the result when changed."""
+    A = aslinearoperator(_symmetric(np.linspace(0.5, 4.0, 60), seed=2), symmetric=True)
+    documented = dict(
+        num_probes=10, lanczos_steps=50, num_points=1024, kappa=3.0, seed=0, margin=0.05,
+        distribution="rademacher",
+    )  # fmt: skip
+    for call, extra in ((spectral_density, {}), (log_spectral_density, {"epsilon": 1e-5})):
+        default = call(A)
+        explicit = call(A, **documented, **extra)
+        for a, b in zip(default, explicit, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert default[0].shape == (1024,)
+        for change in ({"num_probes": 11}, {"lanczos_steps": 49}, {"kappa": 3.5}, {"seed": 1},
+                       {"margin": 0.06}, {"distribution": "normal"}):  # fmt: skip
+            changed = call(A, **{**documented, **extra, **change})
+            assert not np.array_equal(changed[1], default[1]), change

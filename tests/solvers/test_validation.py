@@ -140,6 +140,18 @@ def test_non_square_operator_is_a_value_error(name):
     assert f"got shape ({N}, {N + 1})" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["lanczos", "eigsh", "power_iteration", "nystrom", "spectral_density", "log_spectral_density"],
+)
+def test_an_empty_operator_has_no_spectrum_to_look_for(name):
+    call, _ = SOLVERS[name]
+    empty = aslinearoperator(np.zeros((0, 0)), psd=True)
+    with pytest.raises(ValueError) as info:
+        call(empty)
+    assert str(info.value) == f"{name} needs a non-empty operator; got shape (0, 0)."
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_non_integer_count_is_a_type_error_and_negative_a_value_error(name):
     call, count = SOLVERS[name]
@@ -514,6 +526,23 @@ def test_spectral_density_options_in_full(call):
     for options, expected in cases:
         with pytest.raises(ValueError) as info:
             call(A, **options)
+        assert str(info.value) == expected
+
+
+@pytest.mark.parametrize("solve", [cg, minres])
+def test_krylov_solver_options_in_full(solve):
+    who = solve.__name__
+    A = aslinearoperator(spd(), psd=True)
+    cases = [
+        (ValueError, {"rtol": -1.0}, f"{who}: rtol must be finite and >= 0.0, got -1.0."),
+        (ValueError, {"atol": -2}, f"{who}: atol must be finite and >= 0.0, got -2.0."),
+        (TypeError, {"atol": "0"}, f"{who}: atol must be a real number, got '0'."),
+        (ValueError, {"maxiter": -1}, f"{who}: maxiter must be an integer >= 0, got -1."),
+        (ValueError, {"damping": float("nan")}, f"{who}: damping must be finite, got nan."),
+    ]
+    for error, options, expected in cases:
+        with pytest.raises(error) as info:
+            solve(A, B, **options)
         assert str(info.value) == expected
 
 
