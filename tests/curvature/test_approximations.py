@@ -123,6 +123,11 @@ def test_block_diagonal_equals_dense_blocks_and_inverts_blockwise(Op):
     damping = 0.5
     inv_ref = np.linalg.inv(ref + damping * np.eye(theta.size))
     np.testing.assert_allclose(B.inverse(damping).to_dense(), inv_ref, rtol=1e-10, atol=1e-12)
+    # a diagonal block of a PSD operator is PSD (the GGN), of an indefinite one not known
+    psd = Op is cl.GGNLinearOperator
+    assert A.is_psd == psd and [b.is_psd for b in B.blocks] == [psd, psd] and B.is_psd == psd
+    if psd:
+        assert all(np.linalg.eigvalsh(b.to_dense()).min() > -1e-12 for b in B.blocks)
     # a custom partition: every parameter array its own block
     B2 = cl.block_diagonal(A, partition=[[0], [1], [2], [3]])
     assert [b.shape[0] for b in B2.blocks] == [12, 4, 8, 2]

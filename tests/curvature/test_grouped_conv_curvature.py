@@ -654,3 +654,24 @@ def test_the_verify_checks_pass_on_a_grouped_cnn():
     reports = verify_model(model, params, X)
     assert {r.name for r in reports} >= {"layer_taps", "layer_protocol"}
     assert all(r.passed for r in reports), [str(r) for r in reports]
+
+
+def test_squared_gradient_sums_of_a_grouped_tap_without_shared_axes():
+    """Inputs ``(N, D_in)`` (no pixel axis): weight entry ``(i, j)`` of the matrix
+    ``(D_out, D_in / G)`` is ``sum_n sum_m (g[n, i, m] a[n, group(i) d + j])^2``, written
+    out per group in NumPy; the bias sums ``g^2``."""
+    from curvlinops.curvature.diagonal import _squared_gradient_sums
+
+    rng = np.random.default_rng(41)
+    N, G, d_in, d_out, M = 5, 3, 2, 4, 2  # D_in = 6, D_out = 12
+    a = rng.standard_normal((N, G * d_in))
+    g = rng.standard_normal((N, G * d_out, M))
+    weight, bias = _squared_gradient_sums(a, g, xp, groups=G)
+    expected = np.zeros((G * d_out, d_in))
+    for group in range(G):
+        rows = slice(group * d_out, (group + 1) * d_out)
+        cols = slice(group * d_in, (group + 1) * d_in)
+        per_datum = np.einsum("nim,nj->nijm", g[:, rows], a[:, cols])  # gradients
+        expected[rows] = np.sum(per_datum**2, axis=(0, 3))
+    np.testing.assert_allclose(weight, expected, rtol=1e-13)
+    np.testing.assert_allclose(bias, np.sum(g**2, axis=(0, 2)), rtol=1e-13)

@@ -375,6 +375,7 @@ def _failures(comm, pb, rec, convert):
         lambda: cl.KFACLinearOperator(m, loss, params, shard, comm=comm, check_deterministic=False),
         1,
         "ValueError",
+        "KFACLinearOperator pass over the data failed on rank 1 of",
     )
     loader = _FailingLoader() if comm.rank == 0 else pb.batches
     check(
