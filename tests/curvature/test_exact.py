@@ -258,6 +258,23 @@ def test_products_linearize_every_batch_again_unless_cached(monkeypatch):
         assert len(calls) - before == per_product
 
 
+def test_a_cached_gradient_needs_no_forward_pass_for_the_output_shape(monkeypatch):
+    """The loss's normalization needs the outputs' shape: with ``cache=True`` the cached
+    linearizations know it, so ``gradient_and_loss`` runs no plain forward pass."""
+    model, spec, params, data, X, y, theta, loss = problem("ce", seed=9)
+    forward = type(model).__call__
+    calls = []
+    monkeypatch.setattr(
+        type(model), "__call__", lambda self, p, x: calls.append(1) or forward(self, p, x)
+    )
+    G = cl.GGNLinearOperator(model, loss, params, data, check_deterministic=False, cache=True)
+    grads, _ = G.gradient_and_loss()
+    assert calls == []
+    uncached = cl.GGNLinearOperator(model, loss, params, data, check_deterministic=False)
+    for a, b in zip(grads, uncached.gradient_and_loss()[0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-13)
+
+
 @given(
     splits=st.lists(st.integers(1, 10), min_size=0, max_size=3, unique=True),
     name=st.sampled_from(["mse", "ce", "bce"]),
@@ -513,3 +530,14 @@ def test_random_architectures_against_independent_references(
     except ImportError:
         H_ref, rtol = fd_hessian(name, spec, theta, X, y, reduction), 1e-4
     np.testing.assert_allclose(H, H_ref, rtol=rtol, atol=rtol * max(np.abs(H_ref).max(), 1e-8))
+
+
+def test_the_loss_hessian_function_is_shared_by_equal_losses():
+    """One function object per loss configuration (so that JAX compiles it once per
+    batch shape): equal losses share it, another reduction or loss type gets its own."""
+    from curvlinops.curvature.exact import _scaled_loss_hessian
+
+    first = _scaled_loss_hessian(cl.MSELoss())
+    assert _scaled_loss_hessian(cl.MSELoss()) is first
+    assert _scaled_loss_hessian(cl.MSELoss(reduction="sum")) is not first
+    assert _scaled_loss_hessian(cl.CrossEntropyLoss()) is not first
