@@ -529,28 +529,10 @@ def test_spectral_density_options_in_full(call):
         assert str(info.value) == expected
 
 
-@pytest.mark.parametrize("solve", [cg, minres])
-def test_krylov_solver_options_in_full(solve):
-    who = solve.__name__
-    A = aslinearoperator(spd(), psd=True)
-    cases = [
-        (ValueError, {"rtol": -1.0}, f"{who}: rtol must be finite and >= 0.0, got -1.0."),
-        (ValueError, {"atol": -2}, f"{who}: atol must be finite and >= 0.0, got -2.0."),
-        (TypeError, {"atol": "0"}, f"{who}: atol must be a real number, got '0'."),
-        (ValueError, {"maxiter": -1}, f"{who}: maxiter must be an integer >= 0, got -1."),
-        (ValueError, {"damping": float("nan")}, f"{who}: damping must be finite, got nan."),
-    ]
-    for error, options, expected in cases:
-        with pytest.raises(error) as info:
-            solve(A, B, **options)
-        assert str(info.value) == expected
-
-
-@pytest.mark.parametrize("make", [CGInverseLinearOperator, MINRESInverseLinearOperator])
-def test_krylov_inverse_options_in_full(make):
-    who = make.__name__
-    A = aslinearoperator(spd(), psd=True)
-    cases = [
+def _krylov_option_cases(who):
+    """``(error, options, message)`` of the options that the Krylov solvers and inverses
+    share (checked by one helper, named by each caller)."""
+    return [
         (ValueError, {"rtol": -1.0}, f"{who}: rtol must be finite and >= 0.0, got -1.0."),
         (ValueError, {"atol": -2}, f"{who}: atol must be finite and >= 0.0, got -2.0."),
         (ValueError, {"rtol": float("inf")}, f"{who}: rtol must be finite and >= 0.0, got inf."),
@@ -561,7 +543,21 @@ def test_krylov_inverse_options_in_full(make):
         (ValueError, {"damping": float("nan")}, f"{who}: damping must be finite, got nan."),
         (TypeError, {"damping": None}, f"{who}: damping must be a real number, got None."),
     ]
-    for error, options, expected in cases:
+
+
+@pytest.mark.parametrize("solve", [cg, minres])
+def test_krylov_solver_options_in_full(solve):
+    A = aslinearoperator(spd(), psd=True)
+    for error, options, expected in _krylov_option_cases(solve.__name__):
+        with pytest.raises(error) as info:
+            solve(A, B, **options)
+        assert str(info.value) == expected
+
+
+@pytest.mark.parametrize("make", [CGInverseLinearOperator, MINRESInverseLinearOperator])
+def test_krylov_inverse_options_in_full(make):
+    A = aslinearoperator(spd(), psd=True)
+    for error, options, expected in _krylov_option_cases(make.__name__):
         with pytest.raises(error) as info:
             make(A, **options)
         assert str(info.value) == expected
