@@ -9,6 +9,7 @@ counting spy that shows the check runs once per batch, not once per product.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import array_api_compat.numpy as xp
@@ -372,8 +373,6 @@ class _RenamesTapsOnSmallBatches(nn.Sequential):
     """A model whose layer taps take another name on batches of fewer than 5 data."""
 
     def linearize(self, params, x):
-        import dataclasses
-
         def renamed(tap):
             return None if tap is None else dataclasses.replace(tap, name="other." + tap.name)
 
