@@ -37,9 +37,31 @@ DTYPE = torch.float64
 # -- networks ----------------------------------------------------------------------------
 
 
-class _BasicBlock(torch.nn.Module):
-    """torchvision's ``BasicBlock`` forward, with a conv1x1-BN projection where needed
-    (``inplace=False``: no in-place operation, ``out = out + identity``)."""
+class _ResidualBlock(torch.nn.Module):
+    """What torchvision's blocks share: a conv1x1-BN projection ``downsample`` where the
+    shape changes, and the end ``relu(out + identity)`` (in place as torchvision's, or
+    ``out = out + identity``), with the block's one ReLU module."""
+
+    def _shortcut(self, c_in, c_out, stride):
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = torch.nn.Sequential(
+                torch.nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                torch.nn.BatchNorm2d(c_out),
+            )
+
+    def _add_identity(self, out, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        if self.inplace:
+            out += identity  # as torchvision's
+        else:
+            out = out + identity
+        return self.relu(out)
+
+
+class _BasicBlock(_ResidualBlock):
+    """torchvision's ``BasicBlock`` forward: conv3x3(stride)-BN-ReLU, conv3x3-BN, then
+    the shared end (``inplace=False``: no in-place operation)."""
 
     def __init__(self, c_in, c_out, stride, inplace):
         super().__init__()
@@ -49,31 +71,17 @@ class _BasicBlock(torch.nn.Module):
         self.relu = torch.nn.ReLU(inplace=inplace)
         self.conv2 = torch.nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.bn2 = torch.nn.BatchNorm2d(c_out)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            self.downsample = torch.nn.Sequential(
-                torch.nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
-                torch.nn.BatchNorm2d(c_out),
-            )
+        self._shortcut(c_in, c_out, stride)
 
     def forward(self, x):
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        if self.inplace:
-            out += identity  # as torchvision's
-        else:
-            out = out + identity
-        return self.relu(out)
+        return self._add_identity(self.bn2(self.conv2(out)), x)
 
 
-class _Bottleneck(torch.nn.Module):
+class _Bottleneck(_ResidualBlock):
     """torchvision's ``Bottleneck`` forward (expansion 4): conv1x1-BN-ReLU,
-    conv3x3(stride)-BN-ReLU, conv1x1-BN, ``out += identity`` with a conv1x1-BN projection
-    ``identity = downsample(x)`` where the shape changes, then the same ReLU module a third
-    time (``inplace=False``: no in-place operation, ``out = out + identity``)."""
+    conv3x3(stride)-BN-ReLU, conv1x1-BN, then the shared end, the same ReLU module a third
+    time (``inplace=False``: no in-place operation)."""
 
     expansion = 4
 
@@ -88,25 +96,12 @@ class _Bottleneck(torch.nn.Module):
         self.conv3 = torch.nn.Conv2d(width, c_out, 1, bias=False)
         self.bn3 = torch.nn.BatchNorm2d(c_out)
         self.relu = torch.nn.ReLU(inplace=inplace)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            self.downsample = torch.nn.Sequential(
-                torch.nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
-                torch.nn.BatchNorm2d(c_out),
-            )
+        self._shortcut(c_in, c_out, stride)
 
     def forward(self, x):
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        if self.inplace:
-            out += identity  # as torchvision's
-        else:
-            out = out + identity
-        return self.relu(out)
+        return self._add_identity(self.bn3(self.conv3(out)), x)
 
 
 BLOCKS = ("basic", "bottleneck")
