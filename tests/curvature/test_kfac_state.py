@@ -253,3 +253,20 @@ def test_round_trip_keeps_an_embeddings_transposed_layout(cls):
     op = alone(cls, model, LOSS("ce"), params, batch)
     restored = cls.from_state_dict(npz_round_trip(op.state_dict()), model, LOSS("ce"), params)
     np.testing.assert_array_equal(restored.to_dense(), op.to_dense())
+
+
+def test_round_trip_keeps_exact_blocks_and_reads_states_saved_before_groups():
+    """LayerNorm's exact block travels in the state; a state saved before layers had
+    groups (no ``layer_groups`` entry) is read as one group per layer."""
+    model = cnn.Sequential(cnn.Linear(3, 4), cnn.LayerNorm(4), cnn.Tanh(), cnn.Linear(4, 3))
+    params = model.init(3, xp=np_xp, dtype=np_xp.float64)
+    rng = np.random.default_rng(3)
+    batch = (rng.normal(size=(6, 3)), rng.integers(0, 3, size=6))
+    K = alone(KFACLinearOperator, model, LOSS("ce"), params, batch)
+    assert K.exact_blocks
+    state = npz_round_trip(K.state_dict())
+    restored = KFACLinearOperator.from_state_dict(state, model, LOSS("ce"), params)
+    np.testing.assert_array_equal(restored.to_dense(), K.to_dense())
+    del state["layer_groups"]
+    older = KFACLinearOperator.from_state_dict(state, model, LOSS("ce"), params)
+    np.testing.assert_array_equal(older.to_dense(), K.to_dense())

@@ -949,6 +949,13 @@ def test_float32_follows_float64():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_init_gives_every_parameter_the_dtype_asked_for(dtype):
+    for layer in (nn.MultiheadSelfAttention(4, 2), nn.TransformerBlock(4, 2), nn.LayerNorm(4)):
+        params = layer.init(0, xp=npx, dtype=dtype)
+        assert [p.dtype for p in params] == [np.dtype(dtype)] * len(params), layer
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_a_first_layer_norm_without_cotangent_tangent_has_zero_second_order_terms(dtype):
     """w * xhat + b is linear in (w, b) and the inputs have no tangent, so without w the
     second-order product is zero: blocks of the parameters' shapes and dtype."""
