@@ -62,7 +62,7 @@ def test_structured_operators_derive_psd_from_their_data():
     assert EighLinearOperator(np.array([2.0, 0.0]), Q[:, :2]).is_psd
     assert not EighLinearOperator(np.array([2.0, -1.0]), Q[:, :2]).is_psd
     # (A + d I)^{-1} is PSD for a PSD A and d > 0, not for an indefinite A (eigenvalue
-    # 1 / (-1 + 0.5) < 0) nor at d = 0
+    # 1 / (-1 + 0.5) < 0)
     assert EighLinearOperator(np.array([2.0, 0.0]), Q[:, :2]).inverse(0.5).is_psd
     indefinite = EighLinearOperator(np.array([2.0, -1.0]), Q[:, :2]).inverse(0.5)
     assert not indefinite.is_psd and np.linalg.eigvalsh(indefinite.to_dense()).min() < 0
