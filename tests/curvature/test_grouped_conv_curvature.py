@@ -675,3 +675,53 @@ def test_squared_gradient_sums_of_a_grouped_tap_without_shared_axes():
         expected[rows] = np.sum(per_datum**2, axis=(0, 3))
     np.testing.assert_allclose(weight, expected, rtol=1e-13)
     np.testing.assert_allclose(bias, np.sum(g**2, axis=(0, 2)), rtol=1e-13)
+
+
+def test_a_hand_written_transposed_grouped_tap_with_a_bias_gives_the_exact_ggn():
+    """A grouped linear layer whose weight is stored transposed, ``W^T (d_in, G d_out)``
+    with group ``g`` in columns ``g d_out ... (g + 1) d_out - 1`` and its bias entries
+    ``g d_out ...``: with squared error K-FAC is its exact GGN (the output factor is the
+    identity), which the callable model's own jvp and vjp give without the taps. Every
+    group's weight columns and bias entries, joint or separate, must land in its block."""
+    from curvlinops.frontends import CallableModel
+
+    G, d_in, d_out = 3, 2, 2
+    rng = np.random.default_rng(21)
+
+    def forward(p, x):
+        h = np.einsum("ngi,igo->ngo", x.reshape(x.shape[0], G, d_in), p[0].reshape(d_in, G, d_out))
+        return h.reshape(x.shape[0], G * d_out) + p[1]
+
+    def jvp(p, x, V):
+        W = V[0].reshape(d_in, G, d_out, -1)
+        h = np.einsum("ngi,igok->ngok", x.reshape(x.shape[0], G, d_in), W)
+        return h.reshape(x.shape[0], G * d_out, -1) + V[1][None]
+
+    def vjp(p, x, U):
+        u = U.reshape(U.shape[0], G, d_out, -1)
+        dW = np.einsum("ngi,ngok->igok", x.reshape(x.shape[0], G, d_in), u)
+        return [dW.reshape(d_in, G * d_out, -1), U.sum(axis=0)]
+
+    def layer_taps(p, x, cotangents):
+        return [
+            LayerTap(
+                "fc", 0, 1, x, cotangents, matrix_shape=(G * d_out, d_in), transposed=True, groups=G
+            )
+        ]
+
+    model = CallableModel(forward=forward, jvp=jvp, vjp=vjp, layer_taps=layer_taps)
+    params = [rng.standard_normal((d_in, G * d_out)), rng.standard_normal(G * d_out)]
+    data = [(rng.standard_normal((5, G * d_in)), rng.standard_normal((5, G * d_out)))]
+    ggn = cl.GGNLinearOperator(model, cl.MSELoss(), params, data).to_dense()
+    for joint in (True, False):
+        kfac = KFACLinearOperator(
+            model, cl.MSELoss(), params, data, separate_weight_and_bias=not joint
+        )
+        if joint:
+            assert_close(kfac.to_dense(), ggn)
+        else:  # the weight-bias cross terms are left out: compare the rest
+            W = np.arange(d_in * G * d_out)
+            b = np.arange(d_in * G * d_out, ggn.shape[0])
+            assert_close(sub(kfac.to_dense(), W), sub(ggn, W))
+            assert_close(sub(kfac.to_dense(), b), sub(ggn, b))
+            assert_close(sub(kfac.to_dense(), W, b), 0 * sub(ggn, W, b))

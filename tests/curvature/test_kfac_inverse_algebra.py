@@ -235,6 +235,9 @@ def test_former_inverse_keywords_still_work_with_a_warning():
             old = K.inverse(0.1, exact=False, heuristic_damping=heuristic).to_dense()
         new = K.factored_inverse(0.1, pi_damping=heuristic).to_dense()
         np.testing.assert_array_equal(old, new)
+        with pytest.warns(FutureWarning):  # exact=False was the former default
+            default = K.inverse(0.1, heuristic_damping=heuristic).to_dense()
+        np.testing.assert_array_equal(default, new)
     with pytest.raises(TypeError):
         K.inverse(0.1, not_a_keyword=True)
 

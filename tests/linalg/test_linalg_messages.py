@@ -370,6 +370,22 @@ CASES = [
         "A block-diagonal operator needs at least one block, got none.",
     ),
     (
+        "block-diagonal-dtypes-differ",
+        lambda: BlockDiagonalLinearOperator(
+            [_dense(), DenseLinearOperator(np.eye(2, dtype=np.float32))]
+        ),
+        TypeError,
+        "Block 0 has dtype float64 but Block 1 has dtype float32; convert all of them to one "
+        "dtype.",
+    ),
+    (
+        "kronecker-factor-dtypes-differ",
+        lambda: KroneckerLinearOperator(_dense(), DenseLinearOperator(np.eye(2, dtype=np.float32))),
+        TypeError,
+        "Kronecker factor 0 has dtype float64 but Kronecker factor 1 has dtype float32; convert "
+        "all of them to one dtype.",
+    ),
+    (
         "kronecker-no-factors",
         lambda: KroneckerLinearOperator(),
         ValueError,

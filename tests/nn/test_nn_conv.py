@@ -378,6 +378,42 @@ def test_kronecker_factored_hessian_averaged_conv_rule_matches_the_expand_sum():
         assert_close(op.output_factors["0"], expected)
 
 
+@pytest.mark.parametrize(
+    "layer, in_shape",
+    [
+        (nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (2, 5, 4)),
+        (nn.Conv2d(4, 2, 3, padding="same", groups=2), (4, 3, 4)),
+        (nn.Conv1d(2, 2, 3, stride=2, padding=2, dilation=2), (2, 7)),
+    ],
+    ids=["2d_padded_dilated", "2d_same_groups", "1d_padded"],
+)
+def test_averaged_conv_rule_is_the_sum_of_diagonal_pixel_blocks_with_padding(layer, in_shape):
+    """Every output position carrying the same block ``B`` (none between positions):
+    then the averaged rule is exact for ``sum_n sum_q`` of the ``(C_in, C_in)``
+    diagonal blocks of ``J^T (B (x) I) J`` over the input pixels ``q``, even where
+    padding leaves kernel offsets outside the image at some positions (each offset
+    counted at the positions where it lands inside). Statistics over two batches."""
+    params = layer.init(0, xp=npx, dtype=npx.float64)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3,) + in_shape)
+    y = layer(params, x)
+    C_out, P_out = y.shape[1], int(np.prod(y.shape[2:]))
+    J = _dense_jacobian(layer, params, in_shape)  # (C_out P_out, C_in Q), channels first
+    A = rng.standard_normal((C_out, C_out))
+    B = A + A.T
+    blocks = (J.T @ np.kron(B, np.eye(P_out)) @ J).reshape(
+        in_shape[0], -1, in_shape[0], J.shape[1] // in_shape[0]
+    )
+    direct = len(x) * np.einsum("aqbq->ab", blocks)
+    statistics = None
+    for part in (x[:1], x[1:]):
+        bound = layer.linearize(params, part).layers()[0]
+        statistics = bound.curvature_statistics(np.zeros(layer(params, part).shape), statistics)
+    bound = layer.linearize(params, x).layers()[0]
+    result = bound.backward_mean_curvature(len(x) * P_out * B, statistics)
+    assert_close(result, direct)
+
+
 def _dense_jacobian(layer, params, in_shape):
     """The Jacobian of a linear layer (without its bias) over one datum's entries."""
     size = int(np.prod(in_shape))

@@ -1022,6 +1022,17 @@ def test_embedding_r_backward_without_a_second_cotangent_is_zero(name, backend):
         assert not np.any(backend.to_numpy(rgrads[0]))
 
 
+def test_positional_embedding_tap_ids_live_on_the_inputs_device():
+    """The tap's position ids ``(N, S)`` are built on the inputs' device, not the default."""
+    xps = pytest.importorskip("array_api_strict")
+    other = xps.Device("device1")
+    a = xps.zeros((2, 3, 4), dtype=xps.float64, device=other)
+    ids, grads, shape = nn.PositionalEmbedding(5, 4).tap({"input": a}, None, xps)
+    assert ids.device == other and grads is None and shape == (4, 5)
+    cpu = xps.asarray(ids, device=xps.Device("CPU_DEVICE"))
+    np.testing.assert_array_equal(np.asarray(cpu), [[0, 1, 2], [0, 1, 2]])
+
+
 def test_sinusoidal_encodings_are_cached_per_device():
     """The cache holds one copy per device: inputs on another device get encodings
     on that device, not the first device's copy."""

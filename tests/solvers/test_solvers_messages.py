@@ -162,6 +162,12 @@ CASES = [
         ),
     ),
     (
+        "power-iteration-start-vector-not-finite",
+        lambda: power_iteration(_diag([1.0, 2.0], symmetric=True), v0=np.array([1.0, np.nan])),
+        ValueError,
+        "power_iteration: the start vector v0 contains NaN or Inf; pass finite values.",
+    ),
+    (
         "power-iteration-no-convergence",
         lambda: power_iteration(_diag([1.0, -1.0], symmetric=True), maxiter=3),
         ConvergenceError,
