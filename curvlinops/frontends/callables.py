@@ -162,23 +162,43 @@ class CallableModel(Model):
 
 
 class _CallableLinearization(Linearization):
-    """Calls the user's functions; loops over ``K`` only with ``batched=False``."""
+    """Calls the user's functions; loops over ``K`` only with ``batched=False``.
+
+    What the functions return is checked against the shapes they must have (one array
+    per parameter, shaped like it plus ``K``; ``J V`` shaped like the outputs plus
+    ``K``), so a wrong count or shape is named here instead of failing later in a
+    sum or silently broadcasting.
+    """
 
     def _jvp(self, tangents):
         m = self.model
         if m.batched:
-            return m.jvp_fn(self.params, self.x, tangents)
-        return self._stack(
-            [m.jvp_fn(self.params, self.x, _column(tangents, k)) for k in _columns(tangents)]
-        )
+            out = m.jvp_fn(self.params, self.x, tangents)
+        else:
+            columns = _columns(tangents)
+            out = self._stack(
+                [m.jvp_fn(self.params, self.x, _column(tangents, k)) for k in columns]
+            )
+        expected = tuple(self.outputs.shape) + (tangents[0].shape[-1],)
+        if tuple(getattr(out, "shape", ())) != expected:
+            raise ValueError(
+                f"{m.name}: jvp returned {_described(out)}; J V must have the outputs' "
+                f"shape plus the K = {expected[-1]} tangents, {expected}."
+            )
+        return out
 
     def _vjp(self, cotangents):
         m = self.model
         if m.batched:
-            return list(m.vjp_fn(self.params, self.x, cotangents))
-        return self._stack_lists(
-            [m.vjp_fn(self.params, self.x, cotangents[..., k]) for k in range(cotangents.shape[-1])]
-        )
+            grads = list(m.vjp_fn(self.params, self.x, cotangents))
+        else:
+            grads = self._stack_lists(
+                [
+                    m.vjp_fn(self.params, self.x, cotangents[..., k])
+                    for k in range(cotangents.shape[-1])
+                ]
+            )
+        return self._like_params(grads, cotangents.shape[-1], "vjp")
 
     def _second_order_vjp(self, cotangent, tangents, cotangent_tangent):
         m = self.model
@@ -186,19 +206,37 @@ class _CallableLinearization(Linearization):
         if callable(w):
             w = w(self._jvp(tangents))
         if m.batched:
-            return list(m.second_order_vjp_fn(self.params, self.x, cotangent, tangents, w))
-        return self._stack_lists(
-            [
-                m.second_order_vjp_fn(
-                    self.params,
-                    self.x,
-                    cotangent,
-                    _column(tangents, k),
-                    None if w is None else w[..., k],
+            grads = list(m.second_order_vjp_fn(self.params, self.x, cotangent, tangents, w))
+        else:
+            grads = self._stack_lists(
+                [
+                    m.second_order_vjp_fn(
+                        self.params,
+                        self.x,
+                        cotangent,
+                        _column(tangents, k),
+                        None if w is None else w[..., k],
+                    )
+                    for k in _columns(tangents)
+                ]
+            )
+        return self._like_params(grads, tangents[0].shape[-1], "second_order_vjp")
+
+    def _like_params(self, grads, K, what):
+        """``grads`` if they are one array per parameter shaped like it plus ``K``."""
+        name, shapes = self.model.name, [tuple(p.shape) for p in self.params]
+        if len(grads) != len(shapes):
+            raise ValueError(
+                f"{name}: {what} returned {len(grads)} arrays for {len(shapes)} parameters; "
+                "return one per parameter, in the parameters' order."
+            )
+        for i, (g, shape) in enumerate(zip(grads, shapes, strict=True)):
+            if tuple(getattr(g, "shape", ())) != shape + (K,):
+                raise ValueError(
+                    f"{name}: {what} returned {_described(g)} for parameter {i} of shape "
+                    f"{shape}; with K = {K} vectors it must have shape {shape + (K,)}."
                 )
-                for k in _columns(tangents)
-            ]
-        )
+        return grads
 
     def _layer_taps(self, cotangents):
         return list(self.model.layer_taps_fn(self.params, self.x, cotangents))
@@ -209,6 +247,11 @@ class _CallableLinearization(Linearization):
 
     def _stack_lists(self, lists):
         return [self._stack([lst[i] for lst in lists]) for i in range(len(lists[0]))]
+
+
+def _described(a):
+    shape = getattr(a, "shape", None)
+    return f"an array of shape {tuple(shape)}" if shape is not None else f"a {type(a).__name__}"
 
 
 def _columns(tangents):

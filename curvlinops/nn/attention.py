@@ -278,11 +278,7 @@ class MultiheadSelfAttention(Layer):
         gA = P * centered
         g_qkv = self._merge3(c * (gA @ k), c * (T(gA) @ q), T(P) @ go, xp)
         rgo = None if rg_o is None else self._split_heads(rg_o, xp)
-        if heads is None and rgo is None:
-            return g_qkv, None
-        if heads is None:  # no tangents: only R g moves (the backward pass of R g)
-            return g_qkv, self._core_backward(inner, rg_o, xp)
-        dq, dk, dv = heads
+        dq, dk, dv = heads  # never None: parameter tangents are arrays, so t_qkv exists
         rgP = go @ T(dv)
         rgv = T(dP) @ go
         if rgo is not None:

@@ -32,14 +32,15 @@ def test_exact_ggn_and_ef_diagonals_equal_dense_diagonals(name, activation):
     np.testing.assert_allclose(DE.diagonal(), np.diag(E), rtol=1e-11, atol=1e-14)
 
 
-def test_ggn_diagonal_with_shared_axes():
+@pytest.mark.parametrize("shared", [(6,), (2, 3)], ids=["one_axis", "two_axes"])
+def test_ggn_diagonal_with_shared_axes(shared):
     import array_api_compat.numpy as xp
 
     rng = np.random.default_rng(0)
     model, _ = build_mlp([3, 4, 2], "tanh")
     params = model.init(1, xp=xp, dtype=xp.float64)
-    X = rng.normal(size=(5, 6, 3))  # 5 data points, a shared axis of length 6
-    y = rng.normal(size=(5, 6, 2))
+    X = rng.normal(size=(5, *shared, 3))  # 5 data points, shared axes of 6 positions
+    y = rng.normal(size=(5, *shared, 2))
     data = [(X[:2], y[:2]), (X[2:], y[2:])]
     G = cl.GGNLinearOperator(model, cl.MSELoss(), params, data).to_dense()
     D = cl.GGNDiagonalLinearOperator(model, cl.MSELoss(), params, data)

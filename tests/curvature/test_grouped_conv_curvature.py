@@ -677,39 +677,43 @@ def test_squared_gradient_sums_of_a_grouped_tap_without_shared_axes():
     np.testing.assert_allclose(bias, np.sum(g**2, axis=(0, 2)), rtol=1e-13)
 
 
-def test_a_hand_written_transposed_grouped_tap_with_a_bias_gives_the_exact_ggn():
-    """A grouped linear layer whose weight is stored transposed, ``W^T (d_in, G d_out)``
-    with group ``g`` in columns ``g d_out ... (g + 1) d_out - 1`` and its bias entries
-    ``g d_out ...``: with squared error K-FAC is its exact GGN (the output factor is the
-    identity), which the callable model's own jvp and vjp give without the taps. Every
-    group's weight columns and bias entries, joint or separate, must land in its block."""
+def transposed_grouped_linear(G, d_in, d_out):
+    """A hand-written grouped linear layer whose weight is stored transposed, ``W^T
+    (d_in, G d_out)`` with group ``g`` in columns ``g d_out ... (g + 1) d_out - 1`` and
+    its bias entries ``g d_out ...`` (a Flax grouped kernel's layout), with its tap."""
     from curvlinops.frontends import CallableModel
 
-    G, d_in, d_out = 3, 2, 2
-    rng = np.random.default_rng(21)
+    def grouped(x):
+        return x.reshape(x.shape[0], G, d_in)
 
     def forward(p, x):
-        h = np.einsum("ngi,igo->ngo", x.reshape(x.shape[0], G, d_in), p[0].reshape(d_in, G, d_out))
+        h = np.einsum("ngi,igo->ngo", grouped(x), p[0].reshape(d_in, G, d_out))
         return h.reshape(x.shape[0], G * d_out) + p[1]
 
     def jvp(p, x, V):
-        W = V[0].reshape(d_in, G, d_out, -1)
-        h = np.einsum("ngi,igok->ngok", x.reshape(x.shape[0], G, d_in), W)
+        h = np.einsum("ngi,igok->ngok", grouped(x), V[0].reshape(d_in, G, d_out, -1))
         return h.reshape(x.shape[0], G * d_out, -1) + V[1][None]
 
     def vjp(p, x, U):
-        u = U.reshape(U.shape[0], G, d_out, -1)
-        dW = np.einsum("ngi,ngok->igok", x.reshape(x.shape[0], G, d_in), u)
+        dW = np.einsum("ngi,ngok->igok", grouped(x), U.reshape(U.shape[0], G, d_out, -1))
         return [dW.reshape(d_in, G * d_out, -1), U.sum(axis=0)]
 
     def layer_taps(p, x, cotangents):
-        return [
-            LayerTap(
-                "fc", 0, 1, x, cotangents, matrix_shape=(G * d_out, d_in), transposed=True, groups=G
-            )
-        ]
+        shape = (G * d_out, d_in)
+        return [LayerTap("fc", 0, 1, x, cotangents, matrix_shape=shape, transposed=True, groups=G)]
 
-    model = CallableModel(forward=forward, jvp=jvp, vjp=vjp, layer_taps=layer_taps)
+    return CallableModel(forward=forward, jvp=jvp, vjp=vjp, layer_taps=layer_taps)
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_a_hand_written_transposed_grouped_tap_with_a_bias_gives_the_exact_ggn(G):
+    """With squared error K-FAC of one (grouped) linear layer is its exact GGN (the
+    output factor is the identity), which the callable model's own jvp and vjp give
+    without the taps: every group's weight columns and bias entries, joint or separate,
+    must land in its block."""
+    d_in, d_out = 2, 2
+    rng = np.random.default_rng(21)
+    model = transposed_grouped_linear(G, d_in, d_out)
     params = [rng.standard_normal((d_in, G * d_out)), rng.standard_normal(G * d_out)]
     data = [(rng.standard_normal((5, G * d_in)), rng.standard_normal((5, G * d_out)))]
     ggn = cl.GGNLinearOperator(model, cl.MSELoss(), params, data).to_dense()
@@ -725,3 +729,25 @@ def test_a_hand_written_transposed_grouped_tap_with_a_bias_gives_the_exact_ggn()
             assert_close(sub(kfac.to_dense(), W), sub(ggn, W))
             assert_close(sub(kfac.to_dense(), b), sub(ggn, b))
             assert_close(sub(kfac.to_dense(), W, b), 0 * sub(ggn, W, b))
+
+
+@pytest.mark.parametrize(
+    "G, named", [(1, "weight block of layer 'fc':"), (2, "weight block of layer 'fc', group 1:")]
+)
+def test_a_singular_transposed_block_is_named_by_its_layer_and_group(G, named):
+    """Inputs zero in every group's second feature: each weight block is singular, and
+    the refusal of the exact inverse names the first one (a group only if there are
+    groups)."""
+    rng = np.random.default_rng(3)
+    model = transposed_grouped_linear(G, 2, 1)
+    params = [rng.standard_normal((2, G)), rng.standard_normal(G)]
+    X = rng.standard_normal((4, G, 2))
+    X[:, :, 1] = 0.0
+    if G > 1:
+        X[:, 0, 1] = 1.0 + rng.random(4)  # group 0 is regular: group 1 fails first
+    kfac = KFACLinearOperator(
+        model, cl.MSELoss(), params, [(X.reshape(4, 2 * G), np.zeros((4, G)))]
+    )
+    with pytest.raises(cl.FactorizationError, match=f"The {named}") as caught:
+        kfac.inverse()
+    assert ", group 0" not in str(caught.value)

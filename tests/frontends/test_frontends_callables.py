@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.optimize
+from message_cases import assert_message
 
 from curvlinops import (
     GGNLinearOperator,
@@ -293,3 +294,50 @@ def test_parameter_shapes_are_checked():
         GGNLinearOperator(exponential_model(), MSELoss(), [np.ones(3)], [(t, y)])
     with pytest.raises(TypeError, match="function jvp"):
         CallableModel(forward, None, vjp)
+
+
+def test_returned_counts_and_shapes_are_named():
+    """A function returning the wrong number of arrays, or arrays of a wrong shape, is
+    named with what it returned and what was expected, batched or not (instead of a
+    bare zip or broadcasting error later, or a silently truncated gradient)."""
+    t, _ = _data(n=5)
+    theta = [np.asarray(TRUE_THETA)]
+    V, U = [np.ones((4, 2))], np.ones((5, 1, 2))
+    wrong = CallableModel(
+        forward,
+        lambda p, x, V: jvp(p, x, V)[:, :, :1],
+        lambda p, x, U: [*vjp(p, x, U), np.zeros((1, 2))],
+        second_order_vjp=lambda p, x, u, V, w: [second_order_vjp(p, x, u, V, w)[0][:3]],
+    ).linearize(theta, t)
+    assert_message(
+        lambda: wrong.jvp(V),
+        ValueError,
+        "CallableModel: jvp returned an array of shape (5, 1, 1); J V must have the outputs' "
+        "shape plus the K = 2 tangents, (5, 1, 2).",
+    )
+    assert_message(
+        lambda: wrong.vjp(U),
+        ValueError,
+        "CallableModel: vjp returned 2 arrays for 1 parameters; return one per parameter, in "
+        "the parameters' order.",
+    )
+    assert_message(
+        lambda: wrong.second_order_vjp(np.ones((5, 1)), V, None),
+        ValueError,
+        "CallableModel: second_order_vjp returned an array of shape (3, 2) for parameter 0 of "
+        "shape (4,); with K = 2 vectors it must have shape (4, 2).",
+    )
+    unbatched = CallableModel(
+        forward,
+        lambda p, x, v: jvp(p, x, [v[0][:, None]])[:, :, 0],
+        lambda p, x, u: [vjp(p, x, u[..., None])[0][:2, 0]],
+        batched=False,
+        name="decay",
+    ).linearize(theta, t)
+    assert_message(
+        lambda: unbatched.vjp(U),
+        ValueError,
+        "decay: vjp returned an array of shape (2, 2) for parameter 0 of shape (4,); with K = 2 "
+        "vectors it must have shape (4, 2).",
+    )
+    np.testing.assert_allclose(unbatched.jvp(V), jvp(theta, t, V))  # the right ones pass

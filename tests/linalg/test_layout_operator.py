@@ -127,7 +127,32 @@ def _grouped_transposed_nonsymmetric(backend, dtype, rng):
     return suite.Case(op, conjugated(A64, GROUPED_TRANSPOSED), suite.ALL_QUERIES)
 
 
+def _aligned_nonsymmetric(layout):
+    """Aligned non-symmetric dense blocks: products and adjoints go block by block."""
+
+    def build(backend, dtype, rng):
+        sizes = [sum(r * c for _, (r, c) in _shaped(block)) for block in layout]
+        blocks, refs = [], []
+        for m in sizes:
+            A, A64 = suite.put(backend, dtype, suite.dominant(rng, m))
+            blocks.append(DenseLinearOperator(A))
+            refs.append(A64)
+        op = ParameterLayoutLinearOperator(BlockDiagonalLinearOperator(blocks), layout)
+        return suite.Case(op, conjugated(scipy.linalg.block_diag(*refs), layout), suite.ALL_QUERIES)
+
+    return build
+
+
+def _shaped(block):
+    """Segments as ``(start, (rows, cols))`` (a plain length is one column)."""
+    return [(s, shape if isinstance(shape, tuple) else (shape, 1)) for s, shape in block]
+
+
 CASES = {
+    "layout_aligned_nonsymmetric_sliced": _aligned_nonsymmetric(
+        [[(0, (2, 3)), (6, (2, 1))], [(8, 2)]]
+    ),
+    "layout_aligned_nonsymmetric_gathered": _aligned_nonsymmetric(GROUPED_TRANSPOSED),
     "layout_grouped_transposed": _grouped_transposed_blocks,
     "layout_grouped_transposed_nonsymmetric": _grouped_transposed_nonsymmetric,
     "layout_kronecker_blocks": _kronecker_blocks,

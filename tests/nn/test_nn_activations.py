@@ -66,3 +66,24 @@ def test_activation_and_derivatives_match_torch_autograd(name, dtype, backend):
             value, reference = value[away], reference[away]
         assert value.dtype == np.dtype(dtype), what
         np.testing.assert_allclose(value, reference, rtol=rtol, atol=atol, err_msg=what)
+
+
+@pytest.mark.parametrize("name", sorted(set(ACTIVATION_SPECS) - {"identity"}))
+def test_r_backward_by_default_returns_the_input_signals_of_autograd(name):
+    """Called without ``need_input`` (default True), the R-operator of the backward
+    pass returns ``g_in = phi'(s) g`` and ``R g_in = phi''(s) (R s) g + phi'(s) R g``,
+    here against PyTorch's first and second derivatives."""
+    import array_api_compat.numpy as xp
+
+    spec = ACTIVATION_SPECS[name]
+    layer = build_ours([spec])[0]
+    rng = np.random.default_rng(0)
+    s = rng.standard_normal((2, 3, 4))  # (N, S, D): away from the kinks
+    g, ta, rg = rng.standard_normal((2, 3, 1, 4)), *rng.standard_normal((2, 2, 3, 2, 4))
+    state = {"input": s}
+    layer.forward_with_state([], s, xp, state)
+    rgrads, g_in, rg_in = layer.r_backward([], [], state, ta, g, rg, xp)
+    _, d1, d2 = (d[:, :, None, :] for d in torch_derivatives(spec, s))
+    assert rgrads == []
+    np.testing.assert_allclose(g_in, d1 * g, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(rg_in, d2 * ta * g + d1 * rg, rtol=1e-12, atol=1e-14)

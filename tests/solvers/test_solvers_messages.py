@@ -151,6 +151,12 @@ CASES = [
         "densify the operator and use a dense eigh.",
     ),
     (
+        "eigsh-maxiter-zero",
+        lambda: eigsh(_diag([1.0, 2.0, 3.0], symmetric=True), k=1, maxiter=0),
+        ValueError,
+        "eigsh: maxiter must be an integer >= 1, got 0.",
+    ),
+    (
         "eigsh-no-convergence",
         lambda: eigsh(
             _diag(np.arange(1.0, 31.0), symmetric=True), k=2, ncv=4, maxiter=1, tol=1e-10
