@@ -51,6 +51,10 @@ class CallableModel(Model):
     is often just one more axis in an ``einsum``). ``layer_taps`` always takes the
     batched cotangents.
 
+    Every product's result is checked against these shapes (one array per parameter
+    for ``vjp`` and ``second_order_vjp``): a wrong count or shape raises a ValueError
+    naming the function, what it returned and what was expected.
+
     The model offers tier 1 always, tier 2 when ``second_order_vjp`` is given and
     tier 3 when ``layer_taps`` is given. Each product call re-runs the user's
     functions; nothing is cached between them.
@@ -227,8 +231,9 @@ class _CallableLinearization(Linearization):
         name, shapes = self.model.name, [tuple(p.shape) for p in self.params]
         if len(grads) != len(shapes):
             raise ValueError(
-                f"{name}: {what} returned {len(grads)} arrays for {len(shapes)} parameters; "
-                "return one per parameter, in the parameters' order."
+                f"{name}: {what} returned {_counted(len(grads), 'array')} for "
+                f"{_counted(len(shapes), 'parameter')}; return one per parameter, in the "
+                "parameters' order."
             )
         for i, (g, shape) in enumerate(zip(grads, shapes, strict=True)):
             if tuple(getattr(g, "shape", ())) != shape + (K,):
@@ -247,6 +252,10 @@ class _CallableLinearization(Linearization):
 
     def _stack_lists(self, lists):
         return [self._stack([lst[i] for lst in lists]) for i in range(len(lists[0]))]
+
+
+def _counted(n, noun):
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _described(a):

@@ -304,6 +304,7 @@ def _error_cases():
         "convergence_warning": lambda: cl.CGInverseLinearOperator(G, maxiter=1) @ _ones(G),
         "assumption": lambda: cl.cg(cl.aslinearoperator(np.diag([1.0, 2.0])), np.ones(2)),
         "verification": _wrong_adjoint,
+        "product_shape": _wrong_vjp_count,
     }
 
 
@@ -334,6 +335,18 @@ def _linear_callable(scale=1.0):
 def _wrong_adjoint():
     model = _linear_callable(scale=1.01)  # a vjp that is not the jvp's adjoint
     model._verify([np.eye(3)], np.random.default_rng(0).normal(size=(4, 3)))
+
+
+def _wrong_vjp_count():
+    from curvlinops.frontends import CallableModel
+
+    model = CallableModel(  # a vjp that forgets the bias's gradient
+        forward=lambda p, x: x @ p[0].T + p[1],
+        jvp=lambda p, x, V: np.einsum("ni,oik->nok", x, V[0]) + V[1][None],
+        vjp=lambda p, x, U: [np.einsum("nok,ni->oik", U, x)],
+        name="MyModel",
+    )
+    model.linearize([np.eye(3), np.zeros(3)], np.ones((4, 3))).vjp(np.ones((4, 3)))
 
 
 def _device_mismatch():

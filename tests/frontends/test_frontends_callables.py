@@ -318,7 +318,7 @@ def test_returned_counts_and_shapes_are_named():
     assert_message(
         lambda: wrong.vjp(U),
         ValueError,
-        "CallableModel: vjp returned 2 arrays for 1 parameters; return one per parameter, in "
+        "CallableModel: vjp returned 2 arrays for 1 parameter; return one per parameter, in "
         "the parameters' order.",
     )
     assert_message(
