@@ -144,3 +144,34 @@ def test_construction_refuses_no_data_anywhere_and_disagreeing_num_data(numpy_ba
     given = run_ranks(2, lambda comm: build(comm, pb.shard("uneven", comm.rank), num_data=99))
     counted = run_ranks(2, lambda comm: build(comm, pb.shard("uneven", comm.rank)))
     assert [G.num_data for G in given + counted] == [99, 99, 13, 13]
+
+
+def test_a_failed_eigenbasis_on_rank_0_is_named_on_every_rank():
+    """Inputs of 1e200 overflow EKFAC's input factor (the logits and the cross-entropy stay
+    finite): rank 0, which eigendecomposes for all, names the factor; the other rank
+    names the computation that failed there instead of waiting in the next collective."""
+    import array_api_compat.numpy as xp
+
+    model = cl.nn.Sequential(cl.nn.Linear(3, 2))
+    params = model.init(0, xp=xp, dtype=xp.float64)
+    X, y = np.full((4, 3), 1e200), np.array([0, 1, 0, 1])
+
+    def work(comm):
+        shard = [(X[2 * comm.rank : 2 * comm.rank + 2], y[2 * comm.rank : 2 * comm.rank + 2])]
+        with np.errstate(over="ignore"):
+            try:
+                cl.EKFACLinearOperator(model, cl.CrossEntropyLoss(), params, shard, comm=comm)
+            except (cl.FactorizationError, cl.RemoteRankError) as err:
+                return type(err).__name__, str(err)
+        return None
+
+    own, remote = run_ranks(2, work)
+    assert own == (
+        "FactorizationError",
+        "The input factor A of layer '0' contains NaN or Inf; cannot eigendecompose it.",
+    )
+    assert remote[0] == "RemoteRankError"
+    assert remote[1].startswith(
+        "EKFACLinearOperator eigenbasis failed on rank 0 of 2 (FactorizationError: The input "
+        "factor A of layer '0' contains NaN or Inf"
+    )

@@ -306,6 +306,11 @@ def test_tags_follow_the_wrapped_operator_or_the_declaration():
     assert declared.adjoint() is declared
     symmetric_declared = ParameterLayoutLinearOperator(dense["symmetric"], layout, psd=True)
     assert (symmetric_declared.is_symmetric, symmetric_declared.is_psd) == (True, True)
+    # the inverse of a damped PSD operator is PSD for every damping >= 0, also where only
+    # the layout is declared PSD (the wrapped operator's inverse carries no tag)
+    for damping in (0.0, 0.5, 2.0):
+        assert ParameterLayoutLinearOperator(dense["psd"], layout).inverse(damping).is_psd
+        assert declared.inverse(damping).is_psd
 
 
 @pytest.mark.parametrize("sizes", [[8, 9], [2, 6, 4, 5]], ids=["fewer", "more"])

@@ -236,3 +236,33 @@ def test_default_seeds_are_zero():
     for estimator in (hutchinson_trace, hutchpp_trace, xtrace, hutchinson_diagonal, xdiag):
         np.testing.assert_array_equal(estimator(op, 8), estimator(op, 8, seed=0))
         assert not np.array_equal(estimator(op, 8), estimator(op, 8, seed=1)), estimator
+
+
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        hutchinson_trace,
+        hutchinson_diagonal,
+        hutchinson_squared_frobenius,
+        hutchpp_trace,
+        xtrace,
+        xdiag,
+    ],
+)
+def test_float32_operators_give_float32_estimates_close_to_float64(backend, estimator):
+    """Every array an estimator builds (probes, identities of the sketch) follows the
+    operator's dtype: a float32 operator gives a float32 estimate, and where the
+    generator draws the same probes in both dtypes (NumPy's, for NumPy and
+    array-api-strict) one within float32 rounding of the float64 estimate."""
+    A = _test_matrix()
+    ops = {
+        name: aslinearoperator(backend.asarray(A, name), symmetric=True)
+        for name in ("float32", "float64")
+    }
+    single, double = (estimator(ops[name], 10, seed=0) for name in ("float32", "float64"))
+    assert single.dtype == backend.dtype("float32")
+    if backend.name not in ("numpy", "array_api_strict"):
+        return
+    single = backend.to_numpy(single).astype(np.float64)
+    double = backend.to_numpy(double)
+    np.testing.assert_allclose(single, double, rtol=1e-4, atol=1e-4 * np.abs(double).max())

@@ -124,6 +124,19 @@ def test_eigsh_repeated_eigenvalue(backend):
     np.testing.assert_allclose(Q.T @ Q, np.eye(3), atol=1e-10)
 
 
+def test_lanczos_restarts_after_a_breakdown_and_finds_every_eigenvalue(backend):
+    """Two distinct eigenvalues: the Krylov space of any start is invariant after two
+    steps, and the recurrence continues from random directions (zero off-diagonals),
+    so six steps give an orthonormal basis and T with the whole spectrum."""
+    A = _symmetric(np.repeat([1.0, 2.0], 3), seed=8)
+    op = aslinearoperator(backend.asarray(A), symmetric=True)
+    res = lanczos(op, 6, seed=0)
+    Q, T = backend.to_numpy(res.basis), backend.to_numpy(res.tridiagonal())
+    np.testing.assert_allclose(Q.T @ Q, np.eye(6), atol=1e-12)
+    np.testing.assert_allclose(np.linalg.eigvalsh(T), np.repeat([1.0, 2.0], 3), atol=1e-12)
+    assert abs(float(backend.to_numpy(res.betas)[1])) <= 1e-12  # the breakdown
+
+
 def test_eigsh_start_vector_is_eigenvector(backend):
     spectrum = np.arange(1.0, 61.0)
     A = _symmetric(spectrum, seed=6)

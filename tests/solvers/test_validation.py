@@ -288,6 +288,8 @@ def test_a_dense_array_is_symmetric_when_it_is():
         minres(A + np.triu(np.ones((N, N)), 1), B)
     with pytest.warns(AssumptionWarning, match="positive semi-definite"):
         cg(A, B)  # PSD is never guessed
+    x, _ = _run_silently(lambda A: minres(A, np.ones(1)), np.array([[-4.0]]))  # 1 x 1
+    np.testing.assert_allclose(x, [-0.25], rtol=1e-14)
 
 
 def test_contradicted_declarations():
