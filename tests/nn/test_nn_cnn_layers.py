@@ -588,6 +588,8 @@ def test_cnn_curvature_operators_match_torch():
         (lambda: nn.BatchNorm1d(2, running_var=np.ones((2, 1))), "num_features=2 entries"),
         (lambda: nn.BatchNorm1d(2, running_var=[1.0, -1.0]), "running_var \\+ eps > 0"),
         (lambda: nn.BatchNorm1d(2, running_mean=[1.0, float("nan")]), "NaN or Inf"),
+        (lambda: nn.BatchNorm1d(2, running_mean=["a", "b"]), "got not a flat sequence of numbers"),
+        (lambda: nn.BatchNorm1d(2, running_var=3.0), "got not a flat sequence of numbers"),
         (lambda: nn.BatchNorm1d(2, eps=-1.0), "eps >= 0"),
         (lambda: nn.Dropout(training=True), "random masks.*non-deterministic.*training=False"),
         (lambda: nn.Dropout(1.0), r"p in \[0, 1\)"),

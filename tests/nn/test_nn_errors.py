@@ -57,6 +57,9 @@ def test_mixed_namespaces_raise_type_error():
         lin.vjp(torch.ones((5, 2), dtype=torch.float64))
     with pytest.raises(TypeError, match="numpy"):
         lin.jvp([torch.ones(s, dtype=torch.float64) for s in model.expected_param_shapes()])
+    torch_tangents = [torch.ones(s, dtype=torch.float64) for s in model.expected_param_shapes()]
+    with pytest.raises(TypeError, match="The second_order_vjp arguments is a torch array"):
+        lin.second_order_vjp(np.ones((5, 2)), torch_tangents)
 
 
 def test_non_finite_inputs_and_parameters_raise_value_error():
