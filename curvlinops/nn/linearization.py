@@ -203,7 +203,7 @@ class NativeLinearization(Linearization):
 
     def _second_order_vjp(self, cotangent, tangents, cotangent_tangent):
         xp = self.xp
-        self._check_namespace([cotangent, *tangents], "second_order_vjp arguments")
+        self._check_namespace([cotangent, *tangents], "second_order_vjp argument")
         if tuple(cotangent.shape) != tuple(self.outputs.shape):
             raise ValueError(
                 f"The cotangent u must have the output shape {tuple(self.outputs.shape)}, got "

@@ -58,7 +58,7 @@ def test_mixed_namespaces_raise_type_error():
     with pytest.raises(TypeError, match="numpy"):
         lin.jvp([torch.ones(s, dtype=torch.float64) for s in model.expected_param_shapes()])
     torch_tangents = [torch.ones(s, dtype=torch.float64) for s in model.expected_param_shapes()]
-    with pytest.raises(TypeError, match="The second_order_vjp arguments is a torch array"):
+    with pytest.raises(TypeError, match="The second_order_vjp argument is a torch array"):
         lin.second_order_vjp(np.ones((5, 2)), torch_tangents)
 
 
