@@ -62,9 +62,12 @@ extensions = [
     # MathJax shipped with the docs, so formulas render without a network connection.
     "sphinx-mathjax-offline",
     "numpydoc",
+    # after numpydoc: one compiled docstring template per build, not one per docstring
+    "numpydoc_template_cache",
     "sphinx_gallery.gen_gallery",
     "api_coverage",
     "summary_literals",
+    "titles_only_navigation",
 ]
 
 templates_path = ["_templates"]
