@@ -19,6 +19,7 @@ from .conditioning import (
     condition_limit,
     conditioning,
 )
+from .fusion import fused
 from .linalg import (
     FactorizationError,
     all_finite,
@@ -63,6 +64,7 @@ from .special import erf
 from .state import from_host, host_int, host_str, host_value
 
 __all__ = [
+    "fused",
     "Communicator",
     "MPICommunicator",
     "RemoteRankError",

@@ -1412,7 +1412,7 @@ def _taps(apply, specs, probes, params, x, cotangents):
             return outputs, inputs
 
         _, pullback, inputs = jax.vjp(run, zeros, has_aux=True)
-        grads = jax.vmap(lambda u: pullback(u)[0], in_axes=-1, out_axes=-1)(cotangents)
+        grads = _columns(lambda u: pullback(u)[0], cotangents)
     if found[-1] != specs:
         raise ValueError(
             "The model marked other layers than when it was traced before: its function is "
@@ -1430,15 +1430,27 @@ def _linearize(apply, params, x):
     return jax.vjp(lambda p: apply(p, x), params)
 
 
+def _columns(linear_map, columns):
+    """``linear_map`` applied to each column of a pytree with a trailing axis ``K``.
+
+    ``K = 1`` (a matvec) drops the axis instead of vmapping over it: a vmap over one
+    column turns every matrix product into a batched one, 15-20 % slower on CPU.
+    """
+    if all(leaf.shape[-1] == 1 for leaf in jax.tree_util.tree_leaves(columns)):
+        squeezed = jax.tree_util.tree_map(lambda a: a[..., 0], columns)
+        return jax.tree_util.tree_map(lambda a: a[..., None], linear_map(squeezed))
+    return jax.vmap(linear_map, in_axes=-1, out_axes=-1)(columns)
+
+
 def _pull(pullback, cotangents):
     """``J^T U`` for cotangents with a trailing axis ``K`` (one vmapped pullback)."""
-    return jax.vmap(lambda u: pullback(u)[0], in_axes=-1, out_axes=-1)(cotangents)
+    return _columns(lambda u: pullback(u)[0], cotangents)
 
 
 def _push(pullback, outputs, tangents):
     """``J V``: the transpose of the (linear) pullback, applied to each of the ``K`` columns."""
     push = jax.linear_transpose(pullback, jax.ShapeDtypeStruct(outputs.shape, outputs.dtype))
-    return jax.vmap(lambda v: push((v,))[0], in_axes=-1, out_axes=-1)(tangents)
+    return _columns(lambda v: push((v,))[0], tangents)
 
 
 def _gauss_newton(pullback, outputs, map_function, tangents, operands):
@@ -1457,12 +1469,12 @@ def _second_order(apply, params, x, u, tangents, w):
         def single(v):
             return jax.jvp(lambda p: transposed_jacobian_product(p, u), (params,), (v,))[1]
 
-        return jax.vmap(single, in_axes=-1, out_axes=-1)(tangents)
+        return _columns(single, tangents)
 
     def single_with_w(v, w_k):
         return jax.jvp(transposed_jacobian_product, (params, u), (v, w_k))[1]
 
-    return jax.vmap(single_with_w, in_axes=-1, out_axes=-1)(tangents, w)
+    return _columns(lambda pair: single_with_w(*pair), (tangents, w))
 
 
 def _second_order_traceable(apply, map_function, params, x, u, tangents, operands):
@@ -1481,7 +1493,7 @@ def _second_order_traceable(apply, map_function, params, x, u, tangents, operand
     def single(v):
         return jax.jvp(transposed_jacobian_product, (params,), (v,))[1]
 
-    return jax.vmap(single, in_axes=-1, out_axes=-1)(tangents)
+    return _columns(single, tangents)
 
 
 def _split_outputs(operands):
@@ -1514,7 +1526,7 @@ def _second_order_from_outputs(apply, maps, params, x, tangents, u_operands, A_o
     def single(v):
         return jax.jvp(transposed_jacobian_product, (params,), (v,))[1]
 
-    return jax.vmap(single, in_axes=-1, out_axes=-1)(tangents)
+    return _columns(single, tangents)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import math
 from .._backend import (
     array_namespace,
     device,
+    fused,
     is_cupy_namespace,
     is_numpy_namespace,
     is_torch_namespace,
@@ -74,11 +75,15 @@ def flatten_params(arrays, shapes=None):
     """
     xp = array_namespace(*arrays)
     if shapes is None or all(a.ndim == len(s) for a, s in zip(arrays, shapes, strict=True)):
-        return xp.concat([xp.reshape(a, (-1,)) for a in arrays])
+        return fused(xp, _concat_rows, (-1,))(list(arrays))
     K = arrays[0].shape[-1]
     if _slices_are_views(xp):
         return _fill_rows(arrays, K, xp)
-    return xp.concat([xp.reshape(a, (-1, K)) for a in arrays], axis=0)
+    return fused(xp, _concat_rows, (-1, K))(list(arrays))
+
+
+def _concat_rows(xp, row_shape, arrays):
+    return xp.concat([xp.reshape(a, row_shape) for a in arrays], axis=0)
 
 
 def _slices_are_views(xp) -> bool:
@@ -122,11 +127,15 @@ def unflatten_params(vector, shapes):
             f"Expected a flat parameter vector of shape ({total},) or ({total}, K), "
             f"got shape {tuple(vector.shape)}."
         )
-    trailing = tuple(vector.shape[1:])
+    shapes = tuple(tuple(int(n) for n in s) for s in shapes)
+    return list(fused(xp, _split_rows, shapes, tuple(vector.shape[1:]))(vector))
+
+
+def _split_rows(xp, shapes, trailing, vector):
     out, start = [], 0
     for s in shapes:
         size = math.prod(s)
-        out.append(xp.reshape(vector[start : start + size, ...], tuple(s) + trailing))
+        out.append(xp.reshape(vector[start : start + size, ...], s + trailing))
         start += size
     return out
 

@@ -294,3 +294,25 @@ def test_to_numpy(backend, dtype_name):
     assert isinstance(out, np.ndarray)
     assert out.dtype == np.dtype(dtype_name)
     np.testing.assert_array_equal(out, a)
+
+
+# -- fused calls ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("K", [None, 1, 3])
+def test_flat_vectors_split_and_join_exactly_on_every_backend(backend, K):
+    """Parameter blocks from a flat ``(P,)`` / ``(P, K)`` array (on JAX one compiled call
+    each way) against NumPy slicing; joining them gives the array back, bit for bit."""
+    from curvlinops.models.params import flatten_params, unflatten_params
+
+    shapes = [(2, 3), (3,), (1, 2, 2)]
+    trailing = () if K is None else (K,)
+    flat = np.arange(13.0 * (K or 1)).reshape((13, *trailing))
+    blocks = unflatten_params(backend.asarray(flat), shapes)
+    sizes = np.cumsum([0, 6, 3, 4])
+    for block, s, start, stop in zip(blocks, shapes, sizes[:-1], sizes[1:], strict=True):
+        np.testing.assert_array_equal(to_numpy(block), flat[start:stop].reshape(s + trailing))
+    joined = flatten_params(blocks, shapes)
+    np.testing.assert_array_equal(to_numpy(joined), flat)
+    # twice: the second call on JAX reuses the compiled one
+    np.testing.assert_array_equal(to_numpy(flatten_params(blocks, shapes)), flat)
